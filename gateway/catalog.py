@@ -1,0 +1,107 @@
+"""The model catalog: what clients may name in ``model``, and where it runs.
+
+Built once at start-up from validated settings (phase two of validation lives
+here, because it needs the installed plugins: backend options are checked by
+their type's config model, policies by theirs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
+
+from gateway.contract import BackendType, Candidate, RoutingPolicy, Target
+from gateway.errors import NotFoundError
+from gateway.registry import Registry
+from gateway.settings import ConfigError, Settings, reference_problems, validation_problems
+
+
+@dataclass(frozen=True, slots=True)
+class BackendPlan:
+    """A backend to start: its type and its validated options."""
+
+    name: str
+    backend_type: BackendType[BaseModel]
+    config: BaseModel
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    name: str
+    candidates: tuple[Candidate, ...]
+    policy: RoutingPolicy
+    owned_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    models: Mapping[str, ModelEntry]
+
+    def resolve(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise NotFoundError(
+                f"The model `{name}` does not exist or you do not have access to it.",
+                param="model",
+            )
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    backends: tuple[BackendPlan, ...]
+    catalog: Catalog
+
+
+def _backend_plans(settings: Settings, registry: Registry, problems: list[str]) -> list[BackendPlan]:
+    plans = []
+    for name, backend in settings.backends.items():
+        backend_type = registry.backends.get(backend.type)
+        if backend_type is None:
+            known = ", ".join(sorted(registry.backends)) or "none installed"
+            problems.append(f'backends.{name}.type: unknown type "{backend.type}" (known: {known})')
+            continue
+        try:
+            config = backend_type.config_model.model_validate(backend.options())
+        except ValidationError as error:
+            problems.extend(validation_problems(error, prefix=f"backends.{name}"))
+            continue
+        plans.append(BackendPlan(name, backend_type, config))
+    return plans
+
+
+def _model_entries(settings: Settings, registry: Registry, problems: list[str]) -> dict[str, ModelEntry]:
+    entries = {}
+    for name, model in settings.models.items():
+        policy_type = registry.policies.get(model.policy)
+        if policy_type is None:
+            known = ", ".join(sorted(registry.policies)) or "none installed"
+            problems.append(f'models.{name}.policy: unknown policy "{model.policy}" (known: {known})')
+            continue
+        try:
+            options = policy_type.config_model.model_validate(model.policy_options)
+        except ValidationError as error:
+            problems.extend(validation_problems(error, prefix=f"models.{name}.policy_options"))
+            continue
+        candidates = tuple(
+            Candidate(
+                Target(name, deployment.model or name, f"{name}/{index}"),
+                deployment.backend,
+                deployment.weight,
+            )
+            for index, deployment in enumerate(model.deployments)
+        )
+        entries[name] = ModelEntry(name, candidates, policy_type.factory(options), model.owned_by)
+    return entries
+
+
+def plan(settings: Settings, registry: Registry) -> Plan:
+    """Phase two of validation; raises :class:`ConfigError` with every problem."""
+    problems = reference_problems(settings)
+    backends = _backend_plans(settings, registry, problems)
+    models = _model_entries(settings, registry, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Plan(tuple(backends), Catalog(models))

@@ -1,0 +1,169 @@
+"""``nomoat``: serve, check a config, hash an API key, check the engine."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from gateway.app import Runtime, create_app
+from gateway.catalog import plan
+from gateway.registry import PluginLoadError, discover
+from gateway.settings import ConfigError, Settings, hash_api_key, load_settings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check(path: Path | None) -> tuple[Settings | None, list[str]]:
+    """Both validation phases; every problem, each by its path."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as error:
+        return None, error.problems
+    try:
+        plan(settings, discover())
+    except (ConfigError, PluginLoadError) as error:
+        problems = error.problems if isinstance(error, ConfigError) else [str(error)]
+        return settings, problems
+    return settings, []
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the runtime when shutdown starts so /ready says so."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self._runtime = runtime
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self._runtime.draining = True
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+        server = settings.server.model_copy(
+            update={
+                key: value
+                for key, value in {
+                    "host": args.host,
+                    "port": args.port,
+                    "allow_unauthenticated_network": args.allow_unauthenticated_network or None,
+                }.items()
+                if value is not None
+            }
+        )
+        settings = settings.model_copy(update={"server": server})
+        startup_plan = plan(settings, discover())
+    except (ConfigError, PluginLoadError) as error:
+        print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
+        return 2
+    if not settings.server.api_key_hashes and not _is_loopback(server.host):
+        if not server.allow_unauthenticated_network:
+            print(
+                f"nomoat: refusing to listen on {server.host} with no API key configured. "
+                "Add server.api_key_hashes (see `nomoat hash-key`), or pass "
+                "--allow-unauthenticated-network if an open gateway is intended.",
+                file=sys.stderr,
+            )
+            return 2
+    logging.basicConfig(level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    runtime = Runtime(settings, startup_plan)
+    config = uvicorn.Config(
+        create_app(runtime),
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        timeout_graceful_shutdown=int(server.shutdown_grace_seconds),
+        log_level=server.log_level,
+        access_log=False,
+    )
+    _Server(config, runtime).run()
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    _, problems = check(args.file)
+    if problems:
+        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok")
+    return 0
+
+
+def hash_key(args: argparse.Namespace) -> int:
+    key = args.key if args.key is not None else getpass.getpass("API key: ")
+    if len(key) < 16:
+        print("nomoat: an API key needs at least 16 characters", file=sys.stderr)
+        return 2
+    print(hash_api_key(key))
+    return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    from gateway.backends.llamacpp import embedded_model_path, smoke_test
+
+    path = args.model or embedded_model_path()
+    try:
+        smoke_test(path)
+    except RuntimeError as error:
+        print(f"nomoat doctor: {error}", file=sys.stderr)
+        return 1
+    print(f"nomoat doctor: llama.cpp decodes {path.name} on this CPU")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="nomoat", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("serve", help="run the gateway")
+    run.add_argument("--config", type=Path, help="TOML file (default: embedded model only)")
+    run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port (default 8000)")
+    run.add_argument(
+        "--allow-unauthenticated-network",
+        action="store_true",
+        help="listen beyond loopback even with no API key configured",
+    )
+    run.set_defaults(handler=serve)
+
+    validate = commands.add_parser("check-config", help="report every problem in a config")
+    validate.add_argument("file", type=Path)
+    validate.set_defaults(handler=check_config)
+
+    hashing = commands.add_parser("hash-key", help="print the hash to put in api_key_hashes")
+    hashing.add_argument("key", nargs="?", help="the key (prompted for if omitted)")
+    hashing.set_defaults(handler=hash_key)
+
+    health = commands.add_parser("doctor", help="check that llama.cpp decodes on this CPU")
+    health.add_argument("--model", type=Path, help="a GGUF file (default: the embedded model)")
+    health.set_defaults(handler=doctor)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""The public contract between nomoat's core and its plugins.
+
+Everything a plugin may rely on is named in ``__all__`` (a test guards it), and
+the docstrings below are the specification. A plugin is found through the
+entry-point group ``nomoat.plugins``: the entry point names a
+:class:`PluginManifest`, which lists the backend types and routing policies the
+plugin offers, each with a pydantic model for its configuration. Installing a
+plugin only makes its names available; the configuration file decides which
+ones run. The built-in llama.cpp backend and policies register this same way.
+
+Errors: a backend or policy rejects a request by raising one of the typed errors
+of :mod:`gateway.errors` (re-exported here); anything else that escapes is
+reported to the client as a 500 without internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel
+
+from gateway.errors import (
+    AuthenticationError,
+    ContextLengthExceededError,
+    EngineOverloadedError,
+    GatewayError,
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnsupportedFeatureError,
+    UpstreamError,
+)
+from gateway.wire import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "Backend",
+    "BackendFactory",
+    "BackendHealth",
+    "BackendType",
+    "Candidate",
+    "CandidateStats",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "Completion",
+    "CompletionRequest",
+    "EngineLoad",
+    "ContextLengthExceededError",
+    "EngineOverloadedError",
+    "GatewayError",
+    "InternalError",
+    "InvalidRequestError",
+    "ModelCapabilities",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "PluginManifest",
+    "PolicyFactory",
+    "PolicyType",
+    "RankedCandidate",
+    "RateLimitError",
+    "ReportsLoad",
+    "RequestContext",
+    "RoutingPolicy",
+    "Target",
+    "UnsupportedFeatureError",
+    "UpstreamError",
+]
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+ConfigT_contra = TypeVar("ConfigT_contra", bound=BaseModel, contravariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What the gateway knows about one client request, besides its body.
+
+    ``request_id`` is also the ``id`` of the response. ``api_key_id`` names the
+    authenticated key (a short, non-secret fingerprint) or is ``None`` when the
+    gateway runs without keys. ``deadline`` is a ``time.monotonic()`` instant
+    after which the request is abandoned, or ``None`` for no deadline.
+    """
+
+    request_id: str
+    created: int
+    api_key_id: str | None = None
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where an attempt goes: the model the client named, and the deployment.
+
+    ``model`` is the client-facing name (echoed in responses); ``engine_model``
+    is the name the engine itself knows the model by; ``deployment`` is a
+    stable id ``"<model>/<index>"`` used in stats and logs.
+    """
+
+    model: str
+    engine_model: str
+    deployment: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCapabilities:
+    """What an engine can do for one model; the pipeline checks requests
+    against it before dispatch, so an unsupported feature is a clear 400."""
+
+    context_length: int
+    tools: bool = False
+    json_schema: bool = False
+    logprobs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    """``ready`` is true when the backend can serve now; ``detail`` says why not."""
+
+    ready: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """An engine's own view of its load: the signals routing will weigh.
+
+    ``decoded_tokens_total`` is the engine's own count of tokens it evaluated
+    (prompt and generated) since it started, where the engine reports one.
+    """
+
+    running: int
+    waiting: int
+    decoded_tokens_total: int | None = None
+
+
+@runtime_checkable
+class ReportsLoad(Protocol):
+    """Optional backend capability: report :class:`EngineLoad` without I/O."""
+
+    def load(self) -> EngineLoad: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One engine instance the gateway can call: the seam to every engine.
+
+    Foreign exceptions (an HTTP client's, a C library's) are translated into
+    :class:`GatewayError` subclasses inside the backend, never above it.
+
+    Cancellation: when the client goes away, the gateway cancels the task
+    awaiting :meth:`chat` or closes the iterator of :meth:`chat_stream`; the
+    backend must then stop the generation it started (free the slot, abort the
+    upstream request) promptly.
+
+    Streams: the iterators yield OpenAI chunks. The last chunk of every stream
+    carries ``usage`` and no choices, whether or not the client asked for
+    usage: the gateway needs it for accounting and drops it when unwanted.
+    """
+
+    name: str
+
+    def capabilities(self, engine_model: str) -> ModelCapabilities:
+        """What ``engine_model`` supports on this backend. Cheap; no I/O."""
+        ...
+
+    async def chat(
+        self, request: ChatCompletionRequest, target: Target, ctx: RequestContext
+    ) -> ChatCompletion: ...
+
+    def chat_stream(
+        self, request: ChatCompletionRequest, target: Target, ctx: RequestContext
+    ) -> AsyncIterator[ChatCompletionChunk]: ...
+
+    async def completion(
+        self, request: CompletionRequest, target: Target, ctx: RequestContext
+    ) -> Completion: ...
+
+    def completion_stream(
+        self, request: CompletionRequest, target: Target, ctx: RequestContext
+    ) -> AsyncIterator[Completion]: ...
+
+    async def models(self) -> Sequence[str]:
+        """The engine's own names for the models it serves now."""
+        ...
+
+    async def health(self) -> BackendHealth:
+        """Whether the backend can serve. Must never spend tokens."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything; called once, at shutdown."""
+        ...
+
+
+BackendFactory = Callable[[str, ConfigT], Awaitable[Backend]]
+"""``await factory(name, config)`` builds and starts a backend named ``name``."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendType(Generic[ConfigT]):
+    """A kind of backend, selected in the config by ``type = "<key>"``.
+
+    ``config_model`` validates the rest of the ``[backends.NAME]`` table; it
+    should forbid unknown keys (``model_config = ConfigDict(extra="forbid")``).
+    """
+
+    config_model: type[ConfigT]
+    factory: Callable[[str, ConfigT], Awaitable[Backend]]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One deployment a request could go to."""
+
+    target: Target
+    backend: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateStats:
+    """A snapshot of one candidate's state, as the policy sees it.
+
+    Fields are filled by the gateway where it knows them; ``None`` means not
+    known (yet). Times are seconds.
+    """
+
+    in_flight: int = 0
+    queue_depth: int | None = None
+    ewma_ttft: float | None = None
+    ewma_token_time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RankedCandidate:
+    """A candidate with the score the policy gave it (higher is better) and a
+    short human-readable reason, so every decision can be explained."""
+
+    candidate: Candidate
+    score: float
+    reason: str
+
+
+@runtime_checkable
+class RoutingPolicy(Protocol):
+    """Orders the healthy candidates for one request, best first.
+
+    ``rank`` is synchronous and must not block: it runs on the event loop for
+    every request. The gateway tries the candidates in the returned order;
+    candidates left out are not tried.
+    """
+
+    def rank(
+        self,
+        request: ChatCompletionRequest | CompletionRequest,
+        ctx: RequestContext,
+        candidates: Sequence[Candidate],
+        stats: Mapping[str, CandidateStats],
+    ) -> list[RankedCandidate]: ...
+
+
+PolicyFactory = Callable[[ConfigT], RoutingPolicy]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyType(Generic[ConfigT]):
+    """A routing policy, selected per model by ``policy = "<key>"``."""
+
+    config_model: type[ConfigT]
+    factory: Callable[[ConfigT], RoutingPolicy]
+
+
+@dataclass(frozen=True, slots=True)
+class PluginManifest:
+    """What a plugin offers. Its entry point in the group ``nomoat.plugins``
+    names an instance of this class (or a zero-argument callable returning one)."""
+
+    name: str
+    backends: Mapping[str, BackendType[BaseModel]] = field(default_factory=dict)
+    policies: Mapping[str, PolicyType[BaseModel]] = field(default_factory=dict)

@@ -1,0 +1,235 @@
+"""The one seam to llama.cpp: a model and its context, on the low-level API.
+
+Generation samples with llama.cpp's native sampler chain (``llama_sampler_*``)
+instead of copying logits into Python for every token, which is what makes
+llama-cpp-python's high-level ``Llama`` API about 13 % slower than llama.cpp.
+
+A :class:`NativeModel` is not thread-safe: exactly one worker thread uses it
+(see :mod:`gateway.engine.scheduler`). ctypes releases the GIL inside each call,
+so the event loop keeps serving while a token is decoded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+import numpy.typing as npt
+
+_RANDOM_SEED = lc.LLAMA_DEFAULT_SEED
+_MAX_PIECE_BYTES = 256
+
+
+class NativeError(RuntimeError):
+    """llama.cpp refused an operation (load, decode, grammar)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerSpec:
+    """How to pick each next token. ``temperature == 0`` is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None
+
+
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
+_log = logging.getLogger("gateway.engine.llama_cpp")
+
+
+@lc.llama_log_callback  # type: ignore[misc]
+def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp prints every load detail; keep its warnings and errors only.
+    if level in _LOG_LEVELS:
+        _log.log(_LOG_LEVELS[level], "%s", text.decode(errors="replace").rstrip())
+
+
+def _seed_for_llama(seed: int | None) -> int:
+    # llama.cpp's seed is a uint32 whose maximum means "random".
+    return _RANDOM_SEED if seed is None else seed % _RANDOM_SEED
+
+
+class NativeModel:
+    """A loaded GGUF model with one context of ``n_ctx`` tokens."""
+
+    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, n_batch: int = 512) -> None:
+        lc.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+        model_params = lc.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model = lc.llama_model_load_from_file(str(path).encode(), model_params)
+        if not model:
+            raise NativeError(f"llama.cpp could not load {path}")
+        self._model = model
+        threads = n_threads or min(os.cpu_count() or 1, 8)
+        ctx_params = lc.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
+        ctx_params.n_seq_max = 1
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        ctx = lc.llama_init_from_model(model, ctx_params)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise NativeError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        self._ctx = ctx
+        self._memory = lc.llama_get_memory(ctx)
+        self._vocab = lc.llama_model_get_vocab(model)
+        self.n_ctx = int(lc.llama_n_ctx(ctx))
+        self.n_batch = n_batch
+        self.n_threads = threads
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+        self.pieces = [self._piece(token) for token in range(self.n_vocab)]
+        self.end_tokens = frozenset(
+            token for token in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, token)
+        )
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        self.bos_token = int(lc.llama_vocab_bos(self._vocab))
+        self.eos_token = int(lc.llama_vocab_eos(self._vocab))
+
+    # ------------------------------------------------------------------ metadata
+
+    def metadata(self, key: str) -> str | None:
+        size = 1 << 16
+        buffer = ctypes.create_string_buffer(size)
+        length = lc.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
+        if length < 0:
+            return None
+        return buffer.raw[: min(length, size - 1)].decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        return self.metadata("tokenizer.chat_template")
+
+    def piece_text(self, token: int) -> str:
+        return self.pieces[token].decode("utf-8", errors="replace")
+
+    # ---------------------------------------------------------------- tokenizer
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode()
+        capacity = len(data) + 8
+        tokens = (lc.llama_token * capacity)()
+        count = lc.llama_tokenize(
+            self._vocab, data, len(data), tokens, capacity, add_special, parse_special
+        )
+        if count < 0:
+            capacity = -count
+            tokens = (lc.llama_token * capacity)()
+            count = lc.llama_tokenize(
+                self._vocab, data, len(data), tokens, capacity, add_special, parse_special
+            )
+        return list(tokens[:count])
+
+    def _piece(self, token: int) -> bytes:
+        buffer = ctypes.create_string_buffer(_MAX_PIECE_BYTES)
+        length = lc.llama_token_to_piece(self._vocab, token, buffer, _MAX_PIECE_BYTES, 0, False)
+        return buffer.raw[: max(length, 0)]
+
+    # ----------------------------------------------------------------- decoding
+
+    def reset(self) -> None:
+        """Forget every cached token: each request starts from a clean context,
+        so the same request always computes the same numbers."""
+        lc.llama_memory_clear(self._memory, True)
+
+    def decode(self, tokens: list[int]) -> None:
+        """Feed ``tokens`` after what the context holds; logits are kept for
+        the last one only."""
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            array = (lc.llama_token * len(chunk))(*chunk)
+            batch = lc.llama_batch_get_one(array, len(chunk))
+            status = lc.llama_decode(self._ctx, batch)
+            if status != 0:
+                raise NativeError(f"llama_decode failed with status {status}")
+
+    def decode_one(self, token: int) -> None:
+        array = (lc.llama_token * 1)(token)
+        status = lc.llama_decode(self._ctx, lc.llama_batch_get_one(array, 1))
+        if status != 0:
+            raise NativeError(f"llama_decode failed with status {status}")
+
+    def last_logits(self) -> npt.NDArray[np.float32]:
+        pointer = lc.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def decoded_token_count(self) -> int:
+        """llama.cpp's own count of tokens it has evaluated (prompt + generated)
+        since load: the engine's evidence of how much work it did."""
+        perf = lc.llama_perf_context(self._ctx)
+        return int(perf.n_p_eval) + int(perf.n_eval)
+
+    # ----------------------------------------------------------------- sampling
+
+    def sampler(self, spec: SamplerSpec) -> Sampler:
+        return Sampler(self, spec)
+
+    def close(self) -> None:
+        if self._ctx:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lc.llama_model_free(self._model)
+            self._model = None
+
+
+class Sampler:
+    """A native sampler chain for one generation. Call :meth:`close` after use."""
+
+    def __init__(self, model: NativeModel, spec: SamplerSpec) -> None:
+        self._model = model
+        params = lc.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self._chain = lc.llama_sampler_chain_init(params)
+        try:
+            for stage in self._stages(spec):
+                lc.llama_sampler_chain_add(self._chain, stage)
+        except BaseException:
+            self.close()
+            raise
+
+    def _stages(self, spec: SamplerSpec) -> Iterator[int]:
+        # A generator: each stage joins the chain before the next is made, so
+        # a failure (a bad grammar) leaks nothing; the chain frees its stages.
+        model = self._model
+        if spec.logit_bias:
+            biases = (lc.llama_logit_bias * len(spec.logit_bias))(*spec.logit_bias)
+            yield lc.llama_sampler_init_logit_bias(model.n_vocab, len(spec.logit_bias), biases)
+        if spec.presence_penalty or spec.frequency_penalty:
+            yield lc.llama_sampler_init_penalties(
+                model.n_vocab, model.n_ctx, 1.0, spec.frequency_penalty, spec.presence_penalty
+            )
+        if spec.grammar is not None:
+            grammar = lc.llama_sampler_init_grammar(
+                model._vocab, spec.grammar.encode(), b"root"
+            )
+            if not grammar:
+                raise NativeError("llama.cpp could not compile the grammar")
+            yield grammar
+        if spec.temperature == 0:
+            yield lc.llama_sampler_init_greedy()
+            return
+        if spec.top_p < 1.0:
+            yield lc.llama_sampler_init_top_p(spec.top_p, 1)
+        yield lc.llama_sampler_init_temp(spec.temperature)
+        yield lc.llama_sampler_init_dist(_seed_for_llama(spec.seed))
+
+    def sample(self) -> int:
+        """Pick the next token from the last logits and accept it."""
+        return int(lc.llama_sampler_sample(self._chain, self._model._ctx, -1))
+
+    def close(self) -> None:
+        if self._chain:
+            lc.llama_sampler_free(self._chain)
+            self._chain = None

@@ -1,0 +1,156 @@
+"""Typed gateway errors, each knowing its HTTP status and OpenAI error shape.
+
+Everything that can go wrong for a client is one of these classes. A single
+handler in :mod:`gateway.app` turns them into ``{"error": {...}}`` bodies, so the
+official ``openai`` SDK raises the matching exception class:
+
+=====================  ======  ==============================
+class                  status  SDK exception
+=====================  ======  ==============================
+InvalidRequestError    400     ``BadRequestError``
+AuthenticationError    401     ``AuthenticationError``
+PermissionDeniedError  403     ``PermissionDeniedError``
+NotFoundError          404     ``NotFoundError``
+PayloadTooLargeError   413     ``APIStatusError``
+RateLimitError         429     ``RateLimitError``
+EngineOverloadedError  503     ``InternalServerError``
+UpstreamError          502     ``InternalServerError``
+InternalError          500     ``InternalServerError``
+=====================  ======  ==============================
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "AuthenticationError",
+    "ContextLengthExceededError",
+    "EngineOverloadedError",
+    "ErrorBody",
+    "ErrorDetail",
+    "GatewayError",
+    "InternalError",
+    "InvalidRequestError",
+    "MethodNotAllowedError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RouteNotFoundError",
+    "UnsupportedFeatureError",
+    "UpstreamError",
+]
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> ErrorBody:
+        detail = ErrorDetail(self.message, self.error_type, self.param, self.code)
+        return ErrorBody(detail)
+
+
+class InvalidRequestError(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class UnsupportedFeatureError(InvalidRequestError):
+    default_code = "unsupported_parameter"
+
+
+class AuthenticationError(GatewayError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
+class NotFoundError(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class RouteNotFoundError(NotFoundError):
+    default_code = "not_found"
+
+
+class MethodNotAllowedError(GatewayError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLargeError(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimitError(GatewayError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class EngineOverloadedError(GatewayError):
+    """The engine's queue is full. 503, not 429: 429 is kept for rate limits."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "engine_overloaded"
+
+    def __init__(self, message: str, *, retry_after_seconds: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_seconds)})
+
+
+class UpstreamError(GatewayError):
+    status_code = 502
+    error_type = "server_error"
+    default_code = "upstream_error"
+
+
+class InternalError(GatewayError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"

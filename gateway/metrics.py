@@ -1,0 +1,42 @@
+"""Prometheus exposition of the engines' own load signals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.contract import Backend, ReportsLoad
+
+_FAMILIES = (
+    ("nomoat_engine_requests_running", "gauge", "Generations running in the engine."),
+    ("nomoat_engine_requests_waiting", "gauge", "Requests queued for the engine."),
+    (
+        "nomoat_engine_decoded_tokens_total",
+        "counter",
+        "Tokens the engine itself reports having evaluated (prompt and generated).",
+    ),
+)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(backends: Mapping[str, Backend]) -> str:
+    samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
+    for name, backend in sorted(backends.items()):
+        if not isinstance(backend, ReportsLoad):
+            continue
+        load = backend.load()
+        label = f'{{backend="{_escape(name)}"}}'
+        samples["nomoat_engine_requests_running"].append(f"{label} {load.running}")
+        samples["nomoat_engine_requests_waiting"].append(f"{label} {load.waiting}")
+        if load.decoded_tokens_total is not None:
+            samples["nomoat_engine_decoded_tokens_total"].append(
+                f"{label} {load.decoded_tokens_total}"
+            )
+    lines = []
+    for family, kind, help_text in _FAMILIES:
+        lines.append(f"# HELP {family} {help_text}")
+        lines.append(f"# TYPE {family} {kind}")
+        lines.extend(f"{family}{sample}" for sample in samples[family])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,209 @@
+"""The request pipeline: decode, check limits, resolve the model, rank the
+deployments, and try them in order until one answers.
+
+Streams are primed before the response starts: the first chunk is awaited
+here, so anything that fails before the first byte (a full queue, a prompt too
+long for the context) still becomes a proper HTTP status, and the next
+deployment can be tried.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import msgspec
+
+from gateway import wire
+from gateway.catalog import Catalog
+from gateway.contract import (
+    Backend,
+    CandidateStats,
+    RequestContext,
+    Target,
+)
+from gateway.errors import (
+    EngineOverloadedError,
+    GatewayError,
+    InvalidRequestError,
+    UpstreamError,
+)
+from gateway.settings import LimitSettings
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_FIELD = re.compile(r"field `(?P<field>[^`]+)`")
+
+T = TypeVar("T")
+RequestT = TypeVar("RequestT", wire.ChatCompletionRequest, wire.CompletionRequest)
+
+
+ChunkT = TypeVar("ChunkT", wire.ChatCompletionChunk, wire.Completion)
+_RETRYABLE = (EngineOverloadedError, UpstreamError)
+
+
+def _param_of(message: str) -> tuple[str, str | None]:
+    """msgspec's "Expected `int`, got `str` - at `$.n`" -> (text, "n")."""
+    match = _PATH.search(message)
+    path = match.group("path").lstrip(".") if match else ""
+    text = message[: match.start()] if match else message
+    field = _FIELD.search(text)
+    if field is not None:
+        path = f"{path}.{field.group('field')}" if path else field.group("field")
+    return text, path or None
+
+
+def decode(body: bytes, decoder: msgspec.json.Decoder[RequestT]) -> RequestT:
+    if not body:
+        raise InvalidRequestError("The request body is empty; expected a JSON object.")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as error:
+        text, param = _param_of(str(error))
+        if text.startswith("Object contains unknown field"):
+            text = f"Unrecognized request argument supplied: {param}"
+        raise InvalidRequestError(f"{text} (at {param or 'the body'})", param=param) from None
+    except msgspec.DecodeError as error:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request: {error}"
+        ) from None
+
+
+def _at_most(value: int, limit: int, param: str, what: str) -> None:
+    if value > limit:
+        raise InvalidRequestError(f"{param}: at most {limit} {what} allowed, got {value}", param=param)
+
+
+class Pipeline:
+    def __init__(
+        self, limits: LimitSettings, catalog: Catalog, backends: Mapping[str, Backend]
+    ) -> None:
+        self.limits = limits
+        self.catalog = catalog
+        self.backends = backends
+        self._in_flight: Counter[str] = Counter()
+
+    # --------------------------------------------------------------- decoding
+
+    def decode_chat(self, body: bytes) -> wire.ChatCompletionRequest:
+        request = decode(body, wire.chat_request_decoder)
+        limits = self.limits
+        if not request.messages:
+            raise InvalidRequestError("messages must contain at least one message", param="messages")
+        _at_most(len(request.messages), limits.max_messages, "messages", "messages")
+        _at_most(len(request.tools or ()), limits.max_tools, "tools", "tools")
+        self._check_common(request)
+        return request
+
+    def decode_completion(self, body: bytes) -> wire.CompletionRequest:
+        request = decode(body, wire.completion_request_decoder)
+        self._check_common(request)
+        return request
+
+    def _check_common(self, request: wire.ChatCompletionRequest | wire.CompletionRequest) -> None:
+        limits = self.limits
+        _at_most(request.n or 1, limits.max_n, "n", "choices")
+        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        _at_most(len(stops), limits.max_stop_sequences, "stop", "stop sequences")
+        _at_most(len(request.logit_bias or {}), limits.max_logit_bias, "logit_bias", "entries")
+        if request.stream_options is not None and not request.stream:
+            raise InvalidRequestError(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
+
+    # ---------------------------------------------------------------- serving
+
+    async def chat(
+        self, request: wire.ChatCompletionRequest, ctx: RequestContext
+    ) -> wire.ChatCompletion:
+        return await self._attempts(
+            request, ctx, lambda backend, target: backend.chat(request, target, ctx)
+        )
+
+    async def chat_stream(
+        self, request: wire.ChatCompletionRequest, ctx: RequestContext
+    ) -> AsyncIterator[wire.ChatCompletionChunk]:
+        chunks = await self._attempts(
+            request, ctx, lambda backend, target: _primed(backend.chat_stream(request, target, ctx))
+        )
+        return _shape_usage(chunks, _wants_usage(request))
+
+    async def completion(
+        self, request: wire.CompletionRequest, ctx: RequestContext
+    ) -> wire.Completion:
+        return await self._attempts(
+            request, ctx, lambda backend, target: backend.completion(request, target, ctx)
+        )
+
+    async def completion_stream(
+        self, request: wire.CompletionRequest, ctx: RequestContext
+    ) -> AsyncIterator[wire.Completion]:
+        chunks = await self._attempts(
+            request,
+            ctx,
+            lambda backend, target: _primed(backend.completion_stream(request, target, ctx)),
+        )
+        return _shape_usage(chunks, _wants_usage(request))
+
+    async def _attempts(
+        self,
+        request: wire.ChatCompletionRequest | wire.CompletionRequest,
+        ctx: RequestContext,
+        call: Callable[[Backend, Target], Awaitable[T]],
+    ) -> T:
+        """Try the ranked deployments in order; move on only when one is
+        overloaded or unreachable, before anything reached the client."""
+        entry = self.catalog.resolve(request.model)
+        stats = {
+            c.target.deployment: CandidateStats(in_flight=self._in_flight[c.target.deployment])
+            for c in entry.candidates
+        }
+        ranked = entry.policy.rank(request, ctx, entry.candidates, stats)
+        failure: GatewayError | None = None
+        for choice in ranked:
+            deployment = choice.candidate.target.deployment
+            self._in_flight[deployment] += 1
+            try:
+                return await call(self.backends[choice.candidate.backend], choice.candidate.target)
+            except _RETRYABLE as error:
+                failure = error
+            finally:
+                self._in_flight[deployment] -= 1
+        raise failure or EngineOverloadedError(f"no deployment of {request.model} is available")
+
+
+def _wants_usage(request: wire.ChatCompletionRequest | wire.CompletionRequest) -> bool:
+    return request.stream_options is not None and request.stream_options.include_usage
+
+
+async def _primed(chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Wait for the first chunk now; return an iterator that replays it."""
+    first = await anext(chunks)
+
+    async def replay() -> AsyncIterator[T]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return replay()
+
+
+async def _shape_usage(chunks: AsyncIterator[ChunkT], include_usage: bool) -> AsyncIterator[ChunkT]:
+    """Backends always end with a usage chunk; show it only if asked, and
+    then, as OpenAI does, put ``"usage": null`` on every other chunk."""
+    try:
+        async for chunk in chunks:
+            if isinstance(chunk.usage, wire.Usage) and not chunk.choices:
+                if include_usage:
+                    yield chunk
+                continue
+            if include_usage:
+                chunk.usage = None
+            yield chunk
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]

