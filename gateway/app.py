@@ -14,8 +14,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 from litestar.types import ControllerRouterHandler
@@ -40,6 +42,7 @@ from gateway.sse import HEADERS, sse_events
 
 _log = logging.getLogger(__name__)
 JSON = "application/json"
+AnyRequest = Request[Any, Any, State]
 
 
 @dataclass
@@ -66,8 +69,12 @@ class Runtime:
         return self.pipeline
 
 
-def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
-    return Response(wire.encoder.encode(payload), status_code=status, media_type=JSON, headers=headers)
+def _json(
+    payload: object, status: int = 200, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    return Response(
+        wire.encoder.encode(payload), status_code=status, media_type=JSON, headers=headers
+    )
 
 
 def error_response(error: GatewayError) -> Response[bytes]:
@@ -83,7 +90,7 @@ _HTTP_ERRORS: dict[int, type[GatewayError]] = {
 }
 
 
-def handle_exception(request: Request[object, object, object], exc: Exception) -> Response[bytes]:
+def handle_exception(request: AnyRequest, exc: Exception) -> Response[bytes]:
     """The one place where every failure becomes an OpenAI-shaped error."""
     if isinstance(exc, GatewayError):
         return error_response(exc)
@@ -101,7 +108,7 @@ class Authenticator:
     def __init__(self, hashes: tuple[str, ...]) -> None:
         self._hashes = hashes
 
-    def __call__(self, request: Request[object, object, object]) -> str | None:
+    def __call__(self, request: AnyRequest) -> str | None:
         """The key's fingerprint, None if keys are off; raises 401 otherwise."""
         if not self._hashes:
             return None
@@ -123,7 +130,7 @@ def _context(prefix: str, key_id: str | None) -> RequestContext:
 
 
 async def _cancel_on_disconnect(
-    request: Request[object, object, object], work: Awaitable[Response[bytes]]
+    request: AnyRequest, work: Awaitable[Response[bytes]]
 ) -> Response[bytes]:
     """Await ``work``; if the client hangs up first, cancel it (which stops
     the generation) instead of computing an answer nobody will read."""
@@ -139,7 +146,7 @@ async def _cancel_on_disconnect(
     return task.result()
 
 
-async def _wait_for_disconnect(request: Request[object, object, object]) -> None:
+async def _wait_for_disconnect(request: AnyRequest) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
@@ -150,7 +157,9 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     authenticate = Authenticator(runtime.settings.server.api_key_hashes)
 
     @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(request: Request[object, object, object]) -> Response[bytes] | Stream:
+    async def chat_completions(
+        request: AnyRequest,
+    ) -> Response[bytes] | Stream:
         key_id = authenticate(request)
         pipeline = runtime.serving()
         body = pipeline.decode_chat(await request.body())
@@ -161,7 +170,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         return await _cancel_on_disconnect(request, _as_json(pipeline.chat(body, ctx)))
 
     @post("/v1/completions", status_code=200)
-    async def completions(request: Request[object, object, object]) -> Response[bytes] | Stream:
+    async def completions(request: AnyRequest) -> Response[bytes] | Stream:
         key_id = authenticate(request)
         pipeline = runtime.serving()
         body = pipeline.decode_completion(await request.body())
@@ -172,12 +181,12 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         return await _cancel_on_disconnect(request, _as_json(pipeline.completion(body, ctx)))
 
     @get("/v1/models")
-    async def list_models(request: Request[object, object, object]) -> Response[bytes]:
+    async def list_models(request: AnyRequest) -> Response[bytes]:
         authenticate(request)
         return _json(wire.ModelList(object="list", data=_models(runtime)))
 
     @get("/v1/models/{model_id:path}")
-    async def retrieve_model(request: Request[object, object, object], model_id: str) -> Response[bytes]:
+    async def retrieve_model(request: AnyRequest, model_id: str) -> Response[bytes]:
         authenticate(request)
         name = model_id.lstrip("/")
         for model in _models(runtime):
@@ -238,4 +247,3 @@ def create_app(runtime: Runtime) -> Litestar:
         openapi_config=None,
         debug=False,
     )
-

@@ -55,7 +55,9 @@ class Plan:
     catalog: Catalog
 
 
-def _backend_plans(settings: Settings, registry: Registry, problems: list[str]) -> list[BackendPlan]:
+def _backend_plans(
+    settings: Settings, registry: Registry, problems: list[str]
+) -> list[BackendPlan]:
     plans = []
     for name, backend in settings.backends.items():
         backend_type = registry.backends.get(backend.type)
@@ -72,13 +74,17 @@ def _backend_plans(settings: Settings, registry: Registry, problems: list[str]) 
     return plans
 
 
-def _model_entries(settings: Settings, registry: Registry, problems: list[str]) -> dict[str, ModelEntry]:
+def _model_entries(
+    settings: Settings, registry: Registry, problems: list[str]
+) -> dict[str, ModelEntry]:
     entries = {}
     for name, model in settings.models.items():
         policy_type = registry.policies.get(model.policy)
         if policy_type is None:
             known = ", ".join(sorted(registry.policies)) or "none installed"
-            problems.append(f'models.{name}.policy: unknown policy "{model.policy}" (known: {known})')
+            problems.append(
+                f'models.{name}.policy: unknown policy "{model.policy}" (known: {known})'
+            )
             continue
         try:
             options = policy_type.config_model.model_validate(model.policy_options)

@@ -14,7 +14,13 @@ import uvicorn
 from gateway.app import Runtime, create_app
 from gateway.catalog import plan
 from gateway.registry import PluginLoadError, discover
-from gateway.settings import ConfigError, Settings, hash_api_key, load_settings
+from gateway.settings import (
+    ConfigError,
+    ServerSettings,
+    Settings,
+    hash_api_key,
+    load_settings,
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -52,35 +58,42 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
 
+def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    """Command-line flags win over the file and the environment."""
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "allow_unauthenticated_network": args.allow_unauthenticated_network or None,
+    }
+    update = {key: value for key, value in flags.items() if value is not None}
+    return settings.model_copy(update={"server": settings.server.model_copy(update=update)})
+
+
+def _open_network_refusal(server: ServerSettings) -> str | None:
+    if server.api_key_hashes or _is_loopback(server.host) or server.allow_unauthenticated_network:
+        return None
+    return (
+        f"nomoat: refusing to listen on {server.host} with no API key configured. "
+        "Add server.api_key_hashes (see `nomoat hash-key`), or pass "
+        "--allow-unauthenticated-network if an open gateway is intended."
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(args.config)
-        server = settings.server.model_copy(
-            update={
-                key: value
-                for key, value in {
-                    "host": args.host,
-                    "port": args.port,
-                    "allow_unauthenticated_network": args.allow_unauthenticated_network or None,
-                }.items()
-                if value is not None
-            }
-        )
-        settings = settings.model_copy(update={"server": server})
+        settings = _with_overrides(load_settings(args.config), args)
         startup_plan = plan(settings, discover())
     except (ConfigError, PluginLoadError) as error:
         print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
         return 2
-    if not settings.server.api_key_hashes and not _is_loopback(server.host):
-        if not server.allow_unauthenticated_network:
-            print(
-                f"nomoat: refusing to listen on {server.host} with no API key configured. "
-                "Add server.api_key_hashes (see `nomoat hash-key`), or pass "
-                "--allow-unauthenticated-network if an open gateway is intended.",
-                file=sys.stderr,
-            )
-            return 2
-    logging.basicConfig(level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    server = settings.server
+    refusal = _open_network_refusal(server)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
     runtime = Runtime(settings, startup_plan)
     config = uvicorn.Config(
         create_app(runtime),

@@ -72,7 +72,9 @@ def decode(body: bytes, decoder: msgspec.json.Decoder[RequestT]) -> RequestT:
 
 def _at_most(value: int, limit: int, param: str, what: str) -> None:
     if value > limit:
-        raise InvalidRequestError(f"{param}: at most {limit} {what} allowed, got {value}", param=param)
+        raise InvalidRequestError(
+            f"{param}: at most {limit} {what} allowed, got {value}", param=param
+        )
 
 
 class Pipeline:
@@ -90,7 +92,9 @@ class Pipeline:
         request = decode(body, wire.chat_request_decoder)
         limits = self.limits
         if not request.messages:
-            raise InvalidRequestError("messages must contain at least one message", param="messages")
+            raise InvalidRequestError(
+                "messages must contain at least one message", param="messages"
+            )
         _at_most(len(request.messages), limits.max_messages, "messages", "messages")
         _at_most(len(request.tools or ()), limits.max_tools, "tools", "tools")
         self._check_common(request)

@@ -35,7 +35,8 @@ def _load(entry: EntryPoint) -> PluginManifest:
         loaded = entry.load()
         manifest = loaded() if callable(loaded) else loaded
     except Exception as error:
-        raise PluginLoadError(f'plugin "{entry.name}" ({entry.value}) failed to load: {error}')
+        message = f'plugin "{entry.name}" ({entry.value}) failed to load: {error}'
+        raise PluginLoadError(message) from error
     if not isinstance(manifest, PluginManifest):
         raise PluginLoadError(f'plugin "{entry.name}" ({entry.value}) is not a PluginManifest')
     return manifest

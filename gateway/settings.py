@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_BACKEND = "embedded"
 KEY_HASH_PREFIX = "sha256:"
+# Exactly what hash_api_key produces: lowercase hex, so a stored hash can match.
+_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class _Strict(BaseModel):
@@ -44,10 +47,8 @@ class ServerSettings(_Strict):
     @classmethod
     def _well_formed_hashes(cls, hashes: tuple[str, ...]) -> tuple[str, ...]:
         for entry in hashes:
-            digest = entry.removeprefix(KEY_HASH_PREFIX)
-            if not entry.startswith(KEY_HASH_PREFIX) or len(digest) != 64:
-                raise ValueError('each entry must be "sha256:" followed by 64 hex digits')
-            int(digest, 16)
+            if _KEY_HASH.fullmatch(entry) is None:
+                raise ValueError('each entry must be "sha256:" followed by 64 lowercase hex digits')
         return hashes
 
 

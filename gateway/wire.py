@@ -25,6 +25,9 @@ Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
 
+NO_SCHEMA = Raw(b"null")
+
+
 class _Request(Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -111,8 +114,9 @@ class ResponseFormatJsonObject(_Request, tag_field="type", tag="json_object"):
 class JsonSchemaSpec(_Request):
     name: str
     description: str | None = None
-    # Kept as raw JSON: the engine turns it into a grammar; no dict crosses modules.
-    schema: Raw | None = None
+    # Kept as raw JSON: the engine turns it into a grammar; no dict crosses
+    # modules. (msgspec cannot put Raw in a union: "absent" is Raw(b"null").)
+    schema: Raw = NO_SCHEMA
     strict: bool | None = None
 
 
@@ -126,7 +130,7 @@ ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJ
 class FunctionDefinition(_Request):
     name: str
     description: str | None = None
-    parameters: Raw | None = None
+    parameters: Raw = NO_SCHEMA
     strict: bool | None = None
 
 
@@ -266,7 +270,7 @@ class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
 
 class ChunkDelta(Struct, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | UnsetType = UNSET
-    content: str | None | UnsetType = UNSET
+    content: str | UnsetType | None = UNSET
     tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 
 
@@ -286,7 +290,7 @@ class ChatCompletionChunk(Struct, kw_only=True, omit_defaults=True):
     system_fingerprint: str | None = None
     # UNSET: left out (no include_usage); None: "usage": null on every chunk but
     # the last, as OpenAI sends it when include_usage is on.
-    usage: Usage | None | UnsetType = UNSET
+    usage: Usage | UnsetType | None = UNSET
 
 
 class CompletionLogprobs(Struct, kw_only=True):
@@ -310,7 +314,7 @@ class Completion(Struct, kw_only=True, omit_defaults=True):
     model: str
     choices: list[CompletionChoice]
     system_fingerprint: str | None = None
-    usage: Usage | None | UnsetType = UNSET
+    usage: Usage | UnsetType | None = UNSET
 
 
 class Model(Struct, kw_only=True, omit_defaults=True):
@@ -319,7 +323,7 @@ class Model(Struct, kw_only=True, omit_defaults=True):
     created: int
     owned_by: str
     root: str | UnsetType = UNSET
-    parent: str | None | UnsetType = UNSET
+    parent: str | UnsetType | None = UNSET
 
 
 class ModelList(Struct, kw_only=True):

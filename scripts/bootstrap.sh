@@ -48,10 +48,17 @@ if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   mv "$tmp_dir" "$wheel_dir"
 fi
 
-"$venv/bin/python" -m pip install --quiet --no-deps --force-reinstall "$wheel_dir"/llama_cpp_python-*.whl
-# llama-cpp-python's own dependencies, then the project; pip sees the exact
-# version already installed and never builds or fetches another one.
-"$venv/bin/python" -m pip install --quiet "llama-cpp-python==$llama_version" \
-  -e "$here${extras:+[$extras]}"
+# Skip the installs when nothing that feeds them changed since the last run.
+stamp="$venv/.nomoat-bootstrap"
+state=$(cat "$here/pyproject.toml" <(echo "$extras $wheel_dir") | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$state" ]; then
+  "$venv/bin/python" -m pip install --quiet --no-deps --force-reinstall "$wheel_dir"/llama_cpp_python-*.whl
+  # llama-cpp-python's own dependencies, then the project; pip sees the exact
+  # version already installed and never builds or fetches another one.
+  "$venv/bin/python" -m pip install --quiet "llama-cpp-python==$llama_version" \
+    -e "$here${extras:+[$extras]}"
+  echo "$state" > "$stamp"
+fi
 
+# A build that crashes on this CPU fails here, in a child process, with advice.
 "$venv/bin/nomoat" doctor

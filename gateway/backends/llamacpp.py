@@ -33,7 +33,7 @@ from gateway.contract import (
 from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderError
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
 from gateway.engine.native import NativeError, NativeModel
-from gateway.engine.scheduler import EngineBusy, EngineClosed, GenerationStream, Scheduler
+from gateway.engine.scheduler import EngineBusyError, EngineClosedError, GenerationStream, Scheduler
 from gateway.errors import (
     EngineOverloadedError,
     InternalError,
@@ -212,8 +212,7 @@ class LlamaCppBackend:
     def _check_target(self, target: Target) -> None:
         if target.engine_model != self._config.model_name:
             raise NotFoundError(
-                f"backend {self.name} serves {self._config.model_name}, "
-                f"not {target.engine_model}",
+                f"backend {self.name} serves {self._config.model_name}, not {target.engine_model}",
                 param="model",
             )
 
@@ -312,9 +311,7 @@ class LlamaCppBackend:
                 prompts.append(self._checked_ids(item))
                 texts.append(self._detokenize(item))
             else:
-                raise InvalidRequestError(
-                    "prompt mixes token ids with strings", param="prompt"
-                )
+                raise InvalidRequestError("prompt mixes token ids with strings", param="prompt")
         if not prompts:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return prompts, texts
@@ -342,7 +339,7 @@ class LlamaCppBackend:
     async def _run(self, item: GenerationRequest, ctx: RequestContext) -> GenerationResult:
         try:
             return await self.scheduler.run(item, ctx.api_key_id or "")
-        except (EngineBusy, EngineClosed) as error:
+        except (EngineBusyError, EngineClosedError) as error:
             raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
         except NativeError as error:
             raise InternalError(f"backend {self.name} failed to generate") from error
@@ -354,7 +351,7 @@ class LlamaCppBackend:
         try:
             for item in prepared.requests:
                 streams.append(self.scheduler.open_stream(item, ctx.api_key_id or ""))
-        except (EngineBusy, EngineClosed) as error:
+        except (EngineBusyError, EngineClosedError) as error:
             for stream in streams:
                 stream.cancel()
             raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
@@ -381,9 +378,7 @@ def _final_choice(index: int, result: GenerationResult, prepared: _Prepared) -> 
     calls = responses.tool_calls_from(result.text) if prepared.tools else None
     if calls:
         call = calls[0]
-        deltas = [
-            wire.ToolCallDelta(index=0, id=call.id, type="function", function=call.function)
-        ]
+        deltas = [wire.ToolCallDelta(index=0, id=call.id, type="function", function=call.function)]
         delta = wire.ChunkDelta(tool_calls=deltas)
         return wire.ChunkChoice(index=index, delta=delta, logprobs=None, finish_reason="tool_calls")
     delta = wire.ChunkDelta(content=result.text) if prepared.tools else wire.ChunkDelta()
@@ -403,7 +398,9 @@ def _completion_choice(
 ) -> wire.CompletionChoice:
     if done and request.echo:
         text = prepared.prompt_texts[index // prepared.n] + text
-    logprobs = responses.completion_logprobs(result.tokens, 0) if prepared.logprobs and done else None
+    logprobs = (
+        responses.completion_logprobs(result.tokens, 0) if prepared.logprobs and done else None
+    )
     return wire.CompletionChoice(
         index=index, text=text, logprobs=logprobs, finish_reason=responses.finish_reason(result)
     )
@@ -411,7 +408,9 @@ def _completion_choice(
 
 def _completion_delta(prepared: _Prepared, index: int, delta: Delta) -> wire.CompletionChoice:
     logprobs = responses.completion_logprobs(delta.tokens, 0) if prepared.logprobs else None
-    return wire.CompletionChoice(index=index, text=delta.text, logprobs=logprobs, finish_reason=None)
+    return wire.CompletionChoice(
+        index=index, text=delta.text, logprobs=logprobs, finish_reason=None
+    )
 
 
 async def create_backend(name: str, config: LlamaCppConfig) -> LlamaCppBackend:

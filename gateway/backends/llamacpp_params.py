@@ -41,21 +41,13 @@ def grammar_for_schema(schema_json: str) -> str:
         ) from error
 
 
-def _raw_json(raw: msgspec.Raw | None, *, param: str) -> str:
-    if raw is None:
+def _raw_json(raw: msgspec.Raw, *, param: str) -> str:
+    text = bytes(raw).decode().strip()
+    if text == "null":
         return _ANY_OBJECT_SCHEMA
-    text = bytes(raw).decode()
     if not text.lstrip().startswith("{"):
         raise InvalidRequestError(f"{param} must be a JSON object", param=param)
     return text
-
-
-def _text_of(content: str | list[wire.TextPart] | None) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.text for part in content)
 
 
 def chat_turns(messages: list[wire.Message], model: str) -> list[ChatTurn]:
@@ -73,34 +65,39 @@ def chat_turns(messages: list[wire.Message], model: str) -> list[ChatTurn]:
     return turns
 
 
+def _part_text(part: wire.UserContentPart | wire.AssistantContentPart) -> str:
+    if isinstance(part, wire.TextPart):
+        return part.text
+    return part.refusal if isinstance(part, wire.RefusalPart) else ""
+
+
+def _content_text(
+    content: str
+    | list[wire.TextPart]
+    | list[wire.UserContentPart]
+    | list[wire.AssistantContentPart]
+    | None,
+) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(_part_text(part) for part in content)
+
+
 def _turn(message: wire.Message) -> ChatTurn:
-    if isinstance(message, wire.AssistantMessage):
-        content = message.content
-        if isinstance(content, list):
-            text = "".join(
-                part.text if isinstance(part, wire.TextPart) else part.refusal for part in content
-            )
-        else:
-            text = content or ""
-        if message.tool_calls:
-            calls = [
-                {"name": call.function.name, "arguments": call.function.arguments}
-                for call in message.tool_calls
-            ]
-            text = (text + "\n" if text else "") + json.dumps(calls)
-        return ChatTurn("assistant", text)
-    if isinstance(message, wire.UserMessage):
-        content = message.content
-        text = content if isinstance(content, str) else "".join(
-            part.text for part in content if isinstance(part, wire.TextPart)
-        )
-        return ChatTurn("user", text)
-    if isinstance(message, wire.DeveloperMessage):
-        # Templates trained before "developer" existed know it as "system".
-        return ChatTurn("system", _text_of(message.content))
-    if isinstance(message, wire.ToolMessage):
-        return ChatTurn("tool", _text_of(message.content))
-    return ChatTurn("system", _text_of(message.content))
+    text = _content_text(message.content)
+    if isinstance(message, wire.AssistantMessage) and message.tool_calls:
+        calls = [
+            {"name": call.function.name, "arguments": call.function.arguments}
+            for call in message.tool_calls
+        ]
+        text = (text + "\n" if text else "") + json.dumps(calls)
+    # Templates trained before "developer" existed know it as "system".
+    role = (
+        "system"
+        if isinstance(message, wire.DeveloperMessage)
+        else type(message).__struct_config__.tag
+    )
+    return ChatTurn(str(role), text)
 
 
 def tool_plan(request: wire.ChatCompletionRequest, model: str) -> ToolPlan | None:
@@ -116,7 +113,7 @@ def tool_plan(request: wire.ChatCompletionRequest, model: str) -> ToolPlan | Non
         return None
     if choice is None or choice == "auto":
         raise UnsupportedFeatureError(
-            f'model {model} cannot decide by itself whether to call a tool; use tool_choice '
+            f"model {model} cannot decide by itself whether to call a tool; use tool_choice "
             f'"required", a named function, or "none"',
             param="tool_choice",
         )

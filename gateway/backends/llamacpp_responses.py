@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import msgspec
+
 from gateway import wire
 from gateway.contract import RequestContext, Target
 from gateway.engine.generation import GenerationResult, TokenInfo
@@ -24,7 +26,9 @@ def chat_logprobs(tokens: list[TokenInfo] | tuple[TokenInfo, ...]) -> wire.Choic
                 logprob=info.logprob,
                 bytes=list(info.token_bytes),
                 top_logprobs=[
-                    wire.TopLogprob(token=alt.token, logprob=alt.logprob, bytes=list(alt.token_bytes))
+                    wire.TopLogprob(
+                        token=alt.token, logprob=alt.logprob, bytes=list(alt.token_bytes)
+                    )
                     for alt in info.top
                 ],
             )
@@ -52,7 +56,7 @@ def chat_choice(
         role="assistant",
         content=None if calls else result.text,
         refusal=None,
-        tool_calls=calls if calls else wire.UNSET,
+        tool_calls=calls if calls else msgspec.UNSET,
     )
     return wire.ChatChoice(
         index=index,

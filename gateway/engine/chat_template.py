@@ -42,9 +42,7 @@ def _strftime_now(fmt: str) -> str:
 
 class ChatTemplate:
     def __init__(self, source: str | None, *, bos_token: str, eos_token: str) -> None:
-        environment = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True
-        )
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise
         environment.globals["strftime_now"] = _strftime_now
         self.source = source or CHATML

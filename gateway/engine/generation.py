@@ -22,7 +22,7 @@ from gateway.engine.native import NativeModel, SamplerSpec
 class GenerationRequest:
     prompt: list[int]
     max_tokens: int
-    sampler: SamplerSpec = SamplerSpec()
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
     stop: tuple[str, ...] = ()
     # None: no logprobs; k >= 0: the chosen token's logprob plus the top k.
     top_logprobs: int | None = None
@@ -107,7 +107,9 @@ def _token_info(model: NativeModel, token: int, top_k: int) -> TokenInfo:
         best = np.argpartition(-logits, top_k)[:top_k]
         best = best[np.argsort(-logits[best])]
         top = tuple(
-            Alternative(model.piece_text(int(t)), model.pieces[int(t)], float(logits[t] - log_total))
+            Alternative(
+                model.piece_text(int(t)), model.pieces[int(t)], float(logits[t] - log_total)
+            )
             for t in best
         )
     return TokenInfo(

@@ -47,7 +47,7 @@ _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
 _log = logging.getLogger("gateway.engine.llama_cpp")
 
 
-@lc.llama_log_callback  # type: ignore[misc]
+@lc.llama_log_callback  # type: ignore[untyped-decorator]
 def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp prints every load detail; keep its warnings and errors only.
     if level in _LOG_LEVELS:
@@ -204,16 +204,16 @@ class Sampler:
         # a failure (a bad grammar) leaks nothing; the chain frees its stages.
         model = self._model
         if spec.logit_bias:
-            biases = (lc.llama_logit_bias * len(spec.logit_bias))(*spec.logit_bias)
+            biases = (lc.llama_logit_bias * len(spec.logit_bias))(
+                *(lc.llama_logit_bias(token, bias) for token, bias in spec.logit_bias)
+            )
             yield lc.llama_sampler_init_logit_bias(model.n_vocab, len(spec.logit_bias), biases)
         if spec.presence_penalty or spec.frequency_penalty:
             yield lc.llama_sampler_init_penalties(
                 model.n_vocab, model.n_ctx, 1.0, spec.frequency_penalty, spec.presence_penalty
             )
         if spec.grammar is not None:
-            grammar = lc.llama_sampler_init_grammar(
-                model._vocab, spec.grammar.encode(), b"root"
-            )
+            grammar = lc.llama_sampler_init_grammar(model._vocab, spec.grammar.encode(), b"root")
             if not grammar:
                 raise NativeError("llama.cpp could not compile the grammar")
             yield grammar

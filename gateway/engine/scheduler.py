@@ -3,7 +3,7 @@
 Fair: waiting jobs are grouped by owner (the API key), and owners take turns,
 so one client with many queued requests cannot starve another. Bounded: once
 ``max_waiting`` jobs wait, new ones are refused at once with
-:class:`EngineBusy` (the gateway answers 503 with ``Retry-After``).
+:class:`EngineBusyError` (the gateway answers 503 with ``Retry-After``).
 
 A job is cancelled by setting its flag: if it is still queued it never runs;
 if it is running, the generation loop sees the flag before its next token.
@@ -12,6 +12,7 @@ if it is running, the generation loop sees the flag before its next token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +21,14 @@ from dataclasses import dataclass, field
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult, generate
 from gateway.engine.native import NativeModel
 
-
 StreamItem = Delta | GenerationResult | BaseException
 
 
-class EngineBusy(Exception):
+class EngineBusyError(Exception):
     """The queue is full."""
 
 
-class EngineClosed(Exception):
+class EngineClosedError(Exception):
     """The engine is shutting down."""
 
 
@@ -131,7 +131,7 @@ class Scheduler:
             raise
 
     def open_stream(self, request: GenerationRequest, owner: str) -> GenerationStream:
-        """Queue a generation now (raising :class:`EngineBusy` at once if the
+        """Queue a generation now (raising :class:`EngineBusyError` at once if the
         queue is full) and return a stream of its deltas, then its result."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[StreamItem] = asyncio.Queue()
@@ -148,9 +148,9 @@ class Scheduler:
         emit: Callable[[StreamItem], None] | None,
     ) -> _Job:
         if self._closed:
-            raise EngineClosed("the engine is shutting down")
+            raise EngineClosedError("the engine is shutting down")
         if self._queue.size >= self.max_waiting:
-            raise EngineBusy(f"{self._queue.size} requests are already waiting")
+            raise EngineBusyError(f"{self._queue.size} requests are already waiting")
         future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
         job = _Job(request, owner, emit, future)
         self._queue.push(job)
@@ -199,14 +199,12 @@ class Scheduler:
         while self._queue.size:
             job = self._queue.pop()
             job.cancelled = True
-            self._settle(job, EngineClosed("the engine is shutting down"))
+            self._settle(job, EngineClosedError("the engine is shutting down"))
         if self._running is not None:
             self._running.cancelled = True
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
         await asyncio.get_running_loop().run_in_executor(self._executor, self.model.close)
         self._executor.shutdown(wait=True)

@@ -17,7 +17,9 @@ from gateway.engine.native import NativeModel, SamplerSpec
 def decode_tokens_per_second(path: Path, tokens: int = 16) -> float:
     model = NativeModel(path, n_ctx=256, n_threads=0)
     try:
-        model.decode(model.tokenize("The capital of France is", add_special=True, parse_special=False))
+        model.decode(
+            model.tokenize("The capital of France is", add_special=True, parse_special=False)
+        )
         sampler = model.sampler(SamplerSpec(temperature=0))
         started = time.perf_counter()
         for _ in range(tokens):
