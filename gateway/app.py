@@ -35,6 +35,7 @@ from gateway.errors import (
     PayloadTooLargeError,
     RouteNotFoundError,
 )
+from gateway.hooks import HookChain
 from gateway.metrics import render_metrics
 from gateway.pipeline import Pipeline
 from gateway.settings import Settings, key_matches
@@ -61,7 +62,9 @@ class Runtime:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
             self.backends[item.name] = backend
-        self.pipeline = Pipeline(self.settings.limits, self.plan.catalog, self.backends)
+        self.pipeline = Pipeline(
+            self.settings.limits, self.plan.catalog, self.backends, HookChain(self.plan.hooks)
+        )
 
     def serving(self) -> Pipeline:
         if self.pipeline is None:

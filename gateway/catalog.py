@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.contract import BackendType, Candidate, RoutingPolicy, Target
 from gateway.errors import NotFoundError
+from gateway.hooks import BoundHook
 from gateway.registry import Registry
 from gateway.settings import ConfigError, Settings, reference_problems, validation_problems
 
@@ -53,6 +54,7 @@ class Catalog:
 class Plan:
     backends: tuple[BackendPlan, ...]
     catalog: Catalog
+    hooks: tuple[BoundHook, ...] = ()
 
 
 def _backend_plans(
@@ -103,11 +105,29 @@ def _model_entries(
     return entries
 
 
+def _hooks(settings: Settings, registry: Registry, problems: list[str]) -> list[BoundHook]:
+    hooks = []
+    for index, entry in enumerate(settings.hooks):
+        hook_type = registry.hooks.get(entry.type)
+        if hook_type is None:
+            known = ", ".join(sorted(registry.hooks)) or "none installed"
+            problems.append(f'hooks[{index}].type: unknown hook "{entry.type}" (known: {known})')
+            continue
+        try:
+            options = hook_type.config_model.model_validate(entry.options)
+        except ValidationError as error:
+            problems.extend(validation_problems(error, prefix=f"hooks[{index}].options"))
+            continue
+        hooks.append(BoundHook(entry.label, entry.fail_open, hook_type.factory(options)))
+    return hooks
+
+
 def plan(settings: Settings, registry: Registry) -> Plan:
     """Phase two of validation; raises :class:`ConfigError` with every problem."""
     problems = reference_problems(settings)
     backends = _backend_plans(settings, registry, problems)
     models = _model_entries(settings, registry, problems)
+    hooks = _hooks(settings, registry, problems)
     if problems:
         raise ConfigError(problems)
-    return Plan(tuple(backends), Catalog(models))
+    return Plan(tuple(backends), Catalog(models), tuple(hooks))

@@ -39,7 +39,7 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
     except ConfigError as error:
         return None, error.problems
     try:
-        plan(settings, discover())
+        plan(settings, discover(settings.plugins.disabled))
     except (ConfigError, PluginLoadError) as error:
         problems = error.problems if isinstance(error, ConfigError) else [str(error)]
         return settings, problems
@@ -82,7 +82,7 @@ def _open_network_refusal(server: ServerSettings) -> str | None:
 def serve(args: argparse.Namespace) -> int:
     try:
         settings = _with_overrides(load_settings(args.config), args)
-        startup_plan = plan(settings, discover())
+        startup_plan = plan(settings, discover(settings.plugins.disabled))
     except (ConfigError, PluginLoadError) as error:
         print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
         return 2

@@ -44,6 +44,9 @@ from gateway.wire import (
 )
 
 __all__ = [
+    "AnyChunk",
+    "AnyRequest",
+    "AnyResponse",
     "AuthenticationError",
     "Backend",
     "BackendFactory",
@@ -59,7 +62,9 @@ __all__ = [
     "ContextLengthExceededError",
     "EngineLoad",
     "EngineOverloadedError",
+    "ErrorHook",
     "GatewayError",
+    "HookType",
     "InternalError",
     "InvalidRequestError",
     "ModelCapabilities",
@@ -73,7 +78,11 @@ __all__ = [
     "RateLimitError",
     "ReportsLoad",
     "RequestContext",
+    "RequestHook",
+    "ResponseHook",
     "RoutingPolicy",
+    "StreamHook",
+    "SupportsLoRA",
     "Target",
     "UnsupportedFeatureError",
     "UpstreamError",
@@ -111,6 +120,8 @@ class Target:
     model: str
     engine_model: str
     deployment: str
+    # LoRA adapters to apply, with their scales (empty: the base model).
+    adapters: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +284,83 @@ class RoutingPolicy(Protocol):
 
 PolicyFactory = Callable[[ConfigT], RoutingPolicy]
 
+AnyRequest = ChatCompletionRequest | CompletionRequest
+AnyResponse = ChatCompletion | Completion
+AnyChunk = ChatCompletionChunk | Completion
+
+
+@runtime_checkable
+class RequestHook(Protocol):
+    """Runs before the model is resolved, in config order.
+
+    Returns the request (the same object, or a changed copy: for example with
+    a new ``model`` chosen by a classifier) to continue, or a complete
+    response to answer at once (for example a cache hit); later hooks and the
+    backend are then skipped. Rejects the request by raising a
+    :class:`GatewayError` (its status and message reach the client as they are).
+    """
+
+    async def on_request(
+        self, request: AnyRequest, ctx: RequestContext
+    ) -> AnyRequest | AnyResponse: ...
+
+
+@runtime_checkable
+class ResponseHook(Protocol):
+    """Runs after a non-streamed response, in reverse config order; returns
+    the response, possibly changed."""
+
+    async def on_response(
+        self, request: AnyRequest, response: AnyResponse, ctx: RequestContext
+    ) -> AnyResponse: ...
+
+
+@runtime_checkable
+class StreamHook(Protocol):
+    """Wraps the chunk iterator of a streamed response; must yield chunks as
+    they arrive (not buffer the whole stream) and may change or drop them."""
+
+    def on_stream(
+        self, request: AnyRequest, chunks: AsyncIterator[AnyChunk], ctx: RequestContext
+    ) -> AsyncIterator[AnyChunk]: ...
+
+
+@runtime_checkable
+class ErrorHook(Protocol):
+    """Told about every error reported to a client; cannot change it."""
+
+    async def on_error(
+        self, request: AnyRequest | None, error: GatewayError, ctx: RequestContext
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HookType(Generic[ConfigT]):
+    """A hook, enabled by a ``[[hooks]]`` entry with ``type = "<key>"``.
+
+    ``factory(config)`` returns one object implementing any of
+    :class:`RequestHook`, :class:`ResponseHook`, :class:`StreamHook`,
+    :class:`ErrorHook`; the gateway calls the methods it has.
+    """
+
+    config_model: type[ConfigT]
+    factory: Callable[[ConfigT], object]
+
+
+@runtime_checkable
+class SupportsLoRA(Protocol):
+    """Optional backend capability: LoRA adapters loaded at run time.
+
+    ``source`` is a path as the engine's host sees it. An engine that can
+    stack adapters takes a :class:`Target` whose ``adapters`` lists several.
+    """
+
+    async def load_adapter(self, name: str, source: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    async def loaded_adapters(self) -> Sequence[str]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyType(Generic[ConfigT]):
@@ -290,3 +378,4 @@ class PluginManifest:
     name: str
     backends: Mapping[str, BackendType[BaseModel]] = field(default_factory=dict)
     policies: Mapping[str, PolicyType[BaseModel]] = field(default_factory=dict)
+    hooks: Mapping[str, HookType[BaseModel]] = field(default_factory=dict)

@@ -21,6 +21,8 @@ InternalError          500     ``InternalServerError``
 
 from __future__ import annotations
 
+from types import EllipsisType
+
 import msgspec
 
 __all__ = [
@@ -66,13 +68,14 @@ class GatewayError(Exception):
         message: str,
         *,
         param: str | None = None,
-        code: str | None = None,
+        code: str | None | EllipsisType = ...,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code if code is not None else self.default_code
+        # ``...``: the class's default code; an explicit None sends ``"code": null``.
+        self.code = self.default_code if isinstance(code, EllipsisType) else code
         self.headers: dict[str, str] = dict(headers or {})
 
     def body(self) -> ErrorBody:

@@ -9,6 +9,7 @@ deployment can be tried.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -19,6 +20,8 @@ import msgspec
 from gateway import wire
 from gateway.catalog import Catalog
 from gateway.contract import (
+    AnyChunk,
+    AnyRequest,
     Backend,
     CandidateStats,
     RequestContext,
@@ -30,6 +33,7 @@ from gateway.errors import (
     InvalidRequestError,
     UpstreamError,
 )
+from gateway.hooks import HookChain, HookFailedError
 from gateway.settings import LimitSettings
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -79,11 +83,16 @@ def _at_most(value: int, limit: int, param: str, what: str) -> None:
 
 class Pipeline:
     def __init__(
-        self, limits: LimitSettings, catalog: Catalog, backends: Mapping[str, Backend]
+        self,
+        limits: LimitSettings,
+        catalog: Catalog,
+        backends: Mapping[str, Backend],
+        hooks: HookChain | None = None,
     ) -> None:
         self.limits = limits
         self.catalog = catalog
         self.backends = backends
+        self.hooks = hooks or HookChain(())
         self._in_flight: Counter[str] = Counter()
 
     # --------------------------------------------------------------- decoding
@@ -122,34 +131,75 @@ class Pipeline:
     async def chat(
         self, request: wire.ChatCompletionRequest, ctx: RequestContext
     ) -> wire.ChatCompletion:
-        return await self._attempts(
-            request, ctx, lambda backend, target: backend.chat(request, target, ctx)
-        )
+        async with self._reporting(request, ctx):
+            early = await self.hooks.on_request(request, ctx)
+            if isinstance(early, wire.ChatCompletion):
+                return early
+            request = _expect(early, wire.ChatCompletionRequest)
+            response = await self._attempts(
+                request, ctx, lambda backend, target: backend.chat(request, target, ctx)
+            )
+            return _expect(
+                await self.hooks.on_response(request, response, ctx), wire.ChatCompletion
+            )
 
     async def chat_stream(
         self, request: wire.ChatCompletionRequest, ctx: RequestContext
     ) -> AsyncIterator[wire.ChatCompletionChunk]:
-        chunks = await self._attempts(
-            request, ctx, lambda backend, target: _primed(backend.chat_stream(request, target, ctx))
-        )
-        return _shape_usage(chunks, _wants_usage(request))
+        async with self._reporting(request, ctx):
+            early = await self.hooks.on_request(request, ctx)
+            if isinstance(early, wire.ChatCompletion):
+                chunks = _chat_as_chunks(early)
+            else:
+                request = _expect(early, wire.ChatCompletionRequest)
+                chunks = await self._attempts(
+                    request,
+                    ctx,
+                    lambda backend, target: _primed(backend.chat_stream(request, target, ctx)),
+                )
+            hooked = _only(self.hooks.on_stream(request, chunks, ctx), wire.ChatCompletionChunk)
+            return _shape_usage(hooked, _wants_usage(request))
 
     async def completion(
         self, request: wire.CompletionRequest, ctx: RequestContext
     ) -> wire.Completion:
-        return await self._attempts(
-            request, ctx, lambda backend, target: backend.completion(request, target, ctx)
-        )
+        async with self._reporting(request, ctx):
+            early = await self.hooks.on_request(request, ctx)
+            if isinstance(early, wire.Completion):
+                return early
+            request = _expect(early, wire.CompletionRequest)
+            response = await self._attempts(
+                request, ctx, lambda backend, target: backend.completion(request, target, ctx)
+            )
+            return _expect(await self.hooks.on_response(request, response, ctx), wire.Completion)
 
     async def completion_stream(
         self, request: wire.CompletionRequest, ctx: RequestContext
     ) -> AsyncIterator[wire.Completion]:
-        chunks = await self._attempts(
-            request,
-            ctx,
-            lambda backend, target: _primed(backend.completion_stream(request, target, ctx)),
-        )
-        return _shape_usage(chunks, _wants_usage(request))
+        async with self._reporting(request, ctx):
+            early = await self.hooks.on_request(request, ctx)
+            if isinstance(early, wire.Completion):
+                chunks = _completion_as_chunks(early)
+            else:
+                request = _expect(early, wire.CompletionRequest)
+                chunks = await self._attempts(
+                    request,
+                    ctx,
+                    lambda backend, target: _primed(
+                        backend.completion_stream(request, target, ctx)
+                    ),
+                )
+            hooked = _only(self.hooks.on_stream(request, chunks, ctx), wire.Completion)
+            return _shape_usage(hooked, _wants_usage(request))
+
+    @contextlib.asynccontextmanager
+    async def _reporting(self, request: AnyRequest, ctx: RequestContext) -> AsyncIterator[None]:
+        """Tell the error hooks about any error on its way to the client."""
+        try:
+            yield
+        except GatewayError as error:
+            await self.hooks.on_error(request, error, ctx)
+            raise
 
     async def _attempts(
         self,
@@ -176,6 +226,70 @@ class Pipeline:
             finally:
                 self._in_flight[deployment] -= 1
         raise failure or EngineOverloadedError(f"no deployment of {request.model} is available")
+
+
+def _expect(value: object, kind: type[T]) -> T:
+    if not isinstance(value, kind):
+        raise HookFailedError(
+            f"A hook returned {type(value).__name__} where {kind.__name__} was expected."
+        )
+    return value
+
+
+async def _only(chunks: AsyncIterator[AnyChunk], kind: type[T]) -> AsyncIterator[T]:
+    async for chunk in chunks:
+        yield _expect(chunk, kind)
+
+
+async def _chat_as_chunks(
+    response: wire.ChatCompletion,
+) -> AsyncIterator[wire.ChatCompletionChunk]:
+    """A whole answer from a hook (a cache hit), as the chunks of a stream."""
+
+    def chunk(choices: list[wire.ChunkChoice]) -> wire.ChatCompletionChunk:
+        return wire.ChatCompletionChunk(
+            id=response.id,
+            object="chat.completion.chunk",
+            created=response.created,
+            model=response.model,
+            choices=choices,
+        )
+
+    for choice in response.choices:
+        message = choice.message
+        delta = wire.ChunkDelta(role="assistant", content=message.content)
+        if not isinstance(message.tool_calls, msgspec.UnsetType):
+            delta.tool_calls = [
+                wire.ToolCallDelta(index=i, id=c.id, type="function", function=c.function)
+                for i, c in enumerate(message.tool_calls)
+            ]
+        yield chunk(
+            [wire.ChunkChoice(index=choice.index, delta=delta, logprobs=None, finish_reason=None)]
+        )
+        end = wire.ChunkChoice(
+            index=choice.index,
+            delta=wire.ChunkDelta(),
+            logprobs=None,
+            finish_reason=choice.finish_reason,
+        )
+        yield chunk([end])
+    last = chunk([])
+    last.usage = response.usage
+    yield last
+
+
+async def _completion_as_chunks(response: wire.Completion) -> AsyncIterator[wire.Completion]:
+    # A copy: the hook may have handed out an object it keeps (a cache entry).
+    yield msgspec.structs.replace(response, usage=msgspec.UNSET)
+    usage = response.usage
+    yield wire.Completion(
+        id=response.id,
+        object="text_completion",
+        created=response.created,
+        model=response.model,
+        choices=[],
+        usage=usage,
+    )
 
 
 def _wants_usage(request: wire.ChatCompletionRequest | wire.CompletionRequest) -> bool:

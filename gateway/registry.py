@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
+from typing import TypeVar
 
 from pydantic import BaseModel
 
-from gateway.contract import BackendType, PluginManifest, PolicyType
+from gateway.contract import BackendType, HookType, PluginManifest, PolicyType
 
 GROUP = "nomoat.plugins"
+T = TypeVar("T")
 
 
 class PluginLoadError(Exception):
@@ -28,6 +30,7 @@ class Registry:
     plugins: tuple[PluginManifest, ...] = ()
     backends: Mapping[str, BackendType[BaseModel]] = field(default_factory=dict)
     policies: Mapping[str, PolicyType[BaseModel]] = field(default_factory=dict)
+    hooks: Mapping[str, HookType[BaseModel]] = field(default_factory=dict)
 
 
 def _load(entry: EntryPoint) -> PluginManifest:
@@ -42,20 +45,23 @@ def _load(entry: EntryPoint) -> PluginManifest:
     return manifest
 
 
+def _merge(kind: str, into: dict[str, T], offered: Mapping[str, T], plugin: str) -> None:
+    for name, component in offered.items():
+        if name in into:
+            raise PluginLoadError(f'{kind} "{name}" of plugin "{plugin}" is offered twice')
+        into[name] = component
+
+
 def build_registry(manifests: Iterable[PluginManifest]) -> Registry:
     plugins = tuple(manifests)
     backends: dict[str, BackendType[BaseModel]] = {}
     policies: dict[str, PolicyType[BaseModel]] = {}
+    hooks: dict[str, HookType[BaseModel]] = {}
     for manifest in plugins:
-        for kind, backend_type in manifest.backends.items():
-            if kind in backends:
-                raise PluginLoadError(f'backend type "{kind}" is offered by two plugins')
-            backends[kind] = backend_type
-        for kind, policy_type in manifest.policies.items():
-            if kind in policies:
-                raise PluginLoadError(f'policy "{kind}" is offered by two plugins')
-            policies[kind] = policy_type
-    return Registry(plugins, backends, policies)
+        _merge("backend type", backends, manifest.backends, manifest.name)
+        _merge("policy", policies, manifest.policies, manifest.name)
+        _merge("hook", hooks, manifest.hooks, manifest.name)
+    return Registry(plugins, backends, policies, hooks)
 
 
 def discover(disabled: Iterable[str] = ()) -> Registry:

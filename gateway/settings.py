@@ -76,6 +76,26 @@ class ModelSettings(_Strict):
     owned_by: str = "nomoat"
 
 
+class HookSettings(_Strict):
+    """One ``[[hooks]]`` entry: hooks run in the order they are listed."""
+
+    type: str
+    # Name in logs, metrics and errors; defaults to the type.
+    name: str | None = None
+    # On an unexpected failure, skip this hook instead of rejecting the request.
+    fail_open: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+
+class PluginSettings(_Strict):
+    # Entry-point names not to load at all (a broken or unwanted plugin).
+    disabled: tuple[str, ...] = ()
+
+
 class BackendSettings(BaseModel):
     """``type`` picks the backend kind; the other keys belong to that kind's
     config model and are validated in phase two."""
@@ -106,8 +126,10 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     limits: LimitSettings = LimitSettings()
+    plugins: PluginSettings = PluginSettings()
     backends: dict[str, BackendSettings] = Field(default_factory=_default_backends)
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
+    hooks: list[HookSettings] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(

@@ -145,10 +145,12 @@ def generate(
                 finish = "cancelled"
                 break
             token = sampler.sample()
-            generated += 1
             if token in model.end_tokens:
+                # The end token is not part of the completion: not counted,
+                # so completion_tokens equals the tokens reported in logprobs.
                 finish = "stop"
                 break
+            generated += 1
             step = Delta(matcher.feed(utf8.decode(model.pieces[token])))
             if want_logprobs:
                 # The logits still belong to this position until the next decode.

@@ -1,0 +1,140 @@
+"""Runs the configured hooks in order, with defined failure behaviour.
+
+A hook that raises a :class:`GatewayError` rejects the request with that error,
+as the hook meant. Any other exception is a failure of the hook: it is logged
+with its traceback and counted; then the request is rejected with a
+:class:`HookFailedError` that names the hook and nothing else (internals never
+reach the client), or, if the hook's config says ``fail_open``, the hook is
+skipped for this request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway.contract import (
+    AnyChunk,
+    AnyRequest,
+    AnyResponse,
+    ErrorHook,
+    RequestContext,
+    RequestHook,
+    ResponseHook,
+    StreamHook,
+)
+from gateway.errors import GatewayError
+from gateway.wire import ChatCompletion, Completion
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class HookFailedError(GatewayError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "hook_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class BoundHook:
+    """A hook instance as configured: its label, failure mode, and object."""
+
+    label: str
+    fail_open: bool
+    hook: object
+
+
+class _Skipped:
+    """The hook failed open: carry on as if it were not there."""
+
+
+SKIPPED = _Skipped()
+
+
+class HookChain:
+    def __init__(self, hooks: Sequence[BoundHook]) -> None:
+        self.hooks = tuple(hooks)
+        self.failures: Counter[str] = Counter()
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    async def on_request(
+        self, request: AnyRequest, ctx: RequestContext
+    ) -> AnyRequest | AnyResponse:
+        for bound in self.hooks:
+            if not isinstance(bound.hook, RequestHook):
+                continue
+            result = await self._guard(bound, bound.hook.on_request(request, ctx))
+            if isinstance(result, _Skipped):
+                continue
+            if isinstance(result, ChatCompletion | Completion):
+                return result
+            request = result
+        return request
+
+    async def on_response(
+        self, request: AnyRequest, response: AnyResponse, ctx: RequestContext
+    ) -> AnyResponse:
+        for bound in reversed(self.hooks):
+            if not isinstance(bound.hook, ResponseHook):
+                continue
+            result = await self._guard(bound, bound.hook.on_response(request, response, ctx))
+            if not isinstance(result, _Skipped):
+                response = result
+        return response
+
+    def on_stream(
+        self, request: AnyRequest, chunks: AsyncIterator[AnyChunk], ctx: RequestContext
+    ) -> AsyncIterator[AnyChunk]:
+        for bound in reversed(self.hooks):
+            if isinstance(bound.hook, StreamHook):
+                chunks = self._guard_stream(bound, bound.hook.on_stream(request, chunks, ctx))
+        return chunks
+
+    async def on_error(
+        self, request: AnyRequest | None, error: GatewayError, ctx: RequestContext
+    ) -> None:
+        for bound in self.hooks:
+            if isinstance(bound.hook, ErrorHook):
+                try:
+                    await bound.hook.on_error(request, error, ctx)
+                except Exception:
+                    self._failed(bound)
+
+    async def _guard(self, bound: BoundHook, call: Awaitable[T]) -> T | _Skipped:
+        try:
+            return await call
+        except GatewayError:
+            raise
+        except Exception as error:
+            self._failed(bound)
+            if bound.fail_open:
+                return SKIPPED
+            raise self._rejection(bound) from error
+
+    async def _guard_stream(
+        self, bound: BoundHook, chunks: AsyncIterator[AnyChunk]
+    ) -> AsyncIterator[AnyChunk]:
+        # Once bytes are streamed there is nothing to fall back to, so a
+        # failing stream hook ends the stream with an error even if fail-open.
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except GatewayError:
+            raise
+        except Exception as error:
+            self._failed(bound)
+            raise self._rejection(bound) from error
+
+    def _failed(self, bound: BoundHook) -> None:
+        self.failures[bound.label] += 1
+        _log.exception("hook %s failed", bound.label)
+
+    @staticmethod
+    def _rejection(bound: BoundHook) -> HookFailedError:
+        return HookFailedError(f"The request was rejected: plugin hook '{bound.label}' failed.")
