@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
@@ -25,6 +25,7 @@ from litestar.types import ControllerRouterHandler
 from gateway import wire
 from gateway.catalog import Plan
 from gateway.contract import Backend, RequestContext
+from gateway.decisions import DecisionLog, RouteTrace
 from gateway.errors import (
     AuthenticationError,
     GatewayError,
@@ -44,6 +45,7 @@ from gateway.sse import HEADERS, sse_events
 _log = logging.getLogger(__name__)
 JSON = "application/json"
 AnyRequest = Request[Any, Any, State]
+T = TypeVar("T")
 
 
 @dataclass
@@ -62,8 +64,19 @@ class Runtime:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
             self.backends[item.name] = backend
+        server = self.settings.server
+        log = None
+        if server.decision_log is not None:
+            log = DecisionLog(server.decision_log)
+            log.start()
+            stack.push_async_callback(log.aclose)
         self.pipeline = Pipeline(
-            self.settings.limits, self.plan.catalog, self.backends, HookChain(self.plan.hooks)
+            self.settings.limits,
+            self.plan.catalog,
+            self.backends,
+            HookChain(self.plan.hooks),
+            decision_log=log,
+            record_prompts=server.decision_log_prompts,
         )
 
     def serving(self) -> Pipeline:
@@ -132,9 +145,14 @@ def _context(prefix: str, key_id: str | None) -> RequestContext:
     return RequestContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), key_id)
 
 
-async def _cancel_on_disconnect(
-    request: AnyRequest, work: Awaitable[Response[bytes]]
-) -> Response[bytes]:
+class ClientClosedRequestError(GatewayError):
+    """The client went away; nobody reads this error (499, as nginx logs it)."""
+
+    status_code = 499
+    default_code = "client_closed_request"
+
+
+async def _cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
     """Await ``work``; if the client hangs up first, cancel it (which stops
     the generation) instead of computing an answer nobody will read."""
     task = asyncio.ensure_future(work)
@@ -145,8 +163,12 @@ async def _cancel_on_disconnect(
         watcher.cancel()
     if not task.done():
         task.cancel()
-        return error_response(GatewayError("client disconnected"))
+        raise ClientClosedRequestError("The client closed the connection.")
     return task.result()
+
+
+def _sse(events: AsyncIterator[bytes], headers: dict[str, str]) -> Stream:
+    return Stream(events, media_type="text/event-stream", headers={**HEADERS, **headers})
 
 
 async def _wait_for_disconnect(request: AnyRequest) -> None:
@@ -159,29 +181,40 @@ async def _wait_for_disconnect(request: AnyRequest) -> None:
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     authenticate = Authenticator(runtime.settings.server.api_key_hashes)
 
+    route_header = runtime.settings.server.route_header
+
+    def headers_for(trace: RouteTrace) -> dict[str, str]:
+        if not route_header or trace.decision is None:
+            return {}
+        return {"x-nomoat-route": trace.decision.header()}
+
     @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(
-        request: AnyRequest,
-    ) -> Response[bytes] | Stream:
+    async def chat_completions(request: AnyRequest) -> Response[bytes] | Stream:
         key_id = authenticate(request)
         pipeline = runtime.serving()
-        body = pipeline.decode_chat(await request.body())
+        raw = await request.body()
+        body = pipeline.decode_chat(raw)
         ctx = _context("chatcmpl", key_id)
+        trace = RouteTrace("chat", len(raw))
         if body.stream:
-            chunks = await pipeline.chat_stream(body, ctx)
-            return Stream(sse_events(chunks), media_type="text/event-stream", headers=HEADERS)
-        return await _cancel_on_disconnect(request, _as_json(pipeline.chat(body, ctx)))
+            chunks = await pipeline.chat_stream(body, ctx, trace)
+            return _sse(sse_events(chunks), headers_for(trace))
+        response = await _cancel_on_disconnect(request, pipeline.chat(body, ctx, trace))
+        return _json(response, headers=headers_for(trace))
 
     @post("/v1/completions", status_code=200)
     async def completions(request: AnyRequest) -> Response[bytes] | Stream:
         key_id = authenticate(request)
         pipeline = runtime.serving()
-        body = pipeline.decode_completion(await request.body())
+        raw = await request.body()
+        body = pipeline.decode_completion(raw)
         ctx = _context("cmpl", key_id)
+        trace = RouteTrace("completions", len(raw))
         if body.stream:
-            chunks = await pipeline.completion_stream(body, ctx)
-            return Stream(sse_events(chunks), media_type="text/event-stream", headers=HEADERS)
-        return await _cancel_on_disconnect(request, _as_json(pipeline.completion(body, ctx)))
+            chunks = await pipeline.completion_stream(body, ctx, trace)
+            return _sse(sse_events(chunks), headers_for(trace))
+        response = await _cancel_on_disconnect(request, pipeline.completion(body, ctx, trace))
+        return _json(response, headers=headers_for(trace))
 
     @get("/v1/models")
     async def list_models(request: AnyRequest) -> Response[bytes]:
@@ -210,10 +243,6 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         return render_metrics(runtime.backends)
 
     return [chat_completions, completions, list_models, retrieve_model, health, ready, metrics]
-
-
-async def _as_json(work: Awaitable[object]) -> Response[bytes]:
-    return _json(await work)
 
 
 def _models(runtime: Runtime) -> list[wire.Model]:

@@ -34,6 +34,7 @@ class ModelEntry:
     candidates: tuple[Candidate, ...]
     policy: RoutingPolicy
     owned_by: str
+    policy_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,9 @@ def _model_entries(
             )
             for index, deployment in enumerate(model.deployments)
         )
-        entries[name] = ModelEntry(name, candidates, policy_type.factory(options), model.owned_by)
+        entries[name] = ModelEntry(
+            name, candidates, policy_type.factory(options), model.owned_by, model.policy
+        )
     return entries
 
 

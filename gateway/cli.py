@@ -11,9 +11,14 @@ from pathlib import Path
 
 import uvicorn
 
+from gateway import wire
 from gateway.app import Runtime, create_app
-from gateway.catalog import plan
-from gateway.registry import PluginLoadError, discover
+from gateway.catalog import Plan, plan
+from gateway.contract import RequestContext
+from gateway.decisions import read_log
+from gateway.errors import NotFoundError
+from gateway.registry import PluginLoadError, Registry, discover
+from gateway.replay import replay
 from gateway.settings import (
     ConfigError,
     ServerSettings,
@@ -134,12 +139,93 @@ def doctor(args: argparse.Namespace) -> int:
     from gateway.backends.llamacpp import embedded_model_path, smoke_test
 
     path = args.model or embedded_model_path()
+    if not path.is_file():
+        print(f"nomoat doctor: no such file: {path}", file=sys.stderr)
+        return 1
     try:
         smoke_test(path)
     except RuntimeError as error:
         print(f"nomoat doctor: {error}", file=sys.stderr)
         return 1
     print(f"nomoat doctor: llama.cpp decodes {path.name} on this CPU")
+    return 0
+
+
+def _load_plan(path: Path | None) -> tuple[Settings, Registry, Plan] | None:
+    try:
+        settings = load_settings(path)
+        registry = discover(settings.plugins.disabled)
+        return settings, registry, plan(settings, registry)
+    except (ConfigError, PluginLoadError) as error:
+        print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
+        return None
+
+
+def plugins(args: argparse.Namespace) -> int:
+    loaded = _load_plan(args.config)
+    if loaded is None:
+        return 2
+    settings, registry, _ = loaded
+    print(f"{'plugin':<16} {'kind':<8} {'component':<16} used by this config")
+    for manifest in registry.plugins:
+        for kind, names in (
+            ("backend", manifest.backends),
+            ("policy", manifest.policies),
+            ("hook", manifest.hooks),
+        ):
+            for name in names:
+                users = _users(settings, kind, name)
+                used = ", ".join(users) if users else "-"
+                print(f"{manifest.name:<16} {kind:<8} {name:<16} {used}")
+    return 0
+
+
+def _users(settings: Settings, kind: str, name: str) -> list[str]:
+    if kind == "backend":
+        return [f"backends.{b}" for b, spec in settings.backends.items() if spec.type == name]
+    if kind == "policy":
+        return [f"models.{m}" for m, spec in settings.models.items() if spec.policy == name]
+    return [f"hooks[{i}]" for i, hook in enumerate(settings.hooks) if hook.type == name]
+
+
+def route(args: argparse.Namespace) -> int:
+    """Dry-run: rank a model's deployments with its policy; send nothing."""
+    loaded = _load_plan(args.config)
+    if loaded is None:
+        return 2
+    _, _, startup_plan = loaded
+    try:
+        entry = startup_plan.catalog.resolve(args.model)
+    except NotFoundError as error:
+        print(f"nomoat: {error.message}", file=sys.stderr)
+        return 1
+    request = wire.ChatCompletionRequest(
+        model=args.model, messages=[wire.UserMessage(content=args.message)]
+    )
+    ctx = RequestContext("dry-run", 0)
+    ranked = entry.policy.rank(request, ctx, entry.candidates, {})
+    print(f"model {entry.name}, policy {entry.policy_name}")
+    for position, choice in enumerate(ranked, start=1):
+        target = choice.candidate.target
+        print(
+            f"{position}. {target.deployment} on {choice.candidate.backend} "
+            f"({target.engine_model}): score {choice.score:g} because {choice.reason}"
+        )
+    return 0
+
+
+def replay_log(args: argparse.Namespace) -> int:
+    loaded = _load_plan(args.config)
+    if loaded is None:
+        return 2
+    _, registry, _ = loaded
+    policy_type = registry.policies.get(args.policy)
+    if policy_type is None:
+        print(f'nomoat: unknown policy "{args.policy}"', file=sys.stderr)
+        return 2
+    policy = policy_type.factory(policy_type.config_model.model_validate({}))
+    report = replay(read_log(args.log), policy)
+    print(report.summary())
     return 0
 
 
@@ -169,6 +255,22 @@ def parser() -> argparse.ArgumentParser:
     health = commands.add_parser("doctor", help="check that llama.cpp decodes on this CPU")
     health.add_argument("--model", type=Path, help="a GGUF file (default: the embedded model)")
     health.set_defaults(handler=doctor)
+    listing = commands.add_parser("plugins", help="installed plugins and what the config uses")
+    listing.add_argument("--config", type=Path)
+    listing.set_defaults(handler=plugins)
+
+    explain = commands.add_parser("route", help="dry-run a request through the routing policy")
+    explain.add_argument("--explain", action="store_true", help="print scores and reasons")
+    explain.add_argument("--config", type=Path)
+    explain.add_argument("--model", required=True)
+    explain.add_argument("--message", default="", help="the user message to route")
+    explain.set_defaults(handler=route)
+
+    rerun = commands.add_parser("replay", help="replay a decision log against a policy")
+    rerun.add_argument("log", type=Path, help="a server.decision_log file")
+    rerun.add_argument("--policy", required=True)
+    rerun.add_argument("--config", type=Path)
+    rerun.set_defaults(handler=replay_log)
     return root
 
 

@@ -68,7 +68,7 @@ class GatewayError(Exception):
         message: str,
         *,
         param: str | None = None,
-        code: str | None | EllipsisType = ...,
+        code: str | EllipsisType | None = ...,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
@@ -24,9 +25,11 @@ from gateway.contract import (
     AnyRequest,
     Backend,
     CandidateStats,
+    RankedCandidate,
     RequestContext,
     Target,
 )
+from gateway.decisions import CandidateView, DecisionLog, RouteDecision, RouteTrace, StatsView
 from gateway.errors import (
     EngineOverloadedError,
     GatewayError,
@@ -88,11 +91,15 @@ class Pipeline:
         catalog: Catalog,
         backends: Mapping[str, Backend],
         hooks: HookChain | None = None,
+        decision_log: DecisionLog | None = None,
+        record_prompts: bool = False,
     ) -> None:
         self.limits = limits
         self.catalog = catalog
         self.backends = backends
         self.hooks = hooks or HookChain(())
+        self.decision_log = decision_log
+        self.record_prompts = record_prompts
         self._in_flight: Counter[str] = Counter()
 
     # --------------------------------------------------------------- decoding
@@ -129,7 +136,10 @@ class Pipeline:
     # ---------------------------------------------------------------- serving
 
     async def chat(
-        self, request: wire.ChatCompletionRequest, ctx: RequestContext
+        self,
+        request: wire.ChatCompletionRequest,
+        ctx: RequestContext,
+        trace: RouteTrace | None = None,
     ) -> wire.ChatCompletion:
         async with self._reporting(request, ctx):
             early = await self.hooks.on_request(request, ctx)
@@ -137,14 +147,17 @@ class Pipeline:
                 return early
             request = _expect(early, wire.ChatCompletionRequest)
             response = await self._attempts(
-                request, ctx, lambda backend, target: backend.chat(request, target, ctx)
+                request, ctx, lambda backend, target: backend.chat(request, target, ctx), trace
             )
             return _expect(
                 await self.hooks.on_response(request, response, ctx), wire.ChatCompletion
             )
 
     async def chat_stream(
-        self, request: wire.ChatCompletionRequest, ctx: RequestContext
+        self,
+        request: wire.ChatCompletionRequest,
+        ctx: RequestContext,
+        trace: RouteTrace | None = None,
     ) -> AsyncIterator[wire.ChatCompletionChunk]:
         async with self._reporting(request, ctx):
             early = await self.hooks.on_request(request, ctx)
@@ -156,12 +169,16 @@ class Pipeline:
                     request,
                     ctx,
                     lambda backend, target: _primed(backend.chat_stream(request, target, ctx)),
+                    trace,
                 )
             hooked = _only(self.hooks.on_stream(request, chunks, ctx), wire.ChatCompletionChunk)
             return _shape_usage(hooked, _wants_usage(request))
 
     async def completion(
-        self, request: wire.CompletionRequest, ctx: RequestContext
+        self,
+        request: wire.CompletionRequest,
+        ctx: RequestContext,
+        trace: RouteTrace | None = None,
     ) -> wire.Completion:
         async with self._reporting(request, ctx):
             early = await self.hooks.on_request(request, ctx)
@@ -169,12 +186,18 @@ class Pipeline:
                 return early
             request = _expect(early, wire.CompletionRequest)
             response = await self._attempts(
-                request, ctx, lambda backend, target: backend.completion(request, target, ctx)
+                request,
+                ctx,
+                lambda backend, target: backend.completion(request, target, ctx),
+                trace,
             )
             return _expect(await self.hooks.on_response(request, response, ctx), wire.Completion)
 
     async def completion_stream(
-        self, request: wire.CompletionRequest, ctx: RequestContext
+        self,
+        request: wire.CompletionRequest,
+        ctx: RequestContext,
+        trace: RouteTrace | None = None,
     ) -> AsyncIterator[wire.Completion]:
         async with self._reporting(request, ctx):
             early = await self.hooks.on_request(request, ctx)
@@ -188,6 +211,7 @@ class Pipeline:
                     lambda backend, target: _primed(
                         backend.completion_stream(request, target, ctx)
                     ),
+                    trace,
                 )
             hooked = _only(self.hooks.on_stream(request, chunks, ctx), wire.Completion)
             return _shape_usage(hooked, _wants_usage(request))
@@ -203,9 +227,10 @@ class Pipeline:
 
     async def _attempts(
         self,
-        request: wire.ChatCompletionRequest | wire.CompletionRequest,
+        request: AnyRequest,
         ctx: RequestContext,
         call: Callable[[Backend, Target], Awaitable[T]],
+        trace: RouteTrace | None,
     ) -> T:
         """Try the ranked deployments in order; move on only when one is
         overloaded or unreachable, before anything reached the client."""
@@ -215,17 +240,88 @@ class Pipeline:
             for c in entry.candidates
         }
         ranked = entry.policy.rank(request, ctx, entry.candidates, stats)
+        decision = self._decision(request, ctx, entry.policy_name, ranked, stats, trace)
         failure: GatewayError | None = None
-        for choice in ranked:
-            deployment = choice.candidate.target.deployment
-            self._in_flight[deployment] += 1
-            try:
-                return await call(self.backends[choice.candidate.backend], choice.candidate.target)
-            except _RETRYABLE as error:
-                failure = error
-            finally:
-                self._in_flight[deployment] -= 1
-        raise failure or EngineOverloadedError(f"no deployment of {request.model} is available")
+        try:
+            for choice in ranked:
+                deployment = choice.candidate.target.deployment
+                self._in_flight[deployment] += 1
+                try:
+                    backend = self.backends[choice.candidate.backend]
+                    result = await call(backend, choice.candidate.target)
+                except _RETRYABLE as error:
+                    decision.attempts.append((deployment, error.code or error.error_type))
+                    failure = error
+                    continue
+                except GatewayError as error:
+                    decision.attempts.append((deployment, error.code or error.error_type))
+                    raise
+                finally:
+                    self._in_flight[deployment] -= 1
+                decision.attempts.append((deployment, "ok"))
+                decision.chosen = deployment
+                return result
+            raise failure or EngineOverloadedError(f"no deployment of {request.model} is available")
+        finally:
+            self._settle(decision, trace)
+
+    def _decision(
+        self,
+        request: AnyRequest,
+        ctx: RequestContext,
+        policy: str,
+        ranked: list[RankedCandidate],
+        stats: Mapping[str, CandidateStats],
+        trace: RouteTrace | None,
+    ) -> RouteDecision:
+        candidates = [
+            CandidateView(
+                deployment=r.candidate.target.deployment,
+                backend=r.candidate.backend,
+                engine_model=r.candidate.target.engine_model,
+                weight=r.candidate.weight,
+                score=r.score,
+                reason=r.reason,
+                stats=_stats_view(stats.get(r.candidate.target.deployment, CandidateStats())),
+            )
+            for r in ranked
+        ]
+        return RouteDecision(
+            request_id=ctx.request_id,
+            model=request.model,
+            policy=policy,
+            endpoint=trace.endpoint if trace else "",
+            body_bytes=trace.body_bytes if trace else 0,
+            stream=bool(request.stream),
+            candidates=candidates,
+            started_at=time.time(),
+            prompt=_prompt_text(request) if self.record_prompts else None,
+        )
+
+    def _settle(self, decision: RouteDecision, trace: RouteTrace | None) -> None:
+        last = decision.attempts[-1][1] if decision.attempts else "no_candidates"
+        decision.outcome = last
+        decision.latency = time.time() - decision.started_at
+        if trace is not None:
+            trace.decision = decision
+        if self.decision_log is not None:
+            self.decision_log.record(decision)
+
+
+def _stats_view(stats: CandidateStats) -> StatsView:
+    return StatsView(
+        in_flight=stats.in_flight,
+        queue_depth=stats.queue_depth,
+        ewma_ttft=stats.ewma_ttft,
+        ewma_token_time=stats.ewma_token_time,
+    )
+
+
+def _prompt_text(request: AnyRequest) -> str:
+    if isinstance(request, wire.ChatCompletionRequest):
+        return wire.encoder.encode(request.messages).decode()
+    prompt = request.prompt
+    return prompt if isinstance(prompt, str) else wire.encoder.encode(prompt).decode()
 
 
 def _expect(value: object, kind: type[T]) -> T:

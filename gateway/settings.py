@@ -41,6 +41,12 @@ class ServerSettings(_Strict):
     # Listening beyond loopback without keys is refused unless this is true.
     allow_unauthenticated_network: bool = False
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # Add an `x-nomoat-route` header (chosen deployment, score, policy) to responses.
+    route_header: bool = False
+    # Append every routing decision to this JSON-lines file (for `nomoat replay`).
+    decision_log: Path | None = None
+    # Also record prompt text in the decision log (off: sizes and timing only).
+    decision_log_prompts: bool = False
     log_level: str = "info"
 
     @field_validator("api_key_hashes")
