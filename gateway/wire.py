@@ -241,7 +241,9 @@ class ResponseMessage(Struct, kw_only=True, omit_defaults=True):
     tool_calls: list[ToolCall] | UnsetType = UNSET
 
 
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+# "stop", "length", "tool_calls" or "content_filter" from OpenAI; engines
+# behind the gateway may add their own (vLLM: "abort"), which pass through.
+FinishReason = str
 
 
 class ChatChoice(Struct, kw_only=True):

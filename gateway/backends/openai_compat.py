@@ -1,0 +1,258 @@
+"""Backends that speak OpenAI's API over HTTP: vLLM servers, remote
+``nomoat edge`` nodes, and any OpenAI-compatible hosted API (as a fallback).
+
+Requests are re-encoded from the gateway's typed structs, so only fields the
+gateway knows are ever forwarded (an allowlist by construction), to the
+configured base URL only: a client can never choose where a request goes.
+Engine load and health are read by a background task (vLLM's and the edge
+node's ``/metrics``, ``/health``), never on the request path, and never by
+spending tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway import wire
+from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
+from gateway.contract import (
+    BackendHealth,
+    BackendType,
+    EngineLoad,
+    ModelCapabilities,
+    PluginManifest,
+    RequestContext,
+    Target,
+)
+from gateway.errors import GatewayError, UpstreamError
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+EngineKind = Literal["openai", "vllm", "edge"]
+
+# Metric names (summed over label sets) each engine kind reports its load as.
+LOAD_METRICS = {
+    "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
+    "edge": ("nomoat_engine_requests_running", "nomoat_engine_requests_waiting"),
+}
+
+
+class OpenAICompatibleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Where the upstream's OpenAI API lives, e.g. "http://10.0.0.5:8000/v1".
+    base_url: str
+    # The environment variable holding the upstream's API key, if it needs one.
+    api_key_env: str | None = None
+    # The engine's model names; empty: asked from GET /v1/models at start-up.
+    models: tuple[str, ...] = ()
+    context_length: Annotated[int, Field(ge=1)] = 8192
+    connect_timeout: Annotated[float, Field(gt=0)] = 5.0
+    # Until the first byte of an answer, and between chunks of a stream.
+    first_token_timeout: Annotated[float, Field(gt=0)] = 120.0
+    max_connections: Annotated[int, Field(ge=1)] = 100
+    # Seconds between health probes (and, for vllm/edge, metric scrapes).
+    probe_interval: Annotated[float, Field(gt=0)] = 2.0
+    # Accepts tools and response_format (engines with native support).
+    tools: bool = True
+
+
+class _ModelEntry(msgspec.Struct):
+    id: str
+
+
+class _ModelListing(msgspec.Struct):
+    data: list[_ModelEntry]
+
+
+class OpenAICompatibleBackend:
+    def __init__(
+        self,
+        name: str,
+        kind: EngineKind,
+        config: OpenAICompatibleConfig,
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self._config = config
+        self._upstream = Upstream(
+            name,
+            config.base_url,
+            timeouts=Timeouts(config.connect_timeout, config.first_token_timeout),
+            api_key=api_key_from_env(config.api_key_env),
+            max_connections=config.max_connections,
+        )
+        self._models: tuple[str, ...] = config.models
+        self._health = BackendHealth(ready=False, detail="not probed yet")
+        self._load = EngineLoad(running=0, waiting=0)
+        self._prober: asyncio.Task[None] | None = None
+        self._chunk_decoder = msgspec.json.Decoder(wire.ChatCompletionChunk)
+        self._chat_decoder = msgspec.json.Decoder(wire.ChatCompletion)
+        self._completion_decoder = msgspec.json.Decoder(wire.Completion)
+
+    async def start(self) -> None:
+        await self._probe()
+        if not self._models:
+            with contextlib.suppress(GatewayError, msgspec.DecodeError):
+                self._models = await self._list_models()
+        self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+
+    # ------------------------------------------------------------- contract
+
+    def capabilities(self, engine_model: str) -> ModelCapabilities:
+        tools = self._config.tools
+        return ModelCapabilities(
+            context_length=self._config.context_length,
+            tools=tools,
+            json_schema=tools,
+            logprobs=True,
+        )
+
+    async def models(self) -> Sequence[str]:
+        return self._models
+
+    async def health(self) -> BackendHealth:
+        return self._health
+
+    def load(self) -> EngineLoad:
+        return self._load
+
+    async def aclose(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+        await self._upstream.aclose()
+
+    async def chat(
+        self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
+    ) -> wire.ChatCompletion:
+        body = _encode(msgspec.structs.replace(request, model=target.engine_model, stream=False))
+        response = self._decode(
+            self._chat_decoder, await self._upstream.post("/chat/completions", body)
+        )
+        response.id, response.model = ctx.request_id, target.model
+        return response
+
+    async def chat_stream(
+        self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
+    ) -> AsyncIterator[wire.ChatCompletionChunk]:
+        upstream = msgspec.structs.replace(
+            request,
+            model=target.engine_model,
+            stream=True,
+            # Always ask for usage: the gateway accounts for every stream.
+            stream_options=wire.StreamOptions(include_usage=True),
+        )
+        async for payload in self._upstream.stream("/chat/completions", _encode(upstream)):
+            chunk = self._decode(self._chunk_decoder, payload)
+            chunk.id, chunk.model = ctx.request_id, target.model
+            yield chunk
+
+    async def completion(
+        self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
+    ) -> wire.Completion:
+        body = _encode(msgspec.structs.replace(request, model=target.engine_model, stream=False))
+        response = self._decode(
+            self._completion_decoder, await self._upstream.post("/completions", body)
+        )
+        response.id, response.model = ctx.request_id, target.model
+        return response
+
+    async def completion_stream(
+        self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
+    ) -> AsyncIterator[wire.Completion]:
+        upstream = msgspec.structs.replace(
+            request,
+            model=target.engine_model,
+            stream=True,
+            stream_options=wire.StreamOptions(include_usage=True),
+        )
+        async for payload in self._upstream.stream("/completions", _encode(upstream)):
+            chunk = self._decode(self._completion_decoder, payload)
+            chunk.id, chunk.model = ctx.request_id, target.model
+            yield chunk
+
+    # ------------------------------------------------------------- internals
+
+    def _decode(self, decoder: msgspec.json.Decoder[_T], payload: bytes) -> _T:
+        try:
+            return decoder.decode(payload)
+        except msgspec.DecodeError:
+            # An error event in the middle of a stream, or a malformed answer.
+            raise UpstreamError(f"backend {self.name} sent an unexpected answer") from None
+
+    async def _list_models(self) -> tuple[str, ...]:
+        status, content = await self._upstream.get("/models")
+        if status != 200:
+            return ()
+        return tuple(entry.id for entry in msgspec.json.decode(content, type=_ModelListing).data)
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.probe_interval)
+            await self._probe()
+
+    async def _probe(self) -> None:
+        """Health from /health (or /models for hosted APIs); load from /metrics."""
+        path = "/models" if self.kind == "openai" else "/health"
+        try:
+            status, _ = await self._root_get(path)
+            self._health = BackendHealth(status == 200, "" if status == 200 else f"status {status}")
+            if self.kind in LOAD_METRICS and status == 200:
+                _, text = await self._root_get("/metrics")
+                self._load = parse_load(text.decode(errors="replace"), LOAD_METRICS[self.kind])
+        except GatewayError as error:
+            self._health = BackendHealth(False, error.message)
+
+    async def _root_get(self, path: str) -> tuple[int, bytes]:
+        # /health and /metrics live at the server's root, beside /v1.
+        if path in ("/health", "/metrics"):
+            return await self._upstream.get(self._upstream.base_url.removesuffix("/v1") + path)
+        return await self._upstream.get(path)
+
+
+def _encode(request: msgspec.Struct) -> bytes:
+    return wire.encoder.encode(request)
+
+
+def parse_load(text: str, names: tuple[str, str]) -> EngineLoad:
+    """Sum each metric over its label sets in Prometheus text exposition."""
+    totals = {name: 0.0 for name in names}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, rest = line.partition(" ")
+        base = metric.split("{", 1)[0]
+        if base in totals:
+            with contextlib.suppress(ValueError):
+                totals[base] += float(rest.split()[0])
+    running, waiting = (int(totals[name]) for name in names)
+    return EngineLoad(running=running, waiting=waiting)
+
+
+def _factory(
+    kind: EngineKind,
+) -> Callable[[str, OpenAICompatibleConfig], Awaitable[OpenAICompatibleBackend]]:
+    async def create(name: str, config: OpenAICompatibleConfig) -> OpenAICompatibleBackend:
+        backend = OpenAICompatibleBackend(name, kind, config)
+        await backend.start()
+        return backend
+
+    return create
+
+
+manifest = PluginManifest(
+    name="openai-compatible",
+    backends={
+        kind: BackendType(OpenAICompatibleConfig, _factory(kind))  # type: ignore[arg-type]
+        for kind in ("openai", "vllm", "edge")
+    },
+)
