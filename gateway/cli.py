@@ -6,8 +6,10 @@ import argparse
 import getpass
 import ipaddress
 import logging
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -99,6 +101,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every upstream request at INFO: far too much on the hot path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     runtime = Runtime(settings, startup_plan)
     config = uvicorn.Config(
         create_app(runtime),
@@ -111,8 +115,15 @@ def serve(args: argparse.Namespace) -> int:
         log_level=server.log_level,
         access_log=False,
     )
+    # uvicorn re-raises the signal that stopped it once shutdown is complete;
+    # by then SIGTERM has been handled (the server drained), so exit 0.
+    signal.signal(signal.SIGTERM, _drained)
     _Server(config, runtime).run()
     return 0
+
+
+def _drained(sig: int, frame: FrameType | None) -> None:
+    """SIGTERM once uvicorn has shut down: nothing is left to stop."""
 
 
 def check_config(args: argparse.Namespace) -> int:
