@@ -24,7 +24,7 @@ from litestar.types import ControllerRouterHandler
 
 from gateway import wire
 from gateway.catalog import Plan
-from gateway.contract import Backend, RequestContext
+from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decisions import DecisionLog, RouteTrace
 from gateway.errors import (
     AuthenticationError,
@@ -238,11 +238,25 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     async def ready() -> Response[bytes]:
         return await _readiness(runtime)
 
+    @get("/status")
+    async def status(request: AnyRequest) -> Response[bytes]:
+        authenticate(request)
+        return _json(await _status(runtime))
+
     @get("/metrics", media_type="text/plain; version=0.0.4")
     async def metrics() -> str:
         return render_metrics(runtime.backends)
 
-    return [chat_completions, completions, list_models, retrieve_model, health, ready, metrics]
+    return [
+        chat_completions,
+        completions,
+        list_models,
+        retrieve_model,
+        health,
+        ready,
+        status,
+        metrics,
+    ]
 
 
 def _models(runtime: Runtime) -> list[wire.Model]:
@@ -252,16 +266,38 @@ def _models(runtime: Runtime) -> list[wire.Model]:
     ]
 
 
+async def _backend_health(runtime: Runtime) -> dict[str, BackendHealth]:
+    return {name: await backend.health() for name, backend in runtime.backends.items()}
+
+
 async def _readiness(runtime: Runtime) -> Response[bytes]:
+    """Ready means able to route: started, not draining, and some backend up.
+    One dead pool must not take every gateway replica out of service."""
     if runtime.draining:
         return _json(wire.Status(status="draining"), 503)
     if runtime.pipeline is None:
         return _json(wire.Status(status="starting"), 503)
-    for name, backend in runtime.backends.items():
-        health = await backend.health()
-        if not health.ready:
-            return _json(wire.Status(status=f"backend {name} not ready: {health.detail}"), 503)
+    if not any(health.ready for health in (await _backend_health(runtime)).values()):
+        return _json(wire.Status(status="no backend is ready"), 503)
     return _json(wire.Status(status="ready"))
+
+
+async def _status(runtime: Runtime) -> wire.GatewayStatus:
+    health = await _backend_health(runtime)
+    models = {
+        name: [
+            wire.DeploymentStatus(
+                deployment=c.target.deployment,
+                backend=c.backend,
+                engine_model=c.target.engine_model,
+                ready=health[c.backend].ready if c.backend in health else False,
+                detail=health[c.backend].detail if c.backend in health else "not started",
+            )
+            for c in entry.candidates
+        ]
+        for name, entry in runtime.plan.catalog.models.items()
+    }
+    return wire.GatewayStatus(draining=runtime.draining, models=models)
 
 
 def create_app(runtime: Runtime) -> Litestar:

