@@ -33,7 +33,15 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +115,10 @@ def chat_request(
 
 
 def completion_request(
-    prompt: str | list[str] = "Hello", *, model: str = MODEL, **fields: Any
+    prompt: str | Sequence[str | int | Sequence[int]] = "Hello",
+    *,
+    model: str = MODEL,
+    **fields: Any,
 ) -> wire.CompletionRequest:
     body = msgspec.json.encode({"model": model, "prompt": prompt, **fields})
     return wire.completion_request_decoder.decode(body)

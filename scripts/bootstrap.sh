@@ -48,15 +48,27 @@ if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   mv "$tmp_dir" "$wheel_dir"
 fi
 
+# The first-party plugins (plugins/*), editable: installing one only makes its
+# names available; the config decides which hooks and policies run.
+plugins=()
+plugin_projects=()
+for dir in "$here"/plugins/*/; do
+  if [ -f "$dir/pyproject.toml" ]; then
+    plugins+=(-e "${dir%/}")
+    plugin_projects+=("$dir/pyproject.toml")
+  fi
+done
+
 # Skip the installs when nothing that feeds them changed since the last run.
 stamp="$venv/.nomoat-bootstrap"
-state=$(cat "$here/pyproject.toml" <(echo "$extras $wheel_dir") | sha256sum | cut -c1-16)
+state=$(cat "$here/pyproject.toml" ${plugin_projects[@]+"${plugin_projects[@]}"} \
+  <(echo "$extras $wheel_dir") | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$state" ]; then
   "$venv/bin/python" -m pip install --quiet --no-deps --force-reinstall "$wheel_dir"/llama_cpp_python-*.whl
   # llama-cpp-python's own dependencies, then the project; pip sees the exact
   # version already installed and never builds or fetches another one.
   "$venv/bin/python" -m pip install --quiet "llama-cpp-python==$llama_version" \
-    -e "$here${extras:+[$extras]}"
+    -e "$here${extras:+[$extras]}" ${plugins[@]+"${plugins[@]}"}
   echo "$state" > "$stamp"
 fi
 
