@@ -92,7 +92,8 @@ type = "nope"
     assert sorted(caught.value.problems) == sorted(
         [
             "hooks[1].options.greeting: Field required",
-            "hooks[1].options.times: Input should be a valid integer, unable to parse string as an integer",
+            "hooks[1].options.times: Input should be a valid integer, "
+            "unable to parse string as an integer",
             "hooks[1].options.colour: unknown key",
             'hooks[2].type: unknown hook "nope" (known: greet)',
         ]
