@@ -5,8 +5,8 @@ so one client with many queued requests cannot starve another. Bounded: once
 ``max_waiting`` jobs wait, new ones are refused at once with
 :class:`EngineBusyError` (the gateway answers 503 with ``Retry-After``).
 
-A job is cancelled by setting its flag: if it is still queued it never runs;
-if it is running, the generation loop sees the flag before its next token.
+A cancelled job that is still queued leaves the queue at once, freeing its
+place; if it is running, the generation loop sees the flag before its next token.
 """
 
 from __future__ import annotations
@@ -68,6 +68,18 @@ class _FairQueue:
             del self.by_owner[owner]
         return job
 
+    def discard(self, job: _Job) -> bool:
+        """Take ``job`` out of the queue; False if it was not queued."""
+        jobs = self.by_owner.get(job.owner)
+        if jobs is None or job not in jobs:
+            return False
+        jobs.remove(job)
+        self.size -= 1
+        if not jobs:
+            del self.by_owner[job.owner]
+            self.turns.remove(job.owner)
+        return True
+
 
 class GenerationStream:
     """Deltas of one queued generation, then its :class:`GenerationResult`.
@@ -76,12 +88,15 @@ class GenerationStream:
     iterating: the generation then stops (or never starts).
     """
 
-    def __init__(self, job: _Job, items: asyncio.Queue[StreamItem]) -> None:
+    def __init__(
+        self, job: _Job, items: asyncio.Queue[StreamItem], cancel: Callable[[_Job], None]
+    ) -> None:
         self._job = job
         self._items = items
+        self._cancel = cancel
 
     def cancel(self) -> None:
-        self._job.cancelled = True
+        self._cancel(self._job)
 
     async def __aiter__(self) -> AsyncIterator[Delta | GenerationResult]:
         try:
@@ -127,7 +142,7 @@ class Scheduler:
         try:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
-            job.cancelled = True
+            self._cancel(job)
             raise
 
     def open_stream(self, request: GenerationRequest, owner: str) -> GenerationStream:
@@ -139,7 +154,14 @@ class Scheduler:
         def emit(item: StreamItem) -> None:
             loop.call_soon_threadsafe(items.put_nowait, item)
 
-        return GenerationStream(self._submit(request, owner, emit=emit), items)
+        return GenerationStream(self._submit(request, owner, emit=emit), items, self._cancel)
+
+    def _cancel(self, job: _Job) -> None:
+        """Stop ``job``: a queued job leaves the queue at once (freeing its
+        place for others); a running one stops before its next token."""
+        job.cancelled = True
+        if self._queue.discard(job):
+            job.future.cancel()
 
     def _submit(
         self,
@@ -160,7 +182,9 @@ class Scheduler:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue.size:
+            # A loop, not an if: a job can be cancelled (and leave the queue)
+            # between the wake-up and this check.
+            while not self._queue.size:
                 self._ready.clear()
                 await self._ready.wait()
             job = self._queue.pop()
