@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -36,17 +36,26 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.wire import (
+    AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DeveloperMessage,
+    Message,
+    SystemMessage,
+    TextPart,
+    ToolMessage,
+    Usage,
+    UserMessage,
 )
 
 __all__ = [
     "AnyChunk",
     "AnyRequest",
     "AnyResponse",
+    "AssistantMessage",
     "AuthenticationError",
     "Backend",
     "BackendFactory",
@@ -60,6 +69,7 @@ __all__ = [
     "Completion",
     "CompletionRequest",
     "ContextLengthExceededError",
+    "DeveloperMessage",
     "EngineLoad",
     "EngineOverloadedError",
     "ErrorHook",
@@ -67,6 +77,7 @@ __all__ = [
     "HookType",
     "InternalError",
     "InvalidRequestError",
+    "Message",
     "ModelCapabilities",
     "NotFoundError",
     "PayloadTooLargeError",
@@ -83,13 +94,25 @@ __all__ = [
     "RoutingPolicy",
     "StreamHook",
     "SupportsLoRA",
+    "SystemMessage",
     "Target",
+    "TextPart",
+    "ToolMessage",
     "UnsupportedFeatureError",
     "UpstreamError",
+    "Usage",
+    "UserMessage",
+    "message_role",
 ]
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 ConfigT_contra = TypeVar("ConfigT_contra", bound=BaseModel, contravariant=True)
+
+
+def message_role(message: Message) -> str:
+    """A chat message's ``role`` ("system", "user", ...): in the wire types it
+    is the tag that picks the message's class, not an attribute."""
+    return str(type(message).__struct_config__.tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +399,8 @@ class PluginManifest:
     names an instance of this class (or a zero-argument callable returning one)."""
 
     name: str
-    backends: Mapping[str, BackendType[BaseModel]] = field(default_factory=dict)
-    policies: Mapping[str, PolicyType[BaseModel]] = field(default_factory=dict)
-    hooks: Mapping[str, HookType[BaseModel]] = field(default_factory=dict)
+    # Any: each component has its own config model (these generics are
+    # invariant), so a manifest can list them without casts.
+    backends: Mapping[str, BackendType[Any]] = field(default_factory=dict)
+    policies: Mapping[str, PolicyType[Any]] = field(default_factory=dict)
+    hooks: Mapping[str, HookType[Any]] = field(default_factory=dict)

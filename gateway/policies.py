@@ -48,5 +48,5 @@ def _ordered(config: OrderedConfig) -> OrderedPolicy:
 
 manifest = PluginManifest(
     name="ordered",
-    policies={"ordered": PolicyType(OrderedConfig, _ordered)},  # type: ignore[arg-type]
+    policies={"ordered": PolicyType(OrderedConfig, _ordered)},
 )

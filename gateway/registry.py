@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import TypeVar
-
-from pydantic import BaseModel
+from typing import Any, TypeVar
 
 from gateway.contract import BackendType, HookType, PluginManifest, PolicyType
 
@@ -28,9 +26,9 @@ class Registry:
     """Every backend type and policy offered by the installed plugins."""
 
     plugins: tuple[PluginManifest, ...] = ()
-    backends: Mapping[str, BackendType[BaseModel]] = field(default_factory=dict)
-    policies: Mapping[str, PolicyType[BaseModel]] = field(default_factory=dict)
-    hooks: Mapping[str, HookType[BaseModel]] = field(default_factory=dict)
+    backends: Mapping[str, BackendType[Any]] = field(default_factory=dict)
+    policies: Mapping[str, PolicyType[Any]] = field(default_factory=dict)
+    hooks: Mapping[str, HookType[Any]] = field(default_factory=dict)
 
 
 def _load(entry: EntryPoint) -> PluginManifest:
@@ -54,9 +52,9 @@ def _merge(kind: str, into: dict[str, T], offered: Mapping[str, T], plugin: str)
 
 def build_registry(manifests: Iterable[PluginManifest]) -> Registry:
     plugins = tuple(manifests)
-    backends: dict[str, BackendType[BaseModel]] = {}
-    policies: dict[str, PolicyType[BaseModel]] = {}
-    hooks: dict[str, HookType[BaseModel]] = {}
+    backends: dict[str, BackendType[Any]] = {}
+    policies: dict[str, PolicyType[Any]] = {}
+    hooks: dict[str, HookType[Any]] = {}
     for manifest in plugins:
         _merge("backend type", backends, manifest.backends, manifest.name)
         _merge("policy", policies, manifest.policies, manifest.name)

@@ -431,5 +431,5 @@ async def create_backend(name: str, config: LlamaCppConfig) -> LlamaCppBackend:
 
 manifest = PluginManifest(
     name="llamacpp",
-    backends={"llamacpp": BackendType(LlamaCppConfig, create_backend)},  # type: ignore[arg-type]
+    backends={"llamacpp": BackendType(LlamaCppConfig, create_backend)},
 )

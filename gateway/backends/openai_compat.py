@@ -252,7 +252,7 @@ def _factory(
 manifest = PluginManifest(
     name="openai-compatible",
     backends={
-        kind: BackendType(OpenAICompatibleConfig, _factory(kind))  # type: ignore[arg-type]
+        kind: BackendType(OpenAICompatibleConfig, _factory(kind))
         for kind in ("openai", "vllm", "edge")
     },
 )

@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, cast
+from typing import Annotated
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
@@ -166,8 +166,7 @@ def _factory(config: CacheConfig) -> ResponseCache:
 
 
 # HookType is invariant in its config model, and the manifest maps names to
-# HookType[BaseModel]: the cast states what the registry relies on.
 manifest = PluginManifest(
     name="cache",
-    hooks={"cache": cast("HookType[BaseModel]", HookType(CacheConfig, _factory))},
+    hooks={"cache": HookType(CacheConfig, _factory)},
 )

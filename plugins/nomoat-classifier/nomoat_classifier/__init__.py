@@ -31,7 +31,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -247,8 +247,7 @@ def _factory(config: ClassifierConfig) -> Classifier:
     return Classifier(config)
 
 
-# HookType is invariant in its config model; the registry holds HookType[BaseModel].
 manifest = PluginManifest(
     name="classifier",
-    hooks={"classifier": cast("HookType[BaseModel]", HookType(ClassifierConfig, _factory))},
+    hooks={"classifier": HookType(ClassifierConfig, _factory)},
 )

@@ -22,8 +22,8 @@ was masked.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal, cast
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
@@ -159,10 +159,4 @@ def _factory(config: RedactConfig) -> Redactor:
     return Redactor(config)
 
 
-def _hook_types() -> Mapping[str, HookType[BaseModel]]:
-    # HookType is invariant in its config model; the registry holds them as
-    # HookType[BaseModel], which is what the cast states.
-    return {"redact": cast("HookType[BaseModel]", HookType(RedactConfig, _factory))}
-
-
-manifest = PluginManifest(name="redact", hooks=_hook_types())
+manifest = PluginManifest(name="redact", hooks={"redact": HookType(RedactConfig, _factory)})

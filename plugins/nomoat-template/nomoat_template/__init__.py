@@ -16,7 +16,6 @@ the only nomoat module a plugin may rely on.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -122,14 +121,8 @@ def _reverse_order(config: ReverseOrderConfig) -> ReverseOrderPolicy:
 
 
 # The entry point (pyproject.toml, group "nomoat.plugins") names this object.
-# HookType/PolicyType are invariant in their config model while the manifest
-# holds them as ...[BaseModel], hence the casts.
 manifest = PluginManifest(
     name="template",
-    hooks={"blocklist": cast("HookType[BaseModel]", HookType(BlocklistConfig, _blocklist))},
-    policies={
-        "reverse-order": cast(
-            "PolicyType[BaseModel]", PolicyType(ReverseOrderConfig, _reverse_order)
-        )
-    },
+    hooks={"blocklist": HookType(BlocklistConfig, _blocklist)},
+    policies={"reverse-order": PolicyType(ReverseOrderConfig, _reverse_order)},
 )
