@@ -43,6 +43,7 @@ ENGINE_CONFIG = config_with_key(
     [backends.embedded]
     type = "llamacpp"
     threads = 1
+    parallel = 1
     smoke_test = false
     max_waiting = 1
 
@@ -308,6 +309,8 @@ def test_fair_queue_takes_owners_in_turns() -> None:
 
 
 class _FakeModel:
+    n_seq = 1  # one sequence: jobs run one at a time, in the queue's order
+
     def __init__(self) -> None:
         self.closed = False
 
@@ -315,31 +318,53 @@ class _FakeModel:
         self.closed = True
 
 
+class _FakeGeneration:
+    def __init__(self, request: GenerationRequest, sequence: int, is_cancelled: Callable[[], bool]):
+        self.request = request
+        self.sequence = sequence
+        self.is_cancelled = is_cancelled
+        self.finish: str | None = None
+
+    def cancel(self) -> None:
+        self.finish = "cancelled"
+
+    def result(self) -> GenerationResult:
+        return GenerationResult("x", (), 1, 1, self.finish or "length")
+
+
 class _FakeEngine:
-    """Stands in for generation.generate: records what ran, and blocks a
-    generation until released (or cancelled), checking the flag per 'token'."""
+    """Stands in for generation.Generation and generation.step: records what
+    ran, and keeps each generation going until released (or cancelled),
+    checking the flag per 'token'."""
 
     def __init__(self) -> None:
         self.ran: list[int] = []
         self.release = threading.Event()
         self.started = threading.Event()
 
-    def __call__(
+    def generation(
         self,
         model: NativeModel,
         request: GenerationRequest,
+        sequence: int,
         is_cancelled: Callable[[], bool],
         emit: Callable[[Delta], None] | None = None,
-    ) -> GenerationResult:
+    ) -> _FakeGeneration:
         self.ran.append(request.prompt[0])
         self.started.set()
-        steps = 0
-        while not self.release.is_set():
-            if is_cancelled():
-                return GenerationResult("", (), 1, steps, "cancelled")
-            steps += 1
-            time.sleep(0.001)
-        return GenerationResult("x", (), 1, 1, "stop")
+        return _FakeGeneration(request, sequence, is_cancelled)
+
+    def step(self, model: NativeModel, generations: list[_FakeGeneration]) -> None:
+        time.sleep(0.001)
+        for generation in generations:
+            if generation.finish is None and generation.is_cancelled():
+                generation.cancel()
+            elif generation.finish is None and self.release.is_set():
+                generation.finish = "stop"
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(scheduler_module, "Generation", self.generation)
+        monkeypatch.setattr(scheduler_module, "step", self.step)
 
 
 async def _until(predicate: Callable[[], bool], limit: float = 10) -> None:
@@ -355,7 +380,7 @@ def _request(label: int) -> GenerationRequest:
 
 def test_scheduler_serves_owners_in_turns(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeEngine()
-    monkeypatch.setattr(scheduler_module, "generate", fake)
+    fake.install(monkeypatch)
 
     async def scenario() -> None:
         scheduler = Scheduler(_FakeModel(), max_waiting=10)  # type: ignore[arg-type]
@@ -379,7 +404,7 @@ def test_scheduler_serves_owners_in_turns(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_scheduler_bounds_its_queue_and_cancels(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _FakeEngine()
-    monkeypatch.setattr(scheduler_module, "generate", fake)
+    fake.install(monkeypatch)
     model = _FakeModel()
 
     async def scenario() -> None:
@@ -401,7 +426,7 @@ def test_scheduler_bounds_its_queue_and_cancels(monkeypatch: pytest.MonkeyPatch)
         await _until(lambda: fake.ran == [1, 2])
         fake.release.set()
         assert (await asyncio.wait_for(queued, timeout=10)).finish_reason == "stop"
-        await _until(lambda: scheduler.waiting == 0 and not scheduler.busy)
+        await _until(lambda: scheduler.waiting == 0 and scheduler.running == 0)
 
         # Shutdown refuses new work, fails what waits, stops what runs, frees the model.
         fake.release.clear()
@@ -425,7 +450,7 @@ def test_a_cancelled_queued_job_frees_its_place_at_once(monkeypatch: pytest.Monk
     """A client that leaves while queued must not hold a queue slot until the
     running generation ends (which would refuse others with 503 meanwhile)."""
     fake = _FakeEngine()
-    monkeypatch.setattr(scheduler_module, "generate", fake)
+    fake.install(monkeypatch)
 
     async def scenario() -> None:
         scheduler = Scheduler(_FakeModel(), max_waiting=1)  # type: ignore[arg-type]
@@ -443,7 +468,7 @@ def test_a_cancelled_queued_job_frees_its_place_at_once(monkeypatch: pytest.Monk
         replacement.cancel()
         assert scheduler.waiting == 0
         running.cancel()
-        await _until(lambda: not scheduler.busy)
+        await _until(lambda: scheduler.running == 0)
         await scheduler.aclose()
 
     asyncio.run(scenario())
@@ -455,7 +480,7 @@ def test_the_worker_survives_a_job_cancelled_before_it_wakes(
 ) -> None:
     fake = _FakeEngine()
     fake.release.set()
-    monkeypatch.setattr(scheduler_module, "generate", fake)
+    fake.install(monkeypatch)
 
     async def scenario() -> None:
         scheduler = Scheduler(_FakeModel(), max_waiting=4)  # type: ignore[arg-type]

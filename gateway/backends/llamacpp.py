@@ -55,8 +55,13 @@ class LlamaCppConfig(BaseModel):
     model_path: Path | None = None
     # The engine's name for the model (what deployments' `model` refers to).
     model_name: str = EMBEDDED_NAME
-    # Tokens of context; 0: what the model was trained with (8192 for SmolLM2).
+    # Tokens of context for each request; 0: what the model was trained with
+    # (8192 for SmolLM2).
     context_length: Annotated[int, Field(ge=0)] = 0
+    # Requests generated at once, batched into each decode step (continuous
+    # batching). Each has its own context_length of KV cache: memory grows
+    # with parallel x context_length.
+    parallel: Annotated[int, Field(ge=1, le=64)] = 4
     # CPU threads; 0: one per core, at most 8.
     threads: Annotated[int, Field(ge=0)] = 0
     batch_size: Annotated[int, Field(ge=1)] = 512
@@ -130,7 +135,7 @@ class LlamaCppBackend:
 
     def load(self) -> EngineLoad:
         return EngineLoad(
-            running=int(self.scheduler.busy),
+            running=self.scheduler.running,
             waiting=self.scheduler.waiting,
             decoded_tokens_total=self._model.decoded_token_count(),
         )
@@ -425,6 +430,7 @@ async def create_backend(name: str, config: LlamaCppConfig) -> LlamaCppBackend:
         n_ctx=config.context_length,
         n_threads=config.threads,
         n_batch=config.batch_size,
+        n_seq=config.parallel,
     )
     return LlamaCppBackend(name, config, model)
 

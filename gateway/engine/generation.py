@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.engine.native import NativeModel, SamplerSpec
+from gateway.engine.native import BatchEntry, NativeModel, SamplerSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +98,8 @@ class _StopMatcher:
         return held
 
 
-def _token_info(model: NativeModel, token: int, top_k: int) -> TokenInfo:
-    logits = model.last_logits().astype(np.float64)
+def _token_info(model: NativeModel, index: int, token: int, top_k: int) -> TokenInfo:
+    logits = model.logits(index).astype(np.float64)
     peak = logits.max()
     log_total = peak + np.log(np.exp(logits - peak).sum())
     top: tuple[Alternative, ...] = ()
@@ -117,60 +117,129 @@ def _token_info(model: NativeModel, token: int, top_k: int) -> TokenInfo:
     )
 
 
+class Generation:
+    """One sequence's generation: what to feed the next batch, and what to do
+    with the token sampled for it. Driven by :func:`step`, in the engine's
+    worker thread, possibly batched with other sequences.
+    """
+
+    def __init__(
+        self,
+        model: NativeModel,
+        request: GenerationRequest,
+        sequence: int,
+        is_cancelled: Callable[[], bool] = lambda: False,
+        emit: Callable[[Delta], None] | None = None,
+    ) -> None:
+        self.request = request
+        self.sequence = sequence
+        self.is_cancelled = is_cancelled
+        self._model = model
+        self._emit = emit
+        self._sampler = model.sampler(request.sampler)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._matcher = _StopMatcher(request.stop)
+        self._unfed = list(request.prompt)
+        self._position = 0
+        self._parts: list[str] = []
+        self._infos: list[TokenInfo] = []
+        self.generated = 0
+        self.finish: str | None = None if request.max_tokens > 0 else "length"
+        model.forget(sequence)
+
+    def feed(self, budget: int) -> list[BatchEntry]:
+        """Entries for the next batch (at most ``budget``): a slice of the
+        prompt, or the last sampled token. Logits only where we sample next."""
+        chunk, self._unfed = self._unfed[:budget], self._unfed[budget:]
+        start, self._position = self._position, self._position + len(chunk)
+        last = len(chunk) - 1
+        return [
+            (token, start + i, self.sequence, i == last and not self._unfed)
+            for i, token in enumerate(chunk)
+        ]
+
+    def advance(self, index: int) -> None:
+        """Sample from batch entry ``index`` and take the token."""
+        request = self.request
+        token = self._sampler.sample(index)
+        if token in self._model.end_tokens:
+            # The end token is not part of the completion, so not counted.
+            self.finish = "stop"
+            return
+        self.generated += 1
+        step = Delta(self._matcher.feed(self._utf8.decode(self._model.pieces[token])))
+        if request.top_logprobs is not None:
+            step.tokens.append(_token_info(self._model, index, token, request.top_logprobs))
+            self._infos.extend(step.tokens)
+        self._parts.append(step.text)
+        if self._emit is not None and (step.text or step.tokens):
+            self._emit(step)
+        if self._matcher.stopped:
+            self.finish = "stop"
+        elif self.generated >= request.max_tokens:
+            self.finish = "length"
+        else:
+            self._unfed.append(token)
+
+    def cancel(self) -> None:
+        self.finish = "cancelled"
+
+    def result(self) -> GenerationResult:
+        """Release the sequence and report; call once, when finished."""
+        self._sampler.close()
+        self._model.forget(self.sequence)
+        if not self._matcher.stopped:
+            tail = self._matcher.flush() + self._utf8.decode(b"", final=True)
+            if tail:
+                self._parts.append(tail)
+                if self._emit is not None:
+                    self._emit(Delta(tail))
+        return GenerationResult(
+            "".join(self._parts),
+            tuple(self._infos),
+            len(self.request.prompt),
+            self.generated,
+            self.finish or "length",
+        )
+
+
+def step(model: NativeModel, generations: list[Generation]) -> None:
+    """Decode one batch for every unfinished generation, then sample for each
+    one that asked for logits. Cancelled generations are marked finished
+    before any work is spent on them, so a cancel takes effect within a token.
+    """
+    entries: list[BatchEntry] = []
+    samplers: list[tuple[Generation, int]] = []
+    for generation in generations:
+        if generation.finish is None and generation.is_cancelled():
+            generation.cancel()
+        if generation.finish is not None:
+            continue
+        budget = model.n_batch - len(entries)
+        if budget <= 0:
+            break
+        fed = generation.feed(budget)
+        entries.extend(fed)
+        if fed and fed[-1][3]:
+            samplers.append((generation, len(entries) - 1))
+    if not entries:
+        return
+    model.decode(entries)
+    for generation, index in samplers:
+        generation.advance(index)
+
+
 def generate(
     model: NativeModel,
     request: GenerationRequest,
-    is_cancelled: Callable[[], bool],
+    is_cancelled: Callable[[], bool] = lambda: False,
     emit: Callable[[Delta], None] | None = None,
 ) -> GenerationResult:
-    """Generate up to ``request.max_tokens`` tokens after ``request.prompt``.
-
-    ``emit`` (if given) receives each step's new text as it becomes final.
-    ``is_cancelled`` is checked before every token: a cancelled generation
-    stops within one token and reports ``finish_reason="cancelled"``.
-    """
-    model.reset()
-    model.decode(request.prompt)
-    sampler = model.sampler(request.sampler)
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    matcher = _StopMatcher(request.stop)
-    want_logprobs = request.top_logprobs is not None
-    parts: list[str] = []
-    infos: list[TokenInfo] = []
-    generated = 0
-    finish = "length"
+    """Run one generation alone, to the end, on sequence 0."""
+    generation = Generation(model, request, 0, is_cancelled, emit)
     try:
-        while generated < request.max_tokens:
-            if is_cancelled():
-                finish = "cancelled"
-                break
-            token = sampler.sample()
-            if token in model.end_tokens:
-                # The end token is not part of the completion: not counted,
-                # so completion_tokens equals the tokens reported in logprobs.
-                finish = "stop"
-                break
-            generated += 1
-            step = Delta(matcher.feed(utf8.decode(model.pieces[token])))
-            if want_logprobs:
-                # The logits still belong to this position until the next decode.
-                step.tokens.append(_token_info(model, token, request.top_logprobs or 0))
-                infos.extend(step.tokens)
-            parts.append(step.text)
-            if emit is not None and (step.text or step.tokens):
-                emit(step)
-            if matcher.stopped:
-                finish = "stop"
-                break
-            if generated < request.max_tokens:
-                model.decode_one(token)
+        while generation.finish is None:
+            step(model, [generation])
     finally:
-        sampler.close()
-    if not matcher.stopped:
-        tail = matcher.flush() + utf8.decode(b"", final=True)
-        if tail:
-            parts.append(tail)
-            if emit is not None:
-                emit(Delta(tail))
-    text = "".join(parts)
-    return GenerationResult(text, tuple(infos), len(request.prompt), generated, finish)
+        result = generation.result()
+    return result

@@ -26,6 +26,10 @@ _RANDOM_SEED = lc.LLAMA_DEFAULT_SEED
 _MAX_PIECE_BYTES = 256
 
 
+# (token, position, sequence, wants logits): one entry of a decode batch.
+BatchEntry = tuple[int, int, int, bool]
+
+
 class NativeError(RuntimeError):
     """llama.cpp refused an operation (load, decode, grammar)."""
 
@@ -62,7 +66,17 @@ def _seed_for_llama(seed: int | None) -> int:
 class NativeModel:
     """A loaded GGUF model with one context of ``n_ctx`` tokens."""
 
-    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, n_batch: int = 512) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        n_batch: int = 512,
+        n_seq: int = 1,
+    ) -> None:
+        """``n_ctx`` tokens of context for each of ``n_seq`` parallel
+        sequences (0: the context the model was trained with)."""
         lc.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
         lc.llama_backend_init()
         model_params = lc.llama_model_default_params()
@@ -71,12 +85,16 @@ class NativeModel:
         if not model:
             raise NativeError(f"llama.cpp could not load {path}")
         self._model = model
+        per_sequence = n_ctx or int(lc.llama_model_n_ctx_train(model))
         threads = n_threads or min(os.cpu_count() or 1, 8)
         ctx_params = lc.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
+        # Each sequence gets its own n_ctx slice of the KV cache (not unified),
+        # so one long conversation can never starve the others of cells.
+        ctx_params.n_ctx = per_sequence * n_seq
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
-        ctx_params.n_seq_max = 1
+        ctx_params.n_seq_max = n_seq
+        ctx_params.kv_unified = False
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx = lc.llama_init_from_model(model, ctx_params)
@@ -86,9 +104,11 @@ class NativeModel:
         self._ctx = ctx
         self._memory = lc.llama_get_memory(ctx)
         self._vocab = lc.llama_model_get_vocab(model)
-        self.n_ctx = int(lc.llama_n_ctx(ctx))
+        self.n_ctx = int(lc.llama_n_ctx_seq(ctx))
+        self.n_seq = n_seq
         self.n_batch = n_batch
         self.n_threads = threads
+        self._batch = lc.llama_batch_init(max(n_batch, n_seq), 0, 1)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         self.pieces = [self._piece(token) for token in range(self.n_vocab)]
         self.end_tokens = frozenset(
@@ -138,30 +158,29 @@ class NativeModel:
 
     # ----------------------------------------------------------------- decoding
 
-    def reset(self) -> None:
-        """Forget every cached token: each request starts from a clean context,
-        so the same request always computes the same numbers."""
-        lc.llama_memory_clear(self._memory, True)
+    def forget(self, sequence: int) -> None:
+        """Drop every cached token of ``sequence``: each request starts from a
+        clean slice, so the same request always computes the same numbers."""
+        lc.llama_memory_seq_rm(self._memory, sequence, -1, -1)
 
-    def decode(self, tokens: list[int]) -> None:
-        """Feed ``tokens`` after what the context holds; logits are kept for
-        the last one only."""
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start : start + self.n_batch]
-            array = (lc.llama_token * len(chunk))(*chunk)
-            batch = lc.llama_batch_get_one(array, len(chunk))
-            status = lc.llama_decode(self._ctx, batch)
-            if status != 0:
-                raise NativeError(f"llama_decode failed with status {status}")
-
-    def decode_one(self, token: int) -> None:
-        array = (lc.llama_token * 1)(token)
-        status = lc.llama_decode(self._ctx, lc.llama_batch_get_one(array, 1))
+    def decode(self, entries: list[BatchEntry]) -> None:
+        """Evaluate one batch: at most ``n_batch`` (token, position, sequence,
+        wants logits) entries, from any sequences."""
+        batch = self._batch
+        for index, (token, position, sequence, logits) in enumerate(entries):
+            batch.token[index] = token
+            batch.pos[index] = position
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = sequence
+            batch.logits[index] = logits
+        batch.n_tokens = len(entries)
+        status = lc.llama_decode(self._ctx, batch)
         if status != 0:
             raise NativeError(f"llama_decode failed with status {status}")
 
-    def last_logits(self) -> npt.NDArray[np.float32]:
-        pointer = lc.llama_get_logits_ith(self._ctx, -1)
+    def logits(self, index: int) -> npt.NDArray[np.float32]:
+        """The logits of entry ``index`` of the last batch."""
+        pointer = lc.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def decoded_token_count(self) -> int:
@@ -176,6 +195,9 @@ class NativeModel:
         return Sampler(self, spec)
 
     def close(self) -> None:
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
         if self._ctx:
             lc.llama_free(self._ctx)
             self._ctx = None
@@ -225,9 +247,9 @@ class Sampler:
         yield lc.llama_sampler_init_temp(spec.temperature)
         yield lc.llama_sampler_init_dist(_seed_for_llama(spec.seed))
 
-    def sample(self) -> int:
-        """Pick the next token from the last logits and accept it."""
-        return int(lc.llama_sampler_sample(self._chain, self._model._ctx, -1))
+    def sample(self, index: int) -> int:
+        """Pick the next token from the logits of batch entry ``index``, and accept it."""
+        return int(lc.llama_sampler_sample(self._chain, self._model._ctx, index))
 
     def close(self) -> None:
         if self._chain:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from gateway.engine.generation import Delta, GenerationRequest, GenerationResult, generate
-from gateway.engine.native import NativeModel
+from gateway.engine.generation import Delta, Generation, GenerationRequest, GenerationResult, step
+from gateway.engine.native import NativeError, NativeModel
 
 StreamItem = Delta | GenerationResult | BaseException
 
@@ -112,16 +113,26 @@ class GenerationStream:
 
 
 class Scheduler:
-    """Owns a :class:`NativeModel` and the only thread that touches it."""
+    """Owns a :class:`NativeModel` and the only thread that touches it.
+
+    Continuous batching: up to ``model.n_seq`` generations run at once, one
+    token each per decode step (llama.cpp's batch API), and a new request
+    joins at the next step instead of waiting for the others to finish. The
+    event loop hands a job to the worker thread only when a sequence is free,
+    so the order of admission is the fair queue's.
+    """
 
     def __init__(self, model: NativeModel, *, max_waiting: int) -> None:
         self.model = model
         self.max_waiting = max_waiting
         self._queue = _FairQueue()
         self._ready = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._free = asyncio.Semaphore(model.n_seq)
+        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run_batches, name="llama", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._running: _Job | None = None
+        self._running: set[_Job] = set()
         self._closed = False
 
     @property
@@ -129,11 +140,13 @@ class Scheduler:
         return self._queue.size
 
     @property
-    def busy(self) -> bool:
-        return self._running is not None
+    def running(self) -> int:
+        return len(self._running)
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name="llama-worker")
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+        self._worker = self._loop.create_task(self._dispatch(), name="llama-dispatch")
 
     async def run(self, request: GenerationRequest, owner: str) -> GenerationResult:
         """Generate and return the whole result. Cancelling the caller's task
@@ -179,9 +192,10 @@ class Scheduler:
         self._ready.set()
         return job
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _dispatch(self) -> None:
+        """Move jobs from the fair queue to the worker thread, one per free sequence."""
         while True:
+            await self._free.acquire()
             # A loop, not an if: a job can be cancelled (and leave the queue)
             # between the wake-up and this check.
             while not self._queue.size:
@@ -190,18 +204,74 @@ class Scheduler:
             job = self._queue.pop()
             if job.cancelled:
                 job.future.cancel()
+                self._free.release()
                 continue
-            self._running = job
+            self._running.add(job)
+            self._inbox.put(job)
+
+    def _finished(self, job: _Job, outcome: GenerationResult | BaseException) -> None:
+        """On the event loop: a sequence is free again."""
+        self._running.discard(job)
+        self._free.release()
+        self._settle(job, outcome)
+
+    def _run_batches(self) -> None:
+        """The worker thread: admit jobs into free sequences, step the batch."""
+        free = list(range(self.model.n_seq))
+        active: dict[Generation, _Job] = {}
+        while True:
+            while free:
+                try:
+                    job = self._inbox.get(block=not active)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._stop_all(active)
+                    return
+                sequence = free.pop()
+                if not self._admit(job, sequence, active):
+                    free.append(sequence)
+            if not active:
+                continue
             try:
-                result = await loop.run_in_executor(
-                    self._executor, generate, self.model, job.request, job.is_cancelled, job.emit
-                )
-            except Exception as error:  # reported to the job's owner
-                self._settle(job, error)
-            else:
-                self._settle(job, result)
-            finally:
-                self._running = None
+                step(self.model, list(active))
+            except NativeError as error:
+                for generation in active:
+                    generation.cancel()
+                self._retire(active, free, error)
+                continue
+            self._retire(active, free, None)
+
+    def _admit(self, job: _Job, sequence: int, active: dict[Generation, _Job]) -> bool:
+        try:
+            generation = Generation(self.model, job.request, sequence, job.is_cancelled, job.emit)
+        except NativeError as error:  # for example a grammar llama.cpp refuses
+            self._report(job, error)
+            return False
+        active[generation] = job
+        return True
+
+    def _retire(
+        self,
+        active: dict[Generation, _Job],
+        free: list[int],
+        error: BaseException | None,
+    ) -> None:
+        for generation in [g for g in active if g.finish is not None]:
+            job = active.pop(generation)
+            result = generation.result()
+            free.append(generation.sequence)
+            self._report(job, error or result)
+
+    def _stop_all(self, active: dict[Generation, _Job]) -> None:
+        for generation, job in active.items():
+            generation.cancel()
+            generation.result()
+            self._report(job, EngineClosedError("the engine is shutting down"))
+
+    def _report(self, job: _Job, outcome: GenerationResult | BaseException) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._finished, job, outcome)
 
     @staticmethod
     def _settle(job: _Job, outcome: GenerationResult | BaseException) -> None:
@@ -218,17 +288,19 @@ class Scheduler:
             job.future.set_result(outcome)
 
     async def aclose(self) -> None:
-        """Refuse new work, cancel what waits, let the running job stop, free the model."""
+        """Refuse new work, cancel what waits and what runs, free the model."""
         self._closed = True
         while self._queue.size:
             job = self._queue.pop()
             job.cancelled = True
             self._settle(job, EngineClosedError("the engine is shutting down"))
-        if self._running is not None:
-            self._running.cancelled = True
+        for job in self._running:
+            job.cancelled = True
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.model.close)
-        self._executor.shutdown(wait=True)
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
+        self.model.close()

@@ -11,22 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+from gateway.engine.generation import GenerationRequest, generate
 from gateway.engine.native import NativeModel, SamplerSpec
 
 
 def decode_tokens_per_second(path: Path, tokens: int = 16) -> float:
     model = NativeModel(path, n_ctx=256, n_threads=0)
     try:
-        model.decode(
-            model.tokenize("The capital of France is", add_special=True, parse_special=False)
-        )
-        sampler = model.sampler(SamplerSpec(temperature=0))
+        prompt = model.tokenize("The capital of France is", add_special=True, parse_special=False)
+        request = GenerationRequest(prompt, tokens, SamplerSpec(temperature=0))
         started = time.perf_counter()
-        for _ in range(tokens):
-            model.decode_one(sampler.sample())
-        elapsed = time.perf_counter() - started
-        sampler.close()
-        return tokens / elapsed
+        result = generate(model, request)
+        return result.completion_tokens / (time.perf_counter() - started)
     finally:
         model.close()
 
