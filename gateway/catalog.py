@@ -99,6 +99,7 @@ def _model_entries(
                 Target(name, deployment.model or name, f"{name}/{index}"),
                 deployment.backend,
                 deployment.weight,
+                deployment.cost_per_million_tokens,
             )
             for index, deployment in enumerate(model.deployments)
         )

@@ -129,6 +129,9 @@ class RequestContext:
     created: int
     api_key_id: str | None = None
     deadline: float | None = None
+    # Request headers, names lowercased (for policies keyed on a header, such
+    # as session affinity). Credentials are never included.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +264,8 @@ class Candidate:
     target: Target
     backend: str
     weight: float = 1.0
+    # Price of a million tokens (prompt and completion) on this deployment.
+    cost_per_million_tokens: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +280,8 @@ class CandidateStats:
     queue_depth: int | None = None
     ewma_ttft: float | None = None
     ewma_token_time: float | None = None
+    # The engine's own running count, where it reports one.
+    running: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,36 +1,56 @@
-"""The built-in routing policy of the core: try deployments in config order.
+"""The built-in routing policies, registered through the entry-point group
+``nomoat.plugins`` exactly like a third-party policy (``policy = "<name>"``
+on a model, options in ``policy_options``).
 
-Registered through the entry-point group ``nomoat.plugins`` like any policy.
+Every policy returns all the candidates it was given, best first, each with a
+score (higher is better) and a reason, so decisions can be explained and
+replayed; the gateway tries them in that order (the rest are fallbacks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.contract import (
+    AnyRequest,
     Candidate,
     CandidateStats,
-    ChatCompletionRequest,
-    CompletionRequest,
     PluginManifest,
     PolicyType,
     RankedCandidate,
     RequestContext,
+    RoutingPolicy,
 )
 
 
-class OrderedConfig(BaseModel):
+class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _ranked(
+    candidates: Sequence[Candidate],
+    score: Callable[[Candidate], float],
+    reason: Callable[[Candidate], str],
+) -> list[RankedCandidate]:
+    # sorted() is stable: ties keep the configured order.
+    scored = [RankedCandidate(c, score(c), reason(c)) for c in candidates]
+    return sorted(scored, key=lambda ranked: -ranked.score)
+
+
+def _stats(stats: Mapping[str, CandidateStats], candidate: Candidate) -> CandidateStats:
+    return stats.get(candidate.target.deployment, CandidateStats())
+
+
 class OrderedPolicy:
-    """The first healthy deployment first; the others are fallbacks, in order."""
+    """The first deployment first; the others are fallbacks, in order."""
 
     def rank(
         self,
-        request: ChatCompletionRequest | CompletionRequest,
+        request: AnyRequest,
         ctx: RequestContext,
         candidates: Sequence[Candidate],
         stats: Mapping[str, CandidateStats],
@@ -42,11 +62,191 @@ class OrderedPolicy:
         ]
 
 
-def _ordered(config: OrderedConfig) -> OrderedPolicy:
-    return OrderedPolicy()
+class WeightedRoundRobinPolicy:
+    """Smooth weighted round-robin (as nginx does it): over any window, each
+    deployment gets requests in proportion to its ``weight``, interleaved."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, float] = {}
+
+    def rank(
+        self,
+        request: AnyRequest,
+        ctx: RequestContext,
+        candidates: Sequence[Candidate],
+        stats: Mapping[str, CandidateStats],
+    ) -> list[RankedCandidate]:
+        total = sum(c.weight for c in candidates)
+        for candidate in candidates:
+            key = candidate.target.deployment
+            self._current[key] = self._current.get(key, 0.0) + candidate.weight
+        chosen = max(candidates, key=lambda c: self._current[c.target.deployment])
+        self._current[chosen.target.deployment] -= total
+        return _ranked(
+            candidates,
+            lambda c: 1.0 if c is chosen else c.weight / total,
+            lambda c: "its turn" if c is chosen else f"weight {c.weight:g} of {total:g}",
+        )
+
+
+class LeastOutstandingPolicy:
+    """The deployment with the fewest requests in flight from this gateway
+    (relative to its weight), so faster deployments take more."""
+
+    def rank(
+        self,
+        request: AnyRequest,
+        ctx: RequestContext,
+        candidates: Sequence[Candidate],
+        stats: Mapping[str, CandidateStats],
+    ) -> list[RankedCandidate]:
+        return _ranked(
+            candidates,
+            lambda c: -_stats(stats, c).in_flight / c.weight,
+            lambda c: f"{_stats(stats, c).in_flight} in flight",
+        )
+
+
+class LowestLatencyPolicy:
+    """The lowest expected time for this request: EWMA time to first token
+    plus EWMA time per token times the tokens asked for. Deployments without
+    measurements yet are tried first, so every one gets measured."""
+
+    def __init__(self, options: LatencyOptions) -> None:
+        self._expected_tokens = options.expected_tokens
+
+    def rank(
+        self,
+        request: AnyRequest,
+        ctx: RequestContext,
+        candidates: Sequence[Candidate],
+        stats: Mapping[str, CandidateStats],
+    ) -> list[RankedCandidate]:
+        tokens = _requested_tokens(request) or self._expected_tokens
+
+        def expected(candidate: Candidate) -> float | None:
+            seen = _stats(stats, candidate)
+            if seen.ewma_ttft is None or seen.ewma_token_time is None:
+                return None
+            return seen.ewma_ttft + seen.ewma_token_time * tokens
+
+        return _ranked(
+            candidates,
+            lambda c: float("inf") if (e := expected(c)) is None else -e,
+            lambda c: (
+                "not measured yet"
+                if (e := expected(c)) is None
+                else f"expected {e * 1000:.0f} ms for {tokens} tokens"
+            ),
+        )
+
+
+class ShortestQueuePolicy:
+    """The engine with the fewest requests waiting and running, as the engine
+    itself reports them (vLLM's /metrics, an edge node's), plus this
+    gateway's own in-flight count where the engine says nothing."""
+
+    def rank(
+        self,
+        request: AnyRequest,
+        ctx: RequestContext,
+        candidates: Sequence[Candidate],
+        stats: Mapping[str, CandidateStats],
+    ) -> list[RankedCandidate]:
+        def load(candidate: Candidate) -> float:
+            seen = _stats(stats, candidate)
+            if seen.queue_depth is None and seen.running is None:
+                return float(seen.in_flight)
+            return float((seen.queue_depth or 0) * 2 + (seen.running or 0))
+
+        return _ranked(
+            candidates,
+            lambda c: -load(c) / c.weight,
+            lambda c: f"queue {_stats(stats, c).queue_depth}, running {_stats(stats, c).running}",
+        )
+
+
+class LowestCostPolicy:
+    """The cheapest deployment for this request; ties go to the least busy."""
+
+    def rank(
+        self,
+        request: AnyRequest,
+        ctx: RequestContext,
+        candidates: Sequence[Candidate],
+        stats: Mapping[str, CandidateStats],
+    ) -> list[RankedCandidate]:
+        return _ranked(
+            candidates,
+            lambda c: -c.cost_per_million_tokens - _stats(stats, c).in_flight * 1e-9,
+            lambda c: f"{c.cost_per_million_tokens:g} per million tokens",
+        )
+
+
+class SessionAffinityPolicy:
+    """The same session always goes to the same deployment (rendezvous
+    hashing: when a deployment leaves, only its sessions move). The session
+    is a request header or the ``user`` field; without one, the candidates
+    keep their configured order."""
+
+    def __init__(self, options: AffinityOptions) -> None:
+        self._header = options.header.lower() if options.header else None
+        self._key = options.key
+
+    def _session(self, request: AnyRequest, ctx: RequestContext) -> str | None:
+        if self._key == "header" and self._header:
+            return ctx.headers.get(self._header)
+        return request.user
+
+    def rank(
+        self,
+        request: AnyRequest,
+        ctx: RequestContext,
+        candidates: Sequence[Candidate],
+        stats: Mapping[str, CandidateStats],
+    ) -> list[RankedCandidate]:
+        session = self._session(request, ctx)
+        if session is None:
+            return OrderedPolicy().rank(request, ctx, candidates, stats)
+
+        def weight(candidate: Candidate) -> float:
+            digest = hashlib.blake2b(
+                f"{session}\0{candidate.target.deployment}".encode(), digest_size=8
+            ).digest()
+            return int.from_bytes(digest, "big") / 2**64
+
+        return _ranked(candidates, weight, lambda c: "session hash")
+
+
+def _requested_tokens(request: AnyRequest) -> int | None:
+    limit = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    return int(limit) if limit else None
+
+
+class LatencyOptions(_Options):
+    # Tokens assumed for a request that does not say how many it wants.
+    expected_tokens: Annotated[int, Field(ge=1)] = 256
+
+
+class AffinityOptions(_Options):
+    # Where the session id comes from: the `user` field, or a header.
+    key: Literal["user", "header"] = "user"
+    header: str | None = "x-session-id"
+
+
+def _no_options(policy: Callable[[], RoutingPolicy]) -> PolicyType[_Options]:
+    return PolicyType(_Options, lambda _: policy())
 
 
 manifest = PluginManifest(
-    name="ordered",
-    policies={"ordered": PolicyType(OrderedConfig, _ordered)},
+    name="builtin-policies",
+    policies={
+        "ordered": _no_options(OrderedPolicy),
+        "weighted-round-robin": _no_options(WeightedRoundRobinPolicy),
+        "least-outstanding": _no_options(LeastOutstandingPolicy),
+        "lowest-latency": PolicyType(LatencyOptions, LowestLatencyPolicy),
+        "shortest-queue": _no_options(ShortestQueuePolicy),
+        "lowest-cost": _no_options(LowestCostPolicy),
+        "session-affinity": PolicyType(AffinityOptions, SessionAffinityPolicy),
+    },
 )

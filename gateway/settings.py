@@ -72,6 +72,8 @@ class DeploymentSettings(_Strict):
     # The engine's own name for the model; defaults to the model's name.
     model: str | None = None
     weight: Annotated[float, Field(gt=0)] = 1.0
+    # Price of a million tokens here, for the lowest-cost policy.
+    cost_per_million_tokens: Annotated[float, Field(ge=0)] = 0.0
 
 
 class ModelSettings(_Strict):

@@ -26,7 +26,7 @@ from gateway.contract import (
     RoutingPolicy,
     Target,
 )
-from gateway.policies import OrderedConfig, OrderedPolicy
+from gateway.policies import OrderedPolicy
 from gateway.registry import GROUP, PluginLoadError, _load, build_registry, discover
 
 # The public contract. Changing it is a decision: update this list on purpose.
@@ -109,20 +109,29 @@ def test_builtins_are_registered_as_entry_points() -> None:
     found = {entry.name: entry.value for entry in entry_points(group=GROUP)}
     assert GROUP == "nomoat.plugins"
     assert found["llamacpp"] == "gateway.backends.llamacpp:manifest"
-    assert found["ordered"] == "gateway.policies:manifest"
+    assert found["builtin-policies"] == "gateway.policies:manifest"
+    assert found["openai-compatible"] == "gateway.backends.openai_compat:manifest"
 
 
 def test_discover_finds_the_llamacpp_backend_and_the_ordered_policy() -> None:
     registry = discover()
-    assert {"llamacpp", "ordered"} <= {plugin.name for plugin in registry.plugins}
+    assert {"llamacpp", "builtin-policies"} <= {plugin.name for plugin in registry.plugins}
     backend_type = registry.backends["llamacpp"]
     assert isinstance(backend_type, BackendType)
     assert backend_type.config_model is LlamaCppConfig
     assert backend_type.factory is create_backend
     policy_type = registry.policies["ordered"]
     assert isinstance(policy_type, PolicyType)
-    assert policy_type.config_model is OrderedConfig
-    assert isinstance(policy_type.factory(OrderedConfig()), OrderedPolicy)
+    assert isinstance(policy_type.factory(policy_type.config_model()), OrderedPolicy)
+    assert {
+        "ordered",
+        "weighted-round-robin",
+        "least-outstanding",
+        "lowest-latency",
+        "shortest-queue",
+        "lowest-cost",
+        "session-affinity",
+    } <= set(registry.policies)
 
 
 def test_discover_skips_disabled_plugins() -> None:
@@ -152,8 +161,15 @@ def test_two_plugins_offering_the_same_backend_type_conflict() -> None:
 
 
 def test_config_models_forbid_unknown_keys() -> None:
-    for model in (LlamaCppConfig, OrderedConfig):
-        assert model.model_config.get("extra") == "forbid", model
+    registry = discover()
+    components = [
+        *registry.backends.values(),
+        *registry.policies.values(),
+        *registry.hooks.values(),
+    ]
+    assert LlamaCppConfig in {component.config_model for component in components}
+    for component in components:
+        assert component.config_model.model_config.get("extra") == "forbid", component
 
 
 # ------------------------------------------------------ protocol conformance

@@ -63,7 +63,8 @@ def test_plugins_lists_components_and_their_use() -> None:
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
     assert ["llamacpp", "backend", "llamacpp", "backends.embedded"] in rows
-    assert ["ordered", "policy", "ordered", f"models.{MODEL}"] in rows
+    assert ["builtin-policies", "policy", "ordered", f"models.{MODEL}"] in rows
+    assert ["builtin-policies", "policy", "session-affinity", "-"] in rows
 
 
 class Reverse:

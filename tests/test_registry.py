@@ -45,7 +45,7 @@ def test_builtins_are_discovered_through_the_entry_point_group() -> None:
     found = discover()
     assert "llamacpp" in found.backends
     assert "ordered" in found.policies
-    assert {m.name for m in found.plugins} >= {"llamacpp", "ordered"}
+    assert {m.name for m in found.plugins} >= {"llamacpp", "builtin-policies"}
 
 
 def test_a_plugin_that_fails_to_import_stops_discovery_naming_it(

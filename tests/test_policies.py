@@ -1,0 +1,145 @@
+"""The built-in routing policies: the splits they produce, as proportions."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gateway.contract import Candidate, CandidateStats, RequestContext, Target
+from gateway.policies import (
+    AffinityOptions,
+    LatencyOptions,
+    LeastOutstandingPolicy,
+    LowestCostPolicy,
+    LowestLatencyPolicy,
+    OrderedPolicy,
+    SessionAffinityPolicy,
+    ShortestQueuePolicy,
+    WeightedRoundRobinPolicy,
+)
+from gateway.wire import ChatCompletionRequest, UserMessage
+
+
+def candidate(index: int, weight: float = 1.0, cost: float = 0.0) -> Candidate:
+    return Candidate(Target("m", "e", f"m/{index}"), f"b{index}", weight, cost)
+
+
+def request(user: str | None = None, max_tokens: int | None = None) -> ChatCompletionRequest:
+    return ChatCompletionRequest(
+        model="m", messages=[UserMessage(content="hi")], user=user, max_tokens=max_tokens
+    )
+
+
+CTX = RequestContext("r", 0)
+
+
+def first(ranked: list) -> str:  # type: ignore[type-arg]
+    return str(ranked[0].candidate.target.deployment)
+
+
+def test_every_policy_returns_every_candidate_with_a_reason() -> None:
+    pool = [candidate(0), candidate(1), candidate(2)]
+    policies = [
+        OrderedPolicy(),
+        WeightedRoundRobinPolicy(),
+        LeastOutstandingPolicy(),
+        LowestLatencyPolicy(LatencyOptions()),
+        ShortestQueuePolicy(),
+        LowestCostPolicy(),
+        SessionAffinityPolicy(AffinityOptions()),
+    ]
+    for policy in policies:
+        ranked = policy.rank(request(user="u"), CTX, pool, {})
+        assert sorted(r.candidate.target.deployment for r in ranked) == ["m/0", "m/1", "m/2"]
+        assert all(r.reason for r in ranked)
+        assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
+
+
+def test_weighted_round_robin_splits_by_weight_and_interleaves() -> None:
+    policy = WeightedRoundRobinPolicy()
+    pool = [candidate(0, 1), candidate(1, 3)]
+    picks = [first(policy.rank(request(), CTX, pool, {})) for _ in range(400)]
+    assert Counter(picks) == {"m/0": 100, "m/1": 300}
+    # Smooth: never more than 3 in a row for the heavy one, as nginx does it.
+    assert "1111" not in "".join(p[-1] for p in picks)
+
+
+def test_least_outstanding_prefers_the_least_busy_per_weight() -> None:
+    pool = [candidate(0), candidate(1, weight=4)]
+    stats = {"m/0": CandidateStats(in_flight=1), "m/1": CandidateStats(in_flight=3)}
+    assert first(LeastOutstandingPolicy().rank(request(), CTX, pool, stats)) == "m/1"
+    stats = {"m/0": CandidateStats(in_flight=0), "m/1": CandidateStats(in_flight=3)}
+    assert first(LeastOutstandingPolicy().rank(request(), CTX, pool, stats)) == "m/0"
+
+
+def test_lowest_latency_uses_ttft_and_token_time_for_the_request_size() -> None:
+    pool = [candidate(0), candidate(1)]
+    stats = {
+        # Fast first token, slow per token (an edge CPU) vs the reverse (a GPU queue).
+        "m/0": CandidateStats(ewma_ttft=0.05, ewma_token_time=0.012),
+        "m/1": CandidateStats(ewma_ttft=0.4, ewma_token_time=0.002),
+    }
+    policy = LowestLatencyPolicy(LatencyOptions())
+    assert first(policy.rank(request(max_tokens=10), CTX, pool, stats)) == "m/0"
+    assert first(policy.rank(request(max_tokens=500), CTX, pool, stats)) == "m/1"
+    unmeasured = {"m/0": stats["m/0"]}
+    ranked = policy.rank(request(max_tokens=10), CTX, pool, unmeasured)
+    assert first(ranked) == "m/1" and ranked[0].reason == "not measured yet"
+
+
+def test_shortest_queue_reads_engine_queues() -> None:
+    pool = [candidate(0), candidate(1)]
+    stats = {
+        "m/0": CandidateStats(queue_depth=3, running=4),
+        "m/1": CandidateStats(queue_depth=0, running=4),
+    }
+    assert first(ShortestQueuePolicy().rank(request(), CTX, pool, stats)) == "m/1"
+
+
+def test_lowest_cost_takes_the_cheapest_then_the_least_busy() -> None:
+    pool = [candidate(0, cost=2.0), candidate(1, cost=0.5), candidate(2, cost=0.5)]
+    stats = {"m/1": CandidateStats(in_flight=2), "m/2": CandidateStats(in_flight=1)}
+    ranked = LowestCostPolicy().rank(request(), CTX, pool, stats)
+    assert [r.candidate.target.deployment for r in ranked] == ["m/2", "m/1", "m/0"]
+
+
+def test_session_affinity_is_stable_spreads_and_moves_only_lost_sessions() -> None:
+    policy = SessionAffinityPolicy(AffinityOptions())
+    pool = [candidate(i) for i in range(4)]
+    sessions = [f"user-{n}" for n in range(400)]
+    placed = {s: first(policy.rank(request(user=s), CTX, pool, {})) for s in sessions}
+    again = {s: first(policy.rank(request(user=s), CTX, pool, {})) for s in sessions}
+    assert placed == again
+    share = Counter(placed.values())
+    assert all(60 <= share[f"m/{i}"] <= 140 for i in range(4)), share
+    smaller = pool[:3]
+    moved = {
+        s for s in sessions if first(policy.rank(request(user=s), CTX, smaller, {})) != placed[s]
+    }
+    assert moved == {s for s in sessions if placed[s] == "m/3"}
+
+
+def test_session_affinity_by_header() -> None:
+    policy = SessionAffinityPolicy(AffinityOptions(key="header", header="X-Session-Id"))
+    pool = [candidate(i) for i in range(4)]
+    picks = {
+        first(
+            policy.rank(
+                request(), RequestContext("r", 0, headers={"x-session-id": "abc"}), pool, {}
+            )
+        )
+        for _ in range(20)
+    }
+    assert len(picks) == 1
+    no_session = policy.rank(request(), CTX, pool, {})
+    assert first(no_session) == "m/0"
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (2, 1, 1), (5, 3, 2)])
+def test_weighted_round_robin_proportions(weights: tuple[int, ...]) -> None:
+    policy = WeightedRoundRobinPolicy()
+    pool = [candidate(i, w) for i, w in enumerate(weights)]
+    rounds = 100 * sum(weights)
+    picks = Counter(first(policy.rank(request(), CTX, pool, {})) for _ in range(rounds))
+    assert picks == {f"m/{i}": 100 * w for i, w in enumerate(weights)}
