@@ -29,12 +29,22 @@ class BackendPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    rounds: int = 1
+    backoff_seconds: float = 0.25
+    retry_after_cap_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelEntry:
     name: str
     candidates: tuple[Candidate, ...]
     policy: RoutingPolicy
     owned_by: str
     policy_name: str = ""
+    fallbacks: tuple[str, ...] = ()
+    retry: Retry = Retry()
+    timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +114,14 @@ def _model_entries(
             for index, deployment in enumerate(model.deployments)
         )
         entries[name] = ModelEntry(
-            name, candidates, policy_type.factory(options), model.owned_by, model.policy
+            name,
+            candidates,
+            policy_type.factory(options),
+            model.owned_by,
+            model.policy,
+            tuple(model.fallbacks),
+            Retry(model.retries, model.retry_backoff_seconds, model.retry_after_cap_seconds),
+            model.timeout_seconds,
         )
     return entries
 

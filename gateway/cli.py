@@ -12,6 +12,7 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from pydantic import ValidationError
 
 from gateway import wire
 from gateway.app import Runtime, create_app
@@ -89,6 +90,44 @@ def _open_network_refusal(server: ServerSettings) -> str | None:
 def serve(args: argparse.Namespace) -> int:
     try:
         settings = _with_overrides(load_settings(args.config), args)
+    except ConfigError as error:
+        print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
+        return 2
+    return _run(settings)
+
+
+def edge(args: argparse.Namespace) -> int:
+    """An edge node: one llama.cpp engine behind the same OpenAI API, with its
+    queue and busy slots on /metrics for the gateways that route to it."""
+    options: dict[str, object] = {
+        "type": "llamacpp",
+        "model_name": args.name,
+        "parallel": args.parallel,
+        "threads": args.threads,
+        "max_waiting": args.max_waiting,
+    }
+    if args.model is not None:
+        options["model_path"] = str(args.model)
+    data = {
+        "server": {
+            "host": args.host or "127.0.0.1",
+            "port": args.port or 8100,
+            "api_key_hashes": args.api_key_hash,
+            "allow_unauthenticated_network": args.allow_unauthenticated_network,
+        },
+        "backends": {"engine": options},
+        "models": {args.name: {"deployments": [{"backend": "engine", "model": args.name}]}},
+    }
+    try:
+        settings = Settings(**data)  # type: ignore[arg-type]
+    except ValidationError as error:
+        print(f"nomoat edge: {error}", file=sys.stderr)
+        return 2
+    return _run(settings)
+
+
+def _run(settings: Settings) -> int:
+    try:
         startup_plan = plan(settings, discover(settings.plugins.disabled))
     except (ConfigError, PluginLoadError) as error:
         print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
@@ -254,6 +293,20 @@ def parser() -> argparse.ArgumentParser:
         help="listen beyond loopback even with no API key configured",
     )
     run.set_defaults(handler=serve)
+
+    node = commands.add_parser("edge", help="run an edge node: one llama.cpp engine")
+    node.add_argument("--model", type=Path, help="a GGUF file (default: the embedded model)")
+    node.add_argument("--name", default="smollm2-135m-instruct", help="the model's name")
+    node.add_argument("--parallel", type=int, default=4, help="requests batched at once")
+    node.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per core)")
+    node.add_argument("--max-waiting", type=int, default=16, help="queued requests before 503")
+    node.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    node.add_argument("--port", type=int, help="port (default 8100)")
+    node.add_argument(
+        "--api-key-hash", action="append", default=[], help="a key hash (nomoat hash-key)"
+    )
+    node.add_argument("--allow-unauthenticated-network", action="store_true")
+    node.set_defaults(handler=edge)
 
     validate = commands.add_parser("check-config", help="report every problem in a config")
     validate.add_argument("file", type=Path)

@@ -57,8 +57,10 @@ class RouteDecision(msgspec.Struct, kw_only=True):
     def header(self) -> str:
         """The ``x-nomoat-route`` header value: where it went, and why."""
         chosen = next((c for c in self.candidates if c.deployment == self.chosen), None)
-        if chosen is None:
+        if self.chosen is None:
             return f"outcome={self.outcome}"
+        if chosen is None:  # a fallback model answered
+            return f"deployment={self.chosen}; fallback=true; tried={len(self.attempts)}"
         return (
             f"deployment={chosen.deployment}; backend={chosen.backend}; "
             f"score={chosen.score:g}; policy={self.policy}; tried={len(self.attempts)}"

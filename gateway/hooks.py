@@ -27,6 +27,7 @@ from gateway.contract import (
     StreamHook,
 )
 from gateway.errors import GatewayError
+from gateway.streams import closing
 from gateway.wire import ChatCompletion, Completion
 
 _log = logging.getLogger(__name__)
@@ -123,8 +124,9 @@ class HookChain:
         # Once bytes are streamed there is nothing to fall back to, so a
         # failing stream hook ends the stream with an error even if fail-open.
         try:
-            async for chunk in chunks:
-                yield chunk
+            async with closing(chunks):
+                async for chunk in chunks:
+                    yield chunk
         except GatewayError:
             raise
         except Exception as error:

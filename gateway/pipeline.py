@@ -9,21 +9,23 @@ deployment can be tried.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import random
 import re
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import msgspec
 
 from gateway import wire
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, ModelEntry
 from gateway.contract import (
     AnyChunk,
     AnyRequest,
     Backend,
+    Candidate,
     CandidateStats,
     RankedCandidate,
     RequestContext,
@@ -38,6 +40,8 @@ from gateway.errors import (
 )
 from gateway.hooks import HookChain, HookFailedError
 from gateway.settings import LimitSettings
+from gateway.stats import StatsTable
+from gateway.streams import closing
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _FIELD = re.compile(r"field `(?P<field>[^`]+)`")
@@ -98,9 +102,9 @@ class Pipeline:
         self.catalog = catalog
         self.backends = backends
         self.hooks = hooks or HookChain(())
+        self.stats = StatsTable()
         self.decision_log = decision_log
         self.record_prompts = record_prompts
-        self._in_flight: Counter[str] = Counter()
 
     # --------------------------------------------------------------- decoding
 
@@ -232,38 +236,100 @@ class Pipeline:
         call: Callable[[Backend, Target], Awaitable[T]],
         trace: RouteTrace | None,
     ) -> T:
-        """Try the ranked deployments in order; move on only when one is
-        overloaded or unreachable, before anything reached the client."""
+        """Try the ranked deployments, then the fallback models, then again
+        after a backoff; move on only when a deployment is overloaded or
+        unreachable, before anything reached the client."""
         entry = self.catalog.resolve(request.model)
-        stats = {
-            c.target.deployment: CandidateStats(in_flight=self._in_flight[c.target.deployment])
-            for c in entry.candidates
-        }
-        ranked = entry.policy.rank(request, ctx, entry.candidates, stats)
-        decision = self._decision(request, ctx, entry.policy_name, ranked, stats, trace)
+        chain = [entry, *(self.catalog.resolve(name) for name in entry.fallbacks)]
+        deadline = time.monotonic() + entry.timeout_seconds if entry.timeout_seconds else None
+        first_ranking = await self._ranking(entry, request, ctx)
+        decision = self._decision(request, ctx, entry.policy_name, first_ranking, trace)
         failure: GatewayError | None = None
         try:
-            for choice in ranked:
-                deployment = choice.candidate.target.deployment
-                self._in_flight[deployment] += 1
-                try:
-                    backend = self.backends[choice.candidate.backend]
-                    result = await call(backend, choice.candidate.target)
-                except _RETRYABLE as error:
-                    decision.attempts.append((deployment, error.code or error.error_type))
-                    failure = error
-                    continue
-                except GatewayError as error:
-                    decision.attempts.append((deployment, error.code or error.error_type))
-                    raise
-                finally:
-                    self._in_flight[deployment] -= 1
-                decision.attempts.append((deployment, "ok"))
-                decision.chosen = deployment
-                return result
+            for round_number in range(entry.retry.rounds + 1):
+                if round_number:
+                    await self._back_off(entry, failure, deadline)
+                for position, model in enumerate(chain):
+                    ranked = (
+                        first_ranking
+                        if round_number == 0 and position == 0
+                        else await self._ranking(model, request, ctx)
+                    )
+                    for choice in ranked:
+                        outcome = await self._attempt(choice.candidate, call, deadline, decision)
+                        if isinstance(outcome, GatewayError):
+                            failure = outcome
+                            continue
+                        return outcome
             raise failure or EngineOverloadedError(f"no deployment of {request.model} is available")
         finally:
             self._settle(decision, trace)
+
+    async def _ranking(
+        self, entry: ModelEntry, request: AnyRequest, ctx: RequestContext
+    ) -> list[RankedCandidate]:
+        ready = {name: (await b.health()).ready for name, b in self.backends.items()}
+        candidates = self.stats.available(entry.candidates, ready)
+        stats = self.stats.snapshot(candidates, self.backends)
+        return entry.policy.rank(request, ctx, candidates, stats)
+
+    async def _attempt(
+        self,
+        candidate: Candidate,
+        call: Callable[[Backend, Target], Awaitable[T]],
+        deadline: float | None,
+        decision: RouteDecision,
+    ) -> T | GatewayError:
+        """One call to one deployment: its result, or the retryable error."""
+        deployment = candidate.target.deployment
+        started = time.monotonic()
+        self.stats.started(deployment)
+        try:
+            if deadline is None:
+                result = await call(self.backends[candidate.backend], candidate.target)
+            else:
+                async with asyncio.timeout(max(deadline - started, 0.0)):
+                    result = await call(self.backends[candidate.backend], candidate.target)
+        except TimeoutError:
+            decision.attempts.append((deployment, "timeout"))
+            return UpstreamError(f"{decision.model}: no answer within its timeout")
+        except _RETRYABLE as error:
+            decision.attempts.append((deployment, error.code or error.error_type))
+            if isinstance(error, UpstreamError):
+                # Unreachable or broken: cool down. A full queue is load, not
+                # ill health: just move on.
+                self.stats.failed(deployment)
+            return error
+        except GatewayError as error:
+            decision.attempts.append((deployment, error.code or error.error_type))
+            raise
+        finally:
+            self.stats.finished(deployment)
+        self.stats.succeeded(deployment)
+        decision.attempts.append((deployment, "ok"))
+        decision.chosen = deployment
+        return self._measured(result, deployment, started)
+
+    def _measured(self, result: T, deployment: str, started: float) -> T:
+        """Feed the answer's timing to the stats the latency policy reads."""
+        if isinstance(result, wire.ChatCompletion | wire.Completion):
+            tokens = result.usage.completion_tokens if isinstance(result.usage, wire.Usage) else 0
+            self.stats.observe(deployment, None, time.monotonic() - started, tokens)
+            return result
+        chunks: AsyncIterator[AnyChunk] = result  # type: ignore[assignment]
+        return _timed(chunks, self.stats, deployment, started)  # type: ignore[return-value]
+
+    async def _back_off(
+        self, entry: ModelEntry, failure: GatewayError | None, deadline: float | None
+    ) -> None:
+        """Sleep before another round: jittered, at least what Retry-After
+        asked (capped), and never past the deadline."""
+        retry_after = float((failure.headers if failure else {}).get("Retry-After", 0) or 0)
+        pause = max(entry.retry.backoff_seconds * (0.5 + random.random()), retry_after)
+        pause = min(pause, entry.retry.retry_after_cap_seconds)
+        if deadline is not None:
+            pause = min(pause, max(deadline - time.monotonic(), 0.0))
+        await asyncio.sleep(pause)
 
     def _decision(
         self,
@@ -271,9 +337,9 @@ class Pipeline:
         ctx: RequestContext,
         policy: str,
         ranked: list[RankedCandidate],
-        stats: Mapping[str, CandidateStats],
         trace: RouteTrace | None,
     ) -> RouteDecision:
+        stats = self.stats.snapshot([r.candidate for r in ranked], self.backends)
         candidates = [
             CandidateView(
                 deployment=r.candidate.target.deployment,
@@ -333,8 +399,9 @@ def _expect(value: object, kind: type[T]) -> T:
 
 
 async def _only(chunks: AsyncIterator[AnyChunk], kind: type[T]) -> AsyncIterator[T]:
-    async for chunk in chunks:
-        yield _expect(chunk, kind)
+    async with closing(chunks):
+        async for chunk in chunks:
+            yield _expect(chunk, kind)
 
 
 async def _chat_as_chunks(
@@ -388,6 +455,32 @@ async def _completion_as_chunks(response: wire.Completion) -> AsyncIterator[wire
     )
 
 
+async def _timed(
+    chunks: AsyncIterator[AnyChunk], stats: StatsTable, deployment: str, started: float
+) -> AsyncIterator[AnyChunk]:
+    """Pass a stream through, noting its first content and its usage."""
+    first_token: float | None = None
+    tokens = 0
+    # aclosing: a client that goes away closes this iterator, and the close
+    # must reach the backend's stream now (to stop the generation), not at GC.
+    async with closing(chunks):
+        async for chunk in chunks:
+            if first_token is None and _has_content(chunk):
+                first_token = time.monotonic() - started
+            if isinstance(chunk.usage, wire.Usage):
+                tokens = chunk.usage.completion_tokens
+            yield chunk
+    stats.observe(deployment, first_token, time.monotonic() - started, tokens)
+
+
+def _has_content(chunk: AnyChunk) -> bool:
+    if isinstance(chunk, wire.Completion):
+        return any(choice.text for choice in chunk.choices)
+    return any(
+        isinstance(choice.delta.content, str) and choice.delta.content for choice in chunk.choices
+    )
+
+
 def _wants_usage(request: wire.ChatCompletionRequest | wire.CompletionRequest) -> bool:
     return request.stream_options is not None and request.stream_options.include_usage
 
@@ -397,12 +490,10 @@ async def _primed(chunks: AsyncIterator[T]) -> AsyncIterator[T]:
     first = await anext(chunks)
 
     async def replay() -> AsyncIterator[T]:
-        try:
+        async with closing(chunks):
             yield first
             async for chunk in chunks:
                 yield chunk
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
 
     return replay()
 
@@ -410,7 +501,7 @@ async def _primed(chunks: AsyncIterator[T]) -> AsyncIterator[T]:
 async def _shape_usage(chunks: AsyncIterator[ChunkT], include_usage: bool) -> AsyncIterator[ChunkT]:
     """Backends always end with a usage chunk; show it only if asked, and
     then, as OpenAI does, put ``"usage": null`` on every other chunk."""
-    try:
+    async with closing(chunks):
         async for chunk in chunks:
             if isinstance(chunk.usage, wire.Usage) and not chunk.choices:
                 if include_usage:
@@ -419,5 +510,3 @@ async def _shape_usage(chunks: AsyncIterator[ChunkT], include_usage: bool) -> As
             if include_usage:
                 chunk.usage = None
             yield chunk
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]

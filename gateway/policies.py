@@ -126,9 +126,11 @@ class LowestLatencyPolicy:
 
         def expected(candidate: Candidate) -> float | None:
             seen = _stats(stats, candidate)
-            if seen.ewma_ttft is None or seen.ewma_token_time is None:
+            if seen.ewma_token_time is None:
                 return None
-            return seen.ewma_ttft + seen.ewma_token_time * tokens
+            # Only streams reveal the time to first token; until one has,
+            # non-streamed answers measure it as part of the per-token time.
+            return (seen.ewma_ttft or 0.0) + seen.ewma_token_time * tokens
 
         return _ranked(
             candidates,

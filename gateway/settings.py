@@ -81,6 +81,16 @@ class ModelSettings(_Strict):
     # A routing policy offered by an installed plugin, and its options.
     policy: str = "ordered"
     policy_options: dict[str, Any] = Field(default_factory=dict)
+    # Other models to try, in order, when every deployment of this one failed
+    # before sending anything.
+    fallbacks: list[str] = Field(default_factory=list)
+    # Further rounds over all deployments and fallbacks once all failed,
+    # after a jittered backoff that honours Retry-After (capped).
+    retries: Annotated[int, Field(ge=0, le=10)] = 1
+    retry_backoff_seconds: Annotated[float, Field(ge=0)] = 0.25
+    retry_after_cap_seconds: Annotated[float, Field(ge=0)] = 5.0
+    # Until the answer starts (the first chunk of a stream), retries included.
+    timeout_seconds: Annotated[float, Field(gt=0)] | None = None
     owned_by: str = "nomoat"
 
 
@@ -203,6 +213,11 @@ def reference_problems(settings: Settings) -> list[str]:
     """Cross references that pydantic cannot see: deployments name backends."""
     problems = []
     for model_name, model in settings.models.items():
+        for index, fallback in enumerate(model.fallbacks):
+            if fallback not in settings.models or fallback == model_name:
+                problems.append(
+                    f'models.{model_name}.fallbacks[{index}]: unknown model "{fallback}"'
+                )
         for index, deployment in enumerate(model.deployments):
             if deployment.backend not in settings.backends:
                 problems.append(

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from gateway.errors import GatewayError, InternalError
+from gateway.streams import closing
 from gateway.wire import encoder
 
 DONE = b"data: [DONE]\n\n"
@@ -29,8 +30,9 @@ def event(payload: msgspec.Struct) -> bytes:
 
 async def sse_events(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[bytes]:
     try:
-        async for chunk in chunks:
-            yield event(chunk)
+        async with closing(chunks):
+            async for chunk in chunks:
+                yield event(chunk)
     except GatewayError as error:
         yield event(error.body())
         return

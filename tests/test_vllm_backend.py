@@ -6,8 +6,10 @@ past a dead deployment, and a disconnect that makes vLLM abort its generation.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
@@ -26,8 +28,41 @@ def vllm() -> Iterator[VllmServer]:
         yield server
 
 
+class _Overloaded(BaseHTTPRequestHandler):
+    """A fault injector: healthy to probes, 503 to every request."""
+
+    def do_GET(self) -> None:
+        self._reply(200, b'{"status": "ok"}')
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self._reply(503, b'{"error": {"message": "queue full", "type": "server_error"}}')
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("retry-after", "1")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def gateway(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def overloaded() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Overloaded)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    vllm: VllmServer, overloaded: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     dead_port = free_port()  # nothing listens here: a dead deployment
     extra = f"""
         [backends.gpu]
@@ -41,6 +76,11 @@ def gateway(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Itera
         models = ["smollm2-135m-instruct"]
         connect_timeout = 1
 
+        [backends.busy]
+        type = "vllm"
+        base_url = "http://127.0.0.1:{overloaded}/v1"
+        models = ["smollm2-135m-instruct"]
+
         [models.pool]
         deployments = [{{ backend = "gpu", model = "{vllm.model}" }}]
 
@@ -49,6 +89,17 @@ def gateway(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Itera
           {{ backend = "dead", model = "{vllm.model}" }},
           {{ backend = "gpu", model = "{vllm.model}" }},
         ]
+
+        [models.overflow]
+        deployments = [
+          {{ backend = "busy", model = "{vllm.model}" }},
+          {{ backend = "gpu", model = "{vllm.model}" }},
+        ]
+
+        [models.busy-only]
+        deployments = [{{ backend = "busy", model = "{vllm.model}" }}]
+        fallbacks = ["pool"]
+        retries = 0
         """
     config = config_with_key(extra).replace("[server]\n", "[server]\nroute_header = true\n")
     with running_server(tmp_path_factory.mktemp("vllm-gateway"), config) as live:
@@ -107,13 +158,41 @@ def test_streamed_chat_equals_unstreamed_at_temperature_zero(client: openai.Open
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
 
 
-def test_a_dead_deployment_is_skipped_before_the_first_byte(client: openai.OpenAI) -> None:
+def test_a_deployment_its_probe_finds_dead_is_not_tried(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="with-fallback", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert raw.parse().choices[0].message.content is not None
     route = raw.headers["x-nomoat-route"]
-    assert route.startswith("deployment=with-fallback/1; backend=gpu") and "tried=2" in route
+    assert route.startswith("deployment=with-fallback/1; backend=gpu") and "tried=1" in route
+
+
+def test_an_overloaded_deployment_is_skipped_before_the_first_byte(client: openai.OpenAI) -> None:
+    for stream in (False, True):
+        raw = client.chat.completions.with_raw_response.create(
+            model="overflow",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            stream=stream,
+        )
+        route = raw.headers["x-nomoat-route"]
+        assert route.startswith("deployment=overflow/1; backend=gpu") and "tried=2" in route
+        if stream:
+            chunks = list(raw.parse())  # type: ignore[arg-type]
+            assert any(c.choices and c.choices[0].delta.content for c in chunks)
+
+
+def test_a_fallback_model_answers_when_every_deployment_is_overloaded(
+    client: openai.OpenAI,
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="busy-only", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    reply = raw.parse()
+    # The answer names the model that gave it.
+    assert reply.model == "pool" and reply.choices[0].message.content is not None
+    route = raw.headers["x-nomoat-route"]
+    assert route == "deployment=pool/0; fallback=true; tried=2"
 
 
 def test_engine_load_is_read_from_vllms_metrics(gateway: Server, vllm: VllmServer) -> None:

@@ -1,0 +1,132 @@
+"""What the gateway knows about each deployment, for the policies to weigh:
+requests in flight, latency averages, the engine's own load, and passive
+health (failures put a deployment in cooldown).
+
+Everything here is in-memory arithmetic on the event loop: no I/O, no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway.contract import Backend, Candidate, CandidateStats, ReportsLoad
+
+
+@dataclass
+class _Deployment:
+    in_flight: int = 0
+    ewma_ttft: float | None = None
+    ewma_token_time: float | None = None
+    failures: int = 0
+    cooldown_until: float = 0.0
+
+
+def _ewma(previous: float | None, sample: float, alpha: float) -> float:
+    return sample if previous is None else previous + alpha * (sample - previous)
+
+
+class StatsTable:
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.3,
+        cooldown_seconds: float = 10.0,
+        failures_before_cooldown: int = 1,
+        max_ejected_share: float = 0.5,
+    ) -> None:
+        self._alpha = alpha
+        self._cooldown = cooldown_seconds
+        self._failures_before_cooldown = failures_before_cooldown
+        self._max_ejected_share = max_ejected_share
+        self._table: dict[str, _Deployment] = {}
+
+    def _entry(self, deployment: str) -> _Deployment:
+        entry = self._table.get(deployment)
+        if entry is None:
+            entry = self._table[deployment] = _Deployment()
+        return entry
+
+    # ------------------------------------------------------------ recording
+
+    def started(self, deployment: str) -> None:
+        self._entry(deployment).in_flight += 1
+
+    def finished(self, deployment: str) -> None:
+        self._entry(deployment).in_flight -= 1
+
+    def observe(self, deployment: str, ttft: float | None, seconds: float, tokens: int) -> None:
+        """A completed answer: time to its first token (streams only), its
+        duration and its completion tokens."""
+        entry = self._entry(deployment)
+        entry.failures = 0
+        if ttft is not None:
+            entry.ewma_ttft = _ewma(entry.ewma_ttft, ttft, self._alpha)
+        if tokens > 0:
+            generating = seconds - (ttft or 0.0)
+            entry.ewma_token_time = _ewma(entry.ewma_token_time, generating / tokens, self._alpha)
+
+    def failed(self, deployment: str, now: float | None = None) -> None:
+        """A failure before the first byte; enough of them start a cooldown."""
+        entry = self._entry(deployment)
+        entry.failures += 1
+        if entry.failures >= self._failures_before_cooldown:
+            entry.cooldown_until = (now or time.monotonic()) + self._cooldown
+
+    def succeeded(self, deployment: str) -> None:
+        entry = self._entry(deployment)
+        entry.failures = 0
+        entry.cooldown_until = 0.0
+
+    # -------------------------------------------------------------- reading
+
+    def in_cooldown(self, deployment: str, now: float | None = None) -> bool:
+        entry = self._table.get(deployment)
+        return entry is not None and entry.cooldown_until > (now or time.monotonic())
+
+    def available(
+        self,
+        candidates: Sequence[Candidate],
+        ready: Mapping[str, bool],
+        now: float | None = None,
+    ) -> list[Candidate]:
+        """The candidates worth trying: healthy backends, not in cooldown. At
+        most ``max_ejected_share`` of a pool is ever left out (those closest
+        to the end of their cooldown come back first): a flaky probe must not
+        empty a whole pool."""
+        moment = now or time.monotonic()
+        out = [
+            c
+            for c in candidates
+            if not ready.get(c.backend, True) or self.in_cooldown(c.target.deployment, moment)
+        ]
+        keep_out = int(len(candidates) * self._max_ejected_share)
+        if len(out) > keep_out:
+            # Readmit first what is only cooling down, soonest to recover;
+            # keep out last what its active probe says is down.
+            out.sort(
+                key=lambda c: (
+                    not ready.get(c.backend, True),
+                    self._entry(c.target.deployment).cooldown_until,
+                )
+            )
+            out = out[len(out) - keep_out :] if keep_out else []
+        return [c for c in candidates if c not in out]
+
+    def snapshot(
+        self, candidates: Sequence[Candidate], backends: Mapping[str, Backend]
+    ) -> dict[str, CandidateStats]:
+        stats = {}
+        for candidate in candidates:
+            entry = self._entry(candidate.target.deployment)
+            backend = backends.get(candidate.backend)
+            load = backend.load() if isinstance(backend, ReportsLoad) else None
+            stats[candidate.target.deployment] = CandidateStats(
+                in_flight=entry.in_flight,
+                queue_depth=load.waiting if load else None,
+                running=load.running if load else None,
+                ewma_ttft=entry.ewma_ttft,
+                ewma_token_time=entry.ewma_token_time,
+            )
+        return stats
