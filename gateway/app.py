@@ -39,7 +39,7 @@ from gateway.errors import (
 from gateway.hooks import HookChain
 from gateway.metrics import render_metrics
 from gateway.pipeline import Pipeline
-from gateway.settings import Settings, key_matches
+from gateway.settings import Settings, key_fingerprint, key_matches
 from gateway.sse import HEADERS, sse_events
 
 _log = logging.getLogger(__name__)
@@ -138,11 +138,17 @@ class Authenticator:
         matched = key_matches(token.strip(), self._hashes)
         if matched is None:
             raise AuthenticationError("Incorrect API key provided.")
-        return matched[7:19]
+        return key_fingerprint(matched)
 
 
-def _context(prefix: str, key_id: str | None) -> RequestContext:
-    return RequestContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), key_id)
+_PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+def _context(prefix: str, key_id: str | None, request: AnyRequest) -> RequestContext:
+    headers = {
+        name: value for name, value in request.headers.items() if name not in _PRIVATE_HEADERS
+    }
+    return RequestContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), key_id, None, headers)
 
 
 class ClientClosedRequestError(GatewayError):
@@ -194,7 +200,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         pipeline = runtime.serving()
         raw = await request.body()
         body = pipeline.decode_chat(raw)
-        ctx = _context("chatcmpl", key_id)
+        ctx = _context("chatcmpl", key_id, request)
         trace = RouteTrace("chat", len(raw))
         if body.stream:
             chunks = await pipeline.chat_stream(body, ctx, trace)
@@ -208,7 +214,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         pipeline = runtime.serving()
         raw = await request.body()
         body = pipeline.decode_completion(raw)
-        ctx = _context("cmpl", key_id)
+        ctx = _context("cmpl", key_id, request)
         trace = RouteTrace("completions", len(raw))
         if body.stream:
             chunks = await pipeline.completion_stream(body, ctx, trace)

@@ -16,7 +16,15 @@ from gateway.contract import BackendType, Candidate, RoutingPolicy, Target
 from gateway.errors import NotFoundError
 from gateway.hooks import BoundHook
 from gateway.registry import Registry
-from gateway.settings import ConfigError, Settings, reference_problems, validation_problems
+from gateway.rules import Rule, parse_header
+from gateway.settings import (
+    ConfigError,
+    ModelSettings,
+    Settings,
+    key_fingerprint,
+    reference_problems,
+    validation_problems,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,7 @@ class ModelEntry:
     fallbacks: tuple[str, ...] = ()
     retry: Retry = Retry()
     timeout_seconds: float | None = None
+    rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +131,26 @@ def _model_entries(
             tuple(model.fallbacks),
             Retry(model.retries, model.retry_backoff_seconds, model.retry_after_cap_seconds),
             model.timeout_seconds,
+            _rules(name, model),
         )
     return entries
+
+
+def _rules(name: str, model: ModelSettings) -> tuple[Rule, ...]:
+    """Rules name deployments; candidates are known by "<model>/<index>"."""
+    ids: dict[str, set[str]] = {}
+    for index, deployment in enumerate(model.deployments):
+        ids.setdefault(deployment.name or deployment.backend, set()).add(f"{name}/{index}")
+    return tuple(
+        Rule(
+            pool=frozenset().union(*(ids.get(member, set()) for member in rule.pool)),
+            min_prompt_tokens=rule.min_prompt_tokens,
+            max_prompt_tokens=rule.max_prompt_tokens,
+            header=parse_header(rule.header),
+            api_key_ids=frozenset(key_fingerprint(h) for h in rule.api_key_hashes),
+        )
+        for rule in model.rules
+    )
 
 
 def _hooks(settings: Settings, registry: Registry, problems: list[str]) -> list[BoundHook]:

@@ -39,6 +39,7 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.hooks import HookChain, HookFailedError
+from gateway.rules import select_pool
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
 from gateway.streams import closing
@@ -269,7 +270,8 @@ class Pipeline:
         self, entry: ModelEntry, request: AnyRequest, ctx: RequestContext
     ) -> list[RankedCandidate]:
         ready = {name: (await b.health()).ready for name, b in self.backends.items()}
-        candidates = self.stats.available(entry.candidates, ready)
+        pool = select_pool(entry.candidates, entry.rules, request, ctx)
+        candidates = self.stats.available(pool, ready)
         stats = self.stats.snapshot(candidates, self.backends)
         return entry.policy.rank(request, ctx, candidates, stats)
 

@@ -69,6 +69,8 @@ class LimitSettings(_Strict):
 
 class DeploymentSettings(_Strict):
     backend: str
+    # A name for rules to refer to; defaults to the backend's name.
+    name: str | None = None
     # The engine's own name for the model; defaults to the model's name.
     model: str | None = None
     weight: Annotated[float, Field(gt=0)] = 1.0
@@ -76,8 +78,26 @@ class DeploymentSettings(_Strict):
     cost_per_million_tokens: Annotated[float, Field(ge=0)] = 0.0
 
 
+class RuleSettings(_Strict):
+    """Picks the pool for a request; every condition given must hold.
+
+    Prompt size is estimated from characters (4 per token), not tokenized:
+    the gateway decides before any engine sees the request.
+    """
+
+    pool: Annotated[list[str], Field(min_length=1)]
+    min_prompt_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_prompt_tokens: Annotated[int, Field(ge=0)] | None = None
+    # "name: value" of a request header (name case-insensitive).
+    header: str | None = None
+    # Hashes of the API keys this rule applies to (as in server.api_key_hashes).
+    api_key_hashes: tuple[str, ...] = ()
+
+
 class ModelSettings(_Strict):
     deployments: Annotated[list[DeploymentSettings], Field(min_length=1)]
+    # The first rule that matches picks the pool; none matching: every deployment.
+    rules: list[RuleSettings] = Field(default_factory=list)
     # A routing policy offered by an installed plugin, and its options.
     policy: str = "ordered"
     policy_options: dict[str, Any] = Field(default_factory=dict)
@@ -218,6 +238,12 @@ def reference_problems(settings: Settings) -> list[str]:
                 problems.append(
                     f'models.{model_name}.fallbacks[{index}]: unknown model "{fallback}"'
                 )
+        names = {d.name or d.backend for d in model.deployments}
+        for index, rule in enumerate(model.rules):
+            for unknown in sorted(set(rule.pool) - names):
+                problems.append(
+                    f'models.{model_name}.rules[{index}].pool: unknown deployment "{unknown}"'
+                )
         for index, deployment in enumerate(model.deployments):
             if deployment.backend not in settings.backends:
                 problems.append(
@@ -225,6 +251,11 @@ def reference_problems(settings: Settings) -> list[str]:
                     f'unknown backend "{deployment.backend}"'
                 )
     return problems
+
+
+def key_fingerprint(stored_hash: str) -> str:
+    """A short, non-secret id for a key: the first 12 digits of its hash."""
+    return stored_hash.removeprefix(KEY_HASH_PREFIX)[:12]
 
 
 def hash_api_key(key: str) -> str:
