@@ -624,16 +624,55 @@ def bench_llama_cpp_python(model: Path, args: argparse.Namespace) -> Row:
 
 
 def bench_nomoat_engine(model: Path, args: argparse.Namespace) -> Row:
-    """nomoat's in-process llama.cpp engine, called directly (single stream).
+    """nomoat's in-process llama.cpp engine, called directly (single stream):
+    the path the gateway uses, without HTTP, the event loop or the queue."""
+    from gateway.engine.chat_template import ChatTemplate, ChatTurn
+    from gateway.engine.generation import Delta, GenerationRequest, generate
+    from gateway.engine.native import NativeModel, SamplerSpec
 
-    PENDING(issue 2): the engine's API is being written. Once it exists, load
-    ``model`` with ``args.threads`` threads, stream one chat completion of
-    ``messages()`` with ``args.max_tokens`` at temperature 0 after a warm-up, time
-    first/last content token like ``bench_llama_cpp_python`` does, and return
-    ``single_row("nomoat engine (in process)", runs)``.
-    """
-    del model, args
-    raise NotImplementedError("nomoat engine API not available yet")
+    label = "nomoat engine (in process)"
+    engine = NativeModel(model, n_ctx=args.direct_ctx, n_threads=args.threads)
+    template = ChatTemplate(
+        engine.chat_template(),
+        bos_token=engine.piece_text(engine.bos_token),
+        eos_token=engine.piece_text(engine.eos_token),
+    )
+    text = template.render([ChatTurn("user", PROMPT)])
+    prompt = engine.tokenize(text, add_special=False, parse_special=True)
+    request = GenerationRequest(prompt, args.max_tokens, SamplerSpec(temperature=0.0))
+
+    def once() -> Run:
+        start = time.perf_counter()
+        stamps: list[float] = []
+
+        def emit(delta: Delta) -> None:
+            if delta.text:
+                stamps.append(time.perf_counter())
+
+        result = generate(engine, request, emit=emit)
+        end = time.perf_counter()
+        if not stamps:
+            raise RuntimeError("the nomoat engine produced no content")
+        return Run(
+            result.completion_tokens, start, stamps[0], stamps[-1], end, result.finish_reason
+        )
+
+    try:
+        log(f"{label}: warm-up")
+        once()
+        guard = CpuGuard(args.max_other_load, args.max_discards)
+        runs: list[Run] = []
+        while len(runs) < args.runs:
+            guard.begin()
+            run = once()
+            n = len(runs) + 1
+            log(f"{label}: run {n}: {run.tokens} tokens, decode {run.decode_tps:.1f} tok/s")
+            if guard.accept(f"{label}: run {n}"):
+                runs.append(run)
+    finally:
+        engine.close()
+        gc.collect()
+    return guard.stamp(single_row(label, runs, note="generate() with the native sampler chain"))
 
 
 def bench_gateway(model: Path, args: argparse.Namespace, tmp: Path) -> list[Row]:
@@ -788,15 +827,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-llama-bench", action="store_true")
     parser.add_argument("--skip-llama-server", action="store_true")
     parser.add_argument("--skip-direct", action="store_true", help="skip llama-cpp-python")
-    engine = parser.add_mutually_exclusive_group()
-    engine.add_argument(
-        "--skip-engine",
-        dest="skip_engine",
-        action="store_true",
-        default=True,
-        help="skip the nomoat in-process engine row (default until its API exists)",
+    parser.add_argument(
+        "--skip-engine", action="store_true", help="skip the nomoat in-process engine row"
     )
-    engine.add_argument("--engine", dest="skip_engine", action="store_false")
     parser.add_argument("--skip-gateway", action="store_true")
     parser.add_argument(
         "--gateway-cmd",
