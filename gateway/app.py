@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import ControllerRouterHandler
 
@@ -228,7 +229,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         return _json(wire.ModelList(object="list", data=_models(runtime)))
 
     @get("/v1/models/{model_id:path}")
-    async def retrieve_model(request: AnyRequest, model_id: str) -> Response[bytes]:
+    async def retrieve_model(request: AnyRequest, model_id: FromPath[str]) -> Response[bytes]:
         authenticate(request)
         name = model_id.lstrip("/")
         for model in _models(runtime):
@@ -251,7 +252,8 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
 
     @get("/metrics", media_type="text/plain; version=0.0.4")
     async def metrics() -> str:
-        return render_metrics(runtime.backends)
+        pipeline = runtime.pipeline
+        return render_metrics(runtime.backends, pipeline.hooks.failures if pipeline else None)
 
     return [
         chat_completions,

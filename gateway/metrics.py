@@ -21,7 +21,9 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(backends: Mapping[str, Backend]) -> str:
+def render_metrics(
+    backends: Mapping[str, Backend], hook_failures: Mapping[str, int] | None = None
+) -> str:
     samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
     for name, backend in sorted(backends.items()):
         if not isinstance(backend, ReportsLoad):
@@ -39,4 +41,8 @@ def render_metrics(backends: Mapping[str, Backend]) -> str:
         lines.append(f"# HELP {family} {help_text}")
         lines.append(f"# TYPE {family} {kind}")
         lines.extend(f"{family}{sample}" for sample in samples[family])
+    lines.append("# HELP nomoat_hook_failures_total Hook calls that raised an unexpected error.")
+    lines.append("# TYPE nomoat_hook_failures_total counter")
+    for hook, count in sorted((hook_failures or {}).items()):
+        lines.append(f'nomoat_hook_failures_total{{hook="{_escape(hook)}"}} {count}')
     return "\n".join(lines) + "\n"
