@@ -1,12 +1,13 @@
 """Single-stream and 4-stream generation speed, side by side (issue 2).
 
-Paths measured, one after another in one run, same model, prompt, threads,
-temperature 0 and max_tokens:
+Paths measured in one run, same model, prompt, threads, temperature 0 and
+max_tokens (never two generations at once, except the 4 streams of one batch):
 
   llama-bench      llama.cpp's own bench, raw decode (tg), no HTTP, no chat template
-  llama-server     llama.cpp's own server (-np 4, continuous batching), OpenAI SSE
+  llama-server     llama.cpp's own server, OpenAI SSE: one stream on -np 1 (its best
+                   single-stream setting), four on -np 4 (continuous batching)
   llama-cpp-python the high-level ``llama_cpp.Llama`` API, in this process
-  nomoat engine    nomoat's in-process llama.cpp engine (pending: API not written yet)
+  nomoat engine    nomoat's in-process llama.cpp engine (native sampler chain)
   nomoat gateway   ``nomoat serve`` with an API key (full pipeline), OpenAI SSE
 
 HTTP paths are driven by the official ``openai`` SDK (AsyncOpenAI, max_retries=0,
@@ -17,7 +18,11 @@ streaming, ``stream_options.include_usage``). Figures per path:
   e2e tok/s     completion tokens / (request sent -> stream closed)
   TTFT          request sent -> first content chunk
 
-Each path gets one warm-up run, then the median of ``--runs`` runs. The 4-stream
+All paths are loaded at once, each gets a warm-up, then ``--runs`` rounds in
+which every path runs once, in an order rotated each round, so a drift in the
+machine's speed (it moves by 10-20 % over minutes on a shared VM) hits all paths
+alike; figures are medians. A run during which other processes used more than
+``--max-other-load`` cores is redone (at most ``--max-discards`` times). The 4-stream
 rows are aggregates: "e2e" is all tokens / (first request sent -> last stream
 closed), "decode" all tokens after each stream's first / (earliest first content
 chunk -> latest last one), TTFT the slowest stream's.
@@ -440,63 +445,221 @@ async def stream_batch(
     return list(runs), time.perf_counter() - start
 
 
-async def bench_http_async(
-    label: str,
-    base_url: str,
-    api_key: str,
-    model: str,
-    args: argparse.Namespace,
-    extra_body: dict[str, Any] | None,
-    session: int | None,
-) -> list[Row]:
-    """One client (one connection pool) for the whole path, as a real caller has."""
-    timeout = args.request_timeout
-    async with AsyncOpenAI(
-        base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout
-    ) as client:
-        log(f"{label}: warm-up")
-        await stream_once(client, model, args.max_tokens, timeout, extra_body)
-        guard = CpuGuard(args.max_other_load, args.max_discards, session)
-        singles: list[Run] = []
-        while len(singles) < args.runs:
-            guard.begin()
-            run = await stream_once(client, model, args.max_tokens, timeout, extra_body)
-            n = len(singles) + 1
-            log(f"{label}: run {n}: {run.tokens} tokens, decode {run.decode_tps:.1f} tok/s")
-            if guard.accept(f"{label}: run {n}"):
-                singles.append(run)
-        log(f"{label}: {STREAMS} streams, warm-up")
-        await stream_batch(client, model, args.max_tokens, timeout, extra_body, STREAMS)
-        batch_guard = CpuGuard(args.max_other_load, args.max_discards, session)
-        batches: list[tuple[list[Run], float]] = []
-        while len(batches) < args.runs:
-            batch_guard.begin()
-            runs, wall = await stream_batch(
-                client, model, args.max_tokens, timeout, extra_body, STREAMS
-            )
-            n, total = len(batches) + 1, sum(r.tokens for r in runs)
-            log(f"{label}: batch {n}: {total} tokens, {wall:.2f} s, {total / wall:.1f} tok/s")
-            if batch_guard.accept(f"{label}: batch {n}"):
-                batches.append((runs, wall))
-    return [
-        guard.stamp(single_row(label, singles)),
-        batch_guard.stamp(batch_row(label, batches)),
-    ]
-
-
-def bench_http(
-    label: str,
-    base_url: str,
-    api_key: str,
-    model: str,
-    args: argparse.Namespace,
-    extra_body: dict[str, Any] | None,
-    session: int | None,
-) -> list[Row]:
-    return asyncio.run(bench_http_async(label, base_url, api_key, model, args, extra_body, session))
-
-
 # --------------------------------------------------------------------------- paths
+
+
+class Target:
+    """A path under test: one streamed generation at a time and, for servers, a
+    batch of ``STREAMS`` concurrent ones. ``session`` is the process group whose
+    CPU counts as the path's own (its server), besides this process."""
+
+    label = ""
+    note = ""
+    session: int | None = None
+
+    def once(self) -> Run:
+        raise NotImplementedError
+
+    def batch(self) -> tuple[list[Run], float]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the path holds; servers are stopped by their own context."""
+
+
+class HttpTarget(Target):
+    """An OpenAI-compatible server, driven by one AsyncOpenAI client (one
+    connection pool) on one event loop for the whole run, as a real caller."""
+
+    def __init__(
+        self,
+        label: str,
+        base_url: str,
+        api_key: str,
+        model: str,
+        args: argparse.Namespace,
+        extra_body: dict[str, Any] | None,
+        session: int | None,
+        note: str = "",
+    ) -> None:
+        self.label, self.note, self.session = label, note, session
+        self.model, self.extra_body = model, extra_body
+        self.max_tokens, self.timeout = args.max_tokens, args.request_timeout
+        self.runner = asyncio.Runner()
+        self.client = AsyncOpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=self.timeout
+        )
+
+    def once(self) -> Run:
+        return self.runner.run(
+            stream_once(self.client, self.model, self.max_tokens, self.timeout, self.extra_body)
+        )
+
+    def batch(self) -> tuple[list[Run], float]:
+        return self.runner.run(
+            stream_batch(
+                self.client, self.model, self.max_tokens, self.timeout, self.extra_body, STREAMS
+            )
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.runner.run(self.client.close())
+        self.runner.close()
+
+
+class LlamaCppPythonTarget(Target):
+    """llama-cpp-python's high-level API in this process."""
+
+    label = "llama-cpp-python Llama (in process)"
+    note = "create_chat_completion(stream=True)"
+
+    def __init__(self, model: Path, args: argparse.Namespace) -> None:
+        import llama_cpp
+
+        self.max_tokens = args.max_tokens
+        self.llm = llama_cpp.Llama(
+            model_path=str(model),
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            n_ctx=args.direct_ctx,
+            seed=0,
+            verbose=False,
+        )
+
+    def once(self) -> Run:
+        start = time.perf_counter()
+        first: float | None = None
+        last = start
+        chunks = 0
+        finish: str | None = None
+        stream = self.llm.create_chat_completion(
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=self.max_tokens,
+            temperature=0.0,
+            stream=True,
+        )
+        for chunk in cast(Iterator[dict[str, Any]], stream):
+            now = time.perf_counter()
+            choice = chunk["choices"][0]
+            if choice["delta"].get("content"):
+                chunks += 1
+                last = now
+                if first is None:
+                    first = now
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+        end = time.perf_counter()
+        if first is None:
+            raise RuntimeError("llama-cpp-python produced no content")
+        # A "length" finish means exactly max_tokens tokens; otherwise count chunks
+        # (one per token, except where a multi-byte character spans two tokens).
+        tokens = self.max_tokens if finish == "length" else chunks
+        return Run(tokens, start, first, last, end, finish)
+
+    def close(self) -> None:
+        self.llm.close()
+        gc.collect()
+
+
+class NomoatEngineTarget(Target):
+    """nomoat's in-process llama.cpp engine, called directly (single stream):
+    the path the gateway uses, without HTTP, the event loop or the queue."""
+
+    label = "nomoat engine (in process)"
+    note = "generate() with the native sampler chain"
+
+    def __init__(self, model: Path, args: argparse.Namespace) -> None:
+        from gateway.engine.chat_template import ChatTemplate, ChatTurn
+        from gateway.engine.generation import GenerationRequest
+        from gateway.engine.native import NativeModel, SamplerSpec
+
+        self.engine = NativeModel(model, n_ctx=args.direct_ctx, n_threads=args.threads)
+        template = ChatTemplate(
+            self.engine.chat_template(),
+            bos_token=self.engine.piece_text(self.engine.bos_token),
+            eos_token=self.engine.piece_text(self.engine.eos_token),
+        )
+        text = template.render([ChatTurn("user", PROMPT)])
+        prompt = self.engine.tokenize(text, add_special=False, parse_special=True)
+        self.request = GenerationRequest(prompt, args.max_tokens, SamplerSpec(temperature=0.0))
+
+    def once(self) -> Run:
+        from gateway.engine.generation import Delta, generate
+
+        start = time.perf_counter()
+        stamps: list[float] = []
+
+        def emit(delta: Delta) -> None:
+            if delta.text:
+                stamps.append(time.perf_counter())
+
+        result = generate(self.engine, self.request, emit=emit)
+        end = time.perf_counter()
+        if not stamps:
+            raise RuntimeError("the nomoat engine produced no content")
+        return Run(
+            result.completion_tokens, start, stamps[0], stamps[-1], end, result.finish_reason
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+        gc.collect()
+
+
+def measure(targets: Sequence[Target], args: argparse.Namespace, streams: int) -> list[Row]:
+    """A warm-up on each target, then ``args.runs`` rounds in which every target
+    runs once, in an order rotated each round: drift in the machine's speed hits
+    every path alike, so the ratios hold even when the absolute figures move."""
+    guards = {t.label: CpuGuard(args.max_other_load, args.max_discards, t.session) for t in targets}
+    results: dict[str, list[tuple[list[Run], float]]] = {t.label: [] for t in targets}
+    broken: dict[str, Row] = {}
+    what = "run" if streams == 1 else "batch"
+
+    def call(target: Target) -> tuple[list[Run], float]:
+        if streams != 1:
+            return target.batch()
+        run = target.once()
+        return [run], run.total_s
+
+    for target in targets:
+        log(f"{target.label}: {streams} stream(s), warm-up")
+        try:
+            call(target)
+        except FAILURES as error:
+            broken[target.label] = failed_row(target.label, streams, error)
+    alive = [t for t in targets if t.label not in broken]
+    for round_ in range(args.runs):
+        turn = round_ % len(alive) if alive else 0
+        for target in alive[turn:] + alive[:turn]:
+            if target.label in broken:
+                continue
+            guard = guards[target.label]
+            try:
+                while True:
+                    guard.begin()
+                    runs, wall = call(target)
+                    total = sum(r.tokens for r in runs)
+                    rate = runs[0].decode_tps if streams == 1 else total / wall
+                    tag = f"{target.label}: {what} {round_ + 1}"
+                    log(f"{tag}: {total} tokens, {wall:.2f} s, {rate:.1f} tok/s")
+                    if guard.accept(tag):
+                        break
+            except FAILURES as error:
+                broken[target.label] = failed_row(target.label, streams, error)
+                continue
+            results[target.label].append((runs, wall))
+    rows = []
+    for target in targets:
+        if target.label in broken:
+            rows.append(broken[target.label])
+        elif streams == 1:
+            singles = [runs[0] for runs, _ in results[target.label]]
+            rows.append(guards[target.label].stamp(single_row(target.label, singles, target.note)))
+        else:
+            batches = results[target.label]
+            rows.append(guards[target.label].stamp(batch_row(target.label, batches, target.note)))
+    return rows
 
 
 def resolve_llama_server(given: str | None) -> Path:
@@ -531,7 +694,7 @@ def bench_llama_bench(binary: Path, model: Path, args: argparse.Namespace) -> Ro
     row = Row(
         path=label,
         streams=1,
-        note="llama.cpp's own decode loop; it warms up by itself",
+        note="llama.cpp's own decode loop, run before the others",
         decode_tps=statistics.median(samples),
         tokens=int(result["n_gen"]),
         runs=len(samples),
@@ -540,143 +703,35 @@ def bench_llama_bench(binary: Path, model: Path, args: argparse.Namespace) -> Ro
     return guard.stamp(row)
 
 
-def bench_llama_server(binary: Path, model: Path, args: argparse.Namespace, tmp: Path) -> list[Row]:
-    port = free_port()
-    argv = [
-        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "-t", str(args.threads), "-tb", str(args.threads), "-c", str(args.server_ctx),
-        "-np", str(args.server_parallel), "--no-webui",
-    ]  # fmt: skip
+def start_llama_servers(
+    binary: Path, model: Path, args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack
+) -> tuple[HttpTarget, HttpTarget]:
+    """The single-stream target on a server with ``--server-single-parallel``
+    slots (1: its best single-stream setting) and the 4-stream target on one with
+    ``--server-parallel``; one server for both when the two are equal."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
-    with running(Server("llama-server", argv, tmp / "llama-server.log", env)) as server:
+    targets: dict[int, HttpTarget] = {}
+    for parallel in dict.fromkeys((args.server_single_parallel, args.server_parallel)):
+        port = free_port()
+        argv = [
+            str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(args.threads), "-tb", str(args.threads), "-c", str(args.server_ctx),
+            "-np", str(parallel), "--no-webui",
+        ]  # fmt: skip
+        label = f"llama-server -np {parallel}"
+        log_path = tmp / f"llama-server-np{parallel}.log"
+        server = stack.enter_context(running(Server(label, argv, log_path, env)))
         server.wait_ready(f"http://127.0.0.1:{port}/health", {}, args.startup_timeout)
-        rows = bench_http(
-            f"llama-server -np {args.server_parallel}",
-            f"http://127.0.0.1:{port}/v1",
-            "none",
-            "model",
-            args,
-            {"ignore_eos": True},
-            server.proc.pid,
+        base = f"http://127.0.0.1:{port}/v1"
+        target = HttpTarget(
+            label, base, "none", "model", args, {"ignore_eos": True}, server.proc.pid
         )
-    return rows
+        stack.callback(target.close)
+        targets[parallel] = target
+    return targets[args.server_single_parallel], targets[args.server_parallel]
 
 
-def bench_llama_cpp_python(model: Path, args: argparse.Namespace) -> Row:
-    import llama_cpp
-
-    label = "llama-cpp-python Llama (in process)"
-    llm = llama_cpp.Llama(
-        model_path=str(model),
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        n_ctx=args.direct_ctx,
-        seed=0,
-        verbose=False,
-    )
-
-    def once() -> Run:
-        start = time.perf_counter()
-        first: float | None = None
-        last = start
-        chunks = 0
-        finish: str | None = None
-        stream = llm.create_chat_completion(
-            messages=[{"role": "user", "content": PROMPT}],
-            max_tokens=args.max_tokens,
-            temperature=0.0,
-            stream=True,
-        )
-        for chunk in cast(Iterator[dict[str, Any]], stream):
-            now = time.perf_counter()
-            choice = chunk["choices"][0]
-            if choice["delta"].get("content"):
-                chunks += 1
-                last = now
-                if first is None:
-                    first = now
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
-        end = time.perf_counter()
-        if first is None:
-            raise RuntimeError("llama-cpp-python produced no content")
-        # A "length" finish means exactly max_tokens tokens; otherwise count chunks
-        # (one per token, except where a multi-byte character spans two tokens).
-        tokens = args.max_tokens if finish == "length" else chunks
-        return Run(tokens, start, first, last, end, finish)
-
-    try:
-        log(f"{label}: warm-up")
-        once()
-        guard = CpuGuard(args.max_other_load, args.max_discards)
-        runs: list[Run] = []
-        while len(runs) < args.runs:
-            guard.begin()
-            run = once()
-            n = len(runs) + 1
-            log(f"{label}: run {n}: {run.tokens} tokens, decode {run.decode_tps:.1f} tok/s")
-            if guard.accept(f"{label}: run {n}"):
-                runs.append(run)
-    finally:
-        llm.close()
-        gc.collect()
-    return guard.stamp(single_row(label, runs, note="create_chat_completion(stream=True)"))
-
-
-def bench_nomoat_engine(model: Path, args: argparse.Namespace) -> Row:
-    """nomoat's in-process llama.cpp engine, called directly (single stream):
-    the path the gateway uses, without HTTP, the event loop or the queue."""
-    from gateway.engine.chat_template import ChatTemplate, ChatTurn
-    from gateway.engine.generation import Delta, GenerationRequest, generate
-    from gateway.engine.native import NativeModel, SamplerSpec
-
-    label = "nomoat engine (in process)"
-    engine = NativeModel(model, n_ctx=args.direct_ctx, n_threads=args.threads)
-    template = ChatTemplate(
-        engine.chat_template(),
-        bos_token=engine.piece_text(engine.bos_token),
-        eos_token=engine.piece_text(engine.eos_token),
-    )
-    text = template.render([ChatTurn("user", PROMPT)])
-    prompt = engine.tokenize(text, add_special=False, parse_special=True)
-    request = GenerationRequest(prompt, args.max_tokens, SamplerSpec(temperature=0.0))
-
-    def once() -> Run:
-        start = time.perf_counter()
-        stamps: list[float] = []
-
-        def emit(delta: Delta) -> None:
-            if delta.text:
-                stamps.append(time.perf_counter())
-
-        result = generate(engine, request, emit=emit)
-        end = time.perf_counter()
-        if not stamps:
-            raise RuntimeError("the nomoat engine produced no content")
-        return Run(
-            result.completion_tokens, start, stamps[0], stamps[-1], end, result.finish_reason
-        )
-
-    try:
-        log(f"{label}: warm-up")
-        once()
-        guard = CpuGuard(args.max_other_load, args.max_discards)
-        runs: list[Run] = []
-        while len(runs) < args.runs:
-            guard.begin()
-            run = once()
-            n = len(runs) + 1
-            log(f"{label}: run {n}: {run.tokens} tokens, decode {run.decode_tps:.1f} tok/s")
-            if guard.accept(f"{label}: run {n}"):
-                runs.append(run)
-    finally:
-        engine.close()
-        gc.collect()
-    return guard.stamp(single_row(label, runs, note="generate() with the native sampler chain"))
-
-
-def bench_gateway(model: Path, args: argparse.Namespace, tmp: Path) -> list[Row]:
-    del model  # the gateway finds the embedded model itself
+def start_gateway(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> HttpTarget:
     port = free_port()
     config = tmp / "nomoat.toml"
     key_hash = "sha256:" + hashlib.sha256(args.api_key.encode()).hexdigest()
@@ -690,25 +745,26 @@ def bench_gateway(model: Path, args: argparse.Namespace, tmp: Path) -> list[Row]
         part.format(config=config, port=port, python=sys.executable)
         for part in shlex.split(args.gateway_cmd)
     ]
-    env = dict(os.environ)
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {args.api_key}"}
-    with running(Server("nomoat gateway", argv, tmp / "gateway.log", env)) as server:
-        server.wait_ready(f"{base}/v1/models", auth, args.startup_timeout)
-        status, _ = http_get(f"{base}/v1/models", {}, timeout_s=5.0)
-        note = "auth on" if status == 401 else f"WARNING: no key gave HTTP {status}, not 401"
-        rows = bench_http(
-            "nomoat gateway",
-            f"{base}/v1",
-            args.api_key,
-            args.gateway_model,
-            args,
-            None,
-            server.proc.pid,
-        )
-    for row in rows:
-        row.note = f"{note}; {row.note}".rstrip("; ")
-    return rows
+    server = stack.enter_context(
+        running(Server("nomoat gateway", argv, tmp / "gateway.log", dict(os.environ)))
+    )
+    server.wait_ready(f"{base}/v1/models", auth, args.startup_timeout)
+    status, _ = http_get(f"{base}/v1/models", {}, timeout_s=5.0)
+    note = "auth on" if status == 401 else f"WARNING: no key gave HTTP {status}, not 401"
+    target = HttpTarget(
+        "nomoat gateway",
+        f"{base}/v1",
+        args.api_key,
+        args.gateway_model,
+        args,
+        None,
+        server.proc.pid,
+        note,
+    )
+    stack.callback(target.close)
+    return target
 
 
 def gateway_available(args: argparse.Namespace) -> str | None:
@@ -822,7 +878,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds")
     parser.add_argument("--llama-server", help="llama-server binary (default: build/locate)")
     parser.add_argument("--server-ctx", type=int, default=8192, help="llama-server -c")
-    parser.add_argument("--server-parallel", type=int, default=4, help="llama-server -np")
+    parser.add_argument(
+        "--server-parallel", type=int, default=4, help="llama-server -np, 4-stream row"
+    )
+    parser.add_argument(
+        "--server-single-parallel",
+        type=int,
+        default=1,
+        help="llama-server -np for the 1-stream row (a second server when it differs)",
+    )
     parser.add_argument("--direct-ctx", type=int, default=2048, help="Llama(n_ctx=...)")
     parser.add_argument("--skip-llama-bench", action="store_true")
     parser.add_argument("--skip-llama-server", action="store_true")
@@ -861,22 +925,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 FAILURES = (RuntimeError, OSError, TimeoutError, subprocess.SubprocessError, openai.APIError)
 
 
-def failed(path: str, error: BaseException) -> list[Row]:
+def failed_row(path: str, streams: int, error: BaseException) -> Row:
     message = f"{type(error).__name__}: {error}".splitlines()[0]
     if error.__cause__ is not None:
         message += f" ({type(error.__cause__).__name__}: {error.__cause__})".splitlines()[0]
     log(f"{path} failed: {message}")
-    return [Row(path, n, "failed", message) for n in (1, STREAMS)]
+    return Row(path, streams, "failed", message)
+
+
+ROW_ORDER = ("llama-bench", "llama-server", "llama-cpp-python", "nomoat engine", "nomoat gateway")
+
+
+def row_key(row: Row) -> tuple[int, int]:
+    rank = next((i for i, p in enumerate(ROW_ORDER) if row.path.startswith(p)), len(ROW_ORDER))
+    return rank, row.streams
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    del frame
+    raise SystemExit(128 + signum)  # unwinds the ExitStack: servers are stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     model = model_path()
     info = machine_info() | {"model": model.name}
     if info["loadavg_at_start"][0] > 0.5:
         log(f"WARNING: load average {info['loadavg_at_start']}: the machine is not quiet")
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="nomoat-bench-") as tmp_name:
+    singles: list[Target] = []  # measured together, interleaved
+    batches: list[Target] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="nomoat-bench-") as tmp_name,
+        contextlib.ExitStack() as stack,
+    ):
         tmp = Path(tmp_name)
         if not (args.skip_llama_bench and args.skip_llama_server):
             server_bin = resolve_llama_server(args.llama_server)
@@ -884,31 +967,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags = server_bin.parent.parent / "FLAGS"
             if flags.is_file():
                 info["llama_cpp_build"] = flags.read_text().splitlines()
-            if not args.skip_llama_bench:
+            if not args.skip_llama_bench:  # first, while nothing else is loaded
                 rows.append(bench_llama_bench(server_bin.with_name("llama-bench"), model, args))
             if not args.skip_llama_server:
                 try:
-                    rows.extend(bench_llama_server(server_bin, model, args, tmp))
+                    one, four = start_llama_servers(server_bin, model, args, tmp, stack)
+                    singles.append(one)
+                    batches.append(four)
                 except FAILURES as error:
-                    rows.extend(failed("llama-server", error))
+                    rows += [failed_row("llama-server", n, error) for n in (1, STREAMS)]
         if not args.skip_direct:
-            rows.append(bench_llama_cpp_python(model, args))
-        if args.skip_engine:
-            rows.append(Row("nomoat engine (in process)", 1, "pending", "API not written yet"))
-        else:
             try:
-                rows.append(bench_nomoat_engine(model, args))
-            except NotImplementedError as error:
-                rows.append(Row("nomoat engine (in process)", 1, "pending", str(error)))
+                direct = LlamaCppPythonTarget(model, args)
+                stack.callback(direct.close)
+                singles.append(direct)
+            except FAILURES as error:
+                rows.append(failed_row(LlamaCppPythonTarget.label, 1, error))
+        if not args.skip_engine:
+            try:
+                engine = NomoatEngineTarget(model, args)
+                stack.callback(engine.close)
+                singles.append(engine)
+            except (*FAILURES, ImportError) as error:
+                rows.append(failed_row(NomoatEngineTarget.label, 1, error))
         why_not = "skipped by --skip-gateway" if args.skip_gateway else gateway_available(args)
         if why_not is None:
             try:
-                rows.extend(bench_gateway(model, args, tmp))
+                gateway = start_gateway(args, tmp, stack)
+                singles.append(gateway)
+                batches.append(gateway)
             except FAILURES as error:
-                rows.extend(failed("nomoat gateway", error))
+                rows += [failed_row("nomoat gateway", n, error) for n in (1, STREAMS)]
         else:
             log(f"gateway rows skipped: {why_not}")
             rows.extend(Row("nomoat gateway", n, "pending", why_not) for n in (1, STREAMS))
+        rows += measure(singles, args, 1)
+        if batches:
+            rows += measure(batches, args, STREAMS)
+    rows.sort(key=row_key)
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     print_report(rows, info, args)
     if args.json:
