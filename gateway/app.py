@@ -253,7 +253,15 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     @get("/metrics", media_type="text/plain; version=0.0.4")
     async def metrics() -> str:
         pipeline = runtime.pipeline
-        return render_metrics(runtime.backends, pipeline.hooks.failures if pipeline else None)
+        status = await _status(runtime)
+        ready = {
+            (model, d.deployment, d.backend): d.ready
+            for model, deployments in status.models.items()
+            for d in deployments
+        }
+        return render_metrics(
+            runtime.backends, pipeline.hooks.failures if pipeline else None, ready
+        )
 
     return [
         chat_completions,

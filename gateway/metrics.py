@@ -22,7 +22,9 @@ def _escape(value: str) -> str:
 
 
 def render_metrics(
-    backends: Mapping[str, Backend], hook_failures: Mapping[str, int] | None = None
+    backends: Mapping[str, Backend],
+    hook_failures: Mapping[str, int] | None = None,
+    deployments_ready: Mapping[tuple[str, str, str], bool] | None = None,
 ) -> str:
     samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
     for name, backend in sorted(backends.items()):
@@ -45,4 +47,18 @@ def render_metrics(
     lines.append("# TYPE nomoat_hook_failures_total counter")
     for hook, count in sorted((hook_failures or {}).items()):
         lines.append(f'nomoat_hook_failures_total{{hook="{_escape(hook)}"}} {count}')
+    lines.append(
+        "# HELP nomoat_deployment_up Whether a deployment's backend can serve (1) or not (0)."
+    )
+    lines.append("# TYPE nomoat_deployment_up gauge")
+    for (model, deployment, backend_name), up in sorted((deployments_ready or {}).items()):
+        labels = ",".join(
+            f'{name}="{_escape(value)}"'
+            for name, value in (
+                ("model", model),
+                ("deployment", deployment),
+                ("backend", backend_name),
+            )
+        )
+        lines.append(f"nomoat_deployment_up{{{labels}}} {int(up)}")
     return "\n".join(lines) + "\n"
