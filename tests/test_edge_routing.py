@@ -1,0 +1,156 @@
+"""Two real `nomoat edge` nodes behind a gateway: the split a policy makes,
+session affinity, and an edge node killed before and during a stream."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL, Server, config_with_key, free_port, running_server
+
+NO_END = {"0": -100, "2": -100, "4": -100}
+
+
+@contextmanager
+def edge_node(tmp_path: Path, name: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    log = (tmp_path / f"{name}.log").open("wb")
+    command = [sys.executable, "-m", "gateway.cli", "edge", "--port", str(port)]
+    command += ["--threads", "1", "--parallel", "2"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / f"{name}.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.25)
+        yield port, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def edges(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[list[tuple[int, subprocess.Popen[bytes]]]]:
+    tmp = tmp_path_factory.mktemp("edges")
+    with edge_node(tmp, "a") as a, edge_node(tmp, "b") as b:
+        yield [a, b]
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    edges: list[tuple[int, subprocess.Popen[bytes]]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    (port_a, _), (port_b, _) = edges
+    extra = f"""
+        [backends.edge-a]
+        type = "edge"
+        base_url = "http://127.0.0.1:{port_a}/v1"
+        probe_interval = 0.5
+        connect_timeout = 1
+
+        [backends.edge-b]
+        type = "edge"
+        base_url = "http://127.0.0.1:{port_b}/v1"
+        probe_interval = 0.5
+        connect_timeout = 1
+
+        [models.split]
+        policy = "weighted-round-robin"
+        deployments = [
+          {{ backend = "edge-a", model = "{MODEL}" }},
+          {{ backend = "edge-b", model = "{MODEL}" }},
+        ]
+
+        [models.sticky]
+        policy = "session-affinity"
+        deployments = [
+          {{ backend = "edge-a", model = "{MODEL}" }},
+          {{ backend = "edge-b", model = "{MODEL}" }},
+        ]
+        """
+    config = config_with_key(extra).replace("[server]\n", "[server]\nroute_header = true\n")
+    with running_server(tmp_path_factory.mktemp("edge-gateway"), config) as live:
+        yield live
+
+
+@pytest.fixture
+def client(gateway: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=gateway.api_key, max_retries=0)
+
+
+def backend_of(raw: object) -> str:
+    route = raw.headers["x-nomoat-route"]  # type: ignore[attr-defined]
+    return str(route.split("backend=")[1].split(";")[0])
+
+
+def ask(client: openai.OpenAI, model: str, user: str | None = None) -> str:
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        user=user or openai.NOT_GIVEN,
+    )
+    assert raw.parse().choices[0].message.content is not None
+    return backend_of(raw)
+
+
+def test_weighted_round_robin_splits_evenly_across_two_edges(client: openai.OpenAI) -> None:
+    split = Counter(ask(client, "split") for _ in range(8))
+    assert split == {"edge-a": 4, "edge-b": 4}
+
+
+def test_session_affinity_keeps_each_user_on_one_edge(client: openai.OpenAI) -> None:
+    placed = {
+        user: ask(client, "sticky", user) for user in ("ann", "bob", "cy", "dee", "eve", "fay")
+    }
+    assert {user: ask(client, "sticky", user) for user in placed} == placed
+    assert set(placed.values()) == {"edge-a", "edge-b"}
+
+
+def test_an_edge_killed_mid_stream_and_then_skipped(
+    client: openai.OpenAI, edges: list[tuple[int, subprocess.Popen[bytes]]], gateway: Server
+) -> None:
+    # Find which edge serves the next "split" request, then stream from it and kill it.
+    stream = client.chat.completions.with_raw_response.create(
+        model="split",
+        messages=[{"role": "user", "content": "Tell a very long story."}],
+        max_tokens=400,
+        logit_bias=NO_END,
+        stream=True,
+    )
+    victim = backend_of(stream)
+    process = edges[0][1] if victim == "edge-a" else edges[1][1]
+    chunks = stream.parse()
+    got = 0
+    with pytest.raises(openai.APIError):
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                got += 1
+                if got == 5:
+                    process.send_signal(signal.SIGKILL)
+    assert got >= 5
+    # Afterwards every request succeeds on the other edge: none fails before its first byte.
+    survivor = "edge-b" if victim == "edge-a" else "edge-a"
+    assert [ask(client, "split") for _ in range(6)] == [survivor] * 6
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    status = httpx.get(f"{gateway.root_url}/status", headers=headers, timeout=10).json()
+    up = {d["backend"]: d["ready"] for d in status["models"]["split"]}
+    assert up == {victim: False, survivor: True}
