@@ -96,6 +96,19 @@ def gateway(
           {{ backend = "gpu", model = "{vllm.model}" }},
         ]
 
+        [backends.local]
+        type = "llamacpp"
+        threads = 1
+        parallel = 1
+        smoke_test = false
+
+        [models.sized]
+        deployments = [
+          {{ backend = "local", model = "smollm2-135m-instruct", name = "edge" }},
+          {{ backend = "gpu", model = "{vllm.model}", name = "gpu" }},
+        ]
+        rules = [{{ pool = ["gpu"], min_prompt_tokens = 200 }}, {{ pool = ["edge"] }}]
+
         [models.busy-only]
         deployments = [{{ backend = "busy", model = "{vllm.model}" }}]
         fallbacks = ["pool"]
@@ -193,6 +206,21 @@ def test_a_fallback_model_answers_when_every_deployment_is_overloaded(
     assert reply.model == "pool" and reply.choices[0].message.content is not None
     route = raw.headers["x-nomoat-route"]
     assert route == "deployment=pool/0; fallback=true; tried=2"
+
+
+def test_a_size_rule_sends_long_prompts_to_vllm_and_short_ones_to_the_edge(
+    client: openai.OpenAI,
+) -> None:
+    def backend_for(prompt: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model="sized", messages=[{"role": "user", "content": prompt}], max_tokens=2
+        )
+        assert raw.parse().usage is not None
+        return str(raw.headers["x-nomoat-route"].split("backend=")[1].split(";")[0])
+
+    long_prompt = "Summarise this. " + "The sea was calm and grey. " * 40  # ~1,100 chars
+    assert [backend_for("Say hi.") for _ in range(3)] == ["local"] * 3
+    assert [backend_for(long_prompt) for _ in range(3)] == ["gpu"] * 3
 
 
 def test_engine_load_is_read_from_vllms_metrics(gateway: Server, vllm: VllmServer) -> None:
