@@ -8,7 +8,7 @@ their type's config model, policies by theirs).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
 
@@ -59,9 +59,10 @@ class ModelEntry:
 @dataclass(frozen=True, slots=True)
 class Catalog:
     models: Mapping[str, ModelEntry]
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     def resolve(self, name: str) -> ModelEntry:
-        entry = self.models.get(name)
+        entry = self.models.get(self.aliases.get(name, name))
         if entry is None:
             raise NotFoundError(
                 f"The model `{name}` does not exist or you do not have access to it.",
@@ -178,4 +179,5 @@ def plan(settings: Settings, registry: Registry) -> Plan:
     hooks = _hooks(settings, registry, problems)
     if problems:
         raise ConfigError(problems)
-    return Plan(tuple(backends), Catalog(models), tuple(hooks))
+    aliases = {alias: name for name, model in settings.models.items() for alias in model.aliases}
+    return Plan(tuple(backends), Catalog(models, aliases), tuple(hooks))

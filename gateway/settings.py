@@ -101,6 +101,8 @@ class ModelSettings(_Strict):
     # A routing policy offered by an installed plugin, and its options.
     policy: str = "ordered"
     policy_options: dict[str, Any] = Field(default_factory=dict)
+    # Other names clients may use for this model (e.g. a hosted model's name).
+    aliases: list[str] = Field(default_factory=list)
     # Other models to try, in order, when every deployment of this one failed
     # before sending anything.
     fallbacks: list[str] = Field(default_factory=list)
@@ -232,7 +234,14 @@ def load_settings(path: Path | None) -> Settings:
 def reference_problems(settings: Settings) -> list[str]:
     """Cross references that pydantic cannot see: deployments name backends."""
     problems = []
+    taken = set(settings.models)
     for model_name, model in settings.models.items():
+        for index, alias in enumerate(model.aliases):
+            if alias in taken:
+                problems.append(
+                    f'models.{model_name}.aliases[{index}]: "{alias}" already names a model'
+                )
+            taken.add(alias)
         for index, fallback in enumerate(model.fallbacks):
             if fallback not in settings.models or fallback == model_name:
                 problems.append(

@@ -87,3 +87,20 @@ def test_rules_naming_unknown_deployments_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         plan(load_settings(config), discover())
     assert caught.value.problems == ['models.chat.rules[3].pool: unknown deployment "edgy"']
+
+
+def test_an_alias_resolves_to_its_model(tmp_path: Path) -> None:
+    config = tmp_path / "aliases.toml"
+    config.write_text(
+        CONFIG.replace("[models.chat]\n", '[models.chat]\naliases = ["gpt-4o-mini"]\n')
+    )
+    catalog = plan(load_settings(config), discover()).catalog
+    assert catalog.resolve("gpt-4o-mini") is catalog.resolve("chat")
+
+
+def test_an_alias_may_not_shadow_a_model(tmp_path: Path) -> None:
+    config = tmp_path / "aliases.toml"
+    config.write_text(CONFIG.replace("[models.chat]\n", '[models.chat]\naliases = ["chat"]\n'))
+    with pytest.raises(ConfigError) as caught:
+        plan(load_settings(config), discover())
+    assert caught.value.problems == ['models.chat.aliases[0]: "chat" already names a model']
