@@ -180,6 +180,8 @@ class EngineLoad:
     running: int
     waiting: int
     decoded_tokens_total: int | None = None
+    # Share of the KV cache in use, 0 to 1, where the engine reports it.
+    kv_cache_usage: float | None = None
 
 
 @runtime_checkable
@@ -282,6 +284,8 @@ class CandidateStats:
     ewma_token_time: float | None = None
     # The engine's own running count, where it reports one.
     running: int | None = None
+    # Share of the engine's KV cache in use (0 to 1), where it reports one.
+    kv_cache_usage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

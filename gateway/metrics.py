@@ -10,6 +10,11 @@ _FAMILIES = (
     ("nomoat_engine_requests_running", "gauge", "Generations running in the engine."),
     ("nomoat_engine_requests_waiting", "gauge", "Requests queued for the engine."),
     (
+        "nomoat_engine_kv_cache_usage_ratio",
+        "gauge",
+        "Share of the engine's KV cache in use, as the engine reports it.",
+    ),
+    (
         "nomoat_engine_decoded_tokens_total",
         "counter",
         "Tokens the engine itself reports having evaluated (prompt and generated).",
@@ -34,6 +39,8 @@ def render_metrics(
         label = f'{{backend="{_escape(name)}"}}'
         samples["nomoat_engine_requests_running"].append(f"{label} {load.running}")
         samples["nomoat_engine_requests_waiting"].append(f"{label} {load.waiting}")
+        if load.kv_cache_usage is not None:
+            samples["nomoat_engine_kv_cache_usage_ratio"].append(f"{label} {load.kv_cache_usage}")
         if load.decoded_tokens_total is not None:
             samples["nomoat_engine_decoded_tokens_total"].append(
                 f"{label} {load.decoded_tokens_total}"

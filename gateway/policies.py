@@ -159,12 +159,17 @@ class ShortestQueuePolicy:
             seen = _stats(stats, candidate)
             if seen.queue_depth is None and seen.running is None:
                 return float(seen.in_flight)
-            return float((seen.queue_depth or 0) * 2 + (seen.running or 0))
+            # A full KV cache means new requests will wait: it breaks ties.
+            kv = seen.kv_cache_usage or 0.0
+            return float((seen.queue_depth or 0) * 2 + (seen.running or 0)) + kv
 
         return _ranked(
             candidates,
             lambda c: -load(c) / c.weight,
-            lambda c: f"queue {_stats(stats, c).queue_depth}, running {_stats(stats, c).running}",
+            lambda c: (
+                f"queue {_stats(stats, c).queue_depth}, running {_stats(stats, c).running}, "
+                f"kv {_stats(stats, c).kv_cache_usage}"
+            ),
         )
 
 

@@ -126,6 +126,7 @@ class StatsTable:
                 in_flight=entry.in_flight,
                 queue_depth=load.waiting if load else None,
                 running=load.running if load else None,
+                kv_cache_usage=load.kv_cache_usage if load else None,
                 ewma_ttft=entry.ewma_ttft,
                 ewma_token_time=entry.ewma_token_time,
             )

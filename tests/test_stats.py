@@ -50,3 +50,21 @@ def test_in_flight_counts_follow_start_and_finish() -> None:
     table.started("m/0")
     table.finished("m/0")
     assert table.snapshot([candidate(0)], {})["m/0"].in_flight == 1
+
+
+def test_engine_load_is_parsed_from_vllm_metrics_text() -> None:
+    from gateway.backends.openai_compat import LOAD_METRICS, parse_load
+
+    text = "\n".join(
+        [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+            'vllm:num_requests_running{engine="1",model_name="m"} 1.0',
+            'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0',
+            'vllm:kv_cache_usage_perc{engine="0",model_name="a b"} 0.25',
+            'vllm:num_requests_running_total{engine="0"} 99.0',
+        ]
+    )
+    load = parse_load(text, LOAD_METRICS["vllm"])
+    assert (load.running, load.waiting, load.kv_cache_usage) == (4, 2, 0.25)
+    assert parse_load("", LOAD_METRICS["edge"]).kv_cache_usage is None

@@ -233,6 +233,7 @@ def test_engine_load_is_read_from_vllms_metrics(gateway: Server, vllm: VllmServe
         time.sleep(0.2)
     assert idle in text
     assert 'nomoat_engine_requests_waiting{backend="gpu"} 0' in text
+    assert 'nomoat_engine_kv_cache_usage_ratio{backend="gpu"} ' in text
     up = 'nomoat_deployment_up{model="with-fallback",deployment="with-fallback/%s",backend="%s"} %d'
     assert up % (0, "dead", 0) in text and up % (1, "gpu", 1) in text
     # One dead pool does not take the gateway out of service; /status tells.

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
 
 import msgspec
@@ -37,10 +38,20 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 EngineKind = Literal["openai", "vllm", "edge"]
 
+
 # Metric names (summed over label sets) each engine kind reports its load as.
+@dataclass(frozen=True, slots=True)
+class LoadMetricNames:
+    running: str
+    waiting: str
+    kv_usage: str | None = None
+
+
 LOAD_METRICS = {
-    "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
-    "edge": ("nomoat_engine_requests_running", "nomoat_engine_requests_waiting"),
+    "vllm": LoadMetricNames(
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
+    ),
+    "edge": LoadMetricNames("nomoat_engine_requests_running", "nomoat_engine_requests_waiting"),
 }
 
 
@@ -223,19 +234,27 @@ def _encode(request: msgspec.Struct) -> bytes:
     return wire.encoder.encode(request)
 
 
-def parse_load(text: str, names: tuple[str, str]) -> EngineLoad:
+def parse_load(text: str, names: LoadMetricNames) -> EngineLoad:
     """Sum each metric over its label sets in Prometheus text exposition."""
-    totals = {name: 0.0 for name in names}
+    wanted = [names.running, names.waiting, *([names.kv_usage] if names.kv_usage else [])]
+    totals = dict.fromkeys(wanted, 0.0)
+    seen: set[str] = set()
     for line in text.splitlines():
-        if line.startswith("#"):
+        if not line or line.startswith("#"):
             continue
-        metric, _, rest = line.partition(" ")
-        base = metric.split("{", 1)[0]
-        if base in totals:
-            with contextlib.suppress(ValueError):
-                totals[base] += float(rest.split()[0])
-    running, waiting = (int(totals[name]) for name in names)
-    return EngineLoad(running=running, waiting=waiting)
+        base = line.split("{", 1)[0].split(" ", 1)[0]
+        if base not in totals:
+            continue
+        after_labels = line[line.rfind("}") + 1 :] if "}" in line else line[len(base) :]
+        with contextlib.suppress(ValueError, IndexError):
+            totals[base] += float(after_labels.split()[0])
+            seen.add(base)
+    kv = totals[names.kv_usage] if names.kv_usage and names.kv_usage in seen else None
+    return EngineLoad(
+        running=int(totals[names.running]),
+        waiting=int(totals[names.waiting]),
+        kv_cache_usage=kv,
+    )
 
 
 def _factory(
