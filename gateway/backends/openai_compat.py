@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway import wire
 from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
+    AnyRequest,
     BackendHealth,
     BackendType,
     EngineLoad,
@@ -36,6 +37,8 @@ from gateway.errors import GatewayError, UpstreamError
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_Answer = TypeVar("_Answer", wire.ChatCompletion, wire.Completion)
+_Chunk = TypeVar("_Chunk", wire.ChatCompletionChunk, wire.Completion)
 EngineKind = Literal["openai", "vllm", "edge"]
 
 
@@ -145,16 +148,44 @@ class OpenAICompatibleBackend:
     async def chat(
         self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
     ) -> wire.ChatCompletion:
-        body = _encode(msgspec.structs.replace(request, model=target.engine_model, stream=False))
-        response = self._decode(
-            self._chat_decoder, await self._upstream.post("/chat/completions", body)
-        )
+        return await self._answer("/chat/completions", request, self._chat_decoder, target, ctx)
+
+    def chat_stream(
+        self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
+    ) -> AsyncIterator[wire.ChatCompletionChunk]:
+        return self._relay("/chat/completions", request, self._chunk_decoder, target, ctx)
+
+    async def completion(
+        self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
+    ) -> wire.Completion:
+        return await self._answer("/completions", request, self._completion_decoder, target, ctx)
+
+    def completion_stream(
+        self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
+    ) -> AsyncIterator[wire.Completion]:
+        return self._relay("/completions", request, self._completion_decoder, target, ctx)
+
+    async def _answer(
+        self,
+        path: str,
+        request: AnyRequest,
+        decoder: msgspec.json.Decoder[_Answer],
+        target: Target,
+        ctx: RequestContext,
+    ) -> _Answer:
+        upstream = msgspec.structs.replace(request, model=target.engine_model, stream=False)
+        response = self._decode(decoder, await self._upstream.post(path, _encode(upstream)))
         response.id, response.model = ctx.request_id, target.model
         return response
 
-    async def chat_stream(
-        self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
-    ) -> AsyncIterator[wire.ChatCompletionChunk]:
+    async def _relay(
+        self,
+        path: str,
+        request: AnyRequest,
+        decoder: msgspec.json.Decoder[_Chunk],
+        target: Target,
+        ctx: RequestContext,
+    ) -> AsyncIterator[_Chunk]:
         upstream = msgspec.structs.replace(
             request,
             model=target.engine_model,
@@ -162,32 +193,8 @@ class OpenAICompatibleBackend:
             # Always ask for usage: the gateway accounts for every stream.
             stream_options=wire.StreamOptions(include_usage=True),
         )
-        async for payload in self._upstream.stream("/chat/completions", _encode(upstream)):
-            chunk = self._decode(self._chunk_decoder, payload)
-            chunk.id, chunk.model = ctx.request_id, target.model
-            yield chunk
-
-    async def completion(
-        self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
-    ) -> wire.Completion:
-        body = _encode(msgspec.structs.replace(request, model=target.engine_model, stream=False))
-        response = self._decode(
-            self._completion_decoder, await self._upstream.post("/completions", body)
-        )
-        response.id, response.model = ctx.request_id, target.model
-        return response
-
-    async def completion_stream(
-        self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
-    ) -> AsyncIterator[wire.Completion]:
-        upstream = msgspec.structs.replace(
-            request,
-            model=target.engine_model,
-            stream=True,
-            stream_options=wire.StreamOptions(include_usage=True),
-        )
-        async for payload in self._upstream.stream("/completions", _encode(upstream)):
-            chunk = self._decode(self._completion_decoder, payload)
+        async for payload in self._upstream.stream(path, _encode(upstream)):
+            chunk = self._decode(decoder, payload)
             chunk.id, chunk.model = ctx.request_id, target.model
             yield chunk
 
