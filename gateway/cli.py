@@ -49,9 +49,12 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
     try:
         plan(settings, discover(settings.plugins.disabled))
     except (ConfigError, PluginLoadError) as error:
-        problems = error.problems if isinstance(error, ConfigError) else [str(error)]
-        return settings, problems
+        return settings, _problems(error)
     return settings, []
+
+
+def _problems(error: ConfigError | PluginLoadError) -> list[str]:
+    return error.problems if isinstance(error, ConfigError) else [str(error)]
 
 
 class _Server(uvicorn.Server):

@@ -52,6 +52,7 @@ RequestT = TypeVar("RequestT", wire.ChatCompletionRequest, wire.CompletionReques
 
 
 ChunkT = TypeVar("ChunkT", wire.ChatCompletionChunk, wire.Completion)
+AnswerT = TypeVar("AnswerT", wire.ChatCompletion, wire.Completion)
 _RETRYABLE = (EngineOverloadedError, UpstreamError)
 
 
@@ -146,17 +147,9 @@ class Pipeline:
         ctx: RequestContext,
         trace: RouteTrace | None = None,
     ) -> wire.ChatCompletion:
-        async with self._reporting(request, ctx):
-            early = await self.hooks.on_request(request, ctx)
-            if isinstance(early, wire.ChatCompletion):
-                return early
-            request = _expect(early, wire.ChatCompletionRequest)
-            response = await self._attempts(
-                request, ctx, lambda backend, target: backend.chat(request, target, ctx), trace
-            )
-            return _expect(
-                await self.hooks.on_response(request, response, ctx), wire.ChatCompletion
-            )
+        return await self._answer(
+            request, ctx, trace, wire.ChatCompletion, lambda b, r, t: b.chat(r, t, ctx)
+        )
 
     async def chat_stream(
         self,
@@ -164,20 +157,15 @@ class Pipeline:
         ctx: RequestContext,
         trace: RouteTrace | None = None,
     ) -> AsyncIterator[wire.ChatCompletionChunk]:
-        async with self._reporting(request, ctx):
-            early = await self.hooks.on_request(request, ctx)
-            if isinstance(early, wire.ChatCompletion):
-                chunks = _chat_as_chunks(early)
-            else:
-                request = _expect(early, wire.ChatCompletionRequest)
-                chunks = await self._attempts(
-                    request,
-                    ctx,
-                    lambda backend, target: _primed(backend.chat_stream(request, target, ctx)),
-                    trace,
-                )
-            hooked = _only(self.hooks.on_stream(request, chunks, ctx), wire.ChatCompletionChunk)
-            return _shape_usage(hooked, _wants_usage(request))
+        return await self._stream(
+            request,
+            ctx,
+            trace,
+            wire.ChatCompletion,
+            wire.ChatCompletionChunk,
+            _chat_as_chunks,
+            lambda b, r, t: b.chat_stream(r, t, ctx),
+        )
 
     async def completion(
         self,
@@ -185,18 +173,9 @@ class Pipeline:
         ctx: RequestContext,
         trace: RouteTrace | None = None,
     ) -> wire.Completion:
-        async with self._reporting(request, ctx):
-            early = await self.hooks.on_request(request, ctx)
-            if isinstance(early, wire.Completion):
-                return early
-            request = _expect(early, wire.CompletionRequest)
-            response = await self._attempts(
-                request,
-                ctx,
-                lambda backend, target: backend.completion(request, target, ctx),
-                trace,
-            )
-            return _expect(await self.hooks.on_response(request, response, ctx), wire.Completion)
+        return await self._answer(
+            request, ctx, trace, wire.Completion, lambda b, r, t: b.completion(r, t, ctx)
+        )
 
     async def completion_stream(
         self,
@@ -204,22 +183,62 @@ class Pipeline:
         ctx: RequestContext,
         trace: RouteTrace | None = None,
     ) -> AsyncIterator[wire.Completion]:
+        return await self._stream(
+            request,
+            ctx,
+            trace,
+            wire.Completion,
+            wire.Completion,
+            _completion_as_chunks,
+            lambda b, r, t: b.completion_stream(r, t, ctx),
+        )
+
+    async def _answer(
+        self,
+        request: RequestT,
+        ctx: RequestContext,
+        trace: RouteTrace | None,
+        kind: type[AnswerT],
+        call: Callable[[Backend, RequestT, Target], Awaitable[AnswerT]],
+    ) -> AnswerT:
+        """Request hooks, the attempts, response hooks: one non-streamed answer."""
         async with self._reporting(request, ctx):
             early = await self.hooks.on_request(request, ctx)
-            if isinstance(early, wire.Completion):
-                chunks = _completion_as_chunks(early)
+            if isinstance(early, kind):
+                return early
+            checked = _expect(early, type(request))
+            response = await self._attempts(
+                checked, ctx, lambda backend, target: call(backend, checked, target), trace
+            )
+            return _expect(await self.hooks.on_response(checked, response, ctx), kind)
+
+    async def _stream(
+        self,
+        request: RequestT,
+        ctx: RequestContext,
+        trace: RouteTrace | None,
+        kind: type[AnswerT],
+        chunk_kind: type[ChunkT],
+        as_chunks: Callable[[AnswerT], AsyncIterator[ChunkT]],
+        call: Callable[[Backend, RequestT, Target], AsyncIterator[ChunkT]],
+    ) -> AsyncIterator[ChunkT]:
+        """Request hooks, the attempts (primed: failures before the first byte
+        still move on), stream hooks, usage shaping: one streamed answer."""
+        async with self._reporting(request, ctx):
+            early = await self.hooks.on_request(request, ctx)
+            if isinstance(early, kind):
+                chunks = as_chunks(early)
+                checked = request
             else:
-                request = _expect(early, wire.CompletionRequest)
+                checked = _expect(early, type(request))
                 chunks = await self._attempts(
-                    request,
+                    checked,
                     ctx,
-                    lambda backend, target: _primed(
-                        backend.completion_stream(request, target, ctx)
-                    ),
+                    lambda backend, target: _primed(call(backend, checked, target)),
                     trace,
                 )
-            hooked = _only(self.hooks.on_stream(request, chunks, ctx), wire.Completion)
-            return _shape_usage(hooked, _wants_usage(request))
+            hooked = _only(self.hooks.on_stream(checked, chunks, ctx), chunk_kind)
+            return _shape_usage(hooked, _wants_usage(checked))
 
     @contextlib.asynccontextmanager
     async def _reporting(self, request: AnyRequest, ctx: RequestContext) -> AsyncIterator[None]:
@@ -243,8 +262,8 @@ class Pipeline:
         entry = self.catalog.resolve(request.model)
         chain = [entry, *(self.catalog.resolve(name) for name in entry.fallbacks)]
         deadline = time.monotonic() + entry.timeout_seconds if entry.timeout_seconds else None
-        first_ranking = await self._ranking(entry, request, ctx)
-        decision = self._decision(request, ctx, entry.policy_name, first_ranking, trace)
+        first_ranking, seen = await self._ranking(entry, request, ctx)
+        decision = self._decision(request, ctx, entry.policy_name, first_ranking, seen, trace)
         failure: GatewayError | None = None
         try:
             for round_number in range(entry.retry.rounds + 1):
@@ -254,7 +273,7 @@ class Pipeline:
                     ranked = (
                         first_ranking
                         if round_number == 0 and position == 0
-                        else await self._ranking(model, request, ctx)
+                        else (await self._ranking(model, request, ctx))[0]
                     )
                     for choice in ranked:
                         outcome = await self._attempt(choice.candidate, call, deadline, decision)
@@ -268,12 +287,13 @@ class Pipeline:
 
     async def _ranking(
         self, entry: ModelEntry, request: AnyRequest, ctx: RequestContext
-    ) -> list[RankedCandidate]:
+    ) -> tuple[list[RankedCandidate], dict[str, CandidateStats]]:
+        """The policy's ranking, and the stats snapshot it saw (recorded as is)."""
         ready = {name: (await b.health()).ready for name, b in self.backends.items()}
         pool = select_pool(entry.candidates, entry.rules, request, ctx)
         candidates = self.stats.available(pool, ready)
         stats = self.stats.snapshot(candidates, self.backends)
-        return entry.policy.rank(request, ctx, candidates, stats)
+        return entry.policy.rank(request, ctx, candidates, stats), stats
 
     async def _attempt(
         self,
@@ -339,9 +359,9 @@ class Pipeline:
         ctx: RequestContext,
         policy: str,
         ranked: list[RankedCandidate],
+        stats: Mapping[str, CandidateStats],
         trace: RouteTrace | None,
     ) -> RouteDecision:
-        stats = self.stats.snapshot([r.candidate for r in ranked], self.backends)
         candidates = [
             CandidateView(
                 deployment=r.candidate.target.deployment,

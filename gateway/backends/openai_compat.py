@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
@@ -35,7 +34,6 @@ from gateway.contract import (
 )
 from gateway.errors import GatewayError, UpstreamError
 
-_log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _Answer = TypeVar("_Answer", wire.ChatCompletion, wire.Completion)
 _Chunk = TypeVar("_Chunk", wire.ChatCompletionChunk, wire.Completion)
