@@ -302,18 +302,19 @@ def running_gateway(
     api_key: str = TEST_KEY,
     command: list[str] | None = None,
     startup_seconds: float = STARTUP_SECONDS,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[LiveGateway]:
     """Run ``nomoat serve`` with this config until the block ends.
 
     ``command`` replaces ``[python, -m, gateway.cli]`` (e.g. another venv's
-    ``nomoat``); the config, log and port arguments are appended.
+    ``nomoat``); the config and port arguments, then ``extra_args``, are appended.
     """
     config = directory / "nomoat.toml"
     config.write_text(config_text)
     port = _free_port()
     log_path = directory / "server.log"
     argv = [*(command or [sys.executable, "-m", "gateway.cli"]), "serve"]
-    argv += ["--config", str(config), "--port", str(port)]
+    argv += ["--config", str(config), "--port", str(port), *extra_args]
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     root = f"http://127.0.0.1:{port}"

@@ -7,15 +7,10 @@ SDK (retries off) or raw HTTP.
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,22 +18,15 @@ import openai
 import pytest
 
 from gateway.settings import hash_api_key
+from gateway.testing import LiveGateway, running_gateway
 
 MODEL = "smollm2-135m-instruct"
 API_KEY = "sk-nomoat-test-0123456789abcdef"
 STARTUP_SECONDS = 180
 
 
-@dataclass(frozen=True)
-class Server:
-    base_url: str  # ends in /v1
-    root_url: str
-    api_key: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+# The live-server helpers plugin authors get from gateway.testing, used here too.
+Server = LiveGateway
 
 
 def free_port() -> int:
@@ -62,41 +50,10 @@ def config_with_key(extra: str = "") -> str:
 @contextmanager
 def running_server(tmp_path: Path, config_text: str, *args: str) -> Iterator[Server]:
     """Start `nomoat serve` with this config; wait until /ready; stop it after."""
-    config = tmp_path / "nomoat.toml"
-    config.write_text(config_text)
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
-    command += ["--port", str(port), *args]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    root = f"http://127.0.0.1:{port}"
-    server = Server(f"{root}/v1", root, API_KEY, process, log_path)
-    try:
-        _wait_ready(server)
-        yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"nomoat serve exited early:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.root_url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"nomoat serve not ready after {STARTUP_SECONDS}s:\n{server.log()}")
+    with running_gateway(
+        tmp_path, config_text, api_key=API_KEY, startup_seconds=STARTUP_SECONDS, extra_args=args
+    ) as live:
+        yield live
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +70,14 @@ def client(server: Server) -> openai.OpenAI:
 
 @pytest.fixture
 def async_client(server: Server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+    # Its own HTTP client: each async test runs in a new event loop, and a
+    # pooled connection from an earlier loop would be unusable in this one.
+    return openai.AsyncOpenAI(
+        base_url=server.base_url,
+        api_key=server.api_key,
+        max_retries=0,
+        http_client=httpx.AsyncClient(timeout=120),
+    )
 
 
 @pytest.fixture
