@@ -24,6 +24,7 @@ from litestar.response import Stream
 from litestar.types import ControllerRouterHandler
 
 from gateway import wire
+from gateway.admin import AdminAuthenticator, build_admin_handlers
 from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decisions import DecisionLog, RouteTrace
@@ -38,6 +39,7 @@ from gateway.errors import (
     RouteNotFoundError,
 )
 from gateway.hooks import HookChain
+from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import render_metrics
 from gateway.pipeline import Pipeline
 from gateway.settings import Settings, key_fingerprint, key_matches
@@ -78,6 +80,7 @@ class Runtime:
             HookChain(self.plan.hooks),
             decision_log=log,
             record_prompts=server.decision_log_prompts,
+            adapters=self.plan.adapters,
         )
 
     def serving(self) -> Pipeline:
@@ -186,9 +189,10 @@ async def _wait_for_disconnect(request: AnyRequest) -> None:
 
 
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
-    authenticate = Authenticator(runtime.settings.server.api_key_hashes)
+    server = runtime.settings.server
+    authenticate = Authenticator(server.api_key_hashes)
 
-    route_header = runtime.settings.server.route_header
+    route_header = server.route_header
 
     def headers_for(trace: RouteTrace) -> dict[str, str]:
         if not route_header or trace.decision is None:
@@ -260,9 +264,17 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
             for d in deployments
         }
         return render_metrics(
-            runtime.backends, pipeline.hooks.failures if pipeline else None, ready
+            runtime.backends,
+            pipeline.hooks.failures if pipeline else None,
+            ready,
+            pipeline.adapter_usage if pipeline else None,
         )
 
+    admin = build_admin_handlers(
+        lambda: runtime.serving().adapters or _no_adapters(),
+        runtime.backends,
+        AdminAuthenticator(server.api_key_hashes, server.admin_key_hashes),
+    )
     return [
         chat_completions,
         completions,
@@ -272,14 +284,39 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         ready,
         status,
         metrics,
+        *admin,
     ]
+
+
+def _no_adapters() -> AdapterRegistry:
+    raise InternalError("The gateway has no adapter registry.")
 
 
 def _models(runtime: Runtime) -> list[wire.Model]:
-    return [
-        wire.Model(id=name, object="model", created=runtime.started_at, owned_by=entry.owned_by)
-        for name, entry in runtime.plan.catalog.models.items()
+    """Models, then adapters and named stacks with ``parent`` set to their base."""
+    created = runtime.started_at
+    catalog = runtime.plan.catalog
+    listed = [
+        wire.Model(id=name, object="model", created=created, owned_by=entry.owned_by)
+        for name, entry in catalog.models.items()
     ]
+    registry = runtime.pipeline.adapters if runtime.pipeline else None
+    if registry is None:
+        return listed
+    bases = [(a.name, a.base_model) for a in registry.adapters.values()]
+    bases += [(s.name, s.base_model) for s in registry.stacks.values()]
+    listed += [
+        wire.Model(
+            id=name,
+            object="model",
+            created=created,
+            owned_by=catalog.models[base].owned_by,
+            root=base,
+            parent=base,
+        )
+        for name, base in bases
+    ]
+    return listed
 
 
 async def _backend_health(runtime: Runtime) -> dict[str, BackendHealth]:

@@ -15,10 +15,12 @@ from pydantic import BaseModel, ValidationError
 from gateway.contract import BackendType, Candidate, RoutingPolicy, Target
 from gateway.errors import NotFoundError
 from gateway.hooks import BoundHook
+from gateway.lora.registry import AdapterRegistry
 from gateway.registry import Registry
 from gateway.rules import Rule, parse_header
 from gateway.settings import (
     ConfigError,
+    LoRASettings,
     ModelSettings,
     Settings,
     key_fingerprint,
@@ -61,6 +63,13 @@ class Catalog:
     models: Mapping[str, ModelEntry]
     aliases: Mapping[str, str] = field(default_factory=dict)
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a model or an alias of one."""
+        return name in self.models or name in self.aliases
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
     def resolve(self, name: str) -> ModelEntry:
         entry = self.models.get(self.aliases.get(name, name))
         if entry is None:
@@ -76,6 +85,7 @@ class Plan:
     backends: tuple[BackendPlan, ...]
     catalog: Catalog
     hooks: tuple[BoundHook, ...] = ()
+    adapters: AdapterRegistry | None = None
 
 
 def _backend_plans(
@@ -177,7 +187,26 @@ def plan(settings: Settings, registry: Registry) -> Plan:
     backends = _backend_plans(settings, registry, problems)
     models = _model_entries(settings, registry, problems)
     hooks = _hooks(settings, registry, problems)
+    aliases = {alias: name for name, model in settings.models.items() for alias in model.aliases}
+    catalog = Catalog(models, aliases)
+    adapters = _adapters(settings.lora, catalog, problems)
     if problems:
         raise ConfigError(problems)
-    aliases = {alias: name for name, model in settings.models.items() for alias in model.aliases}
-    return Plan(tuple(backends), Catalog(models, aliases), tuple(hooks))
+    return Plan(tuple(backends), catalog, tuple(hooks), adapters)
+
+
+def _adapters(lora: LoRASettings, catalog: Catalog, problems: list[str]) -> AdapterRegistry:
+    """Declared adapters, their files checked against their sha256 (blocking:
+    this runs once, before the server starts)."""
+    registry = AdapterRegistry(lora.root, catalog.knows, catalog.canonical)
+    for name, adapter in lora.adapters.items():
+        try:
+            registry.add_verified(name, adapter.base, adapter.path, adapter.sha256)
+        except ValueError as error:
+            problems.append(f"lora.adapters.{name}: {error}")
+    for name, stack in lora.stacks.items():
+        try:
+            registry.add_stack(name, stack.base, stack.adapters)
+        except ValueError as error:
+            problems.append(f"lora.stacks.{name}: {error}")
+    return registry

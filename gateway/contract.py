@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
@@ -52,6 +53,9 @@ from gateway.wire import (
 )
 
 __all__ = [
+    "Adapter",
+    "AdapterCounters",
+    "AdapterUse",
     "AnyChunk",
     "AnyRequest",
     "AnyResponse",
@@ -147,7 +151,44 @@ class Target:
     engine_model: str
     deployment: str
     # LoRA adapters to apply, with their scales (empty: the base model).
-    adapters: tuple[tuple[str, float], ...] = ()
+    # Several are a stack, which only a backend with ``can_stack`` serves.
+    adapters: tuple[AdapterUse, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Adapter:
+    """A registered LoRA adapter, its files verified against ``sha256``.
+
+    ``path`` is where the gateway reads it; ``relative_path`` is the same place
+    relative to the adapter root, for engines that see the root elsewhere (a
+    vLLM host's shared volume). ``format`` is "peft" (a folder with
+    ``adapter_config.json`` and ``adapter_model.safetensors``) or "gguf".
+    """
+
+    name: str
+    base_model: str
+    sha256: str
+    format: str
+    path: Path
+    relative_path: str
+
+
+@dataclass(slots=True)
+class AdapterCounters:
+    """What one engine did with one adapter (for metrics)."""
+
+    loads: int = 0
+    # Unloads, for space or because the adapter was removed.
+    evictions: int = 0
+    load_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterUse:
+    """One adapter of a request, with its scale (1.0: as trained)."""
+
+    adapter: Adapter
+    scale: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +327,8 @@ class CandidateStats:
     running: int | None = None
     # Share of the engine's KV cache in use (0 to 1), where it reports one.
     kv_cache_usage: float | None = None
+    # Names of the LoRA adapters the engine holds now, where it has any.
+    adapters_loaded: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,17 +426,33 @@ class HookType(Generic[ConfigT]):
 
 @runtime_checkable
 class SupportsLoRA(Protocol):
-    """Optional backend capability: LoRA adapters loaded at run time.
+    """Optional backend capability: LoRA adapters, loaded on demand.
 
-    ``source`` is a path as the engine's host sees it. An engine that can
-    stack adapters takes a :class:`Target` whose ``adapters`` lists several.
+    A backend that has it serves a :class:`Target` with ``adapters``: it loads
+    what it lacks (verifying each adapter's sha256 first) before generating,
+    and evicts what it has not used for longest when its limit is reached.
+    Backends without it are never sent an adapter request.
     """
 
-    async def load_adapter(self, name: str, source: str) -> None: ...
+    def serves_adapters(self) -> bool:
+        """Whether this instance can take adapters now (configured for them)."""
+        ...
 
-    async def unload_adapter(self, name: str) -> None: ...
+    def can_stack(self) -> bool:
+        """Whether one request may apply several adapters at once."""
+        ...
 
-    async def loaded_adapters(self) -> Sequence[str]: ...
+    def adapters_loaded(self) -> frozenset[str]:
+        """Names of the adapters held now. Cheap; no I/O (routing reads it)."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget ``name`` (it was removed from the registry); no error if absent."""
+        ...
+
+    def adapter_counters(self) -> Mapping[str, AdapterCounters]:
+        """Loads, evictions and load time per adapter name, since start."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway.contract import Backend, ReportsLoad
+from gateway.contract import AdapterCounters, Backend, ReportsLoad, SupportsLoRA
+from gateway.lora.stats import AdapterUsage
 
 _FAMILIES = (
     ("nomoat_engine_requests_running", "gauge", "Generations running in the engine."),
@@ -26,10 +27,59 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _adapter_lines(backends: Mapping[str, Backend], usage: Mapping[str, AdapterUsage]) -> list[str]:
+    """Per adapter: what clients asked of it, and what each engine did with it."""
+    families: dict[str, tuple[str, str, list[str]]] = {
+        "nomoat_adapter_requests_total": ("counter", "Requests answered with the adapter.", []),
+        "nomoat_adapter_prompt_tokens_total": ("counter", "Prompt tokens with the adapter.", []),
+        "nomoat_adapter_completion_tokens_total": (
+            "counter",
+            "Completion tokens generated with the adapter.",
+            [],
+        ),
+        "nomoat_adapter_loads_total": ("counter", "Times an engine loaded the adapter.", []),
+        "nomoat_adapter_evictions_total": ("counter", "Times an engine unloaded the adapter.", []),
+        "nomoat_adapter_load_seconds_total": (
+            "counter",
+            "Seconds engines spent loading the adapter.",
+            [],
+        ),
+        "nomoat_adapter_loaded": ("gauge", "Whether an engine holds the adapter now.", []),
+    }
+    for adapter, entry in sorted(usage.items()):
+        label = f'{{adapter="{_escape(adapter)}"}}'
+        families["nomoat_adapter_requests_total"][2].append(f"{label} {entry.requests}")
+        families["nomoat_adapter_prompt_tokens_total"][2].append(f"{label} {entry.prompt_tokens}")
+        families["nomoat_adapter_completion_tokens_total"][2].append(
+            f"{label} {entry.completion_tokens}"
+        )
+    for name, backend in sorted(backends.items()):
+        if not isinstance(backend, SupportsLoRA) or not backend.serves_adapters():
+            continue
+        loaded = backend.adapters_loaded()
+        counters = backend.adapter_counters()
+        for adapter in sorted(set(counters) | loaded):
+            label = f'{{backend="{_escape(name)}",adapter="{_escape(adapter)}"}}'
+            count = counters.get(adapter, AdapterCounters())
+            families["nomoat_adapter_loads_total"][2].append(f"{label} {count.loads}")
+            families["nomoat_adapter_evictions_total"][2].append(f"{label} {count.evictions}")
+            families["nomoat_adapter_load_seconds_total"][2].append(
+                f"{label} {count.load_seconds:.6f}"
+            )
+            families["nomoat_adapter_loaded"][2].append(f"{label} {int(adapter in loaded)}")
+    lines = []
+    for family, (kind, help_text, samples) in families.items():
+        lines.append(f"# HELP {family} {help_text}")
+        lines.append(f"# TYPE {family} {kind}")
+        lines.extend(f"{family}{sample}" for sample in samples)
+    return lines
+
+
 def render_metrics(
     backends: Mapping[str, Backend],
     hook_failures: Mapping[str, int] | None = None,
     deployments_ready: Mapping[tuple[str, str, str], bool] | None = None,
+    adapter_usage: Mapping[str, AdapterUsage] | None = None,
 ) -> str:
     samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
     for name, backend in sorted(backends.items()):
@@ -68,4 +118,5 @@ def render_metrics(
             )
         )
         lines.append(f"nomoat_deployment_up{{{labels}}} {int(up)}")
+    lines.extend(_adapter_lines(backends, adapter_usage or {}))
     return "\n".join(lines) + "\n"

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -29,6 +30,7 @@ from gateway.contract import (
     CandidateStats,
     RankedCandidate,
     RequestContext,
+    SupportsLoRA,
     Target,
 )
 from gateway.decisions import CandidateView, DecisionLog, RouteDecision, RouteTrace, StatsView
@@ -39,6 +41,8 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.hooks import HookChain, HookFailedError
+from gateway.lora.registry import AdapterRegistry, Addressed
+from gateway.lora.stats import AdapterUsage
 from gateway.rules import select_pool
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
@@ -99,12 +103,16 @@ class Pipeline:
         hooks: HookChain | None = None,
         decision_log: DecisionLog | None = None,
         record_prompts: bool = False,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.limits = limits
         self.catalog = catalog
         self.backends = backends
+        self.adapters = adapters
         self.hooks = hooks or HookChain(())
         self.stats = StatsTable()
+        # Requests and tokens per adapter name, for metrics and accounting.
+        self.adapter_usage: dict[str, AdapterUsage] = {}
         self.decision_log = decision_log
         self.record_prompts = record_prompts
 
@@ -259,10 +267,13 @@ class Pipeline:
         """Try the ranked deployments, then the fallback models, then again
         after a backoff; move on only when a deployment is overloaded or
         unreachable, before anything reached the client."""
-        entry = self.catalog.resolve(request.model)
-        chain = [entry, *(self.catalog.resolve(name) for name in entry.fallbacks)]
+        addressed = self.adapters.address(request.model) if self.adapters else None
+        entry = self.catalog.resolve(addressed.base_model if addressed else request.model)
+        # An adapter fine-tunes one base model: other models are no fallback.
+        fallbacks = () if addressed else entry.fallbacks
+        chain = [entry, *(self.catalog.resolve(name) for name in fallbacks)]
         deadline = time.monotonic() + entry.timeout_seconds if entry.timeout_seconds else None
-        first_ranking, seen = await self._ranking(entry, request, ctx)
+        first_ranking, seen = await self._ranking(entry, request, ctx, addressed)
         decision = self._decision(request, ctx, entry.policy_name, first_ranking, seen, trace)
         failure: GatewayError | None = None
         try:
@@ -273,7 +284,7 @@ class Pipeline:
                     ranked = (
                         first_ranking
                         if round_number == 0 and position == 0
-                        else (await self._ranking(model, request, ctx))[0]
+                        else (await self._ranking(model, request, ctx, addressed))[0]
                     )
                     for choice in ranked:
                         outcome = await self._attempt(choice.candidate, call, deadline, decision)
@@ -286,14 +297,45 @@ class Pipeline:
             self._settle(decision, trace)
 
     async def _ranking(
-        self, entry: ModelEntry, request: AnyRequest, ctx: RequestContext
+        self,
+        entry: ModelEntry,
+        request: AnyRequest,
+        ctx: RequestContext,
+        addressed: Addressed | None,
     ) -> tuple[list[RankedCandidate], dict[str, CandidateStats]]:
         """The policy's ranking, and the stats snapshot it saw (recorded as is)."""
         ready = {name: (await b.health()).ready for name, b in self.backends.items()}
         pool = select_pool(entry.candidates, entry.rules, request, ctx)
+        if addressed is not None:
+            pool = self._with_adapters(pool, addressed)
         candidates = self.stats.available(pool, ready)
         stats = self.stats.snapshot(candidates, self.backends)
         return entry.policy.rank(request, ctx, candidates, stats), stats
+
+    def _with_adapters(self, pool: Sequence[Candidate], addressed: Addressed) -> list[Candidate]:
+        """The deployments whose engine can apply ``addressed``, each aimed at it."""
+        able = [
+            candidate
+            for candidate in pool
+            if _lora_able(self.backends[candidate.backend], addressed.needs_stacking)
+        ]
+        if not able:
+            what = "a stack of adapters or a scale" if addressed.needs_stacking else "an adapter"
+            engines = ", ".join(sorted({c.backend for c in pool})) or "none"
+            raise InvalidRequestError(
+                f"model `{addressed.name}`: {what} needs an engine that can apply it, and no "
+                f"deployment of {addressed.base_model} can (its backends: {engines})",
+                param="model",
+            )
+        return [
+            dataclasses.replace(
+                candidate,
+                target=dataclasses.replace(
+                    candidate.target, model=addressed.name, adapters=addressed.uses
+                ),
+            )
+            for candidate in able
+        ]
 
     async def _attempt(
         self,
@@ -330,16 +372,39 @@ class Pipeline:
         self.stats.succeeded(deployment)
         decision.attempts.append((deployment, "ok"))
         decision.chosen = deployment
-        return self._measured(result, deployment, started)
+        return self._measured(result, candidate.target, started)
 
-    def _measured(self, result: T, deployment: str, started: float) -> T:
-        """Feed the answer's timing to the stats the latency policy reads."""
+    def _measured(self, result: T, target: Target, started: float) -> T:
+        """Feed the answer's timing to the stats the latency policy reads, and
+        its usage to the adapters' counters."""
+        deployment = target.deployment
+        account = self._adapter_accounting(target)
         if isinstance(result, wire.ChatCompletion | wire.Completion):
-            tokens = result.usage.completion_tokens if isinstance(result.usage, wire.Usage) else 0
+            usage = result.usage if isinstance(result.usage, wire.Usage) else None
+            tokens = usage.completion_tokens if usage else 0
             self.stats.observe(deployment, None, time.monotonic() - started, tokens)
+            if account is not None:
+                account(usage)
             return result
         chunks: AsyncIterator[AnyChunk] = result  # type: ignore[assignment]
-        return _timed(chunks, self.stats, deployment, started)  # type: ignore[return-value]
+        return _timed(chunks, self.stats, deployment, started, account)  # type: ignore[return-value]
+
+    def _adapter_accounting(self, target: Target) -> Callable[[wire.Usage | None], None] | None:
+        if not target.adapters:
+            return None
+        entries = [
+            self.adapter_usage.setdefault(use.adapter.name, AdapterUsage())
+            for use in target.adapters
+        ]
+
+        def account(usage: wire.Usage | None) -> None:
+            for entry in entries:
+                entry.requests += 1
+                if usage is not None:
+                    entry.prompt_tokens += usage.prompt_tokens
+                    entry.completion_tokens += usage.completion_tokens
+
+        return account
 
     async def _back_off(
         self, entry: ModelEntry, failure: GatewayError | None, deadline: float | None
@@ -394,6 +459,12 @@ class Pipeline:
             trace.decision = decision
         if self.decision_log is not None:
             self.decision_log.record(decision)
+
+
+def _lora_able(backend: Backend, stacking: bool) -> bool:
+    if not isinstance(backend, SupportsLoRA) or not backend.serves_adapters():
+        return False
+    return backend.can_stack() or not stacking
 
 
 def _stats_view(stats: CandidateStats) -> StatsView:
@@ -478,21 +549,32 @@ async def _completion_as_chunks(response: wire.Completion) -> AsyncIterator[wire
 
 
 async def _timed(
-    chunks: AsyncIterator[AnyChunk], stats: StatsTable, deployment: str, started: float
+    chunks: AsyncIterator[AnyChunk],
+    stats: StatsTable,
+    deployment: str,
+    started: float,
+    account: Callable[[wire.Usage | None], None] | None = None,
 ) -> AsyncIterator[AnyChunk]:
-    """Pass a stream through, noting its first content and its usage."""
+    """Pass a stream through, noting its first content and its usage, also
+    when the client goes away or the stream breaks half-way."""
     first_token: float | None = None
+    usage: wire.Usage | None = None
     tokens = 0
-    # aclosing: a client that goes away closes this iterator, and the close
-    # must reach the backend's stream now (to stop the generation), not at GC.
-    async with closing(chunks):
-        async for chunk in chunks:
-            if first_token is None and _has_content(chunk):
-                first_token = time.monotonic() - started
-            if isinstance(chunk.usage, wire.Usage):
-                tokens = chunk.usage.completion_tokens
-            yield chunk
-    stats.observe(deployment, first_token, time.monotonic() - started, tokens)
+    try:
+        # aclosing: a client that goes away closes this iterator, and the close
+        # must reach the backend's stream now (to stop the generation), not at GC.
+        async with closing(chunks):
+            async for chunk in chunks:
+                if first_token is None and _has_content(chunk):
+                    first_token = time.monotonic() - started
+                if isinstance(chunk.usage, wire.Usage):
+                    usage = chunk.usage
+                    tokens = usage.completion_tokens
+                yield chunk
+    finally:
+        stats.observe(deployment, first_token, time.monotonic() - started, tokens)
+        if account is not None:
+            account(usage)
 
 
 def _has_content(chunk: AnyChunk) -> bool:

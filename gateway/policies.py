@@ -216,13 +216,58 @@ class SessionAffinityPolicy:
         if session is None:
             return OrderedPolicy().rank(request, ctx, candidates, stats)
 
-        def weight(candidate: Candidate) -> float:
-            digest = hashlib.blake2b(
-                f"{session}\0{candidate.target.deployment}".encode(), digest_size=8
-            ).digest()
-            return int.from_bytes(digest, "big") / 2**64
+        return _ranked(candidates, lambda c: _rendezvous(session, c), lambda c: "session hash")
 
-        return _ranked(candidates, weight, lambda c: "session hash")
+
+def _rendezvous(key: str, candidate: Candidate) -> float:
+    """A stable pseudo-random number in [0, 1) for (key, deployment)."""
+    digest = hashlib.blake2b(
+        f"{key}\0{candidate.target.deployment}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class LoRAAffinityPolicy:
+    """Adapter requests go where their adapters are loaded already, unless
+    that replica is busier than another by more than ``load_tolerance``
+    requests; an adapter loaded nowhere goes to the least busy replica, ties
+    broken by rendezvous hashing of its name, so different adapters settle
+    on different replicas instead of all on the first. Load is the larger of
+    this gateway's requests in flight and the engine's own running + waiting.
+    Requests without adapters go to the least busy replica."""
+
+    def __init__(self, options: LoRAAffinityOptions) -> None:
+        self._tolerance = options.load_tolerance
+
+    def rank(
+        self,
+        request: AnyRequest,
+        ctx: RequestContext,
+        candidates: Sequence[Candidate],
+        stats: Mapping[str, CandidateStats],
+    ) -> list[RankedCandidate]:
+        def load(candidate: Candidate) -> float:
+            seen = _stats(stats, candidate)
+            engine = (seen.running or 0) + (seen.queue_depth or 0)
+            return max(seen.in_flight, engine) / candidate.weight
+
+        def holds(candidate: Candidate) -> bool:
+            names = {use.adapter.name for use in candidate.target.adapters}
+            return bool(names) and names <= _stats(stats, candidate).adapters_loaded
+
+        def key(candidate: Candidate) -> str:
+            return "+".join(use.adapter.name for use in candidate.target.adapters)
+
+        def score(candidate: Candidate) -> float:
+            bonus = self._tolerance if holds(candidate) else 0.0
+            # The hash only breaks ties: it is worth less than one request.
+            return bonus - load(candidate) + 0.5 * _rendezvous(key(candidate), candidate)
+
+        def reason(candidate: Candidate) -> str:
+            where = "holds the adapter" if holds(candidate) else "adapter not loaded"
+            return f"{where}, load {load(candidate):g}"
+
+        return _ranked(candidates, score, reason)
 
 
 def _requested_tokens(request: AnyRequest) -> int | None:
@@ -241,6 +286,12 @@ class AffinityOptions(_Options):
     header: str | None = "x-session-id"
 
 
+class LoRAAffinityOptions(_Options):
+    # Requests of extra load a replica holding the adapter may carry before a
+    # less busy one (which must load it) is preferred.
+    load_tolerance: Annotated[float, Field(ge=0)] = 2.0
+
+
 def _no_options(policy: Callable[[], RoutingPolicy]) -> PolicyType[_Options]:
     return PolicyType(_Options, lambda _: policy())
 
@@ -255,5 +306,6 @@ manifest = PluginManifest(
         "shortest-queue": _no_options(ShortestQueuePolicy),
         "lowest-cost": _no_options(LowestCostPolicy),
         "session-affinity": PolicyType(AffinityOptions, SessionAffinityPolicy),
+        "lora-affinity": PolicyType(LoRAAffinityOptions, LoRAAffinityPolicy),
     },
 )

@@ -38,6 +38,9 @@ class ServerSettings(_Strict):
     # Hashes of the static API keys ("sha256:<hex>", see `nomoat hash-key`).
     # Once any is set, every request must present one.
     api_key_hashes: tuple[str, ...] = ()
+    # Hashes of the keys allowed to use the admin API (/admin/...). Once any
+    # key exists (here or above), the admin API requires one of these.
+    admin_key_hashes: tuple[str, ...] = ()
     # Listening beyond loopback without keys is refused unless this is true.
     allow_unauthenticated_network: bool = False
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
@@ -49,7 +52,7 @@ class ServerSettings(_Strict):
     decision_log_prompts: bool = False
     log_level: str = "info"
 
-    @field_validator("api_key_hashes")
+    @field_validator("api_key_hashes", "admin_key_hashes")
     @classmethod
     def _well_formed_hashes(cls, hashes: tuple[str, ...]) -> tuple[str, ...]:
         for entry in hashes:
@@ -131,6 +134,33 @@ class HookSettings(_Strict):
         return self.name or self.type
 
 
+class AdapterSettings(_Strict):
+    """One ``[lora.adapters.NAME]`` table."""
+
+    # The model it fine-tunes: a name of [models] (or an alias).
+    base: str
+    # Under lora.root: a PEFT folder (adapter_config.json and
+    # adapter_model.safetensors) or a .gguf file.
+    path: str
+    # Of the files (see gateway/lora/sources.py for a PEFT folder's order).
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class StackSettings(_Strict):
+    """One ``[lora.stacks.NAME]`` table: adapters applied together."""
+
+    base: str
+    # "name" or "name@scale", e.g. ["alpha@0.7", "beta@0.3"].
+    adapters: Annotated[list[str], Field(min_length=1)]
+
+
+class LoRASettings(_Strict):
+    # Where adapter files live on the gateway's host; unset: no adapters.
+    root: Path | None = None
+    adapters: dict[str, AdapterSettings] = Field(default_factory=dict)
+    stacks: dict[str, StackSettings] = Field(default_factory=dict)
+
+
 class PluginSettings(_Strict):
     # Entry-point names not to load at all (a broken or unwanted plugin).
     disabled: tuple[str, ...] = ()
@@ -167,6 +197,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     limits: LimitSettings = LimitSettings()
     plugins: PluginSettings = PluginSettings()
+    lora: LoRASettings = LoRASettings()
     backends: dict[str, BackendSettings] = Field(default_factory=_default_backends)
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
     hooks: list[HookSettings] = Field(default_factory=list)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.contract import Backend, Candidate, CandidateStats, ReportsLoad
+from gateway.contract import Backend, Candidate, CandidateStats, ReportsLoad, SupportsLoRA
 
 
 @dataclass
@@ -122,6 +122,11 @@ class StatsTable:
             entry = self._entry(candidate.target.deployment)
             backend = backends.get(candidate.backend)
             load = backend.load() if isinstance(backend, ReportsLoad) else None
+            adapters: frozenset[str] = (
+                backend.adapters_loaded()
+                if candidate.target.adapters and isinstance(backend, SupportsLoRA)
+                else frozenset()
+            )
             stats[candidate.target.deployment] = CandidateStats(
                 in_flight=entry.in_flight,
                 queue_depth=load.waiting if load else None,
@@ -129,5 +134,6 @@ class StatsTable:
                 kv_cache_usage=load.kv_cache_usage if load else None,
                 ewma_ttft=entry.ewma_ttft,
                 ewma_token_time=entry.ewma_token_time,
+                adapters_loaded=adapters,
             )
         return stats

@@ -352,6 +352,46 @@ class GatewayStatus(Struct, kw_only=True):
     models: dict[str, list[DeploymentStatus]]
 
 
+class AdapterRegistration(Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /admin/adapters``: register an adapter under the adapter root."""
+
+    name: str
+    base: str
+    path: str
+    sha256: str
+
+
+class AdapterInfo(Struct, kw_only=True):
+    id: str
+    object: Literal["adapter"]
+    base: str
+    format: str
+    path: str
+    sha256: str
+    # Backends that hold it loaded now.
+    loaded_on: list[str]
+
+
+class StackInfo(Struct, kw_only=True):
+    id: str
+    object: Literal["adapter_stack"]
+    base: str
+    adapters: list[str]
+
+
+class AdapterList(Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[AdapterInfo]
+    stacks: list[StackInfo]
+
+
+class Deleted(Struct, kw_only=True):
+    id: str
+    object: str
+    deleted: bool
+
+
 chat_request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 completion_request_decoder = msgspec.json.Decoder(CompletionRequest)
+adapter_registration_decoder = msgspec.json.Decoder(AdapterRegistration)
 encoder = msgspec.json.Encoder()

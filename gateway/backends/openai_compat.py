@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway import wire
 from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
+    AdapterCounters,
     AnyRequest,
     BackendHealth,
     BackendType,
@@ -32,12 +34,14 @@ from gateway.contract import (
     RequestContext,
     Target,
 )
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
+from gateway.lora.vllm import ListedModel, VllmAdapters
 
 _T = TypeVar("_T")
 _Answer = TypeVar("_Answer", wire.ChatCompletion, wire.Completion)
 _Chunk = TypeVar("_Chunk", wire.ChatCompletionChunk, wire.Completion)
 EngineKind = Literal["openai", "vllm", "edge"]
+DEFAULT_MAX_LORAS = 4  # vLLM's own default for --max-loras
 
 
 # Metric names (summed over label sets) each engine kind reports its load as.
@@ -74,10 +78,17 @@ class OpenAICompatibleConfig(BaseModel):
     probe_interval: Annotated[float, Field(gt=0)] = 2.0
     # Accepts tools and response_format (engines with native support).
     tools: bool = True
+    # LoRA (type "vllm"): the adapter root (lora.root) as the vLLM host sees
+    # it, e.g. a shared volume; unset: no adapters are sent here.
+    adapter_root: str | None = None
+    # Adapters held at once; past it the least recently used is unloaded.
+    # 0: vLLM's own --max-loras, as its /metrics reports it.
+    max_adapters: Annotated[int, Field(ge=0)] = 0
 
 
 class _ModelEntry(msgspec.Struct):
     id: str
+    parent: str | None = None
 
 
 class _ModelListing(msgspec.Struct):
@@ -108,6 +119,10 @@ class OpenAICompatibleBackend:
         self._chunk_decoder = msgspec.json.Decoder(wire.ChatCompletionChunk)
         self._chat_decoder = msgspec.json.Decoder(wire.ChatCompletion)
         self._completion_decoder = msgspec.json.Decoder(wire.Completion)
+        self.lora: VllmAdapters | None = None
+        if kind == "vllm" and config.adapter_root is not None:
+            limit = config.max_adapters or DEFAULT_MAX_LORAS
+            self.lora = VllmAdapters(name, self._upstream, config.adapter_root, limit)
 
     async def start(self) -> None:
         await self._probe()
@@ -143,6 +158,41 @@ class OpenAICompatibleBackend:
                 await self._prober
         await self._upstream.aclose()
 
+    # LoRA (SupportsLoRA): one adapter per request on vLLM, at scale 1.
+
+    def serves_adapters(self) -> bool:
+        return self.lora is not None
+
+    def can_stack(self) -> bool:
+        return False
+
+    def adapters_loaded(self) -> frozenset[str]:
+        return self.lora.names() if self.lora is not None else frozenset()
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.lora is not None:
+            await self.lora.unload(name)
+
+    def adapter_counters(self) -> Mapping[str, AdapterCounters]:
+        return self.lora.counters if self.lora is not None else {}
+
+    @contextlib.asynccontextmanager
+    async def _engine_model(self, target: Target) -> AsyncIterator[str]:
+        """The name to send as ``model``: the adapter's, held while in use."""
+        if not target.adapters:
+            yield target.engine_model
+            return
+        if self.lora is None or len(target.adapters) > 1 or target.adapters[0].scale != 1.0:
+            raise InvalidRequestError(
+                f"backend {self.name} serves one adapter per request, at scale 1", param="model"
+            )
+        adapter = target.adapters[0].adapter
+        await self.lora.acquire(adapter)
+        try:
+            yield adapter.name
+        finally:
+            self.lora.release(adapter.name)
+
     async def chat(
         self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
     ) -> wire.ChatCompletion:
@@ -171,8 +221,9 @@ class OpenAICompatibleBackend:
         target: Target,
         ctx: RequestContext,
     ) -> _Answer:
-        upstream = msgspec.structs.replace(request, model=target.engine_model, stream=False)
-        response = self._decode(decoder, await self._upstream.post(path, _encode(upstream)))
+        async with self._engine_model(target) as model:
+            upstream = msgspec.structs.replace(request, model=model, stream=False)
+            response = self._decode(decoder, await self._upstream.post(path, _encode(upstream)))
         response.id, response.model = ctx.request_id, target.model
         return response
 
@@ -184,17 +235,18 @@ class OpenAICompatibleBackend:
         target: Target,
         ctx: RequestContext,
     ) -> AsyncIterator[_Chunk]:
-        upstream = msgspec.structs.replace(
-            request,
-            model=target.engine_model,
-            stream=True,
-            # Always ask for usage: the gateway accounts for every stream.
-            stream_options=wire.StreamOptions(include_usage=True),
-        )
-        async for payload in self._upstream.stream(path, _encode(upstream)):
-            chunk = self._decode(decoder, payload)
-            chunk.id, chunk.model = ctx.request_id, target.model
-            yield chunk
+        async with self._engine_model(target) as model:
+            upstream = msgspec.structs.replace(
+                request,
+                model=model,
+                stream=True,
+                # Always ask for usage: the gateway accounts for every stream.
+                stream_options=wire.StreamOptions(include_usage=True),
+            )
+            async for payload in self._upstream.stream(path, _encode(upstream)):
+                chunk = self._decode(decoder, payload)
+                chunk.id, chunk.model = ctx.request_id, target.model
+                yield chunk
 
     # ------------------------------------------------------------- internals
 
@@ -224,9 +276,22 @@ class OpenAICompatibleBackend:
             self._health = BackendHealth(status == 200, "" if status == 200 else f"status {status}")
             if self.kind in LOAD_METRICS and status == 200:
                 _, text = await self._root_get("/metrics")
-                self._load = parse_load(text.decode(errors="replace"), LOAD_METRICS[self.kind])
+                metrics = text.decode(errors="replace")
+                self._load = parse_load(metrics, LOAD_METRICS[self.kind])
+                if self.lora is not None and status == 200:
+                    await self._reconcile_adapters(metrics)
         except GatewayError as error:
             self._health = BackendHealth(False, error.message)
+
+    async def _reconcile_adapters(self, metrics: str) -> None:
+        """vLLM's own view of its adapters: its limit, and what it holds."""
+        assert self.lora is not None
+        if not self._config.max_adapters:
+            self.lora.limit = parse_max_loras(metrics) or self.lora.limit
+        status, content = await self._upstream.get("/models")
+        if status == 200:
+            listing = msgspec.json.decode(content, type=_ModelListing).data
+            self.lora.reconcile(ListedModel(m.id, m.parent) for m in listing)
 
     async def _root_get(self, path: str) -> tuple[int, bytes]:
         # /health and /metrics live at the server's root, beside /v1.
@@ -260,6 +325,15 @@ def parse_load(text: str, names: LoadMetricNames) -> EngineLoad:
         waiting=int(totals[names.waiting]),
         kv_cache_usage=kv,
     )
+
+
+_MAX_LORA = re.compile(r'^vllm:lora_requests_info\{[^}]*max_lora="(\d+)"', re.MULTILINE)
+
+
+def parse_max_loras(metrics: str) -> int | None:
+    """vLLM's --max-loras, from the labels of its ``vllm:lora_requests_info``."""
+    match = _MAX_LORA.search(metrics)
+    return int(match.group(1)) if match else None
 
 
 def _factory(

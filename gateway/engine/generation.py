@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gateway.engine.adapters import AdapterSet
 from gateway.engine.native import BatchEntry, NativeModel, SamplerSpec
 
 
@@ -26,6 +27,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     # None: no logprobs; k >= 0: the chosen token's logprob plus the top k.
     top_logprobs: int | None = None
+    # LoRA adapters to apply (empty: the base model).
+    adapters: AdapterSet = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,13 @@ _MAX_PIECE_BYTES = 256
 BatchEntry = tuple[int, int, int, bool]
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterHandle:
+    """A loaded LoRA adapter (llama.cpp's ``llama_adapter_lora *``)."""
+
+    pointer: ctypes._Pointer[ctypes.c_void_p]
+
+
 class NativeError(RuntimeError):
     """llama.cpp refused an operation (load, decode, grammar)."""
 
@@ -188,6 +195,32 @@ class NativeModel:
         since load: the engine's evidence of how much work it did."""
         perf = lc.llama_perf_context(self._ctx)
         return int(perf.n_p_eval) + int(perf.n_eval)
+
+    # ----------------------------------------------------------------- adapters
+
+    def load_adapter(self, path: Path) -> AdapterHandle:
+        """Load a GGUF LoRA adapter for this model (kept until freed)."""
+        handle = lc.llama_adapter_lora_init(self._model, str(path).encode())
+        if not handle:
+            raise NativeError(f"llama.cpp could not load the LoRA adapter {path}")
+        return AdapterHandle(handle)
+
+    def use_adapters(self, adapters: list[tuple[AdapterHandle, float]]) -> None:
+        """Make exactly these adapters, with their scales, active on the
+        context (an empty list: the base model). Applies to every sequence."""
+        count = len(adapters)
+        if count == 0:
+            status = lc.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            handles = (lc.llama_adapter_lora_p_ctypes * count)(*(a.pointer for a, _ in adapters))
+            scales = (ctypes.c_float * count)(*(scale for _, scale in adapters))
+            status = lc.llama_set_adapters_lora(self._ctx, handles, count, scales)
+        if status != 0:
+            raise NativeError(f"llama.cpp could not set the LoRA adapters (status {status})")
+
+    def free_adapter(self, handle: AdapterHandle) -> None:
+        """Free an adapter that is not active (see :meth:`use_adapters`)."""
+        lc.llama_adapter_lora_free(handle.pointer)
 
     # ----------------------------------------------------------------- sampling
 

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from gateway.engine.adapters import AdapterCache, AdapterSet
 from gateway.engine.generation import Delta, Generation, GenerationRequest, GenerationResult, step
 from gateway.engine.native import NativeError, NativeModel
 
@@ -166,8 +167,11 @@ class Scheduler:
     so the order of admission is the fair queue's.
     """
 
-    def __init__(self, model: NativeModel, *, max_waiting: int) -> None:
+    def __init__(
+        self, model: NativeModel, *, max_waiting: int, adapters: AdapterCache | None = None
+    ) -> None:
         self.model = model
+        self.adapters = adapters
         self.max_waiting = max_waiting
         self._queue = _FairQueue()
         self._ready = asyncio.Event()
@@ -256,18 +260,40 @@ class Scheduler:
         self._settle(job, outcome)
 
     def _run_batches(self) -> None:
-        """The worker thread: admit jobs into free sequences, step the batch."""
+        """The worker thread: admit jobs into free sequences, step the batch.
+
+        Jobs are admitted in the order they arrive. One batch shares one set
+        of LoRA adapters, so a job whose set differs from the running batch's
+        waits (and holds back those behind it, to stay fair) until the batch
+        drains; then the set is switched and it starts.
+        """
         free = list(range(self.model.n_seq))
         active: dict[Generation, _Job] = {}
+        pending: deque[_Job] = deque()
+        current: AdapterSet = ()
         while True:
-            while free:
+            while len(pending) < len(free):
                 try:
-                    job = self._inbox.get(block=not active)
+                    job = self._inbox.get(block=not active and not pending)
                 except queue.Empty:
                     break
                 if job is None:
                     self._stop_all(active)
+                    for waiting in pending:
+                        self._report(waiting, EngineClosedError("the engine is shutting down"))
                     return
+                pending.append(job)
+            while pending and free:
+                job = pending[0]
+                wanted = job.request.adapters
+                if wanted != current:
+                    if active:
+                        break
+                    if not self._switch(job, wanted):
+                        pending.popleft()
+                        continue
+                    current = wanted
+                pending.popleft()
                 sequence = free.pop()
                 if not self._admit(job, sequence, active):
                     free.append(sequence)
@@ -281,6 +307,19 @@ class Scheduler:
                 self._retire(active, free, error)
                 continue
             self._retire(active, free, None)
+
+    def _switch(self, job: _Job, wanted: AdapterSet) -> bool:
+        """Make ``wanted`` the active adapter set; on failure, fail ``job``."""
+        try:
+            if self.adapters is None:
+                if wanted:
+                    raise NativeError("this engine has no adapter cache")
+                return True
+            self.adapters.activate(wanted)
+        except (NativeError, OSError) as error:
+            self._report(job, NativeError(str(error)))
+            return False
+        return True
 
     def _admit(self, job: _Job, sequence: int, active: dict[Generation, _Job]) -> bool:
         try:

@@ -1,0 +1,136 @@
+"""The admin API: adapters registered and removed at run time.
+
+Once any key exists (``server.api_key_hashes`` or ``server.admin_key_hashes``),
+every admin call needs a key from ``admin_key_hashes``: an ordinary API key
+gets a 403, no key a 401. A gateway with no keys at all (loopback
+development) leaves the admin API open, like the rest of its API.
+
+Registrations made here live in memory: declare adapters in the config for
+them to survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.datastructures import State
+from litestar.params import FromPath
+from litestar.types import ControllerRouterHandler
+
+from gateway import wire
+from gateway.contract import Adapter, Backend, SupportsLoRA
+from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from gateway.lora.registry import AdapterRegistry
+from gateway.settings import key_matches
+
+AnyRequest = Request[Any, Any, State]
+JSON = "application/json"
+
+
+class AdminAuthenticator:
+    def __init__(self, api_key_hashes: tuple[str, ...], admin_key_hashes: tuple[str, ...]) -> None:
+        self._open = not api_key_hashes and not admin_key_hashes
+        self._admin = admin_key_hashes
+        self._api = api_key_hashes
+
+    def __call__(self, request: AnyRequest) -> None:
+        if self._open:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError(
+                "The admin API needs an admin key: send 'Authorization: Bearer ADMIN_KEY'.",
+                code=None,
+            )
+        if key_matches(token, self._admin) is not None:
+            return
+        if key_matches(token, self._api) is not None:
+            raise PermissionDeniedError("This key may not use the admin API.")
+        raise AuthenticationError("Incorrect API key provided.")
+
+
+def _lora_backends(backends: Mapping[str, Backend]) -> dict[str, SupportsLoRA]:
+    return {
+        name: backend
+        for name, backend in backends.items()
+        if isinstance(backend, SupportsLoRA) and backend.serves_adapters()
+    }
+
+
+def adapter_info(adapter: Adapter, backends: Mapping[str, Backend]) -> wire.AdapterInfo:
+    holders = sorted(
+        name
+        for name, backend in _lora_backends(backends).items()
+        if adapter.name in backend.adapters_loaded()
+    )
+    return wire.AdapterInfo(
+        id=adapter.name,
+        object="adapter",
+        base=adapter.base_model,
+        format=adapter.format,
+        path=adapter.relative_path,
+        sha256=adapter.sha256,
+        loaded_on=holders,
+    )
+
+
+def _respond(payload: object, status: int = 200) -> Response[bytes]:
+    return Response(wire.encoder.encode(payload), status_code=status, media_type=JSON)
+
+
+def build_admin_handlers(
+    registry: Callable[[], AdapterRegistry],
+    backends: Mapping[str, Backend],
+    authenticate: AdminAuthenticator,
+) -> list[ControllerRouterHandler]:
+    """``registry`` is called per request: the registry exists once started."""
+
+    @get("/admin/adapters")
+    async def list_adapters(request: AnyRequest) -> Response[bytes]:
+        authenticate(request)
+        adapters = registry()
+        return _respond(
+            wire.AdapterList(
+                object="list",
+                data=[adapter_info(a, backends) for a in adapters.adapters.values()],
+                stacks=[
+                    wire.StackInfo(
+                        id=s.name,
+                        object="adapter_stack",
+                        base=s.base_model,
+                        adapters=[f"{name}@{scale:g}" for name, scale in s.parts],
+                    )
+                    for s in adapters.stacks.values()
+                ],
+            )
+        )
+
+    @post("/admin/adapters", status_code=201)
+    async def register_adapter(request: AnyRequest) -> Response[bytes]:
+        authenticate(request)
+        body = await request.body()
+        try:
+            form = wire.adapter_registration_decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            raise InvalidRequestError(f"Invalid adapter registration: {error}") from None
+        adapter = await registry().register(form.name, form.base, form.path, form.sha256)
+        return _respond(adapter_info(adapter, backends), 201)
+
+    @delete("/admin/adapters/{name:str}", status_code=200)
+    async def remove_adapter(request: AnyRequest, name: FromPath[str]) -> Response[bytes]:
+        authenticate(request)
+        removed = registry().remove(name)
+        if isinstance(removed, Adapter):
+            # Engines free it now rather than when it would be evicted.
+            await asyncio.gather(
+                *(backend.unload_adapter(name) for backend in _lora_backends(backends).values())
+            )
+        kind = "adapter" if isinstance(removed, Adapter) else "adapter_stack"
+        return _respond(wire.Deleted(id=name, object=kind, deleted=True))
+
+    return [list_adapters, register_adapter, remove_adapter]

@@ -1,0 +1,1 @@
+"""LoRA adapters: registry, sources, conversion from PEFT to GGUF, loading."""
