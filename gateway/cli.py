@@ -143,8 +143,6 @@ def _run(settings: Settings) -> int:
     logging.basicConfig(
         level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    # httpx logs every upstream request at INFO: far too much on the hot path.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     runtime = Runtime(settings, startup_plan)
     config = uvicorn.Config(
         create_app(runtime),

@@ -2,21 +2,25 @@
 hosted APIs): pooled client, timeouts, and the translation of every transport
 failure and upstream status into a typed gateway error, in exactly one place.
 
-The client is httpx's API on an aiohttp transport: httpcore's own pool polls
-every pooled connection on each request and costs about 1.3 CPU-ms per request
-on these machines, aiohttp's about 0.2 (see docs/benchmarks.md).
+The client is one ``aiohttp.ClientSession`` per upstream. httpcore's own pool
+polls every pooled connection on each request and costs about 1.3 CPU-ms per
+request on these machines, aiohttp's about 0.2; httpx's API on an aiohttp
+transport (``httpx-aiohttp``) still spent about a third of the gateway's Python
+time building httpx requests, URLs, cookie jars and responses around it (see
+docs/benchmarks.md, "Gateway overhead").
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import msgspec
-from httpx_aiohttp import AiohttpTransport
+from multidict import CIMultiDict
+from yarl import URL
 
 from gateway.errors import (
     EngineOverloadedError,
@@ -25,6 +29,10 @@ from gateway.errors import (
     NotFoundError,
     UpstreamError,
 )
+
+# What the client may raise: its own errors, and timeouts (ServerTimeoutError
+# is both; a few paths raise a bare TimeoutError).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +66,8 @@ def api_key_from_env(variable: str | None) -> str | None:
 
 
 class Upstream:
-    """One pooled HTTP client for one upstream, created at start-up."""
+    """One pooled HTTP client for one upstream, created at start-up (the
+    session itself on first use, inside the event loop)."""
 
     def __init__(
         self,
@@ -71,71 +80,123 @@ class Upstream:
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
-        headers = {"Content-Type": "application/json"}
+        headers = CIMultiDict({"Content-Type": "application/json"})
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
+        self._headers = headers
+        self._max_connections = max_connections
+        # connect: waiting for a pooled connection and opening one (as httpx's
+        # pool timeout); sock_connect: opening one; sock_read: between reads.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.first_token,
+            sock_connect=timeouts.connect,
+            sock_read=timeouts.first_token,
         )
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeouts.first_token, connect=timeouts.connect),
-            transport=AiohttpTransport(limits=limits, trust_env=False),
-            trust_env=False,
-        )
+        self._urls: dict[str, URL] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _client(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None:
+            if self._closed:
+                raise UpstreamError(f"backend {self.name} is shut down")
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, limit_per_host=self._max_connections
+            )
+            session = self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._headers,
+                timeout=self._timeout,
+                # Never a proxy from the environment, never cookies: nothing
+                # the client or the upstream sends changes what the next
+                # request carries.
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                raise_for_status=False,
+            )
+        return session
+
+    def _url(self, path: str) -> URL:
+        """``path`` below the base URL, or an absolute URL; parsed once."""
+        url = self._urls.get(path)
+        if url is None:
+            absolute = path.startswith(("http://", "https://"))
+            url = self._urls[path] = URL(path if absolute else self.base_url + path)
+        return url
 
     async def post(self, path: str, body: bytes) -> bytes:
         try:
-            response = await self._client.post(path, content=body)
-        except httpx.HTTPError as error:
+            async with self._client().post(self._url(path), data=body) as response:
+                content = await response.read()
+        except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
-        if response.status_code >= 400:
-            raise self._status_error(response.status_code, response.content, response.headers)
-        return response.content
+        if response.status >= 400:
+            raise self._status_error(response.status, content, response.headers)
+        return content
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """For probes and metrics: the status and body, errors as UpstreamError."""
         try:
-            response = await self._client.get(path)
-        except httpx.HTTPError as error:
+            async with self._client().get(self._url(path)) as response:
+                return response.status, await response.read()
+        except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
-        return response.status_code, response.content
 
     async def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
         """The ``data:`` payloads of an SSE response, without ``[DONE]``.
 
         Failures before the first payload raise retryable errors; closing the
         iterator closes the connection, which makes vLLM abort the request.
+        Each payload is yielded as soon as its line is complete.
         """
-        request = self._client.build_request("POST", path, content=body)
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as error:
+            response = await self._client().post(self._url(path), data=body)
+        except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
+        complete = False
         try:
-            if response.status_code >= 400:
-                content = await response.aread()
-                raise self._status_error(response.status_code, content, response.headers)
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+            if response.status >= 400:
+                content = await response.read()
+                raise self._status_error(response.status, content, response.headers)
+            pending = b""
+            async for data in response.content.iter_any():
+                lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if line.startswith(b"data:"):
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            complete = True
+                            return
+                        yield payload
+            # The last line may end the stream without a newline.
+            if pending.startswith(b"data:"):
+                payload = pending[5:].strip()
+                if payload == b"[DONE]":
+                    complete = True
                     return
-                yield payload.encode()
+                yield payload
             raise UpstreamError(f"backend {self.name} ended the stream without [DONE]")
-        except httpx.HTTPError as error:
+        except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
         finally:
-            with contextlib.suppress(httpx.HTTPError):
-                await response.aclose()
+            if complete:
+                # The whole answer was read: the connection goes back to the pool.
+                response.release()
+            else:
+                # Cut short (the client went away, an error): drop the
+                # connection, so the upstream sees the close and stops.
+                response.close()
 
-    def _transport_error(self, error: httpx.HTTPError) -> GatewayError:
+    def _transport_error(self, error: BaseException) -> GatewayError:
         kind = type(error).__name__
         return UpstreamError(f"backend {self.name} is unreachable or timed out ({kind})")
 
-    def _status_error(self, status: int, content: bytes, headers: httpx.Headers) -> GatewayError:
+    def _status_error(
+        self, status: int, content: bytes, headers: Mapping[str, str]
+    ) -> GatewayError:
         message = _upstream_message(content) or f"status {status}"
         text = f"backend {self.name}: {message}"
         if status == 429 or status == 503:
@@ -149,7 +210,11 @@ class Upstream:
         return InvalidRequestError(text)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(*_TRANSPORT_ERRORS):
+                await session.close()
 
 
 def _upstream_message(content: bytes) -> str:
