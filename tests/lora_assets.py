@@ -1,0 +1,44 @@
+"""Shared by the LoRA tests: the trained marker adapters and two helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+
+from gateway.lora.sources import locate, sha256_of
+from gateway.testing import LiveGateway
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Assets:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        manifest = json.loads((root / "manifest.json").read_text())
+        self.markers: dict[str, str] = manifest["markers"]
+
+    def sha(self, relative: str) -> str:
+        return sha256_of(locate(self.root, relative))
+
+
+def ask(client: openai.OpenAI, model: str, max_tokens: int = 20) -> str:
+    answer = client.chat.completions.create(
+        model=model,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=max_tokens,  # type: ignore[arg-type]
+    )
+    assert answer.model == model
+    return answer.choices[0].message.content or ""
+
+
+def metric(gateway: LiveGateway, name: str, **labels: str) -> float:
+    text = httpx.get(f"{gateway.root_url}/metrics", timeout=10).text
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

