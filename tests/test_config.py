@@ -430,3 +430,15 @@ def test_example_configs_commented_out_examples_are_valid(tmp_path: Path) -> Non
     assert settings.backends["pool"].type == "vllm"
     assert settings.server.decision_log == Path("/var/log/nomoat/decisions.jsonl")
     assert settings.hooks[0].name == "audit"
+
+
+def test_the_routing_example_is_valid_and_shows_a_gpu_pool_two_edges_and_a_fallback() -> None:
+    example = EXAMPLE.parent / "examples" / "routing.toml"
+    settings, problems = check(example)
+    assert problems == [], problems
+    assert settings is not None
+    kinds = sorted(backend.type for backend in settings.backends.values())
+    assert kinds == ["edge", "edge", "openai", "vllm", "vllm"]
+    [fallback] = settings.models["smollm2"].fallbacks
+    hosted = settings.models[fallback].deployments[0].backend
+    assert settings.backends[hosted].type == "openai"
