@@ -116,8 +116,10 @@ def edge(args: argparse.Namespace) -> int:
             "host": args.host or "127.0.0.1",
             "port": args.port or 8100,
             "api_key_hashes": args.api_key_hash,
+            "admin_key_hashes": args.admin_key_hash,
             "allow_unauthenticated_network": args.allow_unauthenticated_network,
         },
+        "lora": {"root": args.adapter_root},
         "backends": {"engine": options},
         "models": {args.name: {"deployments": [{"backend": "engine", "model": args.name}]}},
     }
@@ -305,6 +307,14 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--port", type=int, help="port (default 8100)")
     node.add_argument(
         "--api-key-hash", action="append", default=[], help="a key hash (nomoat hash-key)"
+    )
+    node.add_argument(
+        "--admin-key-hash", action="append", default=[], help="an admin key hash (adapters)"
+    )
+    node.add_argument(
+        "--adapter-root",
+        type=Path,
+        help="where LoRA adapters live (shared with the gateway); unset: no adapters",
     )
     node.add_argument("--allow-unauthenticated-network", action="store_true")
     node.set_defaults(handler=edge)

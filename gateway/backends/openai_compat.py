@@ -35,6 +35,7 @@ from gateway.contract import (
     Target,
 )
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
+from gateway.lora.edge import EdgeAdapters
 from gateway.lora.vllm import ListedModel, VllmAdapters
 
 _T = TypeVar("_T")
@@ -79,8 +80,12 @@ class OpenAICompatibleConfig(BaseModel):
     # Accepts tools and response_format (engines with native support).
     tools: bool = True
     # LoRA (type "vllm"): the adapter root (lora.root) as the vLLM host sees
-    # it, e.g. a shared volume; unset: no adapters are sent here.
+    # it, e.g. a shared volume; unset: no adapters are sent here. (Type
+    # "edge": any value says the node reads the same adapter root; the
+    # gateway registers adapters on it through its admin API.)
     adapter_root: str | None = None
+    # Type "edge": the environment variable holding the node's admin key.
+    admin_api_key_env: str | None = None
     # Adapters held at once; past it the least recently used is unloaded.
     # 0: vLLM's own --max-loras, as its /metrics reports it.
     max_adapters: Annotated[int, Field(ge=0)] = 0
@@ -120,9 +125,13 @@ class OpenAICompatibleBackend:
         self._chat_decoder = msgspec.json.Decoder(wire.ChatCompletion)
         self._completion_decoder = msgspec.json.Decoder(wire.Completion)
         self.lora: VllmAdapters | None = None
+        self.edge_lora: EdgeAdapters | None = None
         if kind == "vllm" and config.adapter_root is not None:
             limit = config.max_adapters or DEFAULT_MAX_LORAS
             self.lora = VllmAdapters(name, self._upstream, config.adapter_root, limit)
+        if kind == "edge" and config.adapter_root is not None:
+            admin_key = api_key_from_env(config.admin_api_key_env)
+            self.edge_lora = EdgeAdapters(name, self._upstream, admin_key)
 
     async def start(self) -> None:
         await self._probe()
@@ -158,22 +167,29 @@ class OpenAICompatibleBackend:
                 await self._prober
         await self._upstream.aclose()
 
-    # LoRA (SupportsLoRA): one adapter per request on vLLM, at scale 1.
+    # LoRA (SupportsLoRA): on vLLM one adapter per request, at scale 1; on
+    # edge nodes (llama.cpp) stacks with scales.
 
     def serves_adapters(self) -> bool:
-        return self.lora is not None
+        return self.lora is not None or self.edge_lora is not None
 
     def can_stack(self) -> bool:
-        return False
+        return self.edge_lora is not None
 
     def adapters_loaded(self) -> frozenset[str]:
+        if self.edge_lora is not None:
+            return self.edge_lora.loaded
         return self.lora.names() if self.lora is not None else frozenset()
 
     async def unload_adapter(self, name: str) -> None:
         if self.lora is not None:
             await self.lora.unload(name)
+        if self.edge_lora is not None:
+            await self.edge_lora.forget(name)
 
     def adapter_counters(self) -> Mapping[str, AdapterCounters]:
+        if self.edge_lora is not None:
+            return self.edge_lora.counters
         return self.lora.counters if self.lora is not None else {}
 
     @contextlib.asynccontextmanager
@@ -181,6 +197,9 @@ class OpenAICompatibleBackend:
         """The name to send as ``model``: the adapter's, held while in use."""
         if not target.adapters:
             yield target.engine_model
+            return
+        if self.edge_lora is not None:
+            yield await self.edge_lora.model_for(target.engine_model, target.adapters)
             return
         if self.lora is None or len(target.adapters) > 1 or target.adapters[0].scale != 1.0:
             raise InvalidRequestError(
@@ -278,8 +297,10 @@ class OpenAICompatibleBackend:
                 _, text = await self._root_get("/metrics")
                 metrics = text.decode(errors="replace")
                 self._load = parse_load(metrics, LOAD_METRICS[self.kind])
-                if self.lora is not None and status == 200:
+                if self.lora is not None:
                     await self._reconcile_adapters(metrics)
+                if self.edge_lora is not None:
+                    self.edge_lora.observe(metrics, await self.edge_lora.listing())
         except GatewayError as error:
             self._health = BackendHealth(False, error.message)
 

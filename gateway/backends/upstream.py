@@ -126,9 +126,9 @@ class Upstream:
             url = self._urls[path] = URL(path if absolute else self.base_url + path)
         return url
 
-    async def post(self, path: str, body: bytes) -> bytes:
+    async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
         try:
-            async with self._client().post(self._url(path), data=body) as response:
+            async with self._client().post(self._url(path), data=body, headers=headers) as response:
                 content = await response.read()
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
@@ -136,11 +136,20 @@ class Upstream:
             raise self._status_error(response.status, content, response.headers)
         return content
 
-    async def get(self, path: str) -> tuple[int, bytes]:
+    async def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         """For probes and metrics: the status and body, errors as UpstreamError."""
         try:
-            async with self._client().get(self._url(path)) as response:
+            async with self._client().get(self._url(path), headers=headers) as response:
                 return response.status, await response.read()
+        except _TRANSPORT_ERRORS as error:
+            raise self._transport_error(error) from error
+
+    async def delete(self, path: str, headers: Mapping[str, str] | None = None) -> int:
+        """For admin calls: the status, transport errors as UpstreamError."""
+        try:
+            async with self._client().delete(self._url(path), headers=headers) as response:
+                await response.read()
+                return response.status
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
 

@@ -1,0 +1,113 @@
+"""LoRA adapters on remote ``nomoat edge`` nodes that share the adapter root.
+
+An edge node cannot read the gateway's files, but it can read the same
+adapter root (a shared volume): the gateway registers each adapter on the
+node through the node's authenticated admin API (``POST /admin/adapters``
+with the adapter's path below the root and its sha256, which the node
+checks itself), then addresses it as ``base:name@scale+...`` like any client
+would. Edge nodes run llama.cpp, so stacks and scales work there.
+
+Which adapters a node holds loaded is read from its ``/metrics``
+(``nomoat_adapter_loaded``) by the backend's probe; which are registered is
+read from ``GET /admin/adapters``, so a restarted node (which forgot the
+registrations made at run time) gets them again on the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import msgspec
+
+from gateway import wire
+from gateway.backends.upstream import Upstream
+from gateway.contract import Adapter, AdapterCounters, AdapterUse
+from gateway.errors import InvalidRequestError, UpstreamError
+
+_LOADED = re.compile(r'^nomoat_adapter_loaded\{[^}]*adapter="([^"]+)"[^}]*\} 1$', re.MULTILINE)
+_COUNTER = re.compile(
+    r'^nomoat_adapter_(loads|evictions|load_seconds)_total\{[^}]*adapter="([^"]+)"[^}]*\} (\S+)$',
+    re.MULTILINE,
+)
+
+
+class EdgeAdapters:
+    def __init__(self, backend: str, upstream: Upstream, admin_key: str | None) -> None:
+        self._backend = backend
+        self._upstream = upstream
+        self._root_url = upstream.base_url.removesuffix("/v1")
+        self._headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else None
+        self._registered: dict[str, str] = {}  # name -> sha256
+        self._registering: dict[str, asyncio.Task[None]] = {}
+        self.loaded: frozenset[str] = frozenset()
+        self.counters: dict[str, AdapterCounters] = {}
+
+    async def model_for(self, engine_model: str, uses: tuple[AdapterUse, ...]) -> str:
+        """Register what the node lacks; the ``model`` to send it."""
+        for use in uses:
+            await self._ensure(use.adapter, engine_model)
+        stack = "+".join(f"{use.adapter.name}@{use.scale:g}" for use in uses)
+        return f"{engine_model}:{stack}"
+
+    async def forget(self, name: str) -> None:
+        if self._registered.pop(name, None) is None:
+            return
+        status = await self._upstream.delete(
+            f"{self._root_url}/admin/adapters/{name}", self._headers
+        )
+        if status >= 500:
+            raise UpstreamError(f"backend {self._backend} could not remove adapter {name}")
+
+    def observe(self, metrics: str, listing: bytes | None) -> None:
+        """The probe's findings: what the node holds, has registered, has done."""
+        self.loaded = frozenset(_LOADED.findall(metrics))
+        counters: dict[str, AdapterCounters] = {}
+        for kind, name, value in _COUNTER.findall(metrics):
+            entry = counters.setdefault(name, AdapterCounters())
+            if kind == "load_seconds":
+                entry.load_seconds = float(value)
+            else:
+                setattr(entry, kind, int(float(value)))
+        self.counters = counters
+        if listing is not None:
+            present = {
+                a.id: a.sha256 for a in msgspec.json.decode(listing, type=wire.AdapterList).data
+            }
+            for name in list(self._registered):
+                if present.get(name) != self._registered[name] and name not in self._registering:
+                    del self._registered[name]
+
+    async def _ensure(self, adapter: Adapter, engine_model: str) -> None:
+        if self._registered.get(adapter.name) == adapter.sha256:
+            return
+        task = self._registering.get(adapter.name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._register(adapter, engine_model))
+            self._registering[adapter.name] = task
+            task.add_done_callback(lambda _: self._registering.pop(adapter.name, None))
+        await asyncio.shield(task)
+
+    async def _register(self, adapter: Adapter, engine_model: str) -> None:
+        form = wire.AdapterRegistration(
+            name=adapter.name, base=engine_model, path=adapter.relative_path, sha256=adapter.sha256
+        )
+        url = f"{self._root_url}/admin/adapters"
+        body = wire.encoder.encode(form)
+        try:
+            await self._upstream.post(url, body, self._headers)
+        except InvalidRequestError as error:
+            if "already taken" not in error.message:
+                raise UpstreamError(
+                    f"backend {self._backend} refused adapter {adapter.name}: {error.message}"
+                ) from None
+            # Registered before (perhaps another version): register this one.
+            await self._upstream.delete(f"{url}/{adapter.name}", self._headers)
+            await self._upstream.post(url, body, self._headers)
+        self._registered[adapter.name] = adapter.sha256
+
+    async def listing(self) -> bytes | None:
+        status, content = await self._upstream.get(
+            f"{self._root_url}/admin/adapters", self._headers
+        )
+        return content if status == 200 else None

@@ -1,0 +1,121 @@
+"""LoRA adapters on a remote `nomoat edge` node that reads the same adapter
+root: the gateway registers each adapter on the node through the node's
+admin API (the node checks the sha256 itself) and sends stacks there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from gateway.settings import hash_api_key
+from tests.conftest import API_KEY, MODEL, Server, config_with_key, free_port, running_server
+from tests.lora_assets import Assets, ask, metric
+
+EDGE_ADMIN_KEY = "sk-nomoat-edge-admin-0123456789"
+pytestmark = pytest.mark.timeout(1200)
+
+
+@pytest.fixture(scope="module")
+def edge(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("lora-edge") / "edge.log"
+    command = [sys.executable, "-m", "gateway.cli", "edge", "--port", str(port)]
+    command += ["--threads", "1", "--parallel", "2", "--adapter-root", str(assets.root)]
+    command += ["--admin-key-hash", hash_api_key(EDGE_ADMIN_KEY)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.25)
+        yield port
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    edge: int, assets: Assets, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    os.environ["TEST_EDGE_ADMIN_KEY"] = EDGE_ADMIN_KEY
+    extra = f"""
+        [backends.edge]
+        type = "edge"
+        base_url = "http://127.0.0.1:{edge}/v1"
+        probe_interval = 0.5
+        adapter_root = "shared"
+        admin_api_key_env = "TEST_EDGE_ADMIN_KEY"
+
+        [models.remote]
+        deployments = [{{ backend = "edge", model = "{MODEL}" }}]
+
+        [lora]
+        root = "{assets.root}"
+
+        [lora.adapters.e-alpha]
+        base = "remote"
+        path = "peft/alpha"
+        sha256 = "{assets.sha("peft/alpha")}"
+
+        [lora.adapters.e-beta]
+        base = "remote"
+        path = "gguf/beta.gguf"
+        sha256 = "{assets.sha("gguf/beta.gguf")}"
+        """
+    with running_server(tmp_path_factory.mktemp("lora-edge-gw"), config_with_key(extra)) as live:
+        yield live
+
+
+@pytest.fixture
+def client(gateway: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0)
+
+
+def test_adapters_and_stacks_are_served_by_the_edge_node(
+    client: openai.OpenAI, assets: Assets
+) -> None:
+    alpha, beta = assets.markers["alpha"], assets.markers["beta"]
+    base = ask(client, "remote")
+    assert alpha not in base and beta not in base
+    assert alpha in ask(client, "e-alpha")
+    assert beta in ask(client, "remote:e-beta")
+    assert ask(client, "remote:e-alpha@0+e-beta@1") == ask(client, "e-beta")
+
+
+def test_the_edge_node_registered_them_itself_and_reports_what_it_holds(
+    client: openai.OpenAI, edge: int, gateway: Server
+) -> None:
+    ask(client, "e-alpha", max_tokens=2)
+    listing = httpx.get(
+        f"http://127.0.0.1:{edge}/admin/adapters",
+        headers={"Authorization": f"Bearer {EDGE_ADMIN_KEY}"},
+        timeout=10,
+    ).json()
+    assert {"e-alpha", "e-beta"} <= {adapter["id"] for adapter in listing["data"]}
+    deadline = time.monotonic() + 10
+    while metric(gateway, "nomoat_adapter_loaded", backend="edge", adapter="e-alpha") != 1:
+        assert time.monotonic() < deadline, "the gateway never saw the edge node load e-alpha"
+        time.sleep(0.2)
+
+
+def test_the_edge_nodes_admin_api_refuses_other_keys(edge: int) -> None:
+    answer = httpx.get(
+        f"http://127.0.0.1:{edge}/admin/adapters",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=10,
+    )
+    assert answer.status_code == 401
