@@ -8,7 +8,8 @@ from the base model's GGUF file, which is what a llama.cpp engine has anyway.
 
 Its output matches ``convert_lora_to_gguf.py --outtype f32`` (the script's default):
 the same tensor names, shapes, values and adapter metadata (tests/test_lora_convert.py
-compares them). What it must get right:
+compares them; only ``general.name`` differs, the folder's name here, title-cased
+there). What it must get right:
 
 - names: ``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` becomes
   ``blk.N.attn_q.weight.lora_a`` (and ``lora_B`` -> ``.lora_b``);
