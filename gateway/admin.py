@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, delete, get, post
+from litestar import Request, Response, delete, get, post, put
 from litestar.datastructures import State
 from litestar.params import FromPath
 from litestar.types import ControllerRouterHandler
@@ -25,10 +25,13 @@ from gateway import wire
 from gateway.contract import Adapter, Backend, SupportsLoRA
 from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from gateway.lora.registry import AdapterRegistry
+from gateway.lora.uploads import Upload
 from gateway.settings import key_matches
 
 AnyRequest = Request[Any, Any, State]
 JSON = "application/json"
+# Adapters are larger than chat requests: their own cap, for admins only.
+MAX_UPLOAD_BYTES = 2 * 1024**3
 
 
 class AdminAuthenticator:
@@ -121,6 +124,26 @@ def build_admin_handlers(
         adapter = await registry().register(form.name, form.base, form.path, form.sha256)
         return _respond(adapter_info(adapter, backends), 201)
 
+    @put(
+        "/admin/adapters/{name:str}/files",
+        status_code=201,
+        request_max_body_size=MAX_UPLOAD_BYTES,
+    )
+    async def upload_adapter(request: AnyRequest, name: FromPath[str]) -> Response[bytes]:
+        """An adapter's files pushed by a gateway (see gateway/lora/uploads.py)."""
+        authenticate(request)  # before reading a byte of the body
+        headers = request.headers
+        base = headers.get("x-nomoat-base", "")
+        sha256 = headers.get("x-nomoat-sha256", "").lower()
+        try:
+            config_length = int(headers.get("x-nomoat-config-length", "0"))
+        except ValueError:
+            raise InvalidRequestError("x-nomoat-config-length must be an integer") from None
+        upload = wire_upload(sha256, headers.get("x-nomoat-format", ""), config_length)
+        body = await request.body()
+        adapter = await registry().register_upload(name, base, upload(body))
+        return _respond(adapter_info(adapter, backends), 201)
+
     @delete("/admin/adapters/{name:str}", status_code=200)
     async def remove_adapter(request: AnyRequest, name: FromPath[str]) -> Response[bytes]:
         authenticate(request)
@@ -133,4 +156,14 @@ def build_admin_handlers(
         kind = "adapter" if isinstance(removed, Adapter) else "adapter_stack"
         return _respond(wire.Deleted(id=name, object=kind, deleted=True))
 
-    return [list_adapters, register_adapter, remove_adapter]
+    return [list_adapters, register_adapter, upload_adapter, remove_adapter]
+
+
+def wire_upload(sha256: str, kind: str, config_length: int) -> Callable[[bytes], Upload]:
+    """The upload's description from its headers, checked before the body is read."""
+    if not sha256 or kind not in ("peft", "gguf"):
+        raise InvalidRequestError(
+            "an adapter upload needs x-nomoat-base, x-nomoat-sha256 and x-nomoat-format "
+            '("peft" or "gguf") headers'
+        )
+    return lambda body: Upload(sha256, kind, body, config_length)

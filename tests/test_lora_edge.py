@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import openai
@@ -22,12 +24,12 @@ EDGE_ADMIN_KEY = "sk-nomoat-edge-admin-0123456789"
 pytestmark = pytest.mark.timeout(1200)
 
 
-@pytest.fixture(scope="module")
-def edge(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+@contextmanager
+def edge_node(root: Path, log_path: Path) -> Iterator[int]:
+    """`nomoat edge` with an adapter root and an admin key; its port."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("lora-edge") / "edge.log"
     command = [sys.executable, "-m", "gateway.cli", "edge", "--port", str(port)]
-    command += ["--threads", "1", "--parallel", "2", "--adapter-root", str(assets.root)]
+    command += ["--threads", "1", "--parallel", "2", "--adapter-root", str(root)]
     command += ["--admin-key-hash", hash_api_key(EDGE_ADMIN_KEY)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -48,8 +50,27 @@ def edge(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[i
 
 
 @pytest.fixture(scope="module")
+def edge(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """An edge node that reads the gateway's adapter root (a shared volume)."""
+    with edge_node(assets.root, tmp_path_factory.mktemp("lora-edge") / "edge.log") as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def private_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("edge-private-root")
+
+
+@pytest.fixture(scope="module")
+def lonely_edge(private_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """An edge node with only its own, empty adapter root: adapters are pushed."""
+    with edge_node(private_root, tmp_path_factory.mktemp("lora-edge2") / "edge.log") as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
 def gateway(
-    edge: int, assets: Assets, tmp_path_factory: pytest.TempPathFactory
+    edge: int, lonely_edge: int, assets: Assets, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     os.environ["TEST_EDGE_ADMIN_KEY"] = EDGE_ADMIN_KEY
     extra = f"""
@@ -63,6 +84,16 @@ def gateway(
         [models.remote]
         deployments = [{{ backend = "edge", model = "{MODEL}" }}]
 
+        [backends.pushed-edge]
+        type = "edge"
+        base_url = "http://127.0.0.1:{lonely_edge}/v1"
+        probe_interval = 0.5
+        push_adapters = true
+        admin_api_key_env = "TEST_EDGE_ADMIN_KEY"
+
+        [models.pushed]
+        deployments = [{{ backend = "pushed-edge", model = "{MODEL}" }}]
+
         [lora]
         root = "{assets.root}"
 
@@ -73,6 +104,16 @@ def gateway(
 
         [lora.adapters.e-beta]
         base = "remote"
+        path = "gguf/beta.gguf"
+        sha256 = "{assets.sha("gguf/beta.gguf")}"
+
+        [lora.adapters.p-alpha]
+        base = "pushed"
+        path = "peft/alpha"
+        sha256 = "{assets.sha("peft/alpha")}"
+
+        [lora.adapters.p-beta]
+        base = "pushed"
         path = "gguf/beta.gguf"
         sha256 = "{assets.sha("gguf/beta.gguf")}"
         """
@@ -119,3 +160,30 @@ def test_the_edge_nodes_admin_api_refuses_other_keys(edge: int) -> None:
         timeout=10,
     )
     assert answer.status_code == 401
+
+
+def test_adapters_pushed_to_an_edge_node_are_checked_stored_and_served(
+    client: openai.OpenAI, assets: Assets, lonely_edge: int, private_root: Path
+) -> None:
+    alpha, beta = assets.markers["alpha"], assets.markers["beta"]
+    assert alpha in ask(client, "p-alpha")  # a PEFT folder: the node converts it
+    assert beta in ask(client, "pushed:p-beta")  # a GGUF file
+    assert ask(client, "pushed:p-alpha@0+p-beta@1") == ask(client, "p-beta")
+    stored = {path.name for path in (private_root / "uploads").iterdir()}
+    assert {assets.sha("peft/alpha"), assets.sha("gguf/beta.gguf")} <= stored
+
+
+def test_an_upload_whose_bytes_do_not_match_its_sha256_is_refused(lonely_edge: int) -> None:
+    answer = httpx.put(
+        f"http://127.0.0.1:{lonely_edge}/admin/adapters/evil/files",
+        content=b"not what was announced",
+        headers={
+            "Authorization": f"Bearer {EDGE_ADMIN_KEY}",
+            "x-nomoat-base": MODEL,
+            "x-nomoat-sha256": "0" * 64,
+            "x-nomoat-format": "gguf",
+        },
+        timeout=10,
+    )
+    assert answer.status_code == 400
+    assert "sha256" in answer.json()["error"]["message"]

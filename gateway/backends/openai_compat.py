@@ -84,6 +84,9 @@ class OpenAICompatibleConfig(BaseModel):
     # "edge": any value says the node reads the same adapter root; the
     # gateway registers adapters on it through its admin API.)
     adapter_root: str | None = None
+    # Type "edge": push adapter files to the node over its admin API (for
+    # nodes that cannot read the adapter root).
+    push_adapters: bool = False
     # Type "edge": the environment variable holding the node's admin key.
     admin_api_key_env: str | None = None
     # Adapters held at once; past it the least recently used is unloaded.
@@ -129,9 +132,11 @@ class OpenAICompatibleBackend:
         if kind == "vllm" and config.adapter_root is not None:
             limit = config.max_adapters or DEFAULT_MAX_LORAS
             self.lora = VllmAdapters(name, self._upstream, config.adapter_root, limit)
-        if kind == "edge" and config.adapter_root is not None:
+        if kind == "edge" and (config.adapter_root is not None or config.push_adapters):
             admin_key = api_key_from_env(config.admin_api_key_env)
-            self.edge_lora = EdgeAdapters(name, self._upstream, admin_key)
+            self.edge_lora = EdgeAdapters(
+                name, self._upstream, admin_key, push=config.push_adapters
+            )
 
     async def start(self) -> None:
         await self._probe()

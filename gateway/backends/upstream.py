@@ -144,6 +144,17 @@ class Upstream:
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
 
+    async def put(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+        """For admin calls (adapter uploads); errors as for :meth:`post`."""
+        try:
+            async with self._client().put(self._url(path), data=body, headers=headers) as response:
+                content = await response.read()
+        except _TRANSPORT_ERRORS as error:
+            raise self._transport_error(error) from error
+        if response.status >= 400:
+            raise self._status_error(response.status, content, response.headers)
+        return content
+
     async def delete(self, path: str, headers: Mapping[str, str] | None = None) -> int:
         """For admin calls: the status, transport errors as UpstreamError."""
         try:

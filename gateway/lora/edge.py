@@ -1,11 +1,14 @@
-"""LoRA adapters on remote ``nomoat edge`` nodes that share the adapter root.
+"""LoRA adapters on remote ``nomoat edge`` nodes.
 
-An edge node cannot read the gateway's files, but it can read the same
-adapter root (a shared volume): the gateway registers each adapter on the
-node through the node's authenticated admin API (``POST /admin/adapters``
-with the adapter's path below the root and its sha256, which the node
-checks itself), then addresses it as ``base:name@scale+...`` like any client
-would. Edge nodes run llama.cpp, so stacks and scales work there.
+An edge node cannot read the gateway's files. Either it reads the same
+adapter root (a shared volume), and the gateway registers each adapter on it
+through the node's authenticated admin API (``POST /admin/adapters`` with
+the adapter's path below the root and its sha256, which the node checks);
+or the gateway pushes the files (``push_adapters``: ``PUT
+/admin/adapters/NAME/files``, checked by the node against the sha256, see
+:mod:`gateway.lora.uploads`). Then it addresses the adapter as
+``base:name@scale+...`` like any client would. Edge nodes run llama.cpp, so
+stacks and scales work there.
 
 Which adapters a node holds loaded is read from its ``/metrics``
 (``nomoat_adapter_loaded``) by the backend's probe; which are registered is
@@ -24,6 +27,8 @@ from gateway import wire
 from gateway.backends.upstream import Upstream
 from gateway.contract import Adapter, AdapterCounters, AdapterUse
 from gateway.errors import InvalidRequestError, UpstreamError
+from gateway.lora.sources import AdapterSource, source_files
+from gateway.lora.uploads import upload_body
 
 _LOADED = re.compile(r'^nomoat_adapter_loaded\{[^}]*adapter="([^"]+)"[^}]*\} 1$', re.MULTILINE)
 _COUNTER = re.compile(
@@ -33,8 +38,11 @@ _COUNTER = re.compile(
 
 
 class EdgeAdapters:
-    def __init__(self, backend: str, upstream: Upstream, admin_key: str | None) -> None:
+    def __init__(
+        self, backend: str, upstream: Upstream, admin_key: str | None, *, push: bool
+    ) -> None:
         self._backend = backend
+        self._push = push
         self._upstream = upstream
         self._root_url = upstream.base_url.removesuffix("/v1")
         self._headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else None
@@ -89,6 +97,39 @@ class EdgeAdapters:
         await asyncio.shield(task)
 
     async def _register(self, adapter: Adapter, engine_model: str) -> None:
+        if self._push:
+            await self._upload(adapter, engine_model)
+        else:
+            await self._register_shared(adapter, engine_model)
+        self._registered[adapter.name] = adapter.sha256
+
+    async def _upload(self, adapter: Adapter, engine_model: str) -> None:
+        """Send the files; the node checks their sha256 and registers them."""
+        source = AdapterSource(adapter.path, adapter.relative_path, adapter.format)
+        body, config_length = await asyncio.to_thread(upload_body, list(source_files(source)))
+        headers = {
+            **(self._headers or {}),
+            "Content-Type": "application/octet-stream",
+            "x-nomoat-base": engine_model,
+            "x-nomoat-sha256": adapter.sha256,
+            "x-nomoat-format": adapter.format,
+            "x-nomoat-config-length": str(config_length),
+        }
+        url = f"{self._root_url}/admin/adapters/{adapter.name}/files"
+        try:
+            await self._upstream.put(url, body, headers)
+        except InvalidRequestError as error:
+            if "already taken" not in error.message:
+                raise UpstreamError(
+                    f"backend {self._backend} refused adapter {adapter.name}: {error.message}"
+                ) from None
+            await self._upstream.delete(
+                f"{self._root_url}/admin/adapters/{adapter.name}", self._headers
+            )
+            await self._upstream.put(url, body, headers)
+
+    async def _register_shared(self, adapter: Adapter, engine_model: str) -> None:
+        """The node reads the same root: register the adapter's path there."""
         form = wire.AdapterRegistration(
             name=adapter.name, base=engine_model, path=adapter.relative_path, sha256=adapter.sha256
         )
@@ -104,7 +145,6 @@ class EdgeAdapters:
             # Registered before (perhaps another version): register this one.
             await self._upstream.delete(f"{url}/{adapter.name}", self._headers)
             await self._upstream.post(url, body, self._headers)
-        self._registered[adapter.name] = adapter.sha256
 
     async def listing(self) -> bytes | None:
         status, content = await self._upstream.get(

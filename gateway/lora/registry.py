@@ -29,6 +29,7 @@ from pathlib import Path
 from gateway.contract import Adapter, AdapterUse
 from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.lora.sources import AdapterSourceError, locate, sha256_of
+from gateway.lora.uploads import Upload, store
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -161,6 +162,22 @@ class AdapterRegistry:
                 )
             except ValueError as error:
                 raise InvalidRequestError(str(error)) from None
+
+    async def register_upload(self, name: str, base_model: str, upload: Upload) -> Adapter:
+        """Pushed files (see :mod:`gateway.lora.uploads`): store, then register.
+        The same name with the same sha256 again is a no-op."""
+        existing = self._adapters.get(name)
+        if existing is not None and existing.sha256 == upload.sha256:
+            return existing
+        if self.root is None:
+            raise InvalidRequestError("this node has no adapter root (lora.root) to store into")
+        root = self.root
+        async with self._lock:
+            try:
+                relative = await asyncio.to_thread(store, root, upload)
+            except (ValueError, OSError) as error:
+                raise InvalidRequestError(f"adapter upload refused: {error}") from None
+        return await self.register(name, base_model, relative, upload.sha256)
 
     def remove(self, name: str) -> Adapter | Stack:
         if name in self._stacks:
