@@ -60,6 +60,14 @@ class HookChain:
     def __init__(self, hooks: Sequence[BoundHook]) -> None:
         self.hooks = tuple(hooks)
         self.failures: Counter[str] = Counter()
+        # Which hooks take part in each stage, resolved once: isinstance()
+        # against a runtime-checkable Protocol is slow on every request.
+        self._request = [(b, b.hook) for b in self.hooks if isinstance(b.hook, RequestHook)]
+        self._response = [
+            (b, b.hook) for b in reversed(self.hooks) if isinstance(b.hook, ResponseHook)
+        ]
+        self._stream = [(b, b.hook) for b in reversed(self.hooks) if isinstance(b.hook, StreamHook)]
+        self._error = [(b, b.hook) for b in self.hooks if isinstance(b.hook, ErrorHook)]
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -67,10 +75,8 @@ class HookChain:
     async def on_request(
         self, request: AnyRequest, ctx: RequestContext
     ) -> AnyRequest | AnyResponse:
-        for bound in self.hooks:
-            if not isinstance(bound.hook, RequestHook):
-                continue
-            result = await self._guard(bound, bound.hook.on_request(request, ctx))
+        for bound, hook in self._request:
+            result = await self._guard(bound, hook.on_request(request, ctx))
             if isinstance(result, _Skipped):
                 continue
             if isinstance(result, ChatCompletion | Completion):
@@ -81,10 +87,8 @@ class HookChain:
     async def on_response(
         self, request: AnyRequest, response: AnyResponse, ctx: RequestContext
     ) -> AnyResponse:
-        for bound in reversed(self.hooks):
-            if not isinstance(bound.hook, ResponseHook):
-                continue
-            result = await self._guard(bound, bound.hook.on_response(request, response, ctx))
+        for bound, hook in self._response:
+            result = await self._guard(bound, hook.on_response(request, response, ctx))
             if not isinstance(result, _Skipped):
                 response = result
         return response
@@ -92,20 +96,18 @@ class HookChain:
     def on_stream(
         self, request: AnyRequest, chunks: AsyncIterator[AnyChunk], ctx: RequestContext
     ) -> AsyncIterator[AnyChunk]:
-        for bound in reversed(self.hooks):
-            if isinstance(bound.hook, StreamHook):
-                chunks = self._guard_stream(bound, bound.hook.on_stream(request, chunks, ctx))
+        for bound, hook in self._stream:
+            chunks = self._guard_stream(bound, hook.on_stream(request, chunks, ctx))
         return chunks
 
     async def on_error(
         self, request: AnyRequest | None, error: GatewayError, ctx: RequestContext
     ) -> None:
-        for bound in self.hooks:
-            if isinstance(bound.hook, ErrorHook):
-                try:
-                    await bound.hook.on_error(request, error, ctx)
-                except Exception:
-                    self._failed(bound)
+        for bound, hook in self._error:
+            try:
+                await hook.on_error(request, error, ctx)
+            except Exception:
+                self._failed(bound)
 
     async def _guard(self, bound: BoundHook, call: Awaitable[T]) -> T | _Skipped:
         try:

@@ -10,8 +10,29 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from gateway.contract import Backend, Candidate, CandidateStats, ReportsLoad, SupportsLoRA
+
+# isinstance() against a runtime-checkable Protocol inspects every member on
+# each call (several microseconds); a backend's class decides it, so it is
+# asked once per class.
+_REPORTS_LOAD: dict[type, bool] = {}
+_SUPPORTS_LORA: dict[type, bool] = {}
+
+
+def reports_load(backend: object) -> TypeGuard[ReportsLoad]:
+    known = _REPORTS_LOAD.get(type(backend))
+    if known is None:
+        known = _REPORTS_LOAD[type(backend)] = isinstance(backend, ReportsLoad)
+    return known
+
+
+def supports_lora(backend: object) -> TypeGuard[SupportsLoRA]:
+    known = _SUPPORTS_LORA.get(type(backend))
+    if known is None:
+        known = _SUPPORTS_LORA[type(backend)] = isinstance(backend, SupportsLoRA)
+    return known
 
 
 @dataclass
@@ -121,10 +142,10 @@ class StatsTable:
         for candidate in candidates:
             entry = self._entry(candidate.target.deployment)
             backend = backends.get(candidate.backend)
-            load = backend.load() if isinstance(backend, ReportsLoad) else None
+            load = backend.load() if reports_load(backend) else None
             adapters: frozenset[str] = (
                 backend.adapters_loaded()
-                if candidate.target.adapters and isinstance(backend, SupportsLoRA)
+                if candidate.target.adapters and supports_lora(backend)
                 else frozenset()
             )
             stats[candidate.target.deployment] = CandidateStats(
