@@ -132,7 +132,7 @@ class Authenticator:
         """The key's fingerprint, None if keys are off; raises 401 otherwise."""
         if not self._hashes:
             return None
-        header = request.headers.get("authorization", "")
+        header = _header(request, b"authorization")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError(
@@ -145,12 +145,23 @@ class Authenticator:
         return key_fingerprint(matched)
 
 
-_PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+def _header(request: AnyRequest, name: bytes) -> str:
+    """The first value of a header, from the ASGI scope as the server gave it
+    (names in lowercase), without building Litestar's header mapping."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+_PRIVATE_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
 
 
 def _context(prefix: str, key_id: str | None, request: AnyRequest) -> RequestContext:
     headers = {
-        name: value for name, value in request.headers.items() if name not in _PRIVATE_HEADERS
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in request.scope["headers"]
+        if name not in _PRIVATE_HEADERS
     }
     return RequestContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), key_id, None, headers)
 
@@ -164,17 +175,30 @@ class ClientClosedRequestError(GatewayError):
 
 async def _cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
     """Await ``work``; if the client hangs up first, cancel it (which stops
-    the generation) instead of computing an answer nobody will read."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    the generation) instead of computing an answer nobody will read.
+
+    The work runs in this task; a watcher task cancels it when the client
+    goes away (one task per request, not two and an ``asyncio.wait``)."""
+    task = asyncio.current_task()
+    assert task is not None
+    hung_up = False
+
+    async def watch() -> None:
+        nonlocal hung_up
+        await _wait_for_disconnect(request)
+        hung_up = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not hung_up:
+            raise
+        task.uncancel()
+        raise ClientClosedRequestError("The client closed the connection.") from None
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientClosedRequestError("The client closed the connection.")
-    return task.result()
 
 
 def _sse(events: AsyncIterator[bytes], headers: dict[str, str]) -> Stream:
