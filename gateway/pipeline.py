@@ -10,7 +10,6 @@ deployment can be tried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import random
 import re
@@ -210,7 +209,7 @@ class Pipeline:
         call: Callable[[Backend, RequestT, Target], Awaitable[AnswerT]],
     ) -> AnswerT:
         """Request hooks, the attempts, response hooks: one non-streamed answer."""
-        async with self._reporting(request, ctx):
+        try:
             early = await self.hooks.on_request(request, ctx)
             if isinstance(early, kind):
                 return early
@@ -219,6 +218,10 @@ class Pipeline:
                 checked, ctx, lambda backend, target: call(backend, checked, target), trace
             )
             return _expect(await self.hooks.on_response(checked, response, ctx), kind)
+        except GatewayError as error:
+            # The error hooks hear of every error on its way to the client.
+            await self.hooks.on_error(request, error, ctx)
+            raise
 
     async def _stream(
         self,
@@ -232,7 +235,7 @@ class Pipeline:
     ) -> AsyncIterator[ChunkT]:
         """Request hooks, the attempts (primed: failures before the first byte
         still move on), stream hooks, usage shaping: one streamed answer."""
-        async with self._reporting(request, ctx):
+        try:
             early = await self.hooks.on_request(request, ctx)
             if isinstance(early, kind):
                 chunks = as_chunks(early)
@@ -247,13 +250,8 @@ class Pipeline:
                 )
             hooked = _only(self.hooks.on_stream(checked, chunks, ctx), chunk_kind)
             return _shape_usage(hooked, _wants_usage(checked))
-
-    @contextlib.asynccontextmanager
-    async def _reporting(self, request: AnyRequest, ctx: RequestContext) -> AsyncIterator[None]:
-        """Tell the error hooks about any error on its way to the client."""
-        try:
-            yield
         except GatewayError as error:
+            # The error hooks hear of every error on its way to the client.
             await self.hooks.on_error(request, error, ctx)
             raise
 

@@ -245,11 +245,20 @@ class OpenAICompatibleBackend:
         target: Target,
         ctx: RequestContext,
     ) -> _Answer:
-        async with self._engine_model(target) as model:
-            upstream = msgspec.structs.replace(request, model=model, stream=False)
-            response = self._decode(decoder, await self._upstream.post(path, _encode(upstream)))
+        if not target.adapters:
+            # The base model: no adapter to hold, so no context manager either.
+            response = await self._post(path, request, decoder, target.engine_model)
+        else:
+            async with self._engine_model(target) as model:
+                response = await self._post(path, request, decoder, model)
         response.id, response.model = ctx.request_id, target.model
         return response
+
+    async def _post(
+        self, path: str, request: AnyRequest, decoder: msgspec.json.Decoder[_Answer], model: str
+    ) -> _Answer:
+        upstream = msgspec.structs.replace(request, model=model, stream=False)
+        return self._decode(decoder, await self._upstream.post(path, _encode(upstream)))
 
     async def _relay(
         self,
