@@ -20,8 +20,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
-from litestar.response import Stream
-from litestar.types import ControllerRouterHandler
+from litestar.types import ASGIApp, ControllerRouterHandler
 
 from gateway import wire
 from gateway.admin import AdminAuthenticator, build_admin_handlers
@@ -42,8 +41,9 @@ from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import render_metrics
 from gateway.pipeline import Pipeline
+from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import Settings, key_fingerprint, key_matches
-from gateway.sse import HEADERS, sse_events
+from gateway.sse import sse_events
 
 _log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -179,37 +179,15 @@ async def _cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
 
     The work runs in this task; a watcher task cancels it when the client
     goes away (one task per request, not two and an ``asyncio.wait``)."""
-    task = asyncio.current_task()
-    assert task is not None
-    hung_up = False
-
-    async def watch() -> None:
-        nonlocal hung_up
-        await _wait_for_disconnect(request)
-        hung_up = True
-        task.cancel()
-
-    watcher = asyncio.get_running_loop().create_task(watch())
+    hang_up = HangUp(request.receive)
     try:
         return await work
     except asyncio.CancelledError:
-        if not hung_up:
+        if not hang_up.absorb():
             raise
-        task.uncancel()
         raise ClientClosedRequestError("The client closed the connection.") from None
     finally:
-        watcher.cancel()
-
-
-def _sse(events: AsyncIterator[bytes], headers: dict[str, str]) -> Stream:
-    return Stream(events, media_type="text/event-stream", headers={**HEADERS, **headers})
-
-
-async def _wait_for_disconnect(request: AnyRequest) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+        hang_up.close()
 
 
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
@@ -218,13 +196,13 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
 
     route_header = server.route_header
 
-    def headers_for(trace: RouteTrace) -> dict[str, str]:
+    def headers_for(trace: RouteTrace) -> Headers:
         if not route_header or trace.decision is None:
-            return {}
-        return {"x-nomoat-route": trace.decision.header()}
+            return []
+        return [(b"x-nomoat-route", trace.decision.header().encode("latin-1"))]
 
     @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(request: AnyRequest) -> Response[bytes] | Stream:
+    async def chat_completions(request: AnyRequest) -> ASGIApp:
         key_id = authenticate(request)
         pipeline = runtime.serving()
         raw = await request.body()
@@ -233,12 +211,12 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         trace = RouteTrace("chat", len(raw))
         if body.stream:
             chunks = await pipeline.chat_stream(body, ctx, trace)
-            return _sse(sse_events(chunks), headers_for(trace))
+            return EventStream(sse_events(chunks), headers_for(trace))
         response = await _cancel_on_disconnect(request, pipeline.chat(body, ctx, trace))
-        return _json(response, headers=headers_for(trace))
+        return JsonAnswer(wire.encoder.encode(response), headers=headers_for(trace))
 
     @post("/v1/completions", status_code=200)
-    async def completions(request: AnyRequest) -> Response[bytes] | Stream:
+    async def completions(request: AnyRequest) -> ASGIApp:
         key_id = authenticate(request)
         pipeline = runtime.serving()
         raw = await request.body()
@@ -247,9 +225,9 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         trace = RouteTrace("completions", len(raw))
         if body.stream:
             chunks = await pipeline.completion_stream(body, ctx, trace)
-            return _sse(sse_events(chunks), headers_for(trace))
+            return EventStream(sse_events(chunks), headers_for(trace))
         response = await _cancel_on_disconnect(request, pipeline.completion(body, ctx, trace))
-        return _json(response, headers=headers_for(trace))
+        return JsonAnswer(wire.encoder.encode(response), headers=headers_for(trace))
 
     @get("/v1/models")
     async def list_models(request: AnyRequest) -> Response[bytes]:
