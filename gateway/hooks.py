@@ -68,6 +68,8 @@ class HookChain:
         ]
         self._stream = [(b, b.hook) for b in reversed(self.hooks) if isinstance(b.hook, StreamHook)]
         self._error = [(b, b.hook) for b in self.hooks if isinstance(b.hook, ErrorHook)]
+        # Whether any hook may rewrite a stream (then its chunks are checked).
+        self.rewrites_streams = bool(self._stream)
 
     def __bool__(self) -> bool:
         return bool(self.hooks)

@@ -248,8 +248,10 @@ class Pipeline:
                     lambda backend, target: _primed(call(backend, checked, target)),
                     trace,
                 )
-            hooked = _only(self.hooks.on_stream(checked, chunks, ctx), chunk_kind)
-            return _shape_usage(hooked, _wants_usage(checked))
+            if self.hooks.rewrites_streams:
+                # Checked: a stream hook may hand back anything.
+                chunks = _only(self.hooks.on_stream(checked, chunks, ctx), chunk_kind)
+            return _shape_usage(chunks, _wants_usage(checked))
         except GatewayError as error:
             # The error hooks hear of every error on its way to the client.
             await self.hooks.on_error(request, error, ctx)

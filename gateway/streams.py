@@ -11,17 +11,35 @@ iterator has nothing to close.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TypeVar
+from types import TracebackType
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
-@asynccontextmanager
-async def closing(chunks: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    try:
-        yield chunks
-    finally:
-        close = getattr(chunks, "aclose", None)
+class _Closing(Generic[T]):
+    # A class, not @asynccontextmanager: every stream passes through several
+    # of these, and a generator-based context manager costs more per use.
+    __slots__ = ("_chunks",)
+
+    def __init__(self, chunks: AsyncIterator[T]) -> None:
+        self._chunks = chunks
+
+    async def __aenter__(self) -> AsyncIterator[T]:
+        return self._chunks
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        close = getattr(self._chunks, "aclose", None)
         if close is not None:
             await close()
+
+
+def closing(chunks: AsyncIterator[T]) -> _Closing[T]:
+    """``async with closing(chunks):`` closes ``chunks`` when the block ends,
+    however it ends."""
+    return _Closing(chunks)
