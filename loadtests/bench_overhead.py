@@ -1049,6 +1049,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wrk", default="wrk")
     parser.add_argument("--max-load", type=float, default=0.5)
     parser.add_argument("--wait-quiet", type=float, default=0.0, help="seconds to wait for it")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the benchmark and every process it starts at this niceness (e.g. -10, "
+        "as root: ahead of other work on a shared machine)",
+    )
     parser.add_argument("--max-other-load", type=float, default=0.25)
     parser.add_argument("--max-redos", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write every sample and the summary here")
@@ -1076,6 +1083,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools(args)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if args.nice:
+        # Inherited by every process started from here on.
+        os.nice(args.nice)
     load_before = wait_until_quiet(args)
     litellm_cmd = None if args.skip_litellm else litellm_command(args.litellm_cmd)
     # This process, wrk, the streaming client and the upstream fake share the
@@ -1127,7 +1137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Gateway overhead, {started}; {info['cpu']}, {info['cores']} cores; "
         f"Python {info['python']}; LiteLLM {info['litellm'] or '(skipped)'}; "
         f"load average {load_before:.2f} before, {info['load_after']:.2f} after; "
-        f"other processes used at most {max(r.others_max for r in rows):.2f} cores in a kept run.",
+        f"other processes used at most {max(r.others_max for r in rows):.2f} cores in a kept run"
+        + (f"; benchmark at niceness {args.nice}." if args.nice else "."),
         f"Medians of {args.runs} interleaved rounds; c=1 and c={args.concurrency}: wrk "
         f"{args.c1_seconds:g} s / {args.c32_seconds:g} s per run; TTFC: "
         f"{args.stream_requests} streams per round.",
