@@ -186,6 +186,9 @@ class VllmAdapters:
             await self._unload(victim)
 
     async def _unload(self, name: str) -> None:
+        # Forget it first: a request for it arriving while vLLM unloads must
+        # load it again (after this load), not be sent to vLLM as loaded.
+        self._loaded.pop(name, None)
         try:
             await self._upstream.post(
                 "/unload_lora_adapter", msgspec.json.encode(_UnloadRequest(name))
@@ -193,5 +196,4 @@ class VllmAdapters:
         except GatewayError as error:
             # Already gone (vLLM restarted): nothing to free.
             _log.info("%s: unloading %s: %s", self._backend, name, error.message)
-        self._loaded.pop(name, None)
         self.counters.setdefault(name, AdapterCounters()).evictions += 1
