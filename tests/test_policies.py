@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from gateway.contract import Candidate, CandidateStats, RequestContext, Target
+from gateway.contract import (
+    Adapter,
+    AdapterUse,
+    Candidate,
+    CandidateStats,
+    RequestContext,
+    Target,
+)
 from gateway.policies import (
     AffinityOptions,
     LatencyOptions,
     LeastOutstandingPolicy,
+    LoRAAffinityOptions,
+    LoRAAffinityPolicy,
     LowestCostPolicy,
     LowestLatencyPolicy,
     OrderedPolicy,
@@ -48,6 +58,7 @@ def test_every_policy_returns_every_candidate_with_a_reason() -> None:
         ShortestQueuePolicy(),
         LowestCostPolicy(),
         SessionAffinityPolicy(AffinityOptions()),
+        LoRAAffinityPolicy(LoRAAffinityOptions()),
     ]
     for policy in policies:
         ranked = policy.rank(request(user="u"), CTX, pool, {})
@@ -143,3 +154,78 @@ def test_weighted_round_robin_proportions(weights: tuple[int, ...]) -> None:
     rounds = 100 * sum(weights)
     picks = Counter(first(policy.rank(request(), CTX, pool, {})) for _ in range(rounds))
     assert picks == {f"m/{i}": 100 * w for i, w in enumerate(weights)}
+
+
+def adapter_pool(*names: str, replicas: int = 2) -> list[Candidate]:
+    """The deployments of model "m" for a request naming these adapters."""
+    uses = tuple(
+        AdapterUse(Adapter(name, "m", "0" * 64, "peft", Path(name), name)) for name in names
+    )
+    return [
+        Candidate(Target(",".join(names) or "m", "e", f"m/{i}", uses), f"b{i}")
+        for i in range(replicas)
+    ]
+
+
+def holding(*names: str, in_flight: int = 0, running: int | None = None) -> CandidateStats:
+    return CandidateStats(in_flight=in_flight, running=running, adapters_loaded=frozenset(names))
+
+
+def test_lora_affinity_prefers_a_replica_holding_the_adapter() -> None:
+    policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2))
+    pool = adapter_pool("a")
+    for holder, other in (("m/0", "m/1"), ("m/1", "m/0")):
+        # Idle, or busier by less than the tolerance: the holder still wins.
+        for extra in (0, 1):
+            stats = {holder: holding("a", "b", in_flight=extra), other: holding("b")}
+            ranked = policy.rank(request(), CTX, pool, stats)
+            assert first(ranked) == holder
+            assert ranked[0].reason.startswith("holds the adapter")
+
+
+def test_lora_affinity_spills_over_when_the_holder_is_too_busy() -> None:
+    policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2))
+    pool = adapter_pool("a")
+    stats = {"m/0": holding("a", in_flight=3), "m/1": holding(in_flight=0)}
+    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
+    # The engine's own running + waiting counts too, when above our in-flight.
+    stats = {"m/0": holding("a", in_flight=0, running=4), "m/1": holding()}
+    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
+    # With no tolerance at all, any extra load sends it elsewhere.
+    eager = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=0))
+    stats = {"m/0": holding("a", in_flight=1), "m/1": holding()}
+    assert first(eager.rank(request(), CTX, pool, stats)) == "m/1"
+
+
+def test_lora_affinity_spreads_cold_adapters_by_rendezvous_hashing() -> None:
+    policy = LoRAAffinityPolicy(LoRAAffinityOptions())
+    names = [f"adapter-{n:02d}" for n in range(40)]
+    idle = {"m/0": holding(), "m/1": holding()}
+    placed = {n: first(policy.rank(request(), CTX, adapter_pool(n), idle)) for n in names}
+    again = {n: first(policy.rank(request(), CTX, adapter_pool(n), idle)) for n in names}
+    assert placed == again  # stable: the same adapter settles on the same replica
+    assert 10 <= Counter(placed.values())["m/0"] <= 30  # and they do not all pile on one
+    # A replica that left takes only its own adapters with it (rendezvous).
+    three = {**idle, "m/2": holding()}
+    moved = {
+        n
+        for n in names
+        if first(policy.rank(request(), CTX, adapter_pool(n, replicas=3), three)) != placed[n]
+    }
+    assert all(
+        first(policy.rank(request(), CTX, adapter_pool(n, replicas=3), three)) == "m/2"
+        for n in moved
+    )
+    # Load outweighs the hash: a cold adapter goes to the least busy replica.
+    busy = {"m/0": holding(in_flight=1), "m/1": holding(in_flight=0)}
+    assert {first(policy.rank(request(), CTX, adapter_pool(n), busy)) for n in names} == {"m/1"}
+
+
+def test_lora_affinity_needs_every_adapter_of_a_stack_and_balances_base_requests() -> None:
+    policy = LoRAAffinityPolicy(LoRAAffinityOptions())
+    stack = adapter_pool("a", "b")
+    stats = {"m/0": holding("a", in_flight=0), "m/1": holding("a", "b", in_flight=1)}
+    assert first(policy.rank(request(), CTX, stack, stats)) == "m/1"
+    base = adapter_pool()
+    stats = {"m/0": holding("a", in_flight=2), "m/1": holding(in_flight=1)}
+    assert first(policy.rank(request(), CTX, base, stats)) == "m/1"

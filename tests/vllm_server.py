@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NamedTuple
@@ -136,9 +136,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def running_vllm(
-    port: int | None = None, *, extra_args: Sequence[str] = ()
+    port: int | None = None,
+    *,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[VllmServer]:
     """Start vLLM with the embedded model on 127.0.0.1; yield it; stop it.
+
+    ``extra_args`` follow the defaults (a repeated option wins); ``env`` adds
+    to or overrides ``VLLM_ENV`` (e.g. a smaller ``VLLM_CPU_KVCACHE_SPACE``).
 
     The log goes to a temporary file, removed afterwards unless the block raised.
     """
@@ -174,7 +180,7 @@ def running_vllm(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **VLLM_ENV},
+            env={**os.environ, **VLLM_ENV, **(env or {})},
             start_new_session=True,  # its own process group, stopped as one
         )
     server = VllmServer(f"http://127.0.0.1:{port}/v1", SERVED_MODEL, process, log_path)
