@@ -27,6 +27,7 @@ from gateway.errors import AuthenticationError, InvalidRequestError, PermissionD
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.uploads import Upload
 from gateway.settings import key_matches
+from gateway.stats import serves_adapters
 
 AnyRequest = Request[Any, Any, State]
 JSON = "application/json"
@@ -58,11 +59,7 @@ class AdminAuthenticator:
 
 
 def _lora_backends(backends: Mapping[str, Backend]) -> dict[str, SupportsLoRA]:
-    return {
-        name: backend
-        for name, backend in backends.items()
-        if isinstance(backend, SupportsLoRA) and backend.serves_adapters()
-    }
+    return {name: backend for name, backend in backends.items() if serves_adapters(backend)}
 
 
 def adapter_info(adapter: Adapter, backends: Mapping[str, Backend]) -> wire.AdapterInfo:
@@ -139,9 +136,14 @@ def build_admin_handlers(
             config_length = int(headers.get("x-nomoat-config-length", "0"))
         except ValueError:
             raise InvalidRequestError("x-nomoat-config-length must be an integer") from None
-        upload = wire_upload(sha256, headers.get("x-nomoat-format", ""), config_length)
-        body = await request.body()
-        adapter = await registry().register_upload(name, base, upload(body))
+        kind = headers.get("x-nomoat-format", "")
+        if not sha256 or kind not in ("peft", "gguf"):
+            raise InvalidRequestError(
+                "an adapter upload needs x-nomoat-base, x-nomoat-sha256 and x-nomoat-format "
+                '("peft" or "gguf") headers'
+            )
+        upload = Upload(sha256, kind, await request.body(), config_length)
+        adapter = await registry().register_upload(name, base, upload)
         return _respond(adapter_info(adapter, backends), 201)
 
     @delete("/admin/adapters/{name:str}", status_code=200)
@@ -157,13 +159,3 @@ def build_admin_handlers(
         return _respond(wire.Deleted(id=name, object=kind, deleted=True))
 
     return [list_adapters, register_adapter, upload_adapter, remove_adapter]
-
-
-def wire_upload(sha256: str, kind: str, config_length: int) -> Callable[[bytes], Upload]:
-    """The upload's description from its headers, checked before the body is read."""
-    if not sha256 or kind not in ("peft", "gguf"):
-        raise InvalidRequestError(
-            "an adapter upload needs x-nomoat-base, x-nomoat-sha256 and x-nomoat-format "
-            '("peft" or "gguf") headers'
-        )
-    return lambda body: Upload(sha256, kind, body, config_length)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway.contract import AdapterCounters, Backend, ReportsLoad, SupportsLoRA
+from gateway.contract import AdapterCounters, Backend, ReportsLoad
 from gateway.lora.stats import AdapterUsage
+from gateway.stats import serves_adapters
 
 _FAMILIES = (
     ("nomoat_engine_requests_running", "gauge", "Generations running in the engine."),
@@ -54,7 +55,7 @@ def _adapter_lines(backends: Mapping[str, Backend], usage: Mapping[str, AdapterU
             f"{label} {entry.completion_tokens}"
         )
     for name, backend in sorted(backends.items()):
-        if not isinstance(backend, SupportsLoRA) or not backend.serves_adapters():
+        if not serves_adapters(backend):
             continue
         loaded = backend.adapters_loaded()
         counters = backend.adapter_counters()

@@ -29,7 +29,6 @@ from gateway.contract import (
     CandidateStats,
     RankedCandidate,
     RequestContext,
-    SupportsLoRA,
     Target,
 )
 from gateway.decisions import CandidateView, DecisionLog, RouteDecision, RouteTrace, StatsView
@@ -44,7 +43,7 @@ from gateway.lora.registry import AdapterRegistry, Addressed
 from gateway.lora.stats import AdapterUsage
 from gateway.rules import select_pool
 from gateway.settings import LimitSettings
-from gateway.stats import StatsTable
+from gateway.stats import StatsTable, serves_adapters
 from gateway.streams import closing
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -462,9 +461,7 @@ class Pipeline:
 
 
 def _lora_able(backend: Backend, stacking: bool) -> bool:
-    if not isinstance(backend, SupportsLoRA) or not backend.serves_adapters():
-        return False
-    return backend.can_stack() or not stacking
+    return serves_adapters(backend) and (backend.can_stack() or not stacking)
 
 
 def _stats_view(stats: CandidateStats) -> StatsView:

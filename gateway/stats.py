@@ -35,6 +35,12 @@ def supports_lora(backend: object) -> TypeGuard[SupportsLoRA]:
     return known
 
 
+def serves_adapters(backend: object) -> TypeGuard[SupportsLoRA]:
+    """A backend that takes adapter requests now (has the capability and is
+    configured for it)."""
+    return supports_lora(backend) and backend.serves_adapters()
+
+
 @dataclass
 class _Deployment:
     in_flight: int = 0

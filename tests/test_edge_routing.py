@@ -24,11 +24,14 @@ NO_END = {"0": -100, "2": -100, "4": -100}
 
 
 @contextmanager
-def edge_node(tmp_path: Path, name: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def edge_node(
+    tmp_path: Path, name: str, *extra_args: str
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """`nomoat edge` on one thread and two sequences; its port and process."""
     port = free_port()
     log = (tmp_path / f"{name}.log").open("wb")
     command = [sys.executable, "-m", "gateway.cli", "edge", "--port", str(port)]
-    command += ["--threads", "1", "--parallel", "2"]
+    command += ["--threads", "1", "--parallel", "2", *extra_args]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120

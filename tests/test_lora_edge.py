@@ -5,8 +5,6 @@ admin API (the node checks the sha256 itself) and sends stacks there."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,42 +15,26 @@ import openai
 import pytest
 
 from gateway.settings import hash_api_key
-from tests.conftest import API_KEY, MODEL, Server, config_with_key, free_port, running_server
+from tests.conftest import API_KEY, MODEL, Server, config_with_key, running_server
 from tests.lora_assets import Assets, ask, metric
+from tests.test_edge_routing import edge_node
 
 EDGE_ADMIN_KEY = "sk-nomoat-edge-admin-0123456789"
 pytestmark = pytest.mark.timeout(1200)
 
 
 @contextmanager
-def edge_node(root: Path, log_path: Path) -> Iterator[int]:
-    """`nomoat edge` with an adapter root and an admin key; its port."""
-    port = free_port()
-    command = [sys.executable, "-m", "gateway.cli", "edge", "--port", str(port)]
-    command += ["--threads", "1", "--parallel", "2", "--adapter-root", str(root)]
-    command += ["--admin-key-hash", hash_api_key(EDGE_ADMIN_KEY)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
+def lora_edge(root: Path, log_dir: Path) -> Iterator[int]:
+    """An edge node with an adapter root and an admin key; its port."""
+    admin = ("--adapter-root", str(root), "--admin-key-hash", hash_api_key(EDGE_ADMIN_KEY))
+    with edge_node(log_dir, "edge", *admin) as (port, _):
         yield port
-    finally:
-        process.kill()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def edge(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """An edge node that reads the gateway's adapter root (a shared volume)."""
-    with edge_node(assets.root, tmp_path_factory.mktemp("lora-edge") / "edge.log") as port:
+    with lora_edge(assets.root, tmp_path_factory.mktemp("lora-edge")) as port:
         yield port
 
 
@@ -64,7 +46,7 @@ def private_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lonely_edge(private_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """An edge node with only its own, empty adapter root: adapters are pushed."""
-    with edge_node(private_root, tmp_path_factory.mktemp("lora-edge2") / "edge.log") as port:
+    with lora_edge(private_root, tmp_path_factory.mktemp("lora-edge2")) as port:
         yield port
 
 

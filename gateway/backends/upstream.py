@@ -127,8 +127,19 @@ class Upstream:
         return url
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+        return await self._send("POST", path, body, headers)
+
+    async def put(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+        """For admin calls (adapter uploads); errors as for :meth:`post`."""
+        return await self._send("PUT", path, body, headers)
+
+    async def _send(
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None
+    ) -> bytes:
+        """The body of a successful answer; every failure as a typed error."""
+        request = self._client().request(method, self._url(path), data=body, headers=headers)
         try:
-            async with self._client().post(self._url(path), data=body, headers=headers) as response:
+            async with request as response:
                 content = await response.read()
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
@@ -143,17 +154,6 @@ class Upstream:
                 return response.status, await response.read()
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
-
-    async def put(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
-        """For admin calls (adapter uploads); errors as for :meth:`post`."""
-        try:
-            async with self._client().put(self._url(path), data=body, headers=headers) as response:
-                content = await response.read()
-        except _TRANSPORT_ERRORS as error:
-            raise self._transport_error(error) from error
-        if response.status >= 400:
-            raise self._status_error(response.status, content, response.headers)
-        return content
 
     async def delete(self, path: str, headers: Mapping[str, str] | None = None) -> int:
         """For admin calls: the status, transport errors as UpstreamError."""
