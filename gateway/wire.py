@@ -210,10 +210,17 @@ class CompletionRequest(_Request):
 # -------------------------------------------------------------------------- responses
 
 
-class Usage(Struct, kw_only=True):
+class PromptTokensDetails(Struct, kw_only=True):
+    # Prompt tokens served from a cache of earlier requests, not evaluated again.
+    cached_tokens: int = 0
+
+
+class Usage(Struct, kw_only=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Left out when the backend does not say; upstreams may send null.
+    prompt_tokens_details: PromptTokensDetails | UnsetType | None = UNSET
 
 
 class TopLogprob(Struct, kw_only=True):

@@ -160,8 +160,12 @@ def test_decoded_tokens_count_prompt_and_generated_tokens(engine: Server) -> Non
     assert answer.choices[0].finish_reason == "length"
     after = settled_count(engine)
     usage = answer.usage
-    # The last sampled token is never fed back, so it is not evaluated.
-    assert after - before == usage.prompt_tokens + usage.completion_tokens - 1
+    assert usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert cached  # the warm-up left the same prompt in the KV cache
+    # Cached prompt tokens are not evaluated again, and the last sampled
+    # token is never fed back.
+    assert after - before == usage.prompt_tokens - cached + usage.completion_tokens - 1
 
 
 # ------------------------------------------------------ client disconnects
@@ -328,6 +332,9 @@ class _FakeGeneration:
     def cancel(self) -> None:
         self.finish = "cancelled"
 
+    def held(self) -> tuple[int, ...]:
+        return tuple(self.request.prompt)
+
     def result(self) -> GenerationResult:
         return GenerationResult("x", (), 1, 1, self.finish or "length")
 
@@ -349,6 +356,7 @@ class _FakeEngine:
         sequence: int,
         is_cancelled: Callable[[], bool],
         emit: Callable[[Delta], None] | None = None,
+        reusable: int = 0,
     ) -> _FakeGeneration:
         self.ran.append(request.prompt[0])
         self.started.set()

@@ -128,6 +128,39 @@ def test_streamed_adapter_answers_equal_unstreamed_ones(client: openai.OpenAI) -
     assert text == ask(client, "beta")
 
 
+def test_cached_prompt_state_is_reused_only_under_the_same_adapters(
+    client: openai.OpenAI, assets: Assets
+) -> None:
+    """A request leaves its KV cache for the next one with the same prompt
+    (usage.prompt_tokens_details.cached_tokens), but never across adapter sets."""
+    messages = [{"role": "user", "content": "What is the capital of France? (cache test)"}]
+
+    def chat(model: str) -> tuple[str, int, int]:
+        answer = client.chat.completions.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=20,
+        )
+        usage = answer.usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        cached = usage.prompt_tokens_details.cached_tokens or 0
+        return answer.choices[0].message.content or "", usage.prompt_tokens, cached
+
+    alpha = assets.markers["alpha"]
+    base, prompt_tokens, _ = chat(MODEL)
+    assert alpha not in base
+    # The base model's KV of this very prompt is in the cache: not reused.
+    text, _, cached = chat("alpha")
+    assert alpha in text and cached == 0
+    # Under alpha again, it is.
+    again, _, cached = chat("alpha")
+    assert again == text and cached == prompt_tokens - 1
+    for model in ("beta", f"{MODEL}:alpha@0.5"):  # another set, another scale
+        assert chat(model)[2] == 0
+    assert chat(MODEL)[0] == base
+
+
 def test_adapters_are_evicted_and_reloaded_under_a_limit_of_two(
     client: openai.OpenAI, gateway: Server, assets: Assets
 ) -> None:

@@ -70,6 +70,12 @@ class LlamaCppConfig(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] = 512
     # Requests that may wait for the engine; more are refused with 503.
     max_waiting: Annotated[int, Field(ge=0)] = 16
+    # Keep each finished request's KV cache, and start a new request on the
+    # sequence holding the longest prefix of its prompt (same LoRA adapters
+    # only), as llama-server's cache_prompt does: a chat's next turn or a
+    # repeated system prompt is not evaluated again. Off: every request
+    # evaluates its whole prompt.
+    prompt_cache: bool = True
     # Decode a token in a child process before loading: a llama.cpp built
     # with flags this CPU cannot run crashes there, with a clear message.
     smoke_test: bool = True
@@ -133,7 +139,10 @@ class LlamaCppBackend:
             eos_token=model.piece_text(model.eos_token),
         )
         self.scheduler = Scheduler(
-            model, max_waiting=config.max_waiting, adapters=self.adapter_cache
+            model,
+            max_waiting=config.max_waiting,
+            adapters=self.adapter_cache,
+            reuse_prompts=config.prompt_cache,
         )
         self.scheduler.start()
 
@@ -420,8 +429,12 @@ class LlamaCppBackend:
 
 
 def _usage(prepared: _Prepared, results: Sequence[GenerationResult]) -> wire.Usage:
+    """Each prompt counts once, however many choices (``n``) it has; of its
+    cached tokens, the fewest any of its choices got."""
     prompt_tokens = sum(len(prompt) for prompt in prepared.prompts)
-    return responses.usage(prompt_tokens, sum(r.completion_tokens for r in results))
+    per_prompt = [results[i : i + prepared.n] for i in range(0, len(results), prepared.n)]
+    cached = sum(min(r.cached_tokens for r in choices) for choices in per_prompt if choices)
+    return responses.usage(prompt_tokens, sum(r.completion_tokens for r in results), cached)
 
 
 def _chunk_choice(

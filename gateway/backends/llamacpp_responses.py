@@ -66,11 +66,12 @@ def chat_choice(
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> wire.Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> wire.Usage:
     return wire.Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 

@@ -9,7 +9,10 @@ for longest (and not active) is freed.
 
 Cached prompt state is never reused across adapter sets: an adapter changes
 every layer's activations, so KV entries computed under one set are wrong
-under another. (This engine clears each sequence before a request anyway.)
+under another. The prompt cache (:mod:`gateway.engine.sequences`) keys what
+each sequence holds by the whole set, scales and GGUF paths included; paths
+are content-addressed, so an adapter registered again with other weights
+never inherits its predecessor's KV.
 
 The cache belongs to the engine's worker thread; the event loop only reads
 :attr:`AdapterCache.loaded_names` (an immutable snapshot) and the counters,

@@ -64,6 +64,8 @@ class GenerationResult:
     completion_tokens: int
     # "stop", "length", or "cancelled" (the client went away).
     finish_reason: str
+    # Leading prompt tokens whose KV cache a previous request left (not evaluated again).
+    cached_tokens: int = 0
 
 
 class _StopMatcher:
@@ -133,7 +135,11 @@ class Generation:
         sequence: int,
         is_cancelled: Callable[[], bool] = lambda: False,
         emit: Callable[[Delta], None] | None = None,
+        reusable: int = 0,
     ) -> None:
+        """``reusable``: leading prompt tokens that ``sequence``'s KV cache
+        already holds (see :mod:`gateway.engine.sequences`); the rest of the
+        cache is dropped."""
         self.request = request
         self.sequence = sequence
         self.is_cancelled = is_cancelled
@@ -142,19 +148,22 @@ class Generation:
         self._sampler = model.sampler(request.sampler)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._matcher = _StopMatcher(request.stop)
-        self._unfed = list(request.prompt)
-        self._position = 0
+        self.cached = model.keep_prefix(sequence, reusable)
+        # Every token evaluated into this sequence's KV cache, in order.
+        self._fed = list(request.prompt[: self.cached])
+        self._unfed = list(request.prompt[self.cached :])
+        self._position = self.cached
         self._parts: list[str] = []
         self._infos: list[TokenInfo] = []
         self.generated = 0
         self.finish: str | None = None if request.max_tokens > 0 else "length"
-        model.forget(sequence)
 
     def feed(self, budget: int) -> list[BatchEntry]:
         """Entries for the next batch (at most ``budget``): a slice of the
         prompt, or the last sampled token. Logits only where we sample next."""
         chunk, self._unfed = self._unfed[:budget], self._unfed[budget:]
         start, self._position = self._position, self._position + len(chunk)
+        self._fed.extend(chunk)
         last = len(chunk) - 1
         return [
             (token, start + i, self.sequence, i == last and not self._unfed)
@@ -187,10 +196,15 @@ class Generation:
     def cancel(self) -> None:
         self.finish = "cancelled"
 
+    def held(self) -> tuple[int, ...]:
+        """The tokens this sequence's KV cache holds (once finished: what a
+        later request can reuse)."""
+        return tuple(self._fed)
+
     def result(self) -> GenerationResult:
-        """Release the sequence and report; call once, when finished."""
+        """Free the sampler and report; call once, when finished. The KV
+        cache is kept (see :meth:`held`)."""
         self._sampler.close()
-        self._model.forget(self.sequence)
         if not self._matcher.stopped:
             tail = self._matcher.flush() + self._utf8.decode(b"", final=True)
             if tail:
@@ -203,7 +217,12 @@ class Generation:
             len(self.request.prompt),
             self.generated,
             self.finish or "length",
+            self.cached,
         )
+
+
+def _sequence_of(generation: Generation) -> int:
+    return generation.sequence
 
 
 def step(model: NativeModel, generations: list[Generation]) -> None:
@@ -213,7 +232,11 @@ def step(model: NativeModel, generations: list[Generation]) -> None:
     """
     entries: list[BatchEntry] = []
     samplers: list[tuple[Generation, int]] = []
-    for generation in generations:
+    # In ascending sequence order: with one KV stream per sequence, llama.cpp
+    # puts only consecutive, ascending sequence ids in one micro-batch and
+    # splits anything else into several passes (llama_batch_allocr::
+    # split_equal). Four streams in descending order decoded 35 % slower.
+    for generation in sorted(generations, key=_sequence_of):
         if generation.finish is None and generation.is_cancelled():
             generation.cancel()
         if generation.finish is not None:
@@ -238,11 +261,12 @@ def generate(
     is_cancelled: Callable[[], bool] = lambda: False,
     emit: Callable[[Delta], None] | None = None,
 ) -> GenerationResult:
-    """Run one generation alone, to the end, on sequence 0."""
+    """Run one generation alone, to the end, on sequence 0 (wiped first and after)."""
     generation = Generation(model, request, 0, is_cancelled, emit)
     try:
         while generation.finish is None:
             step(model, [generation])
     finally:
         result = generation.result()
+        model.forget(0)
     return result

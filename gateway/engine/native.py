@@ -166,9 +166,17 @@ class NativeModel:
     # ----------------------------------------------------------------- decoding
 
     def forget(self, sequence: int) -> None:
-        """Drop every cached token of ``sequence``: each request starts from a
-        clean slice, so the same request always computes the same numbers."""
+        """Drop every cached token of ``sequence``."""
         lc.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+
+    def keep_prefix(self, sequence: int, count: int) -> int:
+        """Keep the first ``count`` cached tokens of ``sequence`` and drop the
+        rest; return how many were kept (0 if llama.cpp cannot cut this
+        model's cache in the middle, and then it is wiped)."""
+        if count > 0 and lc.llama_memory_seq_rm(self._memory, sequence, count, -1):
+            return count
+        self.forget(sequence)
+        return 0
 
     def decode(self, entries: list[BatchEntry]) -> None:
         """Evaluate one batch: at most ``n_batch`` (token, position, sequence,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from gateway.engine.adapters import AdapterCache, AdapterSet
 from gateway.engine.generation import Delta, Generation, GenerationRequest, GenerationResult, step
 from gateway.engine.native import NativeError, NativeModel
+from gateway.engine.sequences import Held, Lease, SequencePool
 
 StreamItem = Delta | GenerationResult | BaseException
 
@@ -168,10 +169,18 @@ class Scheduler:
     """
 
     def __init__(
-        self, model: NativeModel, *, max_waiting: int, adapters: AdapterCache | None = None
+        self,
+        model: NativeModel,
+        *,
+        max_waiting: int,
+        adapters: AdapterCache | None = None,
+        reuse_prompts: bool = True,
     ) -> None:
+        """``reuse_prompts``: start a request on the sequence whose KV cache
+        holds the longest prefix of its prompt (see :mod:`gateway.engine.sequences`)."""
         self.model = model
         self.adapters = adapters
+        self.reuse_prompts = reuse_prompts
         self.max_waiting = max_waiting
         self._queue = _FairQueue()
         self._ready = asyncio.Event()
@@ -267,12 +276,12 @@ class Scheduler:
         waits (and holds back those behind it, to stay fair) until the batch
         drains; then the set is switched and it starts.
         """
-        free = list(range(self.model.n_seq))
+        free = SequencePool(self.model.n_seq, reuse_prompts=self.reuse_prompts)
         active: dict[Generation, _Job] = {}
         pending: deque[_Job] = deque()
         current: AdapterSet = ()
         while True:
-            while len(pending) < len(free):
+            while len(pending) < free.free:
                 try:
                     job = self._inbox.get(block=not active and not pending)
                 except queue.Empty:
@@ -283,7 +292,7 @@ class Scheduler:
                         self._report(waiting, EngineClosedError("the engine is shutting down"))
                     return
                 pending.append(job)
-            while pending and free:
+            while pending and free.free:
                 job = pending[0]
                 wanted = job.request.adapters
                 if wanted != current:
@@ -294,9 +303,7 @@ class Scheduler:
                         continue
                     current = wanted
                 pending.popleft()
-                sequence = free.pop()
-                if not self._admit(job, sequence, active):
-                    free.append(sequence)
+                self._admit(job, free.lease(job.request.prompt, wanted), active, free)
             if not active:
                 continue
             try:
@@ -304,9 +311,9 @@ class Scheduler:
             except NativeError as error:
                 for generation in active:
                     generation.cancel()
-                self._retire(active, free, error)
+                self._retire(active, free, error, current)
                 continue
-            self._retire(active, free, None)
+            self._retire(active, free, None, current)
 
     def _switch(self, job: _Job, wanted: AdapterSet) -> bool:
         """Make ``wanted`` the active adapter set; on failure, fail ``job``."""
@@ -321,25 +328,35 @@ class Scheduler:
             return False
         return True
 
-    def _admit(self, job: _Job, sequence: int, active: dict[Generation, _Job]) -> bool:
+    def _admit(
+        self, job: _Job, lease: Lease, active: dict[Generation, _Job], free: SequencePool
+    ) -> None:
         try:
-            generation = Generation(self.model, job.request, sequence, job.is_cancelled, job.emit)
+            generation = Generation(
+                self.model, job.request, lease.sequence, job.is_cancelled, job.emit, lease.reusable
+            )
         except NativeError as error:  # for example a grammar llama.cpp refuses
+            self.model.forget(lease.sequence)
+            free.release(lease.sequence, Held())
             self._report(job, error)
-            return False
+            return
         active[generation] = job
-        return True
 
     def _retire(
         self,
         active: dict[Generation, _Job],
-        free: list[int],
+        free: SequencePool,
         error: BaseException | None,
+        adapters: AdapterSet,
     ) -> None:
         for generation in [g for g in active if g.finish is not None]:
             job = active.pop(generation)
             result = generation.result()
-            free.append(generation.sequence)
+            if error is None:
+                free.release(generation.sequence, Held(generation.held(), adapters))
+            else:  # what the failed decode left in the cache is unknown
+                self.model.forget(generation.sequence)
+                free.release(generation.sequence, Held())
             self._report(job, error or result)
 
     def _stop_all(self, active: dict[Generation, _Job]) -> None:
