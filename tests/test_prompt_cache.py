@@ -169,7 +169,8 @@ def _chat(
 def test_a_repeated_prompt_is_served_from_the_cache(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Name three rivers of Europe (cache test)."}]
     first, prompt_tokens, cached = _chat(client, messages)
-    assert cached == 0  # no earlier request had this prompt
+    # Earlier requests share at most the chat template's opening with it.
+    assert cached < prompt_tokens - 1
     again, _, cached = _chat(client, messages)
     assert cached == prompt_tokens - 1
     assert again == first
