@@ -91,6 +91,7 @@ __all__ = [
     "PolicyType",
     "RankedCandidate",
     "RateLimitError",
+    "ReportsAdapterSlots",
     "ReportsLoad",
     "RequestContext",
     "RequestHook",
@@ -327,8 +328,11 @@ class CandidateStats:
     running: int | None = None
     # Share of the engine's KV cache in use (0 to 1), where it reports one.
     kv_cache_usage: float | None = None
-    # Names of the LoRA adapters the engine holds now, where it has any.
+    # Names of the LoRA adapters the engine holds now (or is loading), where it has any.
     adapters_loaded: frozenset[str] = frozenset()
+    # How many adapters the engine can hold at once, where known: once it
+    # holds that many, loading another evicts one.
+    adapter_slots: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +457,14 @@ class SupportsLoRA(Protocol):
     def adapter_counters(self) -> Mapping[str, AdapterCounters]:
         """Loads, evictions and load time per adapter name, since start."""
         ...
+
+
+@runtime_checkable
+class ReportsAdapterSlots(Protocol):
+    """Optional capability of a :class:`SupportsLoRA` backend: how many
+    adapters it can hold at once (None: not known). No I/O; routing reads it."""
+
+    def adapter_slots(self) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)

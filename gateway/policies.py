@@ -230,11 +230,18 @@ def _rendezvous(key: str, candidate: Candidate) -> float:
 class LoRAAffinityPolicy:
     """Adapter requests go where their adapters are loaded already, unless
     that replica is busier than another by more than ``load_tolerance``
-    requests; an adapter loaded nowhere goes to the least busy replica, ties
-    broken by rendezvous hashing of its name, so different adapters settle
-    on different replicas instead of all on the first. Load is the larger of
-    this gateway's requests in flight and the engine's own running + waiting.
-    Requests without adapters go to the least busy replica."""
+    requests. Loading an adapter on a replica that is full (it holds as many
+    adapters as it can, see :attr:`CandidateStats.adapter_slots`) evicts one
+    that other requests may want next, so a full replica counts as
+    ``load_tolerance`` requests busier when it would have to load: a request
+    spills from a holder to a full replica only past twice the tolerance, and
+    an adapter loaded nowhere goes to a replica with room first. Ties are
+    broken by rendezvous hashing of the adapters' names, so different
+    adapters settle on different replicas instead of all on the first.
+
+    Load is the larger of this gateway's requests in flight and the engine's
+    own running + waiting. Requests without adapters go to the least busy
+    replica."""
 
     def __init__(self, options: LoRAAffinityOptions) -> None:
         self._tolerance = options.load_tolerance
@@ -255,16 +262,31 @@ class LoRAAffinityPolicy:
             names = {use.adapter.name for use in candidate.target.adapters}
             return bool(names) and names <= _stats(stats, candidate).adapters_loaded
 
+        def full(candidate: Candidate) -> bool:
+            seen = _stats(stats, candidate)
+            slots = seen.adapter_slots
+            return slots is not None and len(seen.adapters_loaded) >= slots
+
         def key(candidate: Candidate) -> str:
             return "+".join(use.adapter.name for use in candidate.target.adapters)
 
         def score(candidate: Candidate) -> float:
-            bonus = self._tolerance if holds(candidate) else 0.0
+            if holds(candidate):
+                placement = self._tolerance
+            elif candidate.target.adapters and full(candidate):
+                placement = -self._tolerance
+            else:
+                placement = 0.0
             # The hash only breaks ties: it is worth less than one request.
-            return bonus - load(candidate) + 0.5 * _rendezvous(key(candidate), candidate)
+            return placement - load(candidate) + 0.5 * _rendezvous(key(candidate), candidate)
 
         def reason(candidate: Candidate) -> str:
-            where = "holds the adapter" if holds(candidate) else "adapter not loaded"
+            if holds(candidate):
+                where = "holds the adapter"
+            elif candidate.target.adapters and full(candidate):
+                where = "full: loading evicts one"
+            else:
+                where = "adapter not loaded"
             return f"{where}, load {load(candidate):g}"
 
         return _ranked(candidates, score, reason)

@@ -12,13 +12,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
-from gateway.contract import Backend, Candidate, CandidateStats, ReportsLoad, SupportsLoRA
+from gateway.contract import (
+    Backend,
+    Candidate,
+    CandidateStats,
+    ReportsAdapterSlots,
+    ReportsLoad,
+    SupportsLoRA,
+)
 
 # isinstance() against a runtime-checkable Protocol inspects every member on
 # each call (several microseconds); a backend's class decides it, so it is
 # asked once per class.
 _REPORTS_LOAD: dict[type, bool] = {}
 _SUPPORTS_LORA: dict[type, bool] = {}
+_REPORTS_SLOTS: dict[type, bool] = {}
 
 
 def reports_load(backend: object) -> TypeGuard[ReportsLoad]:
@@ -32,6 +40,13 @@ def supports_lora(backend: object) -> TypeGuard[SupportsLoRA]:
     known = _SUPPORTS_LORA.get(type(backend))
     if known is None:
         known = _SUPPORTS_LORA[type(backend)] = isinstance(backend, SupportsLoRA)
+    return known
+
+
+def reports_adapter_slots(backend: object) -> TypeGuard[ReportsAdapterSlots]:
+    known = _REPORTS_SLOTS.get(type(backend))
+    if known is None:
+        known = _REPORTS_SLOTS[type(backend)] = isinstance(backend, ReportsAdapterSlots)
     return known
 
 
@@ -149,11 +164,11 @@ class StatsTable:
             entry = self._entry(candidate.target.deployment)
             backend = backends.get(candidate.backend)
             load = backend.load() if reports_load(backend) else None
-            adapters: frozenset[str] = (
-                backend.adapters_loaded()
-                if candidate.target.adapters and supports_lora(backend)
-                else frozenset()
-            )
+            adapters: frozenset[str] = frozenset()
+            slots = None
+            if candidate.target.adapters and supports_lora(backend):
+                adapters = backend.adapters_loaded()
+                slots = backend.adapter_slots() if reports_adapter_slots(backend) else None
             stats[candidate.target.deployment] = CandidateStats(
                 in_flight=entry.in_flight,
                 queue_depth=load.waiting if load else None,
@@ -162,5 +177,6 @@ class StatsTable:
                 ewma_ttft=entry.ewma_ttft,
                 ewma_token_time=entry.ewma_token_time,
                 adapters_loaded=adapters,
+                adapter_slots=slots,
             )
         return stats

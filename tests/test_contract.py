@@ -69,6 +69,7 @@ EXPECTED_ALL = [
     "PolicyType",
     "RankedCandidate",
     "RateLimitError",
+    "ReportsAdapterSlots",
     "ReportsLoad",
     "RequestContext",
     "RequestHook",

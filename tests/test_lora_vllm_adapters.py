@@ -62,3 +62,37 @@ def test_an_adapter_being_unloaded_is_loaded_again_before_use() -> None:
         ("/load_lora_adapter", "b"),
     ]
     assert calls[-1] == ("/load_lora_adapter", "a")
+
+
+class SlowLoads:
+    """Holds every load until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+        self.release = asyncio.Event()
+
+    async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+        if path == "/load_lora_adapter":
+            self.loads += 1
+            await self.release.wait()
+        return b"Success"
+
+
+def test_an_adapter_being_loaded_counts_as_held_for_routing() -> None:
+    """Routing sends more requests for it here, to wait for the same load,
+    instead of loading it on another replica too."""
+
+    async def scenario() -> None:
+        vllm = SlowLoads()
+        adapters = VllmAdapters("gpu", vllm, "/adapters", limit=2)  # type: ignore[arg-type]
+        first = asyncio.create_task(adapters.acquire(adapter("a")))
+        await settle()
+        assert adapters.names() == {"a"}
+        second = asyncio.create_task(adapters.acquire(adapter("a")))
+        await settle()
+        vllm.release.set()
+        await asyncio.gather(first, second)
+        assert vllm.loads == 1
+        assert adapters.names() == {"a"}
+
+    asyncio.run(scenario())

@@ -167,8 +167,15 @@ def adapter_pool(*names: str, replicas: int = 2) -> list[Candidate]:
     ]
 
 
-def holding(*names: str, in_flight: int = 0, running: int | None = None) -> CandidateStats:
-    return CandidateStats(in_flight=in_flight, running=running, adapters_loaded=frozenset(names))
+def holding(
+    *names: str, in_flight: int = 0, running: int | None = None, slots: int | None = None
+) -> CandidateStats:
+    return CandidateStats(
+        in_flight=in_flight,
+        running=running,
+        adapters_loaded=frozenset(names),
+        adapter_slots=slots,
+    )
 
 
 def test_lora_affinity_prefers_a_replica_holding_the_adapter() -> None:
@@ -195,6 +202,40 @@ def test_lora_affinity_spills_over_when_the_holder_is_too_busy() -> None:
     eager = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=0))
     stats = {"m/0": holding("a", in_flight=1), "m/1": holding()}
     assert first(eager.rank(request(), CTX, pool, stats)) == "m/1"
+
+
+def test_lora_affinity_spills_to_a_full_replica_only_past_twice_the_tolerance() -> None:
+    policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2))
+    pool = adapter_pool("a")
+    full = holding("x", "y", slots=2)
+    # With room, the other replica takes it past the tolerance (3 > 2)...
+    stats = {"m/0": holding("a", in_flight=3, slots=2), "m/1": holding("x", slots=2)}
+    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
+    # ...but loading it there when full would evict an adapter: not yet.
+    for busy in (3, 4):
+        stats = {"m/0": holding("a", in_flight=busy, slots=2), "m/1": full}
+        ranked = policy.rank(request(), CTX, pool, stats)
+        assert first(ranked) == "m/0"
+        assert ranked[1].reason.startswith("full: loading evicts one")
+    stats = {"m/0": holding("a", in_flight=5, slots=2), "m/1": full}
+    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
+    # Unknown slots (None) are never full.
+    stats = {"m/0": holding("a", in_flight=3), "m/1": holding("x", "y")}
+    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
+
+
+def test_lora_affinity_sends_a_cold_adapter_where_there_is_room() -> None:
+    policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2))
+    names = [f"adapter-{n:02d}" for n in range(20)]
+    # m/0 is full, m/1 has room: every cold adapter goes to m/1, even a bit busier.
+    stats = {"m/0": holding("x", "y", slots=2), "m/1": holding("z", in_flight=1, slots=2)}
+    assert {first(policy.rank(request(), CTX, adapter_pool(n), stats)) for n in names} == {"m/1"}
+    # Both full: load decides again.
+    stats = {"m/0": holding("x", "y", slots=2), "m/1": holding("z", "w", in_flight=1, slots=2)}
+    assert {first(policy.rank(request(), CTX, adapter_pool(n), stats)) for n in names} == {"m/0"}
+    # A base-model request is never held back by a full replica.
+    stats = {"m/0": holding("x", "y", slots=2), "m/1": holding("z", in_flight=1, slots=2)}
+    assert first(policy.rank(request(), CTX, adapter_pool(), stats)) == "m/0"
 
 
 def test_lora_affinity_spreads_cold_adapters_by_rendezvous_hashing() -> None:

@@ -173,6 +173,9 @@ class LlamaCppBackend:
     def adapters_loaded(self) -> frozenset[str]:
         return self.adapter_cache.loaded_names
 
+    def adapter_slots(self) -> int | None:
+        return self._config.max_adapters
+
     async def unload_adapter(self, name: str) -> None:
         self.adapter_cache.discard(name)
 

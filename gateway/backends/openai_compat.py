@@ -195,6 +195,10 @@ class OpenAICompatibleBackend:
             return self.edge_lora.loaded
         return self.lora.names() if self.lora is not None else frozenset()
 
+    def adapter_slots(self) -> int | None:
+        # An edge node's own limit is its configuration, not known here.
+        return self.lora.limit if self.lora is not None else None
+
     async def unload_adapter(self, name: str) -> None:
         if self.lora is not None:
             await self.lora.unload(name)

@@ -80,7 +80,11 @@ class VllmAdapters:
         self.counters: dict[str, AdapterCounters] = {}
 
     def names(self) -> frozenset[str]:
-        return frozenset(self._loaded)
+        """Adapters held, and those being loaded: a request for one of them
+        sent here waits for that load instead of causing another elsewhere."""
+        if not self._loading:
+            return frozenset(self._loaded)
+        return frozenset(self._loaded).union(self._loading)
 
     async def acquire(self, adapter: Adapter) -> None:
         """Make sure vLLM holds ``adapter``; mark it in use until :meth:`release`."""
