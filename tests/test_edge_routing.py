@@ -260,7 +260,14 @@ def test_an_edge_killed_mid_stream_and_then_skipped(
     # Afterwards every request succeeds on the other edge: none fails before its first byte.
     survivor = "edge-b" if victim == "edge-a" else "edge-a"
     assert [ask(client, "split") for _ in range(6)] == [survivor] * 6
+    # The status shows it once an active probe (every 0.5 s) has found it
+    # gone: the six answers above can take less than that.
     headers = {"Authorization": f"Bearer {gateway.api_key}"}
-    status = httpx.get(f"{gateway.root_url}/status", headers=headers, timeout=10).json()
-    up = {d["backend"]: d["ready"] for d in status["models"]["split"]}
+    deadline = time.monotonic() + 10
+    while True:
+        status = httpx.get(f"{gateway.root_url}/status", headers=headers, timeout=10).json()
+        up = {d["backend"]: d["ready"] for d in status["models"]["split"]}
+        if up == {victim: False, survivor: True} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert up == {victim: False, survivor: True}
