@@ -227,24 +227,58 @@ def _rendezvous(key: str, candidate: Candidate) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+class _RecentShares:
+    """Each deployment's share of a policy's recent choices: counts that
+    decay by ``decay`` per choice (half-life about 350 choices at 0.998),
+    starting from ``prior`` each so the first few choices do not swing it."""
+
+    def __init__(self, decay: float = 0.998, prior: float = 10.0) -> None:
+        self._decay = decay
+        self._prior = prior
+        self._counts: dict[str, float] = {}
+
+    def excess(self, candidates: Sequence[Candidate]) -> dict[str, float]:
+        """Share above the one its weight is due (negative: below), per deployment."""
+        counts = [self._counts.setdefault(c.target.deployment, self._prior) for c in candidates]
+        total, weights = sum(counts), sum(c.weight for c in candidates)
+        return {
+            c.target.deployment: count / total - c.weight / weights
+            for c, count in zip(candidates, counts, strict=True)
+        }
+
+    def chose(self, candidates: Sequence[Candidate], chosen: Candidate) -> None:
+        for candidate in candidates:
+            self._counts[candidate.target.deployment] *= self._decay
+        self._counts[chosen.target.deployment] += 1
+
+
 class LoRAAffinityPolicy:
-    """Adapter requests go where their adapters are loaded already, unless
-    that replica is busier than another by more than ``load_tolerance``
-    requests. Loading an adapter on a replica that is full (it holds as many
-    adapters as it can, see :attr:`CandidateStats.adapter_slots`) evicts one
-    that other requests may want next, so a full replica counts as
-    ``load_tolerance`` requests busier when it would have to load: a request
-    spills from a holder to a full replica only past twice the tolerance, and
-    an adapter loaded nowhere goes to a replica with room first. Ties are
-    broken by rendezvous hashing of the adapters' names, so different
-    adapters settle on different replicas instead of all on the first.
+    """Adapter requests go to the replicas holding their adapters (or loading
+    them), balanced against load, so that each adapter is loaded on as few
+    replicas as possible and stays there.
+
+    A replica holding the adapters gets ``load_tolerance`` requests of
+    credit. A replica that would have to load them is charged as much again
+    when that costs a slot for good: when it is full (it holds as many
+    adapters as it can, see :attr:`CandidateStats.adapter_slots`; loading
+    evicts one that others may want next), or when another replica holds them
+    already (a second copy). So a request leaves its holders only for a
+    replica less busy by more than twice the tolerance, and an adapter loaded
+    nowhere goes to a replica with room first.
 
     Load is the larger of this gateway's requests in flight and the engine's
-    own running + waiting. Requests without adapters go to the least busy
-    replica."""
+    own running + waiting, plus ``balance`` times the replica's share of this
+    policy's recent choices beyond its due (by weight): where the adapters
+    settled decides how the traffic splits, and this term keeps one replica
+    from taking most of it for good. Ties are broken by rendezvous hashing of
+    the adapters' names, so cold adapters settle on different replicas.
+    Requests without adapters go to the least loaded replica.
+    """
 
     def __init__(self, options: LoRAAffinityOptions) -> None:
         self._tolerance = options.load_tolerance
+        self._balance = options.balance
+        self._shares = _RecentShares()
 
     def rank(
         self,
@@ -253,10 +287,13 @@ class LoRAAffinityPolicy:
         candidates: Sequence[Candidate],
         stats: Mapping[str, CandidateStats],
     ) -> list[RankedCandidate]:
+        excess = self._shares.excess(candidates)
+
         def load(candidate: Candidate) -> float:
             seen = _stats(stats, candidate)
             engine = (seen.running or 0) + (seen.queue_depth or 0)
-            return max(seen.in_flight, engine) / candidate.weight
+            busy = max(seen.in_flight, engine) / candidate.weight
+            return busy + self._balance * excess[candidate.target.deployment]
 
         def holds(candidate: Candidate) -> bool:
             names = {use.adapter.name for use in candidate.target.adapters}
@@ -267,29 +304,34 @@ class LoRAAffinityPolicy:
             slots = seen.adapter_slots
             return slots is not None and len(seen.adapters_loaded) >= slots
 
+        holders = [c for c in candidates if holds(c)]
+
+        def placement(candidate: Candidate) -> tuple[float, str]:
+            if not candidate.target.adapters:
+                return 0.0, "no adapter"
+            if holders and candidate in holders:
+                return self._tolerance, "holds the adapter"
+            if full(candidate):
+                return -self._tolerance, "full: loading evicts one"
+            if holders:
+                return -self._tolerance, "would load a second copy"
+            return 0.0, "adapter not loaded"
+
         def key(candidate: Candidate) -> str:
             return "+".join(use.adapter.name for use in candidate.target.adapters)
 
         def score(candidate: Candidate) -> float:
-            if holds(candidate):
-                placement = self._tolerance
-            elif candidate.target.adapters and full(candidate):
-                placement = -self._tolerance
-            else:
-                placement = 0.0
             # The hash only breaks ties: it is worth less than one request.
-            return placement - load(candidate) + 0.5 * _rendezvous(key(candidate), candidate)
+            tiebreak = 0.5 * _rendezvous(key(candidate), candidate)
+            return placement(candidate)[0] - load(candidate) + tiebreak
 
         def reason(candidate: Candidate) -> str:
-            if holds(candidate):
-                where = "holds the adapter"
-            elif candidate.target.adapters and full(candidate):
-                where = "full: loading evicts one"
-            else:
-                where = "adapter not loaded"
-            return f"{where}, load {load(candidate):g}"
+            return f"{placement(candidate)[1]}, load {load(candidate):.2f}"
 
-        return _ranked(candidates, score, reason)
+        ranked = _ranked(candidates, score, reason)
+        if ranked:
+            self._shares.chose(candidates, ranked[0].candidate)
+        return ranked
 
 
 def _requested_tokens(request: AnyRequest) -> int | None:
@@ -309,9 +351,13 @@ class AffinityOptions(_Options):
 
 
 class LoRAAffinityOptions(_Options):
-    # Requests of extra load a replica holding the adapter may carry before a
-    # less busy one (which must load it) is preferred.
+    # Requests of credit for a replica holding the adapter; as much again is
+    # charged to one that would fill a slot for good by loading it (it is
+    # full, or another replica holds it already).
     load_tolerance: Annotated[float, Field(ge=0)] = 2.0
+    # Requests of load per unit of a replica's share of recent choices above
+    # its due: 8 makes a replica that took 60 % of two counts 0.8 busier.
+    balance: Annotated[float, Field(ge=0)] = 8.0
 
 
 def _no_options(policy: Callable[[], RoutingPolicy]) -> PolicyType[_Options]:

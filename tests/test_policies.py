@@ -178,6 +178,11 @@ def holding(
     )
 
 
+def placement_only(load_tolerance: float = 2) -> LoRAAffinityPolicy:
+    """lora-affinity without its balance term, which moves with every choice."""
+    return LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=load_tolerance, balance=0))
+
+
 def test_lora_affinity_prefers_a_replica_holding_the_adapter() -> None:
     policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2))
     pool = adapter_pool("a")
@@ -190,42 +195,30 @@ def test_lora_affinity_prefers_a_replica_holding_the_adapter() -> None:
             assert ranked[0].reason.startswith("holds the adapter")
 
 
-def test_lora_affinity_spills_over_when_the_holder_is_too_busy() -> None:
-    policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2))
+def test_lora_affinity_leaves_the_holders_only_past_twice_the_tolerance() -> None:
+    """A second copy or an eviction takes a slot for good: both cost as much."""
+    policy = placement_only(load_tolerance=2)
     pool = adapter_pool("a")
-    stats = {"m/0": holding("a", in_flight=3), "m/1": holding(in_flight=0)}
-    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
+    for other in (holding(slots=2), holding("x", "y", slots=2), holding()):
+        for busy, expected in ((3, "m/0"), (4, "m/0"), (5, "m/1")):
+            stats = {"m/0": holding("a", in_flight=busy, slots=2), "m/1": other}
+            ranked = policy.rank(request(), CTX, pool, stats)
+            assert first(ranked) == expected, (other, busy)
+            if expected == "m/0":
+                assert ranked[1].reason.split(",")[0] in {
+                    "would load a second copy",
+                    "full: loading evicts one",
+                }
     # The engine's own running + waiting counts too, when above our in-flight.
-    stats = {"m/0": holding("a", in_flight=0, running=4), "m/1": holding()}
+    stats = {"m/0": holding("a", in_flight=0, running=5), "m/1": holding()}
     assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
     # With no tolerance at all, any extra load sends it elsewhere.
-    eager = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=0))
     stats = {"m/0": holding("a", in_flight=1), "m/1": holding()}
-    assert first(eager.rank(request(), CTX, pool, stats)) == "m/1"
-
-
-def test_lora_affinity_spills_to_a_full_replica_only_past_twice_the_tolerance() -> None:
-    policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2))
-    pool = adapter_pool("a")
-    full = holding("x", "y", slots=2)
-    # With room, the other replica takes it past the tolerance (3 > 2)...
-    stats = {"m/0": holding("a", in_flight=3, slots=2), "m/1": holding("x", slots=2)}
-    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
-    # ...but loading it there when full would evict an adapter: not yet.
-    for busy in (3, 4):
-        stats = {"m/0": holding("a", in_flight=busy, slots=2), "m/1": full}
-        ranked = policy.rank(request(), CTX, pool, stats)
-        assert first(ranked) == "m/0"
-        assert ranked[1].reason.startswith("full: loading evicts one")
-    stats = {"m/0": holding("a", in_flight=5, slots=2), "m/1": full}
-    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
-    # Unknown slots (None) are never full.
-    stats = {"m/0": holding("a", in_flight=3), "m/1": holding("x", "y")}
-    assert first(policy.rank(request(), CTX, pool, stats)) == "m/1"
+    assert first(placement_only(load_tolerance=0).rank(request(), CTX, pool, stats)) == "m/1"
 
 
 def test_lora_affinity_sends_a_cold_adapter_where_there_is_room() -> None:
-    policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2))
+    policy = placement_only(load_tolerance=2)
     names = [f"adapter-{n:02d}" for n in range(20)]
     # m/0 is full, m/1 has room: every cold adapter goes to m/1, even a bit busier.
     stats = {"m/0": holding("x", "y", slots=2), "m/1": holding("z", in_flight=1, slots=2)}
@@ -233,13 +226,34 @@ def test_lora_affinity_sends_a_cold_adapter_where_there_is_room() -> None:
     # Both full: load decides again.
     stats = {"m/0": holding("x", "y", slots=2), "m/1": holding("z", "w", in_flight=1, slots=2)}
     assert {first(policy.rank(request(), CTX, adapter_pool(n), stats)) for n in names} == {"m/0"}
+    # Unknown slots (None) are never full.
+    stats = {"m/0": holding("x", "y"), "m/1": holding("z", in_flight=1)}
+    assert {first(policy.rank(request(), CTX, adapter_pool(n), stats)) for n in names} == {"m/0"}
     # A base-model request is never held back by a full replica.
     stats = {"m/0": holding("x", "y", slots=2), "m/1": holding("z", in_flight=1, slots=2)}
     assert first(policy.rank(request(), CTX, adapter_pool(), stats)) == "m/0"
 
 
+def test_lora_affinity_balances_a_replica_that_takes_most_of_the_traffic() -> None:
+    """Where adapters settle decides the split; a replica that took more than
+    its share lately counts as busier, until a hot adapter gets a second copy."""
+    policy = LoRAAffinityPolicy(LoRAAffinityOptions(load_tolerance=2, balance=8))
+    pool = adapter_pool("hot")
+    # m/0 holds the hot adapter and always has a request running: well within
+    # the tolerance for one request, but not for hundreds in a row.
+    stats = {"m/0": holding("hot", in_flight=1), "m/1": holding()}
+    picks = [first(policy.rank(request(), CTX, pool, stats)) for _ in range(300)]
+    assert picks[:10] == ["m/0"] * 10
+    assert 0.3 <= picks.count("m/1") / len(picks) <= 0.5
+    ranked = policy.rank(request(), CTX, pool, stats)
+    assert "load" in ranked[0].reason
+    # Without the balance term, m/0 keeps it all.
+    steady = placement_only()
+    assert {first(steady.rank(request(), CTX, pool, stats)) for _ in range(300)} == {"m/0"}
+
+
 def test_lora_affinity_spreads_cold_adapters_by_rendezvous_hashing() -> None:
-    policy = LoRAAffinityPolicy(LoRAAffinityOptions())
+    policy = placement_only()
     names = [f"adapter-{n:02d}" for n in range(40)]
     idle = {"m/0": holding(), "m/1": holding()}
     placed = {n: first(policy.rank(request(), CTX, adapter_pool(n), idle)) for n in names}
@@ -263,7 +277,7 @@ def test_lora_affinity_spreads_cold_adapters_by_rendezvous_hashing() -> None:
 
 
 def test_lora_affinity_needs_every_adapter_of_a_stack_and_balances_base_requests() -> None:
-    policy = LoRAAffinityPolicy(LoRAAffinityOptions())
+    policy = placement_only()
     stack = adapter_pool("a", "b")
     stats = {"m/0": holding("a", in_flight=0), "m/1": holding("a", "b", in_flight=1)}
     assert first(policy.rank(request(), CTX, stack, stats)) == "m/1"
