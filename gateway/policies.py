@@ -304,12 +304,12 @@ class LoRAAffinityPolicy:
             slots = seen.adapter_slots
             return slots is not None and len(seen.adapters_loaded) >= slots
 
-        holders = [c for c in candidates if holds(c)]
+        holders = {c.target.deployment for c in candidates if holds(c)}
 
         def placement(candidate: Candidate) -> tuple[float, str]:
             if not candidate.target.adapters:
                 return 0.0, "no adapter"
-            if holders and candidate in holders:
+            if candidate.target.deployment in holders:
                 return self._tolerance, "holds the adapter"
             if full(candidate):
                 return -self._tolerance, "full: loading evicts one"
@@ -317,16 +317,20 @@ class LoRAAffinityPolicy:
                 return -self._tolerance, "would load a second copy"
             return 0.0, "adapter not loaded"
 
+        # Each candidate is judged once; score and reason read the verdict.
+        verdicts = {c.target.deployment: (*placement(c), load(c)) for c in candidates}
+
         def key(candidate: Candidate) -> str:
             return "+".join(use.adapter.name for use in candidate.target.adapters)
 
         def score(candidate: Candidate) -> float:
+            credit, _, busy = verdicts[candidate.target.deployment]
             # The hash only breaks ties: it is worth less than one request.
-            tiebreak = 0.5 * _rendezvous(key(candidate), candidate)
-            return placement(candidate)[0] - load(candidate) + tiebreak
+            return credit - busy + 0.5 * _rendezvous(key(candidate), candidate)
 
         def reason(candidate: Candidate) -> str:
-            return f"{placement(candidate)[1]}, load {load(candidate):.2f}"
+            _, where, busy = verdicts[candidate.target.deployment]
+            return f"{where}, load {busy:.2f}"
 
         ranked = _ranked(candidates, score, reason)
         if ranked:

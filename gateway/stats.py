@@ -23,31 +23,28 @@ from gateway.contract import (
 
 # isinstance() against a runtime-checkable Protocol inspects every member on
 # each call (several microseconds); a backend's class decides it, so it is
-# asked once per class.
-_REPORTS_LOAD: dict[type, bool] = {}
-_SUPPORTS_LORA: dict[type, bool] = {}
-_REPORTS_SLOTS: dict[type, bool] = {}
+# asked once per (capability, class).
+_CAPABILITIES: dict[tuple[type, type], bool] = {}
+
+
+def _has(backend: object, capability: type) -> bool:
+    key = (capability, type(backend))
+    known = _CAPABILITIES.get(key)
+    if known is None:
+        known = _CAPABILITIES[key] = isinstance(backend, capability)
+    return known
 
 
 def reports_load(backend: object) -> TypeGuard[ReportsLoad]:
-    known = _REPORTS_LOAD.get(type(backend))
-    if known is None:
-        known = _REPORTS_LOAD[type(backend)] = isinstance(backend, ReportsLoad)
-    return known
+    return _has(backend, ReportsLoad)
 
 
 def supports_lora(backend: object) -> TypeGuard[SupportsLoRA]:
-    known = _SUPPORTS_LORA.get(type(backend))
-    if known is None:
-        known = _SUPPORTS_LORA[type(backend)] = isinstance(backend, SupportsLoRA)
-    return known
+    return _has(backend, SupportsLoRA)
 
 
 def reports_adapter_slots(backend: object) -> TypeGuard[ReportsAdapterSlots]:
-    known = _REPORTS_SLOTS.get(type(backend))
-    if known is None:
-        known = _REPORTS_SLOTS[type(backend)] = isinstance(backend, ReportsAdapterSlots)
-    return known
+    return _has(backend, ReportsAdapterSlots)
 
 
 def serves_adapters(backend: object) -> TypeGuard[SupportsLoRA]:
