@@ -28,6 +28,7 @@ from gateway.admin import AdminAuthenticator, build_admin_handlers
 from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decisions import DecisionLog, RouteTrace
+from gateway.endpoints import CHAT, COMPLETIONS, AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     AuthenticationError,
     GatewayError,
@@ -111,18 +112,23 @@ _HTTP_ERRORS: dict[int, type[GatewayError]] = {
 }
 
 
-def handle_exception(request: AnyRequest, exc: Exception) -> Response[bytes]:
-    """The one place where every failure becomes an OpenAI-shaped error."""
+def as_gateway_error(exc: Exception, path: str) -> GatewayError:
+    """Any failure as the typed error the client gets (internals never)."""
     if isinstance(exc, GatewayError):
-        return error_response(exc)
+        return exc
     if isinstance(exc, HTTPException):
         kind = _HTTP_ERRORS.get(exc.status_code, InternalError)
         message = exc.detail if exc.status_code < 500 else "Internal server error."
         if exc.status_code == 404:
-            message = f"Unknown path {request.url.path}"
-        return error_response(kind(message))
-    _log.exception("unhandled error on %s", request.url.path)
-    return error_response(InternalError("Internal server error."))
+            message = f"Unknown path {path}"
+        return kind(message)
+    _log.exception("unhandled error on %s", path)
+    return InternalError("Internal server error.")
+
+
+def handle_exception(request: AnyRequest, exc: Exception) -> Response[bytes]:
+    """The one place where every failure becomes an OpenAI-shaped error."""
+    return error_response(as_gateway_error(exc, request.url.path))
 
 
 class Authenticator:
@@ -191,44 +197,53 @@ async def _cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
         hang_up.close()
 
 
-def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
-    server = runtime.settings.server
-    authenticate = Authenticator(server.api_key_hashes)
-
-    route_header = server.route_header
+def _openai_endpoint(
+    runtime: Runtime,
+    endpoint: Endpoint[RequestT, AnswerT, ChunkT],
+    authenticate: Authenticator,
+) -> ControllerRouterHandler:
+    """The handler of one OpenAI endpoint: authenticate, read, decode, then
+    the pipeline. Every error on the way reaches the error hooks once: here
+    before the response starts, in the pipeline's stream after that."""
+    route_header = runtime.settings.server.route_header
+    limits = runtime.settings.limits
 
     def headers_for(trace: RouteTrace) -> Headers:
         if not route_header or trace.decision is None:
             return []
         return [(b"x-nomoat-route", trace.decision.header().encode("latin-1"))]
 
-    @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(request: AnyRequest) -> ASGIApp:
-        key_id = authenticate(request)
-        pipeline = runtime.serving()
-        raw = await request.body()
-        body = pipeline.decode_chat(raw)
-        ctx = _context("chatcmpl", key_id, request)
-        trace = RouteTrace("chat", len(raw))
-        if body.stream:
-            chunks = await pipeline.chat_stream(body, ctx, trace)
-            return EventStream(sse_events(chunks), headers_for(trace))
-        response = await _cancel_on_disconnect(request, pipeline.chat(body, ctx, trace))
-        return JsonAnswer(wire.encoder.encode(response), headers=headers_for(trace))
+    async def handle(request: AnyRequest) -> ASGIApp:
+        ctx: RequestContext | None = None
+        body: RequestT | None = None
+        try:
+            key_id = authenticate(request)
+            ctx = _context(endpoint.id_prefix, key_id, request)
+            pipeline = runtime.serving()
+            raw = await request.body()
+            body = endpoint.decode(raw, limits)
+            trace = RouteTrace(endpoint.name, len(raw))
+            if body.stream:
+                chunks = await pipeline.stream(endpoint, body, ctx, trace)
+                return EventStream(sse_events(chunks), headers_for(trace))
+            work = pipeline.answer(endpoint, body, ctx, trace)
+            answer = await _cancel_on_disconnect(request, work)
+            return JsonAnswer(wire.encoder.encode(answer), headers=headers_for(trace))
+        except ClientClosedRequestError:
+            raise
+        except Exception as exc:
+            error = as_gateway_error(exc, endpoint.path)
+            if runtime.pipeline is not None:
+                told = ctx or _context(endpoint.id_prefix, None, request)
+                await runtime.pipeline.hooks.on_error(body, error, told)
+            raise error from exc
 
-    @post("/v1/completions", status_code=200)
-    async def completions(request: AnyRequest) -> ASGIApp:
-        key_id = authenticate(request)
-        pipeline = runtime.serving()
-        raw = await request.body()
-        body = pipeline.decode_completion(raw)
-        ctx = _context("cmpl", key_id, request)
-        trace = RouteTrace("completions", len(raw))
-        if body.stream:
-            chunks = await pipeline.completion_stream(body, ctx, trace)
-            return EventStream(sse_events(chunks), headers_for(trace))
-        response = await _cancel_on_disconnect(request, pipeline.completion(body, ctx, trace))
-        return JsonAnswer(wire.encoder.encode(response), headers=headers_for(trace))
+    return post(endpoint.path, status_code=200, name=endpoint.name)(handle)
+
+
+def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
+    server = runtime.settings.server
+    authenticate = Authenticator(server.api_key_hashes)
 
     @get("/v1/models")
     async def list_models(request: AnyRequest) -> Response[bytes]:
@@ -279,8 +294,8 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         AdminAuthenticator(server.api_key_hashes, server.admin_key_hashes),
     )
     return [
-        chat_completions,
-        completions,
+        _openai_endpoint(runtime, CHAT, authenticate),
+        _openai_endpoint(runtime, COMPLETIONS, authenticate),
         list_models,
         retrieve_model,
         health,
@@ -340,6 +355,7 @@ async def _readiness(runtime: Runtime) -> Response[bytes]:
 
 async def _status(runtime: Runtime) -> wire.GatewayStatus:
     health = await _backend_health(runtime)
+    stats = runtime.pipeline.stats if runtime.pipeline else None
     models = {
         name: [
             wire.DeploymentStatus(
@@ -348,6 +364,7 @@ async def _status(runtime: Runtime) -> wire.GatewayStatus:
                 engine_model=c.target.engine_model,
                 ready=health[c.backend].ready if c.backend in health else False,
                 detail=health[c.backend].detail if c.backend in health else "not started",
+                in_flight=stats.in_flight(c.target.deployment) if stats else 0,
             )
             for c in entry.candidates
         ]

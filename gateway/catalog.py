@@ -56,6 +56,7 @@ class ModelEntry:
     retry: Retry = Retry()
     timeout_seconds: float | None = None
     rules: tuple[Rule, ...] = ()
+    stream_timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,7 @@ def _model_entries(
             Retry(model.retries, model.retry_backoff_seconds, model.retry_after_cap_seconds),
             model.timeout_seconds,
             _rules(name, model),
+            model.stream_timeout_seconds,
         )
     return entries
 

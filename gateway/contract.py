@@ -194,13 +194,19 @@ class AdapterUse:
 
 @dataclass(frozen=True, slots=True)
 class ModelCapabilities:
-    """What an engine can do for one model; the pipeline checks requests
-    against it before dispatch, so an unsupported feature is a clear 400."""
+    """What an engine can do for one model. Before ranking, the pipeline
+    leaves out every deployment that lacks a feature the request uses (tools,
+    a JSON ``response_format``, logprobs, ``n`` above ``max_n``), so a policy
+    never sees it; when no deployment is left, the client gets a 400 naming
+    the feature and the model."""
 
     context_length: int
     tools: bool = False
+    # response_format json_object and json_schema.
     json_schema: bool = False
     logprobs: bool = False
+    # The most choices (``n``) one request may ask for.
+    max_n: int = 1
 
 
 @dataclass(frozen=True, slots=True)

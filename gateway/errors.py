@@ -15,7 +15,9 @@ PayloadTooLargeError   413     ``APIStatusError``
 RateLimitError         429     ``RateLimitError``
 EngineOverloadedError  503     ``InternalServerError``
 UpstreamError          502     ``InternalServerError``
+UpstreamTimeoutError   504     ``InternalServerError``
 InternalError          500     ``InternalServerError``
+HookFailedError        500     ``InternalServerError``
 =====================  ======  ==============================
 """
 
@@ -32,6 +34,7 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "GatewayError",
+    "HookFailedError",
     "InternalError",
     "InvalidRequestError",
     "MethodNotAllowedError",
@@ -40,8 +43,10 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "RouteNotFoundError",
+    "StreamTimeoutError",
     "UnsupportedFeatureError",
     "UpstreamError",
+    "UpstreamTimeoutError",
 ]
 
 
@@ -157,3 +162,24 @@ class InternalError(GatewayError):
     status_code = 500
     error_type = "server_error"
     default_code = "internal_error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """No answer (or no first chunk) within the model's ``timeout_seconds``,
+    retries included."""
+
+    status_code = 504
+    default_code = "timeout"
+
+
+class StreamTimeoutError(UpstreamTimeoutError):
+    """A stream ran past the model's ``stream_timeout_seconds``; sent as the
+    stream's last event (its status was sent with the first byte)."""
+
+
+class HookFailedError(GatewayError):
+    """A plugin hook failed (not a rejection it meant); the message names it."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "hook_failed"

@@ -26,18 +26,14 @@ from gateway.contract import (
     ResponseHook,
     StreamHook,
 )
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, HookFailedError
 from gateway.streams import closing
 from gateway.wire import ChatCompletion, Completion
 
+__all__ = ["SKIPPED", "BoundHook", "HookChain", "HookFailedError"]
+
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class HookFailedError(GatewayError):
-    status_code = 500
-    error_type = "server_error"
-    default_code = "hook_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +66,8 @@ class HookChain:
         self._error = [(b, b.hook) for b in self.hooks if isinstance(b.hook, ErrorHook)]
         # Whether any hook may rewrite a stream (then its chunks are checked).
         self.rewrites_streams = bool(self._stream)
+        # Whether any hook hears of errors (else streams need no error watch).
+        self.hears_errors = bool(self._error)
 
     def __bool__(self) -> bool:
         return bool(self.hooks)

@@ -1,28 +1,36 @@
-"""The request pipeline: decode, check limits, resolve the model, rank the
-deployments, and try them in order until one answers.
+"""The request pipeline: request hooks, one route, the ranked deployments
+tried in order until one answers, then response or stream hooks.
 
-Streams are primed before the response starts: the first chunk is awaited
-here, so anything that fails before the first byte (a full queue, a prompt too
-long for the context) still becomes a proper HTTP status, and the next
-deployment can be tried.
+A request that reaches it is decoded and authenticated (:mod:`gateway.app`).
+Then, top-down:
+
+1. request hooks (which may answer at once, or change the model);
+2. :meth:`Router.resolve <gateway.routing.Router.resolve>` turns the model
+   name into a route, and the route's ``timeout_seconds`` becomes the
+   request's deadline;
+3. for each model of the route, the deployments that can serve the request,
+   without those unhealthy or cooling down, ranked by the model's policy;
+4. the attempts: on an overloaded or unreachable deployment, before anything
+   reached the client, the next one, then the fallbacks, then another round
+   after a backoff;
+5. the answer through the response hooks, or the stream (primed: its first
+   chunk already arrived) through the stream adapters. A stream stays in
+   flight until its last chunk, its error or its cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import logging
 import random
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
-
-import msgspec
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 from gateway import wire
 from gateway.catalog import Catalog, ModelEntry
 from gateway.contract import (
-    AnyChunk,
     AnyRequest,
     Backend,
     Candidate,
@@ -32,64 +40,37 @@ from gateway.contract import (
     Target,
 )
 from gateway.decisions import CandidateView, DecisionLog, RouteDecision, RouteTrace, StatsView
+from gateway.endpoints import AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     EngineOverloadedError,
     GatewayError,
-    InvalidRequestError,
+    HookFailedError,
+    InternalError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
-from gateway.hooks import HookChain, HookFailedError
-from gateway.lora.registry import AdapterRegistry, Addressed
+from gateway.hooks import HookChain
+from gateway.lora.registry import AdapterRegistry
 from gateway.lora.stats import AdapterUsage
-from gateway.rules import select_pool
+from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
-from gateway.stats import StatsTable, serves_adapters
-from gateway.streams import closing
-
-_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-_FIELD = re.compile(r"field `(?P<field>[^`]+)`")
+from gateway.stats import StatsTable
+from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
 
 T = TypeVar("T")
-RequestT = TypeVar("RequestT", wire.ChatCompletionRequest, wire.CompletionRequest)
-
-
-ChunkT = TypeVar("ChunkT", wire.ChatCompletionChunk, wire.Completion)
-AnswerT = TypeVar("AnswerT", wire.ChatCompletion, wire.Completion)
+_log = logging.getLogger(__name__)
 _RETRYABLE = (EngineOverloadedError, UpstreamError)
+Call = Callable[[Backend, Target, RequestContext], Awaitable[T]]
 
 
-def _param_of(message: str) -> tuple[str, str | None]:
-    """msgspec's "Expected `int`, got `str` - at `$.n`" -> (text, "n")."""
-    match = _PATH.search(message)
-    path = match.group("path").lstrip(".") if match else ""
-    text = message[: match.start()] if match else message
-    field = _FIELD.search(text)
-    if field is not None:
-        path = f"{path}.{field.group('field')}" if path else field.group("field")
-    return text, path or None
+@dataclass(frozen=True, slots=True)
+class Started(Generic[T]):
+    """An attempt that answered: where it went, when it began (monotonic),
+    and what it returned: an answer, or a stream still running."""
 
-
-def decode(body: bytes, decoder: msgspec.json.Decoder[RequestT]) -> RequestT:
-    if not body:
-        raise InvalidRequestError("The request body is empty; expected a JSON object.")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as error:
-        text, param = _param_of(str(error))
-        if text.startswith("Object contains unknown field"):
-            text = f"Unrecognized request argument supplied: {param}"
-        raise InvalidRequestError(f"{text} (at {param or 'the body'})", param=param) from None
-    except msgspec.DecodeError as error:
-        raise InvalidRequestError(
-            f"We could not parse the JSON body of your request: {error}"
-        ) from None
-
-
-def _at_most(value: int, limit: int, param: str, what: str) -> None:
-    if value > limit:
-        raise InvalidRequestError(
-            f"{param}: at most {limit} {what} allowed, got {value}", param=param
-        )
+    target: Target
+    at: float
+    result: T
 
 
 class Pipeline:
@@ -104,9 +85,8 @@ class Pipeline:
         adapters: AdapterRegistry | None = None,
     ) -> None:
         self.limits = limits
-        self.catalog = catalog
         self.backends = backends
-        self.adapters = adapters
+        self.router = Router(catalog, backends, adapters)
         self.hooks = hooks or HookChain(())
         self.stats = StatsTable()
         # Requests and tokens per adapter name, for metrics and accounting.
@@ -114,308 +94,207 @@ class Pipeline:
         self.decision_log = decision_log
         self.record_prompts = record_prompts
 
-    # --------------------------------------------------------------- decoding
+    @property
+    def catalog(self) -> Catalog:
+        return self.router.catalog
 
-    def decode_chat(self, body: bytes) -> wire.ChatCompletionRequest:
-        request = decode(body, wire.chat_request_decoder)
-        limits = self.limits
-        if not request.messages:
-            raise InvalidRequestError(
-                "messages must contain at least one message", param="messages"
-            )
-        _at_most(len(request.messages), limits.max_messages, "messages", "messages")
-        _at_most(len(request.tools or ()), limits.max_tools, "tools", "tools")
-        self._check_common(request)
-        return request
-
-    def decode_completion(self, body: bytes) -> wire.CompletionRequest:
-        request = decode(body, wire.completion_request_decoder)
-        self._check_common(request)
-        return request
-
-    def _check_common(self, request: wire.ChatCompletionRequest | wire.CompletionRequest) -> None:
-        limits = self.limits
-        _at_most(request.n or 1, limits.max_n, "n", "choices")
-        stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
-        _at_most(len(stops), limits.max_stop_sequences, "stop", "stop sequences")
-        _at_most(len(request.logit_bias or {}), limits.max_logit_bias, "logit_bias", "entries")
-        if request.stream_options is not None and not request.stream:
-            raise InvalidRequestError(
-                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                param="stream_options",
-            )
+    @property
+    def adapters(self) -> AdapterRegistry | None:
+        return self.router.adapters
 
     # ---------------------------------------------------------------- serving
 
-    async def chat(
+    async def answer(
         self,
-        request: wire.ChatCompletionRequest,
-        ctx: RequestContext,
-        trace: RouteTrace | None = None,
-    ) -> wire.ChatCompletion:
-        return await self._answer(
-            request, ctx, trace, wire.ChatCompletion, lambda b, r, t: b.chat(r, t, ctx)
-        )
-
-    async def chat_stream(
-        self,
-        request: wire.ChatCompletionRequest,
-        ctx: RequestContext,
-        trace: RouteTrace | None = None,
-    ) -> AsyncIterator[wire.ChatCompletionChunk]:
-        return await self._stream(
-            request,
-            ctx,
-            trace,
-            wire.ChatCompletion,
-            wire.ChatCompletionChunk,
-            _chat_as_chunks,
-            lambda b, r, t: b.chat_stream(r, t, ctx),
-        )
-
-    async def completion(
-        self,
-        request: wire.CompletionRequest,
-        ctx: RequestContext,
-        trace: RouteTrace | None = None,
-    ) -> wire.Completion:
-        return await self._answer(
-            request, ctx, trace, wire.Completion, lambda b, r, t: b.completion(r, t, ctx)
-        )
-
-    async def completion_stream(
-        self,
-        request: wire.CompletionRequest,
-        ctx: RequestContext,
-        trace: RouteTrace | None = None,
-    ) -> AsyncIterator[wire.Completion]:
-        return await self._stream(
-            request,
-            ctx,
-            trace,
-            wire.Completion,
-            wire.Completion,
-            _completion_as_chunks,
-            lambda b, r, t: b.completion_stream(r, t, ctx),
-        )
-
-    async def _answer(
-        self,
+        endpoint: Endpoint[RequestT, AnswerT, ChunkT],
         request: RequestT,
         ctx: RequestContext,
-        trace: RouteTrace | None,
-        kind: type[AnswerT],
-        call: Callable[[Backend, RequestT, Target], Awaitable[AnswerT]],
+        trace: RouteTrace | None = None,
     ) -> AnswerT:
-        """Request hooks, the attempts, response hooks: one non-streamed answer."""
-        try:
-            early = await self.hooks.on_request(request, ctx)
-            if isinstance(early, kind):
-                return early
-            checked = _expect(early, type(request))
-            response = await self._attempts(
-                checked, ctx, lambda backend, target: call(backend, checked, target), trace
-            )
-            return _expect(await self.hooks.on_response(checked, response, ctx), kind)
-        except GatewayError as error:
-            # The error hooks hear of every error on its way to the client.
-            await self.hooks.on_error(request, error, ctx)
-            raise
+        """One non-streamed answer."""
+        early = await self.hooks.on_request(request, ctx)
+        if isinstance(early, endpoint.answer_type):
+            return early
+        asked = _expect(early, endpoint.request_type)
+        route = self.router.resolve(asked)
+        ctx = _with_deadline(ctx, route.entry)
+        started = await self._attempts(
+            route, asked, ctx, lambda b, t, c: endpoint.answer(b, asked, t, c), trace
+        )
+        self._answered(started)
+        answer = await self.hooks.on_response(asked, started.result, ctx)
+        return _expect(answer, endpoint.answer_type)
 
-    async def _stream(
+    async def stream(
         self,
+        endpoint: Endpoint[RequestT, AnswerT, ChunkT],
         request: RequestT,
         ctx: RequestContext,
-        trace: RouteTrace | None,
-        kind: type[AnswerT],
-        chunk_kind: type[ChunkT],
-        as_chunks: Callable[[AnswerT], AsyncIterator[ChunkT]],
-        call: Callable[[Backend, RequestT, Target], AsyncIterator[ChunkT]],
+        trace: RouteTrace | None = None,
     ) -> AsyncIterator[ChunkT]:
-        """Request hooks, the attempts (primed: failures before the first byte
-        still move on), stream hooks, usage shaping: one streamed answer."""
-        try:
-            early = await self.hooks.on_request(request, ctx)
-            if isinstance(early, kind):
-                chunks = as_chunks(early)
-                checked = request
-            else:
-                checked = _expect(early, type(request))
-                chunks = await self._attempts(
-                    checked,
-                    ctx,
-                    lambda backend, target: _primed(call(backend, checked, target)),
-                    trace,
-                )
-            if self.hooks.rewrites_streams:
-                # Checked: a stream hook may hand back anything.
-                chunks = _only(self.hooks.on_stream(checked, chunks, ctx), chunk_kind)
-            return _shape_usage(chunks, _wants_usage(checked))
-        except GatewayError as error:
-            # The error hooks hear of every error on its way to the client.
-            await self.hooks.on_error(request, error, ctx)
-            raise
+        """One streamed answer, its first chunk already there: anything that
+        fails before it still moves on, or becomes a proper status."""
+        arrived = time.monotonic()
+        early = await self.hooks.on_request(request, ctx)
+        if isinstance(early, endpoint.answer_type):
+            chunks, asked = endpoint.as_chunks(early), request
+        else:
+            asked = _expect(early, endpoint.request_type)
+            route = self.router.resolve(asked)
+            ctx = _with_deadline(ctx, route.entry)
+            started = await self._attempts(
+                route, asked, ctx, lambda b, t, c: primed(endpoint.stream(b, asked, t, c)), trace
+            )
+            chunks = self._streaming(started, route.entry.stream_timeout_seconds, arrived)
+        if self.hooks.rewrites_streams:
+            chunks = checked(self.hooks.on_stream(asked, chunks, ctx), endpoint.chunk_type)
+        shaped = shape_usage(chunks, _wants_usage(asked))
+        return self._told(shaped, asked, ctx) if self.hooks.hears_errors else shaped
+
+    async def explain(self, request: AnyRequest, ctx: RequestContext) -> RouteDecision:
+        """The routing decision for ``request`` without sending it anywhere."""
+        route = self.router.resolve(request)
+        ranked, seen = await self._ranking(route, route.entry, request, ctx)
+        return self._decision(request, ctx, route.entry.policy_name, ranked, seen, None)
+
+    # ----------------------------------------------------------- the attempts
 
     async def _attempts(
         self,
+        route: Route,
         request: AnyRequest,
         ctx: RequestContext,
-        call: Callable[[Backend, Target], Awaitable[T]],
+        call: Call[T],
         trace: RouteTrace | None,
-    ) -> T:
+    ) -> Started[T]:
         """Try the ranked deployments, then the fallback models, then again
         after a backoff; move on only when a deployment is overloaded or
         unreachable, before anything reached the client."""
-        addressed = self.adapters.address(request.model) if self.adapters else None
-        entry = self.catalog.resolve(addressed.base_model if addressed else request.model)
-        # An adapter fine-tunes one base model: other models are no fallback.
-        fallbacks = () if addressed else entry.fallbacks
-        chain = [entry, *(self.catalog.resolve(name) for name in fallbacks)]
-        deadline = time.monotonic() + entry.timeout_seconds if entry.timeout_seconds else None
-        first_ranking, seen = await self._ranking(entry, request, ctx, addressed)
-        decision = self._decision(request, ctx, entry.policy_name, first_ranking, seen, trace)
+        entry = route.entry
+        first, seen = await self._ranking(route, entry, request, ctx)
+        decision = self._decision(request, ctx, entry.policy_name, first, seen, trace)
         failure: GatewayError | None = None
         try:
             for round_number in range(entry.retry.rounds + 1):
                 if round_number:
-                    await self._back_off(entry, failure, deadline)
-                for position, model in enumerate(chain):
-                    ranked = (
-                        first_ranking
-                        if round_number == 0 and position == 0
-                        else (await self._ranking(model, request, ctx, addressed))[0]
-                    )
+                    await _back_off(entry, failure, ctx.deadline)
+                for model in route.chain:
+                    ranked = first
+                    if round_number or model is not entry:
+                        ranked = (await self._ranking(route, model, request, ctx))[0]
                     for choice in ranked:
-                        outcome = await self._attempt(choice.candidate, call, deadline, decision)
-                        if isinstance(outcome, GatewayError):
-                            failure = outcome
-                            continue
-                        return outcome
+                        _check_deadline(ctx.deadline, request.model)
+                        outcome = await self._attempt(choice.candidate, call, ctx, decision)
+                        if isinstance(outcome, Started):
+                            return outcome
+                        failure = outcome
             raise failure or EngineOverloadedError(f"no deployment of {request.model} is available")
         finally:
             self._settle(decision, trace)
 
     async def _ranking(
-        self,
-        entry: ModelEntry,
-        request: AnyRequest,
-        ctx: RequestContext,
-        addressed: Addressed | None,
+        self, route: Route, model: ModelEntry, request: AnyRequest, ctx: RequestContext
     ) -> tuple[list[RankedCandidate], dict[str, CandidateStats]]:
         """The policy's ranking, and the stats snapshot it saw (recorded as is)."""
-        ready = {name: (await b.health()).ready for name, b in self.backends.items()}
-        pool = select_pool(entry.candidates, entry.rules, request, ctx)
-        if addressed is not None:
-            pool = self._with_adapters(pool, addressed)
+        pool = self.router.eligible(route, model, request, ctx)
+        ready = {c.backend: (await self.backends[c.backend].health()).ready for c in pool}
         candidates = self.stats.available(pool, ready)
         stats = self.stats.snapshot(candidates, self.backends)
-        return entry.policy.rank(request, ctx, candidates, stats), stats
-
-    def _with_adapters(self, pool: Sequence[Candidate], addressed: Addressed) -> list[Candidate]:
-        """The deployments whose engine can apply ``addressed``, each aimed at it."""
-        able = [
-            candidate
-            for candidate in pool
-            if _lora_able(self.backends[candidate.backend], addressed.needs_stacking)
-        ]
-        if not able:
-            what = "a stack of adapters or a scale" if addressed.needs_stacking else "an adapter"
-            engines = ", ".join(sorted({c.backend for c in pool})) or "none"
-            raise InvalidRequestError(
-                f"model `{addressed.name}`: {what} needs an engine that can apply it, and no "
-                f"deployment of {addressed.base_model} can (its backends: {engines})",
-                param="model",
-            )
-        return [
-            dataclasses.replace(
-                candidate,
-                target=dataclasses.replace(
-                    candidate.target, model=addressed.name, adapters=addressed.uses
-                ),
-            )
-            for candidate in able
-        ]
+        return model.policy.rank(request, ctx, candidates, stats), stats
 
     async def _attempt(
-        self,
-        candidate: Candidate,
-        call: Callable[[Backend, Target], Awaitable[T]],
-        deadline: float | None,
-        decision: RouteDecision,
-    ) -> T | GatewayError:
-        """One call to one deployment: its result, or the retryable error."""
+        self, candidate: Candidate, call: Call[T], ctx: RequestContext, decision: RouteDecision
+    ) -> Started[T] | GatewayError:
+        """One call to one deployment: it started, or the retryable error.
+        Only a started attempt stays in flight; its caller ends it."""
         deployment = candidate.target.deployment
+        backend = self.backends[candidate.backend]
         started = time.monotonic()
         self.stats.started(deployment)
         try:
-            if deadline is None:
-                result = await call(self.backends[candidate.backend], candidate.target)
+            if ctx.deadline is None:
+                result = await call(backend, candidate.target, ctx)
             else:
-                async with asyncio.timeout(max(deadline - started, 0.0)):
-                    result = await call(self.backends[candidate.backend], candidate.target)
+                async with asyncio.timeout(max(ctx.deadline - started, 0.0)):
+                    result = await call(backend, candidate.target, ctx)
         except TimeoutError:
+            self.stats.finished(deployment)
             decision.attempts.append((deployment, "timeout"))
-            return UpstreamError(f"{decision.model}: no answer within its timeout")
+            return _timed_out(decision.model)
         except _RETRYABLE as error:
+            self.stats.finished(deployment)
             decision.attempts.append((deployment, error.code or error.error_type))
             if isinstance(error, UpstreamError):
                 # Unreachable or broken: cool down. A full queue is load, not
                 # ill health: just move on.
                 self.stats.failed(deployment)
             return error
-        except GatewayError as error:
-            decision.attempts.append((deployment, error.code or error.error_type))
-            raise
-        finally:
+        except BaseException as error:
             self.stats.finished(deployment)
+            if isinstance(error, GatewayError):
+                decision.attempts.append((deployment, error.code or error.error_type))
+            raise
         self.stats.succeeded(deployment)
         decision.attempts.append((deployment, "ok"))
         decision.chosen = deployment
-        return self._measured(result, candidate.target, started)
+        return Started(candidate.target, started, result)
 
-    def _measured(self, result: T, target: Target, started: float) -> T:
-        """Feed the answer's timing to the stats the latency policy reads, and
-        its usage to the adapters' counters."""
-        deployment = target.deployment
-        account = self._adapter_accounting(target)
-        if isinstance(result, wire.ChatCompletion | wire.Completion):
-            usage = result.usage if isinstance(result.usage, wire.Usage) else None
-            tokens = usage.completion_tokens if usage else 0
-            self.stats.observe(deployment, None, time.monotonic() - started, tokens)
-            if account is not None:
-                account(usage)
-            return result
-        chunks: AsyncIterator[AnyChunk] = result  # type: ignore[assignment]
-        return _timed(chunks, self.stats, deployment, started, account)  # type: ignore[return-value]
+    # ------------------------------------------------------- ends of attempts
 
-    def _adapter_accounting(self, target: Target) -> Callable[[wire.Usage | None], None] | None:
-        if not target.adapters:
-            return None
-        entries = [
-            self.adapter_usage.setdefault(use.adapter.name, AdapterUsage())
-            for use in target.adapters
-        ]
+    def _answered(self, started: Started[AnswerT]) -> None:
+        usage = started.result.usage if isinstance(started.result.usage, wire.Usage) else None
+        self._ended(started.target, started.at, None, usage)
 
-        def account(usage: wire.Usage | None) -> None:
-            for entry in entries:
-                entry.requests += 1
-                if usage is not None:
-                    entry.prompt_tokens += usage.prompt_tokens
-                    entry.completion_tokens += usage.completion_tokens
+    def _streaming(
+        self, started: Started[AsyncIterator[ChunkT]], limit: float | None, arrived: float
+    ) -> AsyncIterator[ChunkT]:
+        chunks = started.result
+        if limit is not None:
+            chunks = until(chunks, limit - (time.monotonic() - arrived), limit)
 
-        return account
+        def done(record: StreamRecord) -> None:
+            if record.failed:
+                self.stats.finished(started.target.deployment)
+            else:
+                self._ended(started.target, started.at, record.first_content, record.usage)
 
-    async def _back_off(
-        self, entry: ModelEntry, failure: GatewayError | None, deadline: float | None
+        return observed(chunks, started.at, done)
+
+    def _ended(
+        self, target: Target, started: float, first: float | None, usage: wire.Usage | None
     ) -> None:
-        """Sleep before another round: jittered, at least what Retry-After
-        asked (capped), and never past the deadline."""
-        retry_after = float((failure.headers if failure else {}).get("Retry-After", 0) or 0)
-        pause = max(entry.retry.backoff_seconds * (0.5 + random.random()), retry_after)
-        pause = min(pause, entry.retry.retry_after_cap_seconds)
-        if deadline is not None:
-            pause = min(pause, max(deadline - time.monotonic(), 0.0))
-        await asyncio.sleep(pause)
+        """An attempt's answer is complete: it leaves the in-flight count,
+        its timing feeds the latency stats, its usage the adapters' counters."""
+        deployment = target.deployment
+        self.stats.finished(deployment)
+        tokens = usage.completion_tokens if usage else 0
+        self.stats.observe(deployment, first, time.monotonic() - started, tokens)
+        for use in target.adapters:
+            counters = self.adapter_usage.setdefault(use.adapter.name, AdapterUsage())
+            counters.requests += 1
+            if usage is not None:
+                counters.prompt_tokens += usage.prompt_tokens
+                counters.completion_tokens += usage.completion_tokens
+
+    async def _told(
+        self, chunks: AsyncIterator[ChunkT], request: AnyRequest, ctx: RequestContext
+    ) -> AsyncIterator[ChunkT]:
+        """A stream whose failures after its first byte reach the error hooks
+        too, before the client sees them as the stream's last event."""
+        try:
+            async with closing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+        except GatewayError as error:
+            await self.hooks.on_error(request, error, ctx)
+            raise
+        except Exception as error:
+            _log.exception("stream failed after its first byte")
+            failure = InternalError("The stream failed; the answer is incomplete.")
+            await self.hooks.on_error(request, failure, ctx)
+            raise failure from error
+
+    # ------------------------------------------------------------- decisions
 
     def _decision(
         self,
@@ -460,8 +339,32 @@ class Pipeline:
             self.decision_log.record(decision)
 
 
-def _lora_able(backend: Backend, stacking: bool) -> bool:
-    return serves_adapters(backend) and (backend.can_stack() or not stacking)
+def _with_deadline(ctx: RequestContext, model: ModelEntry) -> RequestContext:
+    if model.timeout_seconds is None:
+        return ctx
+    return replace(ctx, deadline=time.monotonic() + model.timeout_seconds)
+
+
+def _timed_out(model: str) -> UpstreamTimeoutError:
+    return UpstreamTimeoutError(f"{model}: no answer within its timeout")
+
+
+def _check_deadline(deadline: float | None, model: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise _timed_out(model)
+
+
+async def _back_off(
+    entry: ModelEntry, failure: GatewayError | None, deadline: float | None
+) -> None:
+    """Sleep before another round: jittered, at least what Retry-After asked
+    (capped), and never past the deadline."""
+    retry_after = float((failure.headers if failure else {}).get("Retry-After", 0) or 0)
+    pause = max(entry.retry.backoff_seconds * (0.5 + random.random()), retry_after)
+    pause = min(pause, entry.retry.retry_after_cap_seconds)
+    if deadline is not None:
+        pause = min(pause, max(deadline - time.monotonic(), 0.0))
+    await asyncio.sleep(pause)
 
 
 def _stats_view(stats: CandidateStats) -> StatsView:
@@ -488,126 +391,5 @@ def _expect(value: object, kind: type[T]) -> T:
     return value
 
 
-async def _only(chunks: AsyncIterator[AnyChunk], kind: type[T]) -> AsyncIterator[T]:
-    async with closing(chunks):
-        async for chunk in chunks:
-            yield _expect(chunk, kind)
-
-
-async def _chat_as_chunks(
-    response: wire.ChatCompletion,
-) -> AsyncIterator[wire.ChatCompletionChunk]:
-    """A whole answer from a hook (a cache hit), as the chunks of a stream."""
-
-    def chunk(choices: list[wire.ChunkChoice]) -> wire.ChatCompletionChunk:
-        return wire.ChatCompletionChunk(
-            id=response.id,
-            object="chat.completion.chunk",
-            created=response.created,
-            model=response.model,
-            choices=choices,
-        )
-
-    for choice in response.choices:
-        message = choice.message
-        delta = wire.ChunkDelta(role="assistant", content=message.content)
-        if not isinstance(message.tool_calls, msgspec.UnsetType):
-            delta.tool_calls = [
-                wire.ToolCallDelta(index=i, id=c.id, type="function", function=c.function)
-                for i, c in enumerate(message.tool_calls)
-            ]
-        yield chunk(
-            [wire.ChunkChoice(index=choice.index, delta=delta, logprobs=None, finish_reason=None)]
-        )
-        end = wire.ChunkChoice(
-            index=choice.index,
-            delta=wire.ChunkDelta(),
-            logprobs=None,
-            finish_reason=choice.finish_reason,
-        )
-        yield chunk([end])
-    last = chunk([])
-    last.usage = response.usage
-    yield last
-
-
-async def _completion_as_chunks(response: wire.Completion) -> AsyncIterator[wire.Completion]:
-    # A copy: the hook may have handed out an object it keeps (a cache entry).
-    yield msgspec.structs.replace(response, usage=msgspec.UNSET)
-    usage = response.usage
-    yield wire.Completion(
-        id=response.id,
-        object="text_completion",
-        created=response.created,
-        model=response.model,
-        choices=[],
-        usage=usage,
-    )
-
-
-async def _timed(
-    chunks: AsyncIterator[AnyChunk],
-    stats: StatsTable,
-    deployment: str,
-    started: float,
-    account: Callable[[wire.Usage | None], None] | None = None,
-) -> AsyncIterator[AnyChunk]:
-    """Pass a stream through, noting its first content and its usage, also
-    when the client goes away or the stream breaks half-way."""
-    first_token: float | None = None
-    usage: wire.Usage | None = None
-    tokens = 0
-    try:
-        # aclosing: a client that goes away closes this iterator, and the close
-        # must reach the backend's stream now (to stop the generation), not at GC.
-        async with closing(chunks):
-            async for chunk in chunks:
-                if first_token is None and _has_content(chunk):
-                    first_token = time.monotonic() - started
-                if isinstance(chunk.usage, wire.Usage):
-                    usage = chunk.usage
-                    tokens = usage.completion_tokens
-                yield chunk
-    finally:
-        stats.observe(deployment, first_token, time.monotonic() - started, tokens)
-        if account is not None:
-            account(usage)
-
-
-def _has_content(chunk: AnyChunk) -> bool:
-    if isinstance(chunk, wire.Completion):
-        return any(choice.text for choice in chunk.choices)
-    return any(
-        isinstance(choice.delta.content, str) and choice.delta.content for choice in chunk.choices
-    )
-
-
-def _wants_usage(request: wire.ChatCompletionRequest | wire.CompletionRequest) -> bool:
+def _wants_usage(request: AnyRequest) -> bool:
     return request.stream_options is not None and request.stream_options.include_usage
-
-
-async def _primed(chunks: AsyncIterator[T]) -> AsyncIterator[T]:
-    """Wait for the first chunk now; return an iterator that replays it."""
-    first = await anext(chunks)
-
-    async def replay() -> AsyncIterator[T]:
-        async with closing(chunks):
-            yield first
-            async for chunk in chunks:
-                yield chunk
-
-    return replay()
-
-
-async def _shape_usage(chunks: AsyncIterator[ChunkT], include_usage: bool) -> AsyncIterator[ChunkT]:
-    """Backends always end with a usage chunk; show it only if asked, and
-    then, as OpenAI does, put ``"usage": null`` on every other chunk."""
-    async with closing(chunks):
-        async for chunk in chunks:
-            if isinstance(chunk.usage, wire.Usage) and not chunk.choices:
-                if include_usage:
-                    yield chunk
-                continue
-            if include_usage:
-                chunk.usage = None
-            yield chunk

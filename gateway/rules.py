@@ -68,13 +68,14 @@ def estimate_prompt_tokens(request: AnyRequest) -> int:
 def select_pool(
     candidates: Sequence[Candidate],
     rules: Sequence[Rule],
-    request: AnyRequest,
+    prompt_tokens: int,
     ctx: RequestContext,
 ) -> Sequence[Candidate]:
+    """The deployments the first matching rule names; all of them if none
+    matches. ``prompt_tokens`` is :func:`estimate_prompt_tokens` of the request."""
     if not rules:
         return candidates
-    size = estimate_prompt_tokens(request)
     for rule in rules:
-        if rule.matches(size, ctx):
+        if rule.matches(prompt_tokens, ctx):
             return [c for c in candidates if c.target.deployment in rule.pool]
     return candidates

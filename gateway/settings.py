@@ -114,8 +114,12 @@ class ModelSettings(_Strict):
     retries: Annotated[int, Field(ge=0, le=10)] = 1
     retry_backoff_seconds: Annotated[float, Field(ge=0)] = 0.25
     retry_after_cap_seconds: Annotated[float, Field(ge=0)] = 5.0
-    # Until the answer starts (the first chunk of a stream), retries included.
+    # Until the answer starts (the first chunk of a stream), retries included:
+    # past it, 504.
     timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    # A stream's whole duration, from the request's arrival: past it, the
+    # stream ends with an error event and the generation is cancelled.
+    stream_timeout_seconds: Annotated[float, Field(gt=0)] | None = None
     owned_by: str = "nomoat"
 
 

@@ -120,6 +120,12 @@ class StatsTable:
 
     # -------------------------------------------------------------- reading
 
+    def in_flight(self, deployment: str) -> int:
+        """Attempts started and not ended: an answer until it arrives, a
+        stream until its last chunk, its error or its cancellation."""
+        entry = self._table.get(deployment)
+        return entry.in_flight if entry is not None else 0
+
     def in_cooldown(self, deployment: str, now: float | None = None) -> bool:
         entry = self._table.get(deployment)
         return entry is not None and entry.cooldown_until > (now or time.monotonic())

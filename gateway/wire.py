@@ -350,6 +350,8 @@ class DeploymentStatus(Struct, kw_only=True):
     engine_model: str
     ready: bool
     detail: str
+    # Requests this gateway has on it now (streams until their last byte).
+    in_flight: int = 0
 
 
 class GatewayStatus(Struct, kw_only=True):

@@ -36,6 +36,9 @@ LONG: dict[str, Any] = {
     "temperature": 0,
     "logit_bias": NO_END,
 }
+# A model on the same engine whose streams may last STREAM_LIMIT seconds in all.
+LIMITED = "limited"
+STREAM_LIMIT = 1.5
 # One engine thread: this machine is shared, and llama.cpp's thread barriers
 # collapse when its threads compete for cores. max_waiting = 1 for the queue tests.
 ENGINE_CONFIG = config_with_key(
@@ -49,6 +52,10 @@ ENGINE_CONFIG = config_with_key(
 
     [models.{MODEL}]
     deployments = [{{ backend = "embedded" }}]
+
+    [models.{LIMITED}]
+    deployments = [{{ backend = "embedded", model = "{MODEL}" }}]
+    stream_timeout_seconds = {STREAM_LIMIT}
     """
 )
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -192,6 +199,49 @@ def test_closing_a_stream_stops_generation(engine: Server) -> None:
     assert received == 5
     assert generated < BUDGET / 20, f"{generated} tokens decoded after {received} were read"
     assert generated <= received + 25, f"{generated} tokens decoded after {received} were read"
+
+
+def test_a_stream_past_its_time_limit_ends_with_an_error_and_stops_generation(
+    engine: Server,
+) -> None:
+    prompt = prompt_tokens(engine)
+    before = settled_count(engine)
+    body = {**LONG, "model": LIMITED, "max_tokens": BUDGET, "stream": True}
+    started = time.monotonic()
+    with httpx.Client(timeout=httpx.Timeout(120)) as raw:
+        url = f"{engine.base_url}/chat/completions"
+        with raw.stream("POST", url, json=body, headers=AUTH) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line]
+    lasted = time.monotonic() - started
+    assert any(has_content(line) for line in lines)
+    assert lines[-1].startswith('data: {"error"') and '"code":"timeout"' in lines[-1]
+    assert "data: [DONE]" not in lines
+    assert STREAM_LIMIT <= lasted < STREAM_LIMIT + 5
+    wait_idle(engine, timeout=10)
+    generated = settled_count(engine) - before - prompt
+    # Uncancelled, it would have decoded BUDGET - 1 tokens.
+    assert generated < BUDGET / 4, f"{generated} tokens decoded after the stream's limit"
+
+
+def test_status_counts_a_stream_in_flight_until_it_ends(engine: Server) -> None:
+    def in_flight() -> int:
+        status = httpx.get(f"{engine.root_url}/status", headers=AUTH, timeout=30).json()
+        return int(status["models"][MODEL][0]["in_flight"])
+
+    wait_idle(engine)
+    body = {**LONG, "max_tokens": 40, "stream": True}
+    with httpx.Client(timeout=httpx.Timeout(120)) as raw:
+        url = f"{engine.base_url}/chat/completions"
+        with raw.stream("POST", url, json=body, headers=AUTH) as response:
+            lines = response.iter_lines()
+            while not has_content(next(lines)):
+                pass
+            # Past its first chunk, the stream is still on the deployment.
+            assert in_flight() == 1
+            rest = list(lines)
+    assert "data: [DONE]" in rest
+    assert in_flight() == 0
 
 
 def test_a_client_timing_out_stops_a_non_streamed_generation(engine: Server) -> None:

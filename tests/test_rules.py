@@ -62,7 +62,10 @@ def chat(characters: int) -> ChatCompletionRequest:
 
 
 def pool(entry, request: ChatCompletionRequest, ctx: RequestContext) -> list[str]:  # type: ignore[no-untyped-def]
-    return [c.backend for c in select_pool(entry.candidates, entry.rules, request, ctx)]
+    return [
+        c.backend
+        for c in select_pool(entry.candidates, entry.rules, estimate_prompt_tokens(request), ctx)
+    ]
 
 
 def test_prompt_size_sends_long_prompts_to_the_big_pool(entry) -> None:  # type: ignore[no-untyped-def]

