@@ -26,12 +26,10 @@ from gateway.contract import (
     AnyRequest,
     Backend,
     Candidate,
-    CandidateStats,
-    RankedCandidate,
     RequestContext,
     Target,
 )
-from gateway.decisions import CandidateView, DecisionLog, RouteDecision, RouteTrace, StatsView
+from gateway.decisions import DecisionLog, Decisions, Ranking, RouteDecision, RouteTrace
 from gateway.errors import (
     EngineOverloadedError,
     GatewayError,
@@ -111,8 +109,7 @@ class Pipeline:
         self.stats = StatsTable()
         # Requests and tokens per adapter name, for metrics and accounting.
         self.adapter_usage: dict[str, AdapterUsage] = {}
-        self.decision_log = decision_log
-        self.record_prompts = record_prompts
+        self.decisions = Decisions(decision_log, record_prompts)
 
     # --------------------------------------------------------------- decoding
 
@@ -272,20 +269,19 @@ class Pipeline:
         fallbacks = () if addressed else entry.fallbacks
         chain = [entry, *(self.catalog.resolve(name) for name in fallbacks)]
         deadline = time.monotonic() + entry.timeout_seconds if entry.timeout_seconds else None
-        first_ranking, seen = await self._ranking(entry, request, ctx, addressed)
-        decision = self._decision(request, ctx, entry.policy_name, first_ranking, seen, trace)
+        first = await self._ranking(entry, request, ctx, addressed)
+        decision = self.decisions.open(request, ctx, first, trace)
         failure: GatewayError | None = None
         try:
             for round_number in range(entry.retry.rounds + 1):
                 if round_number:
                     await self._back_off(entry, failure, deadline)
                 for position, model in enumerate(chain):
-                    ranked = (
-                        first_ranking
-                        if round_number == 0 and position == 0
-                        else (await self._ranking(model, request, ctx, addressed))[0]
-                    )
-                    for choice in ranked:
+                    ranking = first
+                    if round_number or position:
+                        ranking = await self._ranking(model, request, ctx, addressed)
+                        self.decisions.ranked_again(decision, ranking)
+                    for choice in ranking.ranked:
                         outcome = await self._attempt(choice.candidate, call, deadline, decision)
                         if isinstance(outcome, GatewayError):
                             failure = outcome
@@ -293,7 +289,7 @@ class Pipeline:
                         return outcome
             raise failure or EngineOverloadedError(f"no deployment of {request.model} is available")
         finally:
-            self._settle(decision, trace)
+            self.decisions.settle(decision, trace)
 
     async def _ranking(
         self,
@@ -301,15 +297,18 @@ class Pipeline:
         request: AnyRequest,
         ctx: RequestContext,
         addressed: Addressed | None,
-    ) -> tuple[list[RankedCandidate], dict[str, CandidateStats]]:
-        """The policy's ranking, and the stats snapshot it saw (recorded as is)."""
-        ready = {name: (await b.health()).ready for name, b in self.backends.items()}
+        dry_run: bool = False,
+    ) -> Ranking:
+        """The policy's ranking, with the stats snapshot it saw (recorded as is)."""
+        health = {name: await b.health() for name, b in self.backends.items()}
         pool = select_pool(entry.candidates, entry.rules, request, ctx)
         if addressed is not None:
             pool = self._with_adapters(pool, addressed)
-        candidates = self.stats.available(pool, ready)
+        candidates = self.stats.available(pool, {n: h.ready for n, h in health.items()})
         stats = self.stats.snapshot(candidates, self.backends)
-        return entry.policy.rank(request, ctx, candidates, stats), stats
+        return self.decisions.rank(
+            entry, request, ctx, candidates, stats, pool=pool, health=health, dry_run=dry_run
+        )
 
     def _with_adapters(self, pool: Sequence[Candidate], addressed: Addressed) -> list[Candidate]:
         """The deployments whose engine can apply ``addressed``, each aimed at it."""
@@ -417,67 +416,22 @@ class Pipeline:
             pause = min(pause, max(deadline - time.monotonic(), 0.0))
         await asyncio.sleep(pause)
 
-    def _decision(
-        self,
-        request: AnyRequest,
-        ctx: RequestContext,
-        policy: str,
-        ranked: list[RankedCandidate],
-        stats: Mapping[str, CandidateStats],
-        trace: RouteTrace | None,
-    ) -> RouteDecision:
-        candidates = [
-            CandidateView(
-                deployment=r.candidate.target.deployment,
-                backend=r.candidate.backend,
-                engine_model=r.candidate.target.engine_model,
-                weight=r.candidate.weight,
-                score=r.score,
-                reason=r.reason,
-                stats=_stats_view(stats.get(r.candidate.target.deployment, CandidateStats())),
-            )
-            for r in ranked
+    async def explain(self, request: AnyRequest, ctx: RequestContext) -> RouteDecision:
+        """A dry run: how ``request`` would be routed now (rules, health,
+        cooldown, live stats, each policy's ranking, the fallbacks), with
+        nothing sent and no policy state moved."""
+        addressed = self.adapters.address(request.model) if self.adapters else None
+        entry = self.catalog.resolve(addressed.base_model if addressed else request.model)
+        fallbacks = () if addressed else entry.fallbacks
+        chain = [entry, *(self.catalog.resolve(name) for name in fallbacks)]
+        rankings = [
+            await self._ranking(model, request, ctx, addressed, dry_run=True) for model in chain
         ]
-        return RouteDecision(
-            request_id=ctx.request_id,
-            model=request.model,
-            policy=policy,
-            endpoint=trace.endpoint if trace else "",
-            body_bytes=trace.body_bytes if trace else 0,
-            stream=bool(request.stream),
-            candidates=candidates,
-            started_at=time.time(),
-            prompt=_prompt_text(request) if self.record_prompts else None,
-        )
-
-    def _settle(self, decision: RouteDecision, trace: RouteTrace | None) -> None:
-        last = decision.attempts[-1][1] if decision.attempts else "no_candidates"
-        decision.outcome = last
-        decision.latency = time.time() - decision.started_at
-        if trace is not None:
-            trace.decision = decision
-        if self.decision_log is not None:
-            self.decision_log.record(decision)
+        return self.decisions.explain(request, ctx, rankings, self.stats, self.backends)
 
 
 def _lora_able(backend: Backend, stacking: bool) -> bool:
     return serves_adapters(backend) and (backend.can_stack() or not stacking)
-
-
-def _stats_view(stats: CandidateStats) -> StatsView:
-    return StatsView(
-        in_flight=stats.in_flight,
-        queue_depth=stats.queue_depth,
-        ewma_ttft=stats.ewma_ttft,
-        ewma_token_time=stats.ewma_token_time,
-    )
-
-
-def _prompt_text(request: AnyRequest) -> str:
-    if isinstance(request, wire.ChatCompletionRequest):
-        return wire.encoder.encode(request.messages).decode()
-    prompt = request.prompt
-    return prompt if isinstance(prompt, str) else wire.encoder.encode(prompt).decode()
 
 
 def _expect(value: object, kind: type[T]) -> T:
