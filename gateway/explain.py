@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from gateway.decisions import CandidateView, ChoiceView, RankingRecord, RouteDecision
+from gateway.decisions import CandidateView, RankingRecord, RouteDecision
 
 _decoder = msgspec.json.Decoder(RouteDecision)
 
@@ -113,24 +113,30 @@ def _adapters(ranking: RankingRecord) -> str:
 def _rows(ranking: RankingRecord) -> list[tuple[str, ...]]:
     views = {v.deployment: v for v in ranking.candidates}
     rows = [
-        _row(str(rank), views[choice.deployment], choice)
+        _row(str(rank), views[choice.deployment], _score(choice.score), choice.reason)
         for rank, choice in enumerate(ranking.ranked, start=1)
     ]
     ranked = {choice.deployment for choice in ranking.ranked}
-    rows += [_row("-", v, None) for v in ranking.candidates if v.deployment not in ranked]
-    rows += [_row("out", v, None) for v in ranking.excluded]
+    rows += [
+        _row("-", v, "-", "left out by the policy")
+        for v in ranking.candidates
+        if v.deployment not in ranked
+    ]
+    rows += [_row("out", v, "-", f"not ranked: {_why_out(v)}") for v in ranking.excluded]
     return rows
 
 
-def _row(rank: str, view: CandidateView, choice: ChoiceView | None) -> tuple[str, ...]:
+def _score(score: float | None) -> str:
+    return "inf" if score is None else f"{score:.4g}"
+
+
+def _why_out(view: CandidateView) -> str:
+    return "cooling down" if view.health is not None and view.health.ready else "unhealthy"
+
+
+def _row(rank: str, view: CandidateView, score: str, reason: str) -> tuple[str, ...]:
     health = view.health
     stats = view.stats
-    if choice is not None:
-        score = "inf" if choice.score is None else f"{choice.score:.4g}"
-        reason = choice.reason
-    else:
-        score = "-"
-        reason = "left out by the policy" if rank == "-" else "not ranked: unhealthy or cooling"
     return (
         rank,
         view.deployment,
