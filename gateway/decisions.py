@@ -29,6 +29,7 @@ import copy
 import itertools
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -64,7 +65,7 @@ DECISION_LOG_VERSION = 2
 # Header names that may carry credentials: never recorded. (The gateway
 # already leaves out authorization, proxy-authorization and cookie.)
 NO_PROMPT = msgspec.Raw(b"null")
-_SECRET_MARKERS = ("auth", "key", "token", "secret", "cookie", "password", "credential", "sign")
+_SECRET_NAME = re.compile("auth|key|token|secret|cookie|password|credential|sign")
 
 
 # ------------------------------------------------------------------ the record
@@ -237,21 +238,18 @@ class RouteDecision(msgspec.Struct, kw_only=True):
         """The ``x-nomoat-route`` header value: where it went, and why."""
         if self.chosen is None:
             return f"outcome={self.outcome}"
+        model = self.rankings[0].entry if self.rankings else None
         for ranking in self.rankings:
             choice = next((c for c in ranking.ranked if c.deployment == self.chosen), None)
             view = next((c for c in ranking.candidates if c.deployment == self.chosen), None)
-            if choice is not None and view is not None:
-                fallback = "" if ranking.entry == self.rankings[0].entry else "fallback=true; "
+            if ranking.entry == model and choice is not None and view is not None:
+                score = "inf" if choice.score is None else f"{choice.score:g}"
                 return (
-                    f"deployment={self.chosen}; backend={view.backend}; "
-                    f"score={_score_text(choice.score)}; policy={ranking.policy}; "
-                    f"{fallback}tried={len(self.attempts)}"
+                    f"deployment={self.chosen}; backend={view.backend}; score={score}; "
+                    f"policy={ranking.policy}; tried={len(self.attempts)}"
                 )
-        return f"deployment={self.chosen}; tried={len(self.attempts)}"
-
-
-def _score_text(score: float | None) -> str:
-    return "inf" if score is None else f"{score:g}"
+        # A fallback model answered.
+        return f"deployment={self.chosen}; fallback=true; tried={len(self.attempts)}"
 
 
 # -------------------------------------------------------- building a decision
@@ -441,11 +439,7 @@ def request_view(
 def recorded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The request headers fit for a log: none whose name suggests a
     credential (``authorization``, ``x-api-key``, ``x-auth-token``, ...)."""
-    return {
-        name: value
-        for name, value in headers.items()
-        if not any(marker in name for marker in _SECRET_MARKERS)
-    }
+    return {name: value for name, value in headers.items() if _SECRET_NAME.search(name) is None}
 
 
 def _prompt(request: AnyRequest) -> msgspec.Raw:

@@ -146,6 +146,7 @@ def test_a_dry_run_moves_no_policy_state_and_sends_nothing(policy: str) -> None:
             await serving.chat(chat_request(model="m"), ctx(), trace)
             assert trace.decision is not None
             picks.append(str(trace.decision.chosen))
+            assert trace.decision.header().startswith(f"deployment={picks[-1]}; backend=")
             if explain_first:  # the explanation foretold the choice
                 assert picks[-1] == order(before)[0]
         return picks
@@ -229,8 +230,7 @@ def test_every_policy_call_of_a_request_is_in_its_decision() -> None:
     ]
     assert decision.rankings[0].seq < decision.rankings[1].seq
     assert decision.attempts == [("m/0", "upstream_error"), ("f/0", "ok")]
-    assert decision.header().startswith("deployment=f/0; backend=b; score=1; policy=weighted")
-    assert "fallback=true" in decision.header()
+    assert decision.header() == "deployment=f/0; fallback=true; tried=2"
 
 
 # ------------------------------------------------------------- the endpoint
