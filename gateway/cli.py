@@ -263,7 +263,10 @@ def route(args: argparse.Namespace) -> int:
             admin_key=admin_key,
         )
     except (ValueError, explain.ExplainError) as error:
-        print(f"nomoat route: {error}", file=sys.stderr)
+        hint = ""
+        if isinstance(error, explain.ExplainError) and error.status in (401, 403):
+            hint = f" (${args.admin_key_env} must hold an admin key)"
+        print(f"nomoat route: {error}{hint}", file=sys.stderr)
         return 1
     print(explain.table(decision))
     return 0

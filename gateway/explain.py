@@ -23,6 +23,10 @@ _decoder = msgspec.json.Decoder(RouteDecision)
 class ExplainError(Exception):
     """The gateway could not be asked, or refused; the message says why."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 def ask(
     url: str,
@@ -52,7 +56,8 @@ def ask(
         with urllib.request.urlopen(call, timeout=timeout) as answer:
             return _decoder.decode(answer.read())
     except urllib.error.HTTPError as error:
-        raise ExplainError(f"the gateway answered {error.code}: {_message(error.read())}") from None
+        message = f"the gateway answered {error.code}: {_message(error.read())}"
+        raise ExplainError(message, error.code) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
         reason = getattr(error, "reason", error)
         raise ExplainError(f"cannot reach the gateway at {url}: {reason}") from None

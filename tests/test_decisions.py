@@ -229,3 +229,10 @@ def check_explained(root: str) -> None:
     assert "1 in flight" in done.stdout
     out = next(line for line in lines if line.startswith("out "))
     assert f"{MODEL}/1" in out and "gone" in out and "down:" in out
+
+    without = {k: v for k, v in os.environ.items() if k != "NOMOAT_ADMIN_KEY"}
+    done = nomoat("route", "--explain", "--model", MODEL, "--url", root, env=without)
+    assert done.returncode == 1
+    assert (
+        "answered 401" in done.stderr and "$NOMOAT_ADMIN_KEY must hold an admin key" in done.stderr
+    )

@@ -5,7 +5,8 @@ nothing sent and no policy state moved. In process, with fake backends."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from gateway import explain, wire
 from gateway.app import Runtime, create_app
 from gateway.catalog import BackendPlan, Catalog, ModelEntry, Plan, Retry
 from gateway.contract import (
+    AdapterCounters,
     BackendHealth,
     BackendType,
     Candidate,
@@ -24,10 +26,13 @@ from gateway.contract import (
     RequestContext,
     Target,
 )
-from gateway.decisions import RouteDecision, RouteTrace
+from gateway.decisions import DecisionLog, RouteDecision, RouteTrace, read_log
 from gateway.errors import UpstreamError
+from gateway.lora.registry import AdapterRegistry
+from gateway.lora.sources import locate, sha256_of
 from gateway.pipeline import Pipeline
 from gateway.policies import manifest
+from gateway.replay import replay
 from gateway.rules import Rule
 from gateway.settings import LimitSettings, Settings, hash_api_key
 from gateway.testing import build_policy, chat_completion, chat_request, completion
@@ -327,3 +332,78 @@ def test_the_endpoint_refuses_what_the_api_refuses(
     answer = post(client, body)
     assert answer.status_code == status
     assert message in answer.json()["error"]["message"]
+
+
+class FakeLoRABackend(FakeBackend):
+    """Takes adapter requests; holds ``held`` adapters out of ``slots``."""
+
+    def __init__(self, name: str, held: frozenset[str], slots: int) -> None:
+        super().__init__(name)
+        self._held = held
+        self._slots = slots
+
+    def serves_adapters(self) -> bool:
+        return True
+
+    def can_stack(self) -> bool:
+        return True
+
+    def adapters_loaded(self) -> frozenset[str]:
+        return self._held
+
+    def adapter_slots(self) -> int | None:
+        return self._slots
+
+    async def unload_adapter(self, name: str) -> None:
+        pass
+
+    def adapter_counters(self) -> Mapping[str, AdapterCounters]:
+        return {}
+
+
+def test_adapter_requests_are_explained_and_their_log_replays(tmp_path: Path) -> None:
+    """Through the real pipeline: the adapters of the target, those each
+    engine holds and its slots are shown, recorded, and replayed exactly."""
+    (tmp_path / "fr.gguf").write_bytes(b"not really a GGUF")
+    (tmp_path / "de.gguf").write_bytes(b"nor this one")
+    backends = [
+        FakeLoRABackend("a", frozenset({"de"}), slots=1),
+        FakeLoRABackend("b", frozenset({"fr", "it"}), slots=2),
+        FakeLoRABackend("c", frozenset(), slots=4),
+    ]
+    model = entry("m", deployments("m", "a", "b", "c"), "lora-affinity")
+    catalog = Catalog({"m": model})
+    registry = AdapterRegistry(tmp_path, catalog.knows, catalog.canonical)
+    for name in ("fr", "de"):
+        registry.add_verified(
+            name, "m", f"{name}.gguf", sha256_of(locate(tmp_path, f"{name}.gguf"))
+        )
+    log = DecisionLog(tmp_path / "decisions.jsonl")
+    serving = Pipeline(
+        LimitSettings(), catalog, {b.name: b for b in backends}, decision_log=log, adapters=registry
+    )
+
+    decision = asyncio.run(serving.explain(chat_request(model="fr"), ctx()))
+    (ranking,) = decision.rankings
+    assert ranking.ranked[0].deployment == "m/1"
+    assert ranking.ranked[0].reason.startswith("holds the adapter")
+    held = {
+        c.deployment: (c.stats.adapters_loaded, c.stats.adapter_slots) for c in ranking.candidates
+    }
+    assert held == {"m/0": (["de"], 1), "m/1": (["fr", "it"], 2), "m/2": ([], 4)}
+    assert all(c.model == "fr" and [(a.name, a.scale) for a in c.adapters] == [("fr", 1.0)]
+               for c in ranking.candidates)  # fmt: skip
+    assert "adapters: fr@1" in explain.table(decision)
+
+    async def serve() -> None:
+        for name in ("fr", "de", "m:fr@0.5+de", "m", "fr", "de"):
+            await serving.chat(chat_request(model=name), ctx())
+        await log.flush()
+
+    asyncio.run(serve())
+    records = read_log(log.path)
+    assert [r.rankings[0].candidates[0].model for r in records][2] == "m:fr@0.5+de"
+    stack = records[2].rankings[0].candidates[0].adapters
+    assert [(a.name, a.scale) for a in stack] == [("fr", 0.5), ("de", 1.0)]
+    report = replay(records, lambda: build_policy(manifest, {}, "lora-affinity"))
+    assert (report.rankings, report.same_order, report.agreed) == (6, 6, 6)
