@@ -1,4 +1,5 @@
-"""The admin API: adapters registered and removed at run time.
+"""The admin API: adapters registered and removed at run time, and routing
+explained (a dry run on the live state).
 
 Once any key exists (``server.api_key_hashes`` or ``server.admin_key_hashes``),
 every admin call needs a key from ``admin_key_hashes``: an ordinary API key
@@ -12,6 +13,8 @@ them to survive a restart.
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,12 +25,15 @@ from litestar.params import FromPath
 from litestar.types import ControllerRouterHandler
 
 from gateway import wire
-from gateway.contract import Adapter, Backend, SupportsLoRA
+from gateway.contract import Adapter, Backend, RequestContext, SupportsLoRA
+from gateway.contract import AnyRequest as RoutedRequest
 from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.uploads import Upload
+from gateway.pipeline import Pipeline
 from gateway.settings import key_matches
 from gateway.stats import serves_adapters
+from gateway.validation import decode_chat, decode_completion
 
 AnyRequest = Request[Any, Any, State]
 JSON = "application/json"
@@ -83,12 +89,46 @@ def _respond(payload: object, status: int = 200) -> Response[bytes]:
     return Response(wire.encoder.encode(payload), status_code=status, media_type=JSON)
 
 
+_NULL = msgspec.Raw(b"null")
+
+
+class ExplainForm(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /admin/route/explain``: a model name alone, or a
+    whole chat (``messages``) or completion (``prompt``) body; the request
+    headers and API key fingerprint to simulate, for rules and session
+    affinity (the headers of the admin call itself are not used)."""
+
+    model: str | None = None
+    # msgspec.Raw: kept as JSON, decoded as the API endpoints decode a body.
+    request: msgspec.Raw = _NULL
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    api_key_id: str | None = None
+
+
+_explain_decoder = msgspec.json.Decoder(ExplainForm)
+
+
+def explained_request(pipeline: Pipeline, form: ExplainForm) -> RoutedRequest:
+    """The request to route, validated as the API endpoints validate it."""
+    body = bytes(form.request)
+    if (form.model is None) == (body == bytes(_NULL)):
+        raise InvalidRequestError('give either "model" or "request" (a chat or completion body)')
+    if form.model is not None:
+        message = wire.UserMessage(content="")
+        return wire.ChatCompletionRequest(model=form.model, messages=[message])
+    fields = msgspec.json.decode(body)
+    if isinstance(fields, dict) and "prompt" in fields:
+        return decode_completion(body, pipeline.limits)
+    return decode_chat(body, pipeline.limits)
+
+
 def build_admin_handlers(
     registry: Callable[[], AdapterRegistry],
     backends: Mapping[str, Backend],
     authenticate: AdminAuthenticator,
+    pipeline: Callable[[], Pipeline],
 ) -> list[ControllerRouterHandler]:
-    """``registry`` is called per request: the registry exists once started."""
+    """``registry`` and ``pipeline`` are called per request: they exist once started."""
 
     @get("/admin/adapters")
     async def list_adapters(request: AnyRequest) -> Response[bytes]:
@@ -158,4 +198,20 @@ def build_admin_handlers(
         kind = "adapter" if isinstance(removed, Adapter) else "adapter_stack"
         return _respond(wire.Deleted(id=name, object=kind, deleted=True))
 
-    return [list_adapters, register_adapter, upload_adapter, remove_adapter]
+    @post("/admin/route/explain", status_code=200)
+    async def explain_route(request: AnyRequest) -> Response[bytes]:
+        """How a request would be routed now; nothing is sent to any engine."""
+        authenticate(request)
+        try:
+            form = _explain_decoder.decode(await request.body())
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            raise InvalidRequestError(f"Invalid explain request: {error}") from None
+        serving = pipeline()
+        routed = explained_request(serving, form)
+        headers = {name.lower(): value for name, value in form.headers.items()}
+        ctx = RequestContext(
+            f"explain-{uuid.uuid4().hex}", int(time.time()), form.api_key_id, None, headers
+        )
+        return _respond(await serving.explain(routed, ctx))
+
+    return [list_adapters, register_adapter, upload_adapter, remove_adapter, explain_route]

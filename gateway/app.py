@@ -292,6 +292,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         lambda: runtime.serving().adapters or _no_adapters(),
         runtime.backends,
         AdminAuthenticator(server.api_key_hashes, server.admin_key_hashes),
+        runtime.serving,
     )
     return [
         _openai_endpoint(runtime, CHAT, authenticate),

@@ -1,25 +1,26 @@
-"""``nomoat``: serve, check a config, hash an API key, check the engine."""
+"""``nomoat``: serve, check a config, hash an API key, check the engine,
+explain and replay routing."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import ipaddress
+import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from gateway import wire
+from gateway import explain
 from gateway.app import Runtime, create_app
 from gateway.catalog import Plan, plan
-from gateway.contract import RequestContext
-from gateway.decisions import read_log
-from gateway.errors import NotFoundError
+from gateway.decisions import LogFormatError, read_log
 from gateway.registry import PluginLoadError, Registry, discover
 from gateway.replay import replay
 from gateway.settings import (
@@ -28,7 +29,10 @@ from gateway.settings import (
     Settings,
     hash_api_key,
     load_settings,
+    validation_problems,
 )
+
+DEFAULT_ADMIN_KEY_ENV = "NOMOAT_ADMIN_KEY"
 
 
 def _is_loopback(host: str) -> bool:
@@ -242,44 +246,98 @@ def _users(settings: Settings, kind: str, name: str) -> list[str]:
 
 
 def route(args: argparse.Namespace) -> int:
-    """Dry-run: rank a model's deployments with its policy; send nothing."""
-    loaded = _load_plan(args.config)
-    if loaded is None:
+    """Dry-run on a running gateway: its rules, health, cooldowns, live stats
+    and each policy's ranking for a request; nothing reaches an engine."""
+    admin_key = os.environ.get(args.admin_key_env)
+    if admin_key is None and args.admin_key_env != DEFAULT_ADMIN_KEY_ENV:
+        print(f"nomoat route: ${args.admin_key_env} is not set", file=sys.stderr)
         return 2
-    _, _, startup_plan = loaded
     try:
-        entry = startup_plan.catalog.resolve(args.model)
-    except NotFoundError as error:
-        print(f"nomoat: {error.message}", file=sys.stderr)
-        return 1
-    request = wire.ChatCompletionRequest(
-        model=args.model, messages=[wire.UserMessage(content=args.message)]
-    )
-    ctx = RequestContext("dry-run", 0)
-    ranked = entry.policy.rank(request, ctx, entry.candidates, {})
-    print(f"model {entry.name}, policy {entry.policy_name}")
-    for position, choice in enumerate(ranked, start=1):
-        target = choice.candidate.target
-        print(
-            f"{position}. {target.deployment} on {choice.candidate.backend} "
-            f"({target.engine_model}): score {choice.score:g} because {choice.reason}"
+        headers = dict(_header(text) for text in args.header)
+        decision = explain.ask(
+            args.url,
+            args.model,
+            message=args.message,
+            headers=headers,
+            api_key_id=args.api_key_id,
+            admin_key=admin_key,
         )
+    except (ValueError, explain.ExplainError) as error:
+        hint = ""
+        if isinstance(error, explain.ExplainError) and error.status in (401, 403):
+            hint = f" (${args.admin_key_env} must hold an admin key)"
+        print(f"nomoat route: {error}{hint}", file=sys.stderr)
+        return 1
+    print(explain.table(decision))
     return 0
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise ValueError(f'--header takes "NAME: VALUE", not "{text}"')
+    return name.strip().lower(), value.strip()
 
 
 def replay_log(args: argparse.Namespace) -> int:
-    loaded = _load_plan(args.config)
-    if loaded is None:
+    try:
+        settings = load_settings(args.config)
+        registry = discover(settings.plugins.disabled)
+    except (ConfigError, PluginLoadError) as error:
+        print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
         return 2
-    _, registry, _ = loaded
     policy_type = registry.policies.get(args.policy)
     if policy_type is None:
-        print(f'nomoat: unknown policy "{args.policy}"', file=sys.stderr)
+        known = ", ".join(sorted(registry.policies))
+        print(f'nomoat replay: unknown policy "{args.policy}" (known: {known})', file=sys.stderr)
         return 2
-    policy = policy_type.factory(policy_type.config_model.model_validate({}))
-    report = replay(read_log(args.log), policy)
+    try:
+        options = policy_type.config_model.model_validate(_policy_options(args))
+    except ValueError as error:  # pydantic's ValidationError is one
+        print(
+            f"nomoat replay: {_options_problem(args.policy, policy_type.config_model, error)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        decisions = read_log(args.log)
+    except (OSError, LogFormatError) as error:
+        print(f"nomoat replay: {error}", file=sys.stderr)
+        return 2
+    report = replay(decisions, lambda: policy_type.factory(options), args.model)
     print(report.summary())
     return 0
+
+
+def _policy_options(args: argparse.Namespace) -> dict[str, object]:
+    """``--options-json`` first, then each ``--option KEY=VALUE`` (the value
+    read as JSON where it is JSON: 3, 2.5, true, null; else as a string)."""
+    options: dict[str, object] = {}
+    if args.options_json is not None:
+        try:
+            parsed = json.loads(args.options_json)
+        except ValueError as error:
+            raise ValueError(f"--options-json is not JSON: {error}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("--options-json takes a JSON object")
+        options.update(parsed)
+    for item in args.option:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f'--option takes KEY=VALUE, not "{item}"')
+        try:
+            options[key.strip()] = json.loads(text)
+        except ValueError:
+            options[key.strip()] = text
+    return options
+
+
+def _options_problem(policy: str, model: type[BaseModel], error: ValueError) -> str:
+    if not isinstance(error, ValidationError):
+        return str(error)
+    problems = "; ".join(validation_problems(error))
+    known = ", ".join(model.model_fields) or "none"
+    return f"invalid options for policy {policy}: {problems} (its options: {known})"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -334,17 +392,39 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--config", type=Path)
     listing.set_defaults(handler=plugins)
 
-    explain = commands.add_parser("route", help="dry-run a request through the routing policy")
-    explain.add_argument("--explain", action="store_true", help="print scores and reasons")
-    explain.add_argument("--config", type=Path)
-    explain.add_argument("--model", required=True)
-    explain.add_argument("--message", default="", help="the user message to route")
-    explain.set_defaults(handler=route)
+    dry = commands.add_parser(
+        "route", help="dry-run a request on a running gateway: how it would be routed now"
+    )
+    dry.add_argument(
+        "--explain", action="store_true", help="print rules, health, stats, scores and reasons"
+    )
+    dry.add_argument("--model", required=True)
+    dry.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's address")
+    dry.add_argument(
+        "--admin-key-env",
+        default=DEFAULT_ADMIN_KEY_ENV,
+        help=f"variable holding an admin key (default {DEFAULT_ADMIN_KEY_ENV})",
+    )
+    dry.add_argument("--message", help="a user message to route (rules match its size)")
+    dry.add_argument(
+        "--header", action="append", default=[], help='a request header to simulate, "NAME: VALUE"'
+    )
+    dry.add_argument("--api-key-id", help="the API key fingerprint to simulate (rules by key)")
+    dry.set_defaults(handler=route)
 
     rerun = commands.add_parser("replay", help="replay a decision log against a policy")
     rerun.add_argument("log", type=Path, help="a server.decision_log file")
     rerun.add_argument("--policy", required=True)
-    rerun.add_argument("--config", type=Path)
+    rerun.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy option (repeatable), checked like policy_options in the config",
+    )
+    rerun.add_argument("--options-json", help="the policy options as one JSON object")
+    rerun.add_argument("--model", help="replay only this model's policy calls")
+    rerun.add_argument("--config", type=Path, help="for plugins.disabled")
     rerun.set_defaults(handler=replay_log)
     return root
 

@@ -358,6 +358,13 @@ class RoutingPolicy(Protocol):
     ``rank`` is synchronous and must not block: it runs on the event loop for
     every request. The gateway tries the candidates in the returned order;
     candidates left out are not tried.
+
+    ``rank`` may keep state in the instance (a round-robin counter): a dry
+    run (``POST /admin/route/explain``) ranks a ``copy.deepcopy`` of it, so a
+    policy holding something that cannot be copied defines ``__deepcopy__``.
+    Replay (``nomoat replay``) feeds a fresh instance the recorded calls in
+    their order; a policy drawing random numbers seeds them from the request
+    (``ctx.request_id``) so that its choices replay.
     """
 
     def rank(

@@ -30,16 +30,8 @@ from typing import Generic, TypeVar
 
 from gateway import wire
 from gateway.catalog import Catalog, ModelEntry
-from gateway.contract import (
-    AnyRequest,
-    Backend,
-    Candidate,
-    CandidateStats,
-    RankedCandidate,
-    RequestContext,
-    Target,
-)
-from gateway.decisions import CandidateView, DecisionLog, RouteDecision, RouteTrace, StatsView
+from gateway.contract import AnyRequest, Backend, Candidate, RequestContext, Target
+from gateway.decisions import DecisionLog, Decisions, Ranking, RouteDecision, RouteTrace
 from gateway.endpoints import AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     EngineOverloadedError,
@@ -91,8 +83,7 @@ class Pipeline:
         self.stats = StatsTable()
         # Requests and tokens per adapter name, for metrics and accounting.
         self.adapter_usage: dict[str, AdapterUsage] = {}
-        self.decision_log = decision_log
-        self.record_prompts = record_prompts
+        self.decisions = Decisions(decision_log, record_prompts)
 
     @property
     def catalog(self) -> Catalog:
@@ -152,10 +143,14 @@ class Pipeline:
         return self._told(shaped, asked, ctx) if self.hooks.hears_errors else shaped
 
     async def explain(self, request: AnyRequest, ctx: RequestContext) -> RouteDecision:
-        """The routing decision for ``request`` without sending it anywhere."""
+        """A dry run: how ``request`` would be routed now (rules, health,
+        cooldown, live stats, each policy's ranking, the fallbacks), with
+        nothing sent and no policy state moved."""
         route = self.router.resolve(request)
-        ranked, seen = await self._ranking(route, route.entry, request, ctx)
-        return self._decision(request, ctx, route.entry.policy_name, ranked, seen, None)
+        rankings = [
+            await self._ranking(route, model, request, ctx, dry_run=True) for model in route.chain
+        ]
+        return self.decisions.explain(request, ctx, rankings, self.stats, self.backends)
 
     # ----------------------------------------------------------- the attempts
 
@@ -171,18 +166,19 @@ class Pipeline:
         after a backoff; move on only when a deployment is overloaded or
         unreachable, before anything reached the client."""
         entry = route.entry
-        first, seen = await self._ranking(route, entry, request, ctx)
-        decision = self._decision(request, ctx, entry.policy_name, first, seen, trace)
+        first = await self._ranking(route, entry, request, ctx)
+        decision = self.decisions.open(request, ctx, first, trace)
         failure: GatewayError | None = None
         try:
             for round_number in range(entry.retry.rounds + 1):
                 if round_number:
                     await _back_off(entry, failure, ctx.deadline)
                 for model in route.chain:
-                    ranked = first
+                    ranking = first
                     if round_number or model is not entry:
-                        ranked = (await self._ranking(route, model, request, ctx))[0]
-                    for choice in ranked:
+                        ranking = await self._ranking(route, model, request, ctx)
+                        self.decisions.ranked_again(decision, ranking)
+                    for choice in ranking.ranked:
                         _check_deadline(ctx.deadline, request.model)
                         outcome = await self._attempt(choice.candidate, call, ctx, decision)
                         if isinstance(outcome, Started):
@@ -190,17 +186,25 @@ class Pipeline:
                         failure = outcome
             raise failure or EngineOverloadedError(f"no deployment of {request.model} is available")
         finally:
-            self._settle(decision, trace)
+            self.decisions.settle(decision, trace)
 
     async def _ranking(
-        self, route: Route, model: ModelEntry, request: AnyRequest, ctx: RequestContext
-    ) -> tuple[list[RankedCandidate], dict[str, CandidateStats]]:
-        """The policy's ranking, and the stats snapshot it saw (recorded as is)."""
+        self,
+        route: Route,
+        model: ModelEntry,
+        request: AnyRequest,
+        ctx: RequestContext,
+        dry_run: bool = False,
+    ) -> Ranking:
+        """The policy's ranking of the deployments that can serve the request
+        and are healthy and not cooling down, with the stats it saw."""
         pool = self.router.eligible(route, model, request, ctx)
-        ready = {c.backend: (await self.backends[c.backend].health()).ready for c in pool}
-        candidates = self.stats.available(pool, ready)
+        health = {c.backend: await self.backends[c.backend].health() for c in pool}
+        candidates = self.stats.available(pool, {n: h.ready for n, h in health.items()})
         stats = self.stats.snapshot(candidates, self.backends)
-        return model.policy.rank(request, ctx, candidates, stats), stats
+        return self.decisions.rank(
+            model, request, ctx, candidates, stats, pool=pool, health=health, dry_run=dry_run
+        )
 
     async def _attempt(
         self, candidate: Candidate, call: Call[T], ctx: RequestContext, decision: RouteDecision
@@ -294,50 +298,6 @@ class Pipeline:
             await self.hooks.on_error(request, failure, ctx)
             raise failure from error
 
-    # ------------------------------------------------------------- decisions
-
-    def _decision(
-        self,
-        request: AnyRequest,
-        ctx: RequestContext,
-        policy: str,
-        ranked: list[RankedCandidate],
-        stats: Mapping[str, CandidateStats],
-        trace: RouteTrace | None,
-    ) -> RouteDecision:
-        candidates = [
-            CandidateView(
-                deployment=r.candidate.target.deployment,
-                backend=r.candidate.backend,
-                engine_model=r.candidate.target.engine_model,
-                weight=r.candidate.weight,
-                score=r.score,
-                reason=r.reason,
-                stats=_stats_view(stats.get(r.candidate.target.deployment, CandidateStats())),
-            )
-            for r in ranked
-        ]
-        return RouteDecision(
-            request_id=ctx.request_id,
-            model=request.model,
-            policy=policy,
-            endpoint=trace.endpoint if trace else "",
-            body_bytes=trace.body_bytes if trace else 0,
-            stream=bool(request.stream),
-            candidates=candidates,
-            started_at=time.time(),
-            prompt=_prompt_text(request) if self.record_prompts else None,
-        )
-
-    def _settle(self, decision: RouteDecision, trace: RouteTrace | None) -> None:
-        last = decision.attempts[-1][1] if decision.attempts else "no_candidates"
-        decision.outcome = last
-        decision.latency = time.time() - decision.started_at
-        if trace is not None:
-            trace.decision = decision
-        if self.decision_log is not None:
-            self.decision_log.record(decision)
-
 
 def _with_deadline(ctx: RequestContext, model: ModelEntry) -> RequestContext:
     if model.timeout_seconds is None:
@@ -365,22 +325,6 @@ async def _back_off(
     if deadline is not None:
         pause = min(pause, max(deadline - time.monotonic(), 0.0))
     await asyncio.sleep(pause)
-
-
-def _stats_view(stats: CandidateStats) -> StatsView:
-    return StatsView(
-        in_flight=stats.in_flight,
-        queue_depth=stats.queue_depth,
-        ewma_ttft=stats.ewma_ttft,
-        ewma_token_time=stats.ewma_token_time,
-    )
-
-
-def _prompt_text(request: AnyRequest) -> str:
-    if isinstance(request, wire.ChatCompletionRequest):
-        return wire.encoder.encode(request.messages).decode()
-    prompt = request.prompt
-    return prompt if isinstance(prompt, str) else wire.encoder.encode(prompt).decode()
 
 
 def _expect(value: object, kind: type[T]) -> T:

@@ -130,6 +130,13 @@ class StatsTable:
         entry = self._table.get(deployment)
         return entry is not None and entry.cooldown_until > (now or time.monotonic())
 
+    def cooldown_left(self, deployment: str, now: float | None = None) -> float:
+        """Seconds until ``deployment`` leaves its cooldown (0: not in one)."""
+        entry = self._table.get(deployment)
+        if entry is None:
+            return 0.0
+        return max(entry.cooldown_until - (now or time.monotonic()), 0.0)
+
     def available(
         self,
         candidates: Sequence[Candidate],

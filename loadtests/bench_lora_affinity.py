@@ -356,9 +356,8 @@ def classify(decisions: Path) -> Counter[str]:
     kinds: Counter[str] = Counter()
     for line in decisions.read_text().splitlines():
         decision = json.loads(line)
-        holders = {
-            c["deployment"] for c in decision["candidates"] if c["reason"].startswith("holds")
-        }
+        first = decision["rankings"][0]["ranked"]
+        holders = {c["deployment"] for c in first if c["reason"].startswith("holds")}
         if decision["chosen"] in holders:
             kinds["holder"] += 1
         else:

@@ -1,61 +1,31 @@
-"""Explaining and replaying routing decisions."""
+"""Explaining and replaying routing decisions on a live gateway."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
+import pytest
 
-from gateway.contract import (
-    AnyRequest,
-    Candidate,
-    CandidateStats,
-    RankedCandidate,
-    RequestContext,
-)
-from gateway.decisions import CandidateView, RouteDecision, StatsView, read_log
-from gateway.policies import OrderedPolicy
-from gateway.replay import replay
-from tests.conftest import MODEL, config_with_key, running_server
+from gateway.decisions import RouteDecision, read_log
+from gateway.settings import hash_api_key
+from tests.conftest import MODEL, config_with_key, free_port, running_server
+
+ADMIN_KEY = "sk-nomoat-admin-0123456789abcdef"
 
 
-def nomoat(*args: str) -> subprocess.CompletedProcess[str]:
+def nomoat(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "gateway.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-
-
-TWO_DEPLOYMENTS = """
-[backends.embedded]
-type = "llamacpp"
-
-[models.smollm2-135m-instruct]
-deployments = [
-  { backend = "embedded", model = "smollm2-135m-instruct" },
-  { backend = "embedded", model = "smollm2-135m-instruct", weight = 2.0 },
-]
-"""
-
-
-def test_route_explain_prints_every_candidate_with_score_and_reason(tmp_path: Path) -> None:
-    config = tmp_path / "two.toml"
-    config.write_text(TWO_DEPLOYMENTS)
-    done = nomoat("route", "--explain", "--config", str(config), "--model", MODEL)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0] == f"model {MODEL}, policy ordered"
-    assert lines[1].startswith(f"1. {MODEL}/0 on embedded") and "score 2" in lines[1]
-    assert lines[2].startswith(f"2. {MODEL}/1 on embedded") and "score 1" in lines[2]
-    assert "because position 1 in config" in lines[2]
-
-
-def test_route_explain_unknown_model_fails() -> None:
-    done = nomoat("route", "--explain", "--model", "nope")
-    assert done.returncode == 1
-    assert "nope" in done.stderr
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, env=env)
 
 
 def test_plugins_lists_components_and_their_use() -> None:
@@ -67,87 +37,202 @@ def test_plugins_lists_components_and_their_use() -> None:
     assert ["builtin-policies", "policy", "session-affinity", "-"] in rows
 
 
-class Reverse:
-    """Prefers the last deployment: a policy that disagrees with `ordered`."""
-
-    def rank(
-        self,
-        request: AnyRequest,
-        ctx: RequestContext,
-        candidates: Sequence[Candidate],
-        stats: Mapping[str, CandidateStats],
-    ) -> list[RankedCandidate]:
-        ordered = list(reversed(candidates))
-        return [
-            RankedCandidate(c, float(len(ordered) - i), "reversed") for i, c in enumerate(ordered)
-        ]
+def test_route_explain_without_a_gateway_says_so() -> None:
+    port = free_port()  # nothing listens there
+    done = nomoat("route", "--explain", "--model", MODEL, "--url", f"http://127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert f"cannot reach the gateway at http://127.0.0.1:{port}" in done.stderr
 
 
-def decision(request_id: str, deployments: list[str]) -> RouteDecision:
-    stats = StatsView(in_flight=0, queue_depth=None, ewma_ttft=None, ewma_token_time=None)
-    views = [
-        CandidateView(
-            deployment=name,
-            backend="b",
-            engine_model="e",
-            weight=1.0,
-            score=float(len(deployments) - i),
-            reason="",
-            stats=stats,
-        )
-        for i, name in enumerate(deployments)
-    ]
-    return RouteDecision(
-        request_id=request_id,
-        model="m",
-        policy="ordered",
-        endpoint="chat",
-        body_bytes=10,
-        stream=False,
-        candidates=views,
-        chosen=deployments[0],
-        outcome="ok",
-    )
+# ------------------------------------------------------------- a live log
+
+LOGGED = """
+[backends.embedded]
+type = "llamacpp"
+
+[models.{model}]
+policy = "weighted-round-robin"
+deployments = [
+  {{ backend = "embedded", model = "{model}" }},
+  {{ backend = "embedded", model = "{model}", weight = 2.0 }},
+]
+
+[models.sessions]
+policy = "session-affinity"
+policy_options = {{ key = "header" }}
+deployments = [
+  {{ backend = "embedded", model = "{model}" }},
+  {{ backend = "embedded", model = "{model}" }},
+  {{ backend = "embedded", model = "{model}" }},
+]
+"""
 
 
-def test_replay_compares_first_choices_per_record() -> None:
-    log = [decision("r1", ["m/0", "m/1"]), decision("r2", ["m/0", "m/1"]), decision("r3", ["m/0"])]
-    same = replay(log, OrderedPolicy())
-    assert (same.records, same.agreed, same.changed) == (3, 3, [])
-    other = replay(log, Reverse())
-    assert other.agreed == 1
-    assert other.changed == [("r1", "m/0", "m/1"), ("r2", "m/0", "m/1")]
-    assert other.replayed["m/1"] == 2 and other.recorded["m/0"] == 3
-
-
-def test_a_live_run_is_explained_logged_and_replayed(tmp_path: Path) -> None:
+@pytest.mark.e2e
+def test_a_live_log_replays_every_ranking_with_the_same_policy(tmp_path: Path) -> None:
     log_path = tmp_path / "decisions.jsonl"
     extra = f'route_header = true\ndecision_log = "{log_path}"\n'
-    config = config_with_key().replace("[server]\n", "[server]\n" + extra)
+    config = config_with_key(LOGGED.format(model=MODEL)).replace("[server]\n", "[server]\n" + extra)
     with running_server(tmp_path, config) as live:
         client = openai.OpenAI(base_url=live.base_url, api_key=live.api_key, max_retries=0)
+        hi = [{"role": "user", "content": "hi"}]
         raw = client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            model=MODEL, messages=hi, max_tokens=2
         )
-        assert raw.headers["x-nomoat-route"].startswith(f"deployment={MODEL}/0; backend=embedded")
-        stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True
-        )
+        assert raw.headers["x-nomoat-route"].startswith(f"deployment={MODEL}/1; backend=embedded")
+        stream = client.chat.completions.create(model=MODEL, messages=hi, max_tokens=2, stream=True)
         assert [chunk for chunk in stream]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(_lines(log_path)) < 2:
-            time.sleep(0.2)
-    records = read_log(log_path)
-    assert [(r.endpoint, r.stream, r.outcome) for r in records] == [
+        client.completions.create(model=MODEL, prompt="Once", max_tokens=2, user="ann")
+        client.chat.completions.create(model=MODEL, messages=hi, max_tokens=2)
+        for session in ("s1", "s2", "s1", "s3"):
+            client.chat.completions.create(
+                model="sessions", messages=hi, max_tokens=1, extra_headers={"X-Session-Id": session}
+            )
+        records = _records(log_path, 8)
+    round_robin = [r for r in records if r.model == MODEL]
+    assert [(r.request.endpoint, r.request.stream, r.outcome) for r in round_robin] == [
         ("chat", False, "ok"),
         ("chat", True, "ok"),
+        ("completions", False, "ok"),
+        ("chat", False, "ok"),
     ]
-    assert all(r.chosen == f"{MODEL}/0" and r.prompt is None for r in records)
-    assert all(r.candidates[0].reason == "position 0 in config" for r in records)
-    done = nomoat("replay", str(log_path), "--policy", "ordered")
+    # Smooth weighted round-robin, weights 1 and 2: its state moves each time.
+    assert [r.chosen for r in round_robin] == [f"{MODEL}/{i}" for i in (1, 0, 1, 1)]
+    assert round_robin[2].request.user == "ann"
+    sessions = [r for r in records if r.model == "sessions"]
+    assert [r.request.headers["x-session-id"] for r in sessions] == ["s1", "s2", "s1", "s3"]
+    assert sessions[0].chosen == sessions[2].chosen
+    for record in records:
+        assert record.version == 2 and not record.request.has_prompt
+        assert "authorization" not in record.request.headers
+        stats = record.rankings[0].candidates[0].stats
+        assert stats.running is not None  # the engine's own load was seen and recorded
+
+    done = nomoat("replay", str(log_path), "--policy", "weighted-round-robin", "--model", MODEL)
     assert done.returncode == 0, done.stderr
-    assert "same first choice: 2 (100.0%)" in done.stdout
+    assert "same ranking order: 4 (100.0%)" in done.stdout
+    done = nomoat(
+        "replay", str(log_path), "--policy", "session-affinity", "--option", "key=header",
+        "--model", "sessions",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "same ranking order: 4 (100.0%)" in done.stdout
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+def _records(path: Path, count: int) -> list[RouteDecision]:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return read_log(path)
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} decisions logged in {path}")
+
+
+# ---------------------------------------------------------- a live dry run
+
+EXPLAINED = """
+[backends.embedded]
+type = "llamacpp"
+
+[backends.gone]
+type = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+models = ["{model}"]
+probe_interval = 0.2
+
+[models.{model}]
+policy = "least-outstanding"
+deployments = [
+  {{ backend = "embedded", model = "{model}" }},
+  {{ backend = "gone", model = "{model}" }},
+]
+"""
+
+
+@pytest.fixture
+def explained_gateway(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A gateway whose second deployment is down (nothing listens at its
+    address), with an admin key; yields its root URL and API key."""
+    admin = f'admin_key_hashes = ["{hash_api_key(ADMIN_KEY)}"]\n'
+    config = config_with_key(EXPLAINED.format(model=MODEL, port=free_port()))
+    with running_server(tmp_path, config.replace("[server]\n", "[server]\n" + admin)) as live:
+        yield live.root_url, live.api_key
+
+
+def explain_json(root: str, key: str | None, body: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{root}/admin/route/explain", json=body, headers=headers, timeout=30)
+
+
+@pytest.mark.e2e
+def test_route_explain_shows_live_health_and_load(explained_gateway: tuple[str, str]) -> None:
+    root, api_key = explained_gateway
+    assert explain_json(root, None, {"model": MODEL}).status_code == 401
+    assert explain_json(root, api_key, {"model": MODEL}).status_code == 403
+
+    # Keep the embedded engine busy with one long answer while we look; the
+    # client hangs up at the end, which stops the generation.
+    with busy_with_one_answer(root, api_key):
+        check_explained(root)
+
+
+@contextlib.contextmanager
+def busy_with_one_answer(root: str, api_key: str) -> Iterator[None]:
+    body = json.dumps(
+        {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 1000, "temperature": 0}
+    ).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: gateway\r\n"
+        f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    host, port = root.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(head.encode() + body)
+        yield
+
+
+def check_explained(root: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        answer = explain_json(root, ADMIN_KEY, {"model": MODEL})
+        assert answer.status_code == 200, answer.text
+        decision = answer.json()
+        ranking = decision["rankings"][0]
+        embedded = ranking["candidates"][0]
+        if embedded["stats"]["in_flight"] == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert decision["dry_run"] is True and decision["outcome"] == "dry_run"
+    assert embedded["deployment"] == f"{MODEL}/0"
+    assert embedded["stats"]["in_flight"] == 1 and embedded["stats"]["running"] == 1
+    assert embedded["health"] == {"ready": True, "detail": "", "cooldown_seconds": 0.0}
+    assert [c["deployment"] for c in ranking["ranked"]] == [f"{MODEL}/0"]
+    (gone,) = ranking["excluded"]
+    assert gone["deployment"] == f"{MODEL}/1" and gone["backend"] == "gone"
+    assert gone["health"]["ready"] is False and gone["health"]["detail"]
+
+    env = {**os.environ, "TEST_ADMIN_KEY": ADMIN_KEY}
+    done = nomoat(
+        "route", "--explain", "--model", MODEL, "--url", root,
+        "--admin-key-env", "TEST_ADMIN_KEY", "--message", "hello", "--header", "x-tier: gold",
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"request: chat to {MODEL}, ~1 tokens"
+    assert f"model {MODEL}, policy least-outstanding" in lines
+    header = next(line for line in lines if line.startswith("rank"))
+    row = next(line for line in lines if line.startswith("1 ")).split()
+    assert header.split()[:5] == ["rank", "deployment", "backend", "health", "cooldown"]
+    assert row[:7] == ["1", f"{MODEL}/0", "embedded", "ready", "-", "1", "1"]
+    assert "1 in flight" in done.stdout
+    out = next(line for line in lines if line.startswith("out "))
+    assert f"{MODEL}/1" in out and "gone" in out and "down:" in out
+
+    without = {k: v for k, v in os.environ.items() if k != "NOMOAT_ADMIN_KEY"}
+    done = nomoat("route", "--explain", "--model", MODEL, "--url", root, env=without)
+    assert done.returncode == 1
+    assert (
+        "answered 401" in done.stderr and "$NOMOAT_ADMIN_KEY must hold an admin key" in done.stderr
+    )

@@ -58,7 +58,7 @@ def logged_prompts(log: Path, count: int) -> list[str]:
         if log.exists():
             lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             if len(lines) >= count:
-                return [str(line["prompt"]) for line in lines]
+                return [str(line["request"]["prompt"]) for line in lines]
         time.sleep(0.2)
     raise AssertionError(f"fewer than {count} decisions logged in {log}")
 
