@@ -57,6 +57,8 @@ BASE_URL = "http://nomoat.test"
 Message = dict[str, Any]
 # How long a closed response waits for the app to finish before giving up on it.
 SETTLE_SECONDS = 5.0
+# How long closing the client waits for unfinished calls before cancelling them.
+CLOSE_GRACE_SECONDS = 0.2
 
 
 class ASGIStreamTransport(httpx.AsyncBaseTransport):
@@ -95,8 +97,15 @@ class ASGIStreamTransport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=SETTLE_SECONDS)
+        """Let the app calls still running end; cancel those that will not
+        (a test that failed half-way may leave a backend stalled)."""
+        if not self._running:
+            return
+        _, pending = await asyncio.wait(set(self._running), timeout=CLOSE_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=SETTLE_SECONDS)
 
 
 async def _call(
