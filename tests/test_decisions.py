@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import openai
+import pytest
 
 from gateway.contract import (
     AnyRequest,
@@ -20,13 +19,7 @@ from gateway.contract import (
 from gateway.decisions import CandidateView, RouteDecision, StatsView, read_log
 from gateway.policies import OrderedPolicy
 from gateway.replay import replay
-from tests.conftest import MODEL, config_with_key, running_server
-
-
-def nomoat(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "gateway.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-
+from tests.conftest import MODEL, Cli, config_with_key, running_server
 
 TWO_DEPLOYMENTS = """
 [backends.embedded]
@@ -40,10 +33,12 @@ deployments = [
 """
 
 
-def test_route_explain_prints_every_candidate_with_score_and_reason(tmp_path: Path) -> None:
+def test_route_explain_prints_every_candidate_with_score_and_reason(
+    tmp_path: Path, cli: Cli
+) -> None:
     config = tmp_path / "two.toml"
     config.write_text(TWO_DEPLOYMENTS)
-    done = nomoat("route", "--explain", "--config", str(config), "--model", MODEL)
+    done = cli("route", "--explain", "--config", str(config), "--model", MODEL)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"model {MODEL}, policy ordered"
@@ -52,14 +47,14 @@ def test_route_explain_prints_every_candidate_with_score_and_reason(tmp_path: Pa
     assert "because position 1 in config" in lines[2]
 
 
-def test_route_explain_unknown_model_fails() -> None:
-    done = nomoat("route", "--explain", "--model", "nope")
+def test_route_explain_unknown_model_fails(cli: Cli) -> None:
+    done = cli("route", "--explain", "--model", "nope")
     assert done.returncode == 1
     assert "nope" in done.stderr
 
 
-def test_plugins_lists_components_and_their_use() -> None:
-    done = nomoat("plugins")
+def test_plugins_lists_components_and_their_use(cli: Cli) -> None:
+    done = cli("plugins")
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
     assert ["llamacpp", "backend", "llamacpp", "backends.embedded"] in rows
@@ -120,7 +115,8 @@ def test_replay_compares_first_choices_per_record() -> None:
     assert other.replayed["m/1"] == 2 and other.recorded["m/0"] == 3
 
 
-def test_a_live_run_is_explained_logged_and_replayed(tmp_path: Path) -> None:
+@pytest.mark.e2e
+def test_a_live_run_is_explained_logged_and_replayed(tmp_path: Path, cli: Cli) -> None:
     log_path = tmp_path / "decisions.jsonl"
     extra = f'route_header = true\ndecision_log = "{log_path}"\n'
     config = config_with_key().replace("[server]\n", "[server]\n" + extra)
@@ -144,7 +140,7 @@ def test_a_live_run_is_explained_logged_and_replayed(tmp_path: Path) -> None:
     ]
     assert all(r.chosen == f"{MODEL}/0" and r.prompt is None for r in records)
     assert all(r.candidates[0].reason == "position 0 in config" for r in records)
-    done = nomoat("replay", str(log_path), "--policy", "ordered")
+    done = cli("replay", str(log_path), "--policy", "ordered")
     assert done.returncode == 0, done.stderr
     assert "same first choice: 2 (100.0%)" in done.stdout
 

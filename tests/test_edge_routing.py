@@ -20,6 +20,9 @@ import pytest
 
 from tests.conftest import MODEL, Server, config_with_key, free_port, running_server
 
+# Starts an engine or a server: not part of the fast layer.
+pytestmark = pytest.mark.e2e
+
 NO_END = {"0": -100, "2": -100, "4": -100}
 
 

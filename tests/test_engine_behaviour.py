@@ -136,6 +136,7 @@ def long_chat(client: openai.OpenAI, max_tokens: int) -> ChatCompletion:
 # ------------------------------------------------------------------ metrics
 
 
+@pytest.mark.e2e
 def test_metrics_expose_the_engines_own_counters(engine: Server) -> None:
     response = httpx.get(f"{engine.root_url}/metrics", timeout=30)
     assert response.status_code == 200
@@ -151,6 +152,7 @@ def test_metrics_expose_the_engines_own_counters(engine: Server) -> None:
     }
 
 
+@pytest.mark.e2e
 def test_decoded_tokens_count_prompt_and_generated_tokens(engine: Server) -> None:
     client = sdk(engine)
     long_chat(client, 3)  # warm the counters up
@@ -171,6 +173,7 @@ def test_decoded_tokens_count_prompt_and_generated_tokens(engine: Server) -> Non
 # ------------------------------------------------------ client disconnects
 
 
+@pytest.mark.e2e
 def test_closing_a_stream_stops_generation(engine: Server) -> None:
     prompt = prompt_tokens(engine)
     before = settled_count(engine)
@@ -194,6 +197,7 @@ def test_closing_a_stream_stops_generation(engine: Server) -> None:
     assert generated <= received + 25, f"{generated} tokens decoded after {received} were read"
 
 
+@pytest.mark.e2e
 def test_a_client_timing_out_stops_a_non_streamed_generation(engine: Server) -> None:
     prompt = prompt_tokens(engine)
     before = settled_count(engine)
@@ -214,6 +218,7 @@ def test_a_client_timing_out_stops_a_non_streamed_generation(engine: Server) -> 
 # ------------------------------------------------------------- queue bound
 
 
+@pytest.mark.e2e
 def test_a_full_queue_is_refused_at_once_with_503(engine: Server) -> None:
     """One stream runs, one waits (max_waiting = 1): the next request is a 503
     with Retry-After, before any byte of a response. Closing the waiting
@@ -257,6 +262,7 @@ def test_a_full_queue_is_refused_at_once_with_503(engine: Server) -> None:
     assert wait_idle(engine, timeout=30) < 30
 
 
+@pytest.mark.e2e
 def test_concurrent_requests_beyond_the_queue_get_503_from_the_sdk(engine: Server) -> None:
     wait_idle(engine)
     client = sdk(engine)
