@@ -42,7 +42,7 @@ from .support import (
 pytestmark = pytest.mark.anyio
 
 # Scheduling noise allowed on a loaded machine (2 cores, many agents).
-SLACK = 0.08
+SLACK = 0.12
 
 
 def down() -> UpstreamError:
@@ -204,15 +204,15 @@ async def test_an_overloaded_answer_keeps_its_retry_after_header(start: Start) -
 
 
 async def test_backoff_is_jittered_between_half_and_one_and_a_half_times(start: Start) -> None:
-    backoff = 0.06
+    backoff = 0.08
     async with start(pool("a", retries=6, retry_backoff_seconds=backoff)) as gw:
         gw.backend("a").default = Script(error=down())
         await gw.http.post("/v1/chat/completions", json=chat_body())
         pauses = gaps(gw.backend("a").calls)
     assert len(pauses) == 6
     assert all(0.5 * backoff - 0.002 <= pause <= 1.5 * backoff + SLACK for pause in pauses), pauses
-    # Jittered: six uniform draws over a 60 ms range do not all fall within 6 ms.
-    assert max(pauses) - min(pauses) > 0.006, pauses
+    # Jittered: six uniform draws over an 80 ms range do not all fall within 8 ms.
+    assert max(pauses) - min(pauses) > 0.008, pauses
 
 
 async def test_moving_on_within_a_round_does_not_wait(start: Start) -> None:
