@@ -73,7 +73,7 @@ class FakeBackendConfig(BaseModel):
     # The answer's text, split into ``chunks`` content chunks when streamed.
     reply: str = "Hello from the fake backend, one chunk at a time."
     chunks: Annotated[int, Field(ge=1)] = 3
-    # Seconds before each content chunk of a stream.
+    # Seconds between two chunks of a stream.
     chunk_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
     # Capabilities (ModelCapabilities), the same for every model it serves.
     context_length: Annotated[int, Field(ge=1)] = 8192

@@ -66,7 +66,7 @@ class ASGIStreamTransport(httpx.AsyncBaseTransport):
 
     A response closed before its end, or a request cancelled before its
     answer, makes the app's ``receive()`` return ``http.disconnect``.
-    :meth:`aclose` waits for every app call still running.
+    :meth:`aclose` lets the app calls still running end (or cancels them).
     """
 
     def __init__(self, app: ASGIApp, client: tuple[str, int] = ("127.0.0.1", 50000)) -> None:
