@@ -66,20 +66,21 @@ def config(
 
 def pool(
     *names: str,
+    name: str = MODEL,
     fakes: Mapping[str, Mapping[str, object]] | None = None,
     server: Mapping[str, object] | None = None,
     limits: Mapping[str, object] | None = None,
     hooks: Sequence[Mapping[str, object]] = (),
     **model: object,
 ) -> str:
-    """Model ``m`` on one fake backend per name (deployments m/0, m/1, ... in
-    that order). Retries back off 10 ms unless the test says otherwise."""
+    """Model ``name`` (``m``) on one fake backend per name (deployments m/0,
+    m/1, ... in that order). Retries back off 10 ms unless the test says otherwise."""
     names = names or ("a",)
-    options: dict[str, object] = {"deployments": [{"backend": name} for name in names]}
+    options: dict[str, object] = {"deployments": [{"backend": backend} for backend in names]}
     options.setdefault("retry_backoff_seconds", 0.01)
     options.update(model)
-    backends = {name: (fakes or {}).get(name, {}) for name in names}
-    return config(backends, {MODEL: options}, server=server, limits=limits, hooks=hooks)
+    backends = {backend: (fakes or {}).get(backend, {}) for backend in names}
+    return config(backends, {name: options}, server=server, limits=limits, hooks=hooks)
 
 
 def chat_body(**fields: Any) -> dict[str, Any]:

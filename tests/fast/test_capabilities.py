@@ -4,6 +4,7 @@ feature and the model."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import openai
@@ -71,13 +72,13 @@ async def test_a_request_goes_to_a_deployment_that_can_serve_it(
 async def test_when_no_deployment_can_serve_a_feature_it_is_a_400(
     start: Start, case: str, fields: dict[str, Any], able: dict[str, Any], param: str
 ) -> None:
-    async with start(pool("a", "b")) as gw:
+    async with start(pool("a", "b", name="ranker-7b")) as gw:
         with pytest.raises(openai.BadRequestError) as raised:
-            await gw.sdk.chat.completions.create(**chat_body(**fields))
+            await gw.sdk.chat.completions.create(**chat_body(model="ranker-7b", **fields))
         assert all_calls(gw) == []
     error = raised.value
     assert (error.param, error.code) == (param, "unsupported_parameter")
-    assert param in error.message and MODEL in error.message
+    assert re.search(rf"\b{param}\b", error.message) and "ranker-7b" in error.message
 
 
 @LEADS_BRANCH
