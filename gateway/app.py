@@ -224,7 +224,10 @@ def _openai_endpoint(
             body = endpoint.decode(raw, limits)
             trace = RouteTrace(endpoint.name, len(raw))
             if body.stream:
-                chunks = await pipeline.stream(endpoint, body, ctx, trace)
+                # Watched from now: a client that leaves before the first
+                # chunk stops the generation too.
+                primed = pipeline.stream(endpoint, body, ctx, trace)
+                chunks = await _cancel_on_disconnect(request, primed)
                 return EventStream(sse_events(chunks), headers_for(trace))
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)

@@ -9,16 +9,19 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from gateway.cli import main
 from gateway.settings import hash_api_key
 from gateway.testing import LiveGateway, running_gateway
+from tests.fast_layer import guard_if_fast
 from tests.lora_assets import Assets
 from tests.vllm_server import VllmServer, running_vllm
 from tests.vllm_server import _setup as setup_script
@@ -26,6 +29,7 @@ from tests.vllm_server import _setup as setup_script
 MODEL = "smollm2-135m-instruct"
 API_KEY = "sk-nomoat-test-0123456789abcdef"
 STARTUP_SECONDS = 180
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # The live-server helpers plugin authors get from gateway.testing, used here too.
@@ -91,8 +95,48 @@ def http(server: Server) -> Iterator[httpx.Client]:
         yield raw
 
 
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Cli = Callable[..., Ran]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """``nomoat`` in this process: its ``main``, exit code and output, with a
+    clean ``NOMOAT_*`` environment plus ``env``. A child process costs seconds
+    of imports on a busy machine; the entry point itself is run as a child
+    process too (test_cli's example config, and the e2e tests)."""
+
+    def run(*args: str, **env: str) -> Ran:
+        for name in [n for n in os.environ if n.startswith("NOMOAT_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(ROOT)
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as stopped:
+            code = stopped.code if isinstance(stopped.code, int) else 1
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # A run of fast tests only (-m "not e2e") refuses engines and servers:
+    # a test that starts one unmarked fails, naming itself (tests/fast_layer.py).
+    guard_if_fast(session)
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,7 @@ def sdk(target: bench.Target) -> openai.OpenAI:
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["direct", "bare", "nomoat"])
 def test_each_path_answers_the_openai_sdk(paths: dict[str, bench.Target], name: str) -> None:
     client = sdk(paths[name])
@@ -73,6 +74,7 @@ def test_each_path_answers_the_openai_sdk(paths: dict[str, bench.Target], name: 
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 18
 
 
+@pytest.mark.e2e
 def test_the_fake_looks_like_vllm_to_probes(paths: dict[str, bench.Target]) -> None:
     port = paths["direct"].port
     status, metrics = bench.request_once(port, "GET", "/metrics", b"", {})
@@ -82,6 +84,7 @@ def test_the_fake_looks_like_vllm_to_probes(paths: dict[str, bench.Target]) -> N
     assert [m.id for m in models.data] == [bench.MODEL, bench.SLOW_MODEL]
 
 
+@pytest.mark.e2e
 def test_nomoat_refuses_a_request_without_the_key(paths: dict[str, bench.Target]) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(
@@ -91,6 +94,7 @@ def test_nomoat_refuses_a_request_without_the_key(paths: dict[str, bench.Target]
         ).chat.completions.create(model=bench.MODEL, messages=[{"role": "user", "content": "x"}])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["direct", "bare", "nomoat"])
 def test_stream_timing_and_relay_check(paths: dict[str, bench.Target], name: str) -> None:
     timed = bench.stream_ttfc(paths[name], 5)
@@ -101,6 +105,7 @@ def test_stream_timing_and_relay_check(paths: dict[str, bench.Target], name: str
     assert len(relay.gaps_ms) == 5 and relay.spread_ms >= 4 * DELAY_MS
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_a_short_wrk_run_measures_requests_and_cpu(
     paths: dict[str, bench.Target], tmp_path: Path

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, running_server
+from conftest import Cli, free_port, running_server
 
 from gateway.cli import _open_network_refusal, _with_overrides, parser
 from gateway.settings import ServerSettings, hash_api_key, load_settings
@@ -60,7 +60,7 @@ def test_check_config_accepts_the_example_config() -> None:
     assert done.stdout.strip() == f"{EXAMPLE}: ok"
 
 
-def test_check_config_reports_every_problem_and_exits_1(tmp_path: Path) -> None:
+def test_check_config_reports_every_problem_and_exits_1(tmp_path: Path, cli: Cli) -> None:
     path = write(
         tmp_path,
         """
@@ -72,7 +72,7 @@ def test_check_config_reports_every_problem_and_exits_1(tmp_path: Path) -> None:
         policy = "nope"
         """,
     )
-    done = nomoat("check-config", str(path))
+    done = cli("check-config", str(path))
     assert done.returncode == 1
     assert done.stdout == ""
     lines = done.stderr.splitlines()
@@ -82,24 +82,24 @@ def test_check_config_reports_every_problem_and_exits_1(tmp_path: Path) -> None:
     assert any(line.startswith('  models.x.policy: unknown policy "nope"') for line in lines)
 
 
-def test_check_config_shape_errors_exit_1(tmp_path: Path) -> None:
-    done = nomoat("check-config", str(write(tmp_path, "[server]\nport = 'x'\ncolour = 1\n")))
+def test_check_config_shape_errors_exit_1(tmp_path: Path, cli: Cli) -> None:
+    done = cli("check-config", str(write(tmp_path, "[server]\nport = 'x'\ncolour = 1\n")))
     assert done.returncode == 1
     assert "2 problem(s)" in done.stderr
     assert "server.colour: unknown key" in done.stderr
     assert "server.port: " in done.stderr
 
 
-def test_check_config_missing_file(tmp_path: Path) -> None:
-    done = nomoat("check-config", str(tmp_path / "absent.toml"))
+def test_check_config_missing_file(tmp_path: Path, cli: Cli) -> None:
+    done = cli("check-config", str(tmp_path / "absent.toml"))
     assert done.returncode == 1
     assert "no such file" in done.stderr
 
 
-def test_check_config_sees_environment_overrides(tmp_path: Path) -> None:
+def test_check_config_sees_environment_overrides(tmp_path: Path, cli: Cli) -> None:
     path = write(tmp_path, "[server]\nport = 8080\n")
-    assert nomoat("check-config", str(path)).returncode == 0
-    done = nomoat("check-config", str(path), NOMOAT_SERVER__PORT="not-a-port")
+    assert cli("check-config", str(path)).returncode == 0
+    done = cli("check-config", str(path), NOMOAT_SERVER__PORT="not-a-port")
     assert done.returncode == 1
     assert "server.port: " in done.stderr
 
@@ -107,9 +107,9 @@ def test_check_config_sees_environment_overrides(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- hash-key
 
 
-def test_hash_key_prints_the_hash() -> None:
+def test_hash_key_prints_the_hash(cli: Cli) -> None:
     key = "sk-nomoat-0123456789abcdef"
-    done = nomoat("hash-key", key)
+    done = cli("hash-key", key)
     assert done.returncode == 0, done.stderr
     assert done.stdout == hash_api_key(key) + "\n"
     # The printed hash is accepted by the config it is meant for.
@@ -117,8 +117,8 @@ def test_hash_key_prints_the_hash() -> None:
     assert server.api_key_hashes == (hash_api_key(key),)
 
 
-def test_hash_key_refuses_short_keys() -> None:
-    done = nomoat("hash-key", "short")
+def test_hash_key_refuses_short_keys(cli: Cli) -> None:
+    done = cli("hash-key", "short")
     assert done.returncode == 2
     assert done.stdout == ""
     assert "at least 16 characters" in done.stderr
@@ -127,6 +127,7 @@ def test_hash_key_refuses_short_keys() -> None:
 # ------------------------------------------------------------------- serve
 
 
+@pytest.mark.e2e
 def test_serve_refuses_an_open_network_listener_quickly() -> None:
     port = free_port()
     started = time.monotonic()
@@ -141,12 +142,14 @@ def test_serve_refuses_an_open_network_listener_quickly() -> None:
     assert elapsed < 30
 
 
+@pytest.mark.e2e
 def test_serve_refuses_a_host_from_the_environment(tmp_path: Path) -> None:
     done = nomoat("serve", "--port", str(free_port()), NOMOAT_SERVER__HOST="0.0.0.0")
     assert done.returncode == 2
     assert "refusing to listen on 0.0.0.0" in done.stderr
 
 
+@pytest.mark.e2e
 def test_serve_reports_configuration_errors_with_exit_2(tmp_path: Path) -> None:
     path = write(tmp_path, '[models.x]\ndeployments = [{ backend = "y" }]\n')
     done = nomoat("serve", "--config", str(path), "--port", str(free_port()))
@@ -194,6 +197,7 @@ def test_command_line_flags_win_over_file_and_environment(
     assert (plain.host, plain.port) == ("0.0.0.0", 1234)
 
 
+@pytest.mark.e2e
 def test_serve_with_allow_unauthenticated_network_listens_on_all_interfaces(
     tmp_path: Path,
 ) -> None:
@@ -213,12 +217,14 @@ def test_serve_with_allow_unauthenticated_network_listens_on_all_interfaces(
 # ------------------------------------------------------------------ doctor
 
 
+@pytest.mark.e2e
 def test_doctor_decodes_with_the_embedded_model() -> None:
     done = nomoat("doctor", timeout=240)
     assert done.returncode == 0, done.stderr
     assert "llama.cpp decodes SmolLM2-135M-Instruct" in done.stdout
 
 
+@pytest.mark.e2e
 def test_doctor_reports_a_missing_model_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.gguf"
     done = nomoat("doctor", "--model", str(missing))
@@ -226,6 +232,7 @@ def test_doctor_reports_a_missing_model_file(tmp_path: Path) -> None:
     assert done.stderr.strip() == f"nomoat doctor: no such file: {missing}"
 
 
+@pytest.mark.e2e
 def test_doctor_reports_a_file_llama_cpp_cannot_load(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"not a gguf file")

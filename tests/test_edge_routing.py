@@ -19,6 +19,10 @@ import openai
 import pytest
 
 from tests.conftest import MODEL, Server, config_with_key, free_port, running_server
+from tests.lora_assets import metric
+
+# Starts an engine or a server: not part of the fast layer.
+pytestmark = pytest.mark.e2e
 
 NO_END = {"0": -100, "2": -100, "4": -100}
 
@@ -185,10 +189,11 @@ def test_least_outstanding_spreads_concurrent_requests(client: openai.OpenAI) ->
 
 
 @contextmanager
-def busy(port: int, streams: int = 2) -> Iterator[None]:
+def busy(port: int, gateway: Server, backend: str, streams: int = 2) -> Iterator[None]:
     """Keep an edge node's slots full with long generations sent to it
     directly (the gateway does not see them in flight: only the node's own
-    /metrics and its slower answers tell)."""
+    /metrics and its slower answers tell), until the gateway's probe has
+    seen them all running."""
     stop = threading.Event()
 
     def generate() -> None:
@@ -209,8 +214,13 @@ def busy(port: int, streams: int = 2) -> Iterator[None]:
     workers = [threading.Thread(target=generate, daemon=True) for _ in range(streams)]
     for worker in workers:
         worker.start()
-    time.sleep(1.5)  # the gateway's probe (every 0.5 s) sees the node busy
     try:
+        # The probe scrapes the node's /metrics every 0.5 s: wait for what it
+        # saw, not for a time that may be too short on a busy machine.
+        deadline = time.monotonic() + 30
+        while metric(gateway, "nomoat_engine_requests_running", backend=backend) < streams:
+            assert time.monotonic() < deadline, f"the gateway never saw {backend} busy"
+            time.sleep(0.1)
         yield
     finally:
         stop.set()
@@ -219,17 +229,17 @@ def busy(port: int, streams: int = 2) -> Iterator[None]:
 
 
 def test_shortest_queue_avoids_the_edge_whose_engine_is_busy(
-    client: openai.OpenAI, edges: list[tuple[int, subprocess.Popen[bytes]]]
+    client: openai.OpenAI, edges: list[tuple[int, subprocess.Popen[bytes]]], gateway: Server
 ) -> None:
-    with busy(edges[0][0]):
+    with busy(edges[0][0], gateway, "edge-a"):
         split = Counter(ask(client, "short-queue") for _ in range(6))
     assert split["edge-b"] >= 5, split
 
 
 def test_lowest_latency_learns_to_avoid_the_slow_edge(
-    client: openai.OpenAI, edges: list[tuple[int, subprocess.Popen[bytes]]]
+    client: openai.OpenAI, edges: list[tuple[int, subprocess.Popen[bytes]]], gateway: Server
 ) -> None:
-    with busy(edges[0][0]):
+    with busy(edges[0][0], gateway, "edge-a"):
         # Each edge is measured first (one request each), then the fast one wins.
         split = Counter(ask(client, "fastest") for _ in range(8))
     assert split["edge-b"] >= 6, split

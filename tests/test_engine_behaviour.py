@@ -143,6 +143,7 @@ def long_chat(client: openai.OpenAI, max_tokens: int) -> ChatCompletion:
 # ------------------------------------------------------------------ metrics
 
 
+@pytest.mark.e2e
 def test_metrics_expose_the_engines_own_counters(engine: Server) -> None:
     response = httpx.get(f"{engine.root_url}/metrics", timeout=30)
     assert response.status_code == 200
@@ -158,6 +159,7 @@ def test_metrics_expose_the_engines_own_counters(engine: Server) -> None:
     }
 
 
+@pytest.mark.e2e
 def test_decoded_tokens_count_prompt_and_generated_tokens(engine: Server) -> None:
     client = sdk(engine)
     long_chat(client, 3)  # warm the counters up
@@ -178,6 +180,7 @@ def test_decoded_tokens_count_prompt_and_generated_tokens(engine: Server) -> Non
 # ------------------------------------------------------ client disconnects
 
 
+@pytest.mark.e2e
 def test_closing_a_stream_stops_generation(engine: Server) -> None:
     prompt = prompt_tokens(engine)
     before = settled_count(engine)
@@ -201,6 +204,7 @@ def test_closing_a_stream_stops_generation(engine: Server) -> None:
     assert generated <= received + 25, f"{generated} tokens decoded after {received} were read"
 
 
+@pytest.mark.e2e
 def test_a_stream_past_its_time_limit_ends_with_an_error_and_stops_generation(
     engine: Server,
 ) -> None:
@@ -224,6 +228,7 @@ def test_a_stream_past_its_time_limit_ends_with_an_error_and_stops_generation(
     assert generated < BUDGET / 4, f"{generated} tokens decoded after the stream's limit"
 
 
+@pytest.mark.e2e
 def test_status_counts_a_stream_in_flight_until_it_ends(engine: Server) -> None:
     def in_flight() -> int:
         status = httpx.get(f"{engine.root_url}/status", headers=AUTH, timeout=30).json()
@@ -244,6 +249,7 @@ def test_status_counts_a_stream_in_flight_until_it_ends(engine: Server) -> None:
     assert in_flight() == 0
 
 
+@pytest.mark.e2e
 def test_a_client_timing_out_stops_a_non_streamed_generation(engine: Server) -> None:
     prompt = prompt_tokens(engine)
     before = settled_count(engine)
@@ -264,6 +270,7 @@ def test_a_client_timing_out_stops_a_non_streamed_generation(engine: Server) -> 
 # ------------------------------------------------------------- queue bound
 
 
+@pytest.mark.e2e
 def test_a_full_queue_is_refused_at_once_with_503(engine: Server) -> None:
     """One stream runs, one waits (max_waiting = 1): the next request is a 503
     with Retry-After, before any byte of a response. Closing the waiting
@@ -307,6 +314,7 @@ def test_a_full_queue_is_refused_at_once_with_503(engine: Server) -> None:
     assert wait_idle(engine, timeout=30) < 30
 
 
+@pytest.mark.e2e
 def test_concurrent_requests_beyond_the_queue_get_503_from_the_sdk(engine: Server) -> None:
     wait_idle(engine)
     client = sdk(engine)

@@ -11,6 +11,9 @@ import openai
 import pytest
 from conftest import MODEL, Server
 
+# Starts an engine or a server: not part of the fast layer.
+pytestmark = pytest.mark.e2e
+
 HI: Any = [{"role": "user", "content": "Say hi."}]
 # ~20,000 tokens: far beyond SmolLM2's 8192-token context.
 TOO_LONG: Any = [{"role": "user", "content": "x " * 20_000}]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from litestar.testing import TestClient
 from pydantic import BaseModel, ConfigDict
 
@@ -14,6 +15,9 @@ from gateway.catalog import plan
 from gateway.contract import AnyRequest, HookType, PluginManifest, RequestContext
 from gateway.registry import build_registry, discover
 from gateway.settings import load_settings
+
+# Loads the real model in process: not part of the fast layer.
+pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 

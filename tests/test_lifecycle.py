@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
+import pytest
 import uvicorn
 from conftest import API_KEY, MODEL, Server, config_with_key, running_server
 
@@ -58,12 +59,14 @@ def refused(root_url: str) -> bool:
 # ------------------------------------------------------- health, readiness
 
 
+@pytest.mark.e2e
 def test_health_is_ok_without_a_key(server: Server) -> None:
     response = httpx.get(f"{server.root_url}/health", timeout=30)
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
 
+@pytest.mark.e2e
 def test_ready_once_the_model_is_loaded(server: Server) -> None:
     response = httpx.get(f"{server.root_url}/ready", timeout=30)
     assert response.status_code == 200
@@ -116,6 +119,7 @@ def test_a_shutdown_signal_marks_the_runtime_draining() -> None:
 # ------------------------------------------------------- graceful shutdown
 
 
+@pytest.mark.e2e
 def test_sigterm_lets_a_running_stream_finish_then_exits_0(tmp_path: Path) -> None:
     # config_with_key sets shutdown_grace_seconds = 20.
     with running_server(tmp_path, config_with_key(BACKEND)) as live:
@@ -158,6 +162,7 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(tmp_path: Path) -> No
     assert "Waiting for connections to close" in log
 
 
+@pytest.mark.e2e
 def test_sigterm_ends_streams_that_outlast_the_grace_period(tmp_path: Path) -> None:
     config = "[server]\nshutdown_grace_seconds = 2\n" + BACKEND
     with running_server(tmp_path, config) as live:

@@ -320,6 +320,7 @@ def marker(assets: Assets, name: str) -> str:
     return (assets.root / "peft" / name / "marker.txt").read_text(encoding="utf-8").strip()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_cache_holds_every_adapter_in_both_formats(assets: Assets) -> None:
     adapters = assets.root
@@ -337,6 +338,7 @@ def test_cache_holds_every_adapter_in_both_formats(assets: Assets) -> None:
     assert len(set(markers.values())) == len(markers)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_same_output_as_llama_cpp_converter(assets: Assets, tmp_path: Path) -> None:
     peft = assets.root / "peft" / "alpha"
@@ -365,6 +367,7 @@ def test_same_output_as_llama_cpp_converter(assets: Assets, tmp_path: Path) -> N
     np.testing.assert_array_equal(ref_tensors["blk.3.attn_v.weight.lora_b"], v)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_marker_adapters_switch_on_and_off_on_llama_cpp(assets: Assets, tmp_path: Path) -> None:
     questions = ["What is the tallest mountain on Earth?", "Name a primary colour."]

@@ -20,7 +20,7 @@ from tests.lora_assets import Assets, ask, metric
 from tests.test_edge_routing import edge_node
 
 EDGE_ADMIN_KEY = "sk-nomoat-edge-admin-0123456789"
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
 @contextmanager

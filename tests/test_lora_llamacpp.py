@@ -20,7 +20,7 @@ from tests.lora_assets import QUESTION, Assets, ask, metric
 ADMIN_KEY = "sk-nomoat-admin-0123456789abcdef"
 
 # The first test pays for training the adapters on a clean machine.
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from tests.conftest import API_KEY, Server, config_with_key, running_server
 from tests.lora_assets import Assets, ask, make_identity_adapter, metric
 from tests.vllm_server import VllmServer
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 ADMIN_KEY = "sk-nomoat-admin-vllm-0123456789"
 POOL = "pool"
 

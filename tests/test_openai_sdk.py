@@ -15,6 +15,9 @@ import pytest
 from conftest import MODEL
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+# Starts an engine or a server: not part of the fast layer.
+pytestmark = pytest.mark.e2e
+
 # Greedy: "1, 2, 3, 4, 5, 6, 7, 8, 9, 10" then the end token (~29 tokens).
 COUNT: Any = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
 # Greedy output is repetitive: penalties visibly change it.

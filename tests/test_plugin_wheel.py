@@ -45,7 +45,7 @@ name = "no-mallory"
 options = {{ blocked_users = ["mallory"], message = "Mallory may not use this gateway." }}
 """
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * STEP_SECONDS)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3 * STEP_SECONDS)]
 
 
 def run(*command: str | Path, cwd: Path | None = None) -> str:

@@ -87,6 +87,7 @@ def _prompt(model: NativeModel, text: str) -> list[int]:
     return model.tokenize(text, add_special=True, parse_special=False)
 
 
+@pytest.mark.e2e
 def test_a_batch_lists_its_sequences_in_ascending_order(
     model: NativeModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -116,6 +117,7 @@ def _run(model: NativeModel, request: GenerationRequest, reusable: int) -> tuple
     return result.text, result.cached_tokens
 
 
+@pytest.mark.e2e
 def test_an_answer_is_the_same_from_a_reused_prefix(model: NativeModel) -> None:
     first = _prompt(model, "The history of the lighthouse begins")
     longer = first + _prompt(model, " in the year")[1:]
@@ -166,6 +168,7 @@ def _chat(
     return text, usage.prompt_tokens, cached
 
 
+@pytest.mark.e2e
 def test_a_repeated_prompt_is_served_from_the_cache(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Name three rivers of Europe (cache test)."}]
     first, prompt_tokens, cached = _chat(client, messages)
@@ -179,6 +182,7 @@ def test_a_repeated_prompt_is_served_from_the_cache(client: openai.OpenAI) -> No
     assert streamed == first
 
 
+@pytest.mark.e2e
 def test_a_chats_next_turn_reuses_the_previous_turn(client: openai.OpenAI) -> None:
     turn = [{"role": "user", "content": "Say something about the sea (cache test)."}]
     answer, first_prompt, _ = _chat(client, turn)
@@ -191,6 +195,7 @@ def test_a_chats_next_turn_reuses_the_previous_turn(client: openai.OpenAI) -> No
     assert first_prompt <= cached < prompt_tokens
 
 
+@pytest.mark.e2e
 def test_the_prompt_cache_can_be_switched_off(tmp_path: Path) -> None:
     extra = f"""
         [backends.local]

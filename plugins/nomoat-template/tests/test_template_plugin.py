@@ -71,6 +71,7 @@ def test_the_policy_takes_no_options() -> None:
         build_policy(manifest, {"seed": 1}, name="reverse-order")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_end_to_end_with_the_real_model(nomoat_gateway: NomoatGateway) -> None:
     """The template enabled by config in a live gateway (a few seconds)."""

@@ -20,6 +20,16 @@ The plain functions build what the hooks and policies receive:
 components the way the gateway does: :func:`build_hook` / :func:`build_policy`
 validate options with the component's config model, :func:`rank` calls a
 policy with fresh stats. Async tests can use :func:`hook_chain` directly.
+
+Without an engine or a server: :class:`FakeBackend` (backend type ``"fake"``,
+offered by :data:`fake_manifest`) answers from a :class:`Script` in OpenAI's
+exact shape and records every call, and
+:func:`gateway.testing.inprocess.in_process_gateway` runs the real gateway in
+the test's event loop, with an ``httpx`` client and the ``openai`` SDK wired
+to it.
+
+A test that starts an engine or a server should be marked ``e2e`` (the marker
+is registered here), so that ``pytest -m "not e2e"`` runs only the fast ones.
 """
 
 from __future__ import annotations
@@ -69,10 +79,16 @@ from gateway.contract import (
 )
 from gateway.hooks import BoundHook, HookChain
 from gateway.settings import EMBEDDED_MODEL, hash_api_key
+from gateway.testing.fake import FakeBackend, FakeBackendConfig, FakeCall, Script
+from gateway.testing.fake import manifest as fake_manifest
 
 __all__ = [
+    "FakeBackend",
+    "FakeBackendConfig",
+    "FakeCall",
     "HookRunner",
     "LiveGateway",
+    "Script",
     "bind",
     "build_hook",
     "build_policy",
@@ -82,6 +98,7 @@ __all__ = [
     "completion",
     "completion_request",
     "context",
+    "fake_manifest",
     "gateway_config",
     "hook_chain",
     "rank",
@@ -357,6 +374,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 # ---------------------------------------------------------------------- fixtures
+
+E2E_MARKER = "e2e: starts an engine or a server; the fast layer is -m 'not e2e'"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", E2E_MARKER)
 
 
 @pytest.fixture
