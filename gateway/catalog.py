@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
 
+from gateway.auth import key_fingerprint
 from gateway.contract import BackendType, Candidate, RoutingPolicy, Target
 from gateway.errors import NotFoundError
 from gateway.hooks import BoundHook
@@ -23,7 +24,6 @@ from gateway.settings import (
     LoRASettings,
     ModelSettings,
     Settings,
-    key_fingerprint,
     reference_problems,
     validation_problems,
 )

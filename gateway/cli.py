@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from gateway import wire
 from gateway.app import Runtime, create_app
+from gateway.auth import hash_api_key
 from gateway.catalog import Plan, plan
 from gateway.contract import RequestContext
 from gateway.decisions import read_log
@@ -26,7 +27,6 @@ from gateway.settings import (
     ConfigError,
     ServerSettings,
     Settings,
-    hash_api_key,
     load_settings,
 )
 

@@ -10,9 +10,6 @@ path (``models.x.deployments[0].backend: unknown backend "y"``).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,11 +18,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.auth import KEY_HASH_FORMAT
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_BACKEND = "embedded"
-KEY_HASH_PREFIX = "sha256:"
-# Exactly what hash_api_key produces: lowercase hex, so a stored hash can match.
-_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class _Strict(BaseModel):
@@ -56,7 +52,7 @@ class ServerSettings(_Strict):
     @classmethod
     def _well_formed_hashes(cls, hashes: tuple[str, ...]) -> tuple[str, ...]:
         for entry in hashes:
-            if _KEY_HASH.fullmatch(entry) is None:
+            if KEY_HASH_FORMAT.fullmatch(entry) is None:
                 raise ValueError('each entry must be "sha256:" followed by 64 lowercase hex digits')
         return hashes
 
@@ -263,7 +259,8 @@ def load_settings(path: Path | None) -> Settings:
 
 
 def reference_problems(settings: Settings) -> list[str]:
-    """Cross references that pydantic cannot see: deployments name backends."""
+    """Cross references that pydantic cannot see: deployments name backends,
+    rules name deployments, fallbacks name models, aliases name nothing else."""
     problems = []
     taken = set(settings.models)
     for model_name, model in settings.models.items():
@@ -291,23 +288,3 @@ def reference_problems(settings: Settings) -> list[str]:
                     f'unknown backend "{deployment.backend}"'
                 )
     return problems
-
-
-def key_fingerprint(stored_hash: str) -> str:
-    """A short, non-secret id for a key: the first 12 digits of its hash."""
-    return stored_hash.removeprefix(KEY_HASH_PREFIX)[:12]
-
-
-def hash_api_key(key: str) -> str:
-    return KEY_HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
-
-
-def key_matches(presented: str, hashes: Iterable[str]) -> str | None:
-    """The matching stored hash, compared in constant time, or None."""
-    candidate = hash_api_key(presented).encode()
-    found = None
-    for stored in hashes:
-        # Compare against every entry, so timing does not reveal which matched.
-        if hmac.compare_digest(candidate, stored.encode()):
-            found = stored
-    return found

@@ -52,6 +52,7 @@ import pytest
 from pydantic import BaseModel
 
 from gateway import wire
+from gateway.auth import hash_api_key
 from gateway.contract import (
     AnyChunk,
     AnyRequest,
@@ -68,7 +69,7 @@ from gateway.contract import (
     Target,
 )
 from gateway.hooks import BoundHook, HookChain
-from gateway.settings import EMBEDDED_MODEL, hash_api_key
+from gateway.settings import EMBEDDED_MODEL
 
 __all__ = [
     "HookRunner",

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.settings import hash_api_key
+from gateway.auth import hash_api_key
 from gateway.testing import LiveGateway, running_gateway
 from tests.lora_assets import Assets
 from tests.vllm_server import VllmServer, running_vllm
