@@ -3,8 +3,8 @@
 Everything a plugin may rely on is named in ``__all__`` (a test guards it), and
 the docstrings below are the specification. A plugin is found through the
 entry-point group ``nomoat.plugins``: the entry point names a
-:class:`PluginManifest`, which lists the backend types and routing policies the
-plugin offers, each with a pydantic model for its configuration. Installing a
+:class:`PluginManifest`, which lists the backend types, routing policies and
+hooks the plugin offers, each with a pydantic model for its configuration. Installing a
 plugin only makes its names available; the configuration file decides which
 ones run. The built-in llama.cpp backend and policies register this same way.
 
@@ -62,7 +62,6 @@ __all__ = [
     "AssistantMessage",
     "AuthenticationError",
     "Backend",
-    "BackendFactory",
     "BackendHealth",
     "BackendType",
     "Candidate",
@@ -87,7 +86,6 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PluginManifest",
-    "PolicyFactory",
     "PolicyType",
     "RankedCandidate",
     "RateLimitError",
@@ -111,7 +109,6 @@ __all__ = [
 ]
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
-ConfigT_contra = TypeVar("ConfigT_contra", bound=BaseModel, contravariant=True)
 
 
 def message_role(message: Message) -> str:
@@ -285,16 +282,13 @@ class Backend(Protocol):
         ...
 
 
-BackendFactory = Callable[[str, ConfigT], Awaitable[Backend]]
-"""``await factory(name, config)`` builds and starts a backend named ``name``."""
-
-
 @dataclass(frozen=True, slots=True)
 class BackendType(Generic[ConfigT]):
     """A kind of backend, selected in the config by ``type = "<key>"``.
 
     ``config_model`` validates the rest of the ``[backends.NAME]`` table; it
     should forbid unknown keys (``model_config = ConfigDict(extra="forbid")``).
+    ``await factory(name, config)`` builds and starts the backend named ``name``.
     """
 
     config_model: type[ConfigT]
@@ -362,8 +356,6 @@ class RoutingPolicy(Protocol):
         stats: Mapping[str, CandidateStats],
     ) -> list[RankedCandidate]: ...
 
-
-PolicyFactory = Callable[[ConfigT], RoutingPolicy]
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
 AnyResponse = ChatCompletion | Completion
