@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import textwrap
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -375,6 +376,16 @@ def test_example_config_is_valid_and_spells_out_the_defaults() -> None:
     assert {name: b.type for name, b in settings.backends.items()} == {"embedded": "llamacpp"}
     [backend] = plan(settings, discover()).backends
     assert backend.config == LlamaCppConfig()
+
+
+def test_example_config_names_the_built_in_plugins_by_their_entry_points() -> None:
+    """`[plugins] disabled` takes entry-point names: the ones the example
+    offers must be the built-in entry points of pyproject.toml."""
+    comment = re.search(r"unwanted plugin\. Built in: ([^;]*);", EXAMPLE.read_text())
+    assert comment is not None
+    with (EXAMPLE.parent / "pyproject.toml").open("rb") as file:
+        entry_points = tomllib.load(file)["project"]["entry-points"]["nomoat.plugins"]
+    assert sorted(re.findall(r'"([^"]+)"', comment.group(1))) == sorted(entry_points)
 
 
 def test_example_configs_commented_out_examples_are_valid(tmp_path: Path) -> None:
