@@ -1,4 +1,5 @@
-"""``nomoat``: serve, check a config, hash an API key, check the engine."""
+"""``nomoat``: serve, run an edge node, check a config, hash an API key, check
+the engine, list plugins, explain and replay routing decisions."""
 
 from __future__ import annotations
 
