@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.auth import KEY_HASH_FORMAT
@@ -28,15 +28,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _well_formed_hashes(hashes: tuple[str, ...]) -> tuple[str, ...]:
+    for entry in hashes:
+        if KEY_HASH_FORMAT.fullmatch(entry) is None:
+            raise ValueError('each entry must be "sha256:" followed by 64 lowercase hex digits')
+    return hashes
+
+
+# Key hashes as `nomoat hash-key` prints them: any other spelling never matches a key.
+KeyHashes = Annotated[tuple[str, ...], AfterValidator(_well_formed_hashes)]
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     # Hashes of the static API keys ("sha256:<hex>", see `nomoat hash-key`).
     # Once any is set, every request must present one.
-    api_key_hashes: tuple[str, ...] = ()
+    api_key_hashes: KeyHashes = ()
     # Hashes of the keys allowed to use the admin API (/admin/...). Once any
     # key exists (here or above), the admin API requires one of these.
-    admin_key_hashes: tuple[str, ...] = ()
+    admin_key_hashes: KeyHashes = ()
     # Listening beyond loopback without keys is refused unless this is true.
     allow_unauthenticated_network: bool = False
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
@@ -47,14 +58,6 @@ class ServerSettings(_Strict):
     # Also record prompt text in the decision log (off: sizes and timing only).
     decision_log_prompts: bool = False
     log_level: str = "info"
-
-    @field_validator("api_key_hashes", "admin_key_hashes")
-    @classmethod
-    def _well_formed_hashes(cls, hashes: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in hashes:
-            if KEY_HASH_FORMAT.fullmatch(entry) is None:
-                raise ValueError('each entry must be "sha256:" followed by 64 lowercase hex digits')
-        return hashes
 
 
 class LimitSettings(_Strict):
@@ -90,7 +93,7 @@ class RuleSettings(_Strict):
     # "name: value" of a request header (name case-insensitive).
     header: str | None = None
     # Hashes of the API keys this rule applies to (as in server.api_key_hashes).
-    api_key_hashes: tuple[str, ...] = ()
+    api_key_hashes: KeyHashes = ()
 
 
 class ModelSettings(_Strict):

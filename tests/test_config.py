@@ -323,6 +323,25 @@ def test_malformed_key_hashes_are_rejected(tmp_path: Path, entry: str) -> None:
     assert "sha256:" in problems[0]
 
 
+@pytest.mark.parametrize("table", ["server.admin_key_hashes", "models.m.rules[0].api_key_hashes"])
+def test_malformed_key_hashes_are_rejected_wherever_keys_are_named(
+    tmp_path: Path, table: str
+) -> None:
+    """A rule's or the admin API's hash spelt otherwise than `nomoat hash-key`
+    prints it would silently never match a key."""
+    upper = "sha256:" + "A" * 64
+    text = {
+        "server.admin_key_hashes": f'[server]\nadmin_key_hashes = ["{upper}"]\n',
+        "models.m.rules[0].api_key_hashes": (
+            '[models.m]\ndeployments = [{ backend = "embedded" }]\n'
+            f'rules = [{{ pool = ["embedded"], api_key_hashes = ["{upper}"] }}]\n'
+        ),
+    }[table]
+    problems = problems_of(tmp_path, text)
+    assert [problem.split(": ", 1)[0] for problem in problems] == [table]
+    assert "lowercase hex" in problems[0]
+
+
 def test_a_well_formed_key_hash_is_accepted(tmp_path: Path) -> None:
     settings, problems = check(write(tmp_path, f'[server]\napi_key_hashes = ["{VALID_HASH}"]\n'))
     assert problems == []
