@@ -25,13 +25,13 @@ from litestar.params import FromPath
 from litestar.types import ControllerRouterHandler
 
 from gateway import wire
+from gateway.auth import AdminAuthenticator
 from gateway.contract import Adapter, Backend, RequestContext, SupportsLoRA
 from gateway.contract import AnyRequest as RoutedRequest
-from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from gateway.errors import InvalidRequestError
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.uploads import Upload
 from gateway.pipeline import Pipeline
-from gateway.settings import key_matches
 from gateway.stats import serves_adapters
 from gateway.validation import decode_chat, decode_completion
 
@@ -39,29 +39,6 @@ AnyRequest = Request[Any, Any, State]
 JSON = "application/json"
 # Adapters are larger than chat requests: their own cap, for admins only.
 MAX_UPLOAD_BYTES = 2 * 1024**3
-
-
-class AdminAuthenticator:
-    def __init__(self, api_key_hashes: tuple[str, ...], admin_key_hashes: tuple[str, ...]) -> None:
-        self._open = not api_key_hashes and not admin_key_hashes
-        self._admin = admin_key_hashes
-        self._api = api_key_hashes
-
-    def __call__(self, request: AnyRequest) -> None:
-        if self._open:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise AuthenticationError(
-                "The admin API needs an admin key: send 'Authorization: Bearer ADMIN_KEY'.",
-                code=None,
-            )
-        if key_matches(token, self._admin) is not None:
-            return
-        if key_matches(token, self._api) is not None:
-            raise PermissionDeniedError("This key may not use the admin API.")
-        raise AuthenticationError("Incorrect API key provided.")
 
 
 def _lora_backends(backends: Mapping[str, Backend]) -> dict[str, SupportsLoRA]:

@@ -24,7 +24,8 @@ from litestar.params import FromPath
 from litestar.types import ASGIApp, ControllerRouterHandler
 
 from gateway import wire
-from gateway.admin import AdminAuthenticator, build_admin_handlers
+from gateway.admin import build_admin_handlers
+from gateway.auth import AdminAuthenticator, Authenticator
 from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decisions import DecisionLog, RouteTrace
@@ -44,7 +45,7 @@ from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import render_metrics
 from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
-from gateway.settings import Settings, key_fingerprint, key_matches
+from gateway.settings import Settings
 from gateway.sse import sse_events
 
 _log = logging.getLogger(__name__)
@@ -129,36 +130,6 @@ def as_gateway_error(exc: Exception, path: str) -> GatewayError:
 def handle_exception(request: AnyRequest, exc: Exception) -> Response[bytes]:
     """The one place where every failure becomes an OpenAI-shaped error."""
     return error_response(as_gateway_error(exc, request.url.path))
-
-
-class Authenticator:
-    def __init__(self, hashes: tuple[str, ...]) -> None:
-        self._hashes = hashes
-
-    def __call__(self, request: AnyRequest) -> str | None:
-        """The key's fingerprint, None if keys are off; raises 401 otherwise."""
-        if not self._hashes:
-            return None
-        header = _header(request, b"authorization")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
-                code=None,
-            )
-        matched = key_matches(token.strip(), self._hashes)
-        if matched is None:
-            raise AuthenticationError("Incorrect API key provided.")
-        return key_fingerprint(matched)
-
-
-def _header(request: AnyRequest, name: bytes) -> str:
-    """The first value of a header, from the ASGI scope as the server gave it
-    (names in lowercase), without building Litestar's header mapping."""
-    for key, value in request.scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return ""
 
 
 _PRIVATE_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})

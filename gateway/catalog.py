@@ -2,17 +2,30 @@
 
 Built once at start-up from validated settings (phase two of validation lives
 here, because it needs the installed plugins: backend options are checked by
-their type's config model, policies by theirs).
+their type's config model, policies and hooks by theirs, and each hook object
+must implement at least one hook protocol).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.contract import BackendType, Candidate, RoutingPolicy, Target
+from gateway.auth import key_fingerprint
+from gateway.contract import (
+    BackendType,
+    Candidate,
+    ErrorHook,
+    RequestHook,
+    ResponseHook,
+    RoutingPolicy,
+    StreamHook,
+    Target,
+)
 from gateway.errors import NotFoundError
 from gateway.hooks import BoundHook
 from gateway.lora.registry import AdapterRegistry
@@ -23,7 +36,6 @@ from gateway.settings import (
     LoRASettings,
     ModelSettings,
     Settings,
-    key_fingerprint,
     reference_problems,
     validation_problems,
 )
@@ -179,8 +191,55 @@ def _hooks(settings: Settings, registry: Registry, problems: list[str]) -> list[
         except ValidationError as error:
             problems.extend(validation_problems(error, prefix=f"hooks[{index}].options"))
             continue
-        hooks.append(BoundHook(entry.label, entry.fail_open, hook_type.factory(options)))
+        hook = hook_type.factory(options)
+        problem = hook_problem(hook)
+        if problem is not None:
+            problems.append(f'hooks[{index}]: hook "{entry.label}" (type "{entry.type}") {problem}')
+            continue
+        hooks.append(BoundHook(entry.label, entry.fail_open, hook))
     return hooks
+
+
+# The hook protocols of the contract, and the one method each asks for.
+HOOK_PROTOCOLS = (RequestHook, ResponseHook, StreamHook, ErrorHook)
+HOOK_METHODS = ("on_request", "on_response", "on_stream", "on_error")
+# How close (difflib's ratio) a method's name must be to a hook method's to be
+# taken for a misspelling of it: "on_requests", "onRequest", "on_err" are;
+# "request", "on_start", "on_stream_chunk" are not.
+_NEAR_MISS = 0.85
+
+
+def hook_problem(hook: object) -> str | None:
+    """Why ``hook`` cannot serve as a hook, or None.
+
+    Like pluggy refusing a misspelt hook at registration: an object that
+    implements none of the hook protocols would be called by nobody, and a
+    method named like a hook method but not quite (``on_requests``) would
+    silently never run.
+    """
+    guesses = "; ".join(f"{name}: did you mean {meant}?" for name, meant in _misspelt(hook))
+    if not any(isinstance(hook, protocol) for protocol in HOOK_PROTOCOLS):
+        none = "implements none of " + ", ".join(HOOK_METHODS)
+        return f"{none} ({guesses})" if guesses else none
+    return f"has {guesses}" if guesses else None
+
+
+def _misspelt(hook: object) -> list[tuple[str, str]]:
+    """Public methods whose names are near misses of a hook method's."""
+    found = []
+    for name in dir(hook):
+        if name.startswith("_") or name in HOOK_METHODS:
+            continue
+        # Static lookup: reading an attribute must not run a property.
+        attribute = inspect.getattr_static(hook, name, None)
+        if isinstance(attribute, staticmethod | classmethod):
+            attribute = attribute.__func__
+        if not callable(attribute):
+            continue
+        close = difflib.get_close_matches(name.lower(), HOOK_METHODS, n=1, cutoff=_NEAR_MISS)
+        if close:
+            found.append((name, close[0]))
+    return found
 
 
 def plan(settings: Settings, registry: Registry) -> Plan:

@@ -1,5 +1,5 @@
-"""``nomoat``: serve, check a config, hash an API key, check the engine,
-explain and replay routing."""
+"""``nomoat``: serve, run an edge node, check a config, hash an API key, check
+the engine, list plugins, explain and replay routing decisions."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import explain
 from gateway.app import Runtime, create_app
+from gateway.auth import hash_api_key
 from gateway.catalog import Plan, plan
 from gateway.decisions import LogFormatError, read_log
 from gateway.registry import PluginLoadError, Registry, discover
@@ -27,7 +28,6 @@ from gateway.settings import (
     ConfigError,
     ServerSettings,
     Settings,
-    hash_api_key,
     load_settings,
     validation_problems,
 )

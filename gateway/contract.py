@@ -3,8 +3,8 @@
 Everything a plugin may rely on is named in ``__all__`` (a test guards it), and
 the docstrings below are the specification. A plugin is found through the
 entry-point group ``nomoat.plugins``: the entry point names a
-:class:`PluginManifest`, which lists the backend types and routing policies the
-plugin offers, each with a pydantic model for its configuration. Installing a
+:class:`PluginManifest`, which lists the backend types, routing policies and
+hooks the plugin offers, each with a pydantic model for its configuration. Installing a
 plugin only makes its names available; the configuration file decides which
 ones run. The built-in llama.cpp backend and policies register this same way.
 
@@ -62,7 +62,6 @@ __all__ = [
     "AssistantMessage",
     "AuthenticationError",
     "Backend",
-    "BackendFactory",
     "BackendHealth",
     "BackendType",
     "Candidate",
@@ -87,7 +86,6 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PluginManifest",
-    "PolicyFactory",
     "PolicyType",
     "RankedCandidate",
     "RateLimitError",
@@ -111,7 +109,6 @@ __all__ = [
 ]
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
-ConfigT_contra = TypeVar("ConfigT_contra", bound=BaseModel, contravariant=True)
 
 
 def message_role(message: Message) -> str:
@@ -127,7 +124,9 @@ class RequestContext:
     ``request_id`` is also the ``id`` of the response. ``api_key_id`` names the
     authenticated key (a short, non-secret fingerprint) or is ``None`` when the
     gateway runs without keys. ``deadline`` is a ``time.monotonic()`` instant
-    after which the request is abandoned, or ``None`` for no deadline.
+    after which the gateway abandons the request (the model's
+    ``timeout_seconds``; set once the model is resolved: hooks that run
+    before see ``None``), or ``None`` for no deadline.
     """
 
     request_id: str
@@ -291,16 +290,13 @@ class Backend(Protocol):
         ...
 
 
-BackendFactory = Callable[[str, ConfigT], Awaitable[Backend]]
-"""``await factory(name, config)`` builds and starts a backend named ``name``."""
-
-
 @dataclass(frozen=True, slots=True)
 class BackendType(Generic[ConfigT]):
     """A kind of backend, selected in the config by ``type = "<key>"``.
 
     ``config_model`` validates the rest of the ``[backends.NAME]`` table; it
     should forbid unknown keys (``model_config = ConfigDict(extra="forbid")``).
+    ``await factory(name, config)`` builds and starts the backend named ``name``.
     """
 
     config_model: type[ConfigT]
@@ -376,8 +372,6 @@ class RoutingPolicy(Protocol):
     ) -> list[RankedCandidate]: ...
 
 
-PolicyFactory = Callable[[ConfigT], RoutingPolicy]
-
 AnyRequest = ChatCompletionRequest | CompletionRequest
 AnyResponse = ChatCompletion | Completion
 AnyChunk = ChatCompletionChunk | Completion
@@ -421,7 +415,10 @@ class StreamHook(Protocol):
 
 @runtime_checkable
 class ErrorHook(Protocol):
-    """Told about every error reported to a client; cannot change it."""
+    """Told about every error reported to a client, exactly once: refused
+    keys, undecodable bodies (then ``request`` is ``None``), limits, routing
+    and upstream failures, and errors that end a stream after its first byte.
+    Cannot change it. (A client that went away receives no error: no call.)"""
 
     async def on_error(
         self, request: AnyRequest | None, error: GatewayError, ctx: RequestContext

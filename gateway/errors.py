@@ -1,8 +1,10 @@
 """Typed gateway errors, each knowing its HTTP status and OpenAI error shape.
 
-Everything that can go wrong for a client is one of these classes. A single
-handler in :mod:`gateway.app` turns them into ``{"error": {...}}`` bodies, so the
-official ``openai`` SDK raises the matching exception class:
+Everything that can go wrong for a client is a :class:`GatewayError`: one of
+the classes below, or a subclass with a more specific ``code`` and the same
+status. A single handler in :mod:`gateway.app` turns them into
+``{"error": {...}}`` bodies, so the official ``openai`` SDK raises the matching
+exception class:
 
 =====================  ======  ==============================
 class                  status  SDK exception
@@ -11,6 +13,7 @@ InvalidRequestError    400     ``BadRequestError``
 AuthenticationError    401     ``AuthenticationError``
 PermissionDeniedError  403     ``PermissionDeniedError``
 NotFoundError          404     ``NotFoundError``
+MethodNotAllowedError  405     ``APIStatusError``
 PayloadTooLargeError   413     ``APIStatusError``
 RateLimitError         429     ``RateLimitError``
 EngineOverloadedError  503     ``InternalServerError``

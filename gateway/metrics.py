@@ -1,4 +1,5 @@
-"""Prometheus exposition of the engines' own load signals."""
+"""Prometheus exposition: the engines' own load signals, hook failures,
+whether each deployment is up, and per-adapter usage and loads."""
 
 from __future__ import annotations
 

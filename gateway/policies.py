@@ -144,9 +144,10 @@ class LowestLatencyPolicy:
 
 
 class ShortestQueuePolicy:
-    """The engine with the fewest requests waiting and running, as the engine
-    itself reports them (vLLM's /metrics, an edge node's), plus this
-    gateway's own in-flight count where the engine says nothing."""
+    """The engine with the fewest requests waiting (counted twice) and running,
+    as the engine itself reports them (vLLM's /metrics, an edge node's), its KV
+    cache use breaking ties; where the engine reports neither, this gateway's
+    own in-flight count instead."""
 
     def rank(
         self,

@@ -23,7 +23,7 @@ class PluginLoadError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Registry:
-    """Every backend type and policy offered by the installed plugins."""
+    """Every backend type, policy and hook offered by the installed plugins."""
 
     plugins: tuple[PluginManifest, ...] = ()
     backends: Mapping[str, BackendType[Any]] = field(default_factory=dict)

@@ -10,26 +10,33 @@ path (``models.x.deployments[0].backend: unknown backend "y"``).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.auth import KEY_HASH_FORMAT
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_BACKEND = "embedded"
-KEY_HASH_PREFIX = "sha256:"
-# Exactly what hash_api_key produces: lowercase hex, so a stored hash can match.
-_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _well_formed_hashes(hashes: tuple[str, ...]) -> tuple[str, ...]:
+    for entry in hashes:
+        if KEY_HASH_FORMAT.fullmatch(entry) is None:
+            raise ValueError('each entry must be "sha256:" followed by 64 lowercase hex digits')
+    return hashes
+
+
+# Key hashes as `nomoat hash-key` prints them: any other spelling never matches a key.
+KeyHashes = Annotated[tuple[str, ...], AfterValidator(_well_formed_hashes)]
 
 
 class ServerSettings(_Strict):
@@ -37,10 +44,10 @@ class ServerSettings(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     # Hashes of the static API keys ("sha256:<hex>", see `nomoat hash-key`).
     # Once any is set, every request must present one.
-    api_key_hashes: tuple[str, ...] = ()
+    api_key_hashes: KeyHashes = ()
     # Hashes of the keys allowed to use the admin API (/admin/...). Once any
     # key exists (here or above), the admin API requires one of these.
-    admin_key_hashes: tuple[str, ...] = ()
+    admin_key_hashes: KeyHashes = ()
     # Listening beyond loopback without keys is refused unless this is true.
     allow_unauthenticated_network: bool = False
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
@@ -51,14 +58,6 @@ class ServerSettings(_Strict):
     # Also record prompt text in the decision log (off: sizes and timing only).
     decision_log_prompts: bool = False
     log_level: str = "info"
-
-    @field_validator("api_key_hashes", "admin_key_hashes")
-    @classmethod
-    def _well_formed_hashes(cls, hashes: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in hashes:
-            if _KEY_HASH.fullmatch(entry) is None:
-                raise ValueError('each entry must be "sha256:" followed by 64 lowercase hex digits')
-        return hashes
 
 
 class LimitSettings(_Strict):
@@ -94,7 +93,7 @@ class RuleSettings(_Strict):
     # "name: value" of a request header (name case-insensitive).
     header: str | None = None
     # Hashes of the API keys this rule applies to (as in server.api_key_hashes).
-    api_key_hashes: tuple[str, ...] = ()
+    api_key_hashes: KeyHashes = ()
 
 
 class ModelSettings(_Strict):
@@ -267,7 +266,8 @@ def load_settings(path: Path | None) -> Settings:
 
 
 def reference_problems(settings: Settings) -> list[str]:
-    """Cross references that pydantic cannot see: deployments name backends."""
+    """Cross references that pydantic cannot see: deployments name backends,
+    rules name deployments, fallbacks name models, aliases name nothing else."""
     problems = []
     taken = set(settings.models)
     for model_name, model in settings.models.items():
@@ -295,23 +295,3 @@ def reference_problems(settings: Settings) -> list[str]:
                     f'unknown backend "{deployment.backend}"'
                 )
     return problems
-
-
-def key_fingerprint(stored_hash: str) -> str:
-    """A short, non-secret id for a key: the first 12 digits of its hash."""
-    return stored_hash.removeprefix(KEY_HASH_PREFIX)[:12]
-
-
-def hash_api_key(key: str) -> str:
-    return KEY_HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
-
-
-def key_matches(presented: str, hashes: Iterable[str]) -> str | None:
-    """The matching stored hash, compared in constant time, or None."""
-    candidate = hash_api_key(presented).encode()
-    found = None
-    for stored in hashes:
-        # Compare against every entry, so timing does not reveal which matched.
-        if hmac.compare_digest(candidate, stored.encode()):
-            found = stored
-    return found

@@ -286,7 +286,7 @@ def start_bare(upstream_port: int, port: int, workdir: Path, core: int | None) -
 
 
 def nomoat_config(port: int, upstream_ports: Sequence[int], extra: str = "") -> str:
-    from gateway.settings import hash_api_key
+    from gateway.auth import hash_api_key
 
     backends = "".join(
         textwrap.dedent(

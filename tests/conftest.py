@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
+from gateway.auth import hash_api_key
 from gateway.cli import main
-from gateway.settings import hash_api_key
 from gateway.testing import LiveGateway, running_gateway
 from tests.fast_layer import guard_if_fast
 from tests.lora_assets import Assets

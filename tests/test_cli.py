@@ -14,8 +14,9 @@ import httpx
 import pytest
 from conftest import Cli, free_port, running_server
 
+from gateway.auth import hash_api_key
 from gateway.cli import _open_network_refusal, _with_overrides, parser
-from gateway.settings import ServerSettings, hash_api_key, load_settings
+from gateway.settings import ServerSettings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"

@@ -1,19 +1,19 @@
 """Configuration: both validation phases, environment overrides, defaults,
-API key hashing, and config.example.toml. Unit level: no server, no model."""
+the format of API key hashes, and config.example.toml. Unit level: no server, no model."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import re
 import textwrap
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
+from gateway.auth import hash_api_key
 from gateway.backends.llamacpp import LlamaCppConfig
 from gateway.backends.openai_compat import OpenAICompatibleConfig
 from gateway.catalog import plan
@@ -29,8 +29,6 @@ from gateway.settings import (
     PluginSettings,
     ServerSettings,
     StackSettings,
-    hash_api_key,
-    key_matches,
     load_settings,
 )
 
@@ -302,42 +300,6 @@ def test_environment_values_are_validated(tmp_path: Path, monkeypatch: pytest.Mo
 # ------------------------------------------------------------ API key hashes
 
 
-def test_hash_api_key_format() -> None:
-    key = "sk-nomoat-test-0123456789abcdef"
-    hashed = hash_api_key(key)
-    assert hashed == "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", hashed)
-    assert hash_api_key(key) == hashed
-    assert hash_api_key(key + "x") != hashed
-
-
-def test_key_matches_returns_the_stored_hash() -> None:
-    hashes = [hash_api_key("first-key-0123456789"), hash_api_key("second-key-0123456789")]
-    assert key_matches("second-key-0123456789", hashes) == hashes[1]
-    assert key_matches("first-key-0123456789", hashes) == hashes[0]
-    assert key_matches("wrong-key-0123456789", hashes) is None
-    assert key_matches("", hashes) is None
-    assert key_matches("first-key-0123456789", []) is None
-
-
-def test_key_matches_compares_every_entry_in_constant_time(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The first entry matches, yet every entry is still compared, each with
-    hmac.compare_digest: timing reveals neither the match nor its position."""
-    calls: list[tuple[bytes, bytes]] = []
-    real = hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        calls.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
-    hashes = [hash_api_key(f"key-number-{i}-0123456789") for i in range(4)]
-    assert key_matches("key-number-0-0123456789", hashes) == hashes[0]
-    assert len(calls) == 4
-
-
 @pytest.mark.parametrize(
     "entry",
     [
@@ -359,6 +321,25 @@ def test_malformed_key_hashes_are_rejected(tmp_path: Path, entry: str) -> None:
     assert len(problems) == 1
     assert problems[0].startswith("server.api_key_hashes: ")
     assert "sha256:" in problems[0]
+
+
+@pytest.mark.parametrize("table", ["server.admin_key_hashes", "models.m.rules[0].api_key_hashes"])
+def test_malformed_key_hashes_are_rejected_wherever_keys_are_named(
+    tmp_path: Path, table: str
+) -> None:
+    """A rule's or the admin API's hash spelt otherwise than `nomoat hash-key`
+    prints it would silently never match a key."""
+    upper = "sha256:" + "A" * 64
+    text = {
+        "server.admin_key_hashes": f'[server]\nadmin_key_hashes = ["{upper}"]\n',
+        "models.m.rules[0].api_key_hashes": (
+            '[models.m]\ndeployments = [{ backend = "embedded" }]\n'
+            f'rules = [{{ pool = ["embedded"], api_key_hashes = ["{upper}"] }}]\n'
+        ),
+    }[table]
+    problems = problems_of(tmp_path, text)
+    assert [problem.split(": ", 1)[0] for problem in problems] == [table]
+    assert "lowercase hex" in problems[0]
 
 
 def test_a_well_formed_key_hash_is_accepted(tmp_path: Path) -> None:
@@ -414,6 +395,16 @@ def test_example_config_is_valid_and_spells_out_the_defaults() -> None:
     assert {name: b.type for name, b in settings.backends.items()} == {"embedded": "llamacpp"}
     [backend] = plan(settings, discover()).backends
     assert backend.config == LlamaCppConfig()
+
+
+def test_example_config_names_the_built_in_plugins_by_their_entry_points() -> None:
+    """`[plugins] disabled` takes entry-point names: the ones the example
+    offers must be the built-in entry points of pyproject.toml."""
+    comment = re.search(r"unwanted plugin\. Built in: ([^;]*);", EXAMPLE.read_text())
+    assert comment is not None
+    with (EXAMPLE.parent / "pyproject.toml").open("rb") as file:
+        entry_points = tomllib.load(file)["project"]["entry-points"]["nomoat.plugins"]
+    assert sorted(re.findall(r'"([^"]+)"', comment.group(1))) == sorted(entry_points)
 
 
 def test_example_configs_commented_out_examples_are_valid(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from gateway import explain, wire
 from gateway.app import Runtime, create_app
+from gateway.auth import hash_api_key
 from gateway.catalog import BackendPlan, Catalog, ModelEntry, Plan, Retry
 from gateway.contract import (
     AdapterCounters,
@@ -35,7 +36,7 @@ from gateway.pipeline import Pipeline
 from gateway.policies import manifest
 from gateway.replay import replay
 from gateway.rules import Rule
-from gateway.settings import LimitSettings, Settings, hash_api_key
+from gateway.settings import LimitSettings, Settings
 from gateway.testing import build_policy, chat_completion, chat_request, completion
 
 API_KEY = "sk-nomoat-test-0123456789abcdef"

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.settings import hash_api_key
+from gateway.auth import hash_api_key
 from tests.conftest import API_KEY, MODEL, Server, config_with_key, running_server
 from tests.lora_assets import Assets, ask, metric
 from tests.test_edge_routing import edge_node

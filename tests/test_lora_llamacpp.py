@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.settings import hash_api_key
+from gateway.auth import hash_api_key
 from tests.conftest import API_KEY, MODEL, Server, running_server
 from tests.lora_assets import QUESTION, Assets, ask, metric
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.settings import hash_api_key
+from gateway.auth import hash_api_key
 from tests.conftest import API_KEY, Server, config_with_key, running_server
 from tests.lora_assets import Assets, ask, make_identity_adapter, metric
 from tests.vllm_server import VllmServer

@@ -25,6 +25,9 @@ class Greeter:
     def __init__(self, options: GreeterOptions) -> None:
         self.options = options
 
+    async def on_request(self, request: object, ctx: object) -> object:
+        return request
+
 
 GREETER = PluginManifest(
     name="greeter",

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.auth import hash_api_key, key_fingerprint
 from gateway.catalog import plan
 from gateway.contract import RequestContext
 from gateway.registry import discover
 from gateway.rules import estimate_prompt_tokens, select_pool
-from gateway.settings import ConfigError, hash_api_key, key_fingerprint, load_settings
+from gateway.settings import ConfigError, load_settings
 from gateway.wire import ChatCompletionRequest, UserMessage
 
 GOLD = hash_api_key("sk-gold-customer-key-0001")

@@ -1,4 +1,8 @@
-"""Runs generations one at a time on a worker thread, from a bounded, fair queue.
+"""Runs generations batched together on one worker thread, from a bounded, fair queue.
+
+Continuous batching: up to ``parallel`` generations (the model's sequences) share
+each decode step, and a new one joins at the next step instead of waiting for
+the others to finish (see :class:`Scheduler`).
 
 Fair: waiting jobs are grouped by owner (the API key), and owners take turns,
 so one client with many queued requests cannot starve another. Bounded: once
@@ -6,7 +10,8 @@ so one client with many queued requests cannot starve another. Bounded: once
 :class:`EngineBusyError` (the gateway answers 503 with ``Retry-After``).
 
 A cancelled job that is still queued leaves the queue at once, freeing its
-place; if it is running, the generation loop sees the flag before its next token.
+place; if it is running, the next decode step sees the flag and spends no more
+work on it.
 """
 
 from __future__ import annotations
@@ -161,11 +166,13 @@ class GenerationStream:
 class Scheduler:
     """Owns a :class:`NativeModel` and the only thread that touches it.
 
-    Continuous batching: up to ``model.n_seq`` generations run at once, one
-    token each per decode step (llama.cpp's batch API), and a new request
-    joins at the next step instead of waiting for the others to finish. The
-    event loop hands a job to the worker thread only when a sequence is free,
-    so the order of admission is the fair queue's.
+    Continuous batching: up to ``model.n_seq`` generations run at once, each
+    on its own sequence of the KV cache. One decode step (llama.cpp's batch
+    API, at most ``n_batch`` tokens) carries the next token of every running
+    generation, or a slice of a new one's prompt, and a new request joins at
+    the next step instead of waiting for the others to finish. The event loop
+    hands a job to the worker thread only when a sequence is free, so the
+    order of admission is the fair queue's.
     """
 
     def __init__(
@@ -224,7 +231,8 @@ class Scheduler:
 
     def _cancel(self, job: _Job) -> None:
         """Stop ``job``: a queued job leaves the queue at once (freeing its
-        place for others); a running one stops before its next token."""
+        place for others); one handed to the worker thread stops at its next
+        decode step, before any more work is spent on it."""
         job.cancelled = True
         if self._queue.discard(job):
             job.future.cancel()
@@ -271,10 +279,11 @@ class Scheduler:
     def _run_batches(self) -> None:
         """The worker thread: admit jobs into free sequences, step the batch.
 
-        Jobs are admitted in the order they arrive. One batch shares one set
-        of LoRA adapters, so a job whose set differs from the running batch's
-        waits (and holds back those behind it, to stay fair) until the batch
-        drains; then the set is switched and it starts.
+        Jobs are admitted in the order the dispatcher hands them over (the
+        fair queue's). One batch shares one set of LoRA adapters, so a job
+        whose set differs from the running batch's waits (and holds back
+        those behind it, to stay fair) until the batch drains; then the set
+        is switched and it starts.
         """
         free = SequencePool(self.model.n_seq, reuse_prompts=self.reuse_prompts)
         active: dict[Generation, _Job] = {}

@@ -3,7 +3,7 @@
 Adapters are read only from under the configured adapter root: a name that
 climbs out of it (``..``, an absolute path) or a symlink that points outside
 it is refused, and so are pickled weights (``.bin``, ``.pt``, ``.pth``,
-``.ckpt``), which can run code when loaded.
+``.ckpt``, ``.pkl``), which can run code when loaded.
 
 The sha256 of a GGUF adapter is the file's. The sha256 of a PEFT folder is the
 sha256 of ``adapter_config.json``'s bytes followed by

@@ -62,6 +62,7 @@ import pytest
 from pydantic import BaseModel
 
 from gateway import wire
+from gateway.auth import hash_api_key
 from gateway.contract import (
     AnyChunk,
     AnyRequest,
@@ -78,7 +79,7 @@ from gateway.contract import (
     Target,
 )
 from gateway.hooks import BoundHook, HookChain
-from gateway.settings import EMBEDDED_MODEL, hash_api_key
+from gateway.settings import EMBEDDED_MODEL
 from gateway.testing.fake import FakeBackend, FakeBackendConfig, FakeCall, Script
 from gateway.testing.fake import manifest as fake_manifest
 

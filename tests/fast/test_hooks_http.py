@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from gateway.auth import hash_api_key
 from gateway.errors import UpstreamError
-from gateway.settings import hash_api_key
 from gateway.testing import Script
 from gateway.testing.inprocess import InProcessGateway
 

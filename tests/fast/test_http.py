@@ -7,8 +7,8 @@ import json
 import openai
 import pytest
 
+from gateway.auth import hash_api_key
 from gateway.errors import UpstreamError
-from gateway.settings import hash_api_key
 from gateway.testing import Script
 
 from .conftest import Start

@@ -43,6 +43,7 @@ from gateway.contract import (
     HookType,
     PluginManifest,
     RequestContext,
+    message_role,
 )
 
 __all__ = ["Classifier", "ClassifierConfig", "Features", "Rule", "features", "manifest"]
@@ -111,9 +112,7 @@ def _split(request: AnyRequest) -> tuple[str, str]:
         for message in request.messages:
             texts = _texts(message.content)
             every += texts
-            # The role is the struct's tag (the message classes are not
-            # part of the plugin contract, so they are not imported).
-            if message.__struct_config__.tag == "user":
+            if message_role(message) == "user":
                 users += texts
         return "\n".join(every), "\n".join(users or every)
     prompt = request.prompt

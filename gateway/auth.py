@@ -1,0 +1,120 @@
+"""Authentication: API keys and admin keys, in one place.
+
+Keys are never stored. The config holds ``sha256:<hex>`` hashes (printed by
+``nomoat hash-key``); a presented key is hashed and compared with every stored
+hash in constant time, and the request is then known by its key's fingerprint
+(the first 12 hex digits of the hash), which is not a secret and may be logged.
+
+Once any key is configured, every ``/v1`` request needs one of
+``server.api_key_hashes``, and the admin API needs one of
+``server.admin_key_hashes`` (an ordinary API key gets a 403). With no keys at
+all (loopback development) both are open.
+
+The authenticators read only the request's ASGI scope: the header list as the
+server gave it (names in lowercase), without building Litestar's header mapping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+from litestar.types import Scope
+
+from gateway.errors import AuthenticationError, PermissionDeniedError
+
+KEY_HASH_PREFIX = "sha256:"
+# Exactly what hash_api_key produces: lowercase hex, so a stored hash can match.
+KEY_HASH_FORMAT = re.compile(r"sha256:[0-9a-f]{64}")
+FINGERPRINT_DIGITS = 12
+
+
+def hash_api_key(key: str) -> str:
+    return KEY_HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_fingerprint(stored_hash: str) -> str:
+    """A short, non-secret id for a key: the first 12 digits of its hash."""
+    return stored_hash.removeprefix(KEY_HASH_PREFIX)[:FINGERPRINT_DIGITS]
+
+
+def key_matches(presented: str, hashes: Iterable[str]) -> str | None:
+    """The matching stored hash, compared in constant time, or None."""
+    candidate = hash_api_key(presented).encode()
+    found = None
+    for stored in hashes:
+        # Compare against every entry, so timing does not reveal which matched.
+        if hmac.compare_digest(candidate, stored.encode()):
+            found = stored
+    return found
+
+
+class HasScope(Protocol):
+    """What the authenticators read of a request (Litestar's ``Request`` has it)."""
+
+    @property
+    def scope(self) -> Scope: ...
+
+
+def bearer_token(request: HasScope) -> str | None:
+    """The key of ``Authorization: Bearer KEY`` (the first such header), or
+    None when the header is missing, empty or of another scheme."""
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+class Authenticator:
+    """The OpenAI endpoints (and ``/status``): any configured API key."""
+
+    def __init__(self, api_key_hashes: tuple[str, ...]) -> None:
+        self._hashes = api_key_hashes
+
+    def __call__(self, request: HasScope) -> str | None:
+        """The key's fingerprint, None if keys are off; raises 401 otherwise."""
+        if not self._hashes:
+            return None
+        token = bearer_token(request)
+        if token is None:
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code=None,
+            )
+        matched = key_matches(token, self._hashes)
+        if matched is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return key_fingerprint(matched)
+
+
+class AdminAuthenticator:
+    """The admin API: an admin key once any key exists; open with none.
+
+    No key or an unknown one is a 401; a valid API key that is not an admin
+    key is a 403 (it is known, but may not do this).
+    """
+
+    def __init__(self, api_key_hashes: tuple[str, ...], admin_key_hashes: tuple[str, ...]) -> None:
+        self._open = not api_key_hashes and not admin_key_hashes
+        self._admin = admin_key_hashes
+        self._api = api_key_hashes
+
+    def __call__(self, request: HasScope) -> None:
+        if self._open:
+            return
+        token = bearer_token(request)
+        if token is None:
+            raise AuthenticationError(
+                "The admin API needs an admin key: send 'Authorization: Bearer ADMIN_KEY'.",
+                code=None,
+            )
+        if key_matches(token, self._admin) is not None:
+            return
+        if key_matches(token, self._api) is not None:
+            raise PermissionDeniedError("This key may not use the admin API.")
+        raise AuthenticationError("Incorrect API key provided.")
