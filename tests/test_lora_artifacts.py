@@ -144,3 +144,13 @@ def test_concurrent_requests_wait_for_one_conversion(
 
     assert len(set(asyncio.run(many()))) == 1
     assert len(conversions) == 1
+
+
+def test_trouble_with_the_cache_is_not_blamed_on_the_adapter(
+    tmp_path: Path, base: Path, root: Path
+) -> None:
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    store = GgufStore(tmp_path / "cache", base)
+    with pytest.raises(OSError) as failed:
+        asyncio.run(store.gguf_for(registered(root, "peft/sql")))
+    assert failed.value.filename == str(tmp_path / "cache")

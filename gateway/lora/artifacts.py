@@ -2,7 +2,7 @@
 
 A GGUF adapter is copied, and a PEFT one converted, into a content-addressed
 cache (``<sha256>-<base>.gguf``): what the engine loads can no longer change
-under it, and a later load finds the file ready. The copy is made from a
+under it, and a later load finds the file ready. Both are made from a
 private copy of the registered files, hashed and compared with the
 registered sha256 first, so the bytes checked are the bytes converted.
 
@@ -68,6 +68,8 @@ class GgufStore:
             # shield: one caller going away must not cancel the others' job.
             return await asyncio.shield(job)
         except OSError as error:
+            if not _reading(error, adapter):
+                raise  # the cache's own trouble (a full disk): not the adapter's
             raise unreadable(adapter, self._engine, error) from None
         except _MismatchError as mismatch:
             raise files_changed(adapter, self._engine, f"its files hash to {mismatch}") from None
@@ -102,6 +104,14 @@ class GgufStore:
 
 class _MismatchError(Exception):
     """From the worker thread: the files hash to this, not to the sha256."""
+
+
+def _reading(error: OSError, adapter: Adapter) -> bool:
+    """Whether ``error`` came from reading the adapter's registered files."""
+    return error.filename is not None and adapter.path in (
+        Path(error.filename),
+        *Path(error.filename).parents,
+    )
 
 
 def _check(source: AdapterSource, expected: str) -> None:
