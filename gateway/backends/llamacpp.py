@@ -129,7 +129,7 @@ class LlamaCppBackend:
         self.name = name
         self._config = config
         self._model = model
-        self._ggufs = GgufStore(config.adapter_cache_dir, model_path)
+        self._ggufs = GgufStore(config.adapter_cache_dir, model_path, engine=name)
         self.adapter_cache = AdapterCache(
             model,
             max_adapters=config.max_adapters,
@@ -189,10 +189,12 @@ class LlamaCppBackend:
         return self.adapter_cache.counters
 
     async def _lora_refs(self, target: Target) -> AdapterSet:
-        """Each adapter's verified GGUF file here, with its scale."""
+        """Each adapter's GGUF file here, with its scale; the registered files
+        of those the engine has to load are checked first."""
+        held = self.adapter_cache.loaded_paths
         return tuple(
             [
-                LoraRef(use.adapter.name, await self._ggufs.gguf_for(use.adapter), use.scale)
+                LoraRef(use.adapter.name, await self._ggufs.gguf_for(use.adapter, held), use.scale)
                 for use in target.adapters
             ]
         )

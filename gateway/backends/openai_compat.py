@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
@@ -36,13 +35,13 @@ from gateway.contract import (
 )
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
 from gateway.lora.edge import EdgeAdapters
-from gateway.lora.vllm import ListedModel, VllmAdapters
+from gateway.lora.remote import RemoteAdapters
+from gateway.lora.vllm import VllmAdapters
 
 _T = TypeVar("_T")
 _Answer = TypeVar("_Answer", wire.ChatCompletion, wire.Completion)
 _Chunk = TypeVar("_Chunk", wire.ChatCompletionChunk, wire.Completion)
 EngineKind = Literal["openai", "vllm", "edge"]
-DEFAULT_MAX_LORAS = 4  # vLLM's own default for --max-loras
 
 
 # Metric names (summed over label sets) each engine kind reports its load as.
@@ -132,20 +131,11 @@ class OpenAICompatibleBackend:
         self._chunk_decoder = msgspec.json.Decoder(wire.ChatCompletionChunk)
         self._chat_decoder = msgspec.json.Decoder(wire.ChatCompletion)
         self._completion_decoder = msgspec.json.Decoder(wire.Completion)
-        self.lora: VllmAdapters | None = None
-        self.edge_lora: EdgeAdapters | None = None
-        if kind == "vllm" and config.adapter_root is not None:
-            limit = config.max_adapters or DEFAULT_MAX_LORAS
-            self.lora = VllmAdapters(
-                name, self._upstream, config.adapter_root, limit, config.base_adapter_path
-            )
+        # The engine's adapters, if it is configured for them (vLLM, edge nodes).
+        manager = ADAPTER_MANAGERS.get(kind)
+        self.adapters = manager(name, config, self._upstream) if manager else None
         # Base-model requests go as the base model (not as an identity adapter).
-        self._base_is_plain = self.lora is None or not self.lora.uses_identity
-        if kind == "edge" and (config.adapter_root is not None or config.push_adapters):
-            admin_key = api_key_from_env(config.admin_api_key_env)
-            self.edge_lora = EdgeAdapters(
-                name, self._upstream, admin_key, push=config.push_adapters
-            )
+        self._base_is_plain = self.adapters is None or self.adapters.base_is_plain
 
     async def start(self) -> None:
         await self._probe()
@@ -183,61 +173,38 @@ class OpenAICompatibleBackend:
                 await self._prober
         await self._upstream.aclose()
 
-    # LoRA (SupportsLoRA): on vLLM one adapter per request, at scale 1; on
-    # edge nodes (llama.cpp) stacks with scales.
+    # LoRA (SupportsLoRA): what the engine's adapter manager says; on vLLM
+    # one adapter per request, at scale 1; on edge nodes (llama.cpp) stacks
+    # with scales.
 
     def serves_adapters(self) -> bool:
-        return self.lora is not None or self.edge_lora is not None
+        return self.adapters is not None
 
     def can_stack(self) -> bool:
-        return self.edge_lora is not None
+        return self.adapters is not None and self.adapters.can_stack
 
     def adapters_loaded(self) -> frozenset[str]:
-        if self.edge_lora is not None:
-            return self.edge_lora.loaded
-        return self.lora.names() if self.lora is not None else frozenset()
+        return self.adapters.names() if self.adapters is not None else frozenset()
 
     def adapter_slots(self) -> int | None:
-        # An edge node's own limit is its configuration, not known here.
-        return self.lora.limit if self.lora is not None else None
+        return self.adapters.slots if self.adapters is not None else None
 
     async def unload_adapter(self, name: str) -> None:
-        if self.lora is not None:
-            await self.lora.unload(name)
-        if self.edge_lora is not None:
-            await self.edge_lora.forget(name)
+        if self.adapters is not None:
+            await self.adapters.forget(name)
 
     def adapter_counters(self) -> Mapping[str, AdapterCounters]:
-        if self.edge_lora is not None:
-            return self.edge_lora.counters
-        return self.lora.counters if self.lora is not None else {}
+        return self.adapters.counters if self.adapters is not None else {}
 
-    @contextlib.asynccontextmanager
-    async def _engine_model(self, target: Target) -> AsyncIterator[str]:
+    def _engine_model(self, target: Target) -> contextlib.AbstractAsyncContextManager[str]:
         """The name to send as ``model``: the adapter's, held while in use."""
-        if not target.adapters:
-            if self.lora is None or self._base_is_plain:
-                yield target.engine_model
-                return
-            name = await self.lora.acquire_identity()
-            try:
-                yield name
-            finally:
-                self.lora.release(name)
-            return
-        if self.edge_lora is not None:
-            yield await self.edge_lora.model_for(target.engine_model, target.adapters)
-            return
-        if self.lora is None or len(target.adapters) > 1 or target.adapters[0].scale != 1.0:
+        if self.adapters is not None:
+            return self.adapters.engine_model(target)
+        if target.adapters:
             raise InvalidRequestError(
-                f"backend {self.name} serves one adapter per request, at scale 1", param="model"
+                f"backend {self.name} is not configured for adapters", param="model"
             )
-        adapter = target.adapters[0].adapter
-        await self.lora.acquire(adapter)
-        try:
-            yield adapter.name
-        finally:
-            self.lora.release(adapter.name)
+        return contextlib.nullcontext(target.engine_model)
 
     async def chat(
         self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
@@ -333,22 +300,10 @@ class OpenAICompatibleBackend:
                 _, text = await self._root_get("/metrics")
                 metrics = text.decode(errors="replace")
                 self._load = parse_load(metrics, LOAD_METRICS[self.kind])
-                if self.lora is not None:
-                    await self._reconcile_adapters(metrics)
-                if self.edge_lora is not None:
-                    self.edge_lora.observe(metrics, await self.edge_lora.listing())
+                if self.adapters is not None:
+                    await self.adapters.observe(metrics)
         except GatewayError as error:
             self._health = BackendHealth(False, error.message)
-
-    async def _reconcile_adapters(self, metrics: str) -> None:
-        """vLLM's own view of its adapters: its limit, and what it holds."""
-        assert self.lora is not None
-        if not self._config.max_adapters:
-            self.lora.limit = parse_max_loras(metrics) or self.lora.limit
-        status, content = await self._upstream.get("/models")
-        if status == 200:
-            listing = msgspec.json.decode(content, type=_ModelListing).data
-            self.lora.reconcile(ListedModel(m.id, m.parent) for m in listing)
 
     async def _root_get(self, path: str) -> tuple[int, bytes]:
         # /health and /metrics live at the server's root, beside /v1.
@@ -384,13 +339,28 @@ def parse_load(text: str, names: LoadMetricNames) -> EngineLoad:
     )
 
 
-_MAX_LORA = re.compile(r'^vllm:lora_requests_info\{[^}]*max_lora="(\d+)"', re.MULTILINE)
+def _vllm_adapters(
+    name: str, config: OpenAICompatibleConfig, upstream: Upstream
+) -> RemoteAdapters | None:
+    if config.adapter_root is None:
+        return None
+    limit = config.max_adapters or None  # None: vLLM's own --max-loras
+    return VllmAdapters(name, upstream, config.adapter_root, limit, config.base_adapter_path)
 
 
-def parse_max_loras(metrics: str) -> int | None:
-    """vLLM's --max-loras, from the labels of its ``vllm:lora_requests_info``."""
-    match = _MAX_LORA.search(metrics)
-    return int(match.group(1)) if match else None
+def _edge_adapters(
+    name: str, config: OpenAICompatibleConfig, upstream: Upstream
+) -> RemoteAdapters | None:
+    if config.adapter_root is None and not config.push_adapters:
+        return None
+    admin_key = api_key_from_env(config.admin_api_key_env)
+    return EdgeAdapters(name, upstream, admin_key, push=config.push_adapters)
+
+
+# The adapter manager of each engine kind that holds adapters remotely.
+ADAPTER_MANAGERS: dict[
+    EngineKind, Callable[[str, OpenAICompatibleConfig, Upstream], RemoteAdapters | None]
+] = {"vllm": _vllm_adapters, "edge": _edge_adapters}
 
 
 def _factory(

@@ -15,8 +15,9 @@ are content-addressed, so an adapter registered again with other weights
 never inherits its predecessor's KV.
 
 The cache belongs to the engine's worker thread; the event loop only reads
-:attr:`AdapterCache.loaded_names` (an immutable snapshot) and the counters,
-and asks for removals through :meth:`AdapterCache.discard`.
+:attr:`AdapterCache.loaded_names` and :attr:`AdapterCache.loaded_paths`
+(immutable snapshots) and the counters, and asks for removals through
+:meth:`AdapterCache.discard`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class AdapterCache:
         self._active: tuple[tuple[Path, float], ...] = ()
         self._discarded: set[str] = set()
         self.loaded_names: frozenset[str] = frozenset()
+        # The GGUF files loaded: a request for one of them needs no load, so
+        # no check of its files (see gateway/lora/artifacts.py).
+        self.loaded_paths: frozenset[Path] = frozenset()
         self.counters: dict[str, AdapterCounters] = {}
 
     def activate(self, refs: AdapterSet) -> None:
@@ -132,3 +136,4 @@ class AdapterCache:
 
     def _publish(self) -> None:
         self.loaded_names = frozenset(entry.name for entry in self._loaded.values())
+        self.loaded_paths = frozenset(self._loaded)

@@ -24,7 +24,7 @@ _CHUNK = 1 << 20
 
 
 class AdapterSourceError(ValueError):
-    """An adapter's files are missing, unsafe or not what was registered."""
+    """An adapter's files are missing or unsafe."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +95,3 @@ def sha256_of(source: AdapterSource) -> str:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def verify(source: AdapterSource, expected: str) -> None:
-    """Blocking. Raises :class:`AdapterSourceError` unless the files hash to ``expected``."""
-    actual = sha256_of(source)
-    if actual != expected.lower():
-        raise AdapterSourceError(
-            f"adapter at {source.relative_path!r}: sha256 is {actual}, expected {expected}"
-        )

