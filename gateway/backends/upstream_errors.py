@@ -123,7 +123,7 @@ def status_error(
     carry the upstream's own text (admin calls to the gateway's own engines,
     whose callers read it); never for an answer a client asked for."""
     detail = upstream_error_detail(content)
-    text = detail.message if detail and detail.message else content[:200].decode("replace")
+    text = detail.message if detail and detail.message else content[:200].decode(errors="replace")
     _log_status(backend, status, text)
     if reveal:
         message = f"backend {backend}: {text or f'status {status}'}"
