@@ -27,9 +27,11 @@ from gateway.errors import (
     UpstreamError,
     UpstreamRateLimitedError,
 )
-from gateway.pipeline import _RETRYABLE
 from tests.scripted_transport import Reply, ScriptedTransport, json_reply
 
+# What the pipeline moves on from to the next deployment (tests/test_openai_backend.py
+# checks that it does).
+RETRYABLE = (EngineOverloadedError, UpstreamError)
 # What a hosted API says when it refuses a key: it names part of the key.
 LEAKY = "Incorrect API key provided: sk-proj-AbCd************************wxyz."
 UPSTREAM_LOG = "gateway.upstream"
@@ -79,7 +81,7 @@ async def test_a_refused_key_is_the_operators_fault_a_502_for_the_client(
     assert "hosted" in error.message and str(status) in error.message
     assert "sk-" not in error.message and "Incorrect" not in error.message
     # Retryable: another deployment (another key) may serve the request.
-    assert isinstance(error, _RETRYABLE)
+    assert isinstance(error, RETRYABLE)
     logged = [r for r in caplog.records if r.name == UPSTREAM_LOG]
     assert logged and logged[-1].levelno == logging.ERROR
     assert "sk-proj-AbCd" in logged[-1].getMessage() and "api_key_env" in logged[-1].getMessage()
@@ -88,7 +90,7 @@ async def test_a_refused_key_is_the_operators_fault_a_502_for_the_client(
 @pytest.mark.anyio
 async def test_a_429_is_retryable_and_carries_retry_after() -> None:
     error = await answer_error(error_reply(429, "Rate limit reached for requests", retry_after="7"))
-    assert isinstance(error, UpstreamRateLimitedError) and isinstance(error, _RETRYABLE)
+    assert isinstance(error, UpstreamRateLimitedError) and isinstance(error, RETRYABLE)
     assert isinstance(error, EngineOverloadedError)
     assert error.status_code == 503 and error.code == "upstream_rate_limited"
     assert error.headers == {"Retry-After": "7"}
@@ -218,7 +220,7 @@ async def test_admin_calls_keep_the_upstreams_message_for_their_callers() -> Non
 )
 async def test_transport_failures_are_retryable_upstream_errors(failure: BaseException) -> None:
     error = await answer_error(failure)
-    assert type(error) is UpstreamError and isinstance(error, _RETRYABLE)
+    assert type(error) is UpstreamError and isinstance(error, RETRYABLE)
     assert "unreachable or timed out" in error.message and type(failure).__name__ in error.message
 
 
@@ -276,7 +278,7 @@ async def test_a_stream_refused_before_its_first_byte(status: int) -> None:
     transport = ScriptedTransport(error_reply(status, retry_after="3"))
     with pytest.raises(GatewayError) as caught:
         await collect(upstream(transport).stream("/chat/completions", b"{}"))
-    assert isinstance(caught.value, _RETRYABLE) and "sk-" not in caught.value.message
+    assert isinstance(caught.value, RETRYABLE) and "sk-" not in caught.value.message
     assert transport.responses[0].closed
 
 
