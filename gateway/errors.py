@@ -6,22 +6,23 @@ status. A single handler in :mod:`gateway.app` turns them into
 ``{"error": {...}}`` bodies, so the official ``openai`` SDK raises the matching
 exception class:
 
-=====================  ======  ==============================
-class                  status  SDK exception
-=====================  ======  ==============================
-InvalidRequestError    400     ``BadRequestError``
-AuthenticationError    401     ``AuthenticationError``
-PermissionDeniedError  403     ``PermissionDeniedError``
-NotFoundError          404     ``NotFoundError``
-MethodNotAllowedError  405     ``APIStatusError``
-PayloadTooLargeError   413     ``APIStatusError``
-RateLimitError         429     ``RateLimitError``
-EngineOverloadedError  503     ``InternalServerError``
-UpstreamError          502     ``InternalServerError``
-UpstreamTimeoutError   504     ``InternalServerError``
-InternalError          500     ``InternalServerError``
-HookFailedError        500     ``InternalServerError``
-=====================  ======  ==============================
+========================  ======  ==============================
+class                     status  SDK exception
+========================  ======  ==============================
+InvalidRequestError       400     ``BadRequestError``
+AuthenticationError       401     ``AuthenticationError``
+PermissionDeniedError     403     ``PermissionDeniedError``
+NotFoundError             404     ``NotFoundError``
+MethodNotAllowedError     405     ``APIStatusError``
+PayloadTooLargeError      413     ``APIStatusError``
+RateLimitError            429     ``RateLimitError``
+EngineOverloadedError     503     ``InternalServerError``
+UpstreamRateLimitedError  503     ``InternalServerError``
+UpstreamError             502     ``InternalServerError``
+UpstreamTimeoutError      504     ``InternalServerError``
+InternalError             500     ``InternalServerError``
+HookFailedError           500     ``InternalServerError``
+========================  ======  ==============================
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "StreamTimeoutError",
     "UnsupportedFeatureError",
     "UpstreamError",
+    "UpstreamRateLimitedError",
     "UpstreamTimeoutError",
 ]
 
@@ -153,6 +155,14 @@ class EngineOverloadedError(GatewayError):
 
     def __init__(self, message: str, *, retry_after_seconds: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_seconds)})
+
+
+class UpstreamRateLimitedError(EngineOverloadedError):
+    """A hosted upstream answered 429: retryable (another deployment, or a
+    later round after its Retry-After); 503 for the client, whose own limits
+    are not the cause."""
+
+    default_code = "upstream_rate_limited"
 
 
 class UpstreamError(GatewayError):

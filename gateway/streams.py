@@ -152,14 +152,15 @@ async def checked(chunks: AsyncIterator[object], kind: type[T]) -> AsyncIterator
 
 async def shape_usage(chunks: AsyncIterator[ChunkT], include_usage: bool) -> AsyncIterator[ChunkT]:
     """Backends always end with a usage chunk; show it only if asked, and
-    then, as OpenAI does, put ``"usage": null`` on every other chunk."""
+    then, as OpenAI does, put ``"usage": null`` on every other chat chunk (a
+    text completion's usage is an object or absent in OpenAI's description)."""
     async with closing(chunks):
         async for chunk in chunks:
             if isinstance(chunk.usage, wire.Usage) and not chunk.choices:
                 if include_usage:
                     yield chunk
                 continue
-            if include_usage:
+            if include_usage and isinstance(chunk, wire.ChatCompletionChunk):
                 chunk.usage = None
             yield chunk
 
@@ -181,10 +182,9 @@ async def chat_as_chunks(
     for choice in response.choices:
         message = choice.message
         delta = wire.ChunkDelta(role="assistant", content=message.content)
-        if not isinstance(message.tool_calls, msgspec.UnsetType):
+        if message.tool_calls:
             delta.tool_calls = [
-                wire.ToolCallDelta(index=i, id=c.id, type="function", function=c.function)
-                for i, c in enumerate(message.tool_calls)
+                wire.whole_call_delta(i, c) for i, c in enumerate(message.tool_calls)
             ]
         yield chunk(
             [wire.ChunkChoice(index=choice.index, delta=delta, logprobs=None, finish_reason=None)]

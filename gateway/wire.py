@@ -3,8 +3,11 @@
 Requests reject unknown fields (as OpenAI does: "Unrecognized request
 argument"), and range limits are declared on the fields, so a bad value fails in
 the decoder with the offending path, before any work starts. Responses encode
-exactly what OpenAI sends: required fields are always present (``null`` where
-OpenAI sends ``null``); optional ones use ``UNSET`` and are left out.
+exactly what OpenAI's published description allows: required fields are always
+present (``null`` where OpenAI sends ``null``); optional ones are left out, never
+``null`` where the description says "a string or absent". The answers live in
+:mod:`gateway.wire_answers` (upstreams' answers are decoded into them,
+leniently) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,6 +16,29 @@ from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
+
+from gateway.wire_answers import FINISH_REASONS as FINISH_REASONS
+from gateway.wire_answers import ChatChoice as ChatChoice
+from gateway.wire_answers import ChatCompletion as ChatCompletion
+from gateway.wire_answers import ChatCompletionChunk as ChatCompletionChunk
+from gateway.wire_answers import ChoiceLogprobs as ChoiceLogprobs
+from gateway.wire_answers import ChunkChoice as ChunkChoice
+from gateway.wire_answers import ChunkDelta as ChunkDelta
+from gateway.wire_answers import Completion as Completion
+from gateway.wire_answers import CompletionChoice as CompletionChoice
+from gateway.wire_answers import CompletionLogprobs as CompletionLogprobs
+from gateway.wire_answers import CompletionTokensDetails as CompletionTokensDetails
+from gateway.wire_answers import FinishReason as FinishReason
+from gateway.wire_answers import FunctionCall as FunctionCall
+from gateway.wire_answers import FunctionCallDelta as FunctionCallDelta
+from gateway.wire_answers import PromptTokensDetails as PromptTokensDetails
+from gateway.wire_answers import ResponseMessage as ResponseMessage
+from gateway.wire_answers import TokenLogprob as TokenLogprob
+from gateway.wire_answers import ToolCall as ToolCall
+from gateway.wire_answers import ToolCallDelta as ToolCallDelta
+from gateway.wire_answers import TopLogprob as TopLogprob
+from gateway.wire_answers import Usage as Usage
+from gateway.wire_answers import whole_call_delta as whole_call_delta
 
 # --------------------------------------------------------------------------- requests
 
@@ -60,17 +86,6 @@ class RefusalPart(_Request, tag_field="type", tag="refusal"):
 
 UserContentPart = TextPart | ImagePart | AudioPart
 AssistantContentPart = TextPart | RefusalPart
-
-
-class FunctionCall(Struct, kw_only=True):
-    name: str
-    arguments: str
-
-
-class ToolCall(Struct, kw_only=True):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class SystemMessage(_Request, tag_field="role", tag="system"):
@@ -208,122 +223,8 @@ class CompletionRequest(_Request):
 
 
 # -------------------------------------------------------------------------- responses
-
-
-class PromptTokensDetails(Struct, kw_only=True):
-    # Prompt tokens served from a cache of earlier requests, not evaluated again.
-    cached_tokens: int = 0
-
-
-class Usage(Struct, kw_only=True, omit_defaults=True):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    # Left out when the backend does not say; upstreams may send null.
-    prompt_tokens_details: PromptTokensDetails | UnsetType | None = UNSET
-
-
-class TopLogprob(Struct, kw_only=True):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(Struct, kw_only=True):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(Struct, kw_only=True):
-    content: list[TokenLogprob] | None
-    refusal: None = None
-
-
-class ResponseMessage(Struct, kw_only=True, omit_defaults=True):
-    role: Literal["assistant"]
-    content: str | None
-    refusal: None
-    tool_calls: list[ToolCall] | UnsetType = UNSET
-
-
-# "stop", "length", "tool_calls" or "content_filter" from OpenAI; engines
-# behind the gateway may add their own (vLLM: "abort"), which pass through.
-FinishReason = str
-
-
-class ChatChoice(Struct, kw_only=True):
-    index: int
-    message: ResponseMessage
-    logprobs: ChoiceLogprobs | None
-    finish_reason: FinishReason
-
-
-class ChatCompletion(Struct, kw_only=True):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-
-class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
-    index: int
-    id: str | UnsetType = UNSET
-    type: Literal["function"] | UnsetType = UNSET
-    function: FunctionCall | UnsetType = UNSET
-
-
-class ChunkDelta(Struct, kw_only=True, omit_defaults=True):
-    role: Literal["assistant"] | UnsetType = UNSET
-    content: str | UnsetType | None = UNSET
-    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
-
-
-class ChunkChoice(Struct, kw_only=True):
-    index: int
-    delta: ChunkDelta
-    logprobs: ChoiceLogprobs | None
-    finish_reason: FinishReason | None
-
-
-class ChatCompletionChunk(Struct, kw_only=True, omit_defaults=True):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    system_fingerprint: str | None = None
-    # UNSET: left out (no include_usage); None: "usage": null on every chunk but
-    # the last, as OpenAI sends it when include_usage is on.
-    usage: Usage | UnsetType | None = UNSET
-
-
-class CompletionLogprobs(Struct, kw_only=True):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
-    text_offset: list[int]
-
-
-class CompletionChoice(Struct, kw_only=True):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: FinishReason | None
-
-
-class Completion(Struct, kw_only=True, omit_defaults=True):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    system_fingerprint: str | None = None
-    usage: Usage | UnsetType | None = UNSET
+# In gateway/wire_answers.py (decoded leniently from upstreams, encoded exactly),
+# re-exported here: the rest of the gateway names them ``wire.X``.
 
 
 class Model(Struct, kw_only=True, omit_defaults=True):

@@ -462,9 +462,7 @@ def _content_choice(index: int, delta: Delta, prepared: _Prepared) -> wire.Chunk
 def _final_choice(index: int, result: GenerationResult, prepared: _Prepared) -> wire.ChunkChoice:
     calls = responses.tool_calls_from(result.text) if prepared.tools else None
     if calls:
-        call = calls[0]
-        deltas = [wire.ToolCallDelta(index=0, id=call.id, type="function", function=call.function)]
-        delta = wire.ChunkDelta(tool_calls=deltas)
+        delta = wire.ChunkDelta(tool_calls=[wire.whole_call_delta(0, calls[0])])
         return wire.ChunkChoice(index=index, delta=delta, logprobs=None, finish_reason="tool_calls")
     delta = wire.ChunkDelta(content=result.text) if prepared.tools else wire.ChunkDelta()
     return wire.ChunkChoice(

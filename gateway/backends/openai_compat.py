@@ -21,6 +21,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import wire
+from gateway.backends.transport import AiohttpTransport, TransportFactory
 from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
     AdapterCounters,
@@ -33,7 +34,7 @@ from gateway.contract import (
     RequestContext,
     Target,
 )
-from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
+from gateway.errors import GatewayError, InvalidRequestError
 from gateway.lora.edge import EdgeAdapters
 from gateway.lora.remote import RemoteAdapters
 from gateway.lora.vllm import VllmAdapters
@@ -113,6 +114,8 @@ class OpenAICompatibleBackend:
         name: str,
         kind: EngineKind,
         config: OpenAICompatibleConfig,
+        *,
+        transport: TransportFactory = AiohttpTransport,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -123,6 +126,7 @@ class OpenAICompatibleBackend:
             timeouts=Timeouts(config.connect_timeout, config.first_token_timeout),
             api_key=api_key_from_env(config.api_key_env),
             max_connections=config.max_connections,
+            transport=transport,
         )
         self._models: tuple[str, ...] = config.models
         self._health = BackendHealth(ready=False, detail="not probed yet")
@@ -247,7 +251,7 @@ class OpenAICompatibleBackend:
         self, path: str, request: AnyRequest, decoder: msgspec.json.Decoder[_Answer], model: str
     ) -> _Answer:
         upstream = msgspec.structs.replace(request, model=model, stream=False)
-        return self._decode(decoder, await self._upstream.post(path, _encode(upstream)))
+        return self._decode(decoder, await self._upstream.answer(path, _encode(upstream)))
 
     async def _relay(
         self,
@@ -265,19 +269,32 @@ class OpenAICompatibleBackend:
                 # Always ask for usage: the gateway accounts for every stream.
                 stream_options=wire.StreamOptions(include_usage=True),
             )
+            # Usage comes in a last chunk without choices (the contract, and
+            # OpenAI's shape); an upstream that puts it on chunks with choices
+            # (xAI: a running total on every one) has it moved to one such
+            # chunk at the end.
+            usage_chunk: _Chunk | None = None
             async for payload in self._upstream.stream(path, _encode(upstream)):
                 chunk = self._decode(decoder, payload)
                 chunk.id, chunk.model = ctx.request_id, target.model
+                if isinstance(chunk.usage, wire.Usage):
+                    if chunk.choices:
+                        usage_chunk = msgspec.structs.replace(chunk, choices=[])
+                        chunk.usage = msgspec.UNSET
+                    else:
+                        usage_chunk = None
                 yield chunk
+            if usage_chunk is not None:
+                yield usage_chunk
 
     # ------------------------------------------------------------- internals
 
     def _decode(self, decoder: msgspec.json.Decoder[_T], payload: bytes) -> _T:
         try:
             return decoder.decode(payload)
-        except msgspec.DecodeError:
+        except msgspec.DecodeError as error:
             # An error event in the middle of a stream, or a malformed answer.
-            raise UpstreamError(f"backend {self.name} sent an unexpected answer") from None
+            raise self._upstream.unreadable(payload, error) from None
 
     async def _list_models(self) -> tuple[str, ...]:
         status, content = await self._upstream.get("/models")

@@ -1,6 +1,7 @@
 """The one seam to HTTP upstreams that speak OpenAI's API (vLLM, edge nodes,
 hosted APIs): pooled client, timeouts, and the translation of every transport
-failure and upstream status into a typed gateway error, in exactly one place.
+failure and upstream status into a typed gateway error, in exactly one place
+(the mapping itself is in :mod:`gateway.backends.upstream_errors`).
 
 The client is one ``aiohttp.ClientSession`` per upstream, chosen on
 measurement (docs/benchmarks.md, "What was optimised, and by how much"): the
@@ -8,27 +9,27 @@ first client, httpx's API on an aiohttp transport, spent about a third of the
 gateway's Python time building httpx requests, URLs, cookie jars and responses
 around aiohttp. Without it the server executes 1.25M instructions per proxied
 request instead of 2.22M, and spends 0.43 CPU-ms instead of 0.78-0.82.
+It sits behind a one-method transport (:mod:`gateway.backends.transport`) that
+tests replace.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-import msgspec
-from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.errors import (
-    EngineOverloadedError,
-    GatewayError,
-    InvalidRequestError,
-    NotFoundError,
-    UpstreamError,
+from gateway.backends.transport import (
+    AiohttpTransport,
+    TransportClosedError,
+    TransportFactory,
+    TransportOptions,
 )
+from gateway.backends.upstream_errors import status_error, unreadable_answer
+from gateway.errors import GatewayError, UpstreamError
 
 # What the client may raise: its own errors, and timeouts (ServerTimeoutError
 # is both; a few paths raise a bare TimeoutError).
@@ -41,17 +42,6 @@ class Timeouts:
     # Until the first byte of the answer (the whole answer, unstreamed);
     # between chunks once a stream has started.
     first_token: float
-
-
-class _UpstreamError(msgspec.Struct):
-    message: str = ""
-
-
-class _UpstreamErrorBody(msgspec.Struct):
-    error: _UpstreamError | str | None = None
-
-
-_error_decoder = msgspec.json.Decoder(_UpstreamErrorBody)
 
 
 def api_key_from_env(variable: str | None) -> str | None:
@@ -67,7 +57,13 @@ def api_key_from_env(variable: str | None) -> str | None:
 
 class Upstream:
     """One pooled HTTP client for one upstream, created at start-up (the
-    session itself on first use, inside the event loop)."""
+    transport's connections on first use, inside the event loop).
+
+    ``answer`` and ``stream`` carry clients' requests: their errors never
+    carry the upstream's text. ``post``, ``put``, ``get`` and ``delete`` are for
+    the gateway's own calls (probes, metrics, adapters), whose callers may read
+    the upstream's message.
+    """
 
     def __init__(
         self,
@@ -77,46 +73,17 @@ class Upstream:
         timeouts: Timeouts,
         api_key: str | None = None,
         max_connections: int = 100,
+        transport: TransportFactory = AiohttpTransport,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
-        headers = CIMultiDict({"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self._headers = headers
-        self._max_connections = max_connections
-        # connect: waiting for a pooled connection and opening one (as httpx's
-        # pool timeout); sock_connect: opening one; sock_read: between reads.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.first_token,
-            sock_connect=timeouts.connect,
-            sock_read=timeouts.first_token,
+        self._transport = transport(
+            TransportOptions(headers, timeouts.connect, timeouts.first_token, max_connections)
         )
         self._urls: dict[str, URL] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
-
-    def _client(self) -> aiohttp.ClientSession:
-        session = self._session
-        if session is None:
-            if self._closed:
-                raise UpstreamError(f"backend {self.name} is shut down")
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=self._max_connections
-            )
-            session = self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers=self._headers,
-                timeout=self._timeout,
-                # Never a proxy from the environment, never cookies: nothing
-                # the client or the upstream sends changes what the next
-                # request carries.
-                trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                raise_for_status=False,
-            )
-        return session
 
     def _url(self, path: str) -> URL:
         """``path`` below the base URL, or an absolute URL; parsed once."""
@@ -126,60 +93,79 @@ class Upstream:
             url = self._urls[path] = URL(path if absolute else self.base_url + path)
         return url
 
+    async def answer(self, path: str, body: bytes) -> bytes:
+        """A client's request, unstreamed: the answer's body."""
+        return await self._send("POST", path, body, None, reveal=False)
+
     async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
-        return await self._send("POST", path, body, headers)
+        return await self._send("POST", path, body, headers, reveal=True)
 
     async def put(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
         """For admin calls (adapter uploads); errors as for :meth:`post`."""
-        return await self._send("PUT", path, body, headers)
+        return await self._send("PUT", path, body, headers, reveal=True)
 
     async def _send(
-        self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        *,
+        reveal: bool,
     ) -> bytes:
         """The body of a successful answer; every failure as a typed error."""
-        request = self._client().request(method, self._url(path), data=body, headers=headers)
         try:
-            async with request as response:
+            response = await self._transport.send(method, self._url(path), body, headers)
+            try:
                 content = await response.read()
+            finally:
+                response.release()
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
         if response.status >= 400:
-            raise self._status_error(response.status, content, response.headers)
+            raise status_error(self.name, response.status, content, response.headers, reveal=reveal)
         return content
 
     async def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         """For probes and metrics: the status and body, errors as UpstreamError."""
-        try:
-            async with self._client().get(self._url(path), headers=headers) as response:
-                return response.status, await response.read()
-        except _TRANSPORT_ERRORS as error:
-            raise self._transport_error(error) from error
+        return await self._status_and_body("GET", path, headers)
 
     async def delete(self, path: str, headers: Mapping[str, str] | None = None) -> int:
         """For admin calls: the status, transport errors as UpstreamError."""
+        status, _ = await self._status_and_body("DELETE", path, headers)
+        return status
+
+    async def _status_and_body(
+        self, method: str, path: str, headers: Mapping[str, str] | None
+    ) -> tuple[int, bytes]:
         try:
-            async with self._client().delete(self._url(path), headers=headers) as response:
-                await response.read()
-                return response.status
+            response = await self._transport.send(method, self._url(path), None, headers)
+            try:
+                return response.status, await response.read()
+            finally:
+                response.release()
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
 
     async def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
-        """The ``data:`` payloads of an SSE response, without ``[DONE]``.
+        """The ``data:`` payloads of a client's streamed answer, without
+        ``[DONE]``.
 
         Failures before the first payload raise retryable errors; closing the
         iterator closes the connection, which makes vLLM abort the request.
         Each payload is yielded as soon as its line is complete.
         """
         try:
-            response = await self._client().post(self._url(path), data=body)
+            response = await self._transport.send("POST", self._url(path), body, None)
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
         complete = False
         try:
             if response.status >= 400:
                 content = await response.read()
-                raise self._status_error(response.status, content, response.headers)
+                raise status_error(
+                    self.name, response.status, content, response.headers, reveal=False
+                )
             pending = b""
             async for data in response.content.iter_any():
                 lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
@@ -210,38 +196,15 @@ class Upstream:
                 # connection, so the upstream sees the close and stops.
                 response.close()
 
+    def unreadable(self, payload: bytes, problem: Exception) -> UpstreamError:
+        """An answer or chunk that does not decode (logged for the operator)."""
+        return unreadable_answer(self.name, payload, problem)
+
     def _transport_error(self, error: BaseException) -> GatewayError:
+        if isinstance(error, TransportClosedError):
+            return UpstreamError(f"backend {self.name} is shut down")
         kind = type(error).__name__
         return UpstreamError(f"backend {self.name} is unreachable or timed out ({kind})")
 
-    def _status_error(
-        self, status: int, content: bytes, headers: Mapping[str, str]
-    ) -> GatewayError:
-        message = _upstream_message(content) or f"status {status}"
-        text = f"backend {self.name}: {message}"
-        if status == 429 or status == 503:
-            retry_after = headers.get("retry-after", "1")
-            seconds = int(retry_after) if retry_after.isdigit() else 1
-            return EngineOverloadedError(text, retry_after_seconds=seconds)
-        if status >= 500:
-            return UpstreamError(text)
-        if status == 404:
-            return NotFoundError(text, param="model")
-        return InvalidRequestError(text)
-
     async def aclose(self) -> None:
-        self._closed = True
-        session, self._session = self._session, None
-        if session is not None:
-            with contextlib.suppress(*_TRANSPORT_ERRORS):
-                await session.close()
-
-
-def _upstream_message(content: bytes) -> str:
-    try:
-        body = _error_decoder.decode(content)
-    except msgspec.DecodeError:
-        return content[:200].decode(errors="replace")
-    if isinstance(body.error, _UpstreamError):
-        return body.error.message
-    return body.error or ""
+        await self._transport.aclose()

@@ -113,7 +113,6 @@ async def test_a_chat_answer_is_openais_shape() -> None:
             }
         ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-        "system_fingerprint": None,
     }
 
 

@@ -1,0 +1,127 @@
+"""The HTTP transport under :class:`~gateway.backends.upstream.Upstream`: one
+method that sends a request and hands back the response, unread.
+
+In production it is aiohttp: one pooled ``ClientSession`` per upstream, and
+aiohttp's own ``ClientResponse`` passes through unwrapped (the protocols below
+are the part of it the upstream code uses), so the seam costs one call. Tests
+inject a scripted transport instead and drive every status, body and cut-off
+stream without a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from yarl import URL
+
+
+class ResponseBody(Protocol):
+    def iter_any(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive."""
+        ...
+
+
+class TransportResponse(Protocol):
+    """A response whose body has not been read yet."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def content(self) -> ResponseBody: ...
+
+    async def read(self) -> bytes: ...
+
+    def release(self) -> object:
+        """Done with a wholly read body: the connection may be reused."""
+        ...
+
+    def close(self) -> None:
+        """Drop the connection (the upstream sees it closed)."""
+        ...
+
+
+class Transport(Protocol):
+    async def send(
+        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str] | None
+    ) -> TransportResponse:
+        """Send a request (``headers`` on top of the transport's own) and
+        return its response once the status line and headers are in."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TransportOptions:
+    # Sent with every request (content type, the upstream's key).
+    headers: Mapping[str, str]
+    # Opening a connection.
+    connect_timeout: float
+    # Waiting for a pooled connection, and between reads of an answer.
+    read_timeout: float
+    max_connections: int
+
+
+TransportFactory = Callable[[TransportOptions], Transport]
+
+
+class TransportClosedError(aiohttp.ClientConnectionError):
+    """A request after the transport was closed (the gateway is stopping)."""
+
+
+class AiohttpTransport:
+    """The production transport; its session is created on first use, inside
+    the event loop."""
+
+    def __init__(self, options: TransportOptions) -> None:
+        self._options = options
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _client(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None:
+            if self._closed:
+                raise TransportClosedError("the transport is closed")
+            options = self._options
+            limit = options.max_connections
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit),
+                headers=dict(options.headers),
+                # connect: waiting for a pooled connection and opening one (as
+                # httpx's pool timeout); sock_connect: opening one; sock_read:
+                # between reads.
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=options.read_timeout,
+                    sock_connect=options.connect_timeout,
+                    sock_read=options.read_timeout,
+                ),
+                # Never a proxy from the environment, never cookies: nothing
+                # the client or the upstream sends changes what the next
+                # request carries.
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                raise_for_status=False,
+            )
+        return session
+
+    async def send(
+        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str] | None
+    ) -> aiohttp.ClientResponse:
+        return await self._client().request(method, url, data=body, headers=headers)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                await session.close()

@@ -1,0 +1,122 @@
+"""The real vLLM of the test run behind the gateway, twice: as a hosted API
+(the `openai` backend type) and as a vLLM pool (the `vllm` type). vLLM's
+answers carry fields OpenAI's do not (stop_reason, prompt_logprobs,
+kv_transfer_params, reasoning_content, null system_fingerprint): every answer
+and chunk the client gets must still be in OpenAI's exact shape, checked
+against OpenAI's published OpenAPI description."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server, config_with_key, running_server
+from tests.openai_schema import CHAT, assert_answer, problems
+from tests.vllm_server import VllmServer
+
+# The first test also pays for vLLM (install on a clean machine, start-up).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+HI: Any = [{"role": "user", "content": "Say hi."}]
+MODELS = ["via-openai-type", "via-vllm-type"]
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    extra = f"""
+        [backends.hosted]
+        type = "openai"
+        base_url = "{vllm.base_url}"
+        models = ["{vllm.model}"]
+
+        [backends.pool]
+        type = "vllm"
+        base_url = "{vllm.base_url}"
+
+        [models.via-openai-type]
+        deployments = [{{ backend = "hosted", model = "{vllm.model}" }}]
+
+        [models.via-vllm-type]
+        deployments = [{{ backend = "pool", model = "{vllm.model}" }}]
+        """
+    with running_server(tmp_path_factory.mktemp("vllm-hosted"), config_with_key(extra)) as live:
+        yield live
+
+
+@pytest.fixture
+def client(gateway: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=gateway.api_key, max_retries=0)
+
+
+@pytest.fixture
+def raw(gateway: Server) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    with httpx.Client(base_url=gateway.base_url, headers=headers, timeout=300) as http:
+        yield http
+
+
+def events(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    body = response.content
+    assert body.endswith(b"data: [DONE]\n\n"), body[-500:]
+    raw_events = body[: -len(b"data: [DONE]\n\n")].split(b"\n\n")[:-1]
+    assert all(event.startswith(b"data: ") for event in raw_events)
+    return [json.loads(event[len(b"data: ") :]) for event in raw_events]
+
+
+def test_vllm_itself_answers_in_a_shape_openai_does_not(vllm: VllmServer) -> None:
+    """Why the relay matters: vLLM's own answer fails OpenAI's description."""
+    body = {"model": vllm.model, "messages": HI, "max_tokens": 4}
+    answer = httpx.post(f"{vllm.base_url}/chat/completions", json=body, timeout=300).json()
+    assert problems(answer, CHAT)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_answers(client: openai.OpenAI, model: str) -> None:
+    raw_reply = client.chat.completions.with_raw_response.create(
+        model=model, messages=HI, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    assert_answer(raw_reply.http_response.json(), stream=False, chat=True)
+    reply = raw_reply.parse()
+    assert reply.model == model and reply.choices[0].message.content
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 6
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_streams(client: openai.OpenAI, raw: httpx.Client, model: str) -> None:
+    stream = client.chat.completions.create(
+        model=model,
+        messages=HI,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    for usage in (False, True):
+        body: dict[str, Any] = {"model": model, "messages": HI, "max_tokens": 6, "stream": True}
+        if usage:
+            body["stream_options"] = {"include_usage": True}
+        sent = events(raw.post("/chat/completions", json=body))
+        for chunk in sent:
+            assert_answer(chunk, stream=True, chat=True)
+        assert any(chunk.get("usage") for chunk in sent) == usage
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_text_completions(raw: httpx.Client, model: str) -> None:
+    body: dict[str, Any] = {"model": model, "prompt": "The capital of France is", "max_tokens": 5}
+    whole = raw.post("/completions", json={**body, "logprobs": 2})
+    assert whole.status_code == 200, whole.text
+    assert_answer(whole.json(), stream=False, chat=False)
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    for chunk in events(raw.post("/completions", json=stream)):
+        assert_answer(chunk, stream=True, chat=False)
