@@ -158,13 +158,16 @@ class EdgeAdapters:
             await self._transport.put(url, body, headers)
         except InvalidRequestError as error:
             if "already taken" not in error.message:
-                raise UpstreamError(
-                    f"backend {self._backend} refused adapter {adapter.name}: {error.message}"
-                ) from None
+                raise self._refused(adapter, error) from None
             await self._transport.delete(
                 f"{self._root_url}/admin/adapters/{adapter.name}", self._headers
             )
             await self._transport.put(url, body, headers)
+
+    def _refused(self, adapter: Adapter, error: InvalidRequestError) -> UpstreamError:
+        """The node's words go to the operator's log, never to the client."""
+        _log.error("%s refused adapter %s: %s", self._backend, adapter.name, error.message)
+        return UpstreamError(f"backend {self._backend} refused adapter {adapter.name}")
 
     async def _register_shared(self, adapter: Adapter, engine_model: str) -> None:
         """The node reads the same root: register the adapter's path there."""
@@ -178,9 +181,7 @@ class EdgeAdapters:
             await self._transport.post(url, body, self._headers)
         except InvalidRequestError as error:
             if "already taken" not in error.message:
-                raise UpstreamError(
-                    f"backend {self._backend} refused adapter {adapter.name}: {error.message}"
-                ) from None
+                raise self._refused(adapter, error) from None
             # Registered before (perhaps another version): register this one.
             await self._transport.delete(f"{url}/{adapter.name}", self._headers)
             await self._transport.post(url, body, self._headers)

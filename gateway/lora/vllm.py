@@ -226,9 +226,16 @@ class VllmAdapters:
                 await self._transport.post("/load_lora_adapter", body)
             except InvalidRequestError as error:
                 if _ALREADY_LOADED not in error.message:
+                    # The engine's words go to the operator's log, never to
+                    # the client (an upstream's error text can carry secrets).
+                    _log.error(
+                        "%s: loading adapter %s failed: %s",
+                        self._backend,
+                        adapter.name,
+                        error.message,
+                    )
                     raise UpstreamError(
-                        f"backend {self._backend} could not load adapter {adapter.name}: "
-                        f"{error.message}"
+                        f"backend {self._backend} could not load adapter {adapter.name}"
                     ) from None
             counters = self.counters.setdefault(adapter.name, AdapterCounters())
             counters.loads += 1
