@@ -23,7 +23,7 @@ SECRET = (
 )
 MASKED = "Contact [EMAIL] or [PHONE]; card [CARD], order 1234567890123. Say OK."
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
