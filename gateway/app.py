@@ -28,7 +28,8 @@ from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator
 from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
-from gateway.decisions import DecisionLog, RouteTrace
+from gateway.decision_log import DecisionLog
+from gateway.decisions import RouteTrace
 from gateway.endpoints import CHAT, COMPLETIONS, AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     AuthenticationError,

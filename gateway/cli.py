@@ -21,7 +21,7 @@ from gateway import explain
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key
 from gateway.catalog import Plan, plan
-from gateway.decisions import LogFormatError, read_log
+from gateway.decision_log import LogFormatError, read_log
 from gateway.registry import PluginLoadError, Registry, discover
 from gateway.replay import replay
 from gateway.settings import (

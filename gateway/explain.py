@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from gateway.decisions import CandidateView, RankingRecord, RouteDecision
+from gateway.decision_log import CandidateView, RankingRecord, RouteDecision
 
 _decoder = msgspec.json.Decoder(RouteDecision)
 

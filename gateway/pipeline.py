@@ -31,7 +31,8 @@ from typing import Generic, TypeVar
 from gateway import wire
 from gateway.catalog import Catalog, ModelEntry
 from gateway.contract import AnyRequest, Backend, Candidate, RequestContext, Target
-from gateway.decisions import DecisionLog, Decisions, Ranking, RouteDecision, RouteTrace
+from gateway.decision_log import DecisionLog, RouteDecision
+from gateway.decisions import Decisions, Ranking, RouteTrace
 from gateway.endpoints import AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     EngineOverloadedError,

@@ -29,7 +29,7 @@ from gateway.contract import (
     RequestContext,
     RoutingPolicy,
 )
-from gateway.decisions import RankingRecord, RequestView, RouteDecision
+from gateway.decision_log import RankingRecord, RequestView, RouteDecision
 
 # Without recorded prompts, a chat request is rebuilt with one empty message:
 # no built-in policy reads the text (rules read its size, recorded apart).

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from gateway.auth import hash_api_key
-from gateway.decisions import RouteDecision, read_log
+from gateway.decision_log import RouteDecision, read_log
 from tests.conftest import MODEL, config_with_key, free_port, running_server
 
 ADMIN_KEY = "sk-nomoat-admin-0123456789abcdef"

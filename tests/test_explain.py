@@ -27,7 +27,8 @@ from gateway.contract import (
     RequestContext,
     Target,
 )
-from gateway.decisions import DecisionLog, RouteDecision, RouteTrace, read_log
+from gateway.decision_log import DecisionLog, RouteDecision, read_log
+from gateway.decisions import RouteTrace
 from gateway.endpoints import CHAT
 from gateway.errors import UpstreamError
 from gateway.lora.registry import AdapterRegistry

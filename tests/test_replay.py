@@ -30,17 +30,16 @@ from gateway.contract import (
     RoutingPolicy,
     Target,
 )
-from gateway.decisions import (
+from gateway.decision_log import (
     DECISION_LOG_VERSION,
     CandidateView,
     DecisionLog,
-    Decisions,
     LogFormatError,
     RouteDecision,
-    RouteTrace,
     StatsView,
     read_log,
 )
+from gateway.decisions import Decisions, RouteTrace
 from gateway.policies import manifest
 from gateway.replay import in_call_order, rebuild_request, replay, rerank
 from gateway.testing import build_policy, chat_request, completion_request
