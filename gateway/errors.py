@@ -13,6 +13,7 @@ PermissionDeniedError  403     ``PermissionDeniedError``
 NotFoundError          404     ``NotFoundError``
 PayloadTooLargeError   413     ``APIStatusError``
 RateLimitError         429     ``RateLimitError``
+KeyOverloadedError     429     ``RateLimitError``
 EngineOverloadedError  503     ``InternalServerError``
 UpstreamError          502     ``InternalServerError``
 UpstreamTimeoutError   504     ``InternalServerError``
@@ -37,6 +38,7 @@ __all__ = [
     "HookFailedError",
     "InternalError",
     "InvalidRequestError",
+    "KeyOverloadedError",
     "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
@@ -150,6 +152,17 @@ class EngineOverloadedError(GatewayError):
 
     def __init__(self, message: str, *, retry_after_seconds: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_seconds)})
+
+
+class KeyOverloadedError(EngineOverloadedError):
+    """This API key already holds its share of an engine (``max_per_key``).
+
+    429: the client's own load is the cause. An overload still, so the
+    gateway tries other deployments first (where the key may have room)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
 
 
 class UpstreamError(GatewayError):
