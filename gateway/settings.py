@@ -92,6 +92,11 @@ class LimitSettings(_Strict):
     # Requests in progress (a stream counts until its end); past it, 503
     # with Retry-After. /health and /ready are always answered.
     max_requests: Annotated[int, Field(ge=1)] = 512
+    # The kernel's send buffer for each client connection, in bytes; 0: the
+    # kernel sizes it (Linux grows it up to net.ipv4.tcp_wmem's maximum,
+    # 4 MiB, for a client that reads slowly). Smaller: a slow reader holds
+    # less memory, and its stream's generation waits for it sooner.
+    socket_send_buffer_bytes: Annotated[int, Field(ge=0)] = 0
 
 
 class DeploymentSettings(_Strict):
