@@ -130,10 +130,6 @@ class ConnectionGuard:
         self._reported: Counter[str] = Counter()
         self.lingering = 0
 
-    @property
-    def open(self) -> int:
-        return len(self._connections)
-
     def join(self, connection: GuardedProtocol) -> bool:
         """Count a new (idle) connection, closing the longest idle one if
         there are too many; False if every one has a request in progress."""
@@ -173,7 +169,11 @@ class ConnectionGuard:
             await asyncio.sleep(self.limits.sweep_interval)
             now = time.monotonic()
             for connection in list(self._connections):
-                connection.check_timeouts(now)
+                try:
+                    connection.check_timeouts(now)
+                except Exception:  # one broken connection must not end the sweeps
+                    _log.exception("checking a connection's timeouts failed")
+                    connection.close_idle()
             if now - last_report >= _REPORT_EVERY_SECONDS:
                 last_report = now
                 self._report()
