@@ -21,6 +21,7 @@ from gateway import explain
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key
 from gateway.catalog import Plan, plan
+from gateway.connections import ConnectionGuard, HttpLimits, fit_file_limit, protocol_class
 from gateway.decision_log import LogFormatError, read_log
 from gateway.registry import PluginLoadError, Registry, discover
 from gateway.replay import replay
@@ -31,6 +32,7 @@ from gateway.settings import (
     load_settings,
     validation_problems,
 )
+from gateway.shedding import RequestShedder
 
 DEFAULT_ADMIN_KEY_ENV = "NOMOAT_ADMIN_KEY"
 
@@ -112,6 +114,10 @@ def edge(args: argparse.Namespace) -> int:
         "parallel": args.parallel,
         "threads": args.threads,
         "max_waiting": args.max_waiting,
+        # An edge node's client is usually one gateway, with one key for all
+        # its users: a per-key share would cap that gateway (its own engine
+        # limits each user's key).
+        "max_per_key": args.max_per_key,
     }
     if args.model is not None:
         options["model_path"] = str(args.model)
@@ -150,12 +156,19 @@ def _run(settings: Settings) -> int:
         level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     runtime = Runtime(settings, startup_plan)
+    limits = settings.limits
+    # Connections and requests are bounded before the app sees them, and
+    # shed with 503 + Retry-After past the bounds (gateway/connections.py,
+    # gateway/shedding.py); uvicorn's limit_concurrency is not used: it
+    # counts idle connections too, so they would shed /health.
+    max_connections = fit_file_limit(limits.max_connections)
+    guard = ConnectionGuard(HttpLimits.from_settings(limits, max_connections))
     config = uvicorn.Config(
-        create_app(runtime),
+        RequestShedder(create_app(runtime), limits.max_requests),
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(guard),
         lifespan="on",
         timeout_graceful_shutdown=int(server.shutdown_grace_seconds),
         log_level=server.log_level,
@@ -361,6 +374,12 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--parallel", type=int, default=4, help="requests batched at once")
     node.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per core)")
     node.add_argument("--max-waiting", type=int, default=16, help="queued requests before 503")
+    node.add_argument(
+        "--max-per-key",
+        type=int,
+        default=0,
+        help="generations one API key may hold, waiting and running (0: no limit)",
+    )
     node.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     node.add_argument("--port", type=int, help="port (default 8100)")
     node.add_argument(

@@ -6,24 +6,7 @@ status. A single handler in :mod:`gateway.app` turns them into
 ``{"error": {...}}`` bodies, so the official ``openai`` SDK raises the matching
 exception class:
 
-========================  ======  ==============================
-class                     status  SDK exception
-========================  ======  ==============================
-InvalidRequestError       400     ``BadRequestError``
-AuthenticationError       401     ``AuthenticationError``
-PermissionDeniedError     403     ``PermissionDeniedError``
-NotFoundError             404     ``NotFoundError``
-MethodNotAllowedError     405     ``APIStatusError``
-PayloadTooLargeError      413     ``APIStatusError``
-RateLimitError            429     ``RateLimitError``
-EngineOverloadedError     503     ``InternalServerError``
-UpstreamRateLimitedError  503     ``InternalServerError``
-UpstreamError             502     ``InternalServerError``
-UpstreamTimeoutError      504     ``InternalServerError``
-InternalError             500     ``InternalServerError``
-HookFailedError           500     ``InternalServerError``
-========================  ======  ==============================
-"""
+========================  ======  ======================="""
 
 from __future__ import annotations
 
@@ -41,6 +24,7 @@ __all__ = [
     "HookFailedError",
     "InternalError",
     "InvalidRequestError",
+    "KeyOverloadedError",
     "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
@@ -163,6 +147,17 @@ class UpstreamRateLimitedError(EngineOverloadedError):
     are not the cause."""
 
     default_code = "upstream_rate_limited"
+
+
+class KeyOverloadedError(EngineOverloadedError):
+    """This API key already holds its share of an engine (``max_per_key``).
+
+    429: the client's own load is the cause. An overload still, so the
+    gateway tries other deployments first (where the key may have room)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
 
 
 class UpstreamError(GatewayError):

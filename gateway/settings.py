@@ -67,6 +67,35 @@ class LimitSettings(_Strict):
     max_stop_sequences: Annotated[int, Field(ge=0)] = 4
     max_logit_bias: Annotated[int, Field(ge=0)] = 300
     max_tools: Annotated[int, Field(ge=0)] = 128
+    # Generations one request asks for: its prompts (a completion request may
+    # send a list) times n.
+    max_choices: Annotated[int, Field(ge=1)] = 8
+    # Characters in one stop sequence (engines match every stop against the
+    # text held back after each token).
+    max_stop_length: Annotated[int, Field(ge=1)] = 256
+    # The highest max_tokens / max_completion_tokens a request may set.
+    max_tokens_ceiling: Annotated[int, Field(ge=1)] = 16384
+    # HTTP, before the request reaches the application: header lines, the
+    # request line and headers together (431 past either), the URL (414).
+    max_header_count: Annotated[int, Field(ge=8)] = 100
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024
+    max_url_bytes: Annotated[int, Field(ge=256)] = 8 * 1024
+    # A request's line and headers must arrive within this time (from the
+    # connection, or from its first byte on a kept-alive one): 408 past it.
+    header_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # A request body may pause this long between reads: 408 past it.
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # Open client connections; a new one past it gets 503 with Retry-After
+    # and is closed. Capped by the file descriptors the process may open.
+    max_connections: Annotated[int, Field(ge=1)] = 4096
+    # Requests in progress (a stream counts until its end); past it, 503
+    # with Retry-After. /health and /ready are always answered.
+    max_requests: Annotated[int, Field(ge=1)] = 512
+    # The kernel's send buffer for each client connection, in bytes; 0: the
+    # kernel sizes it (Linux grows it up to net.ipv4.tcp_wmem's maximum,
+    # 4 MiB, for a client that reads slowly). Smaller: a slow reader holds
+    # less memory, and its stream's generation waits for it sooner.
+    socket_send_buffer_bytes: Annotated[int, Field(ge=0)] = 0
 
 
 class DeploymentSettings(_Strict):

@@ -78,11 +78,37 @@ def _check_common(request: AnyRequest, limits: LimitSettings) -> None:
     stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
     _at_most(len(stops), limits.max_stop_sequences, "stop", "stop sequences")
     _at_most(len(request.logit_bias or {}), limits.max_logit_bias, "logit_bias", "entries")
+    _check_volume(request, stops, limits)
     if request.stream_options is not None and not request.stream:
         raise InvalidRequestError(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             param="stream_options",
         )
+
+
+def _prompt_count(request: AnyRequest) -> int:
+    if isinstance(request, wire.ChatCompletionRequest) or isinstance(request.prompt, str):
+        return 1
+    if request.prompt and all(isinstance(item, int) for item in request.prompt):
+        return 1  # one prompt, as token ids
+    return len(request.prompt)
+
+
+def _check_volume(request: AnyRequest, stops: list[str], limits: LimitSettings) -> None:
+    """What one request may make an engine do: generations (prompts times
+    n), stop sequences' length, the completion budget it asks for."""
+    n = request.n or 1
+    choices = _prompt_count(request) * n
+    param = "n" if choices == n else "prompt"
+    _at_most(choices, limits.max_choices, param, "choices (prompts times n)")
+    for stop in stops:
+        _at_most(len(stop), limits.max_stop_length, "stop", "characters in a stop sequence")
+    budgets = [("max_tokens", request.max_tokens)]
+    if isinstance(request, wire.ChatCompletionRequest):
+        budgets.append(("max_completion_tokens", request.max_completion_tokens))
+    for name, budget in budgets:
+        if budget is not None:
+            _at_most(budget, limits.max_tokens_ceiling, name, "tokens")
 
 
 # ------------------------------------------------------------- capabilities

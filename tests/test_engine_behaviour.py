@@ -21,7 +21,7 @@ import pytest
 from conftest import API_KEY, MODEL, Server, config_with_key, running_server
 from openai.types.chat import ChatCompletion
 
-import gateway.engine.scheduler as scheduler_module
+import gateway.engine.worker as worker_module
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
 from gateway.engine.native import NativeModel
 from gateway.engine.scheduler import EngineBusyError, EngineClosedError, Scheduler, _FairQueue, _Job
@@ -429,8 +429,8 @@ class _FakeEngine:
                 generation.finish = "stop"
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(scheduler_module, "Generation", self.generation)
-        monkeypatch.setattr(scheduler_module, "step", self.step)
+        monkeypatch.setattr(worker_module, "Generation", self.generation)
+        monkeypatch.setattr(worker_module, "step", self.step)
 
 
 async def _until(predicate: Callable[[], bool], limit: float = 10) -> None:

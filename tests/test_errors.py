@@ -361,7 +361,7 @@ def test_sdk_context_length_exceeded(client: openai.OpenAI) -> None:
 
 def test_sdk_max_tokens_beyond_context(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=100_000)
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=9_000)
     assert caught.value.code == "context_length_exceeded"
     assert caught.value.param == "max_tokens"
 

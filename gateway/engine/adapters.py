@@ -1,11 +1,12 @@
 """LoRA adapters on a llama.cpp context: loaded once, switched per batch.
 
 llama.cpp applies adapters to a whole context, so every sequence decoded in
-one batch shares the active set; the scheduler only batches requests with the
-same set, and switches (``llama_set_adapters_lora``, about 20 µs) when the
-batch has drained. Loaded adapters stay in memory for the next request that
-names them, up to a count and a byte budget; past either, the adapter unused
-for longest (and not active) is freed.
+one decode step shares the active set; the scheduler steps requests with
+different sets in turns, switching (``llama_set_adapters_lora``, about 20 µs)
+between steps (see :mod:`gateway.engine.turns`). Loaded adapters stay in
+memory for the next request that names them, up to a count and a byte
+budget; past either, the adapter unused for longest (and neither active nor
+used by a running generation) is freed.
 
 Cached prompt state is never reused across adapter sets: an adapter changes
 every layer's activations, so KV entries computed under one set are wrong
@@ -68,11 +69,13 @@ class AdapterCache:
         self.loaded_paths: frozenset[Path] = frozenset()
         self.counters: dict[str, AdapterCounters] = {}
 
-    def activate(self, refs: AdapterSet) -> None:
+    def activate(self, refs: AdapterSet, in_use: frozenset[Path] = frozenset()) -> None:
         """Worker thread: make ``refs`` the context's active set, loading what
-        is missing and evicting what is over budget."""
+        is missing and evicting what is over budget, except what ``in_use``
+        names (adapters of running generations whose turn comes later)."""
         wanted = tuple((ref.path, ref.scale) for ref in refs)
-        self._drop_discarded(keep={ref.path for ref in refs})
+        keep = {ref.path for ref in refs} | in_use
+        self._drop_discarded(keep=keep)
         if wanted == self._active:
             self._touch(refs)
             return
@@ -83,7 +86,7 @@ class AdapterCache:
         # Switch first: an adapter must not be active while it is freed.
         self._model.use_adapters([(self._loaded[path].handle, scale) for path, scale in wanted])
         self._active = wanted
-        self._evict(keep={ref.path for ref in refs})
+        self._evict(keep=keep)
         self._publish()
 
     def discard(self, name: str) -> None:

@@ -1,55 +1,64 @@
-"""Runs generations batched together on one worker thread, from a bounded, fair queue.
-
-Continuous batching: up to ``parallel`` generations (the model's sequences) share
-each decode step, and a new one joins at the next step instead of waiting for
-the others to finish (see :class:`Scheduler`).
+"""Runs generations on a worker thread, from a bounded, fair queue.
 
 Fair: waiting jobs are grouped by owner (the API key), and owners take turns,
-so one client with many queued requests cannot starve another. Bounded: once
-``max_waiting`` jobs wait, new ones are refused at once with
-:class:`EngineBusyError` (the gateway answers 503 with ``Retry-After``).
+so one client with many queued requests cannot starve another. Bounded: a
+request is refused at once with :class:`EngineBusyError` (the gateway answers
+503 with ``Retry-After``) when its generations would leave more than
+``max_waiting`` waiting for a sequence, and with :class:`KeyBusyError` when
+its owner would hold more than ``max_per_key`` generations, waiting and
+running together (so one key cannot fill the queue; owner ``""``, a gateway
+without API keys, has no share to keep).
+
+All or nothing: the generations of one request (its ``n`` choices, its
+prompts) are queued together or refused together, and once queued, a
+failure or cancellation of any one of them cancels the others at once.
 
 A cancelled job that is still queued leaves the queue at once, freeing its
-place; if it is running, the next decode step sees the flag and spends no more
-work on it.
+place; if it is running, the worker thread sees the flag before its next
+token. A stream whose reader leaves ``stream_buffer`` deltas unread stops
+decoding until the reader catches up (:mod:`gateway.engine.mailbox`); if it
+stays blocked for ``stall_seconds``, its generation is stopped and the stream
+fails with :class:`ClientTooSlowError`, so a reader that stops reading cannot
+hold a sequence forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
-import threading
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.engine.adapters import AdapterCache, AdapterSet
-from gateway.engine.generation import Delta, Generation, GenerationRequest, GenerationResult, step
-from gateway.engine.native import NativeError, NativeModel
-from gateway.engine.sequences import Held, Lease, SequencePool
+from gateway.engine.adapters import AdapterCache
+from gateway.engine.generation import GenerationRequest, GenerationResult
+from gateway.engine.mailbox import GenerationStreams, Mailbox
+from gateway.engine.native import NativeModel
+from gateway.engine.worker import ClientTooSlowError, EngineClosedError, Outcome, Worker
+from gateway.engine.worker import Job as _Job
 
-StreamItem = Delta | GenerationResult | BaseException
+__all__ = [
+    "ClientTooSlowError",
+    "EngineBusyError",
+    "EngineClosedError",
+    "KeyBusyError",
+    "Scheduler",
+    "TooManyGenerationsError",
+]
 
 
 class EngineBusyError(Exception):
     """The queue is full."""
 
 
-class EngineClosedError(Exception):
-    """The engine is shutting down."""
+class KeyBusyError(EngineBusyError):
+    """The owner already holds its share of the engine (``max_per_key``)."""
 
 
-@dataclass(eq=False, slots=True)
-class _Job:
-    request: GenerationRequest
-    owner: str
-    emit: Callable[[StreamItem], None] | None
-    future: asyncio.Future[GenerationResult]
-    cancelled: bool = False
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled
+class TooManyGenerationsError(Exception):
+    """A request asks for more generations at once than this engine (or one
+    owner's share of it) can ever hold: waiting would not help."""
 
 
 @dataclass(slots=True)
@@ -89,90 +98,27 @@ class _FairQueue:
         return True
 
 
-class _Mailbox:
-    """Hands stream items from the worker thread to the event loop.
-
-    One wake-up per batch, not per token: while the loop has not collected
-    what is waiting, further items are just appended. When the loop keeps up,
-    every token still travels alone; when it falls behind (on a machine whose
-    cores llama.cpp keeps busy), it catches up in one step instead of paying
-    a wake-up, a chunk and a write per token.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._items: list[StreamItem] = []
-        self._wake_pending = False
-        self._ready = asyncio.Event()
-
-    def put(self, item: StreamItem) -> None:
-        with self._lock:
-            self._items.append(item)
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        self._loop.call_soon_threadsafe(self._ready.set)
-
-    async def take_all(self) -> list[StreamItem]:
-        await self._ready.wait()
-        with self._lock:
-            items, self._items = self._items, []
-            self._wake_pending = False
-            self._ready.clear()
-        return items
-
-
-def _merged(items: list[StreamItem]) -> list[StreamItem]:
-    """Consecutive deltas as one: their text joined, their tokens listed."""
-    merged: list[StreamItem] = []
-    for item in items:
-        last = merged[-1] if merged else None
-        if isinstance(item, Delta) and isinstance(last, Delta):
-            merged[-1] = Delta(last.text + item.text, [*last.tokens, *item.tokens])
-        else:
-            merged.append(item)
-    return merged
-
-
-class GenerationStream:
-    """Deltas of one queued generation, then its :class:`GenerationResult`.
-
-    Call :meth:`cancel` when the consumer goes away, even if it never started
-    iterating: the generation then stops (or never starts).
-    """
-
-    def __init__(self, job: _Job, mailbox: _Mailbox, cancel: Callable[[_Job], None]) -> None:
-        self._job = job
-        self._mailbox = mailbox
-        self._cancel = cancel
-
-    def cancel(self) -> None:
-        self._cancel(self._job)
-
-    async def __aiter__(self) -> AsyncIterator[Delta | GenerationResult]:
-        try:
-            while True:
-                for item in _merged(await self._mailbox.take_all()):
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if isinstance(item, GenerationResult):
-                        return
-        finally:
-            self.cancel()
+def _outcome(futures: Sequence[asyncio.Future[GenerationResult]]) -> BaseException | None:
+    """The first failure among done futures (each one's exception retrieved,
+    so none is reported as never retrieved)."""
+    failure: BaseException | None = None
+    for future in futures:
+        if not future.done():
+            continue
+        error = asyncio.CancelledError() if future.cancelled() else future.exception()
+        failure = failure or error
+    return failure
 
 
 class Scheduler:
     """Owns a :class:`NativeModel` and the only thread that touches it.
 
-    Continuous batching: up to ``model.n_seq`` generations run at once, each
-    on its own sequence of the KV cache. One decode step (llama.cpp's batch
-    API, at most ``n_batch`` tokens) carries the next token of every running
-    generation, or a slice of a new one's prompt, and a new request joins at
-    the next step instead of waiting for the others to finish. The event loop
-    hands a job to the worker thread only when a sequence is free, so the
-    order of admission is the fair queue's.
+    Continuous batching: up to ``model.n_seq`` generations run at once, one
+    token each per decode step (llama.cpp's batch API), and a new request
+    joins at the next step instead of waiting for the others to finish. The
+    event loop hands a job to the worker thread only when a sequence is free,
+    so the order of admission is the fair queue's. Generations with different
+    LoRA adapter sets take turns step by step (:mod:`gateway.engine.turns`).
     """
 
     def __init__(
@@ -182,20 +128,32 @@ class Scheduler:
         max_waiting: int,
         adapters: AdapterCache | None = None,
         reuse_prompts: bool = True,
+        max_per_key: int = 0,
+        stream_buffer: int = 256,
+        stall_seconds: float = 30.0,
     ) -> None:
         """``reuse_prompts``: start a request on the sequence whose KV cache
-        holds the longest prefix of its prompt (see :mod:`gateway.engine.sequences`)."""
+        holds the longest prefix of its prompt (see :mod:`gateway.engine.sequences`).
+        ``max_per_key``: generations one owner may hold, waiting and running
+        (0: no limit). ``stream_buffer``: unread deltas per stream before its
+        generation waits; ``stall_seconds``: how long it may wait."""
         self.model = model
-        self.adapters = adapters
-        self.reuse_prompts = reuse_prompts
         self.max_waiting = max_waiting
+        self.max_per_key = max_per_key
+        self.stream_buffer = stream_buffer
         self._queue = _FairQueue()
+        self._held: Counter[str] = Counter()
         self._ready = asyncio.Event()
         self._free = asyncio.Semaphore(model.n_seq)
-        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run_batches, name="llama", daemon=True)
+        self._thread = Worker(
+            model,
+            adapters=adapters,
+            reuse_prompts=reuse_prompts,
+            stall_seconds=stall_seconds,
+            report=self._report,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[_Job] = set()
         self._closed = False
 
@@ -207,51 +165,117 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def capacity(self) -> int:
+        """Generations this engine holds at most: running plus waiting."""
+        return self.model.n_seq + self.max_waiting
+
+    def held_by(self, owner: str) -> int:
+        """Generations ``owner`` has waiting or running."""
+        return self._held[owner]
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
-        self._worker = self._loop.create_task(self._dispatch(), name="llama-dispatch")
+        self._dispatcher = self._loop.create_task(self._dispatch(), name="llama-dispatch")
 
     async def run(self, request: GenerationRequest, owner: str) -> GenerationResult:
         """Generate and return the whole result. Cancelling the caller's task
         stops the generation."""
-        job = self._submit(request, owner, emit=None)
-        try:
-            return await asyncio.shield(job.future)
-        except asyncio.CancelledError:
-            self._cancel(job)
-            raise
+        return (await self.run_all([request], owner))[0]
 
-    def open_stream(self, request: GenerationRequest, owner: str) -> GenerationStream:
-        """Queue a generation now (raising :class:`EngineBusyError` at once if the
-        queue is full) and return a stream of its deltas, then its result."""
-        mailbox = _Mailbox(asyncio.get_running_loop())
-        job = self._submit(request, owner, emit=mailbox.put)
-        return GenerationStream(job, mailbox, self._cancel)
+    async def run_all(
+        self, requests: Sequence[GenerationRequest], owner: str
+    ) -> list[GenerationResult]:
+        """Queue every request now, all or none (raising at once if they do
+        not fit), and return their results in order. If one fails, or the
+        caller is cancelled, the others stop at once."""
+        jobs = self._submit(requests, owner, None)
+        futures = [job.future for job in jobs]
+        try:
+            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            if not all(future.done() for future in futures):
+                self._cancel_all(jobs)
+        failure = _outcome(futures)
+        if failure is not None:
+            self._cancel_all(jobs)
+            raise failure
+        return [future.result() for future in futures]
+
+    def open_streams(self, requests: Sequence[GenerationRequest], owner: str) -> GenerationStreams:
+        """Queue every request now, all or none (raising at once if they do
+        not fit), and return their merged stream of deltas, then results."""
+        loop = asyncio.get_running_loop()
+        mailbox = Mailbox(loop, len(requests), limit=self.stream_buffer, on_drain=self._thread.wake)
+        jobs = self._submit(requests, owner, mailbox)
+        return GenerationStreams(len(jobs), mailbox, functools.partial(self._cancel_all, jobs))
+
+    def open_stream(self, request: GenerationRequest, owner: str) -> GenerationStreams:
+        return self.open_streams([request], owner)
+
+    # -------------------------------------------------------------- admission
+
+    def _check_room(self, count: int, owner: str) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine is shutting down")
+        capped = bool(owner) and self.max_per_key > 0
+        if count > self.capacity:
+            raise TooManyGenerationsError(
+                f"{count} generations at once; this engine holds at most {self.capacity}"
+            )
+        if capped and count > self.max_per_key:
+            raise TooManyGenerationsError(
+                f"{count} generations at once; one API key may hold at most {self.max_per_key}"
+            )
+        if capped and self._held[owner] + count > self.max_per_key:
+            raise KeyBusyError(
+                f"this API key already has {self._held[owner]} generations here "
+                f"(at most {self.max_per_key} at once)"
+            )
+        # Queued jobs take the free sequences first; what is left waits.
+        free = self.model.n_seq - len(self._running)
+        if self._queue.size + count - free > self.max_waiting:
+            raise EngineBusyError(f"{self._queue.size} requests are already waiting")
+
+    def _submit(
+        self, requests: Sequence[GenerationRequest], owner: str, mailbox: Mailbox | None
+    ) -> list[_Job]:
+        self._check_room(len(requests), owner)
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for index, request in enumerate(requests):
+            job = _Job(request, owner, None, loop.create_future())
+            if mailbox is not None:
+                job.emit = mailbox.sender(index)
+                job.blocked = functools.partial(mailbox.full, index)
+            jobs.append(job)
+        for job in jobs:
+            self._queue.push(job)
+        self._held[owner] += len(jobs)
+        self._ready.set()
+        return jobs
+
+    def _release(self, job: _Job) -> None:
+        """``job`` no longer counts against its owner's share."""
+        if job.released:
+            return
+        job.released = True
+        self._held[job.owner] -= 1
+        if self._held[job.owner] <= 0:
+            del self._held[job.owner]
 
     def _cancel(self, job: _Job) -> None:
         """Stop ``job``: a queued job leaves the queue at once (freeing its
-        place for others); one handed to the worker thread stops at its next
-        decode step, before any more work is spent on it."""
+        place for others); a running one stops before its next token."""
         job.cancelled = True
         if self._queue.discard(job):
+            self._release(job)
             job.future.cancel()
 
-    def _submit(
-        self,
-        request: GenerationRequest,
-        owner: str,
-        emit: Callable[[StreamItem], None] | None,
-    ) -> _Job:
-        if self._closed:
-            raise EngineClosedError("the engine is shutting down")
-        if self._queue.size >= self.max_waiting:
-            raise EngineBusyError(f"{self._queue.size} requests are already waiting")
-        future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
-        job = _Job(request, owner, emit, future)
-        self._queue.push(job)
-        self._ready.set()
-        return job
+    def _cancel_all(self, jobs: Sequence[_Job]) -> None:
+        for job in jobs:
+            self._cancel(job)
 
     async def _dispatch(self) -> None:
         """Move jobs from the fair queue to the worker thread, one per free sequence."""
@@ -264,130 +288,37 @@ class Scheduler:
                 await self._ready.wait()
             job = self._queue.pop()
             if job.cancelled:
+                self._release(job)
                 job.future.cancel()
                 self._free.release()
                 continue
             self._running.add(job)
-            self._inbox.put(job)
+            self._thread.submit(job)
 
     def _finished(self, job: _Job, outcome: GenerationResult | BaseException) -> None:
         """On the event loop: a sequence is free again."""
         self._running.discard(job)
+        self._release(job)
         self._free.release()
         self._settle(job, outcome)
 
-    def _run_batches(self) -> None:
-        """The worker thread: admit jobs into free sequences, step the batch.
-
-        Jobs are admitted in the order the dispatcher hands them over (the
-        fair queue's). One batch shares one set of LoRA adapters, so a job
-        whose set differs from the running batch's waits (and holds back
-        those behind it, to stay fair) until the batch drains; then the set
-        is switched and it starts.
-        """
-        free = SequencePool(self.model.n_seq, reuse_prompts=self.reuse_prompts)
-        active: dict[Generation, _Job] = {}
-        pending: deque[_Job] = deque()
-        current: AdapterSet = ()
-        while True:
-            while len(pending) < free.free:
-                try:
-                    job = self._inbox.get(block=not active and not pending)
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._stop_all(active)
-                    for waiting in pending:
-                        self._report(waiting, EngineClosedError("the engine is shutting down"))
-                    return
-                pending.append(job)
-            while pending and free.free:
-                job = pending[0]
-                wanted = job.request.adapters
-                if wanted != current:
-                    if active:
-                        break
-                    if not self._switch(job, wanted):
-                        pending.popleft()
-                        continue
-                    current = wanted
-                pending.popleft()
-                self._admit(job, free.lease(job.request.prompt, wanted), active, free)
-            if not active:
-                continue
-            try:
-                step(self.model, list(active))
-            except NativeError as error:
-                for generation in active:
-                    generation.cancel()
-                self._retire(active, free, error, current)
-                continue
-            self._retire(active, free, None, current)
-
-    def _switch(self, job: _Job, wanted: AdapterSet) -> bool:
-        """Make ``wanted`` the active adapter set; on failure, fail ``job``."""
-        try:
-            if self.adapters is None:
-                if wanted:
-                    raise NativeError("this engine has no adapter cache")
-                return True
-            self.adapters.activate(wanted)
-        except (NativeError, OSError) as error:
-            self._report(job, NativeError(str(error)))
-            return False
-        return True
-
-    def _admit(
-        self, job: _Job, lease: Lease, active: dict[Generation, _Job], free: SequencePool
-    ) -> None:
-        try:
-            generation = Generation(
-                self.model, job.request, lease.sequence, job.is_cancelled, job.emit, lease.reusable
-            )
-        except NativeError as error:  # for example a grammar llama.cpp refuses
-            self.model.forget(lease.sequence)
-            free.release(lease.sequence, Held())
-            self._report(job, error)
-            return
-        active[generation] = job
-
-    def _retire(
-        self,
-        active: dict[Generation, _Job],
-        free: SequencePool,
-        error: BaseException | None,
-        adapters: AdapterSet,
-    ) -> None:
-        for generation in [g for g in active if g.finish is not None]:
-            job = active.pop(generation)
-            result = generation.result()
-            if error is None:
-                free.release(generation.sequence, Held(generation.held(), adapters))
-            else:  # what the failed decode left in the cache is unknown
-                self.model.forget(generation.sequence)
-                free.release(generation.sequence, Held())
-            self._report(job, error or result)
-
-    def _stop_all(self, active: dict[Generation, _Job]) -> None:
-        for generation, job in active.items():
-            generation.cancel()
-            generation.result()
-            self._report(job, EngineClosedError("the engine is shutting down"))
-
-    def _report(self, job: _Job, outcome: GenerationResult | BaseException) -> None:
+    def _report(self, job: _Job, outcome: Outcome) -> None:
+        """Any thread (the worker's): ``job`` ended."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._finished, job, outcome)
 
     @staticmethod
     def _settle(job: _Job, outcome: GenerationResult | BaseException) -> None:
-        # Streams learn the outcome through their queue, after every delta
+        # Streams learn the outcome through their mailbox, after every delta
         # (the worker thread's emits were scheduled first); others via the future.
         if job.emit is not None:
             job.emit(outcome)
             return
         if job.future.done():
             return
-        if isinstance(outcome, BaseException):
+        if job.cancelled:
+            job.future.cancel()  # nobody waits for it any more
+        elif isinstance(outcome, BaseException):
             job.future.set_exception(outcome)
         else:
             job.future.set_result(outcome)
@@ -398,14 +329,17 @@ class Scheduler:
         while self._queue.size:
             job = self._queue.pop()
             job.cancelled = True
-            self._settle(job, EngineClosedError("the engine is shutting down"))
+            self._release(job)
+            if job.emit is not None:
+                job.emit(EngineClosedError("the engine is shutting down"))
+            elif not job.future.done():
+                job.future.set_exception(EngineClosedError("the engine is shutting down"))
         for job in self._running:
             job.cancelled = True
-        if self._worker is not None:
-            self._worker.cancel()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        self._inbox.put(None)
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
+                await self._dispatcher
+        self._thread.stop()
+        await asyncio.to_thread(self._thread.join)
         self.model.close()

@@ -1,0 +1,60 @@
+"""Sheds requests past ``limits.max_requests`` in progress, before they cost
+anything: 503 with ``Retry-After`` and an OpenAI-shaped body, the connection
+closed. A stream is in progress until its last byte.
+
+``/health`` and ``/ready`` are always answered: an overloaded gateway is
+alive, and a liveness probe that failed under load would get it restarted
+(dropping every stream it serves) just when it is busiest.
+"""
+
+from __future__ import annotations
+
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from gateway import wire
+from gateway.errors import ErrorBody, ErrorDetail
+
+ALWAYS_ANSWERED = frozenset({"/health", "/ready"})
+RETRY_AFTER_SECONDS = 1
+
+
+class RequestShedder:
+    """ASGI middleware around the whole application."""
+
+    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.in_progress = 0
+        self.shed = 0
+        detail = ErrorDetail(
+            "The gateway is overloaded: too many requests are in progress. Retry later.",
+            "server_error",
+            None,
+            "server_overloaded",
+        )
+        self._body = wire.encoder.encode(ErrorBody(detail))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope["path"] in ALWAYS_ANSWERED:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.max_requests:
+            self.shed += 1
+            await self._refuse(send)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+    async def _refuse(self, send: Send) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self._body)).encode()),
+            (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": self._body, "more_body": False})
