@@ -99,9 +99,13 @@ def test_nomoat_refuses_a_request_without_the_key(paths: dict[str, bench.Target]
 def test_stream_timing_and_relay_check(paths: dict[str, bench.Target], name: str) -> None:
     timed = bench.stream_ttfc(paths[name], 5)
     assert len(timed.ttfc_ms) == 5 and 0 < timed.p50_ms < 1000
-    relay = bench.relay_check(paths[name], DELAY_MS, count=1)
-    # Six content chunks, DELAY_MS apart upstream, arrive as spread out.
-    assert relay.relayed, relay
+    # Six content chunks, DELAY_MS apart upstream, arrive as spread out. On a
+    # busy machine one run can see two chunks land together after the process
+    # was descheduled; a gateway that buffers never spreads them, so one spread
+    # run in three proves the relay.
+    runs = [bench.relay_check(paths[name], DELAY_MS, count=1) for _ in range(3)]
+    relay = next((run for run in runs if run.relayed), runs[0])
+    assert relay.relayed, runs
     assert len(relay.gaps_ms) == 5 and relay.spread_ms >= 4 * DELAY_MS
 
 
