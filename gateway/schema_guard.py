@@ -91,21 +91,21 @@ class _Tally:
     properties: int = 0
     enum_values: int = 0
     grammar_bytes: int = 0
-    patterns: list[PatternSite] = field(default_factory=list)
-    refs: list[JsonObject] = field(default_factory=list)
+    patterns: list[Site] = field(default_factory=list)
+    refs: list[Site] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
-class PatternSite:
-    """Where a ``pattern`` is: its param, and the schema object holding it."""
+class Site:
+    """A keyword the engine looks at again (``pattern``, ``$ref``): its
+    param, and the schema object holding it."""
 
     param: str
     owner: JsonObject
 
-    @property
-    def pattern(self) -> str:
-        value = self.owner["pattern"]
-        assert isinstance(value, str)
+    def text(self, key: str) -> str:
+        value = self.owner[key]
+        assert isinstance(value, str)  # checked by the walk
         return value
 
 
@@ -115,10 +115,10 @@ class CheckedSchema:
 
     document: Json
     param: str
-    patterns: tuple[PatternSite, ...]
+    patterns: tuple[Site, ...]
     grammar_estimate: int
-    # The schema objects holding a $ref (resolvable, local).
-    refs: tuple[JsonObject, ...] = ()
+    # Where each (resolvable, local) $ref is.
+    refs: tuple[Site, ...] = ()
 
 
 def refuse(param: str, message: str) -> InvalidRequestError:
@@ -245,7 +245,7 @@ class _Walker:
     def _ref(self, node: JsonObject, param: str) -> None:
         if "$ref" in node:
             self._resolve(node["$ref"], f"{param}.$ref")
-            self.tally.refs.append(node)
+            self.tally.refs.append(Site(f"{param}.$ref", node))
 
     def _resolve(self, ref: Json, param: str) -> JsonObject:
         if ref == "#":
@@ -279,7 +279,7 @@ class _Walker:
                         where,
                         f"the repetition {match.group(0)} exceeds {self.limits.max_repetition}",
                     )
-        self.tally.patterns.append(PatternSite(where, node))
+        self.tally.patterns.append(Site(where, node))
         self.tally.grammar_bytes += _PER_PATTERN_POSITION * max(len(pattern), 1)
 
     def _object(self, node: JsonObject, param: str, depth: int, name_len: int) -> None:

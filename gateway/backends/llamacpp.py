@@ -37,7 +37,8 @@ from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderE
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
 from gateway.engine.grammar import GrammarCache
 from gateway.engine.native import (
-    DEFAULT_GRAMMAR_SECONDS_PER_TOKEN,
+    DEFAULT_GRAMMAR_BUDGET,
+    GrammarBudget,
     GrammarError,
     NativeError,
     NativeModel,
@@ -96,10 +97,12 @@ class LlamaCppConfig(BaseModel):
     # Where adapters are kept as GGUF (PEFT ones converted); unset:
     # ~/.cache/nomoat/lora-gguf.
     adapter_cache_dir: Path | None = None
-    # CPU seconds a grammar (response_format, forced tool calls) may take to
-    # choose one token; past it that generation ends with a 400 (or an error
-    # event), so one slow grammar cannot stall the others batched with it.
-    grammar_seconds_per_token: Annotated[float, Field(gt=0)] = DEFAULT_GRAMMAR_SECONDS_PER_TOKEN
+    # CPU a grammar (response_format, forced tool calls) may take to choose
+    # tokens: grammar_burst_seconds at first, grammar_seconds_per_token more
+    # with each token. Past it that generation ends with a 400 (an error
+    # event in a stream): one costly grammar cannot stall those batched with it.
+    grammar_seconds_per_token: Annotated[float, Field(gt=0)] = DEFAULT_GRAMMAR_BUDGET.per_token
+    grammar_burst_seconds: Annotated[float, Field(gt=0)] = DEFAULT_GRAMMAR_BUDGET.burst
 
 
 def embedded_model_path() -> Path:
@@ -345,7 +348,9 @@ class LlamaCppBackend:
                     n_vocab=self._model.n_vocab,
                     grammar=None if grammar is None else grammar.text,
                     choice_index=i,
-                    grammar_seconds_per_token=self._config.grammar_seconds_per_token,
+                    grammar_budget=GrammarBudget(
+                        self._config.grammar_seconds_per_token, self._config.grammar_burst_seconds
+                    ),
                 ),
                 stop=params.stop_sequences(request.stop),
                 top_logprobs=top,

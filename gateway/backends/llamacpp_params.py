@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from gateway import wire
 from gateway.engine.chat_template import ChatTurn
 from gateway.engine.grammar import GrammarCache, canonical_schema, grammar_for
-from gateway.engine.native import DEFAULT_GRAMMAR_SECONDS_PER_TOKEN, SamplerSpec
+from gateway.engine.native import DEFAULT_GRAMMAR_BUDGET, GrammarBudget, SamplerSpec
 from gateway.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -200,7 +200,7 @@ def sampler_spec(
     n_vocab: int,
     grammar: str | None,
     choice_index: int,
-    grammar_seconds_per_token: float = DEFAULT_GRAMMAR_SECONDS_PER_TOKEN,
+    grammar_budget: GrammarBudget = DEFAULT_GRAMMAR_BUDGET,
 ) -> SamplerSpec:
     seed = request.seed
     return SamplerSpec(
@@ -212,7 +212,7 @@ def sampler_spec(
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=logit_bias(request.logit_bias, n_vocab),
         grammar=grammar,
-        grammar_seconds_per_token=grammar_seconds_per_token,
+        grammar_budget=grammar_budget,
     )
 
 

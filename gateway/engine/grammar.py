@@ -37,6 +37,7 @@ from gateway.schema_guard import (
     Json,
     JsonObject,
     SchemaLimits,
+    Site,
     check_schema,
     refuse,
 )
@@ -229,13 +230,13 @@ def gbnf_problem(text: str, max_bytes: int) -> str | None:
 def canonical_schema(
     raw: bytes, param: str, limits: SchemaLimits = SCHEMA_CEILINGS
 ) -> CheckedSchema:
-    """The schema checked against ``limits``, its patterns rewritten (in
-    place) in the spelling the converter handles; a 400 naming the place
-    otherwise."""
+    """The schema checked against ``limits``, its patterns and references
+    rewritten (in place) in the spelling the converter handles; a 400 naming
+    the place otherwise."""
     checked = check_schema(raw, limits, param)
     for site in checked.patterns:
         try:
-            pattern = parse_pattern(site.pattern)
+            pattern = parse_pattern(site.text("pattern"))
         except PatternError as error:
             raise refuse(site.param, f"unsupported pattern: {error}") from None
         if pattern.positions > limits.max_repetition:
@@ -245,45 +246,58 @@ def canonical_schema(
                 f"repetitions are counted; at most {limits.max_repetition}",
             )
         site.owner["pattern"] = pattern.render()
-    if isinstance(checked.document, dict):
+    if isinstance(checked.document, dict) and checked.refs:
         _spell_refs_for_the_converter(checked.document, checked.refs)
     return checked
 
 
-_ROOT_COPY = "nomoat-root"
+_DEFINITIONS = ("$defs", "definitions")
 
 
-def _spell_refs_for_the_converter(root: JsonObject, refs: tuple[JsonObject, ...]) -> None:
-    """References the converter mishandles, written as ones it handles: a $ref
-    at the root hides every other $ref from its resolver (so the root becomes
-    what it points to), and it knows no ``#`` (a copy of the root goes into
-    $defs, which ``#`` then names)."""
-    for _ in range(SCHEMA_CEILINGS.max_depth):
-        ref = root.get("$ref")
-        if not isinstance(ref, str):
-            break
-        target = root if ref == "#" else _pointed(root, ref)
-        if target is root:
-            break
+def _spell_refs_for_the_converter(root: JsonObject, refs: tuple[Site, ...]) -> None:
+    """References written the way the converter resolves them.
+
+    It names a referenced rule after the last part of the reference, unescaped
+    (``#/$defs/linked_list_node`` makes a rule name llama.cpp cannot parse, and
+    two definitions called ``x`` in different places become one), it knows no
+    ``#``, and a $ref at the root hides every other $ref from it. So every
+    definition referenced is renamed ``def-N`` in one ``$defs``, ``#`` names a
+    copy of the root, and a root that is a $ref becomes what it refers to.
+    References to anything but a definition or the root are refused.
+    """
+    targets: dict[str, JsonObject] = {}
+    for site in refs:
+        ref = site.text("$ref")
+        parts = ref[2:].split("/")
+        if ref == "#":
+            if site.owner is root:
+                raise refuse(site.param, "the schema refers to itself and nothing else")
+            continue
+        if len(parts) != 2 or parts[0] not in _DEFINITIONS:
+            raise refuse(site.param, "a $ref must name a definition (#/$defs/NAME) or be #")
+        definitions = root[parts[0]]
+        assert isinstance(definitions, dict)  # resolved by the guard
+        target = definitions[parts[1]]
+        assert isinstance(target, dict)
+        targets[ref] = target
+    followed: set[str] = set()
+    while isinstance(at_root := root.get("$ref"), str):
+        if at_root == "#" or at_root in followed:
+            where = next((site.param for site in refs if site.owner is root), refs[0].param)
+            raise refuse(where, "the schema refers to itself and nothing else")
+        followed.add(at_root)
         del root["$ref"]
-        for key, value in target.items():
+        for key, value in targets[at_root].items():
             root.setdefault(key, value)
-    if any(node.get("$ref") == "#" for node in refs):
-        copy = {key: value for key, value in root.items() if key not in ("$defs", "definitions")}
-        definitions = root.get("$defs")
-        root["$defs"] = {**(definitions if isinstance(definitions, dict) else {}), _ROOT_COPY: copy}
-        for node in refs:
-            if node.get("$ref") == "#":
-                node["$ref"] = f"#/$defs/{_ROOT_COPY}"
-
-
-def _pointed(root: JsonObject, ref: str) -> JsonObject:
-    target: Json = root
-    for part in ref[2:].split("/"):
-        assert isinstance(target, dict)  # the guard resolved it already
-        target = target[part]
-    assert isinstance(target, dict)
-    return target
+    if any(site.owner.get("$ref") == "#" for site in refs):
+        targets["#"] = {key: value for key, value in root.items() if key not in _DEFINITIONS}
+    names = {ref: f"def-{index}" for index, ref in enumerate(targets)}
+    for site in refs:
+        if isinstance(written := site.owner.get("$ref"), str):
+            site.owner["$ref"] = f"#/$defs/{names[written]}"
+    for key in _DEFINITIONS:
+        root.pop(key, None)
+    root["$defs"] = {names[ref]: target for ref, target in targets.items()}
 
 
 class GrammarCache:

@@ -49,12 +49,21 @@ class GrammarError(NativeError):
     schema is at fault, not the engine; only that generation ends."""
 
 
-# CPU seconds llama.cpp may spend choosing one token under a grammar. Measured
-# here (SmolLM2, 49k tokens): a JSON object grammar about 10 ms, an enum of
-# 1000 values sharing a prefix 150 ms; a pattern whose repetitions can split a
-# string in many ways grows with every character (0.7 s after 60 tokens, and
-# on), and stalls every generation batched with it.
-DEFAULT_GRAMMAR_SECONDS_PER_TOKEN = 0.5
+@dataclass(frozen=True, slots=True)
+class GrammarBudget:
+    """CPU llama.cpp may spend matching a grammar against the candidates, as
+    a token bucket: ``burst`` seconds at the start, ``per_token`` more with
+    each token. Measured here (SmolLM2, 49k tokens): a JSON object grammar
+    about 0.01 s a token, an enum of 1000 values sharing a prefix 0.15 s for
+    its few tokens; a pattern whose repetitions can split a string in ever
+    more ways 0.3 s a token on average over 170 tokens (56 s in all), during
+    which every generation batched with it waited."""
+
+    per_token: float = 0.1
+    burst: float = 2.0
+
+
+DEFAULT_GRAMMAR_BUDGET = GrammarBudget()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +77,7 @@ class SamplerSpec:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     grammar: str | None = None
-    grammar_seconds_per_token: float = DEFAULT_GRAMMAR_SECONDS_PER_TOKEN
+    grammar_budget: GrammarBudget = DEFAULT_GRAMMAR_BUDGET
 
 
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
@@ -314,7 +323,10 @@ class Sampler:
         # Grammar chains are applied and accepted step by step, checked in
         # between; plain chains take llama.cpp's one call.
         self._candidates = None if spec.grammar is None else _Candidates(model.n_vocab)
-        self._grammar_budget = spec.grammar_seconds_per_token
+        self._budget = spec.grammar_budget
+        self._grammar_balance = spec.grammar_budget.burst
+        self._grammar_spent = 0.0
+        self._grammar_tokens = 0
         try:
             for stage in self._stages(spec):
                 lc.llama_sampler_chain_add(self._chain, stage)
@@ -375,13 +387,23 @@ class Sampler:
             )
         token = int(array.data[chosen].id)
         lc.llama_sampler_accept(self._chain, token)
-        spent = time.thread_time() - started
-        if spent > self._grammar_budget:
-            raise GrammarError(
-                f"the grammar took {spent:.1f} s of CPU to choose one token "
-                f"(at most {self._grammar_budget:g} s allowed)"
-            )
+        self._charge(time.thread_time() - started)
         return token
+
+    def _charge(self, spent: float) -> None:
+        """Take one token's grammar CPU from the budget; past it, end."""
+        budget = self._budget
+        self._grammar_spent += spent
+        self._grammar_tokens += 1
+        # A bucket holds at most the burst: cheap tokens early on do not pay
+        # for a long costly stretch later.
+        self._grammar_balance = min(budget.burst, self._grammar_balance + budget.per_token) - spent
+        if self._grammar_balance < 0:
+            raise GrammarError(
+                f"the grammar took {self._grammar_spent:.1f} s of CPU to choose "
+                f"{self._grammar_tokens} tokens (at most {budget.burst:g} s plus "
+                f"{budget.per_token:g} s a token): it is too costly to follow"
+            )
 
     def close(self) -> None:
         if self._chain:
