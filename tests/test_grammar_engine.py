@@ -339,6 +339,26 @@ def test_the_cache_is_bounded_by_count_and_bytes() -> None:
     assert cache.get("huge") is None and cache.bytes <= 100
 
 
+def test_the_cache_keeps_its_accounts_under_threads() -> None:
+    """Requests are prepared in worker threads, several at once."""
+    cache = GrammarCache(max_entries=8, max_bytes=400)
+
+    def churn(offset: int) -> None:
+        for index in range(300):
+            key = f"s{(index * 7 + offset) % 20}"
+            if cache.get(key) is None:
+                cache.put(key, "g" * (10 + index % 30))
+
+    workers = [threading.Thread(target=churn, args=(n,)) for n in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    held = [(key, cache.get(key)) for key in (f"s{n}" for n in range(20))]
+    assert cache.bytes == sum(len(key) + len(value) for key, value in held if value)
+    assert len(cache) <= 8 and cache.bytes <= 400
+
+
 def test_a_compiled_grammar_is_reused_and_a_refused_one_is_not_kept() -> None:
     spy = Spy()
     cache = GrammarCache()
@@ -351,3 +371,12 @@ def test_a_compiled_grammar_is_reused_and_a_refused_one_is_not_kept() -> None:
         with pytest.raises(InvalidRequestError, match="refused the grammar"):
             grammar_for(left, ROOT, compiles=spy, cache=cache)
     assert len(cache) == 1
+
+
+@pytest.mark.parametrize("key", ["²", "١٢", "99999999999999999999", "-1", " 1", "1.0"])
+def test_logit_bias_keys_are_ascii_token_ids(key: str) -> None:
+    """str.isdigit() is true for "²", which int() then refuses (a 500)."""
+    with pytest.raises(InvalidRequestError) as caught:
+        params.logit_bias({key: 1.0}, 100)
+    assert caught.value.param == "logit_bias"
+    assert params.logit_bias({"12": -1.0}, 100) == ((12, -1.0),)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -303,32 +304,36 @@ def _spell_refs_for_the_converter(root: JsonObject, refs: tuple[Site, ...]) -> N
 class GrammarCache:
     """Grammars that compiled, by schema text; least recently used ones go
     once there are more than ``max_entries`` or they hold more than
-    ``max_bytes`` (schema and grammar text together)."""
+    ``max_bytes`` (schema and grammar text together). Requests are prepared
+    in worker threads: every access holds a lock."""
 
     def __init__(self, *, max_entries: int = 64, max_bytes: int = 8 * 1024 * 1024) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
         self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, schema: str) -> str | None:
-        grammar = self._entries.get(schema)
-        if grammar is not None:
-            self._entries.move_to_end(schema)
-        return grammar
+        with self._lock:
+            grammar = self._entries.get(schema)
+            if grammar is not None:
+                self._entries.move_to_end(schema)
+            return grammar
 
     def put(self, schema: str, grammar: str) -> None:
         size = len(schema) + len(grammar)
-        if size > self.max_bytes or schema in self._entries:
-            return
-        self._entries[schema] = grammar
-        self.bytes += size
-        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            old_schema, old_grammar = self._entries.popitem(last=False)
-            self.bytes -= len(old_schema) + len(old_grammar)
+        with self._lock:
+            if size > self.max_bytes or schema in self._entries:
+                return
+            self._entries[schema] = grammar
+            self.bytes += size
+            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+                old_schema, old_grammar = self._entries.popitem(last=False)
+                self.bytes -= len(old_schema) + len(old_grammar)
 
 
 def grammar_for(
