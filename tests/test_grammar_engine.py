@@ -162,7 +162,7 @@ def test_patterns_are_rewritten_into_the_same_language(pattern: str) -> None:
     original, canonical = re.compile(pattern), re.compile(rendered)
     class_escapes = re.search(r"\\[dDwWsS]", pattern) is not None
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.one_of(st.from_regex(original, fullmatch=True), st.text(max_size=12)))
     def same(text: str) -> None:
         if class_escapes and not text.isascii():
@@ -380,3 +380,86 @@ def test_logit_bias_keys_are_ascii_token_ids(key: str) -> None:
         params.logit_bias({key: 1.0}, 100)
     assert caught.value.param == "logit_bias"
     assert params.logit_bias({"12": -1.0}, 100) == ((12, -1.0),)
+
+
+# ------------------------------------------------------------- random schemas
+
+_PATTERN_PIECES = [
+    "a",
+    "b",
+    "[a-c]",
+    ".",
+    "\\d",
+    "(a|b)",
+    "x?",
+    "y*",
+    "z+",
+    "a{2}",
+    "b{1,3}",
+    "}",
+    "]",
+    "\\.",
+]
+_LEAF = st.one_of(
+    st.just({}),
+    st.sampled_from([{"type": t} for t in ("string", "integer", "number", "boolean", "null")]),
+    st.builds(
+        lambda low, high: {"type": "string", "minLength": low, "maxLength": high},
+        st.integers(0, 1200),
+        st.integers(0, 1200),
+    ),
+    st.builds(
+        lambda parts: {"type": "string", "pattern": "^" + "".join(parts) + "$"},
+        st.lists(st.sampled_from(_PATTERN_PIECES), max_size=6),
+    ),
+    st.builds(
+        lambda values: {"enum": values},
+        st.lists(st.one_of(st.integers(), st.text(max_size=6)), max_size=4),
+    ),
+    st.builds(lambda value: {"const": value}, st.text(max_size=6)),
+)
+
+
+def _composite(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    names = st.text(alphabet='ab_-x "\\\n', min_size=1, max_size=4)
+    return st.one_of(
+        st.builds(
+            lambda props, required: {
+                "type": "object",
+                "properties": props,
+                "required": [name for name in props if required],
+            },
+            st.dictionaries(names, children, max_size=4),
+            st.booleans(),
+        ),
+        st.builds(
+            lambda item, low, high: {
+                "type": "array",
+                "items": item,
+                "minItems": low,
+                "maxItems": high,
+            },
+            children,
+            st.integers(0, 1100),
+            st.integers(0, 1100),
+        ),
+        st.builds(lambda options: {"anyOf": options}, st.lists(children, max_size=3)),
+    )
+
+
+SCHEMAS = st.recursive(_LEAF, _composite, max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(SCHEMAS)
+def test_any_schema_is_a_grammar_llama_cpp_takes_or_a_400(schema: Any) -> None:
+    """Whatever the schema, the backend answers a grammar that llama.cpp
+    compiles or an InvalidRequestError: never another exception (a 500), and
+    nothing that reaches llama.cpp crashes it."""
+    builder = params.GrammarBuilder(compiles=llama_accepts, cache=GrammarCache())
+    try:
+        grammar = params.response_grammar(chat_with_schema(schema), None, builder)
+    except InvalidRequestError as error:
+        assert error.param is not None and error.param.startswith(ROOT)
+        return
+    assert grammar is not None and gbnf_problem(grammar.text, 1 << 21) is None
