@@ -82,7 +82,7 @@ _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 # llama-cpp-python's converter: tests/test_schema_guard.py keeps it an upper bound).
 _RULE_BYTES = 48
 _PER_CHAR_REPETITION = 12
-_PER_PATTERN_POSITION = 28
+PATTERN_POSITION_BYTES = 28
 _PER_ITEM_SEPARATOR = 20
 
 
@@ -272,15 +272,20 @@ class _Walker:
                 f"the pattern is {len(pattern)} characters; "
                 f"at most {self.limits.max_pattern_length} allowed",
             )
+        # Positions once repetitions are expanded, roughly: its length plus
+        # each {m,n}'s bound (an engine counts exactly, nesting included).
+        positions = len(pattern)
         for match in _QUANTIFIER.finditer(pattern):
-            for number in match.groups():
+            low, high = match.groups()
+            for number in (low, high):
                 if number and int(number) > self.limits.max_repetition:
                     raise refuse(
                         where,
                         f"the repetition {match.group(0)} exceeds {self.limits.max_repetition}",
                     )
+            positions += int(high or low)
         self.tally.patterns.append(Site(where, node))
-        self.tally.grammar_bytes += _PER_PATTERN_POSITION * max(len(pattern), 1)
+        self.tally.grammar_bytes += PATTERN_POSITION_BYTES * max(positions, 1)
 
     def _object(self, node: JsonObject, param: str, depth: int, name_len: int) -> None:
         properties = node.get("properties")

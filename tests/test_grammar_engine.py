@@ -162,7 +162,7 @@ def test_patterns_are_rewritten_into_the_same_language(pattern: str) -> None:
     original, canonical = re.compile(pattern), re.compile(rendered)
     class_escapes = re.search(r"\\[dDwWsS]", pattern) is not None
 
-    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.one_of(st.from_regex(original, fullmatch=True), st.text(max_size=12)))
     def same(text: str) -> None:
         if class_escapes and not text.isascii():
@@ -450,7 +450,7 @@ def _composite(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 SCHEMAS = st.recursive(_LEAF, _composite, max_leaves=12)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(SCHEMAS)
 def test_any_schema_is_a_grammar_llama_cpp_takes_or_a_400(schema: Any) -> None:
     """Whatever the schema, the backend answers a grammar that llama.cpp
@@ -463,3 +463,13 @@ def test_any_schema_is_a_grammar_llama_cpp_takes_or_a_400(schema: Any) -> None:
         assert error.param is not None and error.param.startswith(ROOT)
         return
     assert grammar is not None and gbnf_problem(grammar.text, 1 << 21) is None
+
+
+def test_many_patterns_cannot_add_up_to_a_huge_grammar() -> None:
+    """Each pattern within its limit, together far past the grammar's: refused
+    before the converter builds the text."""
+    props = {f"p{i}": {"type": "string", "pattern": "^(a{10}){99}$"} for i in range(200)}
+    schema = {"type": "object", "properties": props, "required": list(props)}
+    with pytest.raises(InvalidRequestError, match="patterns would make a grammar") as caught:
+        canonical_schema(json.dumps(schema).encode(), ROOT)
+    assert caught.value.param is not None and caught.value.param.endswith(".pattern")

@@ -33,6 +33,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from gateway.errors import InvalidRequestError
 from gateway.schema_guard import (
+    PATTERN_POSITION_BYTES,
     SCHEMA_CEILINGS,
     CheckedSchema,
     Json,
@@ -235,6 +236,7 @@ def canonical_schema(
     rewritten (in place) in the spelling the converter handles; a 400 naming
     the place otherwise."""
     checked = check_schema(raw, limits, param)
+    positions = 0
     for site in checked.patterns:
         try:
             pattern = parse_pattern(site.text("pattern"))
@@ -245,6 +247,13 @@ def canonical_schema(
                 site.param,
                 f"the pattern expands to {pattern.positions} characters once its "
                 f"repetitions are counted; at most {limits.max_repetition}",
+            )
+        positions += pattern.positions
+        if checked.grammar_estimate + PATTERN_POSITION_BYTES * positions > limits.max_grammar_bytes:
+            raise refuse(
+                site.param,
+                f"with their repetitions counted, the patterns would make a grammar over "
+                f"{limits.max_grammar_bytes} bytes",
             )
         site.owner["pattern"] = pattern.render()
     if isinstance(checked.document, dict) and checked.refs:
