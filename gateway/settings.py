@@ -19,6 +19,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.auth import KEY_HASH_FORMAT
+from gateway.schema_guard import SCHEMA_CEILINGS as _CEILING
+from gateway.schema_guard import SchemaLimits
+
+_SCHEMA_DEFAULTS = SchemaLimits()
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_BACKEND = "embedded"
@@ -96,6 +100,44 @@ class LimitSettings(_Strict):
     # 4 MiB, for a client that reads slowly). Smaller: a slow reader holds
     # less memory, and its stream's generation waits for it sooner.
     socket_send_buffer_bytes: Annotated[int, Field(ge=0)] = 0
+    # JSON schemas (response_format, each tool's parameters), before any
+    # grammar is built (docs/security.md). The maxima are what llama.cpp can take.
+    schema_max_bytes: Annotated[int, Field(ge=64, le=_CEILING.max_bytes)] = (
+        _SCHEMA_DEFAULTS.max_bytes
+    )
+    schema_max_depth: Annotated[int, Field(ge=1, le=_CEILING.max_depth)] = (
+        _SCHEMA_DEFAULTS.max_depth
+    )
+    schema_max_properties: Annotated[int, Field(ge=1, le=_CEILING.max_properties)] = (
+        _SCHEMA_DEFAULTS.max_properties
+    )
+    schema_max_optional_properties: Annotated[
+        int, Field(ge=0, le=_CEILING.max_optional_properties)
+    ] = _SCHEMA_DEFAULTS.max_optional_properties
+    schema_max_enum_values: Annotated[int, Field(ge=1, le=_CEILING.max_enum_values)] = (
+        _SCHEMA_DEFAULTS.max_enum_values
+    )
+    schema_max_repetition: Annotated[int, Field(ge=1, le=_CEILING.max_repetition)] = (
+        _SCHEMA_DEFAULTS.max_repetition
+    )
+    schema_max_pattern_length: Annotated[int, Field(ge=1, le=_CEILING.max_pattern_length)] = (
+        _SCHEMA_DEFAULTS.max_pattern_length
+    )
+    schema_max_grammar_bytes: Annotated[int, Field(ge=1024, le=_CEILING.max_grammar_bytes)] = (
+        _SCHEMA_DEFAULTS.max_grammar_bytes
+    )
+
+    def schema_limits(self) -> SchemaLimits:
+        return SchemaLimits(
+            max_bytes=self.schema_max_bytes,
+            max_depth=self.schema_max_depth,
+            max_properties=self.schema_max_properties,
+            max_optional_properties=self.schema_max_optional_properties,
+            max_enum_values=self.schema_max_enum_values,
+            max_repetition=self.schema_max_repetition,
+            max_pattern_length=self.schema_max_pattern_length,
+            max_grammar_bytes=self.schema_max_grammar_bytes,
+        )
 
 
 class DeploymentSettings(_Strict):

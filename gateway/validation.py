@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import msgspec
 
-from gateway import wire
+from gateway import schema_guard, wire
 from gateway.contract import AnyRequest, ModelCapabilities
 from gateway.errors import InvalidRequestError, UnsupportedFeatureError
 from gateway.settings import LimitSettings
@@ -64,6 +64,8 @@ def decode_chat(body: bytes, limits: LimitSettings) -> wire.ChatCompletionReques
     _at_most(len(request.messages), limits.max_messages, "messages", "messages")
     _at_most(len(request.tools or ()), limits.max_tools, "tools", "tools")
     _check_common(request, limits)
+    if request.tools or isinstance(request.response_format, wire.ResponseFormatJsonSchema):
+        schema_guard.check_request(request, limits.schema_limits())
     return request
 
 

@@ -386,6 +386,7 @@ class _FakeGeneration:
         self.sequence = sequence
         self.is_cancelled = is_cancelled
         self.finish: str | None = None
+        self.error: Exception | None = None
 
     def cancel(self) -> None:
         self.finish = "cancelled"

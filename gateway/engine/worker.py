@@ -233,7 +233,7 @@ class Worker:
                 free.release(generation.sequence, Held())
             owner_done = all(other.owner != job.owner for other in active.values())
             turns.leave(generation, job.owner, owner_done)
-            outcome: Outcome = error or result
+            outcome: Outcome = error or generation.error or result
             if job.stalled:
                 outcome = ClientTooSlowError(
                     f"the stream's output was left unread for {self.stall_seconds:g} s"
