@@ -69,6 +69,7 @@ class _Generation:
         self.emit = emit
         self.steps = 0
         self.finish: str | None = None
+        self.error: Exception | None = None  # a grammar failure of its own: never here
 
     @property
     def label(self) -> int:
