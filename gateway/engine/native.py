@@ -158,10 +158,20 @@ class NativeModel:
             )
         return list(tokens[:count])
 
-    def _piece(self, token: int) -> bytes:
+    def _piece(self, token: int, *, special: bool = False) -> bytes:
         buffer = ctypes.create_string_buffer(_MAX_PIECE_BYTES)
-        length = lc.llama_token_to_piece(self._vocab, token, buffer, _MAX_PIECE_BYTES, 0, False)
+        length = lc.llama_token_to_piece(self._vocab, token, buffer, _MAX_PIECE_BYTES, 0, special)
         return buffer.raw[: max(length, 0)]
+
+    def control_texts(self) -> list[str]:
+        """How the control tokens are written (``<|im_start|>``): the texts
+        that tokenizing with ``parse_special`` turns into them."""
+        parsed = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN
+        return [
+            self._piece(token, special=True).decode("utf-8", errors="replace")
+            for token in range(self.n_vocab)
+            if lc.llama_vocab_get_attr(self._vocab, token) & parsed
+        ]
 
     # ----------------------------------------------------------------- decoding
 
