@@ -68,6 +68,10 @@ class LimitSettings(_Strict):
     max_stop_sequences: Annotated[int, Field(ge=0)] = 4
     max_logit_bias: Annotated[int, Field(ge=0)] = 300
     max_tools: Annotated[int, Field(ge=0)] = 128
+    # Deepest nesting of arrays and objects in a request body (JSON schemas
+    # included); deeper is a 400 before anything parses it further. At most
+    # 256: deeper would reach Python's recursion limit in the decoder.
+    max_json_depth: Annotated[int, Field(ge=8, le=256)] = 64
 
 
 class DeploymentSettings(_Strict):

@@ -330,6 +330,8 @@ class LlamaCppBackend:
             param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
         )
         grammar = params.response_grammar(request, plan)
+        if grammar is not None:
+            self._check_grammar(grammar, param="tools" if plan is not None else "response_format")
         top = (request.top_logprobs or 0) if request.logprobs else None
         n = request.n or 1
         items = [
@@ -346,6 +348,16 @@ class LlamaCppBackend:
             for i in range(n)
         ]
         return _Prepared([prompt], [text], n, items, plan is not None, top is not None)
+
+    def _check_grammar(self, grammar: str, *, param: str) -> None:
+        """A grammar llama.cpp refuses is the request's fault (a 400 now), not
+        the engine's (a 500 once the request was queued)."""
+        try:
+            self._model.check_grammar(grammar)
+        except NativeError as error:
+            raise InvalidRequestError(
+                f"{param}: the schema gives a grammar llama.cpp cannot compile", param=param
+            ) from error
 
     def _prepare_completion(
         self, request: wire.CompletionRequest, target: Target, adapters: AdapterSet

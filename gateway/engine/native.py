@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,20 @@ _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
 _log = logging.getLogger("gateway.engine.llama_cpp")
 
 
+# Set in a thread while it checks a client's input with llama.cpp: what
+# llama.cpp then complains about is the client's mistake, not the operator's.
+_checking_input = threading.local()
+# llama.cpp quotes a whole grammar it cannot parse: a log line is cut here.
+_MAX_LOG_CHARS = 2000
+
+
 @lc.llama_log_callback  # type: ignore[untyped-decorator]
 def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp prints every load detail; keep its warnings and errors only.
     if level in _LOG_LEVELS:
-        _log.log(_LOG_LEVELS[level], "%s", text.decode(errors="replace").rstrip())
+        quiet = getattr(_checking_input, "active", False)
+        line = text.decode(errors="replace").rstrip()[:_MAX_LOG_CHARS]
+        _log.log(logging.DEBUG if quiet else _LOG_LEVELS[level], "%s", line)
 
 
 def _seed_for_llama(seed: int | None) -> int:
@@ -157,6 +167,18 @@ class NativeModel:
                 self._vocab, data, len(data), tokens, capacity, add_special, parse_special
             )
         return list(tokens[:count])
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise :class:`NativeError` if llama.cpp cannot compile ``grammar``
+        (its complaint logged at debug level: the grammar is a client's)."""
+        _checking_input.active = True
+        try:
+            sampler = lc.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        finally:
+            _checking_input.active = False
+        if not sampler:
+            raise NativeError("llama.cpp could not compile the grammar")
+        lc.llama_sampler_free(sampler)
 
     def _piece(self, token: int, *, special: bool = False) -> bytes:
         buffer = ctypes.create_string_buffer(_MAX_PIECE_BYTES)
