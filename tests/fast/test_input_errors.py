@@ -154,3 +154,17 @@ async def test_brackets_inside_strings_do_not_count_as_nesting(start: Start) -> 
             json=chat_body(messages=[{"role": "user", "content": text + '\\"' + text}]),
         )
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("GET", "/v1/chat/completions", "POST"), ("TRACE", "/v1/models", "GET")],
+)
+async def test_a_405_says_which_methods_the_path_has(
+    start: Start, method: str, path: str, allowed: str
+) -> None:
+    # RFC 9110: a 405 carries Allow (schemathesis's ST204 found it missing).
+    async with start(pool("a")) as gw:
+        response = await gw.http.request(method, path)
+    error_of(response, 405)
+    assert allowed in response.headers["allow"].split(", ")
