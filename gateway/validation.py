@@ -27,6 +27,8 @@ _NOT_STRUCTURE = bytes(byte for byte in range(256) if byte not in b'"[]{}')
 _TOKEN_ID = re.compile(r"[0-9]{1,9}")
 # What an error message quotes of a client's value at most.
 _QUOTED_CHARS = 40
+# What a decoding error repeats of the decoder's message, and of a path, at most.
+_ECHOED_CHARS = 300
 
 RequestT = TypeVar("RequestT", wire.ChatCompletionRequest, wire.CompletionRequest)
 
@@ -86,6 +88,9 @@ def decode(
         raise _too_deep(max_depth) from None
     except msgspec.ValidationError as error:
         text, param = _param_of(str(error))
+        # msgspec quotes what it refused (an enum value, a field's name):
+        # a client's megabytes are not echoed back.
+        text, param = _clipped(text), None if param is None else _clipped(param)
         if text.startswith("Object contains unknown field"):
             text = f"Unrecognized request argument supplied: {param}"
         raise InvalidRequestError(f"{text} (at {param or 'the body'})", param=param) from None
@@ -129,6 +134,10 @@ def _check_common(request: AnyRequest, limits: LimitSettings) -> None:
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             param="stream_options",
         )
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= _ECHOED_CHARS else f"{text[:_ECHOED_CHARS]}..."
 
 
 def _quoted(value: str) -> str:

@@ -168,3 +168,20 @@ async def test_a_405_says_which_methods_the_path_has(
         response = await gw.http.request(method, path)
     error_of(response, 405)
     assert allowed in response.headers["allow"].split(", ")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"messages": [{"role": "x" * 100_000, "content": "Hi"}]},
+        {"x" * 100_000: 1},
+        {"tool_choice": "y" * 100_000},
+    ],
+    ids=["role", "field-name", "enum"],
+)
+async def test_a_refused_value_is_not_echoed_whole(start: Start, fields: dict[str, Any]) -> None:
+    async with start(pool("a")) as gw:
+        response = await gw.http.post("/v1/chat/completions", json=chat_body(**fields))
+    error = error_of(response, 400)
+    assert len(error["message"]) < 1000
+    assert error["param"] is None or len(error["param"]) < 400
