@@ -21,9 +21,9 @@ from tests import fuzz
 
 pytestmark = pytest.mark.e2e
 
-# Wall-clock budget of the generated requests (the gateway's start aside): a
-# few hundred on a quiet machine, fewer on a loaded one (each source gets its
-# turn in every round either way).
+# Wall-clock budget of the generated requests (the gateway's start aside):
+# REQUESTS take about 30 s on a quiet machine; on a loaded one the budget ends
+# the run sooner (each source gets its turn in every round either way).
 BUDGET_SECONDS = 100
 # Per round; rounds repeat until the budget or REQUESTS.
 PLAN = fuzz.Plan(openapi_positive=4, openapi_negative=4, chat=4, completions=4, schemas=4, raw=4)
