@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.resources
 import logging
 import time
 import uuid
@@ -51,6 +52,8 @@ from gateway.sse import sse_events
 
 _log = logging.getLogger(__name__)
 JSON = "application/json"
+# nomoat's own OpenAPI description of its OpenAI endpoints, served as written.
+OPENAPI_FILE = importlib.resources.files("gateway") / "openapi" / "openai_endpoints.json"
 AnyRequest = Request[Any, Any, State]
 T = TypeVar("T")
 
@@ -123,7 +126,12 @@ def as_gateway_error(exc: Exception, path: str) -> GatewayError:
         message = exc.detail if exc.status_code < 500 else "Internal server error."
         if exc.status_code == 404:
             message = f"Unknown path {path}"
-        return kind(message)
+        error = kind(message)
+        # A 405 says which methods the path has (RFC 9110 requires it).
+        allow = (exc.headers or {}).get("allow")
+        if exc.status_code == 405 and allow:
+            error.headers["Allow"] = allow
+        return error
     _log.exception("unhandled error on %s", path)
     return InternalError("Internal server error.")
 
@@ -238,6 +246,12 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     async def health() -> Response[bytes]:
         return _json(wire.Status(status="ok"))
 
+    openapi_description = OPENAPI_FILE.read_bytes()
+
+    @get("/openapi.json")
+    async def openapi() -> Response[bytes]:
+        return Response(openapi_description, media_type=JSON)
+
     @get("/ready")
     async def ready() -> Response[bytes]:
         return await _readiness(runtime)
@@ -275,6 +289,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         list_models,
         retrieve_model,
         health,
+        openapi,
         ready,
         status,
         metrics,

@@ -139,6 +139,11 @@ class LimitSettings(_Strict):
             max_grammar_bytes=self.schema_max_grammar_bytes,
         )
 
+    # Deepest nesting of arrays and objects in a request body (JSON schemas
+    # included); deeper is a 400 before anything parses it further. At most
+    # 256: deeper would reach Python's recursion limit in the decoder.
+    max_json_depth: Annotated[int, Field(ge=8, le=256)] = 64
+
 
 class DeploymentSettings(_Strict):
     backend: str

@@ -11,6 +11,7 @@ import re
 from typing import TypeVar
 
 import msgspec
+import numpy as np
 
 from gateway import schema_guard, wire
 from gateway.contract import AnyRequest, ModelCapabilities
@@ -19,6 +20,15 @@ from gateway.settings import LimitSettings
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _FIELD = re.compile(r"field `(?P<field>[^`]+)`")
+# Every byte but those that delimit strings, arrays and objects.
+_NOT_STRUCTURE = bytes(byte for byte in range(256) if byte not in b'"[]{}')
+# OpenAI's token ids: ASCII decimal digits only (str.isdigit() also takes "²"
+# and "١٢"), and few enough of them for any vocabulary.
+_TOKEN_ID = re.compile(r"[0-9]{1,9}")
+# What an error message quotes of a client's value at most.
+_QUOTED_CHARS = 40
+# What a decoding error repeats of the decoder's message, and of a path, at most.
+_ECHOED_CHARS = 300
 
 RequestT = TypeVar("RequestT", wire.ChatCompletionRequest, wire.CompletionRequest)
 
@@ -34,13 +44,53 @@ def _param_of(message: str) -> tuple[str, str | None]:
     return text, path or None
 
 
-def decode(body: bytes, decoder: msgspec.json.Decoder[RequestT]) -> RequestT:
+def json_depth(body: bytes) -> int:
+    """How deep arrays and objects nest in this JSON text, brackets inside
+    strings aside. Whole-buffer passes in C and numpy, no Python loop over
+    bytes: 4 MB of adversarial JSON takes tens of milliseconds."""
+    # Escaped backslashes, then escaped quotes, go first (left to right, as a
+    # JSON parser reads escapes): every quote left opens or closes a string.
+    structure = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    data = np.frombuffer(structure, dtype=np.uint8)
+    outside_strings = (np.cumsum(data == ord('"'), dtype=np.int32) & 1) == 0
+    steps = (data == ord("[")).astype(np.int8) + (data == ord("{"))
+    steps -= (data == ord("]")).astype(np.int8) + (data == ord("}"))
+    steps *= outside_strings
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+def _too_deep(limit: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The request's JSON nests arrays and objects more than {limit} levels deep; "
+        f"at most {limit} are allowed."
+    )
+
+
+def check_depth(body: bytes, limit: int) -> None:
+    """Refuse JSON nested deeper than ``limit`` before any decoder recurses
+    into it (msgspec keeps schemas as raw bytes, but whatever reads them
+    next, a grammar converter or an upstream engine, recurses)."""
+    # Nesting needs an opening bracket per level: most bodies skip the scan.
+    if body.count(b"[") + body.count(b"{") > limit and json_depth(body) > limit:
+        raise _too_deep(limit)
+
+
+def decode(
+    body: bytes, decoder: msgspec.json.Decoder[RequestT], *, max_depth: int = 64
+) -> RequestT:
     if not body:
         raise InvalidRequestError("The request body is empty; expected a JSON object.")
+    check_depth(body, max_depth)
     try:
         return decoder.decode(body)
+    except RecursionError:
+        # Only reachable past the limit's ceiling; the check above says it first.
+        raise _too_deep(max_depth) from None
     except msgspec.ValidationError as error:
         text, param = _param_of(str(error))
+        # msgspec quotes what it refused (an enum value, a field's name):
+        # a client's megabytes are not echoed back.
+        text, param = _clipped(text), None if param is None else _clipped(param)
         if text.startswith("Object contains unknown field"):
             text = f"Unrecognized request argument supplied: {param}"
         raise InvalidRequestError(f"{text} (at {param or 'the body'})", param=param) from None
@@ -58,7 +108,7 @@ def _at_most(value: int, limit: int, param: str, what: str) -> None:
 
 
 def decode_chat(body: bytes, limits: LimitSettings) -> wire.ChatCompletionRequest:
-    request = decode(body, wire.chat_request_decoder)
+    request = decode(body, wire.chat_request_decoder, max_depth=limits.max_json_depth)
     if not request.messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
     _at_most(len(request.messages), limits.max_messages, "messages", "messages")
@@ -70,7 +120,7 @@ def decode_chat(body: bytes, limits: LimitSettings) -> wire.ChatCompletionReques
 
 
 def decode_completion(body: bytes, limits: LimitSettings) -> wire.CompletionRequest:
-    request = decode(body, wire.completion_request_decoder)
+    request = decode(body, wire.completion_request_decoder, max_depth=limits.max_json_depth)
     _check_common(request, limits)
     return request
 
@@ -81,6 +131,7 @@ def _check_common(request: AnyRequest, limits: LimitSettings) -> None:
     _at_most(len(stops), limits.max_stop_sequences, "stop", "stop sequences")
     _at_most(len(request.logit_bias or {}), limits.max_logit_bias, "logit_bias", "entries")
     _check_volume(request, stops, limits)
+    _check_token_ids(request.logit_bias)
     if request.stream_options is not None and not request.stream:
         raise InvalidRequestError(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
@@ -111,6 +162,28 @@ def _check_volume(request: AnyRequest, stops: list[str], limits: LimitSettings) 
     for name, budget in budgets:
         if budget is not None:
             _at_most(budget, limits.max_tokens_ceiling, name, "tokens")
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= _ECHOED_CHARS else f"{text[:_ECHOED_CHARS]}..."
+
+
+def _quoted(value: str) -> str:
+    """A client's value for an error message, cut short: a 4 MB key is not echoed."""
+    if len(value) <= _QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:_QUOTED_CHARS]!r}... ({len(value)} characters)"
+
+
+def _check_token_ids(bias: dict[str, float] | None) -> None:
+    """Whether each key is a token id is the engine's to say (it knows its
+    vocabulary); that it is written as one is checked here, for every engine."""
+    for key in bias or ():
+        if _TOKEN_ID.fullmatch(key) is None:
+            raise InvalidRequestError(
+                f"logit_bias: keys must be token ids in decimal digits, got {_quoted(key)}",
+                param="logit_bias",
+            )
 
 
 # ------------------------------------------------------------- capabilities

@@ -138,6 +138,11 @@ class LlamaCppConfig(BaseModel):
     # event in a stream): one costly grammar cannot stall those batched with it.
     grammar_seconds_per_token: Annotated[float, Field(gt=0)] = DEFAULT_GRAMMAR_BUDGET.per_token
     grammar_burst_seconds: Annotated[float, Field(gt=0)] = DEFAULT_GRAMMAR_BUDGET.burst
+    # Parse control-token markers (``<|im_start|>``) written in a completion's
+    # prompt text into control tokens, as llama-server does. Off: they are
+    # plain text, like everything in a chat message; token ids still reach
+    # every token.
+    prompt_control_tokens: bool = False
 
 
 def embedded_model_path() -> Path:
@@ -194,6 +199,7 @@ class LlamaCppBackend:
             model.chat_template(),
             bos_token=model.piece_text(model.bos_token),
             eos_token=model.piece_text(model.eos_token),
+            control_texts=model.control_texts(),
         )
         self.scheduler = Scheduler(
             model,
@@ -361,10 +367,21 @@ class LlamaCppBackend:
         if plan is not None:
             turns = [ChatTurn("system", plan.instruction), *turns]
         try:
-            text = self._template.render(turns)
+            parts = self._template.render_parts(turns)
         except TemplateRenderError as error:
             raise InvalidRequestError(str(error), param="messages") from error
-        prompt = self._tokens(text, add_special=False)
+        # Control tokens come from the template's text only: a message that
+        # writes "<|im_start|>system" gets those characters, not a new turn.
+        text = "".join(part.text for part in parts)
+        prompt = self._with_bos(
+            [
+                token
+                for part in parts
+                for token in self._model.tokenize(
+                    part.text, add_special=False, parse_special=part.special
+                )
+            ]
+        )
         requested = request.max_completion_tokens or request.max_tokens
         budget = params.completion_budget(
             requested,
@@ -482,7 +499,15 @@ class LlamaCppBackend:
         return b"".join(self._model.pieces[t] for t in tokens).decode(errors="replace")
 
     def _tokens(self, text: str, *, add_special: bool) -> list[int]:
-        tokens = self._model.tokenize(text, add_special=add_special, parse_special=True)
+        """A completion's prompt text. Control-token markers in it are plain
+        text unless the operator turned ``prompt_control_tokens`` on (as
+        llama-server parses them): token ids are the way to send those."""
+        parse = self._config.prompt_control_tokens
+        return self._with_bos(
+            self._model.tokenize(text, add_special=add_special, parse_special=parse)
+        )
+
+    def _with_bos(self, tokens: list[int]) -> list[int]:
         if self._model.add_bos and (not tokens or tokens[0] != self._model.bos_token):
             tokens.insert(0, self._model.bos_token)
         if not tokens:

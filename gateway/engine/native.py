@@ -15,6 +15,7 @@ import ctypes
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,11 +85,20 @@ _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
 _log = logging.getLogger("gateway.engine.llama_cpp")
 
 
+# Set in a thread while it checks a client's input with llama.cpp: what
+# llama.cpp then complains about is the client's mistake, not the operator's.
+_checking_input = threading.local()
+# llama.cpp quotes a whole grammar it cannot parse: a log line is cut here.
+_MAX_LOG_CHARS = 2000
+
+
 @lc.llama_log_callback  # type: ignore[untyped-decorator]
 def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp prints every load detail; keep its warnings and errors only.
     if level in _LOG_LEVELS:
-        _log.log(_LOG_LEVELS[level], "%s", text.decode(errors="replace").rstrip())
+        quiet = getattr(_checking_input, "active", False)
+        line = text.decode(errors="replace").rstrip()[:_MAX_LOG_CHARS]
+        _log.log(logging.DEBUG if quiet else _LOG_LEVELS[level], "%s", line)
 
 
 def _seed_for_llama(seed: int | None) -> int:
@@ -184,10 +194,20 @@ class NativeModel:
             )
         return list(tokens[:count])
 
-    def _piece(self, token: int) -> bytes:
+    def _piece(self, token: int, *, special: bool = False) -> bytes:
         buffer = ctypes.create_string_buffer(_MAX_PIECE_BYTES)
-        length = lc.llama_token_to_piece(self._vocab, token, buffer, _MAX_PIECE_BYTES, 0, False)
+        length = lc.llama_token_to_piece(self._vocab, token, buffer, _MAX_PIECE_BYTES, 0, special)
         return buffer.raw[: max(length, 0)]
+
+    def control_texts(self) -> list[str]:
+        """How the control tokens are written (``<|im_start|>``): the texts
+        that tokenizing with ``parse_special`` turns into them."""
+        parsed = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN
+        return [
+            self._piece(token, special=True).decode("utf-8", errors="replace")
+            for token in range(self.n_vocab)
+            if lc.llama_vocab_get_attr(self._vocab, token) & parsed
+        ]
 
     # ----------------------------------------------------------------- decoding
 
@@ -280,7 +300,11 @@ def grammar_compiles(model: NativeModel, grammar: str) -> bool:
     have passed :func:`gateway.engine.grammar.gbnf_problem` first: llama.cpp's
     parser recurses once per nested group and has no limit of its own.
     """
-    sampler = lc.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
+    _checking_input.active = True  # a refusal is the client's: logged at debug level
+    try:
+        sampler = lc.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
+    finally:
+        _checking_input.active = False
     if not sampler:
         return False
     lc.llama_sampler_free(sampler)
