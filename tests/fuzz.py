@@ -54,7 +54,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway.app import OPENAPI_FILE
-from gateway.settings import hash_api_key
+from gateway.auth import hash_api_key
 from gateway.testing import LiveGateway, running_gateway
 
 MODEL = "smollm2-135m-instruct"
