@@ -267,6 +267,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         runtime.backends,
         AdminAuthenticator(server.api_key_hashes, server.admin_key_hashes),
         runtime.serving,
+        runtime.settings.limits,
     )
     return [
         _openai_endpoint(runtime, CHAT, authenticate),

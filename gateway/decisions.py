@@ -29,6 +29,7 @@ import copy
 import itertools
 import logging
 import math
+import os
 import re
 import time
 import uuid
@@ -54,6 +55,7 @@ from gateway.contract import (
     Target,
 )
 from gateway.errors import InternalError
+from gateway.private_files import open_private, private_dirs
 from gateway.rules import Rule, estimate_prompt_tokens
 from gateway.stats import StatsTable
 
@@ -558,7 +560,7 @@ class DecisionLog:
         self._pending.append(decision)
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="decision-log")
 
     async def _run(self) -> None:
@@ -576,7 +578,8 @@ class DecisionLog:
                 _log.exception("could not write %d routing decisions", len(batch))
 
     def _append(self, data: bytes) -> None:
-        with self.path.open("ab") as file:
+        # Private: with decision_log_prompts it holds what clients wrote.
+        with os.fdopen(open_private(self.path, append=True), "ab") as file:
             file.write(data)
 
     async def aclose(self) -> None:

@@ -67,6 +67,12 @@ class LimitSettings(_Strict):
     max_stop_sequences: Annotated[int, Field(ge=0)] = 4
     max_logit_bias: Annotated[int, Field(ge=0)] = 300
     max_tools: Annotated[int, Field(ge=0)] = 128
+    # Adapter uploads to the admin API (PUT /admin/adapters/NAME/files, edge
+    # nodes): the largest body, streamed to disk (a larger one is a 413 and
+    # nothing of it is kept), and how many are received at once (one more is
+    # a 503 with Retry-After).
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024**3
+    max_concurrent_uploads: Annotated[int, Field(ge=1)] = 2
 
 
 class DeploymentSettings(_Strict):
