@@ -312,7 +312,8 @@ class Scheduler:
                         continue
                     current = wanted
                 pending.popleft()
-                self._admit(job, free.lease(job.request.prompt, wanted), active, free)
+                lease = free.lease(job.request.prompt, wanted, job.owner)
+                self._admit(job, lease, active, free)
             if not active:
                 continue
             try:
@@ -362,7 +363,8 @@ class Scheduler:
             job = active.pop(generation)
             result = generation.result()
             if error is None:
-                free.release(generation.sequence, Held(generation.held(), adapters))
+                held = Held(generation.held(), adapters, job.owner)
+                free.release(generation.sequence, held)
             else:  # what the failed decode left in the cache is unknown
                 self.model.forget(generation.sequence)
                 free.release(generation.sequence, Held())
