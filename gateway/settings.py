@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.auth import KEY_HASH_FORMAT
+from gateway.media import MediaPolicy
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_BACKEND = "embedded"
@@ -73,6 +74,10 @@ class LimitSettings(_Strict):
     # a 503 with Retry-After).
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024**3
     max_concurrent_uploads: Annotated[int, Field(ge=1)] = 2
+    # Image URLs in chat messages, which the engine would fetch itself:
+    # "data" (only data: URLs, the image inline), "remote" (http(s) too),
+    # "none" (no image or audio parts at all). Others are a 400.
+    media_urls: MediaPolicy = "data"
 
 
 class DeploymentSettings(_Strict):
