@@ -25,7 +25,7 @@ from litestar.types import ASGIApp, ControllerRouterHandler
 
 from gateway import wire
 from gateway.admin import build_admin_handlers
-from gateway.auth import AdminAuthenticator, Authenticator
+from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
 from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decisions import DecisionLog, RouteTrace
@@ -45,7 +45,7 @@ from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import render_metrics
 from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
-from gateway.settings import Settings
+from gateway.settings import ServerSettings, Settings
 from gateway.sse import sse_events
 
 _log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class Runtime:
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     async def start(self, stack: AsyncExitStack) -> None:
+        for warning in exposure_warnings(self.settings.server):
+            _log.warning("%s", warning)
         for item in self.plan.backends:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
@@ -90,6 +92,17 @@ class Runtime:
         if self.pipeline is None:
             raise InternalError("The gateway is still starting.")
         return self.pipeline
+
+
+def exposure_warnings(server: ServerSettings) -> list[str]:
+    """What the operator must hear at start-up about who can reach what."""
+    if is_loopback(server.host) or server.api_key_hashes or server.admin_key_hashes:
+        return []
+    return [
+        f"listening on {server.host} with no API key (allow_unauthenticated_network): anyone "
+        "who can reach this address can use every model",
+        "the admin API (/admin/...) is closed: beyond loopback it needs server.admin_key_hashes",
+    ]
 
 
 def _json(
@@ -246,8 +259,18 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         authenticate(request)
         return _json(await _status(runtime))
 
+    # Any key of either list, once the operator asks for it (Prometheus sends
+    # one with `authorization: {credentials: ...}`); open by default.
+    metrics_key = (
+        Authenticator(server.api_key_hashes + server.admin_key_hashes)
+        if server.metrics_requires_key
+        else None
+    )
+
     @get("/metrics", media_type="text/plain; version=0.0.4")
-    async def metrics() -> str:
+    async def metrics(request: AnyRequest) -> str:
+        if metrics_key is not None:
+            metrics_key(request)
         pipeline = runtime.pipeline
         status = await _status(runtime)
         ready = {
@@ -265,7 +288,9 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     admin = build_admin_handlers(
         lambda: runtime.serving().adapters or _no_adapters(),
         runtime.backends,
-        AdminAuthenticator(server.api_key_hashes, server.admin_key_hashes),
+        AdminAuthenticator(
+            server.api_key_hashes, server.admin_key_hashes, network=not is_loopback(server.host)
+        ),
         runtime.serving,
         runtime.settings.limits,
     )

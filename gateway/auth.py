@@ -8,7 +8,11 @@ hash in constant time, and the request is then known by its key's fingerprint
 Once any key is configured, every ``/v1`` request needs one of
 ``server.api_key_hashes``, and the admin API needs one of
 ``server.admin_key_hashes`` (an ordinary API key gets a 403). With no keys at
-all (loopback development) both are open.
+all (loopback development) both are open; but a gateway that listens beyond
+loopback without keys (``allow_unauthenticated_network``) keeps its admin
+API closed: opening the models to a network must not also hand it the
+power to register and remove adapters. ``/metrics`` needs any key of either
+list when ``server.metrics_requires_key`` is set.
 
 The authenticators read only the request's ASGI scope: the header list as the
 server gave it (names in lowercase), without building Litestar's header mapping.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 from collections.abc import Iterable
 from typing import Protocol
@@ -30,6 +35,16 @@ KEY_HASH_PREFIX = "sha256:"
 # Exactly what hash_api_key produces: lowercase hex, so a stored hash can match.
 KEY_HASH_FORMAT = re.compile(r"sha256:[0-9a-f]{64}")
 FINGERPRINT_DIGITS = 12
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the server to this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def hash_api_key(key: str) -> str:
@@ -93,20 +108,35 @@ class Authenticator:
 
 
 class AdminAuthenticator:
-    """The admin API: an admin key once any key exists; open with none.
+    """The admin API: an admin key once any key exists; open with none, if
+    the server listens on loopback only (``network``: it does not).
 
     No key or an unknown one is a 401; a valid API key that is not an admin
-    key is a 403 (it is known, but may not do this).
+    key is a 403 (it is known, but may not do this), and so is every call
+    while the admin API is closed.
     """
 
-    def __init__(self, api_key_hashes: tuple[str, ...], admin_key_hashes: tuple[str, ...]) -> None:
-        self._open = not api_key_hashes and not admin_key_hashes
+    def __init__(
+        self,
+        api_key_hashes: tuple[str, ...],
+        admin_key_hashes: tuple[str, ...],
+        *,
+        network: bool = False,
+    ) -> None:
+        no_keys = not api_key_hashes and not admin_key_hashes
+        self._open = no_keys and not network
+        self.closed = no_keys and network
         self._admin = admin_key_hashes
         self._api = api_key_hashes
 
     def __call__(self, request: HasScope) -> None:
         if self._open:
             return
+        if self.closed:
+            raise PermissionDeniedError(
+                "The admin API is closed: this server listens beyond loopback without keys. "
+                "Configure server.admin_key_hashes to use it."
+            )
         token = bearer_token(request)
         if token is None:
             raise AuthenticationError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import ipaddress
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import explain
 from gateway.app import Runtime, create_app
-from gateway.auth import hash_api_key
+from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
 from gateway.decisions import LogFormatError, read_log
 from gateway.registry import PluginLoadError, Registry, discover
@@ -33,15 +32,6 @@ from gateway.settings import (
 )
 
 DEFAULT_ADMIN_KEY_ENV = "NOMOAT_ADMIN_KEY"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check(path: Path | None) -> tuple[Settings | None, list[str]]:
@@ -85,7 +75,7 @@ def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
 
 
 def _open_network_refusal(server: ServerSettings) -> str | None:
-    if server.api_key_hashes or _is_loopback(server.host) or server.allow_unauthenticated_network:
+    if server.api_key_hashes or is_loopback(server.host) or server.allow_unauthenticated_network:
         return None
     return (
         f"nomoat: refusing to listen on {server.host} with no API key configured. "

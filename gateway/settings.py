@@ -15,7 +15,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.auth import KEY_HASH_FORMAT
@@ -59,6 +66,17 @@ class ServerSettings(_Strict):
     # Also record prompt text in the decision log (off: sizes and timing only).
     decision_log_prompts: bool = False
     log_level: str = "info"
+    # /metrics needs a key (of api_key_hashes or admin_key_hashes) like the
+    # API does. Off by default: Prometheus scrapes without credentials.
+    metrics_requires_key: bool = False
+
+    @model_validator(mode="after")
+    def _metrics_key_exists(self) -> ServerSettings:
+        if self.metrics_requires_key and not (self.api_key_hashes or self.admin_key_hashes):
+            raise ValueError(
+                "metrics_requires_key needs a key in api_key_hashes or admin_key_hashes"
+            )
+        return self
 
 
 class LimitSettings(_Strict):
