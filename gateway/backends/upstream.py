@@ -8,13 +8,25 @@ first client, httpx's API on an aiohttp transport, spent about a third of the
 gateway's Python time building httpx requests, URLs, cookie jars and responses
 around aiohttp. Without it the server executes 1.25M instructions per proxied
 request instead of 2.22M, and spends 0.43 CPU-ms instead of 0.78-0.82.
+
+Redirects are never followed (aiohttp would by default): the operator chose
+where requests go, and a 3xx from an upstream is its fault, a 502. Waiting
+for a free connection of the pool (``max_connections``) is bounded by
+``pool_timeout`` and is load, not ill health: past it the request gets
+:class:`EngineOverloadedError`, which moves on to another deployment without
+cooling this one down (a slow upstream must not make its own queue look like
+a failure and cascade into cooldowns). The gateway's own GETs (probes,
+metrics, listings) do not wait behind clients' requests for a connection,
+and read at most ``MAX_GET_BYTES``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -33,6 +45,13 @@ from gateway.errors import (
 # What the client may raise: its own errors, and timeouts (ServerTimeoutError
 # is both; a few paths raise a bare TimeoutError).
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+_log = logging.getLogger("gateway.upstream")
+# The largest body a GET (probe, metrics, listing) may have; a larger one is
+# an UpstreamError (vLLM's /metrics is tens of kB).
+MAX_GET_BYTES = 8 * 1024 * 1024
+# Connections beyond max_connections for the gateway's own GETs, which do not
+# wait for the clients' ones.
+_GET_CONNECTIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +96,7 @@ class Upstream:
         timeouts: Timeouts,
         api_key: str | None = None,
         max_connections: int = 100,
+        pool_timeout: float = 5.0,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -85,6 +105,11 @@ class Upstream:
             headers["Authorization"] = f"Bearer {api_key}"
         self._headers = headers
         self._max_connections = max_connections
+        # Clients' requests hold one of these from sending until the answer
+        # is read (or the stream closed), so the connector never makes them
+        # wait: the wait is here, bounded, and told apart from a failure.
+        self._connections = asyncio.Semaphore(max_connections)
+        self._pool_timeout = pool_timeout
         # connect: waiting for a pooled connection and opening one (as httpx's
         # pool timeout); sock_connect: opening one; sock_read: between reads.
         self._timeout = aiohttp.ClientTimeout(
@@ -102,9 +127,8 @@ class Upstream:
         if session is None:
             if self._closed:
                 raise UpstreamError(f"backend {self.name} is shut down")
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=self._max_connections
-            )
+            limit = self._max_connections + _GET_CONNECTIONS
+            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
             session = self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers=self._headers,
@@ -137,32 +161,88 @@ class Upstream:
         self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None
     ) -> bytes:
         """The body of a successful answer; every failure as a typed error."""
-        request = self._client().request(method, self._url(path), data=body, headers=headers)
-        try:
-            async with request as response:
-                content = await response.read()
-        except _TRANSPORT_ERRORS as error:
-            raise self._transport_error(error) from error
+        async with self._connection():
+            request = self._client().request(
+                method, self._url(path), data=body, headers=headers, allow_redirects=False
+            )
+            try:
+                async with request as response:
+                    content = await response.read()
+            except _TRANSPORT_ERRORS as error:
+                raise self._transport_error(error) from error
+        if 300 <= response.status < 400:
+            raise self._redirect_error(response.status, response.headers)
         if response.status >= 400:
             raise self._status_error(response.status, content, response.headers)
         return content
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[None]:
+        """Hold one of the pool's connections; waiting past ``pool_timeout``
+        is an EngineOverloadedError (retried elsewhere, never a cooldown)."""
+        slots = self._connections
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise EngineOverloadedError(
+                    f"backend {self.name}: all {self._max_connections} connections are busy",
+                    retry_after_seconds=1,
+                ) from None
+        else:
+            await slots.acquire()
+        try:
+            yield
+        finally:
+            slots.release()
+
     async def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         """For probes and metrics: the status and body, errors as UpstreamError."""
+        status, _, content = await self.probe(path, headers)
+        return status, content
+
+    async def probe(
+        self, path: str, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, str, bytes]:
+        """A GET of the gateway's own: the status, content type and body (at
+        most MAX_GET_BYTES), errors as UpstreamError; never waits for a
+        connection behind clients' requests."""
         try:
-            async with self._client().get(self._url(path), headers=headers) as response:
-                return response.status, await response.read()
+            request = self._client().get(self._url(path), headers=headers, allow_redirects=False)
+            async with request as response:
+                content = await self._capped(response, path)
+                return response.status, response.headers.get("content-type", ""), content
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
 
+    async def _capped(self, response: aiohttp.ClientResponse, path: str) -> bytes:
+        if (response.content_length or 0) > MAX_GET_BYTES:
+            raise self._too_large(path)
+        content = bytearray()
+        async for data in response.content.iter_any():
+            content += data
+            if len(content) > MAX_GET_BYTES:
+                raise self._too_large(path)
+        return bytes(content)
+
+    def _too_large(self, path: str) -> UpstreamError:
+        return UpstreamError(
+            f"backend {self.name}: the answer to GET {path} is larger than {MAX_GET_BYTES} bytes"
+        )
+
     async def delete(self, path: str, headers: Mapping[str, str] | None = None) -> int:
         """For admin calls: the status, transport errors as UpstreamError."""
-        try:
-            async with self._client().delete(self._url(path), headers=headers) as response:
-                await response.read()
-                return response.status
-        except _TRANSPORT_ERRORS as error:
-            raise self._transport_error(error) from error
+        async with self._connection():
+            try:
+                request = self._client().delete(
+                    self._url(path), headers=headers, allow_redirects=False
+                )
+                async with request as response:
+                    await response.read()
+                    return response.status
+            except _TRANSPORT_ERRORS as error:
+                raise self._transport_error(error) from error
 
     async def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
         """The ``data:`` payloads of an SSE response, without ``[DONE]``.
@@ -171,12 +251,20 @@ class Upstream:
         iterator closes the connection, which makes vLLM abort the request.
         Each payload is yielded as soon as its line is complete.
         """
+        # aclosing: closing this iterator closes the response at once.
+        async with self._connection(), contextlib.aclosing(self._stream(path, body)) as payloads:
+            async for payload in payloads:
+                yield payload
+
+    async def _stream(self, path: str, body: bytes) -> AsyncGenerator[bytes, None]:
         try:
-            response = await self._client().post(self._url(path), data=body)
+            response = await self._client().post(self._url(path), data=body, allow_redirects=False)
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
         complete = False
         try:
+            if 300 <= response.status < 400:
+                raise self._redirect_error(response.status, response.headers)
             if response.status >= 400:
                 content = await response.read()
                 raise self._status_error(response.status, content, response.headers)
@@ -209,6 +297,16 @@ class Upstream:
                 # Cut short (the client went away, an error): drop the
                 # connection, so the upstream sees the close and stops.
                 response.close()
+
+    def _redirect_error(self, status: int, headers: Mapping[str, str]) -> UpstreamError:
+        """A 3xx: never followed; the operator reads where it pointed."""
+        _log.warning(
+            "backend %s answered %d (redirect to %r): not followed; fix its base_url",
+            self.name,
+            status,
+            headers.get("location", ""),
+        )
+        return UpstreamError(f"backend {self.name} answered with a redirect ({status})")
 
     def _transport_error(self, error: BaseException) -> GatewayError:
         kind = type(error).__name__
