@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from litestar.types import Scope
@@ -32,6 +32,12 @@ from litestar.types import Scope
 from gateway.errors import AuthenticationError, PermissionDeniedError
 
 KEY_HASH_PREFIX = "sha256:"
+# Sent by a gateway to its edge nodes with each request: the fingerprint of
+# the client's key, so the node keeps its tenants apart (prompt cache, fair
+# queue) though they all arrive with the gateway's one key. Trusted only by
+# engines told to (``nomoat edge``); the gateway never forwards a client's.
+TENANT_HEADER = "x-nomoat-tenant"
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Exactly what hash_api_key produces: lowercase hex, so a stored hash can match.
 KEY_HASH_FORMAT = re.compile(r"sha256:[0-9a-f]{64}")
 FINGERPRINT_DIGITS = 12
@@ -65,6 +71,15 @@ def key_matches(presented: str, hashes: Iterable[str]) -> str | None:
         if hmac.compare_digest(candidate, stored.encode()):
             found = stored
     return found
+
+
+def tenant_of(key_id: str | None, headers: Mapping[str, str]) -> str:
+    """Whose request this is, for an engine that trusts ``TENANT_HEADER``:
+    the key it came with and the tenant its gateway named (a malformed
+    tenant is ignored)."""
+    tenant = headers.get(TENANT_HEADER, "")
+    owner = key_id or ""
+    return f"{owner}/{tenant}" if _TENANT.fullmatch(tenant) else owner
 
 
 class HasScope(Protocol):

@@ -102,6 +102,8 @@ def edge(args: argparse.Namespace) -> int:
         "parallel": args.parallel,
         "threads": args.threads,
         "max_waiting": args.max_waiting,
+        # Only gateways reach an edge node: it keeps their tenants apart.
+        "trust_tenant_header": True,
     }
     if args.model is not None:
         options["model_path"] = str(args.model)

@@ -19,6 +19,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import wire
+from gateway.auth import tenant_of
 from gateway.backends import llamacpp_params as params
 from gateway.backends import llamacpp_responses as responses
 from gateway.contract import (
@@ -88,6 +89,12 @@ class LlamaCppConfig(BaseModel):
     # Where adapters are kept as GGUF (PEFT ones converted); unset:
     # ~/.cache/nomoat/lora-gguf.
     adapter_cache_dir: Path | None = None
+    # Tell requests apart by the x-nomoat-tenant header a gateway sends with
+    # them (its client's key fingerprint) besides their own key: separate
+    # prompt caches and fair-queue turns per tenant. Only for an engine that
+    # only gateways reach (`nomoat edge` sets it); a client could otherwise
+    # split itself into many tenants.
+    trust_tenant_header: bool = False
 
 
 def embedded_model_path() -> Path:
@@ -128,6 +135,7 @@ class LlamaCppBackend:
     ) -> None:
         self.name = name
         self._config = config
+        self._trust_tenant = config.trust_tenant_header
         self._model = model
         self._ggufs = GgufStore(config.adapter_cache_dir, model_path, engine=name)
         self.adapter_cache = AdapterCache(
@@ -419,11 +427,18 @@ class LlamaCppBackend:
 
     async def _run(self, item: GenerationRequest, ctx: RequestContext) -> GenerationResult:
         try:
-            return await self.scheduler.run(item, ctx.api_key_id or "")
+            return await self.scheduler.run(item, self._owner(ctx))
         except (EngineBusyError, EngineClosedError) as error:
             raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
         except NativeError as error:
             raise InternalError(f"backend {self.name} failed to generate") from error
+
+    def _owner(self, ctx: RequestContext) -> str:
+        """Whose request it is: its turn in the fair queue, and the prompt
+        cache partition it may reuse (see gateway/engine/sequences.py)."""
+        if self._trust_tenant:
+            return tenant_of(ctx.api_key_id, ctx.headers)
+        return ctx.api_key_id or ""
 
     def _open_streams(self, prepared: _Prepared, ctx: RequestContext) -> list[GenerationStream]:
         # Every choice is queued before the first byte is sent, so a full
@@ -431,7 +446,7 @@ class LlamaCppBackend:
         streams: list[GenerationStream] = []
         try:
             for item in prepared.requests:
-                streams.append(self.scheduler.open_stream(item, ctx.api_key_id or ""))
+                streams.append(self.scheduler.open_stream(item, self._owner(ctx)))
         except (EngineBusyError, EngineClosedError) as error:
             for stream in streams:
                 stream.cancel()

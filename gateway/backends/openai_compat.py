@@ -28,6 +28,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import wire
+from gateway.auth import TENANT_HEADER
 from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
     AdapterCounters,
@@ -153,6 +154,8 @@ class OpenAICompatibleBackend:
         self.adapters = manager(name, config, self._upstream) if manager else None
         # Base-model requests go as the base model (not as an identity adapter).
         self._base_is_plain = self.adapters is None or self.adapters.base_is_plain
+        # Edge nodes keep the gateway's tenants apart by this header.
+        self._names_tenants = kind == "edge"
 
     async def start(self) -> None:
         await self._probe()
@@ -251,20 +254,32 @@ class OpenAICompatibleBackend:
         target: Target,
         ctx: RequestContext,
     ) -> _Answer:
+        headers = self._tenant(ctx)
         if not target.adapters and self._base_is_plain:
             # The base model: no adapter to hold, so no context manager either.
-            response = await self._post(path, request, decoder, target.engine_model)
+            response = await self._post(path, request, decoder, target.engine_model, headers)
         else:
             async with self._engine_model(target) as model:
-                response = await self._post(path, request, decoder, model)
+                response = await self._post(path, request, decoder, model, headers)
         response.id, response.model = ctx.request_id, target.model
         return response
 
     async def _post(
-        self, path: str, request: AnyRequest, decoder: msgspec.json.Decoder[_Answer], model: str
+        self,
+        path: str,
+        request: AnyRequest,
+        decoder: msgspec.json.Decoder[_Answer],
+        model: str,
+        headers: Mapping[str, str] | None,
     ) -> _Answer:
         upstream = msgspec.structs.replace(request, model=model, stream=False)
-        return self._decode(decoder, await self._upstream.post(path, _encode(upstream)))
+        return self._decode(decoder, await self._upstream.post(path, _encode(upstream), headers))
+
+    def _tenant(self, ctx: RequestContext) -> Mapping[str, str] | None:
+        """For an edge node: whose request this is (see gateway/auth.py)."""
+        if self._names_tenants and ctx.api_key_id is not None:
+            return {TENANT_HEADER: ctx.api_key_id}
+        return None
 
     async def _relay(
         self,
@@ -282,7 +297,8 @@ class OpenAICompatibleBackend:
                 # Always ask for usage: the gateway accounts for every stream.
                 stream_options=wire.StreamOptions(include_usage=True),
             )
-            async for payload in self._upstream.stream(path, _encode(upstream)):
+            payloads = self._upstream.stream(path, _encode(upstream), self._tenant(ctx))
+            async for payload in payloads:
                 chunk = self._decode(decoder, payload)
                 chunk.id, chunk.model = ctx.request_id, target.model
                 yield chunk

@@ -244,7 +244,9 @@ class Upstream:
             except _TRANSPORT_ERRORS as error:
                 raise self._transport_error(error) from error
 
-    async def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
+    async def stream(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[bytes]:
         """The ``data:`` payloads of an SSE response, without ``[DONE]``.
 
         Failures before the first payload raise retryable errors; closing the
@@ -252,13 +254,18 @@ class Upstream:
         Each payload is yielded as soon as its line is complete.
         """
         # aclosing: closing this iterator closes the response at once.
-        async with self._connection(), contextlib.aclosing(self._stream(path, body)) as payloads:
-            async for payload in payloads:
+        payloads = contextlib.aclosing(self._stream(path, body, headers))
+        async with self._connection(), payloads as lines:
+            async for payload in lines:
                 yield payload
 
-    async def _stream(self, path: str, body: bytes) -> AsyncGenerator[bytes, None]:
+    async def _stream(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None
+    ) -> AsyncGenerator[bytes, None]:
         try:
-            response = await self._client().post(self._url(path), data=body, allow_redirects=False)
+            response = await self._client().post(
+                self._url(path), data=body, headers=headers, allow_redirects=False
+            )
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
         complete = False
