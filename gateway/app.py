@@ -96,13 +96,17 @@ class Runtime:
 
 def exposure_warnings(server: ServerSettings) -> list[str]:
     """What the operator must hear at start-up about who can reach what."""
-    if is_loopback(server.host) or server.api_key_hashes or server.admin_key_hashes:
+    if is_loopback(server.host) or server.api_key_hashes:
         return []
-    return [
+    warnings = [
         f"listening on {server.host} with no API key (allow_unauthenticated_network): anyone "
-        "who can reach this address can use every model",
-        "the admin API (/admin/...) is closed: beyond loopback it needs server.admin_key_hashes",
+        "who can reach this address can use every model"
     ]
+    if not server.admin_key_hashes:
+        warnings.append(
+            "the admin API (/admin/...) is closed: beyond loopback it needs server.admin_key_hashes"
+        )
+    return warnings
 
 
 def _json(

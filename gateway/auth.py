@@ -140,14 +140,14 @@ class AdminAuthenticator:
     ) -> None:
         no_keys = not api_key_hashes and not admin_key_hashes
         self._open = no_keys and not network
-        self.closed = no_keys and network
+        self._closed = no_keys and network
         self._admin = admin_key_hashes
         self._api = api_key_hashes
 
     def __call__(self, request: HasScope) -> None:
         if self._open:
             return
-        if self.closed:
+        if self._closed:
             raise PermissionDeniedError(
                 "The admin API is closed: this server listens beyond loopback without keys. "
                 "Configure server.admin_key_hashes to use it."
