@@ -30,15 +30,14 @@ from gateway.contract import Adapter, Backend, RequestContext, SupportsLoRA
 from gateway.contract import AnyRequest as RoutedRequest
 from gateway.errors import InvalidRequestError
 from gateway.lora.registry import AdapterRegistry
-from gateway.lora.uploads import Upload
+from gateway.lora.uploads import UploadSlots, drain, receive, spec_from_headers
 from gateway.pipeline import Pipeline
+from gateway.settings import LimitSettings
 from gateway.stats import serves_adapters
 from gateway.validation import decode_chat, decode_completion
 
 AnyRequest = Request[Any, Any, State]
 JSON = "application/json"
-# Adapters are larger than chat requests: their own cap, for admins only.
-MAX_UPLOAD_BYTES = 2 * 1024**3
 
 
 def _lora_backends(backends: Mapping[str, Backend]) -> dict[str, SupportsLoRA]:
@@ -104,6 +103,7 @@ def build_admin_handlers(
     backends: Mapping[str, Backend],
     authenticate: AdminAuthenticator,
     pipeline: Callable[[], Pipeline],
+    limits: LimitSettings,
 ) -> list[ControllerRouterHandler]:
     """``registry`` and ``pipeline`` are called per request: they exist once started."""
 
@@ -138,29 +138,33 @@ def build_admin_handlers(
         adapter = await registry().register(form.name, form.base, form.path, form.sha256)
         return _respond(adapter_info(adapter, backends), 201)
 
+    slots = UploadSlots(limits.max_concurrent_uploads)
+    upload_limit = limits.max_upload_bytes
+
     @put(
         "/admin/adapters/{name:str}/files",
         status_code=201,
-        request_max_body_size=MAX_UPLOAD_BYTES,
+        request_max_body_size=upload_limit,
     )
     async def upload_adapter(request: AnyRequest, name: FromPath[str]) -> Response[bytes]:
-        """An adapter's files pushed by a gateway (see gateway/lora/uploads.py)."""
+        """An adapter's files pushed by a gateway, streamed to disk and
+        checked before they are kept (see gateway/lora/uploads.py)."""
         authenticate(request)  # before reading a byte of the body
-        headers = request.headers
-        base = headers.get("x-nomoat-base", "")
-        sha256 = headers.get("x-nomoat-sha256", "").lower()
-        try:
-            config_length = int(headers.get("x-nomoat-config-length", "0"))
-        except ValueError:
-            raise InvalidRequestError("x-nomoat-config-length must be an integer") from None
-        kind = headers.get("x-nomoat-format", "")
-        if not sha256 or kind not in ("peft", "gguf"):
-            raise InvalidRequestError(
-                "an adapter upload needs x-nomoat-base, x-nomoat-sha256 and x-nomoat-format "
-                '("peft" or "gguf") headers'
-            )
-        upload = Upload(sha256, kind, await request.body(), config_length)
-        adapter = await registry().register_upload(name, base, upload)
+        spec = spec_from_headers(request.headers)
+        base = request.headers.get("x-nomoat-base", "")
+        adapters = registry()
+        with slots.slot():
+            known = adapters.uploaded(name, spec.sha256)
+            if known is not None:
+                await drain(request.stream(), upload_limit)
+                return _respond(adapter_info(known, backends), 201)
+            try:
+                root = adapters.check_upload(name, base)
+            except InvalidRequestError:
+                await drain(request.stream(), upload_limit)
+                raise
+            stored = await receive(root, spec, request.stream(), upload_limit)
+            adapter = await adapters.register_stored(name, base, stored)
         return _respond(adapter_info(adapter, backends), 201)
 
     @delete("/admin/adapters/{name:str}", status_code=200)

@@ -26,7 +26,7 @@ from litestar.types import ASGIApp, ControllerRouterHandler
 
 from gateway import wire
 from gateway.admin import build_admin_handlers
-from gateway.auth import AdminAuthenticator, Authenticator
+from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
 from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decision_log import DecisionLog
@@ -47,7 +47,7 @@ from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import render_metrics
 from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
-from gateway.settings import Settings
+from gateway.settings import ServerSettings, Settings
 from gateway.sse import sse_events
 
 _log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class Runtime:
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     async def start(self, stack: AsyncExitStack) -> None:
+        for warning in exposure_warnings(self.settings.server):
+            _log.warning("%s", warning)
         for item in self.plan.backends:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
@@ -94,6 +96,21 @@ class Runtime:
         if self.pipeline is None:
             raise InternalError("The gateway is still starting.")
         return self.pipeline
+
+
+def exposure_warnings(server: ServerSettings) -> list[str]:
+    """What the operator must hear at start-up about who can reach what."""
+    if is_loopback(server.host) or server.api_key_hashes:
+        return []
+    warnings = [
+        f"listening on {server.host} with no API key (allow_unauthenticated_network): anyone "
+        "who can reach this address can use every model"
+    ]
+    if not server.admin_key_hashes:
+        warnings.append(
+            "the admin API (/admin/...) is closed: beyond loopback it needs server.admin_key_hashes"
+        )
+    return warnings
 
 
 def _json(
@@ -261,8 +278,18 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         authenticate(request)
         return _json(await _status(runtime))
 
+    # Any key of either list, once the operator asks for it (Prometheus sends
+    # one with `authorization: {credentials: ...}`); open by default.
+    metrics_key = (
+        Authenticator(server.api_key_hashes + server.admin_key_hashes)
+        if server.metrics_requires_key
+        else None
+    )
+
     @get("/metrics", media_type="text/plain; version=0.0.4")
-    async def metrics() -> str:
+    async def metrics(request: AnyRequest) -> str:
+        if metrics_key is not None:
+            metrics_key(request)
         pipeline = runtime.pipeline
         status = await _status(runtime)
         ready = {
@@ -280,8 +307,11 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     admin = build_admin_handlers(
         lambda: runtime.serving().adapters or _no_adapters(),
         runtime.backends,
-        AdminAuthenticator(server.api_key_hashes, server.admin_key_hashes),
+        AdminAuthenticator(
+            server.api_key_hashes, server.admin_key_hashes, network=not is_loopback(server.host)
+        ),
         runtime.serving,
+        runtime.settings.limits,
     )
     return [
         _openai_endpoint(runtime, CHAT, authenticate),

@@ -8,7 +8,11 @@ hash in constant time, and the request is then known by its key's fingerprint
 Once any key is configured, every ``/v1`` request needs one of
 ``server.api_key_hashes``, and the admin API needs one of
 ``server.admin_key_hashes`` (an ordinary API key gets a 403). With no keys at
-all (loopback development) both are open.
+all (loopback development) both are open; but a gateway that listens beyond
+loopback without keys (``allow_unauthenticated_network``) keeps its admin
+API closed: opening the models to a network must not also hand it the
+power to register and remove adapters. ``/metrics`` needs any key of either
+list when ``server.metrics_requires_key`` is set.
 
 The authenticators read only the request's ASGI scope: the header list as the
 server gave it (names in lowercase), without building Litestar's header mapping.
@@ -18,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from litestar.types import Scope
@@ -27,9 +32,25 @@ from litestar.types import Scope
 from gateway.errors import AuthenticationError, PermissionDeniedError
 
 KEY_HASH_PREFIX = "sha256:"
+# Sent by a gateway to its edge nodes with each request: the fingerprint of
+# the client's key, so the node keeps its tenants apart (prompt cache, fair
+# queue) though they all arrive with the gateway's one key. Trusted only by
+# engines told to (``nomoat edge``); the gateway never forwards a client's.
+TENANT_HEADER = "x-nomoat-tenant"
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Exactly what hash_api_key produces: lowercase hex, so a stored hash can match.
 KEY_HASH_FORMAT = re.compile(r"sha256:[0-9a-f]{64}")
 FINGERPRINT_DIGITS = 12
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the server to this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def hash_api_key(key: str) -> str:
@@ -50,6 +71,15 @@ def key_matches(presented: str, hashes: Iterable[str]) -> str | None:
         if hmac.compare_digest(candidate, stored.encode()):
             found = stored
     return found
+
+
+def tenant_of(key_id: str | None, headers: Mapping[str, str]) -> str:
+    """Whose request this is, for an engine that trusts ``TENANT_HEADER``:
+    the key it came with and the tenant its gateway named (a malformed
+    tenant is ignored)."""
+    tenant = headers.get(TENANT_HEADER, "")
+    owner = key_id or ""
+    return f"{owner}/{tenant}" if _TENANT.fullmatch(tenant) else owner
 
 
 class HasScope(Protocol):
@@ -93,20 +123,35 @@ class Authenticator:
 
 
 class AdminAuthenticator:
-    """The admin API: an admin key once any key exists; open with none.
+    """The admin API: an admin key once any key exists; open with none, if
+    the server listens on loopback only (``network``: it does not).
 
     No key or an unknown one is a 401; a valid API key that is not an admin
-    key is a 403 (it is known, but may not do this).
+    key is a 403 (it is known, but may not do this), and so is every call
+    while the admin API is closed.
     """
 
-    def __init__(self, api_key_hashes: tuple[str, ...], admin_key_hashes: tuple[str, ...]) -> None:
-        self._open = not api_key_hashes and not admin_key_hashes
+    def __init__(
+        self,
+        api_key_hashes: tuple[str, ...],
+        admin_key_hashes: tuple[str, ...],
+        *,
+        network: bool = False,
+    ) -> None:
+        no_keys = not api_key_hashes and not admin_key_hashes
+        self._open = no_keys and not network
+        self._closed = no_keys and network
         self._admin = admin_key_hashes
         self._api = api_key_hashes
 
     def __call__(self, request: HasScope) -> None:
         if self._open:
             return
+        if self._closed:
+            raise PermissionDeniedError(
+                "The admin API is closed: this server listens beyond loopback without keys. "
+                "Configure server.admin_key_hashes to use it."
+            )
         token = bearer_token(request)
         if token is None:
             raise AuthenticationError(

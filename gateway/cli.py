@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import ipaddress
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import explain
 from gateway.app import Runtime, create_app
-from gateway.auth import hash_api_key
+from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
 from gateway.connections import ConnectionGuard, HttpLimits, fit_file_limit, protocol_class
 from gateway.decision_log import LogFormatError, read_log
@@ -35,15 +34,6 @@ from gateway.settings import (
 from gateway.shedding import RequestShedder
 
 DEFAULT_ADMIN_KEY_ENV = "NOMOAT_ADMIN_KEY"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check(path: Path | None) -> tuple[Settings | None, list[str]]:
@@ -87,7 +77,7 @@ def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
 
 
 def _open_network_refusal(server: ServerSettings) -> str | None:
-    if server.api_key_hashes or _is_loopback(server.host) or server.allow_unauthenticated_network:
+    if server.api_key_hashes or is_loopback(server.host) or server.allow_unauthenticated_network:
         return None
     return (
         f"nomoat: refusing to listen on {server.host} with no API key configured. "
@@ -118,6 +108,8 @@ def edge(args: argparse.Namespace) -> int:
         # its users: a per-key share would cap that gateway (its own engine
         # limits each user's key).
         "max_per_key": args.max_per_key,
+        # Only gateways reach an edge node: it keeps their tenants apart.
+        "trust_tenant_header": True,
     }
     if args.model is not None:
         options["model_path"] = str(args.model)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import msgspec
 
 from gateway.contract import Adapter, AdapterUse, Candidate, CandidateStats, Target
+from gateway.private_files import open_private, private_dirs
 
 _log = logging.getLogger(__name__)
 FLUSH_SECONDS = 1.0
@@ -271,7 +273,7 @@ class DecisionLog:
         self._pending.append(decision)
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="decision-log")
 
     async def _run(self) -> None:
@@ -289,7 +291,8 @@ class DecisionLog:
                 _log.exception("could not write %d routing decisions", len(batch))
 
     def _append(self, data: bytes) -> None:
-        with self.path.open("ab") as file:
+        # Private: with decision_log_prompts it holds what clients wrote.
+        with os.fdopen(open_private(self.path, append=True), "ab") as file:
             file.write(data)
 
     async def aclose(self) -> None:

@@ -15,10 +15,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.auth import KEY_HASH_FORMAT
+from gateway.media import MediaPolicy
 from gateway.schema_guard import SCHEMA_CEILINGS as _CEILING
 from gateway.schema_guard import SchemaLimits
 
@@ -62,6 +70,17 @@ class ServerSettings(_Strict):
     # Also record prompt text in the decision log (off: sizes and timing only).
     decision_log_prompts: bool = False
     log_level: str = "info"
+    # /metrics needs a key (of api_key_hashes or admin_key_hashes) like the
+    # API does. Off by default: Prometheus scrapes without credentials.
+    metrics_requires_key: bool = False
+
+    @model_validator(mode="after")
+    def _metrics_key_exists(self) -> ServerSettings:
+        if self.metrics_requires_key and not (self.api_key_hashes or self.admin_key_hashes):
+            raise ValueError(
+                "metrics_requires_key needs a key in api_key_hashes or admin_key_hashes"
+            )
+        return self
 
 
 class LimitSettings(_Strict):
@@ -143,6 +162,16 @@ class LimitSettings(_Strict):
     # included); deeper is a 400 before anything parses it further. At most
     # 256: deeper would reach Python's recursion limit in the decoder.
     max_json_depth: Annotated[int, Field(ge=8, le=256)] = 64
+    # Adapter uploads to the admin API (PUT /admin/adapters/NAME/files, edge
+    # nodes): the largest body, streamed to disk (a larger one is a 413 and
+    # nothing of it is kept), and how many are received at once (one more is
+    # a 503 with Retry-After).
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024**3
+    max_concurrent_uploads: Annotated[int, Field(ge=1)] = 2
+    # Image URLs in chat messages, which the engine would fetch itself:
+    # "data" (only data: URLs, the image inline), "remote" (http(s) too),
+    # "none" (no image or audio parts at all). Others are a 400.
+    media_urls: MediaPolicy = "data"
 
 
 class DeploymentSettings(_Strict):

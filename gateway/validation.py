@@ -16,6 +16,7 @@ import numpy as np
 from gateway import schema_guard, wire
 from gateway.contract import AnyRequest, ModelCapabilities
 from gateway.errors import InvalidRequestError, UnsupportedFeatureError
+from gateway.media import check_media
 from gateway.settings import LimitSettings
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -113,6 +114,7 @@ def decode_chat(body: bytes, limits: LimitSettings) -> wire.ChatCompletionReques
         raise InvalidRequestError("messages must contain at least one message", param="messages")
     _at_most(len(request.messages), limits.max_messages, "messages", "messages")
     _at_most(len(request.tools or ()), limits.max_tools, "tools", "tools")
+    check_media(request, limits.media_urls)
     _check_common(request, limits)
     if request.tools or isinstance(request.response_format, wire.ResponseFormatJsonSchema):
         schema_guard.check_request(request, limits.schema_limits())

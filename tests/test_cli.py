@@ -213,6 +213,12 @@ def test_serve_with_allow_unauthenticated_network_listens_on_all_interfaces(
         assert [m["id"] for m in models.json()["data"]] == ["smollm2-135m-instruct"]
         port = live.root_url.rsplit(":", 1)[1]
         assert f"http://0.0.0.0:{port}" in live.log()
+        # ...but not its admin API, and the log says both.
+        admin = httpx.get(f"{live.root_url}/admin/adapters", timeout=30)
+        assert admin.status_code == 403
+        assert "server.admin_key_hashes" in admin.json()["error"]["message"]
+        assert "with no API key (allow_unauthenticated_network)" in live.log()
+        assert "the admin API (/admin/...) is closed" in live.log()
 
 
 # ------------------------------------------------------------------ doctor

@@ -15,12 +15,14 @@ from pathlib import Path
 import openai
 import pytest
 
+from gateway.auth import hash_api_key
 from gateway.backends.llamacpp import embedded_model_path
 from gateway.engine.adapters import LoraRef
 from gateway.engine.generation import Generation, GenerationRequest, step
 from gateway.engine.native import BatchEntry, NativeModel, SamplerSpec
-from gateway.engine.sequences import Held, SequencePool, common_prefix
-from tests.conftest import MODEL, config_with_key, running_server
+from gateway.engine.sequences import Held, Lease, SequencePool, common_prefix
+from tests.conftest import API_KEY, MODEL, Server, config_with_key, running_server
+from tests.test_edge_routing import edge_node
 
 # ------------------------------------------------------------ sequence pool
 
@@ -51,6 +53,20 @@ def test_a_lease_takes_the_longest_prefix_under_the_same_adapters() -> None:
     lease = pool.lease([1, 2, 3, 4, 5, 6], ALPHA)
     assert (lease.sequence, lease.reusable) == (2, 5)
     assert pool.free == 1
+
+
+def test_a_prefix_is_reused_only_by_the_key_that_left_it() -> None:
+    pool = SequencePool(2, reuse_prompts=True)
+    pool.lease([9], (), "key-a")
+    pool.lease([9], (), "key-b")
+    pool.release(0, Held((1, 2, 3, 4), (), "key-a"))
+    pool.release(1, Held((1, 2), (), "key-b"))
+    # Key b holds less of the prompt than key a, but only its own counts.
+    lease = pool.lease([1, 2, 3, 4, 5], (), "key-b")
+    assert (lease.sequence, lease.reusable) == (1, 2)
+    pool.release(1, Held((1, 2), (), "key-b"))
+    # A third key reuses nothing, and takes the lowest free sequence.
+    assert pool.lease([1, 2, 3, 4, 5], (), "key-c") == Lease(0, 0)
 
 
 def test_the_last_prompt_token_is_always_evaluated() -> None:
@@ -213,3 +229,56 @@ def test_the_prompt_cache_can_be_switched_off(tmp_path: Path) -> None:
         again, _, cached_again = _chat(client, messages)
     assert (cached, cached_again) == (0, 0)
     assert again == first
+
+
+OTHER_KEY = "sk-nomoat-test-other-tenant-0123"
+
+
+TWO_KEYS = f"""
+    [server]
+    api_key_hashes = ["{hash_api_key(API_KEY)}", "{hash_api_key(OTHER_KEY)}"]
+    """
+
+
+@pytest.mark.e2e
+def test_cached_tokens_never_reveal_another_keys_prompt(tmp_path: Path) -> None:
+    """Two tenants of one gateway: what one key's prompts left in the cache
+    is not reused for the other (cached_tokens and the time to the first
+    token would tell it which prefixes the other sent)."""
+    with running_server(tmp_path, TWO_KEYS) as live:
+        _two_tenants(live)
+
+
+@pytest.mark.e2e
+def test_tenants_stay_apart_on_an_edge_node(tmp_path: Path) -> None:
+    """The same through an edge node, which sees every request with the
+    gateway's one key: the gateway names the tenant (x-nomoat-tenant)."""
+    with edge_node(tmp_path, "tenants") as (port, _):
+        config = (
+            TWO_KEYS
+            + f"""
+            [backends.edge]
+            type = "edge"
+            base_url = "http://127.0.0.1:{port}/v1"
+
+            [models.{MODEL}]
+            deployments = [{{ backend = "edge" }}]
+            """
+        )
+        with running_server(tmp_path, config) as live:
+            _two_tenants(live)
+
+
+def _two_tenants(live: Server) -> None:
+    tenant_a = openai.OpenAI(base_url=live.base_url, api_key=API_KEY, max_retries=0)
+    tenant_b = openai.OpenAI(base_url=live.base_url, api_key=OTHER_KEY, max_retries=0)
+    secret = [{"role": "user", "content": "Our merger with Initech closes on 3 May (secret)."}]
+    answer_a, prompt_tokens, _ = _chat(tenant_a, secret)
+    _, _, cached = _chat(tenant_a, secret)
+    assert cached == prompt_tokens - 1  # the cache works for its owner
+    answer_b, _, cached = _chat(tenant_b, secret, stream=True)
+    assert cached == 0
+    assert answer_b == answer_a  # nothing else differs
+    # Each key still reuses its own prefixes.
+    _, _, cached = _chat(tenant_b, secret)
+    assert cached == prompt_tokens - 1

@@ -29,15 +29,19 @@ class _Overloaded(BaseHTTPRequestHandler):
     """A fault injector: healthy to probes, 503 to every request."""
 
     def do_GET(self) -> None:
-        self._reply(200, b'{"status": "ok"}')
+        if self.path == "/metrics":  # a probe reads vLLM's load gauges as Prometheus text
+            metrics = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+            self._reply(200, metrics, "text/plain; version=0.0.4")
+        else:
+            self._reply(200, b'{"status": "ok"}')
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self._reply(503, b'{"error": {"message": "queue full", "type": "server_error"}}')
 
-    def _reply(self, status: int, body: bytes) -> None:
+    def _reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("retry-after", "1")
         self.send_header("content-length", str(len(body)))
         self.end_headers()

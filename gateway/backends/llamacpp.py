@@ -20,6 +20,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import wire
+from gateway.auth import tenant_of
 from gateway.backends import llamacpp_params as params
 from gateway.backends import llamacpp_responses as responses
 from gateway.contract import (
@@ -143,6 +144,12 @@ class LlamaCppConfig(BaseModel):
     # plain text, like everything in a chat message; token ids still reach
     # every token.
     prompt_control_tokens: bool = False
+    # Tell requests apart by the x-nomoat-tenant header a gateway sends with
+    # them (its client's key fingerprint) besides their own key: separate
+    # prompt caches and fair-queue turns per tenant. Only for an engine that
+    # only gateways reach (`nomoat edge` sets it); a client could otherwise
+    # split itself into many tenants.
+    trust_tenant_header: bool = False
 
 
 def embedded_model_path() -> Path:
@@ -185,6 +192,7 @@ class LlamaCppBackend:
     ) -> None:
         self.name = name
         self._config = config
+        self._trust_tenant = config.trust_tenant_header
         self._model = model
         self._ggufs = GgufStore(config.adapter_cache_dir, model_path, engine=name)
         self.adapter_cache = AdapterCache(
@@ -520,15 +528,23 @@ class LlamaCppBackend:
         """Every generation of the request, queued all at once or refused;
         one failing stops the others."""
         try:
-            return await self.scheduler.run_all(prepared.requests, ctx.api_key_id or "")
+            return await self.scheduler.run_all(prepared.requests, self._owner(ctx))
         except _ENGINE_ERRORS as error:
             raise self._engine_error(error, prepared) from error
+
+    def _owner(self, ctx: RequestContext) -> str:
+        """Whose request it is: its turn in the fair queue, its share of the
+        engine, and the prompt cache partition it may reuse (see
+        gateway/engine/sequences.py)."""
+        if self._trust_tenant:
+            return tenant_of(ctx.api_key_id, ctx.headers)
+        return ctx.api_key_id or ""
 
     def _open_streams(self, prepared: _Prepared, ctx: RequestContext) -> GenerationStreams:
         # Every choice is queued before the first byte is sent, so a full
         # queue is a 503 response, not an error in the middle of a stream.
         try:
-            return self.scheduler.open_streams(prepared.requests, ctx.api_key_id or "")
+            return self.scheduler.open_streams(prepared.requests, self._owner(ctx))
         except _ENGINE_ERRORS as error:
             raise self._engine_error(error, prepared) from error
 

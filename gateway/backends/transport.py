@@ -117,7 +117,11 @@ class AiohttpTransport:
     async def send(
         self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str] | None
     ) -> aiohttp.ClientResponse:
-        return await self._client().request(method, url, data=body, headers=headers)
+        # Redirects are never followed (aiohttp's default would): a 3xx is
+        # the upstream's answer, and an error (see gateway/backends/upstream.py).
+        return await self._client().request(
+            method, url, data=body, headers=headers, allow_redirects=False
+        )
 
     async def aclose(self) -> None:
         self._closed = True

@@ -11,12 +11,24 @@ around aiohttp. Without it the server executes 1.25M instructions per proxied
 request instead of 2.22M, and spends 0.43 CPU-ms instead of 0.78-0.82.
 It sits behind a one-method transport (:mod:`gateway.backends.transport`) that
 tests replace.
+
+Redirects are never followed: the operator chose where requests go, and a
+3xx from an upstream is its fault, a 502. Waiting for a free connection of the
+pool (``max_connections``) is bounded by ``pool_timeout`` and is load, not ill
+health: past it the request gets :class:`EngineOverloadedError`, which moves
+on to another deployment without cooling this one down (a slow upstream must
+not make its own queue look like a failure and cascade into cooldowns). The
+gateway's own GETs (probes, metrics, listings) do not wait behind clients'
+requests for a connection, and read at most ``MAX_GET_BYTES``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -27,13 +39,21 @@ from gateway.backends.transport import (
     TransportClosedError,
     TransportFactory,
     TransportOptions,
+    TransportResponse,
 )
 from gateway.backends.upstream_errors import status_error, unreadable_answer
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import EngineOverloadedError, GatewayError, UpstreamError
 
 # What the client may raise: its own errors, and timeouts (ServerTimeoutError
 # is both; a few paths raise a bare TimeoutError).
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+_log = logging.getLogger("gateway.upstream")
+# The largest body a GET (probe, metrics, listing) may have; a larger one is
+# an UpstreamError (vLLM's /metrics is tens of kB).
+MAX_GET_BYTES = 8 * 1024 * 1024
+# Connections beyond max_connections for the gateway's own GETs, which do not
+# wait for the clients' ones.
+_GET_CONNECTIONS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +93,7 @@ class Upstream:
         timeouts: Timeouts,
         api_key: str | None = None,
         max_connections: int = 100,
+        pool_timeout: float = 5.0,
         transport: TransportFactory = AiohttpTransport,
     ) -> None:
         self.name = name
@@ -81,8 +102,19 @@ class Upstream:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._transport = transport(
-            TransportOptions(headers, timeouts.connect, timeouts.first_token, max_connections)
+            TransportOptions(
+                headers,
+                timeouts.connect,
+                timeouts.first_token,
+                max_connections + _GET_CONNECTIONS,
+            )
         )
+        self._max_connections = max_connections
+        # Clients' requests hold one of these from sending until the answer
+        # is read (or the stream closed), so the pool never makes them wait:
+        # the wait is here, bounded, and told apart from a failure.
+        self._connections = asyncio.Semaphore(max_connections)
+        self._pool_timeout = pool_timeout
         self._urls: dict[str, URL] = {}
 
     def _url(self, path: str) -> URL:
@@ -93,9 +125,11 @@ class Upstream:
             url = self._urls[path] = URL(path if absolute else self.base_url + path)
         return url
 
-    async def answer(self, path: str, body: bytes) -> bytes:
+    async def answer(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> bytes:
         """A client's request, unstreamed: the answer's body."""
-        return await self._send("POST", path, body, None, reveal=False)
+        return await self._send("POST", path, body, headers, reveal=False)
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
         return await self._send("POST", path, body, headers, reveal=True)
@@ -114,21 +148,80 @@ class Upstream:
         reveal: bool,
     ) -> bytes:
         """The body of a successful answer; every failure as a typed error."""
-        try:
-            response = await self._transport.send(method, self._url(path), body, headers)
+        async with self._connection():
             try:
-                content = await response.read()
-            finally:
-                response.release()
-        except _TRANSPORT_ERRORS as error:
-            raise self._transport_error(error) from error
+                response = await self._transport.send(method, self._url(path), body, headers)
+                try:
+                    content = await response.read()
+                finally:
+                    response.release()
+            except _TRANSPORT_ERRORS as error:
+                raise self._transport_error(error) from error
+        if 300 <= response.status < 400:
+            raise self._redirect_error(response.status, response.headers)
         if response.status >= 400:
             raise status_error(self.name, response.status, content, response.headers, reveal=reveal)
         return content
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[None]:
+        """Hold one of the pool's connections; waiting past ``pool_timeout``
+        is an EngineOverloadedError (retried elsewhere, never a cooldown)."""
+        slots = self._connections
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise EngineOverloadedError(
+                    f"backend {self.name}: all {self._max_connections} connections are busy",
+                    retry_after_seconds=1,
+                ) from None
+        else:
+            await slots.acquire()
+        try:
+            yield
+        finally:
+            slots.release()
+
     async def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         """For probes and metrics: the status and body, errors as UpstreamError."""
-        return await self._status_and_body("GET", path, headers)
+        status, _, content = await self.probe(path, headers)
+        return status, content
+
+    async def probe(
+        self, path: str, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, str, bytes]:
+        """A GET of the gateway's own: the status, content type and body (at
+        most MAX_GET_BYTES), errors as UpstreamError; never waits for a
+        connection behind clients' requests."""
+        try:
+            response = await self._transport.send("GET", self._url(path), None, headers)
+            try:
+                content = await self._capped(response, path)
+            except BaseException:
+                response.close()  # unread: the connection cannot be reused
+                raise
+            response.release()
+        except _TRANSPORT_ERRORS as error:
+            raise self._transport_error(error) from error
+        return response.status, response.headers.get("content-type", ""), content
+
+    async def _capped(self, response: TransportResponse, path: str) -> bytes:
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_GET_BYTES:
+            raise self._too_large(path)
+        content = bytearray()
+        async for data in response.content.iter_any():
+            content += data
+            if len(content) > MAX_GET_BYTES:
+                raise self._too_large(path)
+        return bytes(content)
+
+    def _too_large(self, path: str) -> UpstreamError:
+        return UpstreamError(
+            f"backend {self.name}: the answer to GET {path} is larger than {MAX_GET_BYTES} bytes"
+        )
 
     async def delete(self, path: str, headers: Mapping[str, str] | None = None) -> int:
         """For admin calls: the status, transport errors as UpstreamError."""
@@ -138,16 +231,19 @@ class Upstream:
     async def _status_and_body(
         self, method: str, path: str, headers: Mapping[str, str] | None
     ) -> tuple[int, bytes]:
-        try:
-            response = await self._transport.send(method, self._url(path), None, headers)
+        async with self._connection():
             try:
-                return response.status, await response.read()
-            finally:
-                response.release()
-        except _TRANSPORT_ERRORS as error:
-            raise self._transport_error(error) from error
+                response = await self._transport.send(method, self._url(path), None, headers)
+                try:
+                    return response.status, await response.read()
+                finally:
+                    response.release()
+            except _TRANSPORT_ERRORS as error:
+                raise self._transport_error(error) from error
 
-    async def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
+    async def stream(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[bytes]:
         """The ``data:`` payloads of a client's streamed answer, without
         ``[DONE]``.
 
@@ -155,12 +251,23 @@ class Upstream:
         iterator closes the connection, which makes vLLM abort the request.
         Each payload is yielded as soon as its line is complete.
         """
+        # aclosing: closing this iterator closes the response at once.
+        payloads = contextlib.aclosing(self._stream(path, body, headers))
+        async with self._connection(), payloads as lines:
+            async for payload in lines:
+                yield payload
+
+    async def _stream(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None
+    ) -> AsyncGenerator[bytes, None]:
         try:
-            response = await self._transport.send("POST", self._url(path), body, None)
+            response = await self._transport.send("POST", self._url(path), body, headers)
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
         complete = False
         try:
+            if 300 <= response.status < 400:
+                raise self._redirect_error(response.status, response.headers)
             if response.status >= 400:
                 content = await response.read()
                 raise status_error(
@@ -199,6 +306,16 @@ class Upstream:
     def unreadable(self, payload: bytes, problem: Exception) -> UpstreamError:
         """An answer or chunk that does not decode (logged for the operator)."""
         return unreadable_answer(self.name, payload, problem)
+
+    def _redirect_error(self, status: int, headers: Mapping[str, str]) -> UpstreamError:
+        """A 3xx: never followed; the operator reads where it pointed."""
+        _log.warning(
+            "backend %s answered %d (redirect to %r): not followed; fix its base_url",
+            self.name,
+            status,
+            headers.get("location", ""),
+        )
+        return UpstreamError(f"backend {self.name} answered with a redirect ({status})")
 
     def _transport_error(self, error: BaseException) -> GatewayError:
         if isinstance(error, TransportClosedError):

@@ -8,6 +8,11 @@ same system prompt again, starts at once. This is llama-server's
 ``cache_prompt``. KV computed under one adapter set is never reused under
 another: the adapters change every layer's keys and values.
 
+Nor is it reused across owners (API keys, by fingerprint): a prefix another
+tenant left is not reused, so neither ``cached_tokens`` nor the time to the
+first token tells one key what another key's prompts began with. (Without
+keys every request has the same owner, and all of them share the cache.)
+
 Among equally good sequences the lowest is taken, so the busy ones stay
 consecutive (see :func:`gateway.engine.generation.step` for why that matters).
 """
@@ -22,10 +27,12 @@ from gateway.engine.adapters import AdapterSet
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """What a sequence's KV cache holds: tokens, computed under ``adapters``."""
+    """What a sequence's KV cache holds: tokens, computed under ``adapters``
+    for ``owner``'s request."""
 
     tokens: tuple[int, ...] = ()
     adapters: AdapterSet = ()
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +73,10 @@ class SequencePool:
     def free(self) -> int:
         return len(self._free)
 
-    def lease(self, prompt: list[int], adapters: AdapterSet) -> Lease:
+    def lease(self, prompt: list[int], adapters: AdapterSet, owner: str = "") -> Lease:
         """Take the free sequence holding the longest prefix of ``prompt``
-        under ``adapters`` (the lowest on a tie, or when none holds any).
+        under ``adapters`` and left by ``owner`` (the lowest on a tie, or
+        when none holds any).
 
         At least the prompt's last token is left to evaluate: its logits are
         what the first generated token is sampled from."""
@@ -76,7 +84,7 @@ class SequencePool:
         if self.reuse_prompts:
             for sequence in sorted(self._free):
                 held = self._held[sequence]
-                if held.adapters != adapters or not held.tokens:
+                if held.adapters != adapters or held.owner != owner or not held.tokens:
                     continue
                 reusable = min(common_prefix(held.tokens, prompt), len(prompt) - 1)
                 if reusable > best.reusable:

@@ -159,7 +159,8 @@ class Worker:
             if job is None:
                 self._stop_all(active)
                 return False
-            self._admit(job, free.lease(job.request.prompt, job.request.adapters), active, free)
+            lease = free.lease(job.request.prompt, job.request.adapters, job.owner)
+            self._admit(job, lease, active, free)
         return True
 
     def _admit(self, job: Job, lease: Lease, active: Active, free: SequencePool) -> None:
@@ -226,7 +227,7 @@ class Worker:
             job = active.pop(generation)
             result = generation.result()
             if error is None:
-                held = Held(generation.held(), generation.request.adapters)
+                held = Held(generation.held(), generation.request.adapters, job.owner)
                 free.release(generation.sequence, held)
             else:  # what the failed decode left in the cache is unknown
                 self.model.forget(generation.sequence)

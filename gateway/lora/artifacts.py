@@ -28,6 +28,7 @@ from gateway.contract import Adapter
 from gateway.errors import InvalidRequestError
 from gateway.lora.integrity import files_changed, source_of, unreadable
 from gateway.lora.sources import AdapterSource, sha256_of, source_files
+from gateway.private_files import private_dirs, private_file
 
 DEFAULT_CACHE = Path.home() / ".cache" / "nomoat" / "lora-gguf"
 
@@ -83,7 +84,7 @@ class GgufStore:
         if final.is_file():
             _check(source_of(adapter), adapter.sha256)
             return final
-        self._dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self._dir)
         with tempfile.TemporaryDirectory(dir=self._dir, prefix=".partial-") as scratch:
             # Check a private copy, so the bytes checked are the bytes used.
             source = _copy_source(adapter, Path(scratch))
@@ -97,7 +98,9 @@ class GgufStore:
 
                 made = Path(scratch) / "converted.gguf"
                 convert_peft_to_gguf(source.path, self._base, made)
-            # Atomic: a reader never sees half a file.
+            # Private (the copy and the converter's file were made with the
+            # umask's mode), then atomic: a reader never sees half a file.
+            private_file(made)
             made.replace(final)
         return final
 

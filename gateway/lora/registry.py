@@ -29,7 +29,7 @@ from pathlib import Path
 from gateway.contract import Adapter, AdapterUse
 from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.lora.sources import AdapterSourceError, locate, sha256_of
-from gateway.lora.uploads import Upload, store
+from gateway.lora.uploads import StoredUpload
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -111,8 +111,7 @@ class AdapterRegistry:
     def add_verified(self, name: str, base_model: str, relative: str, sha256: str) -> Adapter:
         """Blocking (hashes the files). Raises ValueError with a clear message."""
         self._check_new_name(name)
-        if not self._is_model(base_model):
-            raise ValueError(f'base model "{base_model}" is not a model of this gateway')
+        self._check_base(base_model)
         if _SHA256.fullmatch(sha256) is None:
             raise ValueError("sha256 must be 64 lowercase hex digits")
         if self.root is None:
@@ -163,21 +162,32 @@ class AdapterRegistry:
             except ValueError as error:
                 raise InvalidRequestError(str(error)) from None
 
-    async def register_upload(self, name: str, base_model: str, upload: Upload) -> Adapter:
-        """Pushed files (see :mod:`gateway.lora.uploads`): store, then register.
-        The same name with the same sha256 again is a no-op."""
+    def uploaded(self, name: str, sha256: str) -> Adapter | None:
+        """The adapter already registered as ``name`` with these bytes: an
+        upload of them again is a no-op."""
         existing = self._adapters.get(name)
-        if existing is not None and existing.sha256 == upload.sha256:
-            return existing
+        return existing if existing is not None and existing.sha256 == sha256 else None
+
+    def check_upload(self, name: str, base_model: str) -> Path:
+        """Whether an upload could be registered as ``name`` on ``base_model``
+        (checked before its body is kept); the adapter root to store it in."""
         if self.root is None:
             raise InvalidRequestError("this node has no adapter root (lora.root) to store into")
-        root = self.root
-        async with self._lock:
-            try:
-                relative = await asyncio.to_thread(store, root, upload)
-            except (ValueError, OSError) as error:
-                raise InvalidRequestError(f"adapter upload refused: {error}") from None
-        return await self.register(name, base_model, relative, upload.sha256)
+        try:
+            self._check_new_name(name)
+            self._check_base(base_model)
+        except ValueError as error:
+            raise InvalidRequestError(f"adapter upload refused: {error}") from None
+        return self.root
+
+    async def register_stored(self, name: str, base_model: str, stored: StoredUpload) -> Adapter:
+        """Register uploaded files (see :mod:`gateway.lora.uploads`); if that
+        is refused, the files this upload made are removed."""
+        try:
+            return await self.register(name, base_model, stored.relative, stored.sha256)
+        except BaseException:
+            stored.discard()
+            raise
 
     def remove(self, name: str) -> Adapter | Stack:
         if name in self._stacks:
@@ -191,6 +201,10 @@ class AdapterRegistry:
                 f"adapter `{name}` is part of the stack(s) {', '.join(users)}; remove them first"
             )
         return self._adapters.pop(name)
+
+    def _check_base(self, base_model: str) -> None:
+        if not self._is_model(base_model):
+            raise ValueError(f'base model "{base_model}" is not a model of this gateway')
 
     def _check_new_name(self, name: str) -> None:
         if NAME.fullmatch(name) is None:
