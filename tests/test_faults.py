@@ -1,0 +1,340 @@
+"""Faults between the gateway and an upstream (issue 11, "Fault injection").
+
+One real ``nomoat edge`` node (the embedded model, one thread) is reached by
+the gateway twice: as ``faulty``, through ``loadtests/fault_proxy.py``, and
+as ``direct``. Each model below lists ``faulty`` first (policy ``ordered``),
+then ``direct``; each test has a model of its own, so the cooldown one test
+leaves on ``faulty`` cannot steer another. Clients are the official openai
+SDK (retries off, a 30 s timeout) and raw HTTP for the wire format.
+
+The documented behaviour (README, "Engines and routing"): a failure before
+the first byte moves on to the next deployment; after it, the stream ends
+with ``data: {"error": ...}`` and no ``[DONE]``, which the SDK raises; an
+upstream silent for longer than its ``first_token_timeout`` is a failure
+like any other, so nothing hangs; and the gateway stays healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL, Server, config_with_key, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "loadtests"))
+
+from fault_proxy import Fault, FaultProxy  # noqa: E402
+from soak import Proc, start_edge, wait_ready  # noqa: E402
+
+# Starts an engine and servers. Every request below is bounded by the
+# client's timeout (CLIENT_TIMEOUT), each test by its own, well under pytest's.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+CLIENT_TIMEOUT = 30.0
+# The faulty backend's first_token_timeout: silence longer than this is a failure.
+SILENCE = 5.0
+MODELS = [
+    "reset-chat",
+    "reset-stream",
+    "cut-chat",
+    "cut-first-event",
+    "slow-first-byte",
+    "slow-answer",
+    "cut-mid-stream",
+    "reset-mid-stream",
+    "stall-mid-stream",
+]
+# Long answers for the mid-stream faults: no end-of-text before max_tokens.
+NO_END = {"0": -100, "2": -100, "4": -100}
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    node = start_edge("edge", tmp_path_factory.mktemp("fault-edge"))
+    try:
+        wait_ready(node, 180)
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(edge: Proc) -> Iterator[FaultProxy]:
+    with FaultProxy(edge.port).running() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def no_fault_left(proxy: FaultProxy) -> Iterator[None]:
+    proxy.inject(Fault())
+    yield
+    proxy.inject(Fault())
+
+
+def _config(edge_port: int, proxy_port: int) -> str:
+    extra = f"""
+        [backends.faulty]
+        type = "edge"
+        base_url = "http://127.0.0.1:{proxy_port}/v1"
+        probe_interval = 0.5
+        connect_timeout = 2
+        first_token_timeout = {SILENCE}
+
+        [backends.direct]
+        type = "edge"
+        base_url = "http://127.0.0.1:{edge_port}/v1"
+        probe_interval = 0.5
+        connect_timeout = 2
+
+        [models.faulty-only]
+        retry_backoff_seconds = 0.1
+        deployments = [{{ backend = "faulty", model = "{MODEL}" }}]
+        """
+    for name in MODELS:
+        extra += f"""
+        [models.{name}]
+        policy = "ordered"
+        deployments = [
+          {{ backend = "faulty", model = "{MODEL}" }},
+          {{ backend = "direct", model = "{MODEL}" }},
+        ]
+        """
+    return config_with_key(extra).replace("[server]\n", "[server]\nroute_header = true\n")
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    edge: Proc, proxy: FaultProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    config = _config(edge.port, proxy.port)
+    with running_server(tmp_path_factory.mktemp("fault-gateway"), config) as live:
+        yield live
+
+
+@pytest.fixture
+def client(gateway: Server) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=gateway.base_url,
+        api_key=gateway.api_key,
+        max_retries=0,
+        timeout=CLIENT_TIMEOUT,
+    )
+
+
+def route(raw: object) -> dict[str, str]:
+    header = raw.headers["x-nomoat-route"]  # type: ignore[attr-defined]
+    return dict(part.strip().split("=", 1) for part in str(header).split(";"))
+
+
+def chat(client: openai.OpenAI, model: str, max_tokens: int = 4) -> dict[str, str]:
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens
+    )
+    assert raw.parse().choices[0].message.content is not None
+    return route(raw)
+
+
+def stream_body(model: str, max_tokens: int = 24) -> dict[str, object]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": max_tokens,
+        "logit_bias": NO_END,
+        "stream": True,
+    }
+
+
+def sse_payloads(gateway: Server, body: dict[str, object]) -> tuple[list[bytes], dict[str, str]]:
+    """The ``data:`` payloads of a stream, read raw to its end, and its route."""
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    url = f"{gateway.base_url}/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=CLIENT_TIMEOUT) as answer:
+        assert answer.status_code == 200, answer.read()
+        payloads = [
+            line[5:].strip().encode() for line in answer.iter_lines() if line.startswith("data:")
+        ]
+        return payloads, route(answer)
+
+
+def assert_ends_with_error_event(payloads: list[bytes]) -> dict[str, object]:
+    """Some content, then an OpenAI-shaped error event as the last, no [DONE]."""
+    assert b"[DONE]" not in payloads, payloads[-3:]
+    assert len(payloads) >= 2, payloads
+    error = json.loads(payloads[-1])["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    contents = [json.loads(p)["choices"] for p in payloads[:-1]]
+    assert any(choice and choice[0]["delta"].get("content") for choice in contents)
+    return dict(error)
+
+
+def sdk_stream_raises(client: openai.OpenAI, model: str) -> float:
+    """Stream with the SDK until it raises (it must); seconds it took."""
+    began = time.monotonic()
+    chunks = 0
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell a long story."}],
+        max_tokens=24,
+        logit_bias=NO_END,
+        stream=True,
+    )
+    with pytest.raises(openai.APIError) as raised:
+        for _ in stream:
+            chunks += 1
+    assert chunks >= 1
+    assert not isinstance(raised.value, openai.APITimeoutError), "the client timed out: a hang"
+    return time.monotonic() - began
+
+
+# ------------------------------------------------------- before the first byte
+
+
+def test_a_reset_before_the_answer_is_retried_on_the_other_deployment(
+    client: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    proxy.inject(Fault("reset", times=1))
+    assert chat(client, "reset-chat") | {"score": ""} == {
+        "deployment": "reset-chat/1",
+        "backend": "direct",
+        "score": "",
+        "policy": "ordered",
+        "tried": "2",
+    }
+    assert proxy.counters.injected["reset"] >= 1
+
+
+def test_a_reset_before_a_stream_starts_is_retried(gateway: Server, proxy: FaultProxy) -> None:
+    proxy.inject(Fault("reset", times=1))
+    payloads, where = sse_payloads(gateway, stream_body("reset-stream"))
+    assert payloads[-1] == b"[DONE]"
+    assert (where["backend"], where["tried"]) == ("direct", "2")
+
+
+def test_an_answer_cut_in_its_body_is_retried(client: openai.OpenAI, proxy: FaultProxy) -> None:
+    # A JSON answer is sent to the client only once whole: cut anywhere, it
+    # is still before the client's first byte.
+    proxy.inject(Fault("cut", times=1, marker=b'"choices"', offset=4))
+    where = chat(client, "cut-chat")
+    assert (where["backend"], where["tried"]) == ("direct", "2")
+    assert proxy.counters.injected["cut"] >= 1
+
+
+def test_a_stream_cut_inside_its_first_event_is_retried(gateway: Server, proxy: FaultProxy) -> None:
+    proxy.inject(Fault("cut", times=1, skip=0, offset=12))
+    payloads, where = sse_payloads(gateway, stream_body("cut-first-event"))
+    assert payloads[-1] == b"[DONE]"
+    assert all(b'"error"' not in p for p in payloads)
+    assert (where["backend"], where["tried"]) == ("direct", "2")
+
+
+def test_latency_under_the_timeout_only_slows_the_answer(
+    client: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    proxy.inject(Fault("delay", times=1, seconds=1.0))
+    began = time.monotonic()
+    where = chat(client, "slow-answer")
+    assert time.monotonic() - began >= 1.0
+    assert (where["backend"], where["tried"]) == ("faulty", "1")
+
+
+def test_an_upstream_silent_past_its_timeout_is_left_for_the_other(
+    client: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    proxy.inject(Fault("delay", times=1, seconds=SILENCE + 20))
+    began = time.monotonic()
+    where = chat(client, "slow-first-byte")
+    took = time.monotonic() - began
+    assert (where["backend"], where["tried"]) == ("direct", "2")
+    # Given up after the faulty backend's first_token_timeout, not after the delay.
+    assert SILENCE <= took < SILENCE + 15, took
+
+
+def test_with_no_deployment_left_the_client_gets_a_502(
+    client: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    proxy.inject(Fault("reset"))
+    began = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(client, "faulty-only")
+    assert raised.value.status_code == 502
+    body = raised.value.body
+    assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}, body
+    # Every round tried (retries = 1): two resets, then the answer, at once.
+    assert proxy.counters.injected["reset"] >= 2
+    assert time.monotonic() - began < 10
+
+
+# -------------------------------------------------------- after the first byte
+
+
+def test_a_stream_cut_in_the_middle_of_an_event_ends_with_an_error_event(
+    gateway: Server, client: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    proxy.inject(Fault("cut", times=1, skip=3, offset=10))
+    payloads, where = sse_payloads(gateway, stream_body("cut-mid-stream"))
+    assert (where["backend"], where["tried"]) == ("faulty", "1")
+    error = assert_ends_with_error_event(payloads)
+    assert error["type"] == "upstream_error" or error["code"], error
+    proxy.inject(Fault("cut", times=1, skip=3, offset=10))
+    sdk_stream_raises(client, "cut-mid-stream")
+
+
+def test_a_stream_reset_mid_way_ends_with_an_error_event(
+    gateway: Server, client: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    proxy.inject(Fault("reset-mid", times=1, skip=3, offset=0))
+    payloads, _ = sse_payloads(gateway, stream_body("reset-mid-stream"))
+    assert_ends_with_error_event(payloads)
+    proxy.inject(Fault("reset-mid", times=1, skip=3, offset=0))
+    sdk_stream_raises(client, "reset-mid-stream")
+
+
+def test_a_stream_that_stalls_ends_with_an_error_event_not_a_hang(
+    gateway: Server, client: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    proxy.inject(Fault("stall", times=1, skip=3, offset=10))
+    began = time.monotonic()
+    payloads, _ = sse_payloads(gateway, stream_body("stall-mid-stream"))
+    assert SILENCE <= time.monotonic() - began < SILENCE + 15
+    assert_ends_with_error_event(payloads)
+    proxy.inject(Fault("stall", times=1, skip=3, offset=10))
+    assert sdk_stream_raises(client, "stall-mid-stream") < SILENCE + 15
+
+
+# --------------------------------------------------------------- afterwards
+
+
+def engine_running(edge: Proc) -> float:
+    text = httpx.get(f"{edge.root_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("nomoat_engine_requests_running")
+    )
+
+
+def test_the_gateway_and_the_engine_are_healthy_afterwards(
+    gateway: Server, client: openai.OpenAI, proxy: FaultProxy, edge: Proc
+) -> None:
+    assert gateway.process.poll() is None
+    assert httpx.get(f"{gateway.root_url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{gateway.root_url}/ready", timeout=10).status_code == 200
+    # Every cut connection was closed upstream: the node stopped generating.
+    deadline = time.monotonic() + 20
+    while engine_running(edge) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine_running(edge) == 0
+    # The faulty path serves again (a one-deployment pool is never left out).
+    assert chat(client, "faulty-only")["backend"] == "faulty"
+    payloads, where = sse_payloads(gateway, stream_body("faulty-only", 6))
+    assert payloads[-1] == b"[DONE]" and where["backend"] == "faulty"
+    # A failing upstream is the operator's news, not a crash: no traceback.
+    assert "Traceback" not in gateway.log()
