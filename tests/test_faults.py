@@ -46,6 +46,7 @@ MODELS = [
     "reset-stream",
     "cut-chat",
     "cut-first-event",
+    "stall-first-event",
     "slow-first-byte",
     "slow-answer",
     "cut-mid-stream",
@@ -232,6 +233,19 @@ def test_a_stream_cut_inside_its_first_event_is_retried(gateway: Server, proxy: 
     payloads, where = sse_payloads(gateway, stream_body("cut-first-event"))
     assert payloads[-1] == b"[DONE]"
     assert all(b'"error"' not in p for p in payloads)
+    assert (where["backend"], where["tried"]) == ("direct", "2")
+
+
+def test_a_stream_whose_first_event_never_comes_is_retried(
+    gateway: Server, proxy: FaultProxy
+) -> None:
+    # The answer's headers pass, then silence: the stream has not started
+    # for the client, so after first_token_timeout it goes elsewhere.
+    proxy.inject(Fault("stall", times=1, skip=0, offset=0))
+    began = time.monotonic()
+    payloads, where = sse_payloads(gateway, stream_body("stall-first-event"))
+    assert SILENCE <= time.monotonic() - began < SILENCE + 15
+    assert payloads[-1] == b"[DONE]"
     assert (where["backend"], where["tried"]) == ("direct", "2")
 
 
