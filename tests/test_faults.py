@@ -17,9 +17,10 @@ like any other, so nothing hangs; and the gateway stays healthy.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -94,6 +95,18 @@ def _config(edge_port: int, proxy_port: int) -> str:
         base_url = "http://127.0.0.1:{edge_port}/v1"
         probe_interval = 0.5
         connect_timeout = 2
+
+        # Through the proxy too, but waiting a minute for a first byte: a
+        # client that leaves must not depend on this timeout to be noticed.
+        [backends.patient]
+        type = "edge"
+        base_url = "http://127.0.0.1:{proxy_port}/v1"
+        probe_interval = 0.5
+        first_token_timeout = 60
+
+        [models.left-before-first-chunk]
+        retries = 0
+        deployments = [{{ backend = "patient", model = "{MODEL}" }}]
 
         [models.faulty-only]
         retry_backoff_seconds = 0.1
@@ -323,9 +336,6 @@ def test_a_stream_that_stalls_ends_with_an_error_event_not_a_hang(
     assert sdk_stream_raises(client, "stall-mid-stream") < SILENCE + 15
 
 
-# --------------------------------------------------------------- afterwards
-
-
 def engine_running(edge: Proc) -> float:
     text = httpx.get(f"{edge.root_url}/metrics", timeout=10).text
     return sum(
@@ -333,6 +343,44 @@ def engine_running(edge: Proc) -> float:
         for line in text.splitlines()
         if line.startswith("nomoat_engine_requests_running")
     )
+
+
+def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_client_that_leaves_before_the_first_chunk_stops_the_upstream_generation(
+    gateway: Server, proxy: FaultProxy, edge: Proc
+) -> None:
+    # The node generates (2,000 tokens: a minute or more on one thread) while
+    # the proxy holds its answer back: the client has received nothing, not
+    # even the status line, when it leaves.
+    proxy.inject(Fault("delay", times=1, seconds=120))
+    assert wait_until(lambda: engine_running(edge) == 0, 20), "the node is busy"
+    payload = json.dumps(stream_body("left-before-first-chunk", 2000)).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {gateway.api_key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    port = int(gateway.root_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as client:
+        client.sendall(head + payload)
+        assert wait_until(lambda: engine_running(edge) == 1, 20), "the node never started"
+    left = time.monotonic()
+    # The gateway closes its upstream connection at once (not after the
+    # backend's 60 s first_token_timeout); the node notices and stops, long
+    # before its 2,000 tokens.
+    assert wait_until(lambda: engine_running(edge) == 0, 10), "still generating"
+    assert time.monotonic() - left < 10
+
+
+# --------------------------------------------------------------- afterwards
 
 
 def test_the_gateway_and_the_engine_are_healthy_afterwards(
