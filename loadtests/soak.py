@@ -17,8 +17,9 @@ before its answer (the gateway must retry it elsewhere: no client sees it),
 edge-b's cuts one in N in the middle of its third server-sent event (the
 client must get an error event: exactly one failure per cut, and no other).
 
-Every ``--interval`` seconds each process's ``VmRSS`` (``/proc/PID/status``)
-and number of open descriptors (``/proc/PID/fd``) are appended to ``--csv``.
+Every ``--interval`` seconds each process's ``VmRSS``, ``RssAnon``,
+``RssFile`` and ``Threads`` (``/proc/PID/status``) and number of open
+descriptors (``/proc/PID/fd``) are appended to ``--csv``.
 The verdict, printed as JSON (and written to ``--summary``): locust saw no
 failure beyond the injected cuts, every process is alive and ``/health`` answers, and after
 ``--warmup`` seconds each series is flat: the mean of its last fifth is
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -266,6 +268,11 @@ class Sample:
     process: str
     pid: int
     rss_kb: int
+    # Of which anonymous (heap, KV cache: what a leak grows) and file-backed
+    # (the mapped model and libraries: the kernel may reclaim and refault
+    # these under other processes' memory pressure).
+    rss_anon_kb: int
+    rss_file_kb: int
     fds: int
     threads: int
 
@@ -278,9 +285,17 @@ def sample(proc: Proc, started: float) -> Sample | None:
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    rss_kb = int(fields["VmRSS"].split()[0])
-    threads = int(fields["Threads"].split()[0])
-    return Sample(round(time.monotonic() - started, 2), proc.name, proc.pid, rss_kb, fds, threads)
+    kb = {name: int(fields[name].split()[0]) for name in ("VmRSS", "RssAnon", "RssFile")}
+    return Sample(
+        round(time.monotonic() - started, 2),
+        proc.name,
+        proc.pid,
+        kb["VmRSS"],
+        kb["RssAnon"],
+        kb["RssFile"],
+        fds,
+        int(fields["Threads"].split()[0]),
+    )
 
 
 class Sampler(threading.Thread):
@@ -298,7 +313,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         with self.csv_path.open("w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["seconds", "process", "pid", "rss_kb", "fds", "threads"])
+            writer.writerow([f.name for f in dataclasses.fields(Sample)])
             while not self._halt.is_set():
                 for proc in self.procs:
                     taken = sample(proc, self.started)
@@ -386,6 +401,12 @@ class Series:
         return self.last / self.first - 1 if self.first else 0.0
 
 
+# Judged flat after the warm-up. RSS as a whole (the issue's measure) and
+# its anonymous part (where a leak shows even if the kernel reclaims some of
+# the file-backed part meanwhile); open descriptors.
+MEASURES = ("rss_kb", "rss_anon_kb", "fds")
+
+
 def series(samples: Sequence[Sample], warmup: float) -> list[Series]:
     out = []
     for process in sorted({s.process for s in samples}):
@@ -393,7 +414,7 @@ def series(samples: Sequence[Sample], warmup: float) -> list[Series]:
         if len(mine) < 5:
             continue
         fifth = max(len(mine) // 5, 1)
-        for measure in ("rss_kb", "fds"):
+        for measure in MEASURES:
             values = [float(getattr(s, measure)) for s in mine]
             out.append(
                 Series(
@@ -469,7 +490,7 @@ def judge(
     health = {p.name: alive[p.name] and healthy(p) for p in procs}
     problems += [f"{name} is not alive or not healthy" for name, ok in health.items() if not ok]
     measured = series(samples, warmup)
-    if len(measured) < 2 * len(procs):
+    if len(measured) < len(MEASURES) * len(procs):
         problems.append(f"too few samples after the warm-up: {len(measured)} series")
     for one in measured:
         if abs(one.growth) > tolerance:
