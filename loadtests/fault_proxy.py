@@ -53,12 +53,16 @@ _READ = 65536
 
 @dataclass(frozen=True)
 class Fault:
+    """What to do to matching exchanges (the module's docstring has the kinds)."""
+
     kind: Kind = "pass"
     # Exchanges to hurt (then the proxy passes everything); None: no end.
     times: int | None = None
-    # Hurt one matching exchange in this many (the first of each run of them).
+    # Hurt one matching exchange in this many, counted since the proxy started.
     every: int = 1
+    # "delay": before the answer's first byte.
     seconds: float = 0.0
+    # "cut", "reset-mid", "stall": where (offset bytes into the skip+1-th marker).
     marker: bytes = b"data: "
     skip: int = 0
     offset: int = 8
