@@ -20,11 +20,13 @@ client must get an error event: exactly one failure per cut, and no other).
 Every ``--interval`` seconds each process's ``VmRSS``, ``RssAnon``,
 ``RssFile`` and ``Threads`` (``/proc/PID/status``) and number of open
 descriptors (``/proc/PID/fd``) are appended to ``--csv``.
+
 The verdict, printed as JSON (and written to ``--summary``): locust saw no
-failure beyond the injected cuts, every process is alive and ``/health`` answers, and after
-``--warmup`` seconds each series is flat: the mean of its last fifth is
-within ``--tolerance`` (10 %) of the mean of its first fifth (a leak grows
-the series; noise does not move a fifth's mean).
+failure beyond the injected cuts, no traceback in any log, every process is
+alive and ``/health`` answers, and after ``--warmup`` seconds each judged
+series (``MEASURES``) is flat: the mean of its last fifth is within
+``--tolerance`` (10 %) of the mean of its first fifth (a leak grows the
+series; noise does not move a fifth's mean).
 
     .venv/bin/python loadtests/soak.py --minutes 30 --users 4 \\
         --csv /tmp/nomoat-soak.csv --summary /tmp/nomoat-soak.json
@@ -489,6 +491,8 @@ def judge(
     alive = {p.name: p.alive() for p in procs}
     health = {p.name: alive[p.name] and healthy(p) for p in procs}
     problems += [f"{name} is not alive or not healthy" for name, ok in health.items() if not ok]
+    tracebacks = {p.name: p.tracebacks() for p in procs}
+    problems += [f"{name} logged {n} tracebacks" for name, n in tracebacks.items() if n]
     measured = series(samples, warmup)
     if len(measured) < len(MEASURES) * len(procs):
         problems.append(f"too few samples after the warm-up: {len(measured)} series")
@@ -510,7 +514,7 @@ def judge(
         locust_exit_code=result.exit_code,
         alive=alive,
         healthy=health,
-        tracebacks={p.name: p.tracebacks() for p in procs},
+        tracebacks=tracebacks,
         series=[{**asdict(s), "growth": round(s.growth, 4)} for s in measured],
         problems=problems,
     )
