@@ -17,7 +17,9 @@ A stream that ends without ``[DONE]``, or with an error event, is a failure.
 
 Environment: ``NOMOAT_API_KEY`` (none: no Authorization header),
 ``NOMOAT_MODEL`` (default ``smollm2-135m-instruct``), ``NOMOAT_MAX_TOKENS``
-(default 32), ``NOMOAT_PROMPT``. ``docs/benchmarks.md`` has a run against the
+(default 32), ``NOMOAT_PROMPT``, ``NOMOAT_TIMEOUT`` (seconds to connect and
+between reads, default 120: a request that hangs fails instead of stalling
+its user). ``docs/benchmarks.md`` has a run against the
 fake upstream (``loadtests/fake_upstream.py``) behind nomoat.
 """
 
@@ -34,6 +36,7 @@ MODEL = os.environ.get("NOMOAT_MODEL", "smollm2-135m-instruct")
 MAX_TOKENS = int(os.environ.get("NOMOAT_MAX_TOKENS", "32"))
 PROMPT = os.environ.get("NOMOAT_PROMPT", "Say hello in one short sentence.")
 API_KEY = os.environ.get("NOMOAT_API_KEY")
+TIMEOUT = float(os.environ.get("NOMOAT_TIMEOUT", "120"))
 PATH = "/v1/chat/completions"
 
 
@@ -64,7 +67,9 @@ class ChatUser(HttpUser):  # type: ignore[misc]
 
     @task
     def chat(self) -> None:
-        with self.client.post(PATH, json=_body(False), name="chat", catch_response=True) as reply:
+        with self.client.post(
+            PATH, json=_body(False), name="chat", catch_response=True, timeout=TIMEOUT
+        ) as reply:
             if reply.status_code != 200:
                 reply.failure(f"status {reply.status_code}: {reply.text[:200]}")
                 return
@@ -76,7 +81,12 @@ class ChatUser(HttpUser):  # type: ignore[misc]
     def chat_stream(self) -> None:
         sent = time.perf_counter()
         with self.client.post(
-            PATH, json=_body(True), name="chat (stream)", stream=True, catch_response=True
+            PATH,
+            json=_body(True),
+            name="chat (stream)",
+            stream=True,
+            catch_response=True,
+            timeout=TIMEOUT,
         ) as reply:
             if reply.status_code != 200:
                 reply.failure(f"status {reply.status_code}: {reply.text[:200]}")
