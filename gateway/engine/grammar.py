@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llama_cpp.llama_grammar import json_schema_to_gbnf
+from llama_cpp.llama_grammar import SchemaConverter
 
 from gateway.errors import InvalidRequestError
 from gateway.schema_guard import (
@@ -345,6 +345,35 @@ class GrammarCache:
                 self.bytes -= len(old_schema) + len(old_grammar)
 
 
+# What a GBNF literal must escape: its quote, line breaks, and the backslash
+# itself. llama-cpp-python's converter leaves backslashes alone, so a value
+# holding ``\"`` closed the literal early and the rest was read as grammar (an
+# alternative the schema never allowed), and any backslash in a const, enum
+# value or property name matched the wrong JSON.
+_LITERAL_ESCAPES = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
+_LITERAL_SPECIAL = re.compile(r'[\r\n"\\]')
+
+
+class _Converter(SchemaConverter):
+    """llama-cpp-python's schema converter, with literals escaped whole."""
+
+    def _format_literal(self, literal: str) -> str:
+        escaped = _LITERAL_SPECIAL.sub(lambda m: _LITERAL_ESCAPES[m.group(0)], literal)
+        return f'"{escaped}"'
+
+
+def schema_to_gbnf(schema: str) -> str:
+    """GBNF for a JSON schema's text, as llama-cpp-python's
+    ``json_schema_to_gbnf`` makes it but for the escaping of literals."""
+    # The library's methods are unannotated.
+    converter = _Converter(  # type: ignore[no-untyped-call]
+        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+    )
+    resolved = converter.resolve_refs(json.loads(schema), "stdin")
+    converter.visit(resolved, "")  # type: ignore[no-untyped-call]
+    return str(converter.format_grammar())  # type: ignore[no-untyped-call]
+
+
 def grammar_for(
     schema: Json,
     param: str,
@@ -360,7 +389,7 @@ def grammar_for(
     if cached is not None:
         return cached
     try:
-        grammar = str(json_schema_to_gbnf(text))
+        grammar = schema_to_gbnf(text)
     except Exception as error:  # the converter raises bare Exceptions and asserts
         detail = str(error)[:300] or type(error).__name__
         raise InvalidRequestError(
