@@ -23,7 +23,8 @@ IMAGE: Any = [
         "role": "user",
         "content": [
             {"type": "text", "text": "What is in this picture?"},
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+            # A data: URL: limits.media_urls allows it, the model has no vision.
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
         ],
     }
 ]
