@@ -138,7 +138,7 @@ def test_the_search_is_linear_for_a_4_mb_body() -> None:
     for body in ("<|" * 2_000_000, "<|reserved_special_token_2" * 150_000, "plain text " * 400_000):
         began = time.perf_counter()
         assert guard.first(body) is None
-        assert time.perf_counter() - began < 0.5  # about 35 ms on a busy machine
+        assert time.perf_counter() - began < 1.0  # 40-70 ms on a busy machine
 
 
 # ------------------------------------------------------------ the vLLM backend
@@ -293,7 +293,7 @@ async def test_an_unreadable_tokenizer_info_keeps_the_backend_unready(info: Repl
 
 async def test_a_refusal_is_the_clients_400_and_no_other_deployment_is_tried() -> None:
     """The pipeline does not move on to a deployment that would forward the
-    text: the client gets the 400 (decided in docs/security/vllm-inject.md)."""
+    text: the client gets the 400 (decided in docs/security/input.md)."""
     guarded = await vllm(tokenizer_info(), name="guarded")
     forwarding = await vllm(None, name="forwarding", message_control_tokens=True)
     transport_of(forwarding).add(json_reply(ANSWER))
