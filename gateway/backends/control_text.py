@@ -175,9 +175,8 @@ def tool_texts(tool: wire.Tool) -> Iterator[str]:
 
 
 def _strings(value: object) -> Iterator[str]:
-    """The strings in decoded JSON, keys included (its depth is bounded by
-    limits.max_json_depth, so an explicit stack is not needed for speed but
-    keeps this free of recursion)."""
+    """The strings in decoded JSON, keys included (walked with a stack, not
+    by recursion)."""
     stack = [value]
     while stack:
         item = stack.pop()
