@@ -170,6 +170,9 @@ def running_vllm(
         "4",
         "--max-model-len",
         "2048",
+        # GET /tokenizer_info: the gateway reads the model's control tokens
+        # from it to refuse messages that write them (gateway/backends/control_text.py).
+        "--enable-tokenizer-info-endpoint",
         *extra_args,
     ]
     fd, log_name = tempfile.mkstemp(prefix="nomoat-vllm-", suffix=".log")

@@ -12,6 +12,12 @@ malformed one (a status other than 200, a body past
 Prometheus text or lack the engine's load gauges), marks the backend
 unhealthy until a good one; whatever a backend answers, the prober carries
 on.
+
+On vLLM, a chat request whose text writes one of the model's control tokens
+is refused (see :mod:`gateway.backends.control_text`): the prober reads the
+tokenizer's tokens from ``GET /tokenizer_info`` when the backend becomes
+ready; a server without that endpoint is served unprotected, with a warning
+at start-up and in ``/status``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import wire
 from gateway.auth import TENANT_HEADER
+from gateway.backends.control_text import ControlTextGuard, token_texts
 from gateway.backends.transport import AiohttpTransport, TransportFactory
 from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
@@ -54,6 +61,10 @@ _METRICS_TYPES = ("text/plain", "application/openmetrics-text")
 _Answer = TypeVar("_Answer", wire.ChatCompletion, wire.Completion)
 _Chunk = TypeVar("_Chunk", wire.ChatCompletionChunk, wire.Completion)
 EngineKind = Literal["openai", "vllm", "edge"]
+# The detail /status shows for a vLLM backend that cannot be protected.
+UNPROTECTED = "message text is not checked for control tokens: "
+NO_ENDPOINT = "vLLM serves no /tokenizer_info (start it with --enable-tokenizer-info-endpoint)"
+NO_TOKENS = "vLLM's /tokenizer_info names no tokens"
 
 
 # Metric names (summed over label sets) each engine kind reports its load as.
@@ -114,6 +125,14 @@ class OpenAICompatibleConfig(BaseModel):
     # Seconds a health probe (with its metrics scrape) may take; past it the
     # backend is unhealthy until a probe succeeds.
     probe_timeout: Annotated[float, Field(gt=0)] = 5.0
+    # Type "vllm": forward message text that writes the model's control
+    # tokens (vLLM parses it into them, so a message can forge a turn).
+    # False (the default): such requests are refused with a 400, which needs
+    # vLLM's --enable-tokenizer-info-endpoint to know the tokens.
+    message_control_tokens: bool = False
+    # Type "vllm": added-token texts forwarded in messages all the same (the
+    # model's harmless added tokens, e.g. Qwen3's "<think>").
+    allowed_token_texts: tuple[str, ...] = ()
 
 
 class _ModelEntry(msgspec.Struct):
@@ -160,6 +179,13 @@ class OpenAICompatibleBackend:
         self._base_is_plain = self.adapters is None or self.adapters.base_is_plain
         # Edge nodes keep the gateway's tenants apart by this header.
         self._names_tenants = kind == "edge"
+        # vLLM parses control-token text in messages; it is refused unless the
+        # operator forwards it. The guard is None until the tokens are known,
+        # and stays None on a server that does not tell them (unprotected).
+        self._checks_control_text = kind == "vllm" and not config.message_control_tokens
+        self._guard: ControlTextGuard | None = None
+        # Why message text cannot be checked here, if it cannot.
+        self._unprotected: str | None = None
 
     async def start(self) -> None:
         await self._probe()
@@ -233,11 +259,16 @@ class OpenAICompatibleBackend:
     async def chat(
         self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
     ) -> wire.ChatCompletion:
+        if self._guard is not None:
+            self._guard.check_chat(request)
         return await self._answer("/chat/completions", request, self._chat_decoder, target, ctx)
 
     def chat_stream(
         self, request: wire.ChatCompletionRequest, target: Target, ctx: RequestContext
     ) -> AsyncIterator[wire.ChatCompletionChunk]:
+        # Before the stream exists: a refusal is a 400, not an error event.
+        if self._guard is not None:
+            self._guard.check_chat(request)
         return self._relay("/chat/completions", request, self._chunk_decoder, target, ctx)
 
     async def completion(
@@ -370,11 +401,42 @@ class OpenAICompatibleBackend:
             self._load = checked_load(metrics, names)
             if self.adapters is not None:
                 await self.adapters.observe(metrics)
-        return BackendHealth(True, "")
+        if self._checks_control_text and not (self._health.ready and self._known_tokens()):
+            # Read when the backend (re)appears: a restarted server may serve
+            # another model. An unreadable answer is ill health (fail closed).
+            await self._read_control_texts()
+        return BackendHealth(True, UNPROTECTED + self._unprotected if self._unprotected else "")
+
+    def _known_tokens(self) -> bool:
+        return self._guard is not None or self._unprotected is not None
+
+    async def _read_control_texts(self) -> None:
+        status, _, content = await self._root_get("/tokenizer_info")
+        if status in (404, 405):  # vLLM without --enable-tokenizer-info-endpoint
+            return self._unprotect(NO_ENDPOINT)
+        if status != 200:
+            raise ValueError(f"/tokenizer_info answered status {status}")
+        texts = token_texts(content)
+        if not texts:
+            # A tokenizer vLLM does not describe (e.g. tokenizer_mode "mistral").
+            return self._unprotect(NO_TOKENS)
+        guard = ControlTextGuard(texts, allowed=self._config.allowed_token_texts)
+        if self._guard is None or guard.texts != self._guard.texts:
+            _log.info(
+                "backend %s: chat messages writing any of its %d control-token texts are refused",
+                self.name,
+                len(guard.texts),
+            )
+        self._guard, self._unprotected = guard, None
+
+    def _unprotect(self, reason: str) -> None:
+        if self._unprotected != reason:
+            _log.warning("backend %s: %s%s", self.name, UNPROTECTED, reason)
+        self._guard, self._unprotected = None, reason
 
     async def _root_get(self, path: str) -> tuple[int, str, bytes]:
         # /health and /metrics live at the server's root, beside /v1.
-        if path in ("/health", "/metrics"):
+        if path in ("/health", "/metrics", "/tokenizer_info"):
             return await self._upstream.probe(self._upstream.base_url.removesuffix("/v1") + path)
         return await self._upstream.probe(path)
 
