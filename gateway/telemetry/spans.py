@@ -1,0 +1,488 @@
+"""nomoat's spans: one SERVER span per HTTP request, a routing span per
+policy call, one span per upstream attempt, the engine's phases below it.
+
+The tree of one request (names from :mod:`gateway.telemetry.semconv`)::
+
+    POST /v1/chat/completions          SERVER, continues the client's traceparent
+    ├── route smollm2                  INTERNAL, an event per ranked candidate
+    ├── chat smollm2                   CLIENT (HTTP upstream) or INTERNAL
+    │   │                              (in-process engine): one per attempt
+    │   ├── engine.adapters.load       the engine's phases, when it reports them
+    │   ├── engine.queue
+    │   ├── engine.prompt
+    │   └── engine.decode
+    └── chat smollm2                   a retry, or a fallback model
+
+Everything here runs only when tracing is on: the pipeline and the handlers
+hold ``None`` instead of these objects otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway import wire
+from gateway.contract import AnyRequest, AttributeValue, Candidate, Target, message_role
+from gateway.errors import GatewayError
+from gateway.streams import closing, has_content
+from gateway.telemetry import semconv as names
+
+T = TypeVar("T")
+AnyAnswer = wire.ChatCompletion | wire.Completion
+AnyChunk = wire.ChatCompletionChunk | wire.Completion
+# The propagator is W3C Trace Context only (traceparent and tracestate):
+# what vLLM and nomoat edge nodes read.
+_PROPAGATOR = TraceContextTextMapPropagator()
+_TRACE_HEADERS = (b"traceparent", b"tracestate")
+_content_encoder = msgspec.json.Encoder()
+
+
+def error_type(error: BaseException) -> str:
+    """``error.type``: the gateway's error code (``timeout``,
+    ``engine_overloaded``...), else its type, else the exception's class."""
+    if isinstance(error, GatewayError):
+        return error.code or error.error_type
+    return type(error).__qualname__
+
+
+class Tracing:
+    """The tracer and what spans need to know of the backends.
+
+    ``providers`` maps each backend name to its ``gen_ai.provider.name``;
+    ``in_process`` names the backends whose engine runs in this process (their
+    attempt spans are INTERNAL, the others CLIENT, as the conventions ask).
+    ``capture_content``: record prompts and answers (opt-in attributes).
+    """
+
+    def __init__(
+        self,
+        provider: trace.TracerProvider,
+        *,
+        capture_content: bool = False,
+        providers: Mapping[str, str] | None = None,
+        in_process: frozenset[str] = frozenset(),
+    ) -> None:
+        self.tracer = provider.get_tracer(names.INSTRUMENTATION_SCOPE, schema_url=names.SCHEMA_URL)
+        self.capture_content = capture_content
+        self.providers: Mapping[str, str] = providers or {}
+        self.in_process = in_process
+
+    def know_backends(self, providers: Mapping[str, str], in_process: frozenset[str]) -> None:
+        """Set at start-up, once the backends are known."""
+        self.providers = providers
+        self.in_process = in_process
+
+    def request(
+        self,
+        method: str,
+        route: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        request_id: str,
+    ) -> RequestSpan:
+        """The SERVER span of one HTTP request, continuing the client's trace
+        when it sent a ``traceparent``."""
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in headers
+            if name in _TRACE_HEADERS
+        }
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        span = self.tracer.start_span(
+            f"{method} {route}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                names.HTTP_REQUEST_METHOD: method,
+                names.HTTP_ROUTE: route,
+                names.URL_PATH: route,
+                names.REQUEST_ID: request_id,
+            },
+        )
+        return RequestSpan(self, span, request_id)
+
+
+class RequestSpan:
+    """The SERVER span of one request, and the spans below it."""
+
+    def __init__(self, tracing: Tracing, span: Span, request_id: str) -> None:
+        self.tracing = tracing
+        self.span = span
+        self.request_id = request_id
+        self.context: Context = trace.set_span_in_context(span)
+        self.attempts = 0
+        self._ended = False
+
+    # ------------------------------------------------------------- context
+    def attach(self) -> object:
+        """Make the span current (log records carry its ids); :meth:`detach`
+        with the token, in the same task."""
+        return otel_context.attach(self.context)
+
+    @staticmethod
+    def detach(token: object) -> None:
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------- routing
+    def routed(
+        self,
+        policy: str,
+        model: str,
+        ranked: Sequence[tuple[Candidate, float, str]],
+        *,
+        started_ns: int,
+        rule: str | None,
+        fallbacks: Sequence[str],
+        round_number: int,
+    ) -> None:
+        """One policy call, as a span from ``started_ns`` to now: the
+        candidates it ranked, best first, each an event with its score and
+        reason."""
+        attributes: dict[str, AttributeValue] = {
+            names.MODEL: model,
+            names.ROUTE_POLICY: policy,
+            names.ROUTE_ROUND: round_number,
+            names.ROUTE_CANDIDATES: [c.target.deployment for c, _, _ in ranked],
+        }
+        if rule is not None:
+            attributes[names.ROUTE_RULE] = rule
+        if fallbacks:
+            attributes[names.ROUTE_FALLBACKS] = list(fallbacks)
+        span = self.tracing.tracer.start_span(
+            f"{names.ROUTE_SPAN} {model}",
+            context=self.context,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=started_ns,
+        )
+        for rank, (candidate, score, reason) in enumerate(ranked, start=1):
+            span.add_event(
+                names.CANDIDATE_EVENT,
+                {
+                    names.DEPLOYMENT: candidate.target.deployment,
+                    names.BACKEND: candidate.backend,
+                    names.CANDIDATE_RANK: rank,
+                    names.CANDIDATE_SCORE: score,
+                    names.CANDIDATE_REASON: reason,
+                },
+            )
+        span.end()
+
+    def chosen(self, deployment: str) -> None:
+        self.span.set_attribute(names.ROUTE_CHOSEN, deployment)
+        self.span.set_attribute(names.DEPLOYMENT, deployment)
+
+    # ------------------------------------------------------------ attempts
+    def attempt(
+        self, operation: str, request: AnyRequest, candidate: Candidate, *, fallback: bool
+    ) -> AttemptSpan:
+        """The span of one call to one deployment (a child of this span)."""
+        self.attempts += 1
+        target = candidate.target
+        backend = candidate.backend
+        kind = SpanKind.INTERNAL if backend in self.tracing.in_process else SpanKind.CLIENT
+        attributes = request_attributes(operation, request, target)
+        attributes[names.PROVIDER_NAME] = self.tracing.providers.get(backend, names.ERROR_OTHER)
+        attributes[names.DEPLOYMENT] = target.deployment
+        attributes[names.BACKEND] = backend
+        attributes[names.ATTEMPT] = self.attempts
+        attributes[names.FALLBACK] = fallback
+        if self.tracing.capture_content:
+            attributes[names.INPUT_MESSAGES] = input_messages(request)
+        span = self.tracing.tracer.start_span(
+            f"{operation} {target.engine_model}",
+            context=self.context,
+            kind=kind,
+            attributes=attributes,
+        )
+        return AttemptSpan(self.tracing, span, self.request_id)
+
+    # ----------------------------------------------------------------- end
+    def set_model(self, model: str) -> None:
+        self.span.set_attribute(names.MODEL, model)
+
+    def finish(self, status: int, error: BaseException | None = None) -> None:
+        """End the span with the response's status (and what failed)."""
+        if self._ended:
+            return
+        self._ended = True
+        self.span.set_attribute(names.HTTP_RESPONSE_STATUS_CODE, status)
+        if error is not None:
+            self.span.set_attribute(names.ERROR_TYPE, error_type(error))
+        if status >= 500:
+            # A 4xx is the client's doing: the conventions leave the status
+            # of a SERVER span unset for it (error.type still says what).
+            self.span.set_status(Status(StatusCode.ERROR))
+        self.span.end()
+
+    async def watch(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+        """A stream passed through; the span ends with it: its end, its
+        failure (recorded) or the client leaving. Each chunk is fetched with
+        the span current, for the logs written meanwhile."""
+        failure: BaseException | None = None
+        try:
+            async with closing(chunks):
+                while True:
+                    token = otel_context.attach(self.context)
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        otel_context.detach(token)
+                    yield chunk
+        except Exception as error:
+            failure = error
+            raise
+        finally:
+            # The status line (200) went out with the first chunk.
+            self.finish(200, failure)
+
+
+class AttemptSpan:
+    """One attempt's span; :class:`~gateway.contract.AttemptTrace` for the
+    backend, and what the pipeline records when the attempt ends."""
+
+    def __init__(self, tracing: Tracing, span: Span, request_id: str) -> None:
+        self.tracing = tracing
+        self.span = span
+        self.started = time.monotonic()
+        self.context: Context = trace.set_span_in_context(span)
+        self._headers: dict[str, str] = {"x-request-id": request_id}
+        _PROPAGATOR.inject(self._headers, context=self.context)
+        # Seconds from the attempt's start to a stream's first chunk.
+        self.first_chunk: float | None = None
+        self._ended = False
+        # What the backend recorded itself (kept over what the pipeline infers).
+        self._recorded: set[str] = set()
+
+    # ------------------------------------------------------- AttemptTrace
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    def record(self, attributes: Mapping[str, AttributeValue]) -> None:
+        self._recorded.update(attributes)
+        self.span.set_attributes(attributes)
+
+    def phase(
+        self, name: str, start_ns: int, end_ns: int, attributes: Mapping[str, AttributeValue]
+    ) -> None:
+        child = self.tracing.tracer.start_span(
+            name,
+            context=self.context,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=start_ns,
+        )
+        child.end(end_time=end_ns)
+
+    # ------------------------------------------------------------ its end
+    def attach(self) -> object:
+        return otel_context.attach(self.context)
+
+    def failed(self, error: BaseException, kind: str | None = None) -> None:
+        """The attempt failed before anything reached the client (``kind``:
+        its error.type, if not the error's own)."""
+        self.span.set_attribute(names.ERROR_TYPE, kind or error_type(error))
+        self.span.set_status(Status(StatusCode.ERROR))
+        self._end()
+
+    def answered(self, answer: AnyAnswer) -> None:
+        """A whole answer came back."""
+        attributes: dict[str, AttributeValue] = {
+            names.RESPONSE_ID: answer.id,
+            names.RESPONSE_FINISH_REASONS: [
+                choice.finish_reason or "" for choice in answer.choices
+            ],
+            names.RESPONSE_MODEL: answer.model,
+        }
+        if isinstance(answer.usage, wire.Usage):
+            attributes.update(usage_attributes(answer.usage))
+        if self.tracing.capture_content:
+            attributes[names.OUTPUT_MESSAGES] = output_messages(answer)
+        self._set_missing(attributes)
+        self._end()
+
+    async def watch(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+        """A stream passed through; the span ends with it: the time to its
+        first chunk, its usage (or the chunks counted, when it was cut before
+        the usage came: the client left or the upstream failed), its finish
+        reasons, and what failed."""
+        reasons: dict[int, str] = {}
+        content_chunks = 0
+        usage: wire.Usage | None = None
+        first = self.first_chunk
+        response: tuple[str, str] | None = None
+        failure: BaseException | None = None
+        try:
+            async with closing(chunks):
+                async for chunk in chunks:
+                    if first is None:
+                        first = time.monotonic() - self.started
+                    if isinstance(chunk, wire.ChatCompletionChunk | wire.Completion):
+                        if response is None:
+                            response = (chunk.id, chunk.model)
+                        if isinstance(chunk.usage, wire.Usage):
+                            usage = chunk.usage
+                        if has_content(chunk):
+                            content_chunks += 1
+                        for choice in chunk.choices:
+                            if choice.finish_reason:
+                                reasons[choice.index] = choice.finish_reason
+                    yield chunk
+        except Exception as error:
+            failure = error
+            raise
+        finally:
+            self._streamed(first, response, reasons, usage, content_chunks, failure)
+
+    def _streamed(
+        self,
+        first: float | None,
+        response: tuple[str, str] | None,
+        reasons: Mapping[int, str],
+        usage: wire.Usage | None,
+        content_chunks: int,
+        failure: BaseException | None,
+    ) -> None:
+        attributes: dict[str, AttributeValue] = {}
+        if first is not None:
+            attributes[names.RESPONSE_TIME_TO_FIRST_CHUNK] = first
+        if response is not None:
+            attributes[names.RESPONSE_ID] = response[0]
+            attributes[names.RESPONSE_MODEL] = response[1]
+        if reasons:
+            attributes[names.RESPONSE_FINISH_REASONS] = [reasons[i] for i in sorted(reasons)]
+        if usage is not None:
+            attributes.update(usage_attributes(usage))
+        elif names.USAGE_OUTPUT_TOKENS not in self._recorded:
+            # Cut before the usage chunk, and the backend did not say how
+            # many tokens it generated: one content chunk is one token for
+            # the engines nomoat relays (vLLM, llama.cpp), at least.
+            attributes[names.USAGE_OUTPUT_TOKENS] = content_chunks
+            attributes[names.USAGE_ESTIMATED] = True
+        self._set_missing(attributes, override_usage=usage is not None)
+        if failure is not None:
+            self.span.set_attribute(names.ERROR_TYPE, error_type(failure))
+            self.span.set_status(Status(StatusCode.ERROR))
+        self._end()
+
+    def _set_missing(
+        self, attributes: Mapping[str, AttributeValue], override_usage: bool = True
+    ) -> None:
+        """Set ``attributes``, but keep what the backend recorded itself
+        (the upstream's own model name; tokens it counted) unless the answer's
+        usage is authoritative."""
+        for key, value in attributes.items():
+            if key in self._recorded and (
+                key == names.RESPONSE_MODEL
+                or (key.startswith("gen_ai.usage.") and not override_usage)
+            ):
+                continue
+            self.span.set_attribute(key, value)
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.span.end()
+
+
+# ------------------------------------------------------------- attributes
+
+
+def operation_name(request: AnyRequest) -> str:
+    if isinstance(request, wire.ChatCompletionRequest):
+        return names.OPERATION_CHAT
+    return names.OPERATION_TEXT_COMPLETION
+
+
+def request_attributes(
+    operation: str, request: AnyRequest, target: Target
+) -> dict[str, AttributeValue]:
+    """The conventions' request attributes: the operation, the model, the
+    sampling parameters the client set, the adapters."""
+    attributes: dict[str, AttributeValue] = {
+        names.OPERATION_NAME: operation,
+        names.REQUEST_MODEL: target.engine_model,
+        names.REQUEST_STREAM: bool(request.stream),
+    }
+    max_tokens = request.max_tokens
+    if isinstance(request, wire.ChatCompletionRequest):
+        max_tokens = request.max_completion_tokens or max_tokens
+        output = request.response_format
+        if output is not None:
+            text = isinstance(output, wire.ResponseFormatText)
+            attributes[names.OUTPUT_TYPE] = "text" if text else "json"
+    optional: dict[str, float | int | None] = {
+        names.REQUEST_MAX_TOKENS: max_tokens,
+        names.REQUEST_TEMPERATURE: request.temperature,
+        names.REQUEST_TOP_P: request.top_p,
+        names.REQUEST_FREQUENCY_PENALTY: request.frequency_penalty,
+        names.REQUEST_PRESENCE_PENALTY: request.presence_penalty,
+        names.REQUEST_SEED: request.seed,
+    }
+    attributes.update({key: value for key, value in optional.items() if value is not None})
+    if request.n is not None and request.n != 1:
+        attributes[names.REQUEST_CHOICE_COUNT] = request.n
+    if request.stop:
+        stop = request.stop
+        attributes[names.REQUEST_STOP_SEQUENCES] = [stop] if isinstance(stop, str) else stop
+    if target.adapters:
+        attributes[names.ADAPTERS] = [use.adapter.name for use in target.adapters]
+        attributes[names.ADAPTER_SCALES] = [use.scale for use in target.adapters]
+    return attributes
+
+
+def usage_attributes(usage: wire.Usage) -> dict[str, AttributeValue]:
+    attributes: dict[str, AttributeValue] = {
+        names.USAGE_INPUT_TOKENS: usage.prompt_tokens,
+        names.USAGE_OUTPUT_TOKENS: usage.completion_tokens,
+    }
+    details = usage.prompt_tokens_details
+    if isinstance(details, wire.PromptTokensDetails) and isinstance(details.cached_tokens, int):
+        attributes[names.USAGE_CACHE_READ_INPUT_TOKENS] = details.cached_tokens
+    return attributes
+
+
+def input_messages(request: AnyRequest) -> str:
+    """``gen_ai.input.messages`` (opt-in), in the conventions' shape (role and
+    text parts), after the request hooks ran: a chat's messages, or a text
+    completion's prompt as one user message."""
+    if isinstance(request, wire.ChatCompletionRequest):
+        messages = [_message(message_role(m), m.content) for m in request.messages]
+    else:
+        prompt = request.prompt
+        texts = [prompt] if isinstance(prompt, str) else [str(item) for item in prompt]
+        messages = [_message("user", text) for text in texts]
+    return _content_encoder.encode(messages).decode()
+
+
+def output_messages(answer: AnyAnswer) -> str:
+    """``gen_ai.output.messages`` (opt-in), in the conventions' shape."""
+    messages = []
+    for choice in answer.choices:
+        text = choice.message.content if isinstance(choice, wire.ChatChoice) else choice.text
+        message = _message("assistant", text)
+        message["finish_reason"] = choice.finish_reason or ""
+        messages.append(message)
+    return _content_encoder.encode(messages).decode()
+
+
+def _message(role: str, content: object) -> dict[str, object]:
+    if content is None:
+        texts: list[str] = []
+    elif isinstance(content, str):
+        texts = [content]
+    elif isinstance(content, list):
+        texts = [part.text for part in content if isinstance(part, wire.TextPart)]
+    else:
+        texts = [str(content)]
+    return {"role": role, "parts": [{"type": "text", "content": text} for text in texts]}
