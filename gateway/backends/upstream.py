@@ -93,9 +93,12 @@ class Upstream:
             url = self._urls[path] = URL(path if absolute else self.base_url + path)
         return url
 
-    async def answer(self, path: str, body: bytes) -> bytes:
-        """A client's request, unstreamed: the answer's body."""
-        return await self._send("POST", path, body, None, reveal=False)
+    async def answer(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> bytes:
+        """A client's request, unstreamed: the answer's body. ``headers``:
+        added to the request (the trace context)."""
+        return await self._send("POST", path, body, headers, reveal=False)
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
         return await self._send("POST", path, body, headers, reveal=True)
@@ -147,7 +150,9 @@ class Upstream:
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
 
-    async def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
+    async def stream(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[bytes]:
         """The ``data:`` payloads of a client's streamed answer, without
         ``[DONE]``.
 
@@ -156,7 +161,7 @@ class Upstream:
         Each payload is yielded as soon as its line is complete.
         """
         try:
-            response = await self._transport.send("POST", self._url(path), body, None)
+            response = await self._transport.send("POST", self._url(path), body, headers)
         except _TRANSPORT_ERRORS as error:
             raise self._transport_error(error) from error
         complete = False
