@@ -23,6 +23,7 @@ from gateway.backends import llamacpp_params as params
 from gateway.backends import llamacpp_responses as responses
 from gateway.contract import (
     AdapterCounters,
+    AttemptTrace,
     BackendHealth,
     BackendType,
     EngineLoad,
@@ -36,6 +37,8 @@ from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderE
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
 from gateway.engine.native import NativeError, NativeModel
 from gateway.engine.scheduler import EngineBusyError, EngineClosedError, GenerationStream, Scheduler
+from gateway.engine.timings import EngineTimings, cut_short_usage
+from gateway.engine.timings import report as report_phases
 from gateway.errors import (
     EngineOverloadedError,
     InternalError,
@@ -241,6 +244,8 @@ class LlamaCppBackend:
         finally:
             for stream in streams:
                 stream.cancel()
+            if ctx.trace is not None:
+                _traced_streams(ctx.trace, streams, prepared, len(results))
         yield responses.chat_chunk(ctx, target, [], _usage(prepared, results))
 
     async def completion(
@@ -280,6 +285,8 @@ class LlamaCppBackend:
         finally:
             for stream in streams:
                 stream.cancel()
+            if ctx.trace is not None:
+                _traced_streams(ctx.trace, streams, prepared, len(results))
         yield responses.completion(ctx, target, [], _usage(prepared, results))
 
     # ------------------------------------------------------------ preparing
@@ -418,12 +425,16 @@ class LlamaCppBackend:
     # -------------------------------------------------------------- running
 
     async def _run(self, item: GenerationRequest, ctx: RequestContext) -> GenerationResult:
+        timings = None if ctx.trace is None else EngineTimings()
         try:
-            return await self.scheduler.run(item, ctx.api_key_id or "")
+            return await self.scheduler.run(item, ctx.api_key_id or "", timings)
         except (EngineBusyError, EngineClosedError) as error:
             raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
         except NativeError as error:
             raise InternalError(f"backend {self.name} failed to generate") from error
+        finally:
+            if ctx.trace is not None and timings is not None:
+                report_phases(ctx.trace, [timings])
 
     def _open_streams(self, prepared: _Prepared, ctx: RequestContext) -> list[GenerationStream]:
         # Every choice is queued before the first byte is sent, so a full
@@ -431,12 +442,25 @@ class LlamaCppBackend:
         streams: list[GenerationStream] = []
         try:
             for item in prepared.requests:
-                streams.append(self.scheduler.open_stream(item, ctx.api_key_id or ""))
+                timings = None if ctx.trace is None else EngineTimings()
+                streams.append(self.scheduler.open_stream(item, ctx.api_key_id or "", timings))
         except (EngineBusyError, EngineClosedError) as error:
             for stream in streams:
                 stream.cancel()
             raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
         return streams
+
+
+def _traced_streams(
+    trace: AttemptTrace, streams: Sequence[GenerationStream], prepared: _Prepared, finished: int
+) -> None:
+    """The streams' phases on the attempt's span; if they were cut short
+    (the client left, a failure), the tokens they generated until then."""
+    timings = [stream.timings for stream in streams if stream.timings is not None]
+    report_phases(trace, timings)
+    if finished < len(streams):
+        prompt_tokens = sum(len(prompt) for prompt in prepared.prompts)
+        trace.record(cut_short_usage(timings, prompt_tokens))
 
 
 def _usage(prepared: _Prepared, results: Sequence[GenerationResult]) -> wire.Usage:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from gateway.engine.adapters import AdapterCache, AdapterSet
 from gateway.engine.generation import Delta, Generation, GenerationRequest, GenerationResult, step
 from gateway.engine.native import NativeError, NativeModel
 from gateway.engine.sequences import Held, Lease, SequencePool
+from gateway.engine.timings import EngineTimings
 
 StreamItem = Delta | GenerationResult | BaseException
 
@@ -47,6 +49,8 @@ class _Job:
     emit: Callable[[StreamItem], None] | None
     future: asyncio.Future[GenerationResult]
     cancelled: bool = False
+    # Filled in for the job's trace (tracing on only).
+    timings: EngineTimings | None = None
 
     def is_cancelled(self) -> bool:
         return self.cancelled
@@ -150,6 +154,10 @@ class GenerationStream:
     def cancel(self) -> None:
         self._cancel(self._job)
 
+    @property
+    def timings(self) -> EngineTimings | None:
+        return self._job.timings
+
     async def __aiter__(self) -> AsyncIterator[Delta | GenerationResult]:
         try:
             while True:
@@ -212,21 +220,25 @@ class Scheduler:
         self._thread.start()
         self._worker = self._loop.create_task(self._dispatch(), name="llama-dispatch")
 
-    async def run(self, request: GenerationRequest, owner: str) -> GenerationResult:
+    async def run(
+        self, request: GenerationRequest, owner: str, timings: EngineTimings | None = None
+    ) -> GenerationResult:
         """Generate and return the whole result. Cancelling the caller's task
-        stops the generation."""
-        job = self._submit(request, owner, emit=None)
+        stops the generation. ``timings``: filled in as the job goes."""
+        job = self._submit(request, owner, emit=None, timings=timings)
         try:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
             self._cancel(job)
             raise
 
-    def open_stream(self, request: GenerationRequest, owner: str) -> GenerationStream:
+    def open_stream(
+        self, request: GenerationRequest, owner: str, timings: EngineTimings | None = None
+    ) -> GenerationStream:
         """Queue a generation now (raising :class:`EngineBusyError` at once if the
         queue is full) and return a stream of its deltas, then its result."""
         mailbox = _Mailbox(asyncio.get_running_loop())
-        job = self._submit(request, owner, emit=mailbox.put)
+        job = self._submit(request, owner, emit=mailbox.put, timings=timings)
         return GenerationStream(job, mailbox, self._cancel)
 
     def _cancel(self, job: _Job) -> None:
@@ -242,13 +254,17 @@ class Scheduler:
         request: GenerationRequest,
         owner: str,
         emit: Callable[[StreamItem], None] | None,
+        timings: EngineTimings | None = None,
     ) -> _Job:
         if self._closed:
             raise EngineClosedError("the engine is shutting down")
         if self._queue.size >= self.max_waiting:
             raise EngineBusyError(f"{self._queue.size} requests are already waiting")
         future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
-        job = _Job(request, owner, emit, future)
+        job = _Job(request, owner, emit, future, timings=timings)
+        if timings is not None:
+            timings.queued_ns = time.time_ns()
+            timings.prompt_tokens = len(request.prompt)
         self._queue.push(job)
         self._ready.set()
         return job
@@ -322,10 +338,15 @@ class Scheduler:
                     generation.cancel()
                 self._retire(active, free, error, current)
                 continue
+            _time_steps(active)
             self._retire(active, free, None, current)
 
     def _switch(self, job: _Job, wanted: AdapterSet) -> bool:
         """Make ``wanted`` the active adapter set; on failure, fail ``job``."""
+        timings = job.timings
+        if timings is not None:
+            timings.adapters = tuple(ref.name for ref in wanted)
+            timings.adapters_started_ns = time.time_ns()
         try:
             if self.adapters is None:
                 if wanted:
@@ -335,6 +356,9 @@ class Scheduler:
         except (NativeError, OSError) as error:
             self._report(job, NativeError(str(error)))
             return False
+        finally:
+            if timings is not None:
+                timings.adapters_ended_ns = time.time_ns()
         return True
 
     def _admit(
@@ -350,6 +374,9 @@ class Scheduler:
             self._report(job, error)
             return
         active[generation] = job
+        if job.timings is not None:
+            job.timings.admitted_ns = time.time_ns()
+            job.timings.cached_tokens = generation.cached
 
     def _retire(
         self,
@@ -361,6 +388,10 @@ class Scheduler:
         for generation in [g for g in active if g.finish is not None]:
             job = active.pop(generation)
             result = generation.result()
+            if job.timings is not None:
+                job.timings.finished_ns = time.time_ns()
+                job.timings.generated = result.completion_tokens
+                job.timings.finish_reason = result.finish_reason
             if error is None:
                 free.release(generation.sequence, Held(generation.held(), adapters))
             else:  # what the failed decode left in the cache is unknown
@@ -409,3 +440,15 @@ class Scheduler:
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join)
         self.model.close()
+
+
+def _time_steps(active: dict[Generation, _Job]) -> None:
+    """After a decode step: the first token of each traced job, and how many
+    it has (read if the client leaves before the end)."""
+    for generation, job in active.items():
+        timings = job.timings
+        if timings is None:
+            continue
+        timings.generated = generation.generated
+        if not timings.first_token_ns and (generation.generated or generation.finish):
+            timings.first_token_ns = time.time_ns()
