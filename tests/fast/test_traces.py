@@ -198,6 +198,17 @@ async def test_a_json_answer_is_a_server_span_a_route_span_and_an_attempt(
     assert sent["x-request-id"] == response.headers["x-request-id"]
 
 
+async def test_the_clients_tracestate_goes_on_upstream(start: Start, traced: Traced) -> None:
+    async with start(pool("a")) as gw:
+        headers = {"traceparent": TRACEPARENT, "tracestate": "vendor=abc,other=1"}
+        assert (await gw.http.post(CHAT, json=chat_body(), headers=headers)).status_code == 200
+        trace = gw.backend("a").calls[0].ctx.trace
+    assert trace is not None
+    sent = trace.headers()
+    assert sent["tracestate"] == "vendor=abc,other=1"
+    assert sent["traceparent"].startswith(f"00-{CLIENT_TRACE}-")
+
+
 async def test_without_traceparent_the_server_span_starts_a_trace(
     start: Start, traced: Traced
 ) -> None:
