@@ -169,10 +169,9 @@ class Pipeline:
         unreachable, before anything reached the client."""
         entry = route.entry
         span = trace.span if trace is not None else None
-        ranked_at = time.time_ns() if span is not None else 0
         first = await self._ranking(route, entry, request, ctx)
         if span is not None:
-            trace_ranking(span, route, first, request, ctx, started_ns=ranked_at, round_number=0)
+            trace_ranking(span, route, first, request, ctx, round_number=0)
         decision = self.decisions.open(request, ctx, first, trace)
         failure: GatewayError | None = None
         try:
@@ -182,18 +181,11 @@ class Pipeline:
                 for model in route.chain:
                     ranking = first
                     if round_number or model is not entry:
-                        ranked_at = time.time_ns() if span is not None else 0
                         ranking = await self._ranking(route, model, request, ctx)
                         self.decisions.ranked_again(decision, ranking)
                         if span is not None:
                             trace_ranking(
-                                span,
-                                route,
-                                ranking,
-                                request,
-                                ctx,
-                                started_ns=ranked_at,
-                                round_number=round_number,
+                                span, route, ranking, request, ctx, round_number=round_number
                             )
                     attempt = call
                     if span is not None:

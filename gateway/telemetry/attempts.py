@@ -1,5 +1,5 @@
-"""Where the pipeline meets the spans: a policy call becomes a routing
-span, a call to a deployment an attempt span (the pipeline calls these only
+"""Where the pipeline meets the spans: a policy call becomes routing
+events, a call to a deployment an attempt span (the pipeline calls these only
 when the request has a span, i.e. tracing is on)."""
 
 from __future__ import annotations
@@ -27,16 +27,14 @@ def trace_ranking(
     request: AnyRequest,
     ctx: RequestContext,
     *,
-    started_ns: int,
     round_number: int,
 ) -> None:
-    """A routing span for one policy call that began at ``started_ns``."""
+    """One policy call, as events on the request's span."""
     entry = ranking.entry
     span.routed(
         entry.policy_name,
         entry.name,
         [(r.candidate, r.score, r.reason) for r in ranking.ranked],
-        started_ns=started_ns,
         rule=rule_applied(entry.rules, request, ctx),
         fallbacks=[model.name for model in route.chain[1:]] if entry is route.entry else (),
         round_number=round_number,

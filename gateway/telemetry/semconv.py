@@ -80,18 +80,18 @@ ATTEMPT: Final = "nomoat.attempt"  # 1 for the first attempt of a request
 FALLBACK: Final = "nomoat.fallback"  # the attempt is for a fallback model
 USAGE_ESTIMATED: Final = "nomoat.usage.estimated"  # tokens counted from chunks
 
-# The routing span and its events.
-ROUTE_SPAN: Final = "route"
+# Routing: an event on the SERVER span per policy call; the candidates best
+# first, and their backends, scores and reasons in the same order.
+ROUTE_EVENT: Final = "nomoat.route"
 ROUTE_POLICY: Final = "nomoat.route.policy"
 ROUTE_RULE: Final = "nomoat.route.rule"
 ROUTE_ROUND: Final = "nomoat.route.round"
 ROUTE_CANDIDATES: Final = "nomoat.route.candidates"
+ROUTE_BACKENDS: Final = "nomoat.route.backends"
+ROUTE_SCORES: Final = "nomoat.route.scores"
+ROUTE_REASONS: Final = "nomoat.route.reasons"
 ROUTE_CHOSEN: Final = "nomoat.route.chosen"
 ROUTE_FALLBACKS: Final = "nomoat.route.fallbacks"
-CANDIDATE_EVENT: Final = "nomoat.route.candidate"
-CANDIDATE_RANK: Final = "nomoat.route.rank"
-CANDIDATE_SCORE: Final = "nomoat.route.score"
-CANDIDATE_REASON: Final = "nomoat.route.reason"
 
 # The engine's phases (llama.cpp, embedded or on an edge node): child spans
 # of the attempt span.

@@ -1,10 +1,10 @@
-"""nomoat's spans: one SERVER span per HTTP request, a routing span per
-policy call, one span per upstream attempt, the engine's phases below it.
+"""nomoat's spans: one SERVER span per HTTP request (routing events on
+it), one span per upstream attempt, the engine's phases below it.
 
 The tree of one request (names from :mod:`gateway.telemetry.semconv`)::
 
-    POST /v1/chat/completions          SERVER, continues the client's traceparent
-    ├── route smollm2                  INTERNAL, an event per ranked candidate
+    POST /v1/chat/completions          SERVER, continues the client's traceparent;
+    │                                  an event per policy call (the ranking)
     ├── chat smollm2                   CLIENT (HTTP upstream) or INTERNAL
     │   │                              (in-process engine): one per attempt
     │   ├── engine.adapters.load       the engine's phases, when it reports them
@@ -138,47 +138,33 @@ class RequestSpan:
         model: str,
         ranked: Sequence[tuple[Candidate, float, str]],
         *,
-        started_ns: int,
         rule: str | None,
         fallbacks: Sequence[str],
         round_number: int,
     ) -> None:
-        """One policy call, as a span from ``started_ns`` to now: the
-        candidates it ranked, best first, each an event with its score and
-        reason."""
+        """One policy call, as an event ``nomoat.route`` on this span: the
+        policy, the rule, the candidates best first with their backends,
+        scores and reasons (lists in the same order), the fallbacks.
+        An event rather than a span, and one event rather than one per
+        candidate: a ranking takes microseconds, each span or event costs
+        more than that."""
         attributes: dict[str, AttributeValue] = {
             names.MODEL: model,
             names.ROUTE_POLICY: policy,
             names.ROUTE_ROUND: round_number,
             names.ROUTE_CANDIDATES: [c.target.deployment for c, _, _ in ranked],
+            names.ROUTE_BACKENDS: [c.backend for c, _, _ in ranked],
+            names.ROUTE_SCORES: [score for _, score, _ in ranked],
+            names.ROUTE_REASONS: [reason for _, _, reason in ranked],
         }
         if rule is not None:
             attributes[names.ROUTE_RULE] = rule
         if fallbacks:
             attributes[names.ROUTE_FALLBACKS] = list(fallbacks)
-        span = self.tracing.tracer.start_span(
-            f"{names.ROUTE_SPAN} {model}",
-            context=self.context,
-            kind=SpanKind.INTERNAL,
-            attributes=attributes,
-            start_time=started_ns,
-        )
-        for rank, (candidate, score, reason) in enumerate(ranked, start=1):
-            span.add_event(
-                names.CANDIDATE_EVENT,
-                {
-                    names.DEPLOYMENT: candidate.target.deployment,
-                    names.BACKEND: candidate.backend,
-                    names.CANDIDATE_RANK: rank,
-                    names.CANDIDATE_SCORE: score,
-                    names.CANDIDATE_REASON: reason,
-                },
-            )
-        span.end()
+        self.span.add_event(names.ROUTE_EVENT, attributes)
 
     def chosen(self, deployment: str) -> None:
-        self.span.set_attribute(names.ROUTE_CHOSEN, deployment)
-        self.span.set_attribute(names.DEPLOYMENT, deployment)
+        self.span.set_attributes({names.ROUTE_CHOSEN: deployment, names.DEPLOYMENT: deployment})
 
     # ------------------------------------------------------------ attempts
     def attempt(
@@ -214,9 +200,10 @@ class RequestSpan:
         if self._ended:
             return
         self._ended = True
-        self.span.set_attribute(names.HTTP_RESPONSE_STATUS_CODE, status)
+        attributes: dict[str, AttributeValue] = {names.HTTP_RESPONSE_STATUS_CODE: status}
         if error is not None:
-            self.span.set_attribute(names.ERROR_TYPE, error_type(error))
+            attributes[names.ERROR_TYPE] = error_type(error)
+        self.span.set_attributes(attributes)
         if status >= 500:
             # A 4xx is the client's doing: the conventions leave the status
             # of a SERVER span unset for it (error.type still says what).
@@ -225,19 +212,13 @@ class RequestSpan:
 
     async def watch(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
         """A stream passed through; the span ends with it: its end, its
-        failure (recorded) or the client leaving. Each chunk is fetched with
-        the span current, for the logs written meanwhile."""
+        failure (recorded) or the client leaving. (Not made current for each
+        chunk: that cost more than the rest of the span; records logged
+        after the first chunk carry no trace ids.)"""
         failure: BaseException | None = None
         try:
             async with closing(chunks):
-                while True:
-                    token = otel_context.attach(self.context)
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        return
-                    finally:
-                        otel_context.detach(token)
+                async for chunk in chunks:
                     yield chunk
         except Exception as error:
             failure = error
@@ -256,8 +237,8 @@ class AttemptSpan:
         self.span = span
         self.started = time.monotonic()
         self.context: Context = trace.set_span_in_context(span)
-        self._headers: dict[str, str] = {"x-request-id": request_id}
-        _PROPAGATOR.inject(self._headers, context=self.context)
+        self._request_id = request_id
+        self._headers: dict[str, str] | None = None
         # Seconds from the attempt's start to a stream's first chunk.
         self.first_chunk: float | None = None
         self._ended = False
@@ -266,6 +247,10 @@ class AttemptSpan:
 
     # ------------------------------------------------------- AttemptTrace
     def headers(self) -> Mapping[str, str]:
+        # Made when a backend asks (an in-process engine never does).
+        if self._headers is None:
+            self._headers = {"x-request-id": self._request_id}
+            _PROPAGATOR.inject(self._headers, context=self.context)
         return self._headers
 
     def record(self, attributes: Mapping[str, AttributeValue]) -> None:
@@ -291,7 +276,7 @@ class AttemptSpan:
     def failed(self, error: BaseException, kind: str | None = None) -> None:
         """The attempt failed before anything reached the client (``kind``:
         its error.type, if not the error's own)."""
-        self.span.set_attribute(names.ERROR_TYPE, kind or error_type(error))
+        self.span.set_attributes({names.ERROR_TYPE: kind or error_type(error)})
         self.span.set_status(Status(StatusCode.ERROR))
         self._end()
 
@@ -371,23 +356,22 @@ class AttemptSpan:
             attributes[names.USAGE_ESTIMATED] = True
         self._set_missing(attributes, override_usage=usage is not None)
         if failure is not None:
-            self.span.set_attribute(names.ERROR_TYPE, error_type(failure))
+            self.span.set_attributes({names.ERROR_TYPE: error_type(failure)})
             self.span.set_status(Status(StatusCode.ERROR))
         self._end()
 
     def _set_missing(
-        self, attributes: Mapping[str, AttributeValue], override_usage: bool = True
+        self, attributes: dict[str, AttributeValue], override_usage: bool = True
     ) -> None:
         """Set ``attributes``, but keep what the backend recorded itself
         (the upstream's own model name; tokens it counted) unless the answer's
         usage is authoritative."""
-        for key, value in attributes.items():
-            if key in self._recorded and (
-                key == names.RESPONSE_MODEL
-                or (key.startswith("gen_ai.usage.") and not override_usage)
+        for key in self._recorded & attributes.keys():
+            if key == names.RESPONSE_MODEL or (
+                key.startswith("gen_ai.usage.") and not override_usage
             ):
-                continue
-            self.span.set_attribute(key, value)
+                del attributes[key]
+        self.span.set_attributes(attributes)
 
     def _end(self) -> None:
         if not self._ended:
