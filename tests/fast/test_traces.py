@@ -483,3 +483,31 @@ async def test_a_failing_stream_hook_stops_the_generation_it_was_reading(
         call = gw.backend("a").calls[0]
         assert await call.wait_ended(within=1.0) in ("cancelled", "closed")
     assert call.chunks_sent < 20
+
+
+async def test_a_deadline_passed_is_a_timeout_on_the_attempt(start: Start, traced: Traced) -> None:
+    async with start(pool("a", timeout_seconds=0.05, retries=0)) as gw:
+        gw.backend("a").script(Script(stall_after=0))
+        response = await gw.http.post(CHAT, json=chat_body())
+        error_of(response, 504)
+    spans = await traced.wait_for(2)
+    attempt = one(spans, f"chat {MODEL}")
+    assert attrs(attempt)[names.ERROR_TYPE] == "timeout"
+    assert attempt.status.status_code is StatusCode.ERROR
+    assert attrs(one(spans, SERVER_NAME))[names.HTTP_RESPONSE_STATUS_CODE] == 504
+
+
+async def test_a_client_leaving_a_json_request_cancels_the_attempt(
+    start: Start, traced: Traced
+) -> None:
+    async with start(pool("a")) as gw:
+        gw.backend("a").script(Script(stall_after=0))
+        request = asyncio.ensure_future(gw.http.post(CHAT, json=chat_body()))
+        await gw.backend("a").wait_for_calls(1)
+        request.cancel()
+        spans = await traced.wait_for(2)
+    attempt = one(spans, f"chat {MODEL}")
+    assert attrs(attempt)[names.ERROR_TYPE] == "cancelled"
+    server = attrs(one(spans, SERVER_NAME))
+    assert server[names.HTTP_RESPONSE_STATUS_CODE] == 499
+    assert server[names.ERROR_TYPE] == "client_closed_request"
