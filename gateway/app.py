@@ -214,6 +214,8 @@ def _openai_endpoint(
                 return EventStream(sse_events(chunks), headers)
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)
+            if span is not None:
+                span.sent(answer)
             headers = headers_for(trace, request_id.encode("latin-1"))
             return JsonAnswer(wire.encoder.encode(answer), headers=headers)
         except ClientClosedRequestError:

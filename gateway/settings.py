@@ -323,7 +323,8 @@ class TelemetrySettings(_Strict):
     # The ratio of the *traceidratio samplers.
     sampler_arg: Annotated[float, Field(ge=0, le=1)] = 1.0
     # Record prompts and answers on the attempt spans (gen_ai.input.messages,
-    # gen_ai.output.messages), after the request hooks (redaction) ran.
+    # gen_ai.output.messages) as the hooks (redaction) left them: prompts after
+    # the request hooks, answers after the response and stream hooks.
     capture_content: bool = False
 
 

@@ -119,6 +119,9 @@ class RequestSpan:
         self.request_id = request_id
         self.context: Context = trace.set_span_in_context(span)
         self.attempts = 0
+        # The attempt whose answer the client gets: with capture_content it
+        # waits for the answer as the hooks left it (see AttemptSpan._end).
+        self.last_attempt: AttemptSpan | None = None
         self._ended = False
 
     # ------------------------------------------------------------- context
@@ -189,17 +192,26 @@ class RequestSpan:
             kind=kind,
             attributes=attributes,
         )
-        return AttemptSpan(self.tracing, span, self.request_id)
+        self.last_attempt = AttemptSpan(self.tracing, span, self.request_id)
+        return self.last_attempt
 
     # ----------------------------------------------------------------- end
     def set_model(self, model: str) -> None:
         self.span.set_attribute(names.MODEL, model)
+
+    def sent(self, answer: AnyAnswer) -> None:
+        """The answer the client gets, after the response hooks (with
+        capture_content: its text goes on the attempt that answered)."""
+        if self.tracing.capture_content and self.last_attempt is not None:
+            self.last_attempt.output(output_messages(answer))
 
     def finish(self, status: int, error: BaseException | None = None) -> None:
         """End the span with the response's status (and what failed)."""
         if self._ended:
             return
         self._ended = True
+        if self.last_attempt is not None:
+            self.last_attempt.output(None)  # if it still waits for its text
         attributes: dict[str, AttributeValue] = {names.HTTP_RESPONSE_STATUS_CODE: status}
         if error is not None:
             attributes[names.ERROR_TYPE] = error_type(error)
@@ -216,14 +228,19 @@ class RequestSpan:
         chunk: that cost more than the rest of the span; records logged
         after the first chunk carry no trace ids.)"""
         failure: BaseException | None = None
+        text = _StreamText() if self.tracing.capture_content else None
         try:
             async with closing(chunks):
                 async for chunk in chunks:
+                    if text is not None:
+                        text.add(chunk)
                     yield chunk
         except Exception as error:
             failure = error
             raise
         finally:
+            if text is not None and failure is None and self.last_attempt is not None:
+                self.last_attempt.output(text.messages())
             # The status line (200) went out with the first chunk.
             self.finish(200, failure)
 
@@ -242,6 +259,9 @@ class AttemptSpan:
         # Seconds from the attempt's start to a stream's first chunk.
         self.first_chunk: float | None = None
         self._ended = False
+        # With capture_content, a successful attempt ends only once the text
+        # the client got is known: when it was over (time.time_ns()).
+        self._over_ns = 0
         # What the backend recorded itself (kept over what the pipeline infers).
         self._recorded: set[str] = set()
 
@@ -291,10 +311,8 @@ class AttemptSpan:
         }
         if isinstance(answer.usage, wire.Usage):
             attributes.update(usage_attributes(answer.usage))
-        if self.tracing.capture_content:
-            attributes[names.OUTPUT_MESSAGES] = output_messages(answer)
         self._set_missing(attributes)
-        self._end()
+        self._end(awaits_output=True)
 
     async def watch(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
         """A stream passed through; the span ends with it: the time to its
@@ -358,7 +376,7 @@ class AttemptSpan:
         if failure is not None:
             self.span.set_attributes({names.ERROR_TYPE: error_type(failure)})
             self.span.set_status(Status(StatusCode.ERROR))
-        self._end()
+        self._end(awaits_output=failure is None)
 
     def _set_missing(
         self, attributes: dict[str, AttributeValue], override_usage: bool = True
@@ -373,10 +391,27 @@ class AttemptSpan:
                 del attributes[key]
         self.span.set_attributes(attributes)
 
-    def _end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self.span.end()
+    def _end(self, awaits_output: bool = False) -> None:
+        """End the span; with capture_content, a successful attempt's span
+        stays open (its end time noted) until :meth:`output` gives it the
+        text the client got, after the response or stream hooks (a redact
+        hook) ran."""
+        if self._ended:
+            return
+        self._ended = True
+        if awaits_output and self.tracing.capture_content:
+            self._over_ns = time.time_ns()
+            return
+        self.span.end()
+
+    def output(self, messages: str | None) -> None:
+        """``gen_ai.output.messages`` (None: none to record), and the end."""
+        if not self._over_ns:
+            return
+        if messages is not None:
+            self.span.set_attributes({names.OUTPUT_MESSAGES: messages})
+        self.span.end(end_time=self._over_ns)
+        self._over_ns = 0
 
 
 # ------------------------------------------------------------- attributes
@@ -458,6 +493,36 @@ def output_messages(answer: AnyAnswer) -> str:
         message["finish_reason"] = choice.finish_reason or ""
         messages.append(message)
     return _content_encoder.encode(messages).decode()
+
+
+class _StreamText:
+    """A stream's text per choice, as the client got it, for
+    ``gen_ai.output.messages``."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, list[str]] = {}
+        self.reasons: dict[int, str] = {}
+
+    def add(self, chunk: object) -> None:
+        if isinstance(chunk, wire.ChatCompletionChunk):
+            for choice in chunk.choices:
+                if isinstance(choice.delta.content, str):
+                    self.parts.setdefault(choice.index, []).append(choice.delta.content)
+                if choice.finish_reason:
+                    self.reasons[choice.index] = choice.finish_reason
+        elif isinstance(chunk, wire.Completion):
+            for text_choice in chunk.choices:
+                self.parts.setdefault(text_choice.index, []).append(text_choice.text)
+                if text_choice.finish_reason:
+                    self.reasons[text_choice.index] = text_choice.finish_reason
+
+    def messages(self) -> str:
+        messages = []
+        for index in sorted(self.parts.keys() | self.reasons.keys()):
+            message = _message("assistant", "".join(self.parts.get(index, [])))
+            message["finish_reason"] = self.reasons.get(index, "")
+            messages.append(message)
+        return _content_encoder.encode(messages).decode()
 
 
 def _message(role: str, content: object) -> dict[str, object]:

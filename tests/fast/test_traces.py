@@ -224,6 +224,23 @@ async def test_without_traceparent_the_server_span_starts_a_trace(
     assert server.parent is None
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_answers_text_is_recorded_as_the_hooks_left_it(
+    start: Start, traced: Traced, stream: bool
+) -> None:
+    # "shout" upper-cases answers and streams, as a redact hook rewrites them.
+    traced.tracing.capture_content = True
+    async with start(pool("a", hooks=[{"type": "shout"}])) as gw:
+        response = await gw.http.post(CHAT, json=chat_body(stream=stream))
+        assert response.status_code == 200
+        reply = gw.backend("a").config.reply
+    attempt = one(await traced.wait_for(2), f"chat {MODEL}")
+    recorded = attrs(attempt)[names.OUTPUT_MESSAGES]
+    assert f'"content":"{reply.upper()}"' in recorded
+    assert reply not in recorded
+    assert '"finish_reason":"stop"' in recorded
+
+
 async def test_content_is_recorded_only_when_asked(start: Start, traced: Traced) -> None:
     async with start(pool("a")) as gw:
         assert (await gw.http.post(CHAT, json=chat_body())).status_code == 200
