@@ -93,8 +93,9 @@ def test_the_edge_nodes_spans_continue_the_gateways_trace(
     assert attempt["attributes"][names.SERVER_ADDRESS] == "127.0.0.1"
     node = one(spans, service="edge", name="POST /v1/chat/completions")
     assert node["kind"] == SERVER and node["parent_span_id"] == attempt["span_id"]
-    # The node saw the same request id.
-    assert node["attributes"][names.REQUEST_ID] == answer.headers["x-request-id"]
+    # The node was sent the gateway's own id of the request (the answer's).
+    assert node["attributes"][names.REQUEST_ID] == answer.json()["id"]
+    assert front["attributes"][names.REQUEST_ID] == answer.headers["x-request-id"]
     engine = one(spans, service="edge", name=f"chat {MODEL}")
     assert engine["kind"] == INTERNAL and engine["parent_span_id"] == node["span_id"]
     phases = {s["name"] for s in spans if s["parent_span_id"] == engine["span_id"]}

@@ -62,7 +62,7 @@ class Attempt:
         tracing = Tracing(provider)
         request_span = tracing.request("POST", "/v1/chat/completions", [], "rid-1")
         self.span: AttemptSpan = request_span.attempt(
-            "chat", chat_request(), Candidate(target(), "up"), fallback=False
+            "chat", chat_request(), Candidate(target(), "up"), fallback=False, upstream_id="up-1"
         )
 
     def ended(self) -> ReadableSpan:
@@ -90,7 +90,7 @@ async def test_each_upstream_request_carries_the_attempts_trace(stream: bool) ->
     [sent] = transport.sent
     assert sent.headers is not None
     assert sent.headers["traceparent"] == attempt.traceparent()
-    assert sent.headers["x-request-id"] == "rid-1"
+    assert sent.headers["x-request-id"] == "up-1"
     recorded = dict(attempt.ended().attributes or {})
     assert recorded[names.RESPONSE_MODEL] == UPSTREAM_MODEL
     assert BASE_URL.startswith("http://upstream.test/")

@@ -52,7 +52,9 @@ def traced_call(
 
     async def traced(backend: Backend, target: Target, ctx: RequestContext) -> T:
         candidate = Candidate(target, backend.name)
-        attempt = span.attempt(operation, request, candidate, fallback=fallback)
+        attempt = span.attempt(
+            operation, request, candidate, fallback=fallback, upstream_id=ctx.request_id
+        )
         token = attempt.attach()
         try:
             result = await call(backend, target, replace(ctx, trace=attempt))

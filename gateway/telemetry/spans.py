@@ -171,9 +171,20 @@ class RequestSpan:
 
     # ------------------------------------------------------------ attempts
     def attempt(
-        self, operation: str, request: AnyRequest, candidate: Candidate, *, fallback: bool
+        self,
+        operation: str,
+        request: AnyRequest,
+        candidate: Candidate,
+        *,
+        fallback: bool,
+        upstream_id: str,
     ) -> AttemptSpan:
-        """The span of one call to one deployment (a child of this span)."""
+        """The span of one call to one deployment (a child of this span).
+        ``upstream_id``: the ``x-request-id`` sent upstream: the gateway's
+        own id of the request (the answer's ``id``), never the client's
+        ``x-request-id``: vLLM takes that header as its internal request id,
+        and a client reusing an id must not reach (or abort) another
+        client's request there."""
         self.attempts += 1
         target = candidate.target
         backend = candidate.backend
@@ -192,7 +203,7 @@ class RequestSpan:
             kind=kind,
             attributes=attributes,
         )
-        self.last_attempt = AttemptSpan(self.tracing, span, self.request_id)
+        self.last_attempt = AttemptSpan(self.tracing, span, upstream_id)
         return self.last_attempt
 
     # ----------------------------------------------------------------- end
@@ -249,12 +260,12 @@ class AttemptSpan:
     """One attempt's span; :class:`~gateway.contract.AttemptTrace` for the
     backend, and what the pipeline records when the attempt ends."""
 
-    def __init__(self, tracing: Tracing, span: Span, request_id: str) -> None:
+    def __init__(self, tracing: Tracing, span: Span, upstream_id: str) -> None:
         self.tracing = tracing
         self.span = span
         self.started = time.monotonic()
         self.context: Context = trace.set_span_in_context(span)
-        self._request_id = request_id
+        self._upstream_id = upstream_id
         self._headers: dict[str, str] | None = None
         # Seconds from the attempt's start to a stream's first chunk.
         self.first_chunk: float | None = None
@@ -269,7 +280,7 @@ class AttemptSpan:
     def headers(self) -> Mapping[str, str]:
         # Made when a backend asks (an in-process engine never does).
         if self._headers is None:
-            self._headers = {"x-request-id": self._request_id}
+            self._headers = {"x-request-id": self._upstream_id}
             _PROPAGATOR.inject(self._headers, context=self.context)
         return self._headers
 

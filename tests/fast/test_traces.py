@@ -201,7 +201,8 @@ async def test_a_json_answer_is_a_server_span_with_routing_events_and_an_attempt
     sent = call.ctx.trace.headers()
     trace_id, span_id = hex_ids(attempt)
     assert sent["traceparent"] == f"00-{trace_id}-{span_id}-01"
-    assert sent["x-request-id"] == response.headers["x-request-id"]
+    # Upstream, the gateway's own id of the request (the answer's), not the client's.
+    assert sent["x-request-id"] == body["id"] != response.headers["x-request-id"]
 
 
 async def test_the_clients_tracestate_goes_on_upstream(start: Start, traced: Traced) -> None:
@@ -437,8 +438,11 @@ async def test_x_request_id_is_kept_or_made_and_returned(start: Start, traced: T
     assert len(made.headers["x-request-id"]) == 32
     assert odd.headers["x-request-id"] not in ("a b", "")
     assert failed.status_code >= 400 and failed.headers["x-request-id"] == "e-1"
+    # Never the client's id upstream: vLLM takes x-request-id as its own
+    # request id, and two clients sending the same one must not collide there.
     assert calls[0].ctx.trace is not None
-    assert calls[0].ctx.trace.headers()["x-request-id"] == "abc-123"
+    assert calls[0].ctx.trace.headers()["x-request-id"] == calls[0].ctx.request_id
+    assert kept.json()["id"] == calls[0].ctx.request_id
     recorded = [attrs(s)[names.REQUEST_ID] for s in named(traced.spans(), SERVER_NAME)]
     assert "abc-123" in recorded and "e-1" in recorded
 
