@@ -54,6 +54,10 @@ def error_type(error: BaseException) -> str:
     return type(error).__qualname__
 
 
+def _status_of(error: BaseException) -> int:
+    return error.status_code if isinstance(error, GatewayError) else 500
+
+
 class Tracing:
     """The tracer and what spans need to know of the backends.
 
@@ -227,9 +231,10 @@ class RequestSpan:
         if error is not None:
             attributes[names.ERROR_TYPE] = error_type(error)
         self.span.set_attributes(attributes)
-        if status >= 500:
+        if status >= 500 or (error is not None and _status_of(error) >= 500):
             # A 4xx is the client's doing: the conventions leave the status
-            # of a SERVER span unset for it (error.type still says what).
+            # of a SERVER span unset for it (error.type still says what). A
+            # stream that failed after its 200 went out failed all the same.
             self.span.set_status(Status(StatusCode.ERROR))
         self.span.end()
 

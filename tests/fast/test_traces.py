@@ -330,7 +330,10 @@ async def test_a_stream_failing_half_way_records_its_tokens_and_error(
     assert attempt.status.status_code is StatusCode.ERROR
     assert on_attempt[names.USAGE_OUTPUT_TOKENS] == 3  # the role chunk carries no content
     assert on_attempt[names.USAGE_ESTIMATED] is True
-    assert attrs(one(spans, SERVER_NAME))[names.ERROR_TYPE] == "upstream_error"
+    server = one(spans, SERVER_NAME)
+    assert attrs(server)[names.ERROR_TYPE] == "upstream_error"
+    assert attrs(server)[names.HTTP_RESPONSE_STATUS_CODE] == 200  # sent before the failure
+    assert server.status.status_code is StatusCode.ERROR
 
 
 # ------------------------------------------------------- retries and fallbacks
@@ -423,6 +426,20 @@ async def test_a_failing_stream_hook_after_the_first_byte_is_recorded(
 
 
 # --------------------------------------------------------------- x-request-id
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_from_a_request_hook_is_a_server_span_alone(
+    start: Start, traced: Traced, stream: bool
+) -> None:
+    hooks = [{"type": "answer-early", "options": {"text": "cached"}}]
+    async with start(pool("a", hooks=hooks)) as gw:
+        response = await gw.http.post(CHAT, json=chat_body(stream=stream))
+        assert response.status_code == 200 and gw.backend("a").calls == []
+    [server] = await traced.wait_for(1)
+    assert server.name == SERVER_NAME
+    assert attrs(server)[names.HTTP_RESPONSE_STATUS_CODE] == 200
+    assert routings(server) == []
 
 
 async def test_x_request_id_is_kept_or_made_and_returned(start: Start, traced: Traced) -> None:
