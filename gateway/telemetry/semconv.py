@@ -90,7 +90,6 @@ ROUTE_CANDIDATES: Final = "nomoat.route.candidates"
 ROUTE_BACKENDS: Final = "nomoat.route.backends"
 ROUTE_SCORES: Final = "nomoat.route.scores"
 ROUTE_REASONS: Final = "nomoat.route.reasons"
-ROUTE_CHOSEN: Final = "nomoat.route.chosen"
 ROUTE_FALLBACKS: Final = "nomoat.route.fallbacks"
 
 # The engine's phases (llama.cpp, embedded or on an edge node): child spans

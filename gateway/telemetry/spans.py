@@ -171,7 +171,7 @@ class RequestSpan:
         self.span.add_event(names.ROUTE_EVENT, attributes)
 
     def chosen(self, deployment: str) -> None:
-        self.span.set_attributes({names.ROUTE_CHOSEN: deployment, names.DEPLOYMENT: deployment})
+        self.span.set_attributes({names.DEPLOYMENT: deployment})
 
     # ------------------------------------------------------------ attempts
     def attempt(
