@@ -208,10 +208,11 @@ def _openai_endpoint(
                 # chunk stops the generation too.
                 primed = pipeline.stream(endpoint, body, ctx, trace)
                 chunks = await _cancel_on_disconnect(request, primed)
+                events = sse_events(chunks if span is None else span.watch(chunks))
                 if span is not None:
-                    chunks = span.watch(chunks)
+                    events = span.current(events)
                 headers = headers_for(trace, request_id.encode("latin-1"))
-                return EventStream(sse_events(chunks), headers)
+                return EventStream(events, headers)
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)
             if span is not None:

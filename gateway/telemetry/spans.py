@@ -238,11 +238,25 @@ class RequestSpan:
             self.span.set_status(Status(StatusCode.ERROR))
         self.span.end()
 
+    async def current(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+        """``events`` (the outermost iterator of a stream), each fetched with
+        this span current: what is logged while a stream flows, its failure
+        after the first byte included, carries the trace ids (about 0.6 us
+        an event)."""
+        async with closing(events):
+            while True:
+                token = otel_context.attach(self.context)
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    otel_context.detach(token)
+                yield event
+
     async def watch(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
         """A stream passed through; the span ends with it: its end, its
-        failure (recorded) or the client leaving. (Not made current for each
-        chunk: that cost more than the rest of the span; records logged
-        after the first chunk carry no trace ids.)"""
+        failure (recorded) or the client leaving."""
         failure: BaseException | None = None
         text = _StreamText() if self.tracing.capture_content else None
         try:

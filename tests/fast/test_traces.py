@@ -549,3 +549,16 @@ async def test_a_client_leaving_a_json_request_cancels_the_attempt(
     server = attrs(one(spans, SERVER_NAME))
     assert server[names.HTTP_RESPONSE_STATUS_CODE] == 499
     assert server[names.ERROR_TYPE] == "client_closed_request"
+
+
+async def test_a_failure_logged_mid_stream_carries_the_trace_ids(
+    start: Start, traced: Traced, log_records: list[logging.LogRecord]
+) -> None:
+    async with start(pool("a", hooks=[{"type": "explode-stream", "name": "tap"}])) as gw:
+        response = await gw.http.post(CHAT, json=chat_body(stream=True))
+        assert not sse_json(response.content)[1]
+    server = one(await traced.wait_for(2), SERVER_NAME)
+    trace_id, span_id = hex_ids(server)
+    [failure] = [r for r in log_records if "tap failed" in r.getMessage()]
+    assert failure.otelTraceID == trace_id  # type: ignore[attr-defined]
+    assert failure.otelSpanID == span_id  # type: ignore[attr-defined]
