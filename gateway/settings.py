@@ -317,9 +317,15 @@ class TelemetrySettings(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     service_name: str = "nomoat"
     resource_attributes: dict[str, str] = Field(default_factory=dict)
-    # OTEL_TRACES_SAMPLER's names: always_on, always_off, traceidratio,
-    # parentbased_always_on, parentbased_always_off, parentbased_traceidratio.
-    sampler: str = "parentbased_always_on"
+    # OTEL_TRACES_SAMPLER's names.
+    sampler: Literal[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ] = "parentbased_always_on"
     # The ratio of the *traceidratio samplers.
     sampler_arg: Annotated[float, Field(ge=0, le=1)] = 1.0
     # Record prompts and answers on the attempt spans (gen_ai.input.messages,

@@ -5,6 +5,7 @@ and the exporter each as configured. Unit level: nothing is exported."""
 from __future__ import annotations
 
 import pytest
+from conftest import Cli
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as GrpcExporter,
 )
@@ -14,6 +15,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+from pydantic import ValidationError
 
 from gateway.settings import Settings, TelemetrySettings
 from gateway.telemetry import semconv as names
@@ -21,6 +23,7 @@ from gateway.telemetry.setup import (
     build_tracing,
     enabled,
     exporter,
+    problems,
     resource,
     sampler,
     trace_export,
@@ -137,3 +140,26 @@ def test_the_provider_has_the_sampler_resource_and_schema_url() -> None:
 def test_the_environment_sets_telemetry_keys_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOMOAT_TELEMETRY__CAPTURE_CONTENT", "true")
     assert Settings(telemetry={"endpoint": "http://x:1"}).telemetry.capture_content is True
+
+
+def test_a_sampler_the_sdk_does_not_know_is_a_config_error() -> None:
+    with pytest.raises(ValidationError, match="sampler"):
+        TelemetrySettings(sampler="sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", 'OTLP protocol "http/json"'),
+        ("OTEL_TRACES_SAMPLER", "sometimes", 'trace sampler "sometimes"'),
+    ],
+)
+def test_serve_refuses_otel_variables_it_cannot_honour(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, name: str, value: str, said: str
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv(name, value)
+    ran = cli("serve", "--port", "0")
+    assert ran.returncode == 2
+    assert "configuration error" in ran.stderr and said in ran.stderr
+    assert problems(TelemetrySettings(), {name: value}) == []  # no endpoint: tracing off

@@ -153,6 +153,21 @@ def tracer_provider(
     return provider
 
 
+def problems(settings: TelemetrySettings, env: Mapping[str, str] | None = None) -> list[str]:
+    """What in the OTEL_* variables (the file is validated with the rest of
+    it) would stop tracing from starting, each said plainly."""
+    env = os.environ if env is None else env
+    if not enabled(settings, env):
+        return []
+    found = []
+    for check in (trace_export, sampler):
+        try:
+            check(settings, env)
+        except ValueError as error:
+            found.append(f"telemetry: {error}")
+    return found
+
+
 def build_tracing(
     settings: TelemetrySettings, env: Mapping[str, str] | None = None
 ) -> tuple[Tracing, TracerProvider] | None:
