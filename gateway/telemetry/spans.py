@@ -99,7 +99,8 @@ class Tracing:
             for name, value in headers
             if name in _TRACE_HEADERS
         }
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        # No traceparent: a new trace (never a child of whatever is current).
+        parent = _PROPAGATOR.extract(carrier) if carrier else Context()
         span = self.tracer.start_span(
             f"{method} {route}",
             context=parent,
