@@ -14,7 +14,8 @@ from gateway import wire
 from gateway.contract import AnyRequest, Backend, Candidate, RequestContext, Target
 from gateway.decisions import Ranking, rule_applied
 from gateway.routing import Route
-from gateway.telemetry.spans import AttemptSpan, RequestSpan, operation_name
+from gateway.telemetry.attributes import operation_name
+from gateway.telemetry.spans import AttemptSpan, RequestSpan
 
 T = TypeVar("T")
 Call = Callable[[Backend, Target, RequestContext], Awaitable[T]]
