@@ -38,7 +38,9 @@ def traced_vllm(receiver: Receiver) -> Iterator[VllmServer]:
     with pytest.MonkeyPatch.context() as env:
         env.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", raising=False)
         extra = ["--otlp-traces-endpoint", receiver.grpc_endpoint]
-        with running_vllm(extra_args=extra, env={"OTEL_BSP_SCHEDULE_DELAY": "200"}) as server:
+        # A smaller KV cache: the shared vLLM of other tests may be up meanwhile.
+        env_vars = {"OTEL_BSP_SCHEDULE_DELAY": "200", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        with running_vllm(extra_args=extra, env=env_vars) as server:
             yield server
 
 
