@@ -106,11 +106,11 @@ def exporter(export: TraceExport) -> SpanExporter:
             insecure = True
         headers = dict(export.headers) if export.headers is not None else None
         return GrpcExporter(endpoint=export.endpoint, headers=headers, insecure=insecure)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpExporter,
-    )
+    # The SDK's http/protobuf exporter with an encoder about three times
+    # cheaper (gateway/telemetry/otlp.py).
+    from gateway.telemetry.otlp import FastOTLPSpanExporter
 
-    return HttpExporter(endpoint=export.endpoint, headers=export.headers)
+    return FastOTLPSpanExporter(endpoint=export.endpoint, headers=export.headers)
 
 
 def sampler(settings: TelemetrySettings, env: Mapping[str, str]) -> Sampler:
