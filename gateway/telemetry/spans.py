@@ -24,9 +24,10 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway import wire
@@ -43,6 +44,7 @@ from gateway.telemetry.attributes import (
     request_attributes,
     usage_attributes,
 )
+from gateway.telemetry.recorder import RecordedSpan, Recorder
 
 T = TypeVar("T")
 # The propagator is W3C Trace Context only (traceparent and tracestate):
@@ -66,13 +68,19 @@ class Tracing:
 
     def __init__(
         self,
-        provider: trace.TracerProvider,
+        provider: TracerProvider,
         *,
         capture_content: bool = False,
         providers: Mapping[str, str] | None = None,
         in_process: frozenset[str] = frozenset(),
     ) -> None:
         self.tracer = provider.get_tracer(names.INSTRUMENTATION_SCOPE, schema_url=names.SCHEMA_URL)
+        # nomoat's own spans: the provider's sampler, ids, resource and
+        # processors, without the SDK's Span objects (see recorder.py).
+        self.recorder = Recorder(
+            provider,
+            InstrumentationScope(names.INSTRUMENTATION_SCOPE, schema_url=names.SCHEMA_URL),
+        )
         self.capture_content = capture_content
         self.providers: Mapping[str, str] = providers or {}
         self.in_process = in_process
@@ -98,11 +106,11 @@ class Tracing:
         }
         # No traceparent: a new trace (never a child of whatever is current).
         parent = _PROPAGATOR.extract(carrier) if carrier else Context()
-        span = self.tracer.start_span(
+        span = self.recorder.start(
             f"{method} {route}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={
+            parent,
+            SpanKind.SERVER,
+            {
                 names.HTTP_REQUEST_METHOD: method,
                 names.HTTP_ROUTE: route,
                 names.URL_PATH: route,
@@ -115,11 +123,11 @@ class Tracing:
 class RequestSpan:
     """The SERVER span of one request, and the spans below it."""
 
-    def __init__(self, tracing: Tracing, span: Span, request_id: str) -> None:
+    def __init__(self, tracing: Tracing, span: RecordedSpan, request_id: str) -> None:
         self.tracing = tracing
         self.span = span
         self.request_id = request_id
-        self.context: Context = trace.set_span_in_context(span)
+        self.context: Context = span.in_context()
         self.attempts = 0
         # The attempt whose answer the client gets: with capture_content it
         # waits for the answer as the hooks left it (see AttemptSpan._end).
@@ -199,18 +207,15 @@ class RequestSpan:
         attributes[names.FALLBACK] = fallback
         if self.tracing.capture_content:
             attributes[names.INPUT_MESSAGES] = input_messages(request)
-        span = self.tracing.tracer.start_span(
-            f"{operation} {target.engine_model}",
-            context=self.context,
-            kind=kind,
-            attributes=attributes,
+        span = self.tracing.recorder.start(
+            f"{operation} {target.engine_model}", self.context, kind, attributes
         )
         self.last_attempt = AttemptSpan(self.tracing, span, upstream_id)
         return self.last_attempt
 
     # ----------------------------------------------------------------- end
     def set_model(self, model: str) -> None:
-        self.span.set_attribute(names.MODEL, model)
+        self.span.set_attributes({names.MODEL: model})
 
     def sent(self, answer: AnyAnswer) -> None:
         """The answer the client gets, after the response hooks (with
@@ -277,11 +282,11 @@ class AttemptSpan:
     """One attempt's span; :class:`~gateway.contract.AttemptTrace` for the
     backend, and what the pipeline records when the attempt ends."""
 
-    def __init__(self, tracing: Tracing, span: Span, upstream_id: str) -> None:
+    def __init__(self, tracing: Tracing, span: RecordedSpan, upstream_id: str) -> None:
         self.tracing = tracing
         self.span = span
         self.started = time.monotonic()
-        self.context: Context = trace.set_span_in_context(span)
+        self.context: Context = span.in_context()
         self._upstream_id = upstream_id
         self._headers: dict[str, str] | None = None
         # Seconds from the attempt's start to a stream's first chunk.
@@ -308,14 +313,10 @@ class AttemptSpan:
     def phase(
         self, name: str, start_ns: int, end_ns: int, attributes: Mapping[str, AttributeValue]
     ) -> None:
-        child = self.tracing.tracer.start_span(
-            name,
-            context=self.context,
-            kind=SpanKind.INTERNAL,
-            attributes=attributes,
-            start_time=start_ns,
+        child = self.tracing.recorder.start(
+            name, self.context, SpanKind.INTERNAL, dict(attributes), start_ns
         )
-        child.end(end_time=end_ns)
+        child.end(end_ns)
 
     # ------------------------------------------------------------ its end
     def attach(self) -> object:
@@ -438,5 +439,5 @@ class AttemptSpan:
             return
         if messages is not None:
             self.span.set_attributes({names.OUTPUT_MESSAGES: messages})
-        self.span.end(end_time=self._over_ns)
+        self.span.end(self._over_ns)
         self._over_ns = 0

@@ -216,6 +216,27 @@ async def test_the_clients_tracestate_goes_on_upstream(start: Start, traced: Tra
     assert sent["traceparent"].startswith(f"00-{CLIENT_TRACE}-")
 
 
+async def test_a_client_trace_not_sampled_records_nothing_and_still_propagates(
+    start: Start, traced: Traced
+) -> None:
+    # The default sampler is parent-based: the client's "not sampled" wins.
+    unsampled = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"
+    async with start(pool("a")) as gw:
+        response = await gw.http.post(CHAT, json=chat_body(), headers={"traceparent": unsampled})
+        assert response.status_code == 200
+        trace = gw.backend("a").calls[0].ctx.trace
+        # Spans end before the answer is out; a stream's later: send one too.
+        streamed = await gw.http.post(
+            CHAT, json=chat_body(stream=True), headers={"traceparent": unsampled}
+        )
+        assert streamed.status_code == 200
+    assert traced.spans() == []
+    assert trace is not None
+    sent = trace.headers()["traceparent"]
+    assert sent.startswith(f"00-{CLIENT_TRACE}-") and sent.endswith("-00")
+    assert CLIENT_SPAN not in sent
+
+
 async def test_without_traceparent_the_server_span_starts_a_trace(
     start: Start, traced: Traced
 ) -> None:
