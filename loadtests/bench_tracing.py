@@ -1,17 +1,18 @@
-"""What tracing costs a request, in process: the real gateway (as
-``nomoat serve`` builds it) with a fake backend and an httpx client on one
-event loop (``gateway.testing.inprocess``), sequential requests, tracing off
-against tracing on (every request sampled, spans exported over OTLP
-http/protobuf to ``tests/otlp_receiver.py`` in its own process), the two
-alternating, best of N runs each.
+"""What tracing costs a request, in process: two copies of the real gateway
+(as ``nomoat serve`` builds it) with a fake backend, one with tracing off and
+one with tracing on (every request sampled, spans exported over OTLP
+http/protobuf to ``tests/otlp_receiver.py`` in its own process), and an httpx
+client, all on one event loop. Sequential requests, in batches that
+alternate between the two, so both meet the same machine (a shared VM's
+speed drifts over seconds).
 
     python loadtests/bench_tracing.py --runs 5 --requests 800
 
-Figures per request: CPU of the event-loop thread (``time.thread_time``),
-CPU of the whole process (``time.process_time``: the batch exporter's
-thread too, its last batch flushed inside the measurement), and the
-latency p50 at the client. Off and on run the same client, so the client's
-own CPU (httpx) is in both.
+Figures per request, best of ``--runs`` runs: CPU of the event-loop thread
+(``time.thread_time`` around each batch), CPU of the batch exporter's
+thread (its own CPU clock, its last batch flushed inside the run) added to
+it for the whole process, and the latency p50 at the client. Off and on run
+the same client, so the client's own CPU (httpx) is in both.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,6 @@ sys.path.insert(0, str(REPO))
 
 from gateway.settings import TelemetrySettings  # noqa: E402
 from gateway.telemetry.setup import build_tracing  # noqa: E402
-from gateway.telemetry.spans import Tracing  # noqa: E402
 from gateway.testing.inprocess import in_process_gateway  # noqa: E402
 
 CONFIG = """
@@ -60,38 +61,63 @@ class Figures:
     p50_ms: float
 
 
-async def measure(stream: bool, requests: int, endpoint: str | None) -> Figures:
-    tracing: Tracing | None = None
-    provider = None
-    if endpoint is not None:
-        built = build_tracing(TelemetrySettings(endpoint=endpoint, sampler="always_on"), env={})
-        assert built is not None
-        tracing, provider = built
+def _exporter_cpu() -> float:
+    """CPU seconds of the batch span processor's threads so far."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith("OtelBatchSpan") and thread.native_id is not None:
+            total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident or 0))
+    return total
+
+
+async def measure(stream: bool, requests: int, endpoint: str, batch: int) -> dict[str, Figures]:
+    built = build_tracing(TelemetrySettings(endpoint=endpoint, sampler="always_on"), env={})
+    assert built is not None
+    tracing, provider = built
     body = {**BODY, "stream": stream}
-    async with in_process_gateway(CONFIG, tracing=tracing) as gw:
-        for _ in range(WARM_UP):
-            (await gw.http.post("/v1/chat/completions", json=body)).raise_for_status()
-        if provider is not None:
-            provider.force_flush()
+    loop_cpu = {"off": 0.0, "on": 0.0}
+    latencies: dict[str, list[float]] = {"off": [], "on": []}
+    async with (
+        in_process_gateway(CONFIG) as off,
+        in_process_gateway(CONFIG, tracing=tracing) as on,
+    ):
+        gateways = {"off": off, "on": on}
+        for gw in gateways.values():
+            for _ in range(WARM_UP):
+                (await gw.http.post("/v1/chat/completions", json=body)).raise_for_status()
+            gw.backend("a").calls.clear()
+        provider.force_flush()
         gc.collect()
-        latencies = []
-        thread0, process0 = time.thread_time(), time.process_time()
-        for _ in range(requests):
-            t0 = time.perf_counter()
-            response = await gw.http.post("/v1/chat/completions", json=body)
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
-        thread1 = time.thread_time()
-        if provider is not None:
-            provider.force_flush()
-        process1 = time.process_time()
-    if provider is not None:
-        provider.shutdown()
-    return Figures(
-        (thread1 - thread0) / requests * 1000,
-        (process1 - process0) / requests * 1000,
-        statistics.median(latencies) * 1000,
-    )
+        exporter0 = _exporter_cpu()
+        for _ in range(requests // batch):
+            for mode, gw in gateways.items():
+                times = latencies[mode]
+                thread0 = time.thread_time()
+                for _ in range(batch):
+                    t0 = time.perf_counter()
+                    response = await gw.http.post("/v1/chat/completions", json=body)
+                    response.raise_for_status()
+                    times.append(time.perf_counter() - t0)
+                loop_cpu[mode] += time.thread_time() - thread0
+                # The fake keeps every call (for tests), and with it the
+                # request's context and spans: not what a server keeps.
+                gw.backend("a").calls.clear()
+        provider.force_flush()
+        exporter = _exporter_cpu() - exporter0
+    provider.shutdown()
+    count = requests // batch * batch
+    return {
+        "off": Figures(
+            loop_cpu["off"] / count * 1000,
+            loop_cpu["off"] / count * 1000,
+            statistics.median(latencies["off"]) * 1000,
+        ),
+        "on": Figures(
+            loop_cpu["on"] / count * 1000,
+            (loop_cpu["on"] + exporter) / count * 1000,
+            statistics.median(latencies["on"]) * 1000,
+        ),
+    }
 
 
 def main() -> None:
@@ -99,8 +125,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=800)
     parser.add_argument("--only", choices=["json", "stream"], default=None)
-    # "on" alone: for a profiler (py-spy record -- python loadtests/bench_tracing.py --modes on).
-    parser.add_argument("--modes", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--batch", type=int, default=50, help="requests in a row to one gateway")
     args = parser.parse_args()
     # The client's own log line per request is not the gateway's cost.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -118,10 +143,8 @@ def main() -> None:
         for kind in kinds:
             results: dict[str, list[Figures]] = {"off": [], "on": []}
             for _ in range(args.runs):
-                for mode in args.modes:
-                    figures = asyncio.run(
-                        measure(kind == "stream", args.requests, endpoint if mode == "on" else None)
-                    )
+                run = asyncio.run(measure(kind == "stream", args.requests, endpoint, args.batch))
+                for mode, figures in run.items():
                     results[mode].append(figures)
             best = {
                 mode: Figures(
@@ -131,9 +154,6 @@ def main() -> None:
                 )
                 for mode, runs in results.items()
             }
-            if len(best) < 2:
-                print(kind, best, flush=True)
-                continue
             off, on = best["off"], best["on"]
             print(
                 f"{kind}: loop CPU {off.loop_cpu_ms:.3f} -> {on.loop_cpu_ms:.3f} ms "

@@ -100,6 +100,39 @@ class Recorder:
             start_time or time.time_ns(),
         )
 
+    def child(
+        self,
+        parent: RecordedSpan,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, AttributeValue],
+        start_time: int | None = None,
+    ) -> RecordedSpan:
+        """A span below ``parent``, one of this process's, sampled as it was
+        without asking the sampler again: the samplers nomoat configures
+        (``OTEL_TRACES_SAMPLER``'s six) decide a child of a local span as
+        they decided its parent (the parent-based ones follow it; always
+        on, always off and the trace-id ratio decide alike for every span of
+        a trace)."""
+        above = parent.context
+        context = SpanContext(
+            above.trace_id,
+            self.ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=above.trace_flags,
+            trace_state=above.trace_state,
+        )
+        recording = parent.recording
+        return RecordedSpan(
+            self,
+            name,
+            context,
+            above,
+            kind,
+            attributes if recording else None,
+            start_time or time.time_ns(),
+        )
+
 
 class RecordedSpan:
     """One span being recorded (``attributes`` None: not sampled, nothing is
@@ -142,6 +175,10 @@ class RecordedSpan:
 
     def get_span_context(self) -> SpanContext:
         return self.context
+
+    @property
+    def recording(self) -> bool:
+        return self._attributes is not None
 
     def in_context(self) -> Context:
         """A context with this span current (its ids for log records and for

@@ -207,8 +207,8 @@ class RequestSpan:
         attributes[names.FALLBACK] = fallback
         if self.tracing.capture_content:
             attributes[names.INPUT_MESSAGES] = input_messages(request)
-        span = self.tracing.recorder.start(
-            f"{operation} {target.engine_model}", self.context, kind, attributes
+        span = self.tracing.recorder.child(
+            self.span, f"{operation} {target.engine_model}", kind, attributes
         )
         self.last_attempt = AttemptSpan(self.tracing, span, upstream_id)
         return self.last_attempt
@@ -313,8 +313,8 @@ class AttemptSpan:
     def phase(
         self, name: str, start_ns: int, end_ns: int, attributes: Mapping[str, AttributeValue]
     ) -> None:
-        child = self.tracing.recorder.start(
-            name, self.context, SpanKind.INTERNAL, dict(attributes), start_ns
+        child = self.tracing.recorder.child(
+            self.span, name, SpanKind.INTERNAL, dict(attributes), start_ns
         )
         child.end(end_ns)
 
