@@ -49,6 +49,8 @@ from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import ServerSettings, Settings
 from gateway.sse import sse_events
+from gateway.telemetry.requests import accepted_request_id, start_tracing, traced_request
+from gateway.telemetry.spans import RequestSpan, Tracing
 
 _log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -68,10 +70,13 @@ class Runtime:
     pipeline: Pipeline | None = None
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Traces (None: off). Given by tests; else built at start from [telemetry].
+    tracing: Tracing | None = None
 
     async def start(self, stack: AsyncExitStack) -> None:
         for warning in exposure_warnings(self.settings.server):
             _log.warning("%s", warning)
+        self.tracing = start_tracing(self.settings, self.tracing, stack)
         for item in self.plan.backends:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
@@ -205,12 +210,13 @@ def _openai_endpoint(
     route_header = runtime.settings.server.route_header
     limits = runtime.settings.limits
 
-    def headers_for(trace: RouteTrace) -> Headers:
-        if not route_header or trace.decision is None:
-            return []
-        return [(b"x-nomoat-route", trace.decision.header().encode("latin-1"))]
+    def headers_for(trace: RouteTrace, request_id: bytes) -> Headers:
+        headers: Headers = [(b"x-request-id", request_id)]
+        if route_header and trace.decision is not None:
+            headers.append((b"x-nomoat-route", trace.decision.header().encode("latin-1")))
+        return headers
 
-    async def handle(request: AnyRequest) -> ASGIApp:
+    async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
         ctx: RequestContext | None = None
         body: RequestT | None = None
         try:
@@ -219,24 +225,41 @@ def _openai_endpoint(
             pipeline = runtime.serving()
             raw = await request.body()
             body = endpoint.decode(raw, limits)
-            trace = RouteTrace(endpoint.name, len(raw))
+            if span is not None:
+                span.set_model(body.model)
+            trace = RouteTrace(endpoint.name, len(raw), span)
             if body.stream:
                 # Watched from now: a client that leaves before the first
                 # chunk stops the generation too.
                 primed = pipeline.stream(endpoint, body, ctx, trace)
                 chunks = await _cancel_on_disconnect(request, primed)
-                return EventStream(sse_events(chunks), headers_for(trace))
+                events = sse_events(chunks if span is None else span.watch(chunks))
+                if span is not None:
+                    events = span.current(events)
+                headers = headers_for(trace, request_id.encode("latin-1"))
+                return EventStream(events, headers)
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)
-            return JsonAnswer(wire.encoder.encode(answer), headers=headers_for(trace))
+            if span is not None:
+                span.sent(answer)
+            headers = headers_for(trace, request_id.encode("latin-1"))
+            return JsonAnswer(wire.encoder.encode(answer), headers=headers)
         except ClientClosedRequestError:
             raise
         except Exception as exc:
             error = as_gateway_error(exc, endpoint.path)
+            error.headers.setdefault("x-request-id", request_id)
             if runtime.pipeline is not None:
                 told = ctx or _context(endpoint.id_prefix, None, request)
                 await runtime.pipeline.hooks.on_error(body, error, told)
             raise error from exc
+
+    async def handle(request: AnyRequest) -> ASGIApp:
+        request_id = accepted_request_id(request.scope["headers"])
+        tracing = runtime.tracing
+        if tracing is None:
+            return await serve(request, request_id, None)
+        return await traced_request(tracing, endpoint.path, request, request_id, serve)
 
     return post(endpoint.path, status_code=200, name=endpoint.name)(handle)
 

@@ -32,6 +32,7 @@ from gateway.settings import (
     validation_problems,
 )
 from gateway.shedding import RequestShedder
+from gateway.telemetry.setup import problems as telemetry_problems
 
 DEFAULT_ADMIN_KEY_ENV = "NOMOAT_ADMIN_KEY"
 
@@ -138,6 +139,10 @@ def _run(settings: Settings) -> int:
         startup_plan = plan(settings, discover(settings.plugins.disabled))
     except (ConfigError, PluginLoadError) as error:
         print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
+        return 2
+    telemetry = telemetry_problems(settings.telemetry)
+    if telemetry:
+        print("nomoat: configuration error:\n" + "\n".join(telemetry), file=sys.stderr)
         return 2
     server = settings.server
     refusal = _open_network_refusal(server)

@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -63,6 +64,9 @@ from gateway.errors import InternalError
 from gateway.rules import Rule, estimate_prompt_tokens
 from gateway.stats import StatsTable
 
+if TYPE_CHECKING:
+    from gateway.telemetry.spans import RequestSpan
+
 # Header names that may carry credentials: never recorded. (The gateway
 # already leaves out authorization, proxy-authorization and cookie.)
 _SECRET_NAME = re.compile("auth|key|token|secret|cookie|password|credential|sign")
@@ -86,12 +90,15 @@ class Ranking:
 class RouteTrace:
     """Where the pipeline leaves the decision of one request for its caller."""
 
-    __slots__ = ("body_bytes", "decision", "endpoint")
+    __slots__ = ("body_bytes", "decision", "endpoint", "span")
 
-    def __init__(self, endpoint: str, body_bytes: int) -> None:
+    def __init__(self, endpoint: str, body_bytes: int, span: RequestSpan | None = None) -> None:
         self.endpoint = endpoint
         self.body_bytes = body_bytes
         self.decision: RouteDecision | None = None
+        # The request's span when tracing is on: the pipeline adds routing
+        # and attempt spans below it.
+        self.span = span
 
 
 class Decisions:

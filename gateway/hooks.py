@@ -97,7 +97,7 @@ class HookChain:
         self, request: AnyRequest, chunks: AsyncIterator[AnyChunk], ctx: RequestContext
     ) -> AsyncIterator[AnyChunk]:
         for bound, hook in self._stream:
-            chunks = self._guard_stream(bound, hook.on_stream(request, chunks, ctx))
+            chunks = self._guard_stream(bound, hook.on_stream(request, chunks, ctx), chunks)
         return chunks
 
     async def on_error(
@@ -121,12 +121,14 @@ class HookChain:
             raise self._rejection(bound) from error
 
     async def _guard_stream(
-        self, bound: BoundHook, chunks: AsyncIterator[AnyChunk]
+        self, bound: BoundHook, chunks: AsyncIterator[AnyChunk], source: AsyncIterator[AnyChunk]
     ) -> AsyncIterator[AnyChunk]:
         # Once bytes are streamed there is nothing to fall back to, so a
         # failing stream hook ends the stream with an error even if fail-open.
+        # The hook's own input is closed too: a hook that fails (or stops
+        # early) does not close it, and the generation would run on.
         try:
-            async with closing(chunks):
+            async with closing(source), closing(chunks):
                 async for chunk in chunks:
                     yield chunk
         except GatewayError:

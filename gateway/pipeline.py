@@ -49,6 +49,7 @@ from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
 from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
+from gateway.telemetry.attempts import trace_ranking, traced_call
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -167,7 +168,10 @@ class Pipeline:
         after a backoff; move on only when a deployment is overloaded or
         unreachable, before anything reached the client."""
         entry = route.entry
+        span = trace.span if trace is not None else None
         first = await self._ranking(route, entry, request, ctx)
+        if span is not None:
+            trace_ranking(span, route, first, request, ctx, round_number=0)
         decision = self.decisions.open(request, ctx, first, trace)
         failure: GatewayError | None = None
         try:
@@ -179,9 +183,16 @@ class Pipeline:
                     if round_number or model is not entry:
                         ranking = await self._ranking(route, model, request, ctx)
                         self.decisions.ranked_again(decision, ranking)
+                        if span is not None:
+                            trace_ranking(
+                                span, route, ranking, request, ctx, round_number=round_number
+                            )
+                    attempt = call
+                    if span is not None:
+                        attempt = traced_call(call, span, request, fallback=model is not entry)
                     for choice in ranking.ranked:
                         _check_deadline(ctx.deadline, request.model)
-                        outcome = await self._attempt(choice.candidate, call, ctx, decision)
+                        outcome = await self._attempt(choice.candidate, attempt, ctx, decision)
                         if isinstance(outcome, Started):
                             return outcome
                         failure = outcome

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -309,6 +309,7 @@ class Settings(BaseSettings):
     backends: dict[str, BackendSettings] = Field(default_factory=_default_backends)
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
     hooks: list[HookSettings] = Field(default_factory=list)
+    telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
 
     @classmethod
     def settings_customise_sources(
@@ -400,3 +401,44 @@ def reference_problems(settings: Settings) -> list[str]:
                     f'unknown backend "{deployment.backend}"'
                 )
     return problems
+
+
+class TelemetrySettings(_Strict):
+    """``[telemetry]``: OpenTelemetry traces, as the standard ``OTEL_*``
+    variables configure them; each variable, when set, wins over its key
+    here (``OTEL_EXPORTER_OTLP_ENDPOINT`` over ``endpoint``, and so on).
+    Traces are exported once an endpoint is known; with none, no tracing
+    code runs on the request path."""
+
+    # false: no tracing even with an endpoint (OTEL_SDK_DISABLED=true too).
+    enabled: bool = True
+    # The collector's base URL; traces go to <endpoint>/v1/traces over
+    # http/protobuf, to the endpoint itself over grpc.
+    endpoint: str | None = None
+    # The full URL for traces, if it is not <endpoint>/v1/traces.
+    traces_endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    # Sent with every export (e.g. an authorization header of the collector).
+    headers: dict[str, str] = Field(default_factory=dict)
+    service_name: str = "nomoat"
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    # OTEL_TRACES_SAMPLER's names.
+    sampler: Literal[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ] = "parentbased_always_on"
+    # The ratio of the *traceidratio samplers.
+    sampler_arg: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Record prompts and answers on the attempt spans (gen_ai.input.messages,
+    # gen_ai.output.messages) as the hooks (redaction) left them: prompts after
+    # the request hooks, answers after the response and stream hooks.
+    capture_content: bool = False
+
+
+# Settings names TelemetrySettings, defined after it (appended here to keep
+# the settings above as they were): resolve the reference now.
+Settings.model_rebuild()
