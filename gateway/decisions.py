@@ -60,6 +60,7 @@ from gateway.decision_log import (
     StatsView,
 )
 from gateway.errors import InternalError
+from gateway.exchange import Exchange
 from gateway.rules import Rule, estimate_prompt_tokens
 from gateway.stats import StatsTable
 
@@ -86,12 +87,14 @@ class Ranking:
 class RouteTrace:
     """Where the pipeline leaves the decision of one request for its caller."""
 
-    __slots__ = ("body_bytes", "decision", "endpoint")
+    __slots__ = ("body_bytes", "decision", "endpoint", "exchange")
 
-    def __init__(self, endpoint: str, body_bytes: int) -> None:
+    def __init__(self, endpoint: str, body_bytes: int, exchange: Exchange | None = None) -> None:
         self.endpoint = endpoint
         self.body_bytes = body_bytes
         self.decision: RouteDecision | None = None
+        # What the metrics and the access log hear of the request.
+        self.exchange = exchange
 
 
 class Decisions:

@@ -1,124 +1,354 @@
-"""Prometheus exposition: the engines' own load signals, hook failures,
-whether each deployment is up, and per-adapter usage and loads."""
+"""Request metrics on ``/metrics``, through ``prometheus-client``.
+
+The OpenTelemetry GenAI metrics (semantic conventions, GenAI metrics as of
+``SEMCONV_VERSION``; still in development) with their advised bucket
+boundaries, named as OpenTelemetry's Prometheus exporter names them (dots to
+underscores, the unit as a suffix), beside nomoat's own: requests by model,
+deployment and status class, in flight, retries, fallbacks, cooldowns, hook
+time. The state the server holds (engine load, deployments up, adapters) is
+read at scrape time by :mod:`gateway.metrics_state`.
+
+Labels are bounded by the configuration: the catalog's model names, the
+deployments, backends and registered adapters, status classes and the
+gateway's own error codes. Nothing a client writes becomes a label.
+
+Why ``prometheus-client`` and not the OpenTelemetry metrics SDK on the request
+path: one histogram observation costs about 1 us in ``prometheus-client``
+(cached label children) against about 11 us through the SDK (its attribute
+set lookup and locks), and a request makes eight or so
+(docs/benchmarks.md). OTLP export, when asked for, mirrors the same calls
+into the SDK (:mod:`gateway.metrics_otlp`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Generic, Protocol, TypeVar
 
-from gateway.contract import AdapterCounters, Backend, ReportsLoad
-from gateway.lora.stats import AdapterUsage
-from gateway.stats import serves_adapters
-
-_FAMILIES = (
-    ("nomoat_engine_requests_running", "gauge", "Generations running in the engine."),
-    ("nomoat_engine_requests_waiting", "gauge", "Requests queued for the engine."),
-    (
-        "nomoat_engine_kv_cache_usage_ratio",
-        "gauge",
-        "Share of the engine's KV cache in use, as the engine reports it.",
-    ),
-    (
-        "nomoat_engine_decoded_tokens_total",
-        "counter",
-        "Tokens the engine itself reports having evaluated (prompt and generated).",
-    ),
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
 )
+from prometheus_client.registry import Collector
+
+from gateway import wire
+from gateway.contract import Target
+from gateway.exchange import Exchange, adapter_label
+
+# The GenAI metrics of this release of the semantic conventions (the same in
+# open-telemetry/semantic-conventions-genai, where they have moved since).
+SEMCONV_VERSION = "1.44.0"
+SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
+
+# The conventions' ExplicitBucketBoundaries, per metric.
+DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# Hooks run in microseconds to milliseconds (a classifier on a large body: tens).
+HOOK_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+# gen_ai.provider.name on the server metrics: the server these describe.
+SERVER_PROVIDER = "nomoat"
+# Backend types (config `type`) as gen_ai.provider.name: the conventions'
+# well-known value where there is one, else the engine's own name.
+PROVIDERS = {"openai": "openai", "vllm": "vllm", "edge": "llama.cpp", "llamacpp": "llama.cpp"}
+
+# Every label any request metric carries; tests check /metrics against it.
+GENAI_LABELS = (
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_token_type",
+    "error_type",
+)
+NOMOAT_LABELS = ("model", "deployment", "backend", "adapter", "status_class", "hook", "stage")
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def provider_name(backend_type: str) -> str:
+    return PROVIDERS.get(backend_type, backend_type)
 
 
-def _adapter_lines(backends: Mapping[str, Backend], usage: Mapping[str, AdapterUsage]) -> list[str]:
-    """Per adapter: what clients asked of it, and what each engine did with it."""
-    families: dict[str, tuple[str, str, list[str]]] = {
-        "nomoat_adapter_requests_total": ("counter", "Requests answered with the adapter.", []),
-        "nomoat_adapter_prompt_tokens_total": ("counter", "Prompt tokens with the adapter.", []),
-        "nomoat_adapter_completion_tokens_total": (
-            "counter",
-            "Completion tokens generated with the adapter.",
-            [],
-        ),
-        "nomoat_adapter_loads_total": ("counter", "Times an engine loaded the adapter.", []),
-        "nomoat_adapter_evictions_total": ("counter", "Times an engine unloaded the adapter.", []),
-        "nomoat_adapter_load_seconds_total": (
-            "counter",
-            "Seconds engines spent loading the adapter.",
-            [],
-        ),
-        "nomoat_adapter_loaded": ("gauge", "Whether an engine holds the adapter now.", []),
-    }
-    for adapter, entry in sorted(usage.items()):
-        label = f'{{adapter="{_escape(adapter)}"}}'
-        families["nomoat_adapter_requests_total"][2].append(f"{label} {entry.requests}")
-        families["nomoat_adapter_prompt_tokens_total"][2].append(f"{label} {entry.prompt_tokens}")
-        families["nomoat_adapter_completion_tokens_total"][2].append(
-            f"{label} {entry.completion_tokens}"
+class RequestMetrics(Protocol):
+    """What the pipeline, the hooks and the HTTP handler report."""
+
+    def request_started(self) -> None: ...
+
+    def request_ended(self, exchange: Exchange, status: int, error: str | None) -> None: ...
+
+    def attempt_ended(
+        self,
+        exchange: Exchange,
+        target: Target,
+        backend: str,
+        seconds: float,
+        usage: wire.Usage | None,
+        error: str | None,
+    ) -> None: ...
+
+    def retried(self, model: str) -> None: ...
+
+    def fell_back(self, model: str, fallback: str) -> None: ...
+
+    def cooled_down(self, model: str, deployment: str, backend: str) -> None: ...
+
+    def hook_timed(self, hook: str, stage: str, seconds: float) -> None: ...
+
+
+class NoMetrics:
+    """``[metrics] enabled = false``: nothing recorded, nothing to pay."""
+
+    def request_started(self) -> None:
+        return
+
+    def request_ended(self, exchange: Exchange, status: int, error: str | None) -> None:
+        return
+
+    def attempt_ended(
+        self,
+        exchange: Exchange,
+        target: Target,
+        backend: str,
+        seconds: float,
+        usage: wire.Usage | None,
+        error: str | None,
+    ) -> None:
+        return
+
+    def retried(self, model: str) -> None:
+        return
+
+    def fell_back(self, model: str, fallback: str) -> None:
+        return
+
+    def cooled_down(self, model: str, deployment: str, backend: str) -> None:
+        return
+
+    def hook_timed(self, hook: str, stage: str, seconds: float) -> None:
+        return
+
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class _Children(Generic[M]):
+    """A metric's children by label values, looked up in a dict: the library's
+    own ``labels()`` validates and copies on every call (about 1 us)."""
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._cache: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._metric.labels(*values)
+        return child
+
+
+def _histogram(
+    registry: CollectorRegistry,
+    name: str,
+    doc: str,
+    labels: Sequence[str],
+    buckets: Sequence[float],
+) -> Histogram:
+    return Histogram(name, doc, labels, registry=registry, buckets=buckets)
+
+
+class PrometheusMetrics:
+    """The request metrics, in a registry of their own (one per server)."""
+
+    def __init__(self, providers: dict[str, str]) -> None:
+        # `_created` series double every counter and histogram and nothing
+        # here reads them. The switch is the library's, process-wide.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
+        # Backend name -> gen_ai.provider.name of its type.
+        self._providers = providers
+        r = self.registry
+        client = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+        place = ("model", "deployment", "backend")
+        server = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+        self._client_duration = _Children(
+            _histogram(
+                r,
+                "gen_ai_client_operation_duration_seconds",
+                "GenAI operation duration: each call nomoat made to an upstream or engine.",
+                (*client, "error_type", *place),
+                DURATION_BUCKETS,
+            )
         )
-    for name, backend in sorted(backends.items()):
-        if not serves_adapters(backend):
-            continue
-        loaded = backend.adapters_loaded()
-        counters = backend.adapter_counters()
-        for adapter in sorted(set(counters) | loaded):
-            label = f'{{backend="{_escape(name)}",adapter="{_escape(adapter)}"}}'
-            count = counters.get(adapter, AdapterCounters())
-            families["nomoat_adapter_loads_total"][2].append(f"{label} {count.loads}")
-            families["nomoat_adapter_evictions_total"][2].append(f"{label} {count.evictions}")
-            families["nomoat_adapter_load_seconds_total"][2].append(
-                f"{label} {count.load_seconds:.6f}"
-            )
-            families["nomoat_adapter_loaded"][2].append(f"{label} {int(adapter in loaded)}")
-    lines = []
-    for family, (kind, help_text, samples) in families.items():
-        lines.append(f"# HELP {family} {help_text}")
-        lines.append(f"# TYPE {family} {kind}")
-        lines.extend(f"{family}{sample}" for sample in samples)
-    return lines
-
-
-def render_metrics(
-    backends: Mapping[str, Backend],
-    hook_failures: Mapping[str, int] | None = None,
-    deployments_ready: Mapping[tuple[str, str, str], bool] | None = None,
-    adapter_usage: Mapping[str, AdapterUsage] | None = None,
-) -> str:
-    samples: dict[str, list[str]] = {name: [] for name, _, _ in _FAMILIES}
-    for name, backend in sorted(backends.items()):
-        if not isinstance(backend, ReportsLoad):
-            continue
-        load = backend.load()
-        label = f'{{backend="{_escape(name)}"}}'
-        samples["nomoat_engine_requests_running"].append(f"{label} {load.running}")
-        samples["nomoat_engine_requests_waiting"].append(f"{label} {load.waiting}")
-        if load.kv_cache_usage is not None:
-            samples["nomoat_engine_kv_cache_usage_ratio"].append(f"{label} {load.kv_cache_usage}")
-        if load.decoded_tokens_total is not None:
-            samples["nomoat_engine_decoded_tokens_total"].append(
-                f"{label} {load.decoded_tokens_total}"
-            )
-    lines = []
-    for family, kind, help_text in _FAMILIES:
-        lines.append(f"# HELP {family} {help_text}")
-        lines.append(f"# TYPE {family} {kind}")
-        lines.extend(f"{family}{sample}" for sample in samples[family])
-    lines.append("# HELP nomoat_hook_failures_total Hook calls that raised an unexpected error.")
-    lines.append("# TYPE nomoat_hook_failures_total counter")
-    for hook, count in sorted((hook_failures or {}).items()):
-        lines.append(f'nomoat_hook_failures_total{{hook="{_escape(hook)}"}} {count}')
-    lines.append(
-        "# HELP nomoat_deployment_up Whether a deployment's backend can serve (1) or not (0)."
-    )
-    lines.append("# TYPE nomoat_deployment_up gauge")
-    for (model, deployment, backend_name), up in sorted((deployments_ready or {}).items()):
-        labels = ",".join(
-            f'{name}="{_escape(value)}"'
-            for name, value in (
-                ("model", model),
-                ("deployment", deployment),
-                ("backend", backend_name),
+        self._token_usage = _Children(
+            _histogram(
+                r,
+                "gen_ai_client_token_usage",
+                "Number of input and output tokens used, per call to an upstream or engine.",
+                (*client, "gen_ai_token_type", *place, "adapter"),
+                TOKEN_BUCKETS,
             )
         )
-        lines.append(f"nomoat_deployment_up{{{labels}}} {int(up)}")
-    lines.extend(_adapter_lines(backends, adapter_usage or {}))
-    return "\n".join(lines) + "\n"
+        self._server_duration = _Children(
+            _histogram(
+                r,
+                "gen_ai_server_request_duration_seconds",
+                "Generative AI server request duration: arrival to last byte.",
+                (*server, "error_type", *place),
+                DURATION_BUCKETS,
+            )
+        )
+        self._ttft = _Children(
+            _histogram(
+                r,
+                "gen_ai_server_time_to_first_token_seconds",
+                "Time to generate the first token for successful streamed responses.",
+                (*server, *place),
+                TTFT_BUCKETS,
+            )
+        )
+        self._tpot = _Children(
+            _histogram(
+                r,
+                "gen_ai_server_time_per_output_token_seconds",
+                "Time per output token after the first, for successful streamed responses.",
+                (*server, *place),
+                TPOT_BUCKETS,
+            )
+        )
+        self._requests = _Children(
+            Counter(
+                "nomoat_requests_total",
+                "Requests to the OpenAI endpoints, by model, deployment and status class.",
+                ("model", "deployment", "backend", "adapter", "status_class"),
+                registry=r,
+            )
+        )
+        self._in_flight = Gauge(
+            "nomoat_requests_in_flight",
+            "Requests to the OpenAI endpoints being served now (a stream until its last byte).",
+            registry=r,
+        )
+        self._retries = _Children(
+            Counter(
+                "nomoat_retries_total",
+                "Further rounds over a model's deployments after all of them failed.",
+                ("model",),
+                registry=r,
+            )
+        )
+        self._fallbacks = _Children(
+            Counter(
+                "nomoat_fallbacks_total",
+                "Times a model's fallback model was tried (model: the one asked for).",
+                ("model", "fallback"),
+                registry=r,
+            )
+        )
+        self._cooldowns = _Children(
+            Counter(
+                "nomoat_cooldowns_total",
+                "Times a deployment was put in cooldown after a failure.",
+                place,
+                registry=r,
+            )
+        )
+        self._hook_time = _Children(
+            _histogram(
+                r,
+                "nomoat_hook_duration_seconds",
+                "Time spent in each hook, by stage (request, response, error).",
+                ("hook", "stage"),
+                HOOK_BUCKETS,
+            )
+        )
+
+    def provider(self, backend: str) -> str:
+        """gen_ai.provider.name of a backend (by its name in the config)."""
+        return self._providers.get(backend, "")
+
+    # -------------------------------------------------------------- recording
+
+    def request_started(self) -> None:
+        self._in_flight.inc()
+
+    def request_ended(self, exchange: Exchange, status: int, error: str | None) -> None:
+        now = exchange.seconds()
+        self._in_flight.dec()
+        model, deployment, backend = exchange.model, exchange.deployment, exchange.backend
+        self._requests(model, deployment, backend, exchange.adapter, f"{status // 100}xx").inc()
+        op = exchange.operation
+        self._observe(
+            self._server_duration,
+            (op, SERVER_PROVIDER, model, error or "", model, deployment, backend),
+            now,
+        )
+        first = exchange.time_to_first_token()
+        if error is not None or first is None:
+            return
+        place = (op, SERVER_PROVIDER, model, model, deployment, backend)
+        self._observe(self._ttft, place, first)
+        tokens = exchange.usage.completion_tokens if exchange.usage is not None else 0
+        if tokens > 1:
+            self._observe(self._tpot, place, (now - first) / (tokens - 1))
+
+    def attempt_ended(
+        self,
+        exchange: Exchange,
+        target: Target,
+        backend: str,
+        seconds: float,
+        usage: wire.Usage | None,
+        error: str | None,
+    ) -> None:
+        provider = self.provider(backend)
+        model, deployment, op = exchange.model, target.deployment, exchange.operation
+        engine = target.engine_model
+        self._observe(
+            self._client_duration,
+            (op, provider, engine, error or "", model, deployment, backend),
+            seconds,
+        )
+        if usage is None:
+            return
+        adapter = adapter_label(target)
+        tokens = self._token_usage
+        labels = (op, provider, engine)
+        place = (model, deployment, backend, adapter)
+        self._observe(tokens, (*labels, "input", *place), usage.prompt_tokens)
+        self._observe(tokens, (*labels, "output", *place), usage.completion_tokens)
+
+    def retried(self, model: str) -> None:
+        self._retries(model).inc()
+
+    def fell_back(self, model: str, fallback: str) -> None:
+        self._fallbacks(model, fallback).inc()
+
+    def cooled_down(self, model: str, deployment: str, backend: str) -> None:
+        self._cooldowns(model, deployment, backend).inc()
+
+    def hook_timed(self, hook: str, stage: str, seconds: float) -> None:
+        self._observe(self._hook_time, (hook, stage), seconds)
+
+    @staticmethod
+    def _observe(children: _Children[Histogram], labels: tuple[str, ...], value: float) -> None:
+        children(*labels).observe(value)
+
+    # ---------------------------------------------------------------- reading
+
+    def render(self, state: Collector) -> bytes:
+        """The exposition: these metrics, then the server's state."""
+        return generate_latest(self.registry) + generate_latest(state)
