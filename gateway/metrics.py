@@ -74,7 +74,16 @@ GENAI_LABELS = (
     "gen_ai_token_type",
     "error_type",
 )
-NOMOAT_LABELS = ("model", "deployment", "backend", "adapter", "status_class", "hook", "stage")
+NOMOAT_LABELS = (
+    "model",
+    "deployment",
+    "backend",
+    "adapter",
+    "status_class",
+    "hook",
+    "stage",
+    "fallback",
+)
 
 
 def provider_name(backend_type: str) -> str:

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.anyio
 # Labels of the metrics nomoat had before (engines, adapters, hooks), and the
 # histograms' own.
 STATE_LABELS = ("le",)
-ALLOWED = {*GENAI_LABELS, *NOMOAT_LABELS, *STATE_LABELS, "fallback"}
+ALLOWED = {*GENAI_LABELS, *NOMOAT_LABELS, *STATE_LABELS}
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
