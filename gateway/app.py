@@ -89,7 +89,8 @@ class Runtime:
         recorder: RequestMetrics = self.metrics or NoMetrics()
         if self.metrics is not None and otlp_metrics_wanted(self.settings.metrics):
             exporting = OtlpMetrics(self.metrics, self.settings.metrics.otlp_interval_seconds)
-            stack.callback(exporting.shutdown)
+            # Its last export is a blocking HTTP or gRPC call: off the loop.
+            stack.push_async_callback(asyncio.to_thread, exporting.shutdown)
             recorder = exporting
         access_log = None
         if self.settings.access_log.enabled:
