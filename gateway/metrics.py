@@ -22,17 +22,18 @@ into the SDK (:mod:`gateway.metrics_otlp`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway import wire
@@ -179,6 +180,20 @@ def _histogram(
     return Histogram(name, doc, labels, registry=registry, buckets=buckets)
 
 
+class _InFlight:
+    """``nomoat_requests_in_flight``, from the recorder's count."""
+
+    def __init__(self, metrics: PrometheusMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "nomoat_requests_in_flight",
+            "Requests to the OpenAI endpoints being served now (a stream until its last byte).",
+            value=self._metrics.in_flight,
+        )
+
+
 class PrometheusMetrics:
     """The request metrics, in a registry of their own (one per server)."""
 
@@ -246,11 +261,9 @@ class PrometheusMetrics:
                 registry=r,
             )
         )
-        self._in_flight = Gauge(
-            "nomoat_requests_in_flight",
-            "Requests to the OpenAI endpoints being served now (a stream until its last byte).",
-            registry=r,
-        )
+        # A plain count read at scrape time: a Gauge takes a lock twice a request.
+        self.in_flight = 0
+        r.register(_InFlight(self))
         self._retries = _Children(
             Counter(
                 "nomoat_retries_total",
@@ -292,11 +305,11 @@ class PrometheusMetrics:
     # -------------------------------------------------------------- recording
 
     def request_started(self) -> None:
-        self._in_flight.inc()
+        self.in_flight += 1
 
     def request_ended(self, exchange: Exchange, status: int, error: str | None) -> None:
         now = exchange.seconds()
-        self._in_flight.dec()
+        self.in_flight -= 1
         model, deployment, backend = exchange.model, exchange.deployment, exchange.backend
         self._requests(model, deployment, backend, exchange.adapter, f"{status // 100}xx").inc()
         op = exchange.operation

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from opentelemetry import trace
 
-from gateway.access_log import AccessLog, access_record
+from gateway.access_log import AccessLog
 from gateway.errors import GatewayError
 from gateway.exchange import OPERATIONS, Exchange, error_type
 from gateway.metrics import RequestMetrics
@@ -43,9 +43,7 @@ class Observer:
             return
         if exchange.trace_id is None:
             note_trace(exchange)
-        self.access_log.record(
-            access_record(exchange, exchange.path, status, error, time.monotonic())
-        )
+        self.access_log.record(exchange, status, error, time.monotonic())
 
     def failed(self, exchange: Exchange, error: BaseException) -> None:
         status = error.status_code if isinstance(error, GatewayError) else 500
