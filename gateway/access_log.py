@@ -52,6 +52,8 @@ class AccessRecord(msgspec.Struct, kw_only=True):
     attempts: int
     prompt_tokens: int | None
     completion_tokens: int | None
+    # completion_tokens counted on a stream cut before its usage came.
+    tokens_estimated: bool
     cached_tokens: int | None
     latency_ms: float
     ttft_ms: float | None
@@ -80,7 +82,8 @@ def access_record(
         stream=exchange.stream,
         attempts=exchange.attempts,
         prompt_tokens=usage.prompt_tokens if usage is not None else None,
-        completion_tokens=usage.completion_tokens if usage is not None else None,
+        completion_tokens=exchange.output_tokens(),
+        tokens_estimated=usage is None and exchange.estimated_output_tokens is not None,
         cached_tokens=details.cached_tokens if details is not None else None,
         latency_ms=round((now - exchange.arrived) * 1000, 3),
         ttft_ms=None if ttft is None else round(ttft * 1000, 3),

@@ -40,6 +40,8 @@ class Exchange:
     stream: bool = False
     attempts: int = 0
     usage: wire.Usage | None = None
+    # Output tokens counted on a stream cut before its usage came.
+    estimated_output_tokens: int | None = None
     first_token_at: float | None = None
     key_id: str | None = None
     # The trace this request belongs to, when tracing is on (hex, W3C form).
@@ -54,6 +56,12 @@ class Exchange:
 
     def seconds(self, now: float | None = None) -> float:
         return (now if now is not None else time.monotonic()) - self.arrived
+
+    def output_tokens(self) -> int | None:
+        """Generated tokens: the usage's, else those counted on a cut stream."""
+        if self.usage is not None:
+            return self.usage.completion_tokens
+        return self.estimated_output_tokens
 
     def time_to_first_token(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.arrived

@@ -323,7 +323,7 @@ class PrometheusMetrics:
             return
         place = (op, SERVER_PROVIDER, model, model, deployment, backend)
         self._observe(self._ttft, place, first)
-        tokens = exchange.usage.completion_tokens if exchange.usage is not None else 0
+        tokens = exchange.output_tokens() or 0
         if tokens > 1:
             self._observe(self._tpot, place, (now - first) / (tokens - 1))
 
@@ -344,14 +344,15 @@ class PrometheusMetrics:
             (op, provider, engine, error or "", model, deployment, backend),
             seconds,
         )
-        if usage is None:
+        output = usage.completion_tokens if usage is not None else exchange.output_tokens()
+        if output is None:
             return
-        adapter = adapter_label(target)
         tokens = self._token_usage
         labels = (op, provider, engine)
-        place = (model, deployment, backend, adapter)
-        self._observe(tokens, (*labels, "input", *place), usage.prompt_tokens)
-        self._observe(tokens, (*labels, "output", *place), usage.completion_tokens)
+        place = (model, deployment, backend, adapter_label(target))
+        if usage is not None:
+            self._observe(tokens, (*labels, "input", *place), usage.prompt_tokens)
+        self._observe(tokens, (*labels, "output", *place), output)
 
     def retried(self, model: str) -> None:
         self._retries(model).inc()

@@ -145,7 +145,7 @@ class OtlpMetrics:
         if error is not None or first is None:
             return
         self._ttft.record(first, server)
-        tokens = exchange.usage.completion_tokens if exchange.usage is not None else 0
+        tokens = exchange.output_tokens() or 0
         if tokens > 1:
             self._tpot.record((now - first) / (tokens - 1), server)
 
@@ -163,11 +163,13 @@ class OtlpMetrics:
         genai = _genai(exchange.operation, provider, target.engine_model)
         place = _place(exchange.model, target.deployment, backend)
         self._client_duration.record(seconds, {**genai, **place, **_error(error)})
-        if usage is None:
+        output = usage.completion_tokens if usage is not None else exchange.output_tokens()
+        if output is None:
             return
         labels = {**genai, **place, "adapter": adapter_label(target)}
-        self._token_usage.record(usage.prompt_tokens, {**labels, "gen_ai.token.type": "input"})
-        self._token_usage.record(usage.completion_tokens, {**labels, "gen_ai.token.type": "output"})
+        if usage is not None:
+            self._token_usage.record(usage.prompt_tokens, {**labels, "gen_ai.token.type": "input"})
+        self._token_usage.record(output, {**labels, "gen_ai.token.type": "output"})
 
     def retried(self, model: str) -> None:
         self._inner.retried(model)

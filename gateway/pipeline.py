@@ -301,6 +301,10 @@ class Pipeline:
         def done(record: StreamRecord) -> None:
             if record.first_content is not None:
                 exchange.first_token_at = started.at + record.first_content
+            if record.usage is None and record.chunks_since_content:
+                # Cut short (the client left, the upstream failed): count
+                # what was generated rather than report nothing.
+                exchange.estimated_output_tokens = record.chunks_since_content
             if record.failed:
                 self.stats.finished(started.target.deployment)
                 seconds = time.monotonic() - started.at

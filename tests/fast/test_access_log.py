@@ -97,6 +97,9 @@ async def test_a_stream_cut_by_the_client_is_logged_as_499(start: Start, tmp_pat
         "client_closed_request",
         True,
     )
+    # What was generated before the cut: one content chunk, no usage.
+    assert (record["completion_tokens"], record["tokens_estimated"]) == (1, True)
+    assert record["prompt_tokens"] is None
 
 
 async def test_the_line_carries_the_current_trace(start: Start, tmp_path: Path) -> None:

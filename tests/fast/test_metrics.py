@@ -200,12 +200,23 @@ async def test_a_stream_cut_by_the_client_is_a_499(start: Start) -> None:
             lines = response.aiter_lines()
             assert (await anext(lines)).startswith("data: ")
         samples = await settled(gw, "nomoat_requests_total", 1, status_class="4xx")
-        whole = await gw.http.post("/v1/chat/completions", json=chat_body(stream=True))
+        usage = {"include_usage": True}
+        whole = await gw.http.post(
+            "/v1/chat/completions", json=chat_body(stream=True, stream_options=usage)
+        )
         events, done = sse_json(whole.content)
         assert done and events
         samples = await settled(gw, "nomoat_requests_total", 1, status_class="2xx")
     server = "gen_ai_server_request_duration_seconds_count"
     assert total(samples, server, error_type="client_closed_request") == 1
+    # The cut stream's output tokens are counted (one content chunk reached
+    # the client before the stall), its input tokens unknown; the whole
+    # stream's come from its usage.
+    tokens = "gen_ai_client_token_usage"
+    assert total(samples, f"{tokens}_count", gen_ai_token_type="output") == 2
+    assert total(samples, f"{tokens}_count", gen_ai_token_type="input") == 1
+    whole_output = events[-1]["usage"]["completion_tokens"]
+    assert total(samples, f"{tokens}_sum", gen_ai_token_type="output") == whole_output + 1
     # Time to first token: the whole stream only.
     assert total(samples, "gen_ai_server_time_to_first_token_seconds_count") == 1
     assert total(samples, "nomoat_requests_in_flight") == 0
