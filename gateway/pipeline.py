@@ -111,6 +111,7 @@ class Pipeline:
         """One non-streamed answer."""
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
+            self._answered_early(request, trace, ctx, endpoint.name)
             return early
         asked = _expect(early, endpoint.request_type)
         route = self.router.resolve(asked)
@@ -135,6 +136,7 @@ class Pipeline:
         arrived = time.monotonic()
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
+            self._answered_early(request, trace, ctx, endpoint.name)
             chunks, asked = endpoint.as_chunks(early), request
         else:
             asked = _expect(early, endpoint.request_type)
@@ -282,6 +284,14 @@ class Pipeline:
         )
 
     # ------------------------------------------------------- ends of attempts
+
+    def _answered_early(
+        self, request: AnyRequest, trace: RouteTrace | None, ctx: RequestContext, endpoint: str
+    ) -> None:
+        """A hook answered (a cache hit): the request's model, if the catalog
+        has it, is still its metrics' model label."""
+        if self.catalog.knows(request.model):
+            _exchange(trace, ctx, endpoint).model = self.catalog.canonical(request.model)
 
     def _answered(self, started: Started[AnswerT], exchange: Exchange) -> None:
         usage = started.result.usage if isinstance(started.result.usage, wire.Usage) else None

@@ -229,3 +229,18 @@ async def test_the_metrics_can_be_switched_off(start: Start) -> None:
     assert "gen_ai_" not in text and "nomoat_requests_total" not in text
     # The server's state is still there.
     assert total(samples, "nomoat_deployment_up", deployment="m/0") == 1
+
+
+async def test_an_answer_from_a_hook_counts_under_its_model_and_no_deployment(
+    start: Start,
+) -> None:
+    hooks = [{"type": "answer-early", "options": {"text": "cached"}}]
+    async with start(pool("a", hooks=hooks)) as gw:
+        assert (await gw.http.post("/v1/chat/completions", json=chat_body())).status_code == 200
+        streamed = await gw.http.post("/v1/chat/completions", json=chat_body(stream=True))
+        assert streamed.status_code == 200
+        samples = await settled(gw, "nomoat_requests_total", 2, status_class="2xx")
+    assert total(samples, "nomoat_requests_total", model=MODEL, deployment="") == 2
+    # No upstream was called.
+    assert total(samples, "gen_ai_client_operation_duration_seconds_count") == 0
+    assert gw.backend("a").calls == []
