@@ -182,9 +182,11 @@ class MetricsSettings(_Strict):
 
 
 class AccessLogSettings(_Strict):
-    """``[access_log]``: one JSON line per request (never prompt text)."""
+    """``[access_log]``: one JSON line per request (never prompt text). Off
+    unless asked for: it costs a request about 5 us (docs/benchmarks.md),
+    and uvicorn's own access log is off too."""
 
-    enabled: bool = True
+    enabled: bool = False
     # Append to this file; unset: standard error, beside nomoat's other logs.
     path: Path | None = None
 

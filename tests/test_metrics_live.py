@@ -53,7 +53,7 @@ def wait_for(server: Server, name: str, value: float, **labels: str) -> Samples:
 
 def test_metrics_and_access_log_of_the_embedded_engine(tmp_path: Path) -> None:
     log = tmp_path / "access.jsonl"
-    config = config_with_key(f'\n[access_log]\npath = "{log}"\n')
+    config = config_with_key(f'\n[access_log]\nenabled = true\npath = "{log}"\n')
     with running_server(tmp_path, config) as server:
         sdk = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
         answer = sdk.chat.completions.create(

@@ -28,7 +28,7 @@ KEYS = {field.encode_name for field in msgspec.structs.fields(AccessRecord)}
 
 
 def with_log(path: Path, *names: str) -> str:
-    return pool(*names) + f'\n[access_log]\npath = "{path}"\n'
+    return pool(*names) + f'\n[access_log]\nenabled = true\npath = "{path}"\n'
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -117,9 +117,9 @@ async def test_the_line_carries_the_current_trace(start: Start, tmp_path: Path) 
     assert record["span_id"] == format(context.span_id, "016x")
 
 
-async def test_the_access_log_can_be_switched_off(start: Start, tmp_path: Path) -> None:
+async def test_the_access_log_is_off_unless_asked_for(start: Start, tmp_path: Path) -> None:
     log = tmp_path / "access.jsonl"
-    config = pool("a") + f'\n[access_log]\nenabled = false\npath = "{log}"\n'
+    config = pool("a") + f'\n[access_log]\npath = "{log}"\n'
     async with start(config) as gw:
         assert (await gw.http.post("/v1/chat/completions", json=chat_body())).status_code == 200
     assert not log.exists()
