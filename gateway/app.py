@@ -48,7 +48,7 @@ from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics, provider_name
 from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import DeploymentState, ServerState
-from gateway.observer import Observer, note_trace
+from gateway.observer import Observer
 from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import Settings
@@ -97,7 +97,9 @@ class Runtime:
             access_log = AccessLog(self.settings.access_log.path)
             access_log.start()
             stack.push_async_callback(access_log.aclose)
-        self.observer = Observer(recorder, access_log)
+        self.observer = Observer(
+            recorder, access_log, self.metrics is not None or access_log is not None
+        )
         return recorder
 
     async def start(self, stack: AsyncExitStack) -> None:
@@ -226,7 +228,6 @@ def _openai_endpoint(
         body: RequestT | None = None
         observer = runtime.observer
         exchange = observer.open(endpoint.name, endpoint.path)
-        note_trace(exchange)
         try:
             key_id = authenticate(request)
             ctx = _context(endpoint.id_prefix, key_id, request)
@@ -241,7 +242,7 @@ def _openai_endpoint(
                 # chunk stops the generation too.
                 primed = pipeline.stream(endpoint, body, ctx, trace)
                 chunks = await _cancel_on_disconnect(request, primed)
-                events = sse_events(observer.watched(chunks, exchange))
+                events = sse_events(observer.watching(chunks, exchange))
                 return EventStream(events, headers_for(trace))
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)

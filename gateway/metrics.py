@@ -23,6 +23,7 @@ into the SDK (:mod:`gateway.metrics_otlp`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import (
@@ -180,6 +181,26 @@ def _histogram(
     return Histogram(name, doc, labels, registry=registry, buckets=buckets)
 
 
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    """Where a successful request is recorded, for one (operation, model,
+    deployment, backend, adapter): found with one dict lookup."""
+
+    requests: Counter
+    duration: Histogram
+    first_token: Histogram
+    per_token: Histogram
+
+
+@dataclass(frozen=True, slots=True)
+class _Called:
+    """Where a successful call to an upstream is recorded, likewise."""
+
+    duration: Histogram
+    input_tokens: Histogram
+    output_tokens: Histogram
+
+
 class _InFlight:
     """``nomoat_requests_in_flight``, from the recorder's count."""
 
@@ -298,6 +319,9 @@ class PrometheusMetrics:
             )
         )
 
+        self._answered: dict[tuple[str, ...], _Answered] = {}
+        self._called: dict[tuple[str, ...], _Called] = {}
+
     def provider(self, backend: str) -> str:
         """gen_ai.provider.name of a backend (by its name in the config)."""
         return self._providers.get(backend, "")
@@ -310,6 +334,9 @@ class PrometheusMetrics:
     def request_ended(self, exchange: Exchange, status: int, error: str | None) -> None:
         now = exchange.seconds()
         self.in_flight -= 1
+        if error is None and status == 200:
+            self._answered_ok(exchange, now)
+            return
         model, deployment, backend = exchange.model, exchange.deployment, exchange.backend
         self._requests(model, deployment, backend, exchange.adapter, f"{status // 100}xx").inc()
         op = exchange.operation
@@ -327,6 +354,35 @@ class PrometheusMetrics:
         if tokens > 1:
             self._observe(self._tpot, place, (now - first) / (tokens - 1))
 
+    def _answered_ok(self, exchange: Exchange, now: float) -> None:
+        """The common case, on children found with one lookup."""
+        key = (
+            exchange.operation,
+            exchange.model,
+            exchange.deployment,
+            exchange.backend,
+            exchange.adapter,
+        )
+        to = self._answered.get(key)
+        if to is None:
+            op, model, deployment, backend, adapter = key
+            place = (op, SERVER_PROVIDER, model, model, deployment, backend)
+            to = self._answered[key] = _Answered(
+                self._requests(model, deployment, backend, adapter, "2xx"),
+                self._server_duration(op, SERVER_PROVIDER, model, "", model, deployment, backend),
+                self._ttft(*place),
+                self._tpot(*place),
+            )
+        to.requests.inc()
+        to.duration.observe(now)
+        first = exchange.time_to_first_token()
+        if first is None:
+            return
+        to.first_token.observe(first)
+        tokens = exchange.output_tokens() or 0
+        if tokens > 1:
+            to.per_token.observe((now - first) / (tokens - 1))
+
     def attempt_ended(
         self,
         exchange: Exchange,
@@ -336,6 +392,9 @@ class PrometheusMetrics:
         usage: wire.Usage | None,
         error: str | None,
     ) -> None:
+        if error is None and usage is not None:
+            self._called_ok(exchange, target, backend, seconds, usage)
+            return
         provider = self.provider(backend)
         model, deployment, op = exchange.model, target.deployment, exchange.operation
         engine = target.engine_model
@@ -353,6 +412,26 @@ class PrometheusMetrics:
         if usage is not None:
             self._observe(tokens, (*labels, "input", *place), usage.prompt_tokens)
         self._observe(tokens, (*labels, "output", *place), output)
+
+    def _called_ok(
+        self, exchange: Exchange, target: Target, backend: str, seconds: float, usage: wire.Usage
+    ) -> None:
+        """The common case, on children found with one lookup."""
+        adapter = adapter_label(target)
+        model, deployment, engine = exchange.model, target.deployment, target.engine_model
+        key = (exchange.operation, model, deployment, backend, engine, adapter)
+        to = self._called.get(key)
+        if to is None:
+            genai = (exchange.operation, self.provider(backend), engine)
+            place = (model, deployment, backend, adapter)
+            to = self._called[key] = _Called(
+                self._client_duration(*genai, "", model, deployment, backend),
+                self._token_usage(*genai, "input", *place),
+                self._token_usage(*genai, "output", *place),
+            )
+        to.duration.observe(seconds)
+        to.input_tokens.observe(usage.prompt_tokens)
+        to.output_tokens.observe(usage.completion_tokens)
 
     def retried(self, model: str) -> None:
         self._retries(model).inc()

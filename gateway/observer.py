@@ -26,13 +26,23 @@ CLIENT_CLOSED = 499
 
 
 class Observer:
-    def __init__(self, metrics: RequestMetrics, access_log: AccessLog | None) -> None:
+    def __init__(
+        self, metrics: RequestMetrics, access_log: AccessLog | None, active: bool = True
+    ) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        # False: neither metrics nor a log hear of requests, so streams are
+        # not watched (one generator less per chunk).
+        self.active = active
 
     def open(self, endpoint: str, path: str) -> Exchange:
+        """A request arrived (with the span that is current, if any: the
+        access log names it)."""
         self.metrics.request_started()
-        return Exchange("", OPERATIONS.get(endpoint, endpoint), time.monotonic(), path=path)
+        exchange = Exchange("", OPERATIONS.get(endpoint, endpoint), time.monotonic(), path=path)
+        if self.access_log is not None:
+            note_trace(exchange)
+        return exchange
 
     def close(self, exchange: Exchange, status: int, error: str | None) -> None:
         if exchange.closed:
@@ -48,6 +58,9 @@ class Observer:
     def failed(self, exchange: Exchange, error: BaseException) -> None:
         status = error.status_code if isinstance(error, GatewayError) else 500
         self.close(exchange, status, error_type(error))
+
+    def watching(self, chunks: AsyncIterator[T], exchange: Exchange) -> AsyncIterator[T]:
+        return self.watched(chunks, exchange) if self.active else chunks
 
     async def watched(self, chunks: AsyncIterator[T], exchange: Exchange) -> AsyncIterator[T]:
         """The stream, closing ``exchange`` once it has ended, however it ends

@@ -28,7 +28,7 @@ from gateway import wire
 from gateway.access_log import AccessLog
 from gateway.contract import Target
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
-from gateway.observer import Observer, note_trace
+from gateway.observer import Observer
 
 TARGET = Target("fake-model", "fake-model", "fake-model/0")
 USAGE = wire.Usage(prompt_tokens=12, completion_tokens=6, total_tokens=18)
@@ -37,7 +37,6 @@ USAGE = wire.Usage(prompt_tokens=12, completion_tokens=6, total_tokens=18)
 def one_request(observer: Observer, recorder: RequestMetrics, stream: bool) -> None:
     """The calls one request makes, in order (gateway/app.py, gateway/pipeline.py)."""
     exchange = observer.open("chat", "/v1/chat/completions")
-    note_trace(exchange)
     exchange.request_id, exchange.key_id = "chatcmpl-0123456789abcdef", "2986b7864d51"
     exchange.requested, exchange.stream = "fake-model", stream
     exchange.model = "fake-model"
