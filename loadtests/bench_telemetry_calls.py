@@ -65,9 +65,9 @@ async def measure(requests: int) -> dict[str, float]:
     figures = {}
     setups: dict[str, tuple[RequestMetrics, AccessLog | None]] = {
         "nothing (metrics and access log off)": (NoMetrics(), None),
-        "metrics (prometheus-client)": (PrometheusMetrics(providers), None),
+        "metrics (prometheus-client; the defaults)": (PrometheusMetrics(providers), None),
         "access log": (NoMetrics(), log),
-        "metrics and access log (the defaults)": (PrometheusMetrics(providers), log),
+        "metrics and access log": (PrometheusMetrics(providers), log),
     }
     if "--with-otlp" in sys.argv:
         from gateway.metrics_otlp import OtlpMetrics
