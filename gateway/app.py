@@ -45,7 +45,8 @@ from gateway.errors import (
 )
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
-from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics, provider_name
+from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
+from gateway.metrics_names import provider_name
 from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import DeploymentState, ServerState
 from gateway.observer import Observer

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from gateway import wire
 from gateway.contract import Target
 from gateway.exchange import Exchange, adapter_label
-from gateway.metrics import (
+from gateway.metrics import PrometheusMetrics
+from gateway.metrics_names import (
     DURATION_BUCKETS,
     HOOK_BUCKETS,
     SCHEMA_URL,
@@ -28,7 +29,6 @@ from gateway.metrics import (
     TOKEN_BUCKETS,
     TPOT_BUCKETS,
     TTFT_BUCKETS,
-    PrometheusMetrics,
 )
 from gateway.settings import MetricsSettings
 
