@@ -26,6 +26,8 @@ CLIENT_CLOSED = 499
 
 
 class Observer:
+    """What the HTTP handlers tell of each request: the metrics, the access log."""
+
     def __init__(
         self, metrics: RequestMetrics, access_log: AccessLog | None, active: bool = True
     ) -> None:
@@ -60,6 +62,7 @@ class Observer:
         self.close(exchange, status, error_type(error))
 
     def watching(self, chunks: AsyncIterator[T], exchange: Exchange) -> AsyncIterator[T]:
+        """``chunks`` watched (see :meth:`watched`), unless nothing listens."""
         return self.watched(chunks, exchange) if self.active else chunks
 
     async def watched(self, chunks: AsyncIterator[T], exchange: Exchange) -> AsyncIterator[T]:
