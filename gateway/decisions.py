@@ -61,6 +61,7 @@ from gateway.decision_log import (
     StatsView,
 )
 from gateway.errors import InternalError
+from gateway.exchange import Exchange
 from gateway.rules import Rule, estimate_prompt_tokens
 from gateway.stats import StatsTable
 
@@ -90,15 +91,23 @@ class Ranking:
 class RouteTrace:
     """Where the pipeline leaves the decision of one request for its caller."""
 
-    __slots__ = ("body_bytes", "decision", "endpoint", "span")
+    __slots__ = ("body_bytes", "decision", "endpoint", "exchange", "span")
 
-    def __init__(self, endpoint: str, body_bytes: int, span: RequestSpan | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        body_bytes: int,
+        span: RequestSpan | None = None,
+        exchange: Exchange | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.body_bytes = body_bytes
         self.decision: RouteDecision | None = None
         # The request's span when tracing is on: the pipeline adds routing
         # and attempt spans below it.
         self.span = span
+        # What the metrics and the access log hear of the request.
+        self.exchange = exchange
 
 
 class Decisions:

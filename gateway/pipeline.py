@@ -42,9 +42,11 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from gateway.exchange import OPERATIONS, Exchange, error_type
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.stats import AdapterUsage
+from gateway.metrics import NoMetrics, RequestMetrics
 from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
@@ -65,6 +67,7 @@ class Started(Generic[T]):
     target: Target
     at: float
     result: T
+    backend: str = ""
 
 
 class Pipeline:
@@ -77,6 +80,7 @@ class Pipeline:
         decision_log: DecisionLog | None = None,
         record_prompts: bool = False,
         adapters: AdapterRegistry | None = None,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self.limits = limits
         self.backends = backends
@@ -86,6 +90,7 @@ class Pipeline:
         # Requests and tokens per adapter name, for metrics and accounting.
         self.adapter_usage: dict[str, AdapterUsage] = {}
         self.decisions = Decisions(decision_log, record_prompts)
+        self.metrics: RequestMetrics = metrics or NoMetrics()
 
     @property
     def catalog(self) -> Catalog:
@@ -107,14 +112,16 @@ class Pipeline:
         """One non-streamed answer."""
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
+            self._answered_early(request, trace, ctx, endpoint.name)
             return early
         asked = _expect(early, endpoint.request_type)
         route = self.router.resolve(asked)
         ctx = _with_deadline(ctx, route.entry)
+        exchange = _exchange(trace, ctx, endpoint.name)
         started = await self._attempts(
-            route, asked, ctx, lambda b, t, c: endpoint.answer(b, asked, t, c), trace
+            route, asked, ctx, lambda b, t, c: endpoint.answer(b, asked, t, c), trace, exchange
         )
-        self._answered(started)
+        self._answered(started, exchange)
         answer = await self.hooks.on_response(asked, started.result, ctx)
         return _expect(answer, endpoint.answer_type)
 
@@ -130,15 +137,22 @@ class Pipeline:
         arrived = time.monotonic()
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
+            self._answered_early(request, trace, ctx, endpoint.name)
             chunks, asked = endpoint.as_chunks(early), request
         else:
             asked = _expect(early, endpoint.request_type)
             route = self.router.resolve(asked)
             ctx = _with_deadline(ctx, route.entry)
+            exchange = _exchange(trace, ctx, endpoint.name)
             started = await self._attempts(
-                route, asked, ctx, lambda b, t, c: primed(endpoint.stream(b, asked, t, c)), trace
+                route,
+                asked,
+                ctx,
+                lambda b, t, c: primed(endpoint.stream(b, asked, t, c)),
+                trace,
+                exchange,
             )
-            chunks = self._streaming(started, route.entry.stream_timeout_seconds, arrived)
+            chunks = self._streaming(started, route.entry.stream_timeout_seconds, arrived, exchange)
         if self.hooks.rewrites_streams:
             chunks = checked(self.hooks.on_stream(asked, chunks, ctx), endpoint.chunk_type)
         shaped = shape_usage(chunks, _wants_usage(asked))
@@ -163,11 +177,13 @@ class Pipeline:
         ctx: RequestContext,
         call: Call[T],
         trace: RouteTrace | None,
+        exchange: Exchange,
     ) -> Started[T]:
         """Try the ranked deployments, then the fallback models, then again
         after a backoff; move on only when a deployment is overloaded or
         unreachable, before anything reached the client."""
         entry = route.entry
+        exchange.model = entry.name
         span = trace.span if trace is not None else None
         first = await self._ranking(route, entry, request, ctx)
         if span is not None:
@@ -177,6 +193,7 @@ class Pipeline:
         try:
             for round_number in range(entry.retry.rounds + 1):
                 if round_number:
+                    self.metrics.retried(entry.name)
                     await _back_off(entry, failure, ctx.deadline)
                 for model in route.chain:
                     ranking = first
@@ -187,12 +204,16 @@ class Pipeline:
                             trace_ranking(
                                 span, route, ranking, request, ctx, round_number=round_number
                             )
+                    if model is not entry and ranking.ranked:
+                        self.metrics.fell_back(entry.name, model.name)
                     attempt = call
                     if span is not None:
                         attempt = traced_call(call, span, request, fallback=model is not entry)
                     for choice in ranking.ranked:
                         _check_deadline(ctx.deadline, request.model)
-                        outcome = await self._attempt(choice.candidate, attempt, ctx, decision)
+                        outcome = await self._attempt(
+                            choice.candidate, attempt, ctx, decision, exchange
+                        )
                         if isinstance(outcome, Started):
                             return outcome
                         failure = outcome
@@ -219,7 +240,12 @@ class Pipeline:
         )
 
     async def _attempt(
-        self, candidate: Candidate, call: Call[T], ctx: RequestContext, decision: RouteDecision
+        self,
+        candidate: Candidate,
+        call: Call[T],
+        ctx: RequestContext,
+        decision: RouteDecision,
+        exchange: Exchange,
     ) -> Started[T] | GatewayError:
         """One call to one deployment: it started, or the retryable error.
         Only a started attempt stays in flight; its caller ends it."""
@@ -227,6 +253,7 @@ class Pipeline:
         backend = self.backends[candidate.backend]
         started = time.monotonic()
         self.stats.started(deployment)
+        exchange.attempts += 1
         try:
             if ctx.deadline is None:
                 result = await call(backend, candidate.target, ctx)
@@ -236,55 +263,103 @@ class Pipeline:
         except TimeoutError:
             self.stats.finished(deployment)
             decision.attempts.append((deployment, "timeout"))
+            self._failed(exchange, candidate, started, "timeout")
             return _timed_out(decision.model)
         except _RETRYABLE as error:
             self.stats.finished(deployment)
             decision.attempts.append((deployment, error.code or error.error_type))
+            self._failed(exchange, candidate, started, error_type(error))
             if isinstance(error, UpstreamError):
                 # Unreachable or broken: cool down. A full queue is load, not
                 # ill health: just move on.
                 self.stats.failed(deployment)
+                if self.stats.in_cooldown(deployment):
+                    self.metrics.cooled_down(exchange.model, deployment, candidate.backend)
             return error
         except BaseException as error:
             self.stats.finished(deployment)
             if isinstance(error, GatewayError):
                 decision.attempts.append((deployment, error.code or error.error_type))
+            self._failed(exchange, candidate, started, error_type(error))
             raise
         self.stats.succeeded(deployment)
         decision.attempts.append((deployment, "ok"))
         decision.chosen = deployment
-        return Started(candidate.target, started, result)
+        exchange.answered_by(candidate.target, candidate.backend)
+        return Started(candidate.target, started, result, candidate.backend)
+
+    def _failed(self, exchange: Exchange, candidate: Candidate, started: float, error: str) -> None:
+        seconds = time.monotonic() - started
+        self.metrics.attempt_ended(
+            exchange, candidate.target, candidate.backend, seconds, None, error
+        )
 
     # ------------------------------------------------------- ends of attempts
 
-    def _answered(self, started: Started[AnswerT]) -> None:
+    def _answered_early(
+        self, request: AnyRequest, trace: RouteTrace | None, ctx: RequestContext, endpoint: str
+    ) -> None:
+        """A hook answered (a cache hit): the request's model, if the catalog
+        has it, is still its metrics' model label."""
+        if self.catalog.knows(request.model):
+            _exchange(trace, ctx, endpoint).model = self.catalog.canonical(request.model)
+
+    def _answered(self, started: Started[AnswerT], exchange: Exchange) -> None:
         usage = started.result.usage if isinstance(started.result.usage, wire.Usage) else None
-        self._ended(started.target, started.at, None, usage)
+        self._ended(started, None, usage, exchange)
 
     def _streaming(
-        self, started: Started[AsyncIterator[ChunkT]], limit: float | None, arrived: float
+        self,
+        started: Started[AsyncIterator[ChunkT]],
+        limit: float | None,
+        arrived: float,
+        exchange: Exchange,
     ) -> AsyncIterator[ChunkT]:
         chunks = started.result
         if limit is not None:
             chunks = until(chunks, limit - (time.monotonic() - arrived), limit)
 
         def done(record: StreamRecord) -> None:
+            if record.first_content is not None:
+                exchange.first_token_at = started.at + record.first_content
+            if record.usage is None and record.chunks_since_content:
+                # Cut short (the client left, the upstream failed): count
+                # what was generated rather than report nothing.
+                exchange.estimated_output_tokens = record.chunks_since_content
             if record.failed:
                 self.stats.finished(started.target.deployment)
+                seconds = time.monotonic() - started.at
+                self.metrics.attempt_ended(
+                    exchange,
+                    started.target,
+                    started.backend,
+                    seconds,
+                    record.usage,
+                    "stream_failed",
+                )
             else:
-                self._ended(started.target, started.at, record.first_content, record.usage)
+                self._ended(started, record.first_content, record.usage, exchange)
 
         return observed(chunks, started.at, done)
 
     def _ended(
-        self, target: Target, started: float, first: float | None, usage: wire.Usage | None
+        self,
+        started: Started[T],
+        first: float | None,
+        usage: wire.Usage | None,
+        exchange: Exchange,
     ) -> None:
         """An attempt's answer is complete: it leaves the in-flight count,
-        its timing feeds the latency stats, its usage the adapters' counters."""
+        its timing feeds the latency stats and the metrics, its usage the
+        adapters' counters."""
+        target = started.target
         deployment = target.deployment
         self.stats.finished(deployment)
         tokens = usage.completion_tokens if usage else 0
-        self.stats.observe(deployment, first, time.monotonic() - started, tokens)
+        seconds = time.monotonic() - started.at
+        self.stats.observe(deployment, first, seconds, tokens)
+        exchange.usage = usage
+        self.metrics.attempt_ended(exchange, target, started.backend, seconds, usage, None)
         for use in target.adapters:
             counters = self.adapter_usage.setdefault(use.adapter.name, AdapterUsage())
             counters.requests += 1
@@ -309,6 +384,17 @@ class Pipeline:
             failure = InternalError("The stream failed; the answer is incomplete.")
             await self.hooks.on_error(request, failure, ctx)
             raise failure from error
+
+
+def _exchange(trace: RouteTrace | None, ctx: RequestContext, endpoint: str) -> Exchange:
+    """The request's exchange, which the HTTP handler opened; a pipeline
+    called without one (a test, a replay) gets a scratch one."""
+    if trace is not None and trace.exchange is not None:
+        return trace.exchange
+    exchange = Exchange(ctx.request_id, OPERATIONS.get(endpoint, endpoint), time.monotonic())
+    if trace is not None:
+        trace.exchange = exchange
+    return exchange
 
 
 def _with_deadline(ctx: RequestContext, model: ModelEntry) -> RequestContext:

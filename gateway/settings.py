@@ -274,6 +274,28 @@ class PluginSettings(_Strict):
     disabled: tuple[str, ...] = ()
 
 
+class MetricsSettings(_Strict):
+    """``[metrics]``: the request metrics on /metrics (the engines' state is
+    always there)."""
+
+    enabled: bool = True
+    # Also push the request metrics over OTLP, to OTEL_EXPORTER_OTLP_METRICS_ENDPOINT
+    # (or OTEL_EXPORTER_OTLP_ENDPOINT), with the standard OTEL_* variables. Setting
+    # OTEL_METRICS_EXPORTER=otlp in the environment does the same.
+    otlp: bool = False
+    otlp_interval_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+class AccessLogSettings(_Strict):
+    """``[access_log]``: one JSON line per request (never prompt text). Off
+    unless asked for: it costs a request about 5 us (docs/benchmarks.md),
+    and uvicorn's own access log is off too."""
+
+    enabled: bool = False
+    # Append to this file; unset: standard error, beside nomoat's other logs.
+    path: Path | None = None
+
+
 class BackendSettings(BaseModel):
     """``type`` picks the backend kind; the other keys belong to that kind's
     config model and are validated in phase two."""
@@ -310,6 +332,8 @@ class Settings(BaseSettings):
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
     hooks: list[HookSettings] = Field(default_factory=list)
     telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
+    metrics: MetricsSettings = MetricsSettings()
+    access_log: AccessLogSettings = AccessLogSettings()
 
     @classmethod
     def settings_customise_sources(
