@@ -11,8 +11,9 @@ speed drifts over seconds).
 Figures per request, best of ``--runs`` runs: CPU of the event-loop thread
 (``time.thread_time`` around each batch), CPU of the batch exporter's
 thread (its own CPU clock) and of the last batch's export (flushed on the
-loop's thread at the end of the run) added to it for the whole process, and the latency p50 at the client. Off and on run
-the same client, so the client's own CPU (httpx) is in both.
+loop's thread at the end of the run) added to it for the whole process,
+and the latency p50 at the client. Off and on run the same client, so the
+client's own CPU (httpx) is in both.
 """
 
 from __future__ import annotations
