@@ -42,6 +42,8 @@ VALUES: dict[str, object] = {
     "floats": (0.25, -1.5),
     "bools": (True, False),
     "mixed_list": ["a", 1],
+    "nested": [["a"], ["b", "c"]],
+    "mapping": {"k": "v", "n": 1},
 }
 
 
@@ -116,7 +118,7 @@ def test_the_caches_give_the_same_bytes_again() -> None:
     first = encoder.request(batch)
     assert encoder.request(batch) == first == sdk_bytes(batch)
     # A value equal to another of a different type is not mistaken for it.
-    for a, b in [(True, 1), (1, 1.0), (False, 0)]:
+    for a, b in [(True, 1), (1, 1.0), (False, 0), (0.0, -0.0), ((0.0,), (-0.0,)), ((1,), (True,))]:
         one = ReadableSpan("x", context(7), None, RESOURCE, {"k": a}, start_time=1)
         two = ReadableSpan("x", context(7), None, RESOURCE, {"k": b}, start_time=1)
         assert encoder.request([one]) == sdk_bytes([one])

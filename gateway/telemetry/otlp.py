@@ -43,6 +43,8 @@ _FLAGS_IS_REMOTE = 0x200
 # response id or a token count is seldom seen twice, a model name always).
 _CACHE_LIMIT = 8192
 _CACHED_STR_LENGTH = 64
+_CACHED_TYPES = frozenset({bool, int})
+_CACHED_ITEMS = 8
 
 
 def _varint(value: int) -> bytes:
@@ -98,36 +100,55 @@ class SpanEncoder:
 
     # ------------------------------------------------------------ attributes
     def _key_value(self, key: str, value: object) -> bytes:
-        """One ``KeyValue``, as a repeated field's content (without its tag)."""
-        kind = type(value)
-        cacheable = (kind is str and len(value) <= _CACHED_STR_LENGTH) or kind in (  # type: ignore[arg-type]
-            bool,
-            int,
-            float,
-        )
-        if cacheable:
-            # The type is part of the key: True, 1 and 1.0 are equal in a dict.
-            cache_key = (key, kind, value)
-            found = self._pairs.get(cache_key)
-            if found is not None:
-                return found
+        """One ``KeyValue`` message, its length first (without its tag)."""
         prefix = self._keys.get(key)
         if prefix is None:
             prefix = _field(0x0A, key.encode("utf-8"))
             self._keys[key] = prefix
         content = prefix + _field(0x12, _any_value(value))
-        encoded = _varint(len(content)) + content
-        if cacheable:
-            if len(self._pairs) >= _CACHE_LIMIT:
-                self._pairs.clear()
-            self._pairs[cache_key] = encoded
-        return encoded
+        return _varint(len(content)) + content
 
     def _attributes(self, tag: int, attributes: Mapping[str, object] | None) -> bytes:
+        """Repeated ``KeyValue`` fields (``tag``: the field's tag byte)."""
         if not attributes:
             return b""
-        prefix = bytes((tag,))
-        return b"".join([prefix + self._key_value(k, v) for k, v in attributes.items()])
+        pairs = self._pairs
+        out = []
+        for key, value in attributes.items():
+            kind = value.__class__
+            cache_key: tuple[object, ...]
+            if kind is float:
+                # By its bits: 0.0 and -0.0 are equal in a dict.
+                cache_key = (tag, key, kind, _DOUBLE.pack(value))
+            elif kind in _CACHED_TYPES or (
+                isinstance(value, str) and len(value) <= _CACHED_STR_LENGTH
+            ):
+                # The type is part of the key: True and 1 are equal in a dict.
+                cache_key = (tag, key, kind, value)
+            elif isinstance(value, list | tuple) and len(value) <= _CACHED_ITEMS:
+                # A short list of strings or integers (a route's candidates,
+                # finish reasons), keyed by its items and their types.
+                items = tuple(value)
+                types = tuple(map(type, items))
+                if float in types:
+                    out.append(bytes((tag,)) + self._key_value(key, value))
+                    continue
+                cache_key = (tag, key, items, types)
+            else:
+                out.append(bytes((tag,)) + self._key_value(key, value))
+                continue
+            try:
+                found = pairs.get(cache_key)
+            except TypeError:  # an unhashable item (a list in a list)
+                out.append(bytes((tag,)) + self._key_value(key, value))
+                continue
+            if found is None:
+                found = bytes((tag,)) + self._key_value(key, value)
+                if len(pairs) >= _CACHE_LIMIT:
+                    pairs.clear()
+                pairs[cache_key] = found
+            out.append(found)
+        return b"".join(out)
 
     # ------------------------------------------------------- resource, scope
     def _block(self, owner: object, make: bytes) -> bytes:
