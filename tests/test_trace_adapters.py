@@ -87,5 +87,7 @@ def test_an_adapter_load_is_a_child_span_of_the_attempt(
     assert load["attributes"][names.ADAPTERS] == ["beta"]
     assert load["transport"] == "grpc"
     [queue] = [s for s in spans if s["name"] == names.ENGINE_QUEUE_SPAN]
-    # The switch happened while the job waited for its adapters.
-    assert queue["start"] <= load["start"] <= load["end"] <= queue["end"]
+    [prompt] = [s for s in spans if s["name"] == names.ENGINE_PROMPT_SPAN]
+    # The worker switches adapter sets when the job's turn to step comes: once
+    # it holds a sequence, before its prompt's first token.
+    assert queue["end"] <= load["start"] <= load["end"] <= prompt["end"]
