@@ -12,7 +12,6 @@ import gc
 import importlib.resources
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -50,12 +49,17 @@ from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
 from gateway.metrics_names import provider_name
 from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import DeploymentState, ServerState
-from gateway.observer import Observer
+from gateway.observer import Observer, Unobserved, observing
 from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import ServerSettings, Settings
 from gateway.sse import sse_events
-from gateway.telemetry.requests import accepted_request_id, start_tracing, traced_request
+from gateway.telemetry.requests import (
+    accepted_request_id,
+    new_request_id,
+    start_tracing,
+    traced_request,
+)
 from gateway.telemetry.spans import RequestSpan, Tracing
 
 _log = logging.getLogger(__name__)
@@ -83,7 +87,7 @@ class Runtime:
     observer: Observer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.observer = Observer(NoMetrics(), None)
+        self.observer = Unobserved()
         if self.settings.metrics.enabled:
             providers = {
                 name: provider_name(backend.type)
@@ -105,7 +109,7 @@ class Runtime:
             access_log = AccessLog(self.settings.access_log.path)
             access_log.start()
             stack.push_async_callback(access_log.aclose)
-        self.observer = Observer(
+        self.observer = observing(
             recorder, access_log, self.metrics is not None or access_log is not None
         )
         return recorder
@@ -211,7 +215,7 @@ def _context(prefix: str, key_id: str | None, request: AnyRequest) -> RequestCon
         for name, value in request.scope["headers"]
         if name not in _PRIVATE_HEADERS
     }
-    return RequestContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), key_id, None, headers)
+    return RequestContext(f"{prefix}-{new_request_id()}", int(time.time()), key_id, None, headers)
 
 
 class ClientClosedRequestError(GatewayError):

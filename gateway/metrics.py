@@ -12,30 +12,29 @@ Labels are bounded by the configuration: the catalog's model names, the
 deployments, backends and registered adapters, status classes and the
 gateway's own error codes. Nothing a client writes becomes a label.
 
-Why ``prometheus-client`` and not the OpenTelemetry metrics SDK on the request
-path: one histogram observation costs about 1 us in ``prometheus-client``
-(cached label children) against about 11 us through the SDK (its attribute
-set lookup and locks), and a request makes eight or so
-(docs/benchmarks.md). OTLP export, when asked for, mirrors the same calls
-into the SDK (:mod:`gateway.metrics_otlp`).
+Why not the OpenTelemetry metrics SDK on the request path: one histogram
+observation costs about 11 us through the SDK (its attribute set lookup and
+locks), and a request makes six to nine. Nor ``prometheus-client``'s own
+``Histogram`` and ``Counter``: about 1.5 us an observation (a lock per
+bucket and sum). The observations are counted here in plain Python (0.2 us)
+and ``prometheus-client`` writes the exposition from them at scrape time
+(docs/benchmarks.md, "Telemetry overhead"). OTLP export, when asked for,
+mirrors the same calls into the SDK (:mod:`gateway.metrics_otlp`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Generic, Protocol, TypeVar
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from gateway import wire
 from gateway.contract import Target
@@ -109,34 +108,107 @@ class NoMetrics:
         return
 
 
-M = TypeVar("M", Counter, Histogram)
+class _Histogram:
+    """One label set's histogram: a count per bucket (``le`` the bound; the
+    last is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # The first bound at or above the value: Prometheus' ``le``.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
 
-class _Children(Generic[M]):
-    """A metric's children by label values, looked up in a dict: the library's
-    own ``labels()`` validates and copies on every call (about 1 us)."""
+class _Counter:
+    __slots__ = ("value",)
 
-    __slots__ = ("_cache", "_metric")
+    def __init__(self) -> None:
+        self.value = 0.0
 
-    def __init__(self, metric: M) -> None:
-        self._metric: M = metric
-        self._cache: dict[tuple[str, ...], M] = {}
+    def inc(self) -> None:
+        self.value += 1.0
 
-    def __call__(self, *values: str) -> M:
-        child = self._cache.get(values)
+
+C = TypeVar("C", _Histogram, _Counter)
+
+
+class _Family(Generic[C]):
+    """A metric's children by label values, looked up in a dict.
+
+    Recorded in plain Python rather than ``prometheus-client``'s ``Histogram``
+    and ``Counter``: those take a lock per bucket and sum on every
+    observation and check the amount, about 1.5 us an observation against
+    0.2 us here, six to nine times a request (docs/benchmarks.md). Locks buy
+    nothing here: every recording and every scrape run on the event loop.
+    The exposition is still the library's (:meth:`collect` yields its metric
+    families), so /metrics reads exactly as it did."""
+
+    __slots__ = ("_make", "children", "documentation", "labels", "name")
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], make: Callable[[], C]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = tuple(labels)
+        self._make: Callable[[], C] = make
+        self.children: dict[tuple[str, ...], C] = {}
+
+    def __call__(self, *values: str) -> C:
+        child = self.children.get(values)
         if child is None:
-            child = self._cache[values] = self._metric.labels(*values)
+            child = self.children[values] = self._make()
         return child
 
 
-def _histogram(
-    registry: CollectorRegistry,
-    name: str,
-    doc: str,
-    labels: Sequence[str],
-    buckets: Sequence[float],
-) -> Histogram:
-    return Histogram(name, doc, labels, registry=registry, buckets=buckets)
+class _Histograms(_Family[_Histogram]):
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        bounds = tuple(float(bound) for bound in buckets)
+        super().__init__(name, documentation, labels, lambda: _Histogram(bounds))
+        # The `le` labels as the library writes them for its own histograms.
+        self._le = [*(_go_float(bound) for bound in bounds), "+Inf"]
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, child in self.children.items():
+            cumulative = list(accumulate(child.counts))
+            family.add_metric(list(values), list(zip(self._le, cumulative, strict=True)), child.sum)
+        return family
+
+
+def _go_float(value: float) -> str:
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
+
+
+class _Counters(_Family[_Counter]):
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        super().__init__(name, documentation, labels, _Counter)
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, child in self.children.items():
+            family.add_metric(list(values), child.value)
+        return family
+
+
+class _Recorded:
+    """The request metrics' families, in the registry (collected in order)."""
+
+    def __init__(self, families: Sequence[_Histograms | _Counters]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.collect()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,19 +216,19 @@ class _Answered:
     """Where a successful request is recorded, for one (operation, model,
     deployment, backend, adapter): found with one dict lookup."""
 
-    requests: Counter
-    duration: Histogram
-    first_token: Histogram
-    per_token: Histogram
+    requests: _Counter
+    duration: _Histogram
+    first_token: _Histogram
+    per_token: _Histogram
 
 
 @dataclass(frozen=True, slots=True)
 class _Called:
     """Where a successful call to an upstream is recorded, likewise."""
 
-    duration: Histogram
-    input_tokens: Histogram
-    output_tokens: Histogram
+    duration: _Histogram
+    input_tokens: _Histogram
+    output_tokens: _Histogram
 
 
 class _InFlight:
@@ -177,105 +249,85 @@ class PrometheusMetrics:
     """The request metrics, in a registry of their own (one per server)."""
 
     def __init__(self, providers: dict[str, str]) -> None:
-        # `_created` series double every counter and histogram and nothing
-        # here reads them. The switch is the library's, process-wide.
-        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         # Backend name -> gen_ai.provider.name of its type.
         self._providers = providers
-        r = self.registry
         client = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
         place = ("model", "deployment", "backend")
         server = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
-        self._client_duration = _Children(
-            _histogram(
-                r,
-                "gen_ai_client_operation_duration_seconds",
-                "GenAI operation duration: each call nomoat made to an upstream or engine.",
-                (*client, "error_type", *place),
-                DURATION_BUCKETS,
-            )
+        self._client_duration = _Histograms(
+            "gen_ai_client_operation_duration_seconds",
+            "GenAI operation duration: each call nomoat made to an upstream or engine.",
+            (*client, "error_type", *place),
+            DURATION_BUCKETS,
         )
-        self._token_usage = _Children(
-            _histogram(
-                r,
-                "gen_ai_client_token_usage",
-                "Number of input and output tokens used, per call to an upstream or engine.",
-                (*client, "gen_ai_token_type", *place, "adapter"),
-                TOKEN_BUCKETS,
-            )
+        self._token_usage = _Histograms(
+            "gen_ai_client_token_usage",
+            "Number of input and output tokens used, per call to an upstream or engine.",
+            (*client, "gen_ai_token_type", *place, "adapter"),
+            TOKEN_BUCKETS,
         )
-        self._server_duration = _Children(
-            _histogram(
-                r,
-                "gen_ai_server_request_duration_seconds",
-                "Generative AI server request duration: arrival to last byte.",
-                (*server, "error_type", *place),
-                DURATION_BUCKETS,
-            )
+        self._server_duration = _Histograms(
+            "gen_ai_server_request_duration_seconds",
+            "Generative AI server request duration: arrival to last byte.",
+            (*server, "error_type", *place),
+            DURATION_BUCKETS,
         )
-        self._ttft = _Children(
-            _histogram(
-                r,
-                "gen_ai_server_time_to_first_token_seconds",
-                "Time to generate the first token for successful streamed responses.",
-                (*server, *place),
-                TTFT_BUCKETS,
-            )
+        self._ttft = _Histograms(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to generate the first token for successful streamed responses.",
+            (*server, *place),
+            TTFT_BUCKETS,
         )
-        self._tpot = _Children(
-            _histogram(
-                r,
-                "gen_ai_server_time_per_output_token_seconds",
-                "Time per output token after the first, for successful streamed responses.",
-                (*server, *place),
-                TPOT_BUCKETS,
-            )
+        self._tpot = _Histograms(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token after the first, for successful streamed responses.",
+            (*server, *place),
+            TPOT_BUCKETS,
         )
-        self._requests = _Children(
-            Counter(
-                "nomoat_requests_total",
-                "Requests to the OpenAI endpoints, by model, deployment and status class.",
-                ("model", "deployment", "backend", "adapter", "status_class"),
-                registry=r,
-            )
+        self._requests = _Counters(
+            "nomoat_requests_total",
+            "Requests to the OpenAI endpoints, by model, deployment and status class.",
+            ("model", "deployment", "backend", "adapter", "status_class"),
         )
-        # A plain count read at scrape time: a Gauge takes a lock twice a request.
+        # A plain count read at scrape time.
         self.in_flight = 0
+        self._retries = _Counters(
+            "nomoat_retries_total",
+            "Further rounds over a model's deployments after all of them failed.",
+            ("model",),
+        )
+        self._fallbacks = _Counters(
+            "nomoat_fallbacks_total",
+            "Times a model's fallback model was tried (model: the one asked for).",
+            ("model", "fallback"),
+        )
+        self._cooldowns = _Counters(
+            "nomoat_cooldowns_total",
+            "Times a deployment was put in cooldown after a failure.",
+            place,
+        )
+        self._hook_time = _Histograms(
+            "nomoat_hook_duration_seconds",
+            "Time spent in each hook, by stage (request, response, error).",
+            ("hook", "stage"),
+            HOOK_BUCKETS,
+        )
+        r = self.registry
+        r.register(
+            _Recorded(
+                (
+                    self._client_duration,
+                    self._token_usage,
+                    self._server_duration,
+                    self._ttft,
+                    self._tpot,
+                    self._requests,
+                )
+            )
+        )
         r.register(_InFlight(self))
-        self._retries = _Children(
-            Counter(
-                "nomoat_retries_total",
-                "Further rounds over a model's deployments after all of them failed.",
-                ("model",),
-                registry=r,
-            )
-        )
-        self._fallbacks = _Children(
-            Counter(
-                "nomoat_fallbacks_total",
-                "Times a model's fallback model was tried (model: the one asked for).",
-                ("model", "fallback"),
-                registry=r,
-            )
-        )
-        self._cooldowns = _Children(
-            Counter(
-                "nomoat_cooldowns_total",
-                "Times a deployment was put in cooldown after a failure.",
-                place,
-                registry=r,
-            )
-        )
-        self._hook_time = _Children(
-            _histogram(
-                r,
-                "nomoat_hook_duration_seconds",
-                "Time spent in each hook, by stage (request, response, error).",
-                ("hook", "stage"),
-                HOOK_BUCKETS,
-            )
-        )
+        r.register(_Recorded((self._retries, self._fallbacks, self._cooldowns, self._hook_time)))
 
         self._answered: dict[tuple[str, ...], _Answered] = {}
         self._called: dict[tuple[str, ...], _Called] = {}
@@ -404,7 +456,7 @@ class PrometheusMetrics:
         self._observe(self._hook_time, (hook, stage), seconds)
 
     @staticmethod
-    def _observe(children: _Children[Histogram], labels: tuple[str, ...], value: float) -> None:
+    def _observe(children: _Histograms, labels: tuple[str, ...], value: float) -> None:
         children(*labels).observe(value)
 
     # ---------------------------------------------------------------- reading

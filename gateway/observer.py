@@ -18,7 +18,7 @@ from opentelemetry import trace
 from gateway.access_log import AccessLog
 from gateway.errors import GatewayError
 from gateway.exchange import OPERATIONS, Exchange, error_type
-from gateway.metrics import RequestMetrics
+from gateway.metrics import NoMetrics, RequestMetrics
 from gateway.streams import closing
 
 T = TypeVar("T")
@@ -84,6 +84,39 @@ class Observer:
             raise
         finally:
             self.close(exchange, status, error)
+
+
+class Unobserved(Observer):
+    """Request metrics and the access log both off: nothing hears of
+    requests, so nothing is recorded (as :class:`~gateway.metrics.NoMetrics`).
+
+    Every request gets the same scratch exchange: the pipeline still writes
+    where a request went into it (a few attribute stores, cheaper than
+    asking each time whether anyone listens), and nothing reads it."""
+
+    def __init__(self) -> None:
+        super().__init__(NoMetrics(), None, active=False)
+        self._scratch = Exchange("", "", 0.0)
+
+    def open(self, endpoint: str, path: str) -> Exchange:
+        return self._scratch
+
+    def close(self, exchange: Exchange, status: int, error: str | None) -> None:
+        return
+
+    def failed(self, exchange: Exchange, error: BaseException) -> None:
+        return
+
+    def watching(self, chunks: AsyncIterator[T], exchange: Exchange) -> AsyncIterator[T]:
+        return chunks
+
+
+def observing(metrics: RequestMetrics, access_log: AccessLog | None, listening: bool) -> Observer:
+    """The observer for the request metrics and the access log; a no-op
+    one when neither is on (``listening`` False)."""
+    if not listening:
+        return Unobserved()
+    return Observer(metrics, access_log)
 
 
 def note_trace(exchange: Exchange) -> None:

@@ -93,6 +93,8 @@ class Worker:
         # a waiting stream drained by its reader.
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llama", daemon=True)
+        # Running jobs with timings to fill in (traced); the worker's own count.
+        self._traced = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -140,16 +142,21 @@ class Worker:
                     self._wake.wait(self._idle_seconds(blocked_since))
                 continue
             batch = [seat.key for seat in chosen]
-            activating = time.time_ns()
+            # The phases of traced jobs are timed; with none running (tracing
+            # off, or not sampled), a step takes no clock and walks nothing.
+            timed = self._traced > 0
+            activating = time.time_ns() if timed else 0
             error = self._activate(batch[0].request.adapters, active)
-            _time_adapters([active[generation] for generation in batch], activating)
+            if timed:
+                _time_adapters([active[generation] for generation in batch], activating)
             if error is None:
                 try:
                     step(self.model, batch)
                 except NativeError as failure:
                     error = failure
                 else:
-                    _time_steps(batch, active)
+                    if timed:
+                        _time_steps(batch, active)
             if error is not None:
                 for generation in batch:
                     generation.cancel()
@@ -182,6 +189,7 @@ class Worker:
             return
         active[generation] = job
         if job.timings is not None:
+            self._traced += 1
             job.timings.admitted_ns = time.time_ns()
             job.timings.cached_tokens = generation.cached
 
@@ -237,6 +245,7 @@ class Worker:
             job = active.pop(generation)
             result = generation.result()
             if job.timings is not None:
+                self._traced -= 1
                 job.timings.finished_ns = time.time_ns()
                 job.timings.generated = result.completion_tokens
                 job.timings.finish_reason = result.finish_reason
