@@ -282,8 +282,6 @@ def _openai_endpoint(
                 chunks = await _cancel_on_disconnect(request, primed)
                 watched = chunks if span is None else span.watch(chunks)
                 events = sse_events(observer.watching(watched, exchange))
-                if span is not None:
-                    events = span.current(events)
                 headers = headers_for(trace, request_id.encode("latin-1"))
                 return EventStream(events, headers)
             work = pipeline.answer(endpoint, body, ctx, trace)

@@ -41,13 +41,24 @@ def control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def measured(pid: int, port: int, out_dir: Path, label: str, stream: bool, requests: int) -> float:
+def measured(
+    pid: int, port: int, out_dir: Path, label: str, stream: bool, requests: int, settle: float
+) -> float:
     body = bench.body_bytes(stream=stream)
     headers = bench.auth_headers()
     client = bench.RawClient(port, 120)
     try:
         for _ in range(20):
             client.request("POST", "/v1/chat/completions", body, headers)
+    finally:
+        client.close()
+    # With tracing: the warm-up's spans exported before the count starts,
+    # and the counted requests' spans within it (the batch processor
+    # exports every 5 s), so the export is counted, and only once. (A new
+    # connection after the pause: the server closes idle ones after 5 s.)
+    time.sleep(settle)
+    client = bench.RawClient(port, 120)
+    try:
         before = set(out_dir.glob("callgrind.out*"))
         control(pid, "-z")
         control(pid, "-i", "on")
@@ -55,6 +66,7 @@ def measured(pid: int, port: int, out_dir: Path, label: str, stream: bool, reque
             status, _, _, _ = client.request("POST", "/v1/chat/completions", body, headers)
             if status != 200:
                 raise RuntimeError(f"{label}: status {status}")
+        time.sleep(settle)
         control(pid, "-i", "off")
         control(pid, "-d", label)
         time.sleep(1)
@@ -70,6 +82,13 @@ def main() -> int:
     parser.add_argument("--config-extra", default="", help="TOML (\\n for new lines)")
     parser.add_argument("--env", action="append", default=[], metavar="VAR=VALUE")
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds idle before and after the counted requests (tracing: 8, so "
+        "the batch exporter's work on their spans is counted)",
+    )
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix=f"nomoat-instr-{args.name}-"))
@@ -99,8 +118,8 @@ def main() -> int:
         proc = bench.start("nomoat", command, work, None, env)
         bench.wait_for_chat(proc, port, bench.auth_headers(), 900)
         pid = proc.pid
-        json_ir = measured(pid, port, work, "json", False, args.requests)
-        stream_ir = measured(pid, port, work, "stream", True, args.requests)
+        json_ir = measured(pid, port, work, "json", False, args.requests, args.settle)
+        stream_ir = measured(pid, port, work, "stream", True, args.requests, args.settle)
         per_request = f"JSON {json_ir / 1e6:.3f}M, stream {stream_ir / 1e6:.3f}M"
         print(f"{args.name}: {per_request} instructions/request")
     finally:

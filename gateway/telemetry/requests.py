@@ -12,7 +12,7 @@ from typing import Any
 
 from litestar import Request
 from litestar.datastructures import State
-from litestar.types import ASGIApp
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import GatewayError
 from gateway.responses import JsonAnswer
@@ -95,4 +95,22 @@ async def traced_request(
         span.detach(token)
     if isinstance(response, JsonAnswer):
         span.finish(200)
-    return response
+        return response
+    return _current_while_sent(span, response)
+
+
+def _current_while_sent(span: RequestSpan, response: ASGIApp) -> ASGIApp:
+    """A stream's response, sent with the request's span current, so what
+    is logged while it flows (its failure after the first byte included)
+    carries the trace ids: one attach for the whole stream rather than one
+    per event (about 0.6 us an event). The response runs in the handler's
+    task, as Litestar awaits it, so the token is reset where it was made."""
+
+    async def sent_in_span(scope: Scope, receive: Receive, send: Send) -> None:
+        token = span.attach()
+        try:
+            await response(scope, receive, send)
+        finally:
+            span.detach(token)
+
+    return sent_in_span

@@ -241,22 +241,6 @@ class RequestSpan:
             self.span.set_status(Status(StatusCode.ERROR))
         self.span.end()
 
-    async def current(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
-        """``events`` (the outermost iterator of a stream), each fetched with
-        this span current: what is logged while a stream flows, its failure
-        after the first byte included, carries the trace ids (about 0.6 us
-        an event)."""
-        async with closing(events):
-            while True:
-                token = otel_context.attach(self.context)
-                try:
-                    event = await anext(events)
-                except StopAsyncIteration:
-                    return
-                finally:
-                    otel_context.detach(token)
-                yield event
-
     async def watch(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
         """A stream passed through; the span ends with it: its end, its
         failure (recorded) or the client leaving."""
@@ -302,8 +286,7 @@ class AttemptSpan:
     def headers(self) -> Mapping[str, str]:
         # Made when a backend asks (an in-process engine never does).
         if self._headers is None:
-            self._headers = {"x-request-id": self._upstream_id}
-            _PROPAGATOR.inject(self._headers, context=self.context)
+            self._headers = {"x-request-id": self._upstream_id, **_trace_headers(self.span)}
         return self._headers
 
     def record(self, attributes: Mapping[str, AttributeValue]) -> None:
@@ -441,3 +424,16 @@ class AttemptSpan:
             self.span.set_attributes({names.OUTPUT_MESSAGES: messages})
         self.span.end(self._over_ns)
         self._over_ns = 0
+
+
+def _trace_headers(span: RecordedSpan) -> dict[str, str]:
+    """W3C ``traceparent`` (and ``tracestate``) naming ``span`` as the
+    parent: what the SDK's ``TraceContextTextMapPropagator.inject`` writes
+    (a test compares them), without its look-up of the span through a
+    context: once per attempt on the event loop."""
+    context = span.context
+    ids = f"{context.trace_id:032x}-{context.span_id:016x}"
+    headers = {"traceparent": f"00-{ids}-{context.trace_flags:02x}"}
+    if context.trace_state:
+        headers["tracestate"] = context.trace_state.to_header()
+    return headers

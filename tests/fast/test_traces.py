@@ -17,12 +17,13 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.errors import UpstreamError
 from gateway.registry import Registry
 from gateway.telemetry import semconv as names
 from gateway.telemetry.logs import TraceContextFilter
-from gateway.telemetry.spans import Tracing
+from gateway.telemetry.spans import AttemptSpan, Tracing
 from gateway.testing import Script
 from gateway.testing.inprocess import InProcessGateway, in_process_gateway
 
@@ -214,6 +215,11 @@ async def test_the_clients_tracestate_goes_on_upstream(start: Start, traced: Tra
     sent = trace.headers()
     assert sent["tracestate"] == "vendor=abc,other=1"
     assert sent["traceparent"].startswith(f"00-{CLIENT_TRACE}-")
+    # Written as the SDK's W3C propagator writes them.
+    assert isinstance(trace, AttemptSpan)
+    injected: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(injected, context=trace.context)
+    assert {k: v for k, v in sent.items() if k != "x-request-id"} == injected
 
 
 async def test_a_client_trace_not_sampled_records_nothing_and_still_propagates(
