@@ -46,7 +46,6 @@ from gateway.errors import (
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
-from gateway.metrics_names import provider_name
 from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import DeploymentState, ServerState
 from gateway.observer import Observer, Unobserved, observing
@@ -60,6 +59,7 @@ from gateway.telemetry.requests import (
     start_tracing,
     traced_request,
 )
+from gateway.telemetry.semconv import provider_name
 from gateway.telemetry.spans import RequestSpan, Tracing
 
 _log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Request metrics on ``/metrics``, through ``prometheus-client``.
 
 The OpenTelemetry GenAI metrics (semantic conventions as pinned in
-:mod:`gateway.metrics_names`; still in development) with their advised bucket
+:mod:`gateway.telemetry.semconv`; still in development) with their advised bucket
 boundaries, named as OpenTelemetry's Prometheus exporter names them (dots to
 underscores, the unit as a suffix), beside nomoat's own: requests by model,
 deployment and status class, in flight, retries, fallbacks, cooldowns, hook
@@ -39,13 +39,15 @@ from prometheus_client.utils import floatToGoString
 from gateway import wire
 from gateway.contract import Target
 from gateway.exchange import Exchange, adapter_label
-from gateway.metrics_names import (
+from gateway.telemetry import semconv as names
+from gateway.telemetry.semconv import (
     DURATION_BUCKETS,
     HOOK_BUCKETS,
     SERVER_PROVIDER,
     TOKEN_BUCKETS,
     TPOT_BUCKETS,
     TTFT_BUCKETS,
+    prometheus_label,
 )
 
 
@@ -239,7 +241,7 @@ class _InFlight:
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            "nomoat_requests_in_flight",
+            names.PROM_IN_FLIGHT,
             "Requests to the OpenAI endpoints being served now (a stream until its last byte).",
             value=self._metrics.in_flight,
         )
@@ -252,63 +254,65 @@ class PrometheusMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         # Backend name -> gen_ai.provider.name of its type.
         self._providers = providers
-        client = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+        genai = (names.OPERATION_NAME, names.PROVIDER_NAME, names.REQUEST_MODEL)
+        client = server = tuple(map(prometheus_label, genai))
+        error_type = prometheus_label(names.ERROR_TYPE)
+        token_type = prometheus_label(names.TOKEN_TYPE)
         place = ("model", "deployment", "backend")
-        server = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
         self._client_duration = _Histograms(
-            "gen_ai_client_operation_duration_seconds",
+            names.PROM_CLIENT_OPERATION_DURATION,
             "GenAI operation duration: each call nomoat made to an upstream or engine.",
-            (*client, "error_type", *place),
+            (*client, error_type, *place),
             DURATION_BUCKETS,
         )
         self._token_usage = _Histograms(
-            "gen_ai_client_token_usage",
+            names.PROM_CLIENT_TOKEN_USAGE,
             "Number of input and output tokens used, per call to an upstream or engine.",
-            (*client, "gen_ai_token_type", *place, "adapter"),
+            (*client, token_type, *place, "adapter"),
             TOKEN_BUCKETS,
         )
         self._server_duration = _Histograms(
-            "gen_ai_server_request_duration_seconds",
+            names.PROM_SERVER_REQUEST_DURATION,
             "Generative AI server request duration: arrival to last byte.",
-            (*server, "error_type", *place),
+            (*server, error_type, *place),
             DURATION_BUCKETS,
         )
         self._ttft = _Histograms(
-            "gen_ai_server_time_to_first_token_seconds",
+            names.PROM_SERVER_TIME_TO_FIRST_TOKEN,
             "Time to generate the first token for successful streamed responses.",
             (*server, *place),
             TTFT_BUCKETS,
         )
         self._tpot = _Histograms(
-            "gen_ai_server_time_per_output_token_seconds",
+            names.PROM_SERVER_TIME_PER_OUTPUT_TOKEN,
             "Time per output token after the first, for successful streamed responses.",
             (*server, *place),
             TPOT_BUCKETS,
         )
         self._requests = _Counters(
-            "nomoat_requests_total",
+            names.PROM_REQUESTS,
             "Requests to the OpenAI endpoints, by model, deployment and status class.",
             ("model", "deployment", "backend", "adapter", "status_class"),
         )
         # A plain count read at scrape time.
         self.in_flight = 0
         self._retries = _Counters(
-            "nomoat_retries_total",
+            names.PROM_RETRIES,
             "Further rounds over a model's deployments after all of them failed.",
             ("model",),
         )
         self._fallbacks = _Counters(
-            "nomoat_fallbacks_total",
+            names.PROM_FALLBACKS,
             "Times a model's fallback model was tried (model: the one asked for).",
             ("model", "fallback"),
         )
         self._cooldowns = _Counters(
-            "nomoat_cooldowns_total",
+            names.PROM_COOLDOWNS,
             "Times a deployment was put in cooldown after a failure.",
             place,
         )
         self._hook_time = _Histograms(
-            "nomoat_hook_duration_seconds",
+            names.PROM_HOOK_DURATION,
             "Time spent in each hook, by stage (request, response, error).",
             ("hook", "stage"),
             HOOK_BUCKETS,
@@ -420,8 +424,8 @@ class PrometheusMetrics:
         labels = (op, provider, engine)
         place = (model, deployment, backend, adapter_label(target))
         if usage is not None:
-            self._observe(tokens, (*labels, "input", *place), usage.prompt_tokens)
-        self._observe(tokens, (*labels, "output", *place), output)
+            self._observe(tokens, (*labels, names.TOKEN_INPUT, *place), usage.prompt_tokens)
+        self._observe(tokens, (*labels, names.TOKEN_OUTPUT, *place), output)
 
     def _called_ok(
         self, exchange: Exchange, target: Target, backend: str, seconds: float, usage: wire.Usage
@@ -436,8 +440,8 @@ class PrometheusMetrics:
             place = (model, deployment, backend, adapter)
             to = self._called[key] = _Called(
                 self._client_duration(*genai, "", model, deployment, backend),
-                self._token_usage(*genai, "input", *place),
-                self._token_usage(*genai, "output", *place),
+                self._token_usage(*genai, names.TOKEN_INPUT, *place),
+                self._token_usage(*genai, names.TOKEN_OUTPUT, *place),
             )
         to.duration.observe(seconds)
         to.input_tokens.observe(usage.prompt_tokens)

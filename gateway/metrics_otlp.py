@@ -21,7 +21,9 @@ from gateway import wire
 from gateway.contract import Target
 from gateway.exchange import Exchange, adapter_label
 from gateway.metrics import PrometheusMetrics
-from gateway.metrics_names import (
+from gateway.settings import MetricsSettings
+from gateway.telemetry import semconv as names
+from gateway.telemetry.semconv import (
     DURATION_BUCKETS,
     HOOK_BUCKETS,
     SCHEMA_URL,
@@ -30,7 +32,6 @@ from gateway.metrics_names import (
     TPOT_BUCKETS,
     TTFT_BUCKETS,
 )
-from gateway.settings import MetricsSettings
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -69,12 +70,12 @@ def _provider(interval_seconds: float) -> MeterProvider:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
     buckets = {
-        "gen_ai.client.operation.duration": DURATION_BUCKETS,
-        "gen_ai.client.token.usage": TOKEN_BUCKETS,
-        "gen_ai.server.request.duration": DURATION_BUCKETS,
-        "gen_ai.server.time_to_first_token": TTFT_BUCKETS,
-        "gen_ai.server.time_per_output_token": TPOT_BUCKETS,
-        "nomoat.hook.duration": HOOK_BUCKETS,
+        names.CLIENT_OPERATION_DURATION: DURATION_BUCKETS,
+        names.CLIENT_TOKEN_USAGE: TOKEN_BUCKETS,
+        names.SERVER_REQUEST_DURATION: DURATION_BUCKETS,
+        names.SERVER_TIME_TO_FIRST_TOKEN: TTFT_BUCKETS,
+        names.SERVER_TIME_PER_OUTPUT_TOKEN: TPOT_BUCKETS,
+        names.HOOK_DURATION_METRIC: HOOK_BUCKETS,
     }
     views = [
         View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
@@ -98,30 +99,32 @@ class OtlpMetrics:
     def __init__(self, inner: PrometheusMetrics, interval_seconds: float) -> None:
         self._inner = inner
         self._provider = _provider(interval_seconds)
-        meter = self._provider.get_meter("nomoat", schema_url=SCHEMA_URL)
+        meter = self._provider.get_meter(names.INSTRUMENTATION_SCOPE, schema_url=SCHEMA_URL)
         self._client_duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", "s", "GenAI operation duration."
+            names.CLIENT_OPERATION_DURATION, "s", "GenAI operation duration."
         )
         self._token_usage = meter.create_histogram(
-            "gen_ai.client.token.usage", "{token}", "Number of input and output tokens used."
+            names.CLIENT_TOKEN_USAGE, "{token}", "Number of input and output tokens used."
         )
         self._server_duration = meter.create_histogram(
-            "gen_ai.server.request.duration", "s", "Generative AI server request duration."
+            names.SERVER_REQUEST_DURATION, "s", "Generative AI server request duration."
         )
         self._ttft = meter.create_histogram(
-            "gen_ai.server.time_to_first_token", "s", "Time to generate first token."
+            names.SERVER_TIME_TO_FIRST_TOKEN, "s", "Time to generate first token."
         )
         self._tpot = meter.create_histogram(
-            "gen_ai.server.time_per_output_token", "s", "Time per output token after the first."
+            names.SERVER_TIME_PER_OUTPUT_TOKEN, "s", "Time per output token after the first."
         )
-        self._requests = meter.create_counter("nomoat.requests", "{request}", "Requests.")
+        self._requests = meter.create_counter(names.REQUESTS_METRIC, "{request}", "Requests.")
         self._in_flight = meter.create_up_down_counter(
-            "nomoat.requests.in_flight", "{request}", "Requests being served."
+            names.IN_FLIGHT_METRIC, "{request}", "Requests being served."
         )
-        self._retries = meter.create_counter("nomoat.retries", "{round}", "Retry rounds.")
-        self._fallbacks = meter.create_counter("nomoat.fallbacks", "{model}", "Fallbacks tried.")
-        self._cooldowns = meter.create_counter("nomoat.cooldowns", "{cooldown}", "Cooldowns.")
-        self._hook_time = meter.create_histogram("nomoat.hook.duration", "s", "Time in hooks.")
+        self._retries = meter.create_counter(names.RETRIES_METRIC, "{round}", "Retry rounds.")
+        self._fallbacks = meter.create_counter(
+            names.FALLBACKS_METRIC, "{model}", "Fallbacks tried."
+        )
+        self._cooldowns = meter.create_counter(names.COOLDOWNS_METRIC, "{cooldown}", "Cooldowns.")
+        self._hook_time = meter.create_histogram(names.HOOK_DURATION_METRIC, "s", "Time in hooks.")
 
     def shutdown(self) -> None:
         """Export what is left, then stop."""
@@ -168,8 +171,10 @@ class OtlpMetrics:
             return
         labels = {**genai, **place, "adapter": adapter_label(target)}
         if usage is not None:
-            self._token_usage.record(usage.prompt_tokens, {**labels, "gen_ai.token.type": "input"})
-        self._token_usage.record(output, {**labels, "gen_ai.token.type": "output"})
+            self._token_usage.record(
+                usage.prompt_tokens, {**labels, names.TOKEN_TYPE: names.TOKEN_INPUT}
+            )
+        self._token_usage.record(output, {**labels, names.TOKEN_TYPE: names.TOKEN_OUTPUT})
 
     def retried(self, model: str) -> None:
         self._inner.retried(model)
@@ -190,9 +195,9 @@ class OtlpMetrics:
 
 def _genai(operation: str, provider: str, model: str) -> Attributes:
     return {
-        "gen_ai.operation.name": operation,
-        "gen_ai.provider.name": provider,
-        "gen_ai.request.model": model,
+        names.OPERATION_NAME: operation,
+        names.PROVIDER_NAME: provider,
+        names.REQUEST_MODEL: model,
     }
 
 
@@ -201,4 +206,4 @@ def _place(model: str, deployment: str, backend: str) -> Attributes:
 
 
 def _error(error: str | None) -> Attributes:
-    return {} if error is None else {"error.type": error}
+    return {} if error is None else {names.ERROR_TYPE: error}

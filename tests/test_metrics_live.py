@@ -15,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics_names import GENAI_LABELS, NOMOAT_LABELS
+from gateway.telemetry.semconv import GENAI_LABELS, NOMOAT_LABELS
 from tests.conftest import MODEL, Server, config_with_key, running_server
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as serv
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as service_grpc
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 
-from gateway.metrics_names import DURATION_BUCKETS, SCHEMA_URL, TOKEN_BUCKETS, TTFT_BUCKETS
+from gateway.telemetry.semconv import DURATION_BUCKETS, SCHEMA_URL, TOKEN_BUCKETS, TTFT_BUCKETS
 from gateway.testing.inprocess import in_process_gateway
 from tests.fast.support import chat_body, pool
 

@@ -65,7 +65,7 @@ def start_tracing(
         stack.callback(_remove_filter, trace_filter)
     types = {name: backend.type for name, backend in settings.backends.items()}
     tracing.know_backends(
-        {name: names.PROVIDERS.get(kind, kind) for name, kind in types.items()},
+        {name: names.provider_name(kind) for name, kind in types.items()},
         frozenset(name for name, kind in types.items() if kind in IN_PROCESS_TYPES),
     )
     return tracing

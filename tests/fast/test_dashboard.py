@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics_names import GENAI_LABELS, NOMOAT_LABELS
+from gateway.telemetry.semconv import GENAI_LABELS, NOMOAT_LABELS
 from gateway.testing.inprocess import InProcessGateway
 
 from .conftest import Start

@@ -14,7 +14,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.errors import UpstreamError
-from gateway.metrics_names import (
+from gateway.telemetry.semconv import (
     DURATION_BUCKETS,
     GENAI_LABELS,
     NOMOAT_LABELS,

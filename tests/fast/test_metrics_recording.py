@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from gateway.exchange import Exchange
 from gateway.metrics import NoMetrics, PrometheusMetrics
-from gateway.metrics_names import HOOK_BUCKETS
 from gateway.observer import Observer, Unobserved, observing
+from gateway.telemetry.semconv import HOOK_BUCKETS
 
 HOOK = "nomoat_hook_duration_seconds"
 RETRIES = "nomoat_retries_total"
