@@ -31,6 +31,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
+from gateway.telemetry import semconv as names
+
 _logger = logging.getLogger(__name__)
 _DOUBLE = struct.Struct("<d")
 _FIXED64 = struct.Struct("<Q")
@@ -45,6 +47,8 @@ _CACHE_LIMIT = 8192
 _CACHED_STR_LENGTH = 64
 _CACHED_TYPES = frozenset({bool, int})
 _CACHED_ITEMS = 8
+# Attributes whose value is new with every request: never cached.
+_UNIQUE_KEYS = frozenset({names.REQUEST_ID, names.RESPONSE_ID})
 
 
 def _varint(value: int) -> bytes:
@@ -64,7 +68,24 @@ def _field(tag: int, payload: bytes) -> bytes:
 
 
 def _any_value(value: object) -> bytes:
-    """An ``AnyValue``'s content, dispatching as the SDK's ``_encode_value``."""
+    """An ``AnyValue``'s content, dispatching as the SDK's ``_encode_value``
+    (the exact types nomoat records first, without ``isinstance`` chains)."""
+    kind = type(value)
+    if type(value) is str:
+        return _field(0x0A, value.encode("utf-8"))
+    if type(value) is float:
+        return b"\x21" + _DOUBLE.pack(value)
+    if kind is bool:
+        return b"\x10\x01" if value else b"\x10\x00"
+    if type(value) is int:
+        return b"\x18" + _varint(value & _INT64_MASK)
+    if type(value) is list or type(value) is tuple:
+        return _field(0x2A, b"".join([_field(0x0A, _any_value(item)) for item in value]))
+    return _other_value(value)
+
+
+def _other_value(value: object) -> bytes:
+    """Any other value (subclasses of the above, bytes, mappings, None)."""
     if value is None:
         return b""
     if isinstance(value, bool):
@@ -117,15 +138,21 @@ class SpanEncoder:
         for key, value in attributes.items():
             kind = value.__class__
             cache_key: tuple[object, ...]
-            if kind is float:
-                # By its bits: 0.0 and -0.0 are equal in a dict.
-                cache_key = (tag, key, kind, _DOUBLE.pack(value))
-            elif kind in _CACHED_TYPES or (
-                isinstance(value, str) and len(value) <= _CACHED_STR_LENGTH
-            ):
+            if kind is float or key in _UNIQUE_KEYS:
+                # Seldom the same twice (a time, a score, an id): caching
+                # would only fill the cache.
+                out.append(bytes((tag,)) + self._key_value(key, value))
+                continue
+            if type(value) is str:
+                if len(value) > _CACHED_STR_LENGTH:
+                    out.append(bytes((tag,)) + self._key_value(key, value))
+                    continue
+                # A string equals no other type's value: no type in the key.
+                cache_key = (tag, key, value)
+            elif kind in _CACHED_TYPES:
                 # The type is part of the key: True and 1 are equal in a dict.
                 cache_key = (tag, key, kind, value)
-            elif isinstance(value, list | tuple) and len(value) <= _CACHED_ITEMS:
+            elif (type(value) is list or type(value) is tuple) and len(value) <= _CACHED_ITEMS:
                 # A short list of strings or integers (a route's candidates,
                 # finish reasons), keyed by its items and their types.
                 items = tuple(value)
