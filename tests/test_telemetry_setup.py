@@ -26,6 +26,7 @@ from gateway.telemetry.setup import (
     problems,
     resource,
     sampler,
+    span_processors,
     trace_export,
     tracer_provider,
 )
@@ -163,3 +164,17 @@ def test_serve_refuses_otel_variables_it_cannot_honour(
     assert ran.returncode == 2
     assert "configuration error" in ran.stderr and said in ran.stderr
     assert problems(TelemetrySettings(), {name: value}) == []  # no endpoint: tracing off
+
+
+def test_nomoats_spans_reach_processors_added_to_the_provider_later() -> None:
+    # The recorder reaches the provider's processors through the set handed
+    # to the provider's constructor (public API), those added later too.
+    processors = span_processors()
+    provider = tracer_provider(FILE, SimpleSpanProcessor(InMemorySpanExporter()), {}, processors)
+    tracing = Tracing(provider, processors=processors)
+    later = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(later))
+    tracing.request("POST", "/v1/chat/completions", [], "rid").finish(200)
+    [span] = later.get_finished_spans()
+    assert span.name == "POST /v1/chat/completions"
+    assert span.attributes is not None and span.attributes[names.REQUEST_ID] == "rid"

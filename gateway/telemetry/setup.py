@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -143,12 +143,25 @@ def resource(settings: TelemetrySettings) -> Resource:
     return base.merge(OTELResourceDetector().detect())
 
 
+def span_processors() -> SynchronousMultiSpanProcessor:
+    """What a provider hands its spans to (all its processors, in order)."""
+    return SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
+
+
 def tracer_provider(
     settings: TelemetrySettings,
     processor: SpanProcessor,
     env: Mapping[str, str],
+    processors: SynchronousMultiSpanProcessor | None = None,
 ) -> TracerProvider:
-    provider = TracerProvider(sampler=sampler(settings, env), resource=resource(settings))
+    """The provider, its span processors ``processors`` (given to the
+    constructor, so nomoat's recorder can reach them: see recorder.py) with
+    ``processor`` added."""
+    provider = TracerProvider(
+        sampler=sampler(settings, env),
+        resource=resource(settings),
+        active_span_processor=processors or span_processors(),
+    )
     provider.add_span_processor(processor)
     return provider
 
@@ -177,5 +190,7 @@ def build_tracing(
     if not enabled(settings, env):
         return None
     processor = BatchSpanProcessor(exporter(trace_export(settings, env)))
-    provider = tracer_provider(settings, processor, env)
-    return Tracing(provider, capture_content=settings.capture_content), provider
+    processors = span_processors()
+    provider = tracer_provider(settings, processor, env, processors)
+    tracing = Tracing(provider, processors=processors, capture_content=settings.capture_content)
+    return tracing, provider

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -64,12 +64,15 @@ class Tracing:
     ``in_process`` names the backends whose engine runs in this process (their
     attempt spans are INTERNAL, the others CLIENT, as the conventions ask).
     ``capture_content``: record prompts and answers (opt-in attributes).
+    ``processors``: the provider's span processors, as given to its
+    constructor (``active_span_processor``); see recorder.py.
     """
 
     def __init__(
         self,
         provider: TracerProvider,
         *,
+        processors: SpanProcessor | None = None,
         capture_content: bool = False,
         providers: Mapping[str, str] | None = None,
         in_process: frozenset[str] = frozenset(),
@@ -80,6 +83,7 @@ class Tracing:
         self.recorder = Recorder(
             provider,
             InstrumentationScope(names.INSTRUMENTATION_SCOPE, schema_url=names.SCHEMA_URL),
+            processors,
         )
         self.capture_content = capture_content
         self.providers: Mapping[str, str] = providers or {}
