@@ -7,6 +7,10 @@ apart can be told apart (telemetry off and on, issue 12).
     .venv/bin/python loadtests/instructions_per_request.py --name off \\
         --config-extra '[metrics]\\nenabled = false' [--env OTEL_...=...] [--requests 200]
 
+With tracing, count the span export too: ``--requests 512 --settle 3 --env
+OTEL_BSP_SCHEDULE_DELAY=600000`` (full batches of 512 spans only, as under
+load; docs/benchmarks.md, "Telemetry overhead").
+
 Needs valgrind (Debian: apt-get install -y valgrind). The server starts under
 callgrind with instrumentation off (a minute or more), which is switched on
 only around the measured requests.
