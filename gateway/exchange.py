@@ -44,6 +44,15 @@ class Exchange:
     estimated_output_tokens: int | None = None
     first_token_at: float | None = None
     key_id: str | None = None
+    # Accounting (gateway/accounting): who asked (the managed key's team, the
+    # body's ``user``), how the answer ended, and what it cost in nano-USD:
+    # ``charged_nano`` at the deployment's token prices (budgets count it),
+    # ``compute_nano`` its share of a self-hosted node's usd_per_hour.
+    team_id: str | None = None
+    user: str | None = None
+    finish_reason: str | None = None
+    charged_nano: int = 0
+    compute_nano: int = 0
     # The trace this request belongs to, when tracing is on (hex, W3C form).
     trace_id: str | None = None
     span_id: str | None = None

@@ -316,6 +316,24 @@ def _default_models() -> dict[str, ModelSettings]:
     return {EMBEDDED_MODEL: ModelSettings(deployments=[deployment])}
 
 
+class AccountingSettings(_Strict):
+    """``[accounting]``: the ledger, managed keys and teams, budgets and rate
+    limits (gateway/accounting). On by default, with SQLite in the user's data
+    directory: nothing to set up for one process."""
+
+    enabled: bool = True
+    # "" (default): SQLite at $XDG_DATA_HOME/nomoat/accounting.db (else
+    # ~/.local/share/nomoat/accounting.db). Or "sqlite:///PATH" or
+    # "postgresql://user:password@host:port/db" (for several replicas).
+    database: str = ""
+    # "" (default): limits and budget reservations in this process only.
+    # "redis://host:port/db": shared by every worker and replica.
+    redis: str = ""
+    # Apply pending migrations at start-up (else run `nomoat migrate` first;
+    # the Helm chart runs it as a hook before the gateway rolls).
+    migrate_on_start: bool = True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="NOMOAT_",
@@ -334,6 +352,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
     metrics: MetricsSettings = MetricsSettings()
     access_log: AccessLogSettings = AccessLogSettings()
+    accounting: AccountingSettings = AccountingSettings()
 
     @classmethod
     def settings_customise_sources(

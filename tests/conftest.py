@@ -150,3 +150,40 @@ def vllm() -> Iterator[VllmServer]:
 def assets() -> Assets:
     """The trained marker adapters (scripts/setup_adapters.sh, cached)."""
     return Assets(Path(setup_script("setup_adapters.sh")))
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real PostgreSQL cluster for the run (tests/services.py)."""
+    from tests.services import running_postgres
+
+    with running_postgres(tmp_path_factory.mktemp("postgres")) as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A new, empty database of the shared cluster: ``postgresql://...``."""
+    from tests.services import fresh_database
+
+    return fresh_database(postgres_server)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Redis server for the run (tests/services.py)."""
+    from tests.services import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    """The shared Redis, emptied before each test (FLUSHDB)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    client.close()
+    yield redis_server
