@@ -27,8 +27,11 @@ from prometheus_client import generate_latest
 
 from gateway import wire
 from gateway.access_log import AccessLog
+from gateway.accounting.admin_api import build_key_handlers
+from gateway.accounting.keys import ManagedKeys, start_managed_keys
+from gateway.accounting.principal import Principal
 from gateway.admin import build_admin_handlers
-from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
+from gateway.auth import AdminAuthenticator, Authenticator, PrincipalAuthenticator, is_loopback
 from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decision_log import DecisionLog
@@ -81,6 +84,8 @@ class Runtime:
     # The request metrics (None: switched off) and what reports to them.
     metrics: PrometheusMetrics | None = field(init=False, default=None)
     observer: Observer = field(init=False)
+    # Managed API keys and teams (None: accounting is off, or not started).
+    keys: ManagedKeys | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Observer(NoMetrics(), None)
@@ -135,6 +140,12 @@ class Runtime:
             adapters=self.plan.adapters,
             metrics=metrics,
         )
+        await self.start_keys(stack)
+
+    async def start_keys(self, stack: AsyncExitStack) -> None:
+        """Managed keys loaded from the accounting database and kept current
+        (stopped with the server)."""
+        self.keys = await start_managed_keys(self.settings.accounting, stack)
 
     def serving(self) -> Pipeline:
         if self.pipeline is None:
@@ -205,13 +216,16 @@ def handle_exception(request: AnyRequest, exc: Exception) -> Response[bytes]:
 _PRIVATE_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
 
 
-def _context(prefix: str, key_id: str | None, request: AnyRequest) -> RequestContext:
+def _context(
+    prefix: str, key_id: str | None, request: AnyRequest, principal: Principal | None = None
+) -> RequestContext:
     headers = {
         name.decode("latin-1"): value.decode("latin-1")
         for name, value in request.scope["headers"]
         if name not in _PRIVATE_HEADERS
     }
-    return RequestContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), key_id, None, headers)
+    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    return RequestContext(request_id, int(time.time()), key_id, None, headers, principal=principal)
 
 
 class ClientClosedRequestError(GatewayError):
@@ -241,7 +255,7 @@ async def _cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
 def _openai_endpoint(
     runtime: Runtime,
     endpoint: Endpoint[RequestT, AnswerT, ChunkT],
-    authenticate: Authenticator,
+    authenticate: PrincipalAuthenticator,
 ) -> ControllerRouterHandler:
     """The handler of one OpenAI endpoint: authenticate, read, decode, then
     the pipeline. Every error on the way reaches the error hooks once: here
@@ -261,9 +275,12 @@ def _openai_endpoint(
         observer = runtime.observer
         exchange = observer.open(endpoint.name, endpoint.path)
         try:
-            key_id = authenticate(request)
-            ctx = _context(endpoint.id_prefix, key_id, request)
+            principal = authenticate.principal(request)
+            key_id = principal.key_id if principal is not None else None
+            ctx = _context(endpoint.id_prefix, key_id, request, principal)
             exchange.request_id, exchange.key_id = ctx.request_id, key_id
+            if principal is not None and principal.team is not None:
+                exchange.team_id = principal.team.id
             pipeline = runtime.serving()
             raw = await request.body()
             body = endpoint.decode(raw, limits)
@@ -317,7 +334,7 @@ def _openai_endpoint(
 
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     server = runtime.settings.server
-    authenticate = Authenticator(server.api_key_hashes)
+    authenticate = PrincipalAuthenticator(server.api_key_hashes, lambda: runtime.keys)
 
     @get("/v1/models")
     async def list_models(request: AnyRequest) -> Response[bytes]:
@@ -369,15 +386,17 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
             return generate_latest(state)
         return runtime.metrics.render(state)
 
+    admin_authenticate = AdminAuthenticator(
+        server.api_key_hashes, server.admin_key_hashes, network=not is_loopback(server.host)
+    )
     admin = build_admin_handlers(
         lambda: runtime.serving().adapters or _no_adapters(),
         runtime.backends,
-        AdminAuthenticator(
-            server.api_key_hashes, server.admin_key_hashes, network=not is_loopback(server.host)
-        ),
+        admin_authenticate,
         runtime.serving,
         runtime.settings.limits,
     )
+    admin += build_key_handlers(lambda: runtime.keys, admin_authenticate)
     return [
         _openai_endpoint(runtime, CHAT, authenticate),
         _openai_endpoint(runtime, COMPLETIONS, authenticate),

@@ -24,11 +24,12 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from litestar.types import Scope
 
+from gateway.accounting.principal import Principal
 from gateway.errors import AuthenticationError, PermissionDeniedError
 
 KEY_HASH_PREFIX = "sha256:"
@@ -64,7 +65,12 @@ def key_fingerprint(stored_hash: str) -> str:
 
 def key_matches(presented: str, hashes: Iterable[str]) -> str | None:
     """The matching stored hash, compared in constant time, or None."""
-    candidate = hash_api_key(presented).encode()
+    return hash_matches(hash_api_key(presented), hashes)
+
+
+def hash_matches(presented_hash: str, hashes: Iterable[str]) -> str | None:
+    """The stored hash equal to ``presented_hash`` (compared in constant time), or None."""
+    candidate = presented_hash.encode()
     found = None
     for stored in hashes:
         # Compare against every entry, so timing does not reveal which matched.
@@ -163,3 +169,68 @@ class AdminAuthenticator:
         if key_matches(token, self._api) is not None:
             raise PermissionDeniedError("This key may not use the admin API.")
         raise AuthenticationError("Incorrect API key provided.")
+
+
+class ManagedKeyLookup(Protocol):
+    """Managed keys as the authenticator reads them
+    (:class:`gateway.accounting.keys.ManagedKeys`)."""
+
+    @property
+    def exist(self) -> bool:
+        """Whether any managed key was ever created."""
+        ...
+
+    def lookup(self, key_hash: str) -> Principal | None:
+        """The key's principal; None for no managed key; raises 401 for a
+        revoked or expired one."""
+        ...
+
+
+class PrincipalAuthenticator:
+    """The OpenAI endpoints (and ``/status``): a static key of
+    ``server.api_key_hashes`` or a managed key (``/admin/keys``, ``nomoat
+    keys``), as the :class:`Principal` the limits, budgets and ledger read.
+
+    Open (no key needed) only while there is no static key and no managed
+    key was ever created. ``managed`` is called per request: the managed
+    keys exist once the server has started (None: accounting is off).
+
+    A managed key is found by its hash in a dict: the lookup's timing can
+    only tell about the hash of the presented key, which gives nothing away
+    about any stored key.
+    """
+
+    def __init__(
+        self,
+        api_key_hashes: tuple[str, ...],
+        managed: Callable[[], ManagedKeyLookup | None] = lambda: None,
+    ) -> None:
+        self._hashes = api_key_hashes
+        self._static = {stored: Principal(key_fingerprint(stored)) for stored in api_key_hashes}
+        self._managed = managed
+
+    def principal(self, request: HasScope) -> Principal | None:
+        """Who is asking; None if keys are off; raises 401 otherwise."""
+        managed = self._managed()
+        if not self._hashes and (managed is None or not managed.exist):
+            return None
+        token = bearer_token(request)
+        if token is None:
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code=None,
+            )
+        presented = hash_api_key(token)
+        matched = hash_matches(presented, self._hashes)
+        if matched is not None:
+            return self._static[matched]
+        found = managed.lookup(presented) if managed is not None else None
+        if found is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return found
+
+    def __call__(self, request: HasScope) -> str | None:
+        """The key's id (a managed key's id, a static key's fingerprint), as
+        :class:`Authenticator` gives it."""
+        principal = self.principal(request)
+        return None if principal is None else principal.key_id

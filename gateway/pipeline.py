@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from gateway import wire
+from gateway.accounting.access import check_name, check_route
 from gateway.catalog import Catalog, ModelEntry
 from gateway.contract import AnyRequest, Backend, Candidate, RequestContext, Target
 from gateway.decision_log import DecisionLog, RouteDecision
@@ -110,12 +111,14 @@ class Pipeline:
         trace: RouteTrace | None = None,
     ) -> AnswerT:
         """One non-streamed answer."""
+        check_name(ctx.principal, self.catalog, request.model)
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
             self._answered_early(request, trace, ctx, endpoint.name)
             return early
         asked = _expect(early, endpoint.request_type)
         route = self.router.resolve(asked)
+        check_route(ctx.principal, self.catalog, route)
         ctx = _with_deadline(ctx, route.entry)
         exchange = _exchange(trace, ctx, endpoint.name)
         started = await self._attempts(
@@ -135,6 +138,7 @@ class Pipeline:
         """One streamed answer, its first chunk already there: anything that
         fails before it still moves on, or becomes a proper status."""
         arrived = time.monotonic()
+        check_name(ctx.principal, self.catalog, request.model)
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
             self._answered_early(request, trace, ctx, endpoint.name)
@@ -142,6 +146,7 @@ class Pipeline:
         else:
             asked = _expect(early, endpoint.request_type)
             route = self.router.resolve(asked)
+            check_route(ctx.principal, self.catalog, route)
             ctx = _with_deadline(ctx, route.entry)
             exchange = _exchange(trace, ctx, endpoint.name)
             started = await self._attempts(

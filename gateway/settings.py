@@ -332,6 +332,9 @@ class AccountingSettings(_Strict):
     # Apply pending migrations at start-up (else run `nomoat migrate` first;
     # the Helm chart runs it as a hook before the gateway rolls).
     migrate_on_start: bool = True
+    # How often each process polls the database for managed keys and teams
+    # changed elsewhere: a revoked key stops within about this long.
+    key_refresh_seconds: float = Field(default=0.5, gt=0, le=60)
 
 
 class Settings(BaseSettings):
