@@ -187,3 +187,18 @@ def redis_url(redis_server: str) -> Iterator[str]:
     client.flushdb()
     client.close()
     yield redis_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _accounting_out_of_the_users_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Gateways that tests start (in process or as child processes, which
+    inherit it) keep the default accounting database (SQLite under
+    $XDG_DATA_HOME) in a temporary directory, never the user's. Tests that
+    create managed keys give their gateway a database of its own."""
+    saved = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = saved
