@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 
 from gateway import wire
 from gateway.access_log import AccessLog
+from gateway.accounting.access import may_see
 from gateway.accounting.admin_api import build_key_handlers
 from gateway.accounting.keys import ManagedKeys, start_managed_keys
 from gateway.accounting.principal import Principal
@@ -338,14 +339,14 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
 
     @get("/v1/models")
     async def list_models(request: AnyRequest) -> Response[bytes]:
-        authenticate(request)
-        return _json(wire.ModelList(object="list", data=_models(runtime)))
+        principal = authenticate.principal(request)
+        return _json(wire.ModelList(object="list", data=_models_for(runtime, principal)))
 
     @get("/v1/models/{model_id:path}")
     async def retrieve_model(request: AnyRequest, model_id: FromPath[str]) -> Response[bytes]:
-        authenticate(request)
+        principal = authenticate.principal(request)
         name = model_id.lstrip("/")
-        for model in _models(runtime):
+        for model in _models_for(runtime, principal):
             if model.id == name:
                 return _json(model)
         raise NotFoundError(f"The model `{name}` does not exist.", param="model")
@@ -387,7 +388,10 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         return runtime.metrics.render(state)
 
     admin_authenticate = AdminAuthenticator(
-        server.api_key_hashes, server.admin_key_hashes, network=not is_loopback(server.host)
+        server.api_key_hashes,
+        server.admin_key_hashes,
+        network=not is_loopback(server.host),
+        managed=lambda: runtime.keys,
     )
     admin = build_admin_handlers(
         lambda: runtime.serving().adapters or _no_adapters(),
@@ -409,6 +413,19 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         metrics,
         *admin,
     ]
+
+
+def _models_for(runtime: Runtime, principal: Principal | None) -> list[wire.Model]:
+    """The models ``principal`` may use (a managed key may be given a few)."""
+    models = _models(runtime)
+    if principal is None or principal.models is None:
+        return models
+    catalog = runtime.plan.catalog
+    return [model for model in models if may_see(principal, catalog, model.id, _base_of(model))]
+
+
+def _base_of(model: wire.Model) -> str | None:
+    return model.parent if isinstance(model.parent, str) else None
 
 
 def _no_adapters() -> AdapterRegistry:

@@ -132,9 +132,11 @@ class AdminAuthenticator:
     """The admin API: an admin key once any key exists; open with none, if
     the server listens on loopback only (``network``: it does not).
 
-    No key or an unknown one is a 401; a valid API key that is not an admin
-    key is a 403 (it is known, but may not do this), and so is every call
-    while the admin API is closed.
+    No key or an unknown one is a 401; a valid API key (static or managed)
+    that is not an admin key is a 403 (it is known, but may not do this),
+    and so is every call while the admin API is closed. Managed keys count
+    as keys: once one exists, an admin API that was open closes (else any
+    local client could mint itself a key), and ``nomoat keys`` remains.
     """
 
     def __init__(
@@ -143,16 +145,25 @@ class AdminAuthenticator:
         admin_key_hashes: tuple[str, ...],
         *,
         network: bool = False,
+        managed: Callable[[], ManagedKeyLookup | None] = lambda: None,
     ) -> None:
         no_keys = not api_key_hashes and not admin_key_hashes
         self._open = no_keys and not network
         self._closed = no_keys and network
         self._admin = admin_key_hashes
         self._api = api_key_hashes
+        self._managed = managed
 
     def __call__(self, request: HasScope) -> None:
+        managed = self._managed()
         if self._open:
-            return
+            if managed is None or not managed.exist:
+                return
+            raise PermissionDeniedError(
+                "The admin API is closed: managed API keys exist and no admin key is "
+                "configured. Configure server.admin_key_hashes to use it (or manage keys "
+                "with `nomoat keys`)."
+            )
         if self._closed:
             raise PermissionDeniedError(
                 "The admin API is closed: this server listens beyond loopback without keys. "
@@ -164,9 +175,13 @@ class AdminAuthenticator:
                 "The admin API needs an admin key: send 'Authorization: Bearer ADMIN_KEY'.",
                 code=None,
             )
-        if key_matches(token, self._admin) is not None:
+        presented = hash_api_key(token)
+        if hash_matches(presented, self._admin) is not None:
             return
-        if key_matches(token, self._api) is not None:
+        known = hash_matches(presented, self._api) is not None or (
+            managed is not None and managed.lookup(presented) is not None
+        )
+        if known:
             raise PermissionDeniedError("This key may not use the admin API.")
         raise AuthenticationError("Incorrect API key provided.")
 

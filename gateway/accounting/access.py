@@ -44,6 +44,15 @@ def check_name(principal: Principal | None, catalog: Catalog, asked: str) -> Non
         raise not_permitted(asked)
 
 
+def may_see(principal: Principal | None, catalog: Catalog, name: str, base: str | None) -> bool:
+    """Whether ``/v1/models`` shows ``principal`` the model ``name`` (an
+    adapter or stack: ``base`` is the model it fine-tunes)."""
+    if principal is None or principal.models is None:
+        return True
+    model = catalog.canonical(base or name)
+    return not principal.models.isdisjoint(names_of(catalog, name, model))
+
+
 def not_permitted(model: str) -> PermissionDeniedError:
     return PermissionDeniedError(
         f"This API key may not use the model `{model}`.",

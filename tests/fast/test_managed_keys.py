@@ -426,3 +426,36 @@ async def test_the_model_a_hook_routes_to_is_checked(start: Start, tmp_path: Pat
                 model="m", messages=[{"role": "user", "content": "hi"}], stream=True
             )
         assert gw.backend("a").calls == []
+
+
+async def test_a_key_lists_only_the_models_it_may_use(start: Start, tmp_path: Path) -> None:
+    async with start(_gateway(tmp_path)) as gw:
+        key = await _key_for(gw, ["m-alias"])
+        limited, static = _sdk(gw, key), _sdk(gw, STATIC_KEY)
+        assert [m.id async for m in limited.models.list()] == ["m"]
+        assert {m.id async for m in static.models.list()} == {"m", "n"}
+        assert (await limited.models.retrieve("m")).id == "m"
+        with pytest.raises(openai.NotFoundError):
+            await limited.models.retrieve("n")
+        # A managed key is known, but is no admin key.
+        refused = await gw.http.get("/admin/keys", headers={"Authorization": f"Bearer {key}"})
+        assert refused.status_code == 403
+
+
+async def test_the_first_managed_key_closes_an_open_gateway(start: Start, tmp_path: Path) -> None:
+    text = config({"a": {}}, {"m": {"deployments": [{"backend": "a"}]}})
+    text += f'\n[accounting]\ndatabase = "sqlite:///{tmp_path / "open.db"}"\n'
+    async with start(text) as gw:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert (await gw.http.post("/v1/chat/completions", json=body)).status_code == 200
+        made = await gw.http.post("/admin/keys", json={"name": "first"})
+        assert made.status_code == 201
+        key = made.json()["key"]
+        assert (await gw.http.post("/v1/chat/completions", json=body)).status_code == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        answered = await gw.http.post("/v1/chat/completions", json=body, headers=auth)
+        assert answered.status_code == 200
+        # Else anyone on loopback could mint a key: `nomoat keys` remains.
+        closed = await gw.http.post("/admin/keys", json={"name": "second"})
+        assert closed.status_code == 403
+        assert "admin_key_hashes" in closed.json()["error"]["message"]
