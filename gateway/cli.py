@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import explain
 from gateway.accounting.cli import add_commands as add_key_commands
+from gateway.accounting.keys import managed_keys_exist
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
@@ -83,7 +84,8 @@ def _open_network_refusal(server: ServerSettings) -> str | None:
         return None
     return (
         f"nomoat: refusing to listen on {server.host} with no API key configured. "
-        "Add server.api_key_hashes (see `nomoat hash-key`), or pass "
+        "Add server.api_key_hashes (see `nomoat hash-key`) or a managed key (`nomoat keys "
+        "create`), or pass "
         "--allow-unauthenticated-network if an open gateway is intended."
     )
 
@@ -147,7 +149,8 @@ def _run(settings: Settings) -> int:
         return 2
     server = settings.server
     refusal = _open_network_refusal(server)
-    if refusal is not None:
+    # Managed keys (`nomoat keys create`) protect a network gateway as well.
+    if refusal is not None and not managed_keys_exist(settings.accounting):
         print(refusal, file=sys.stderr)
         return 2
     logging.basicConfig(

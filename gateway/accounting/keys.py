@@ -25,9 +25,12 @@ import time
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 
+from sqlalchemy import func, select
+
 from gateway.accounting.db import async_url, migrate_async, open_engine
 from gateway.accounting.principal import Principal, Team
 from gateway.accounting.store import Changes, KeyRecord, KeyStore, TeamRecord, now
+from gateway.accounting.tables import api_keys
 from gateway.errors import AuthenticationError
 from gateway.settings import AccountingSettings
 
@@ -160,3 +163,25 @@ async def start_managed_keys(
     await keys.start()
     stack.push_async_callback(keys.aclose)
     return keys
+
+
+def managed_keys_exist(settings: AccountingSettings) -> bool:
+    """Whether the accounting database holds any managed key, read once
+    before start-up (blocking); False when accounting is off or the
+    database cannot be read (no schema yet, unreachable)."""
+    if not settings.enabled:
+        return False
+
+    async def count() -> int:
+        engine = open_engine(async_url(settings.database))
+        try:
+            async with engine.connect() as connection:
+                found = await connection.scalar(select(func.count()).select_from(api_keys))
+                return int(found or 0)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(count()) > 0
+    except Exception:  # what the refusal then says is still true: no key is known
+        return False

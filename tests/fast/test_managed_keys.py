@@ -7,6 +7,7 @@ tests/test_managed_keys.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,7 @@ from sqlalchemy import update
 from gateway.accounting.access import check_name, check_route
 from gateway.accounting.db import async_url, migrate_async, open_engine
 from gateway.accounting.forms import KeyForm, TeamForm, expiry, new_key, new_team
-from gateway.accounting.keys import ManagedKeys
+from gateway.accounting.keys import ManagedKeys, managed_keys_exist
 from gateway.accounting.principal import Budget, Principal, RateLimits
 from gateway.accounting.store import KeyStore, NewKey, NewTeam
 from gateway.accounting.tables import api_keys, teams
@@ -34,7 +35,9 @@ from gateway.errors import (
 from gateway.exchange import Exchange
 from gateway.policies import OrderedPolicy
 from gateway.routing import Route
+from gateway.settings import AccountingSettings
 from gateway.testing.inprocess import InProcessGateway
+from tests.conftest import Cli
 
 from .conftest import Start
 from .support import config
@@ -459,3 +462,22 @@ async def test_the_first_managed_key_closes_an_open_gateway(start: Start, tmp_pa
         closed = await gw.http.post("/admin/keys", json={"name": "second"})
         assert closed.status_code == 403
         assert "admin_key_hashes" in closed.json()["error"]["message"]
+
+
+def test_managed_keys_count_as_keys_for_a_network_listener(tmp_path: Path, cli: Cli) -> None:
+    database = f"sqlite:///{tmp_path / 'network.db'}"
+    settings = AccountingSettings(database=database)
+    assert not managed_keys_exist(settings)  # no schema yet: no key
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(f'[accounting]\ndatabase = "{database}"\n')
+    made = cli("keys", "create", "--name", "ops", "--config", str(config_file))
+    assert made.returncode == 0, made.stderr
+    assert "only time the key is shown" in made.stdout
+    assert managed_keys_exist(settings)
+    assert not managed_keys_exist(AccountingSettings(enabled=False, database=database))
+    listed = cli("keys", "list", "--config", str(config_file), "--json")
+    assert [key["name"] for key in json.loads(listed.stdout)] == ["ops"]
+    wrong = cli("keys", "create", "--name", "x", "--rpm", "0", "--config", str(config_file))
+    assert wrong.returncode == 2 and "rpm" in wrong.stderr
+    missing = cli("keys", "revoke", "key_nope", "--config", str(config_file))
+    assert missing.returncode == 1 and "No API key" in missing.stderr
