@@ -107,7 +107,11 @@ class ManagedKeys:
             self._task = None
 
     async def refresh(self) -> None:
-        since = None if self._newest is None else self._newest - OVERLAP
+        since = None
+        if self._newest is not None:
+            # Never past this clock: a row stamped by a replica whose clock
+            # runs ahead must not hide the writes of the others.
+            since = min(self._newest, now()) - OVERLAP
         self.apply(await self.store.changed_since(since))
 
     async def _poll(self) -> None:
@@ -121,11 +125,16 @@ class ManagedKeys:
                     _log.warning("managed keys: cannot refresh from the database: %s", error)
 
     def apply(self, changes: Changes) -> None:
-        """The changed rows into the cache (idempotent)."""
+        """The changed rows into the cache (idempotent: the rows each poll
+        reads again, within the overlap, change nothing and cost no rebuild)."""
+        changed_teams = set()
         for team in changes.teams:
-            self._teams[team.id] = team
-        changed_teams = {team.id for team in changes.teams}
+            if self._teams.get(team.id) != team:
+                self._teams[team.id] = team
+                changed_teams.add(team.id)
         for record in changes.keys:
+            if self._records.get(record.key_hash) == record:
+                continue
             self._records[record.key_hash] = record
             self._place(record)
         if changed_teams:

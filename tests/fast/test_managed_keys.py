@@ -152,6 +152,31 @@ async def test_a_write_stamped_before_the_newest_seen_is_still_read(store: KeySt
     assert cache.lookup(hash_api_key(secret)) is not None
 
 
+async def test_a_replica_whose_clock_runs_ahead_hides_no_write(store: KeyStore) -> None:
+    ahead, _ = await store.create_key(NewKey("ahead"))
+    async with store.engine.begin() as connection:
+        await connection.execute(
+            update(api_keys)
+            .where(api_keys.c.id == ahead.id)
+            .values(updated_at=datetime.now(UTC) + timedelta(hours=1))
+        )
+    cache = ManagedKeys(store)
+    await cache.refresh()
+    _, secret = await store.create_key(NewKey("on time"))
+    await cache.refresh()
+    assert cache.lookup(hash_api_key(secret)) is not None
+
+
+async def test_rows_read_again_change_nothing(store: KeyStore) -> None:
+    team = await store.create_team(NewTeam("t"))
+    _, secret = await store.create_key(NewKey("k", team=team.id))
+    cache = ManagedKeys(store)
+    await cache.refresh()
+    before = cache.lookup(hash_api_key(secret))
+    await cache.refresh()  # the same rows, within the overlap
+    assert cache.lookup(hash_api_key(secret)) is before
+
+
 async def test_a_team_change_reaches_its_keys(store: KeyStore) -> None:
     team = await store.create_team(NewTeam("ops"))
     _, secret = await store.create_key(NewKey("erin", team=team.id))
