@@ -9,7 +9,9 @@ no request ever waits on the database.
 Each poll reads back a few seconds before the newest stamp it has seen
 (:data:`OVERLAP`): a write stamped just before a poll but committed just
 after it, or stamped by a replica whose clock is slightly behind, is still
-seen. Applying a row twice changes nothing.
+seen; and it never looks from past this process's own clock, so a replica
+whose clock runs ahead cannot hide the others' writes. Applying a row twice
+changes nothing (and rebuilds nothing).
 
 If the database cannot be reached, the cache keeps what it has (keys keep
 working, revocations wait) and logs it; the next poll that succeeds catches
