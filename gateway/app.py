@@ -27,6 +27,8 @@ from prometheus_client import generate_latest
 
 from gateway import wire
 from gateway.access_log import AccessLog
+from gateway.accounting.runtime import Accounting
+from gateway.accounting.usage_api import build_usage_handlers
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
 from gateway.catalog import Plan
@@ -81,6 +83,8 @@ class Runtime:
     # The request metrics (None: switched off) and what reports to them.
     metrics: PrometheusMetrics | None = field(init=False, default=None)
     observer: Observer = field(init=False)
+    # Cost accounting (None: [accounting] enabled = false); see start_accounting.
+    accounting: Accounting | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Observer(NoMetrics(), None)
@@ -106,14 +110,25 @@ class Runtime:
             access_log.start()
             stack.push_async_callback(access_log.aclose)
         self.observer = Observer(
-            recorder, access_log, self.metrics is not None or access_log is not None
+            recorder,
+            access_log,
+            self.metrics is not None or access_log is not None,
+            self.accounting.ended if self.accounting is not None else None,
         )
         return recorder
+
+    async def start_accounting(self, stack: AsyncExitStack) -> None:
+        """The ledger (and what accounting holds) started before the
+        backends, so it stops after them: every stream they end at shutdown
+        is recorded before the ledger's last flush."""
+        if self.settings.accounting.enabled:
+            self.accounting = await Accounting.start(self.settings.accounting, stack)
 
     async def start(self, stack: AsyncExitStack) -> None:
         for warning in exposure_warnings(self.settings.server):
             _log.warning("%s", warning)
         self.tracing = start_tracing(self.settings, self.tracing, stack)
+        await self.start_accounting(stack)
         for item in self.plan.backends:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
@@ -268,6 +283,7 @@ def _openai_endpoint(
             raw = await request.body()
             body = endpoint.decode(raw, limits)
             exchange.requested, exchange.stream = body.model, bool(body.stream)
+            exchange.user = body.user
             if span is not None:
                 span.set_model(body.model)
             trace = RouteTrace(endpoint.name, len(raw), span, exchange)
@@ -378,6 +394,12 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         runtime.serving,
         runtime.settings.limits,
     )
+    usage = build_usage_handlers(
+        lambda: runtime.accounting,
+        AdminAuthenticator(
+            server.api_key_hashes, server.admin_key_hashes, network=not is_loopback(server.host)
+        ),
+    )
     return [
         _openai_endpoint(runtime, CHAT, authenticate),
         _openai_endpoint(runtime, COMPLETIONS, authenticate),
@@ -389,6 +411,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         status,
         metrics,
         *admin,
+        *usage,
     ]
 
 

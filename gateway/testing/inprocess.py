@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tempfile
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -274,6 +275,17 @@ class InProcessGateway:
         }
 
 
+def with_private_ledger(settings: Settings, stack: AsyncExitStack) -> Settings:
+    """``settings`` with the default accounting database (the user's data
+    directory) replaced by one in a temporary directory the stack removes."""
+    accounting = settings.accounting
+    if not accounting.enabled or accounting.database:
+        return settings
+    directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="nomoat-ledger-"))
+    private = accounting.model_copy(update={"database": f"sqlite:///{directory}/accounting.db"})
+    return settings.model_copy(update={"accounting": private})
+
+
 @asynccontextmanager
 async def in_process_gateway(
     config_text: str,
@@ -294,9 +306,12 @@ async def in_process_gateway(
     import openai  # a test dependency, not the gateway's
 
     settings = settings_from_toml(config_text)
-    runtime = Runtime(settings, plan(settings, registry_with(manifests, registry)), tracing=tracing)
-    app = create_app(runtime)
     async with AsyncExitStack() as stack:
+        settings = with_private_ledger(settings, stack)
+        runtime = Runtime(
+            settings, plan(settings, registry_with(manifests, registry)), tracing=tracing
+        )
+        app = create_app(runtime)
         await stack.enter_async_context(lifespan(app))
         # The app froze everything it started with (fine for a server that
         # lives long, not for one test among hundreds): collectable again.
