@@ -17,6 +17,7 @@ import uvicorn
 from pydantic import BaseModel, ValidationError
 
 from gateway import explain
+from gateway.accounting.commands import add_commands as add_accounting_commands
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
@@ -442,6 +443,7 @@ def parser() -> argparse.ArgumentParser:
     rerun.add_argument("--model", help="replay only this model's policy calls")
     rerun.add_argument("--config", type=Path, help="for plugins.disabled")
     rerun.set_defaults(handler=replay_log)
+    add_accounting_commands(commands)
     return root
 
 
