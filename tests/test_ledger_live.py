@@ -211,12 +211,14 @@ def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
 
     path = tmp_path / "ledger.db"
     with running_server(tmp_path, config(f"sqlite:///{path}", max_per_key=0)) as server:
+        answered_at: list[float] = []
 
         def ask(index: int) -> str:
             try:
                 sdk(server).chat.completions.create(
                     model=MODEL, messages=USER, max_tokens=4 + index % 5
                 )
+                answered_at.append(time.monotonic())
                 return "answered"
             except openai.APIStatusError as error:
                 return str(error.status_code)
@@ -226,9 +228,12 @@ def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(ask, i) for i in range(40)]
             time.sleep(1.0)
+            terminated_at = time.monotonic()
             server.process.terminate()
             outcomes = Counter(f.result() for f in futures)
         assert server.process.wait(timeout=60) == 0
+    # Requests were running when the signal came, and were drained.
+    assert any(at > terminated_at for at in answered_at), outcomes
     reached = sum(count for outcome, count in outcomes.items() if outcome != "refused")
     rows = ledger_rows(path)
     assert len(rows) == reached, (outcomes, Counter(r["status"] for r in rows))
