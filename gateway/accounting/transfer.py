@@ -74,6 +74,8 @@ async def _copy_table(
     skip: str | None,
 ) -> TableCopy:
     report = TableCopy(table.name, source_rows=await _count(source, table))
+    async with target.connect() as connection:
+        already = await _count(connection, table)
     known = await _windows(target) if table is node_costs else set()
     result = await source.stream(select(table).order_by(order))
     async for partition in result.mappings().partitions(BATCH):
@@ -87,10 +89,11 @@ async def _copy_table(
             statement = (
                 node_costs.insert() if table is node_costs else _insert(connection, table, conflict)
             )
-            written = await connection.execute(statement, rows)
-        report.written += max(written.rowcount, 0)
+            await connection.execute(statement, rows)
     async with target.connect() as connection:
         report.target_rows = await _count(connection, table)
+    # (Drivers do not all count the rows an INSERT ... ON CONFLICT DO NOTHING wrote.)
+    report.written = report.target_rows - already
     return report
 
 
