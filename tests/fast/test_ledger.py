@@ -142,6 +142,25 @@ async def test_usage_is_summed_by_group_and_window(start: Start) -> None:
         error_of(await gw.http.get("/admin/usage"), 403)
 
 
+async def test_streams_are_recorded_with_metrics_and_access_log_off(start: Start) -> None:
+    async with start(pool("a") + "\n[metrics]\nenabled = false\n") as gw:
+        assert gw.runtime.metrics is None
+        stream = await gw.sdk.chat.completions.create(model=MODEL, messages=USER, stream=True)
+        chunks = [chunk async for chunk in stream]
+        [row] = await rows(gw)
+    assert row["stream"] and row["completion_tokens"] == len(
+        [c for c in chunks if c.choices and c.choices[0].delta.content]
+    )
+    assert row["finish_reason"] == "stop" and row["status"] == 200
+
+
+async def test_accounting_off_means_no_ledger(start: Start) -> None:
+    async with start(pool("a") + "\n[accounting]\nenabled = false\n") as gw:
+        assert gw.runtime.accounting is None
+        assert (await gw.http.post("/v1/chat/completions", json=chat_body())).is_success
+        error_of(await gw.http.get("/admin/usage"), 404)
+
+
 async def test_a_batch_is_written_as_soon_as_it_is_full(tmp_path: Path) -> None:
     url = async_url(f"sqlite:///{tmp_path / 'ledger.db'}")
     await migrate_async(url)
