@@ -29,8 +29,10 @@ from gateway import wire
 from gateway.access_log import AccessLog
 from gateway.accounting.access import may_see
 from gateway.accounting.admin_api import build_key_handlers
-from gateway.accounting.keys import ManagedKeys, start_managed_keys
+from gateway.accounting.keys import ManagedKeys
 from gateway.accounting.principal import Principal
+from gateway.accounting.runtime import Accounting
+from gateway.accounting.usage_api import build_usage_handlers
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, PrincipalAuthenticator, is_loopback
 from gateway.catalog import Plan
@@ -85,8 +87,8 @@ class Runtime:
     # The request metrics (None: switched off) and what reports to them.
     metrics: PrometheusMetrics | None = field(init=False, default=None)
     observer: Observer = field(init=False)
-    # Managed API keys and teams (None: accounting is off, or not started).
-    keys: ManagedKeys | None = field(init=False, default=None)
+    # Cost accounting (None: [accounting] enabled = false); see start_accounting.
+    accounting: Accounting | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Observer(NoMetrics(), None)
@@ -112,14 +114,25 @@ class Runtime:
             access_log.start()
             stack.push_async_callback(access_log.aclose)
         self.observer = Observer(
-            recorder, access_log, self.metrics is not None or access_log is not None
+            recorder,
+            access_log,
+            self.metrics is not None or access_log is not None,
+            self.accounting.ended if self.accounting is not None else None,
         )
         return recorder
+
+    async def start_accounting(self, stack: AsyncExitStack) -> None:
+        """The ledger (and what accounting holds) started before the
+        backends, so it stops after them: every stream they end at shutdown
+        is recorded before the ledger's last flush."""
+        if self.settings.accounting.enabled:
+            self.accounting = await Accounting.start(self.settings.accounting, stack)
 
     async def start(self, stack: AsyncExitStack) -> None:
         for warning in exposure_warnings(self.settings.server):
             _log.warning("%s", warning)
         self.tracing = start_tracing(self.settings, self.tracing, stack)
+        await self.start_accounting(stack)
         for item in self.plan.backends:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
@@ -141,12 +154,10 @@ class Runtime:
             adapters=self.plan.adapters,
             metrics=metrics,
         )
-        await self.start_keys(stack)
 
-    async def start_keys(self, stack: AsyncExitStack) -> None:
-        """Managed keys loaded from the accounting database and kept current
-        (stopped with the server)."""
-        self.keys = await start_managed_keys(self.settings.accounting, stack)
+    def managed_keys(self) -> ManagedKeys | None:
+        """Managed API keys and teams (None: accounting is off, or not started)."""
+        return self.accounting.keys if self.accounting is not None else None
 
     def serving(self) -> Pipeline:
         if self.pipeline is None:
@@ -286,6 +297,7 @@ def _openai_endpoint(
             raw = await request.body()
             body = endpoint.decode(raw, limits)
             exchange.requested, exchange.stream = body.model, bool(body.stream)
+            exchange.user = body.user
             if span is not None:
                 span.set_model(body.model)
             trace = RouteTrace(endpoint.name, len(raw), span, exchange)
@@ -335,7 +347,7 @@ def _openai_endpoint(
 
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     server = runtime.settings.server
-    authenticate = PrincipalAuthenticator(server.api_key_hashes, lambda: runtime.keys)
+    authenticate = PrincipalAuthenticator(server.api_key_hashes, runtime.managed_keys)
 
     @get("/v1/models")
     async def list_models(request: AnyRequest) -> Response[bytes]:
@@ -391,7 +403,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         server.api_key_hashes,
         server.admin_key_hashes,
         network=not is_loopback(server.host),
-        managed=lambda: runtime.keys,
+        managed=runtime.managed_keys,
     )
     admin = build_admin_handlers(
         lambda: runtime.serving().adapters or _no_adapters(),
@@ -400,7 +412,8 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         runtime.serving,
         runtime.settings.limits,
     )
-    admin += build_key_handlers(lambda: runtime.keys, admin_authenticate)
+    admin += build_key_handlers(runtime.managed_keys, admin_authenticate)
+    usage = build_usage_handlers(lambda: runtime.accounting, admin_authenticate)
     return [
         _openai_endpoint(runtime, CHAT, authenticate),
         _openai_endpoint(runtime, COMPLETIONS, authenticate),
@@ -412,6 +425,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         status,
         metrics,
         *admin,
+        *usage,
     ]
 
 

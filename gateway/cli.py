@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import explain
 from gateway.accounting.cli import add_commands as add_key_commands
+from gateway.accounting.commands import add_commands as add_accounting_commands
 from gateway.accounting.keys import managed_keys_exist
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key, is_loopback
@@ -447,6 +448,7 @@ def parser() -> argparse.ArgumentParser:
     rerun.add_argument("--config", type=Path, help="for plugins.disabled")
     rerun.set_defaults(handler=replay_log)
     add_key_commands(commands)
+    add_accounting_commands(commands)
     return root
 
 

@@ -51,7 +51,16 @@ from gateway.metrics import NoMetrics, RequestMetrics
 from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
-from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
+from gateway.streams import (
+    StreamRecord,
+    checked,
+    closing,
+    finish_reason,
+    observed,
+    primed,
+    shape_usage,
+    until,
+)
 from gateway.telemetry.attempts import trace_ranking, traced_call
 
 T = TypeVar("T")
@@ -311,6 +320,7 @@ class Pipeline:
 
     def _answered(self, started: Started[AnswerT], exchange: Exchange) -> None:
         usage = started.result.usage if isinstance(started.result.usage, wire.Usage) else None
+        exchange.finish_reason = finish_reason(started.result)
         self._ended(started, None, usage, exchange)
 
     def _streaming(
@@ -325,6 +335,7 @@ class Pipeline:
             chunks = until(chunks, limit - (time.monotonic() - arrived), limit)
 
         def done(record: StreamRecord) -> None:
+            exchange.finish_reason = record.finish_reason
             if record.first_content is not None:
                 exchange.first_token_at = started.at + record.first_content
             if record.usage is None and record.chunks_since_content:

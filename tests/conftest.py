@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -131,6 +132,9 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+    # A gateway a test builds by hand keeps its default accounting database
+    # (SQLite in $XDG_DATA_HOME/nomoat) out of the real user's data directory.
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="nomoat-test-data-")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -187,18 +191,3 @@ def redis_url(redis_server: str) -> Iterator[str]:
     client.flushdb()
     client.close()
     yield redis_server
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _accounting_out_of_the_users_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Gateways that tests start (in process or as child processes, which
-    inherit it) keep the default accounting database (SQLite under
-    $XDG_DATA_HOME) in a temporary directory, never the user's. Tests that
-    create managed keys give their gateway a database of its own."""
-    saved = os.environ.get("XDG_DATA_HOME")
-    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
-    yield
-    if saved is None:
-        os.environ.pop("XDG_DATA_HOME", None)
-    else:
-        os.environ["XDG_DATA_HOME"] = saved

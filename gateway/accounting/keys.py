@@ -24,12 +24,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import func, select
 
-from gateway.accounting.db import async_url, migrate_async, open_engine
+from gateway.accounting.db import async_url, is_sqlite, open_engine
 from gateway.accounting.principal import Principal, Team
 from gateway.accounting.store import Changes, KeyRecord, KeyStore, TeamRecord, now
 from gateway.accounting.tables import api_keys
@@ -155,36 +155,18 @@ class ManagedKeys:
         self._principals[record.key_hash] = principal_of(record, team)
 
 
-async def start_managed_keys(
-    settings: AccountingSettings, stack: AsyncExitStack
-) -> ManagedKeys | None:
-    """The managed keys of ``[accounting]`` loaded and polled, stopped with
-    ``stack``; None when accounting is off.
-
-    (Its own engine, until the accounting runtime owns one for all parts.)
-    """
-    if not settings.enabled:
-        return None
-    url = async_url(settings.database)
-    if settings.migrate_on_start:
-        await migrate_async(url)
-    engine = open_engine(url)
-    stack.push_async_callback(engine.dispose)
-    keys = ManagedKeys(KeyStore(engine), settings.key_refresh_seconds)
-    await keys.start()
-    stack.push_async_callback(keys.aclose)
-    return keys
-
-
 def managed_keys_exist(settings: AccountingSettings) -> bool:
     """Whether the accounting database holds any managed key, read once
     before start-up (blocking); False when accounting is off or the
     database cannot be read (no schema yet, unreachable)."""
     if not settings.enabled:
         return False
+    url = async_url(settings.database)
+    if is_sqlite(url) and not (url.database and Path(url.database).is_file()):
+        return False  # (and no empty file left in the user's data directory)
 
     async def count() -> int:
-        engine = open_engine(async_url(settings.database))
+        engine = open_engine(url)
         try:
             async with engine.connect() as connection:
                 found = await connection.scalar(select(func.count()).select_from(api_keys))

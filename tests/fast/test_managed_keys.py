@@ -492,7 +492,8 @@ async def test_the_first_managed_key_closes_an_open_gateway(start: Start, tmp_pa
 def test_managed_keys_count_as_keys_for_a_network_listener(tmp_path: Path, cli: Cli) -> None:
     database = f"sqlite:///{tmp_path / 'network.db'}"
     settings = AccountingSettings(database=database)
-    assert not managed_keys_exist(settings)  # no schema yet: no key
+    assert not managed_keys_exist(settings)
+    assert not (tmp_path / "network.db").exists()  # looking made no database
     config_file = tmp_path / "c.toml"
     config_file.write_text(f'[accounting]\ndatabase = "{database}"\n')
     made = cli("keys", "create", "--name", "ops", "--config", str(config_file))
