@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ import pytest
 from sqlalchemy import update
 
 from gateway.accounting.access import check_name, check_route
-from gateway.accounting.db import async_url, migrate_async, open_engine
+from gateway.accounting.db import async_url, migrate, open_engine
 from gateway.accounting.forms import KeyForm, TeamForm, expiry, new_key, new_team
 from gateway.accounting.keys import ManagedKeys, managed_keys_exist
 from gateway.accounting.principal import Budget, Principal, RateLimits
@@ -48,11 +49,24 @@ STATIC_KEY = "sk-static-0123456789abcdef"
 ADMIN_KEY = "sk-admin-0123456789abcdef"
 
 
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty database at the schema's head, migrated once (Alembic costs
+    a fast test a few hundred milliseconds): each test gets a copy."""
+    path = tmp_path_factory.mktemp("template") / "accounting.db"
+    migrate(async_url(f"sqlite:///{path}"))
+    return path
+
+
+def database(template: Path, tmp_path: Path, name: str = "accounting.db") -> str:
+    copy = tmp_path / name
+    shutil.copyfile(template, copy)
+    return f"sqlite:///{copy}"
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[KeyStore]:
-    url = async_url(f"sqlite:///{tmp_path / 'accounting.db'}")
-    await migrate_async(url)
-    engine = open_engine(url)
+async def store(template: Path, tmp_path: Path) -> AsyncIterator[KeyStore]:
+    engine = open_engine(async_url(database(template, tmp_path)))
     yield KeyStore(engine)
     await engine.dispose()
 
@@ -295,7 +309,7 @@ async def test_managed_keys_close_an_open_gateway(store: KeyStore) -> None:
 # ------------------------------------------------------- the gateway in process
 
 
-def _gateway(tmp_path: Path, hooks: Sequence[Mapping[str, object]] = ()) -> str:
+def _gateway(template: Path, tmp_path: Path, hooks: Sequence[Mapping[str, object]] = ()) -> str:
     return config(
         {"a": {}},
         {
@@ -308,7 +322,8 @@ def _gateway(tmp_path: Path, hooks: Sequence[Mapping[str, object]] = ()) -> str:
         },
         hooks=hooks,
     ) + (
-        f'\n[accounting]\ndatabase = "sqlite:///{tmp_path / "gw.db"}"\nkey_refresh_seconds = 0.02\n'
+        f'\n[accounting]\ndatabase = "{database(template, tmp_path, "gw.db")}"\n'
+        "migrate_on_start = false\nkey_refresh_seconds = 0.02\n"
     )
 
 
@@ -320,8 +335,8 @@ def _admin() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-async def test_admin_api_keys_and_their_use(start: Start, tmp_path: Path) -> None:
-    async with start(_gateway(tmp_path)) as gw:
+async def test_admin_api_keys_and_their_use(start: Start, template: Path, tmp_path: Path) -> None:
+    async with start(_gateway(template, tmp_path)) as gw:
         closed: list[Exchange] = []
         close = gw.runtime.observer.close
 
@@ -389,32 +404,30 @@ async def test_admin_api_keys_and_their_use(start: Start, tmp_path: Path) -> Non
         assert (await gw.http.get("/admin/teams", headers=_admin())).json()["data"] == []
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "status", "needle"),
-    [
-        ("/admin/keys", {"name": ""}, 400, "name"),
-        ("/admin/keys", {"name": "k", "rpm": 0}, 400, "rpm"),
-        ("/admin/keys", {"name": "k", "budget_period": "week"}, 400, "budget_period"),
-        ("/admin/keys", {"name": "k", "expires_at": "2001-01-01T00:00:00Z"}, 400, "past"),
-        ("/admin/keys", {"name": "k", "team": "none"}, 400, "No team"),
-        ("/admin/keys", {"name": "k", "colour": "red"}, 400, "colour"),
-        ("/admin/teams", {"name": "t", "budget_usd": -1}, 400, "budget_usd"),
-        ("/admin/keys/key_nope", None, 404, "No API key"),
-        ("/admin/teams/team_nope", None, 404, "No team"),
-    ],
-)
-async def test_admin_errors_are_openai_shaped(
-    start: Start, tmp_path: Path, path: str, body: object, status: int, needle: str
-) -> None:
-    async with start(_gateway(tmp_path)) as gw:
-        if body is None:
-            response = await gw.http.get(path, headers=_admin())
-        else:
-            response = await gw.http.post(path, json=body, headers=_admin())
-    assert response.status_code == status
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert needle in error["message"]
+ADMIN_ERRORS: list[tuple[str, object, int, str]] = [
+    ("/admin/keys", {"name": ""}, 400, "name"),
+    ("/admin/keys", {"name": "k", "rpm": 0}, 400, "rpm"),
+    ("/admin/keys", {"name": "k", "budget_period": "week"}, 400, "budget_period"),
+    ("/admin/keys", {"name": "k", "expires_at": "2001-01-01T00:00:00Z"}, 400, "past"),
+    ("/admin/keys", {"name": "k", "team": "none"}, 400, "No team"),
+    ("/admin/keys", {"name": "k", "colour": "red"}, 400, "colour"),
+    ("/admin/teams", {"name": "t", "budget_usd": -1}, 400, "budget_usd"),
+    ("/admin/keys/key_nope", None, 404, "No API key"),
+    ("/admin/teams/team_nope", None, 404, "No team"),
+]
+
+
+async def test_admin_errors_are_openai_shaped(start: Start, template: Path, tmp_path: Path) -> None:
+    async with start(_gateway(template, tmp_path)) as gw:
+        for path, body, status, needle in ADMIN_ERRORS:
+            if body is None:
+                response = await gw.http.get(path, headers=_admin())
+            else:
+                response = await gw.http.post(path, json=body, headers=_admin())
+            assert response.status_code == status, (path, body)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert needle in error["message"], (path, body)
 
 
 async def test_admin_keys_need_accounting(start: Start) -> None:
@@ -435,9 +448,9 @@ async def _key_for(gw: InProcessGateway, models: list[str]) -> str:
 
 
 async def test_a_hook_answering_early_answers_only_models_the_key_may_use(
-    start: Start, tmp_path: Path
+    start: Start, template: Path, tmp_path: Path
 ) -> None:
-    async with start(_gateway(tmp_path, [{"type": "answer-early"}])) as gw:
+    async with start(_gateway(template, tmp_path, [{"type": "answer-early"}])) as gw:
         sdk = _sdk(gw, await _key_for(gw, ["m"]))
         reply = await sdk.completions.create(model="m-alias", prompt="hi")
         assert reply.choices[0].text == "from the cache"
@@ -445,9 +458,11 @@ async def test_a_hook_answering_early_answers_only_models_the_key_may_use(
             await sdk.completions.create(model="n", prompt="hi")
 
 
-async def test_the_model_a_hook_routes_to_is_checked(start: Start, tmp_path: Path) -> None:
+async def test_the_model_a_hook_routes_to_is_checked(
+    start: Start, template: Path, tmp_path: Path
+) -> None:
     hooks = [{"type": "rename", "options": {"model": "n"}}]
-    async with start(_gateway(tmp_path, hooks)) as gw:
+    async with start(_gateway(template, tmp_path, hooks)) as gw:
         sdk = _sdk(gw, await _key_for(gw, ["m"]))
         with pytest.raises(openai.PermissionDeniedError):
             await sdk.chat.completions.create(
@@ -456,8 +471,10 @@ async def test_the_model_a_hook_routes_to_is_checked(start: Start, tmp_path: Pat
         assert gw.backend("a").calls == []
 
 
-async def test_a_key_lists_only_the_models_it_may_use(start: Start, tmp_path: Path) -> None:
-    async with start(_gateway(tmp_path)) as gw:
+async def test_a_key_lists_only_the_models_it_may_use(
+    start: Start, template: Path, tmp_path: Path
+) -> None:
+    async with start(_gateway(template, tmp_path)) as gw:
         key = await _key_for(gw, ["m-alias"])
         limited, static = _sdk(gw, key), _sdk(gw, STATIC_KEY)
         assert [m.id async for m in limited.models.list()] == ["m"]
@@ -470,9 +487,12 @@ async def test_a_key_lists_only_the_models_it_may_use(start: Start, tmp_path: Pa
         assert refused.status_code == 403
 
 
-async def test_the_first_managed_key_closes_an_open_gateway(start: Start, tmp_path: Path) -> None:
+async def test_the_first_managed_key_closes_an_open_gateway(
+    start: Start, template: Path, tmp_path: Path
+) -> None:
     text = config({"a": {}}, {"m": {"deployments": [{"backend": "a"}]}})
-    text += f'\n[accounting]\ndatabase = "sqlite:///{tmp_path / "open.db"}"\n'
+    text += f'\n[accounting]\ndatabase = "{database(template, tmp_path)}"\n'
+    text += "migrate_on_start = false\n"
     async with start(text) as gw:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         assert (await gw.http.post("/v1/chat/completions", json=body)).status_code == 200
@@ -489,18 +509,21 @@ async def test_the_first_managed_key_closes_an_open_gateway(start: Start, tmp_pa
         assert "admin_key_hashes" in closed.json()["error"]["message"]
 
 
-def test_managed_keys_count_as_keys_for_a_network_listener(tmp_path: Path, cli: Cli) -> None:
-    database = f"sqlite:///{tmp_path / 'network.db'}"
-    settings = AccountingSettings(database=database)
+def test_managed_keys_count_as_keys_for_a_network_listener(
+    template: Path, tmp_path: Path, cli: Cli
+) -> None:
+    url = f"sqlite:///{tmp_path / 'network.db'}"
+    settings = AccountingSettings(database=url)
     assert not managed_keys_exist(settings)
     assert not (tmp_path / "network.db").exists()  # looking made no database
+    url = database(template, tmp_path, "network.db")
     config_file = tmp_path / "c.toml"
-    config_file.write_text(f'[accounting]\ndatabase = "{database}"\n')
+    config_file.write_text(f'[accounting]\ndatabase = "{url}"\nmigrate_on_start = false\n')
     made = cli("keys", "create", "--name", "ops", "--config", str(config_file))
     assert made.returncode == 0, made.stderr
     assert "only time the key is shown" in made.stdout
     assert managed_keys_exist(settings)
-    assert not managed_keys_exist(AccountingSettings(enabled=False, database=database))
+    assert not managed_keys_exist(AccountingSettings(enabled=False, database=url))
     listed = cli("keys", "list", "--config", str(config_file), "--json")
     assert [key["name"] for key in json.loads(listed.stdout)] == ["ops"]
     wrong = cli("keys", "create", "--name", "x", "--rpm", "0", "--config", str(config_file))
