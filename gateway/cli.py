@@ -17,6 +17,9 @@ import uvicorn
 from pydantic import BaseModel, ValidationError
 
 from gateway import explain
+from gateway.accounting.cli import add_commands as add_key_commands
+from gateway.accounting.commands import add_commands as add_accounting_commands
+from gateway.accounting.keys import managed_keys_exist
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
@@ -82,7 +85,8 @@ def _open_network_refusal(server: ServerSettings) -> str | None:
         return None
     return (
         f"nomoat: refusing to listen on {server.host} with no API key configured. "
-        "Add server.api_key_hashes (see `nomoat hash-key`), or pass "
+        "Add server.api_key_hashes (see `nomoat hash-key`) or a managed key (`nomoat keys "
+        "create`), or pass "
         "--allow-unauthenticated-network if an open gateway is intended."
     )
 
@@ -146,7 +150,8 @@ def _run(settings: Settings) -> int:
         return 2
     server = settings.server
     refusal = _open_network_refusal(server)
-    if refusal is not None:
+    # Managed keys (`nomoat keys create`) protect a network gateway as well.
+    if refusal is not None and not managed_keys_exist(settings.accounting):
         print(refusal, file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -442,6 +447,8 @@ def parser() -> argparse.ArgumentParser:
     rerun.add_argument("--model", help="replay only this model's policy calls")
     rerun.add_argument("--config", type=Path, help="for plugins.disabled")
     rerun.set_defaults(handler=replay_log)
+    add_key_commands(commands)
+    add_accounting_commands(commands)
     return root
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from opentelemetry import trace
@@ -23,26 +23,34 @@ from gateway.streams import closing
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499
+# Told once of each closed exchange, with its status and error type (the
+# accounting's ledger: gateway/accounting/runtime.py).
+Ended = Callable[[Exchange, int, "str | None"], None]
 
 
 class Observer:
     """What the HTTP handlers tell of each request: the metrics, the access log."""
 
     def __init__(
-        self, metrics: RequestMetrics, access_log: AccessLog | None, active: bool = True
+        self,
+        metrics: RequestMetrics,
+        access_log: AccessLog | None,
+        active: bool = True,
+        ended: Ended | None = None,
     ) -> None:
         self.metrics = metrics
         self.access_log = access_log
-        # False: neither metrics nor a log hear of requests, so streams are
-        # not watched (one generator less per chunk).
-        self.active = active
+        self.ended = ended
+        # False: neither metrics nor a log nor the ledger hear of requests,
+        # so streams are not watched (one generator less per chunk).
+        self.active = active or ended is not None
 
     def open(self, endpoint: str, path: str) -> Exchange:
         """A request arrived (with the span that is current, if any: the
         access log names it)."""
         self.metrics.request_started()
         exchange = Exchange("", OPERATIONS.get(endpoint, endpoint), time.monotonic(), path=path)
-        if self.access_log is not None:
+        if self.access_log is not None or self.ended is not None:
             note_trace(exchange)
         return exchange
 
@@ -51,6 +59,8 @@ class Observer:
             return
         exchange.closed = True
         self.metrics.request_ended(exchange, status, error)
+        if self.ended is not None:
+            self.ended(exchange, status, error)
         if self.access_log is None:
             return
         if exchange.trace_id is None:
@@ -111,12 +121,18 @@ class Unobserved(Observer):
         return chunks
 
 
-def observing(metrics: RequestMetrics, access_log: AccessLog | None, listening: bool) -> Observer:
-    """The observer for the request metrics and the access log; a no-op
-    one when neither is on (``listening`` False)."""
-    if not listening:
+def observing(
+    metrics: RequestMetrics,
+    access_log: AccessLog | None,
+    listening: bool,
+    ended: Ended | None = None,
+) -> Observer:
+    """The observer for the request metrics, the access log and the ledger
+    (``ended``); a no-op one when none is on (``listening`` False and no
+    ledger)."""
+    if not listening and ended is None:
         return Unobserved()
-    return Observer(metrics, access_log)
+    return Observer(metrics, access_log, listening, ended)
 
 
 def note_trace(exchange: Exchange) -> None:
