@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 
 from gateway import wire
 from gateway.access_log import AccessLog
+from gateway.accounting.costing import Costing, start_costing
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
 from gateway.catalog import Plan
@@ -81,6 +82,8 @@ class Runtime:
     # The request metrics (None: switched off) and what reports to them.
     metrics: PrometheusMetrics | None = field(init=False, default=None)
     observer: Observer = field(init=False)
+    # Prices, the cost header, nodes' busy and idle cost (None: accounting off).
+    costing: Costing | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Observer(NoMetrics(), None)
@@ -135,6 +138,7 @@ class Runtime:
             adapters=self.plan.adapters,
             metrics=metrics,
         )
+        self.costing = await start_costing(self.settings, self.backends, self.observer, stack)
 
     def serving(self) -> Pipeline:
         if self.pipeline is None:
@@ -278,6 +282,8 @@ def _openai_endpoint(
                 chunks = await _cancel_on_disconnect(request, primed)
                 watched = chunks if span is None else span.watch(chunks)
                 events = sse_events(observer.watching(watched, exchange))
+                if runtime.costing is not None:
+                    events = runtime.costing.ending(events, exchange)
                 if span is not None:
                     events = span.current(events)
                 headers = headers_for(trace, request_id.encode("latin-1"))
@@ -288,6 +294,8 @@ def _openai_endpoint(
             if span is not None:
                 span.sent(answer)
             headers = headers_for(trace, request_id.encode("latin-1"))
+            if runtime.costing is not None:
+                headers.extend(runtime.costing.answer_headers(exchange))
             return JsonAnswer(wire.encoder.encode(answer), headers=headers)
         except ClientClosedRequestError as gone:
             observer.failed(exchange, gone)
@@ -457,6 +465,7 @@ async def _server_state(runtime: Runtime) -> ServerState:
         pipeline.hooks.failures if pipeline else {},
         deployments,
         pipeline.adapter_usage if pipeline else {},
+        runtime.costing,
     )
 
 
