@@ -31,7 +31,10 @@ INPUT, OUTPUT = 0.15, 0.6  # USD per million tokens
 PROMPTS = ["Count to twenty.", "Name some colours.", "Tell a short story about a cat."]
 
 
-def metrics(root_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics(root_url: str) -> Metrics:
     text = httpx.get(f"{root_url}/metrics", timeout=10).text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): float(sample.value)
@@ -40,10 +43,17 @@ def metrics(root_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     }
 
 
-def sample(
-    seen: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
+def sample(seen: Metrics, name: str, **labels: str) -> float:
     return seen.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def backend_total(seen: Metrics, name: str, backend: str) -> float:
+    """``name`` summed over its series of ``backend``."""
+    return sum(
+        value
+        for (sample_name, labels), value in seen.items()
+        if sample_name == name and ("backend", backend) in labels
+    )
 
 
 def charged_nano(prompt_tokens: int, completion_tokens: int) -> int:
@@ -104,7 +114,7 @@ def check_conservation(root_url: str, backend: str) -> tuple[float, float]:
     (2 %); returns (requests' compute USD, idle USD)."""
     seen = metrics(root_url)
     elapsed = sample(seen, "nomoat_node_tracked_seconds_total", backend=backend)
-    requests = sample(seen, "nomoat_requests_compute_usd_total", backend=backend)
+    requests = backend_total(seen, "nomoat_requests_compute_usd_total", backend)
     idle = sample(seen, "nomoat_node_cost_usd_total", backend=backend, state="idle")
     busy = sample(seen, "nomoat_node_cost_usd_total", backend=backend, state="busy")
     expected = RATE * elapsed / 3600
@@ -138,6 +148,7 @@ def check_rows(database: Path, backend: str, requests_usd: float) -> None:
 
 
 def priced_config(tmp_path: Path, backends: str, model: str, backend: str) -> str:
+    """``model`` (and ``short``, the same on ``backend``) at the test's prices."""
     return config_with_key(
         f"""
         [accounting]
@@ -152,6 +163,9 @@ def priced_config(tmp_path: Path, backends: str, model: str, backend: str) -> st
           {{ backend = "{backend}", model = "{MODEL}", input_usd_per_million = {INPUT}, \
 output_usd_per_million = {OUTPUT} }},
         ]
+
+        [models.short]
+        deployments = [{{ backend = "{backend}", model = "{MODEL}" }}]
         """
     )
 
@@ -182,34 +196,40 @@ def test_the_embedded_engines_price_is_split_among_requests_and_idle(
     check_rows(database, "embedded", requests)
 
 
-def test_a_lone_requests_share_is_its_time_in_the_engine(embedded: tuple[Server, Path]) -> None:
+def test_a_request_pays_for_its_share_of_the_steps(embedded: tuple[Server, Path]) -> None:
     """Alone on the engine, a request is charged the steps it ran: less than
     its whole latency at the rate, and most of it (the rest is HTTP and
-    tokenising). Two at once share the steps: each pays less than alone."""
+    tokenising). Beside a shorter one, a longer one pays more: the steps
+    are shared by the tokens each fed (the same prompt: 40 tokens against 8)."""
     live, _ = embedded
     client = openai.OpenAI(base_url=live.base_url, api_key=live.api_key, max_retries=0)
-    body = {"messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 40}
-    extra = {"logit_bias": {"2": -100}}  # no end of text: all 40 tokens
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    extra = {"logit_bias": {"2": -100}}  # no end of text: every token asked for
 
-    def spent(count: int) -> tuple[float, float]:
-        before = metrics(live.root_url)
-        started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=count) as pool:
-            list(
-                pool.map(
-                    lambda _: client.chat.completions.create(model=MODEL, **body, extra_body=extra),
-                    range(count),
-                )
-            )
-        latency = time.monotonic() - started
-        after = metrics(live.root_url)
-        key = ("nomoat_requests_compute_usd_total", (("backend", "embedded"),))
-        return (after[key] - before.get(key, 0.0)) / count, latency
+    def ask(model: str, max_tokens: int) -> None:
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, extra_body=extra
+        )
 
-    alone, latency = spent(1)
+    def compute(seen: Metrics, model: str) -> float:
+        return sample(
+            seen, "nomoat_requests_compute_usd_total", backend="embedded", deployment=f"{model}/0"
+        )
+
+    before = metrics(live.root_url)
+    started = time.monotonic()
+    ask(MODEL, 40)
+    latency = time.monotonic() - started
+    alone = compute(metrics(live.root_url), MODEL) - compute(before, MODEL)
     assert 0.3 * RATE * latency / 3600 < alone <= RATE * latency / 3600
-    shared, _ = spent(2)
-    assert shared < alone
+
+    before = metrics(live.root_url)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda args: ask(*args), [(MODEL, 40), ("short", 8)]))
+    after = metrics(live.root_url)
+    long_share = compute(after, MODEL) - compute(before, MODEL)
+    short_share = compute(after, "short") - compute(before, "short")
+    assert short_share > 0 and long_share > 1.5 * short_share, (long_share, short_share)
 
 
 @pytest.fixture(scope="module")

@@ -78,10 +78,15 @@ def nano_for(seconds: float, usd_per_hour: float) -> int:
     return round(seconds * usd_per_hour * NANO_PER_USD / SECONDS_PER_HOUR)
 
 
-def compute_nano(meter: ComputeMeter, book: PriceBook, totals: dict[str, int] | None = None) -> int:
+def compute_nano(
+    meter: ComputeMeter,
+    book: PriceBook,
+    totals: dict[tuple[str, str], int] | None = None,
+    deployment: str = "",
+) -> int:
     """A request's share of its nodes' price: its busy seconds on each
-    backend that has a price per hour, at that price (added per backend to
-    ``totals`` too, if given)."""
+    backend that has a price per hour, at that price (added to ``totals``
+    too, if given, by (backend, the deployment that answered))."""
     total = 0
     for backend, seconds in meter.seconds.items():
         rate = book.usd_per_hour(backend)
@@ -89,7 +94,8 @@ def compute_nano(meter: ComputeMeter, book: PriceBook, totals: dict[str, int] | 
             share = nano_for(seconds, rate)
             total += share
             if totals is not None:
-                totals[backend] = totals.get(backend, 0) + share
+                key = (backend, deployment)
+                totals[key] = totals.get(key, 0) + share
     return total
 
 
@@ -102,7 +108,7 @@ class Pricer:
     def __init__(self, book: PriceBook) -> None:
         self.book = book
         self.charged_nano: dict[str, int] = {}
-        self.compute_nano: dict[str, int] = {}
+        self.compute_nano: dict[tuple[str, str], int] = {}
 
     def __call__(self, exchange: Exchange) -> None:
         if exchange.deployment:
@@ -114,7 +120,9 @@ class Pricer:
                 deployment = exchange.deployment
                 self.charged_nano[deployment] = self.charged_nano.get(deployment, 0) + charged
         if exchange.compute.seconds:
-            exchange.compute_nano = compute_nano(exchange.compute, self.book, self.compute_nano)
+            exchange.compute_nano = compute_nano(
+                exchange.compute, self.book, self.compute_nano, exchange.deployment
+            )
 
 
 class SharedClock:

@@ -97,11 +97,11 @@ class Costing:
             compute = CounterMetricFamily(
                 "nomoat_requests_compute_usd",
                 "Requests' shares of self-hosted nodes' price (usd_per_hour over their "
-                "busy time), by backend.",
-                labels=["backend"],
+                "busy time), by backend and the deployment that answered.",
+                labels=["backend", "deployment"],
             )
-            for backend, nano in sorted(self.pricer.compute_nano.items()):
-                compute.add_metric([backend], to_usd(nano))
+            for (backend, deployment), nano in sorted(self.pricer.compute_nano.items()):
+                compute.add_metric([backend, deployment], to_usd(nano))
             yield from (charged, compute)
         if self.nodes is not None:
             yield from self.nodes.collect()
