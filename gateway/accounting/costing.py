@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.accounting.compute import (
     BUSY_HEADER,
@@ -112,11 +113,13 @@ async def start_costing(
     backends: Mapping[str, Backend],
     observer: Observer,
     stack: AsyncExitStack,
+    engine: AsyncEngine | None = None,
 ) -> Costing | None:
     """Prices on (unless accounting is off), and the node cost recorder for
     the backends that have a usd_per_hour (stopped, with a last window
-    written, when ``stack`` closes). The database is opened only if there is
-    such a backend."""
+    written, when ``stack`` closes). ``engine``: the accounting database
+    already open (the ledger's); without it, the database is opened (and
+    migrated if asked) here, only if there is such a backend."""
     accounting = settings.accounting
     if not accounting.enabled:
         return (
@@ -130,11 +133,12 @@ async def start_costing(
     observer.active = True
     nodes: NodeCosts | None = NodeCosts(backends, book)
     if nodes is not None and nodes.tracked:
-        url = async_url(accounting.database)
-        if accounting.migrate_on_start:
-            await migrate_async(url)
-        engine = open_engine(url)
-        stack.push_async_callback(engine.dispose)
+        if engine is None:
+            url = async_url(accounting.database)
+            if accounting.migrate_on_start:
+                await migrate_async(url)
+            engine = open_engine(url)
+            stack.push_async_callback(engine.dispose)
         recorder = NodeCostRecorder(nodes, engine, accounting.node_cost_window_seconds)
         recorder.start()
         stack.push_async_callback(recorder.aclose)
