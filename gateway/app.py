@@ -28,6 +28,7 @@ from gateway import wire
 from gateway.access_log import AccessLog
 from gateway.accounting.access import may_see
 from gateway.accounting.admin_api import build_key_handlers
+from gateway.accounting.costing import Costing, start_costing
 from gateway.accounting.keys import ManagedKeys
 from gateway.accounting.principal import Principal
 from gateway.accounting.runtime import Accounting
@@ -93,6 +94,8 @@ class Runtime:
     observer: Observer = field(init=False)
     # Cost accounting (None: [accounting] enabled = false); see start_accounting.
     accounting: Accounting | None = field(init=False, default=None)
+    # Prices, the cost header, nodes' busy and idle cost (None: accounting off).
+    costing: Costing | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Unobserved()
@@ -157,6 +160,13 @@ class Runtime:
             record_prompts=server.decision_log_prompts,
             adapters=self.plan.adapters,
             metrics=metrics,
+        )
+        self.costing = await start_costing(
+            self.settings,
+            self.backends,
+            self.observer,
+            stack,
+            engine=self.accounting.engine if self.accounting is not None else None,
         )
 
     def managed_keys(self) -> ManagedKeys | None:
@@ -312,6 +322,8 @@ def _openai_endpoint(
                 chunks = await _cancel_on_disconnect(request, primed)
                 watched = chunks if span is None else span.watch(chunks)
                 events = sse_events(observer.watching(watched, exchange))
+                if runtime.costing is not None:
+                    events = runtime.costing.ending(events, exchange)
                 headers = headers_for(trace, request_id.encode("latin-1"))
                 return EventStream(events, headers)
             work = pipeline.answer(endpoint, body, ctx, trace)
@@ -320,6 +332,8 @@ def _openai_endpoint(
             if span is not None:
                 span.sent(answer)
             headers = headers_for(trace, request_id.encode("latin-1"))
+            if runtime.costing is not None:
+                headers.extend(runtime.costing.answer_headers(exchange))
             return JsonAnswer(wire.encoder.encode(answer), headers=headers)
         except ClientClosedRequestError as gone:
             observer.failed(exchange, gone)
@@ -509,6 +523,7 @@ async def _server_state(runtime: Runtime) -> ServerState:
         pipeline.hooks.failures if pipeline else {},
         deployments,
         pipeline.adapter_usage if pipeline else {},
+        runtime.costing,
     )
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "BackendHealth",
     "BackendType",
     "Budget",
+    "BusyClock",
     "Candidate",
     "CandidateStats",
     "ChatCompletion",
@@ -75,6 +76,7 @@ __all__ = [
     "ChatCompletionRequest",
     "Completion",
     "CompletionRequest",
+    "ComputeMeter",
     "ContextLengthExceededError",
     "DeveloperMessage",
     "EngineLoad",
@@ -124,6 +126,33 @@ def message_role(message: Message) -> str:
     return str(type(message).__struct_config__.tag)
 
 
+class ComputeMeter:
+    """The busy time self-hosted nodes spent on one request, in seconds per
+    backend name. A backend whose node has a price per hour adds to it as it
+    works for the request (the embedded engine from each batch step, on its
+    own thread; an edge node from what the node reports), and the gateway
+    prices it when the request ends (docs/accounting.md)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, backend: str, seconds: float) -> None:
+        # One writer per backend (its engine's thread, or the event loop),
+        # so the read-add-write needs no lock.
+        self.seconds[backend] = self.seconds.get(backend, 0.0) + seconds
+
+
+@runtime_checkable
+class BusyClock(Protocol):
+    """A backend that knows how long its node has been busy: the total, in
+    seconds, since the backend started, never decreasing. The node's idle
+    cost is its price per hour over the rest of the time."""
+
+    def busy_seconds(self) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """What the gateway knows about one client request, besides its body.
@@ -154,6 +183,9 @@ class RequestContext:
     # backends); None when it is off, so a backend does nothing for it.
     trace: AttemptTrace | None = None
     principal: Principal | None = None
+    # Where a self-hosted backend reports the busy time it spent on this
+    # request (set by the pipeline; None outside it: report nothing).
+    compute: ComputeMeter | None = None
 
 
 # A span attribute's value, as OpenTelemetry takes it.
@@ -360,8 +392,10 @@ class Candidate:
     target: Target
     backend: str
     weight: float = 1.0
-    # Price of a million tokens (prompt and completion) on this deployment.
-    cost_per_million_tokens: float = 0.0
+    # What a million prompt (input) and completion (output) tokens are
+    # charged on this deployment, in USD (its configured prices).
+    input_usd_per_million: float = 0.0
+    output_usd_per_million: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

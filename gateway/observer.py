@@ -44,6 +44,9 @@ class Observer:
         # False: neither metrics nor a log nor the ledger hear of requests,
         # so streams are not watched (one generator less per chunk).
         self.active = active or ended is not None
+        # Prices each exchange as it closes, before anything reads it
+        # (gateway/accounting/compute.py); None: accounting is off.
+        self.pricer: Callable[[Exchange], None] | None = None
 
     def open(self, endpoint: str, path: str) -> Exchange:
         """A request arrived (with the span that is current, if any: the
@@ -58,6 +61,8 @@ class Observer:
         if exchange.closed:
             return
         exchange.closed = True
+        if self.pricer is not None:
+            self.pricer(exchange)
         self.metrics.request_ended(exchange, status, error)
         if self.ended is not None:
             self.ended(exchange, status, error)

@@ -62,6 +62,10 @@ class Job:
     released: bool = False
     # Filled in for the job's trace (tracing on only).
     timings: EngineTimings | None = None
+    # Told the seconds of each step spent on this job (its share of the
+    # step's wall time, by the tokens it put in the batch), on the worker
+    # thread: for its compute cost (gateway/accounting/compute.py).
+    charge: Callable[[float], None] | None = None
 
     def is_cancelled(self) -> bool:
         return self.cancelled
@@ -95,6 +99,9 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="llama", daemon=True)
         # Running jobs with timings to fill in (traced); the worker's own count.
         self._traced = 0
+        # Seconds spent in batch steps (adapter switches included) since the
+        # start: the engine's busy time. Written by the worker thread only.
+        self.busy_seconds = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -145,22 +152,38 @@ class Worker:
             # The phases of traced jobs are timed; with none running (tracing
             # off, or not sampled), a step takes no clock and walks nothing.
             timed = self._traced > 0
+            began = time.perf_counter()
             activating = time.time_ns() if timed else 0
             error = self._activate(batch[0].request.adapters, active)
             if timed:
                 _time_adapters([active[generation] for generation in batch], activating)
+            fed: list[tuple[Generation, int]] = []
             if error is None:
                 try:
-                    step(self.model, batch)
+                    fed = step(self.model, batch)
                 except NativeError as failure:
                     error = failure
                 else:
                     if timed:
                         _time_steps(batch, active)
+            self._charge(fed or [(generation, 1) for generation in batch], active, began)
             if error is not None:
                 for generation in batch:
                     generation.cancel()
             self._retire(batch, active, free, turns, error)
+
+    def _charge(self, fed: list[tuple[Generation, int]], active: Active, began: float) -> None:
+        """The step's wall time since ``began`` is busy time, shared among
+        the jobs in it by the tokens each fed (a step failed or fed nothing:
+        equally): decoding costs about the same per token in a batch."""
+        seconds = time.perf_counter() - began
+        self.busy_seconds += seconds
+        tokens = sum(count for _, count in fed)
+        for generation, count in fed:
+            charge = active[generation].charge
+            if charge is not None:
+                share = count / tokens if tokens else 1 / len(fed)
+                charge(seconds * share)
 
     def _take_jobs(self, free: SequencePool, active: Active) -> bool:
         """Admit what was submitted, waiting for it when idle; False when
