@@ -152,3 +152,14 @@ def test_the_image_ships_the_embedded_model() -> None:
     copied = [text.split()[0] for text in build.all("COPY")]
     for path in copied:
         assert path.split("/")[0] not in ignored, path
+
+
+def test_the_base_install_brings_what_the_async_database_engine_needs() -> None:
+    """The image installs nomoat without the test extras. SQLAlchemy 2.1's async
+    engine needs greenlet, which only its [asyncio] extra installs (the test
+    extras brought it through gevent, so only a clean install showed it)."""
+    from packaging.requirements import Requirement
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (sqlalchemy,) = [r for r in map(Requirement, dependencies) if r.name == "sqlalchemy"]
+    assert "asyncio" in sqlalchemy.extras
