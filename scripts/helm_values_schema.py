@@ -290,7 +290,11 @@ def chart_schema() -> Schema:
                         ),
                     },
                     "tls": K8S_LIST,
-                }
+                },
+                **{
+                    "if": {"properties": {"enabled": {"const": True}}},
+                    "then": {"properties": {"hosts": {"minItems": 1}}},
+                },
             ),
             "httpRoute": obj(
                 {
@@ -303,7 +307,12 @@ def chart_schema() -> Schema:
                         "items": string(pattern="^/"),
                     },
                     "annotations": K8S_MAP,
-                }
+                },
+                # A route attached to no Gateway routes nothing.
+                **{
+                    "if": {"properties": {"enabled": {"const": True}}},
+                    "then": {"properties": {"parentRefs": {"minItems": 1}}},
+                },
             ),
             "autoscaling": obj(
                 {

@@ -245,6 +245,15 @@ BAD_VALUES = [
     ),
     ({"telemetry": {"otlp": {"enabled": True}}}, "at '/telemetry/otlp/endpoint'"),
     ({"edge": {"replicas": 1.5}}, "at '/edge/replicas': got number, want integer"),
+    ({"httpRoute": {"enabled": True}}, "at '/httpRoute/parentRefs': minItems: got 0, want 1"),
+    (
+        {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}},
+        "autoscaling: minReplicas (5) is above maxReplicas (3)",
+    ),
+    (
+        {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0}},
+        "autoscaling: no metric to scale on",
+    ),
 ]
 
 
