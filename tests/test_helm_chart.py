@@ -588,3 +588,13 @@ def test_notes_show_the_sdk_call() -> None:
     notes = render_set("gpu-edge-values").notes
     assert "from openai import OpenAI" in notes
     assert 'model="qwen2.5-7b-instruct"' in notes
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendering_again_rolls_nothing(value_set: str) -> None:
+    """Generated keys differ between two offline renders (in a cluster the chart
+    reads them back): the workloads and the config must not, or every upgrade
+    with unchanged values would roll every pod."""
+    first, second = render(values_of(value_set)), render(values_of(value_set))
+    for kind in ("Deployment", "StatefulSet", "ConfigMap"):
+        assert first.of_kind(kind) == second.of_kind(kind), kind
