@@ -46,6 +46,8 @@ EXISTING_SECRETS: dict[str, dict[str, str]] = {
 }
 
 Manifest = dict[str, Any]
+# libyaml's loader where PyYAML has it: the dashboard ConfigMap alone is 27 kB.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # What the adapter volume holds for ci/gpu-edge-values.yaml (its lora.adapters.sql).
 ADAPTER_FILES = {"sql.gguf": b"sql adapter (chart test)\n"}
@@ -63,7 +65,7 @@ class Rendered:
         for name, text in sorted(self.files.items()):
             if name.endswith("NOTES.txt"):
                 continue
-            found += [doc for doc in yaml.safe_load_all(text) if doc]
+            found += [doc for doc in yaml.load_all(text, Loader=_LOADER) if doc]
         return found
 
     def of_kind(self, kind: str) -> list[Manifest]:
