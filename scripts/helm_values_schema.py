@@ -118,6 +118,8 @@ def gateway() -> Schema:
                 ),
             },
             "extraEnv": K8S_LIST,
+            "extraVolumes": K8S_LIST,
+            "extraVolumeMounts": K8S_LIST,
             "resources": RESOURCES_WITH_REQUESTS,
             "podAnnotations": K8S_MAP,
             "podLabels": K8S_MAP,
@@ -200,6 +202,8 @@ def vllm() -> Schema:
         {
             "image": image(),
             "port": integer(1, maximum=65535),
+            "podSecurityContext": K8S_OBJECT,
+            "securityContext": K8S_OBJECT,
             "pools": {"type": "array", "items": pool},
         }
     )

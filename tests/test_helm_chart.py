@@ -251,6 +251,10 @@ BAD_VALUES = [
         "autoscaling: minReplicas (5) is above maxReplicas (3)",
     ),
     (
+        {"gateway": {"config": {"models": {"nowhere": {"policy": "ordered"}}}}},
+        "gateway.config.models.nowhere has no deployments",
+    ),
+    (
         {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0}},
         "autoscaling: no metric to scale on",
     ),

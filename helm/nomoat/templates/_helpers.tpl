@@ -255,6 +255,11 @@ here: they reach the pods as NOMOAT_* and *_API_KEY environment variables.
 {{- end }}
 {{- $_ := set $cfg.models $name $model }}
 {{- end }}
+{{- range $name, $model := $cfg.models }}
+{{- if not $model.deployments }}
+{{- fail (printf "nomoat: gateway.config.models.%s has no deployments and no pool or edge node serves %s" $name $name) }}
+{{- end }}
+{{- end }}
 {{- if not $cfg.models }}
 {{- fail "nomoat: no model to serve: enable gateway.embedded, a vllm.pools entry, edge, or list models in gateway.config.models" }}
 {{- end }}
