@@ -375,3 +375,12 @@ here: they reach the pods as NOMOAT_* and *_API_KEY environment variables.
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/* The model NOTES.txt calls: the first pool's, else the edge nodes', else the embedded one. */}}
+{{- define "nomoat.exampleModel" -}}
+{{- if .Values.vllm.pools }}{{ (first .Values.vllm.pools).servedModelName }}
+{{- else if .Values.edge.enabled }}{{ .Values.edge.modelName }}
+{{- else if .Values.gateway.embedded.enabled }}{{ .Values.gateway.embedded.modelName }}
+{{- else }}{{ keys (include "nomoat.config" . | fromJson).models | sortAlpha | first }}
+{{- end }}
+{{- end }}
