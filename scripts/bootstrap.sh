@@ -19,13 +19,9 @@ python=${PYTHON:-python3}
 llama_version=0.3.36
 
 cpu_flags() {
-  # AMX stays off whatever the CPU offers: ggml's AMX path is what crashes.
-  local common="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-  if grep -qw avx512f /proc/cpuinfo; then
-    echo "$common -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
-  else
-    echo "$common -DGGML_AVX512=OFF"
-  fi
+  # AMX stays off whatever the CPU offers (scripts/llama-cmake-args.sh, shared
+  # with the Dockerfile, says why).
+  "$here/scripts/llama-cmake-args.sh" auto
 }
 
 cmake_args=$(cpu_flags)
