@@ -142,7 +142,8 @@ def _model_entries(
                 Target(name, deployment.model or name, f"{name}/{index}"),
                 deployment.backend,
                 deployment.weight,
-                deployment.cost_per_million_tokens,
+                deployment.input_usd_per_million,
+                deployment.output_usd_per_million,
             )
             for index, deployment in enumerate(model.deployments)
         )

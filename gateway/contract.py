@@ -347,8 +347,10 @@ class Candidate:
     target: Target
     backend: str
     weight: float = 1.0
-    # Price of a million tokens (prompt and completion) on this deployment.
-    cost_per_million_tokens: float = 0.0
+    # What a million prompt (input) and completion (output) tokens are
+    # charged on this deployment, in USD (its configured prices).
+    input_usd_per_million: float = 0.0
+    output_usd_per_million: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

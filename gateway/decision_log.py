@@ -23,7 +23,7 @@ _log = logging.getLogger(__name__)
 FLUSH_SECONDS = 1.0
 # The record format. Bump it when a field changes meaning or a needed one is
 # added; read_log refuses other versions rather than replay them wrongly.
-DECISION_LOG_VERSION = 2
+DECISION_LOG_VERSION = 3
 NO_PROMPT = msgspec.Raw(b"null")
 
 
@@ -94,7 +94,8 @@ class CandidateView(msgspec.Struct, kw_only=True):
     engine_model: str
     backend: str
     weight: float
-    cost_per_million_tokens: float
+    input_usd_per_million: float = 0.0
+    output_usd_per_million: float = 0.0
     adapters: list[AdapterView]
     stats: StatsView
     health: HealthView | None = None
@@ -107,7 +108,13 @@ class CandidateView(msgspec.Struct, kw_only=True):
             for a in self.adapters
         )
         target = Target(self.model, self.engine_model, self.deployment, uses)
-        return Candidate(target, self.backend, self.weight, self.cost_per_million_tokens)
+        return Candidate(
+            target,
+            self.backend,
+            self.weight,
+            self.input_usd_per_million,
+            self.output_usd_per_million,
+        )
 
 
 class ChoiceView(msgspec.Struct, kw_only=True):

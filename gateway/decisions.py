@@ -239,7 +239,8 @@ def candidate_view(candidate: Candidate, stats: CandidateStats) -> CandidateView
         engine_model=target.engine_model,
         backend=candidate.backend,
         weight=candidate.weight,
-        cost_per_million_tokens=candidate.cost_per_million_tokens,
+        input_usd_per_million=candidate.input_usd_per_million,
+        output_usd_per_million=candidate.output_usd_per_million,
         adapters=[AdapterView(name=u.adapter.name, scale=u.scale) for u in target.adapters],
         stats=StatsView.of(stats),
     )

@@ -25,6 +25,7 @@ from gateway.contract import (
     RequestContext,
     RoutingPolicy,
 )
+from gateway.rules import estimate_prompt_tokens
 
 
 class _Options(BaseModel):
@@ -175,7 +176,13 @@ class ShortestQueuePolicy:
 
 
 class LowestCostPolicy:
-    """The cheapest deployment for this request; ties go to the least busy."""
+    """The cheapest deployment for this request at the deployments' token
+    prices: its prompt (estimated from characters, as rules do) at the input
+    price plus the tokens it asks for (``max_tokens``, else
+    ``expected_tokens``) at the output price. Ties go to the least busy."""
+
+    def __init__(self, options: CostOptions) -> None:
+        self._expected_tokens = options.expected_tokens
 
     def rank(
         self,
@@ -184,10 +191,21 @@ class LowestCostPolicy:
         candidates: Sequence[Candidate],
         stats: Mapping[str, CandidateStats],
     ) -> list[RankedCandidate]:
+        prompt = estimate_prompt_tokens(request)
+        output = _requested_tokens(request) or self._expected_tokens
+
+        def usd(candidate: Candidate) -> float:
+            per_million = (
+                prompt * candidate.input_usd_per_million + output * candidate.output_usd_per_million
+            )
+            return per_million / 1e6
+
+        # Busy-ness only breaks ties: a request in flight weighs less than
+        # any price difference worth ranking by (1e-15 USD).
         return _ranked(
             candidates,
-            lambda c: -c.cost_per_million_tokens - _stats(stats, c).in_flight * 1e-9,
-            lambda c: f"{c.cost_per_million_tokens:g} per million tokens",
+            lambda c: -usd(c) - _stats(stats, c).in_flight * 1e-15,
+            lambda c: f"${usd(c):.3g} for ~{prompt} in + {output} out tokens",
         )
 
 
@@ -349,6 +367,11 @@ class LatencyOptions(_Options):
     expected_tokens: Annotated[int, Field(ge=1)] = 256
 
 
+class CostOptions(_Options):
+    # Output tokens assumed for a request that does not say how many it wants.
+    expected_tokens: Annotated[int, Field(ge=1)] = 256
+
+
 class AffinityOptions(_Options):
     # Where the session id comes from: the `user` field, or a header.
     key: Literal["user", "header"] = "user"
@@ -377,7 +400,7 @@ manifest = PluginManifest(
         "least-outstanding": _no_options(LeastOutstandingPolicy),
         "lowest-latency": PolicyType(LatencyOptions, LowestLatencyPolicy),
         "shortest-queue": _no_options(ShortestQueuePolicy),
-        "lowest-cost": _no_options(LowestCostPolicy),
+        "lowest-cost": PolicyType(CostOptions, LowestCostPolicy),
         "session-affinity": PolicyType(AffinityOptions, SessionAffinityPolicy),
         "lora-affinity": PolicyType(LoRAAffinityOptions, LoRAAffinityPolicy),
     },

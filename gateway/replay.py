@@ -30,10 +30,14 @@ from gateway.contract import (
     RoutingPolicy,
 )
 from gateway.decision_log import RankingRecord, RequestView, RouteDecision
+from gateway.rules import CHARACTERS_PER_TOKEN
 
-# Without recorded prompts, a chat request is rebuilt with one empty message:
-# no built-in policy reads the text (rules read its size, recorded apart).
-_NO_MESSAGES = msgspec.Raw(b'[{"role":"user","content":""}]')
+
+def _filler(view: RequestView) -> str:
+    """Without recorded prompts, the prompt is rebuilt as blanks of the
+    recorded estimated size: no built-in policy reads the text, and the one
+    that reads its size (lowest-cost, estimating as rules do) sees the same."""
+    return " " * (view.prompt_tokens * CHARACTERS_PER_TOKEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +107,13 @@ def rebuild_request(view: RequestView) -> AnyRequest:
     if view.max_tokens is not None:
         body["max_tokens"] = view.max_tokens
     if view.endpoint == "completions":
-        body["prompt"] = view.prompt if view.has_prompt else ""
+        body["prompt"] = view.prompt if view.has_prompt else _filler(view)
         return wire.completion_request_decoder.decode(msgspec.json.encode(body))
     if view.max_completion_tokens is not None:
         body["max_completion_tokens"] = view.max_completion_tokens
-    body["messages"] = view.prompt if view.has_prompt else _NO_MESSAGES
+    body["messages"] = (
+        view.prompt if view.has_prompt else [{"role": "user", "content": _filler(view)}]
+    )
     return wire.chat_request_decoder.decode(msgspec.json.encode(body))
 
 

@@ -181,8 +181,25 @@ class DeploymentSettings(_Strict):
     # The engine's own name for the model; defaults to the model's name.
     model: str | None = None
     weight: Annotated[float, Field(gt=0)] = 1.0
-    # Price of a million tokens here, for the lowest-cost policy.
-    cost_per_million_tokens: Annotated[float, Field(ge=0)] = 0.0
+    # What a million tokens are charged here, in USD (a hosted API's list
+    # price, or what the operator charges its users for a self-hosted model):
+    # budgets count these, the lowest-cost policy ranks by them. Cached input
+    # tokens (a prefix the engine had already evaluated) cost the input price
+    # unless their own price is given.
+    input_usd_per_million: Annotated[float, Field(ge=0)] = 0.0
+    output_usd_per_million: Annotated[float, Field(ge=0)] = 0.0
+    cached_input_usd_per_million: Annotated[float, Field(ge=0)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_single_price(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "cost_per_million_tokens" in data:
+            raise ValueError(
+                "cost_per_million_tokens is gone: set input_usd_per_million and "
+                "output_usd_per_million (and cached_input_usd_per_million if cached "
+                "input is cheaper) instead"
+            )
+        return data
 
 
 class RuleSettings(_Strict):
@@ -306,6 +323,10 @@ class BackendSettings(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     type: str
+    # A self-hosted node's price per hour (llamacpp, edge, vllm), in USD:
+    # split among the requests it served by their share of its busy time,
+    # the rest reported as idle cost (docs/accounting.md).
+    usd_per_hour: Annotated[float, Field(ge=0)] | None = None
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -355,6 +376,13 @@ class AccountingSettings(_Strict):
     # Apply pending migrations at start-up (else run `nomoat migrate` first;
     # the Helm chart runs it as a hook before the gateway rolls).
     migrate_on_start: bool = True
+    # Add `x-nomoat-cost-usd` (the request's charge at the deployment's token
+    # prices) to JSON answers, and as the last stream event's `nomoat_cost_usd`
+    # to streams (an SSE answer has no trailers a browser can read).
+    cost_header: bool = False
+    # Self-hosted nodes' busy and idle cost: one node_costs row per backend
+    # per window of this many seconds.
+    node_cost_window_seconds: Annotated[float, Field(gt=0)] = 60.0
     # A budget reservation lapses after this long if its request never
     # settles it (its process died): longer than any request may run.
     reservation_seconds: Annotated[float, Field(gt=0)] = 3600.0

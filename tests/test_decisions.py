@@ -103,7 +103,7 @@ def test_a_live_log_replays_every_ranking_with_the_same_policy(tmp_path: Path) -
     assert [r.request.headers["x-session-id"] for r in sessions] == ["s1", "s2", "s1", "s3"]
     assert sessions[0].chosen == sessions[2].chosen
     for record in records:
-        assert record.version == 2 and not record.request.has_prompt
+        assert record.version == 3 and not record.request.has_prompt
         assert "authorization" not in record.request.headers
         stats = record.rankings[0].candidates[0].stats
         assert stats.running is not None  # the engine's own load was seen and recorded

@@ -17,6 +17,7 @@ from gateway.contract import (
 )
 from gateway.policies import (
     AffinityOptions,
+    CostOptions,
     LatencyOptions,
     LeastOutstandingPolicy,
     LoRAAffinityOptions,
@@ -31,8 +32,13 @@ from gateway.policies import (
 from gateway.wire import ChatCompletionRequest, UserMessage
 
 
-def candidate(index: int, weight: float = 1.0, cost: float = 0.0) -> Candidate:
-    return Candidate(Target("m", "e", f"m/{index}"), f"b{index}", weight, cost)
+def candidate(
+    index: int, weight: float = 1.0, cost: float = 0.0, output: float | None = None
+) -> Candidate:
+    """``cost``: the input price per million tokens; the output price is the
+    same unless given."""
+    out = cost if output is None else output
+    return Candidate(Target("m", "e", f"m/{index}"), f"b{index}", weight, cost, out)
 
 
 def request(user: str | None = None, max_tokens: int | None = None) -> ChatCompletionRequest:
@@ -56,7 +62,7 @@ def test_every_policy_returns_every_candidate_with_a_reason() -> None:
         LeastOutstandingPolicy(),
         LowestLatencyPolicy(LatencyOptions()),
         ShortestQueuePolicy(),
-        LowestCostPolicy(),
+        LowestCostPolicy(CostOptions()),
         SessionAffinityPolicy(AffinityOptions()),
         LoRAAffinityPolicy(LoRAAffinityOptions()),
     ]
@@ -111,7 +117,7 @@ def test_shortest_queue_reads_engine_queues() -> None:
 def test_lowest_cost_takes_the_cheapest_then_the_least_busy() -> None:
     pool = [candidate(0, cost=2.0), candidate(1, cost=0.5), candidate(2, cost=0.5)]
     stats = {"m/1": CandidateStats(in_flight=2), "m/2": CandidateStats(in_flight=1)}
-    ranked = LowestCostPolicy().rank(request(), CTX, pool, stats)
+    ranked = LowestCostPolicy(CostOptions()).rank(request(), CTX, pool, stats)
     assert [r.candidate.target.deployment for r in ranked] == ["m/2", "m/1", "m/0"]
 
 

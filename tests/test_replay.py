@@ -106,7 +106,8 @@ def random_pool(rng: random.Random, model: str, uses: tuple[AdapterUse, ...]) ->
         if rng.random() < 0.8:
             name = "+".join(use.adapter.name for use in uses) if uses else model
             target = Target(name, f"engine-{model}", f"{model}/{index}", uses)
-            pool.append(Candidate(target, f"b{index}", WEIGHTS[index], COSTS[index]))
+            price = COSTS[index]
+            pool.append(Candidate(target, f"b{index}", WEIGHTS[index], price, 2 * price))
     return pool or [Candidate(Target(model, model, f"{model}/0", uses), "b0")]
 
 
@@ -245,7 +246,9 @@ def _old_candidate(view: CandidateView) -> CandidateView:
         ewma_ttft=view.stats.ewma_ttft,
         ewma_token_time=view.stats.ewma_token_time,
     )
-    return msgspec.structs.replace(view, stats=stats, adapters=[], cost_per_million_tokens=0.0)
+    return msgspec.structs.replace(
+        view, stats=stats, adapters=[], input_usd_per_million=0.0, output_usd_per_million=0.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -280,7 +283,8 @@ def test_the_record_holds_every_field_of_the_stats_and_the_candidate() -> None:
         "target": {"deployment", "model", "engine_model", "adapters"},
         "backend": {"backend"},
         "weight": {"weight"},
-        "cost_per_million_tokens": {"cost_per_million_tokens"},
+        "input_usd_per_million": {"input_usd_per_million"},
+        "output_usd_per_million": {"output_usd_per_million"},
     }
     assert set(covered) == {f.name for f in dataclasses.fields(Candidate)}
     assert covered["target"] == {f.name for f in dataclasses.fields(Target)}
@@ -362,7 +366,7 @@ OLD_RECORD = {
     [
         (json.dumps(OLD_RECORD), "format version 1, written by an older nomoat"),
         (json.dumps({"version": 9}), "format version 9, written by a newer nomoat"),
-        ('{"version": 2, "run": 1}', ":1: not a decision record"),
+        ('{"version": 3, "run": 1}', ":1: not a decision record"),
         ("not json", ":1: not a decision record"),
     ],
     ids=["v1", "newer", "wrong-shape", "garbage"],

@@ -98,7 +98,7 @@ async def test_completions_are_checked_too(
 async def test_the_lowest_cost_policy_never_sees_an_unable_deployment(start: Start) -> None:
     config = pool("a", "b", fakes={"b": {"tools": True}}, policy="lowest-cost")
     # a is the cheaper one, but cannot call tools.
-    config = config.replace('{ backend = "b" }', '{ backend = "b", cost_per_million_tokens = 9.0 }')
+    config = config.replace('{ backend = "b" }', '{ backend = "b", input_usd_per_million = 9.0 }')
     async with start(config) as gw:
         await gw.http.post("/v1/chat/completions", json=chat_body(tools=[TOOL]))
         assert deployments(all_calls(gw)) == ["m/1"]
