@@ -27,6 +27,8 @@ from prometheus_client import generate_latest
 
 from gateway import wire
 from gateway.access_log import AccessLog
+from gateway.accounting.admission import Ticket
+from gateway.accounting.gating import Admission, settle_at_close, start_admission
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
 from gateway.catalog import Plan
@@ -44,6 +46,7 @@ from gateway.errors import (
     PayloadTooLargeError,
     RouteNotFoundError,
 )
+from gateway.exchange import Exchange
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
@@ -81,6 +84,8 @@ class Runtime:
     # The request metrics (None: switched off) and what reports to them.
     metrics: PrometheusMetrics | None = field(init=False, default=None)
     observer: Observer = field(init=False)
+    # Rate limits and budgets (gateway/accounting/gating.py); None: accounting off.
+    admission: Admission | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Observer(NoMetrics(), None)
@@ -125,6 +130,7 @@ class Runtime:
             log.start()
             stack.push_async_callback(log.aclose)
         metrics = await self.start_telemetry(stack)
+        await self.start_admission(stack)
         self.pipeline = Pipeline(
             self.settings.limits,
             self.plan.catalog,
@@ -135,6 +141,30 @@ class Runtime:
             adapters=self.plan.adapters,
             metrics=metrics,
         )
+
+    async def start_admission(self, stack: AsyncExitStack) -> None:
+        self.admission = await start_admission(self.settings, self.plan.catalog, stack)
+        if self.admission is not None:
+            # Every request's end settles its ticket: streams are watched.
+            self.observer.active = True
+
+    async def admit(
+        self,
+        key_id: str | None,
+        body: wire.ChatCompletionRequest | wire.CompletionRequest,
+        size: int,
+        exchange: Exchange,
+    ) -> Ticket | None:
+        """Rate limits and budget reserved (or 429/503 raised); the ticket
+        settles when the exchange closes."""
+        admission = self.admission
+        if admission is None:
+            return None
+        ticket = await admission.admit(admission.principal(key_id), body, size)
+        if ticket.settled:
+            return None
+        exchange.finish = settle_at_close(ticket, admission.prices)
+        return ticket
 
     def serving(self) -> Pipeline:
         if self.pipeline is None:
@@ -249,15 +279,18 @@ def _openai_endpoint(
     route_header = runtime.settings.server.route_header
     limits = runtime.settings.limits
 
-    def headers_for(trace: RouteTrace, request_id: bytes) -> Headers:
+    def headers_for(trace: RouteTrace, request_id: bytes, ticket: Ticket | None) -> Headers:
         headers: Headers = [(b"x-request-id", request_id)]
         if route_header and trace.decision is not None:
             headers.append((b"x-nomoat-route", trace.decision.header().encode("latin-1")))
+        if ticket is not None:
+            headers += ticket.headers
         return headers
 
     async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
         ctx: RequestContext | None = None
         body: RequestT | None = None
+        ticket: Ticket | None = None
         observer = runtime.observer
         exchange = observer.open(endpoint.name, endpoint.path)
         try:
@@ -268,6 +301,7 @@ def _openai_endpoint(
             raw = await request.body()
             body = endpoint.decode(raw, limits)
             exchange.requested, exchange.stream = body.model, bool(body.stream)
+            ticket = await runtime.admit(key_id, body, len(raw), exchange)
             if span is not None:
                 span.set_model(body.model)
             trace = RouteTrace(endpoint.name, len(raw), span, exchange)
@@ -280,14 +314,14 @@ def _openai_endpoint(
                 events = sse_events(observer.watching(watched, exchange))
                 if span is not None:
                     events = span.current(events)
-                headers = headers_for(trace, request_id.encode("latin-1"))
+                headers = headers_for(trace, request_id.encode("latin-1"), ticket)
                 return EventStream(events, headers)
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)
             observer.close(exchange, 200, None)
             if span is not None:
                 span.sent(answer)
-            headers = headers_for(trace, request_id.encode("latin-1"))
+            headers = headers_for(trace, request_id.encode("latin-1"), ticket)
             return JsonAnswer(wire.encoder.encode(answer), headers=headers)
         except ClientClosedRequestError as gone:
             observer.failed(exchange, gone)
@@ -296,6 +330,8 @@ def _openai_endpoint(
             error = as_gateway_error(exc, endpoint.path)
             observer.failed(exchange, error)
             error.headers.setdefault("x-request-id", request_id)
+            for name, value in ticket.headers if ticket is not None else ():
+                error.headers.setdefault(name.decode(), value.decode())
             if runtime.pipeline is not None:
                 told = ctx or _context(endpoint.id_prefix, None, request)
                 await runtime.pipeline.hooks.on_error(body, error, told)

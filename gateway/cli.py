@@ -17,6 +17,7 @@ import uvicorn
 from pydantic import BaseModel, ValidationError
 
 from gateway import explain
+from gateway.accounting.gating import config_refusal
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
@@ -145,7 +146,7 @@ def _run(settings: Settings) -> int:
         print("nomoat: configuration error:\n" + "\n".join(telemetry), file=sys.stderr)
         return 2
     server = settings.server
-    refusal = _open_network_refusal(server)
+    refusal = _open_network_refusal(server) or config_refusal(settings)
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2

@@ -50,6 +50,8 @@ class Observer:
         if exchange.closed:
             return
         exchange.closed = True
+        if exchange.finish is not None:
+            exchange.finish(exchange)
         self.metrics.request_ended(exchange, status, error)
         if self.access_log is None:
             return

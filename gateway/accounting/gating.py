@@ -21,23 +21,27 @@ gets 503 ``limits_unavailable`` rather than limits that do not hold.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import or_, select
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import wire
-from gateway.accounting.admission import Bounds, Gate, Ticket, WorstCase, request_bounds
+from gateway.accounting.admission import Bounds, Gate, Ticket, request_bounds
 from gateway.accounting.budgets import Seeds, load_seeds
 from gateway.accounting.db import async_url, is_sqlite, open_engine
 from gateway.accounting.limits import Limiter, MemoryLimiter
 from gateway.accounting.money import to_nano
+from gateway.accounting.prices import PriceBook
 from gateway.accounting.principal import Budget, Principal, RateLimits
 from gateway.accounting.tables import api_keys, teams
 from gateway.auth import key_fingerprint
 from gateway.catalog import Catalog
+from gateway.exchange import Exchange
 from gateway.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -139,10 +143,16 @@ async def open_gate(settings: Settings, stack: AsyncExitStack, workers: int = 1)
     refusal = config_refusal(settings, workers)
     if refusal is not None:
         raise UnsafeLimitsError(refusal)
-    engine = open_engine(async_url(settings.accounting.database))
+    url = async_url(settings.accounting.database)
+    reason = shared_without_redis(settings, workers)
+    if _no_ledger_file(url.database if is_sqlite(url) else None):
+        # No ledger yet (and no keys): nothing spent; nothing created here.
+        gate = Gate(build_limiter(settings), empty_seeds(), model_limits(settings), reason)
+        stack.push_async_callback(gate.aclose)
+        return gate
+    engine = open_engine(url)
     try:
         seeds = await load_seeds(engine, datetime.now(UTC))
-        reason = shared_without_redis(settings, workers)
         if reason is not None and await database_has_limits(engine):
             raise UnsafeLimitsError(
                 f"nomoat: refusing to start: keys or teams in the database have limits, but "
@@ -155,6 +165,11 @@ async def open_gate(settings: Settings, stack: AsyncExitStack, workers: int = 1)
     return gate
 
 
+def _no_ledger_file(path: str | None) -> bool:
+    """A SQLite ledger that does not exist yet (a stat at start-up, once)."""
+    return bool(path) and not Path(str(path)).exists()
+
+
 class Admission:
     """What the HTTP handler calls: the principal of a key, the bounds of a
     body, the worst case from the prices, then the gate."""
@@ -165,7 +180,7 @@ class Admission:
         catalog: Catalog,
         principals: dict[str, Principal],
         max_tokens_ceiling: int,
-        prices: WorstCase | None = None,
+        prices: PriceBook | None = None,
         hooks_may_reroute: bool = False,
     ) -> None:
         self.gate = gate
@@ -211,3 +226,35 @@ class Admission:
 
 def empty_seeds() -> Seeds:
     return Seeds(datetime.now(UTC))
+
+
+async def start_admission(
+    settings: Settings, catalog: Catalog, stack: AsyncExitStack, workers: int = 1
+) -> Admission | None:
+    """The server's admission (None with accounting off), closed with ``stack``."""
+    gate = await open_gate(settings, stack, workers)
+    if gate is None:
+        return None
+    return Admission(
+        gate,
+        catalog,
+        static_principals(settings),
+        settings.limits.max_tokens_ceiling,
+        PriceBook.from_settings(settings),
+        hooks_may_reroute=bool(settings.hooks),
+    )
+
+
+def settle_at_close(ticket: Ticket, prices: PriceBook | None) -> Callable[[Exchange], None]:
+    """The exchange's ``finish``: the ticket settled to the request's charge.
+    (If nothing set ``charged_nano`` yet, it is charged here at the
+    deployment's prices, as the prices part does.)"""
+
+    def finish(exchange: Exchange) -> None:
+        if not exchange.charged_nano and exchange.deployment and prices is not None:
+            exchange.charged_nano = prices.charge_nano(
+                exchange.deployment, exchange.usage, exchange.estimated_output_tokens
+            )
+        ticket.finish(exchange)
+
+    return finish
