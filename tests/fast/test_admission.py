@@ -6,6 +6,7 @@ the real gateway in process with the official SDK."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from gateway.accounting.principal import Budget, Principal, RateLimits, Team
 from gateway.auth import hash_api_key, key_fingerprint
 from gateway.errors import RateLimitError
 from gateway.settings import Settings, reference_problems
+from tests.conftest import Cli
 
 from .conftest import Start
 from .support import chat_body, error_of, pool
@@ -442,3 +444,47 @@ async def test_a_request_refused_after_admission_releases_its_reservation(
             "/v1/chat/completions", json=chat_body(max_tokens=10), headers=headers
         )
         assert ok.status_code == 200
+
+
+def test_serve_refuses_limits_that_several_processes_would_each_hold(
+    tmp_path: Path, cli: Cli
+) -> None:
+    path = tmp_path / "nomoat.toml"
+    path.write_text(
+        f'[server]\napi_key_hashes = ["{KEY_HASH}"]\n'
+        '[accounting]\ndatabase = "postgresql://u:p@127.0.0.1:1/db"\n'
+        f'static_keys = [{{ key_hash = "{KEY_HASH}", rpm = 5 }}]\n'
+    )
+    ran = cli("serve", "--config", str(path))
+    assert ran.returncode == 2
+    assert "refusing to start: accounting.static_keys set limits" in ran.stderr
+    assert "PostgreSQL" in ran.stderr and "[accounting] redis" in ran.stderr
+
+
+async def test_keys_with_limits_in_the_database_refuse_a_start_without_redis(
+    tmp_path: Path,
+) -> None:
+    from gateway.accounting.gating import UnsafeLimitsError, open_gate
+    from gateway.accounting.tables import api_keys
+
+    database = f"sqlite:///{tmp_path / 'ledger.db'}"
+    url = async_url(database)
+    await migrate_async(url)
+    engine = open_engine(url)
+    async with engine.begin() as connection:
+        await connection.execute(
+            insert(api_keys).values(
+                id="k1",
+                key_hash=KEY_HASH,
+                name="limited",
+                rpm=10,
+                created_at=NOW,
+                updated_at=NOW,
+            )
+        )
+    await engine.dispose()
+    configured = Settings(accounting={"database": database})  # type: ignore[arg-type]
+    async with AsyncExitStack() as stack:
+        assert await open_gate(configured, stack) is not None
+        with pytest.raises(UnsafeLimitsError, match="2 worker processes"):
+            await open_gate(configured, stack, workers=2)
