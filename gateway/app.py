@@ -161,7 +161,7 @@ class Runtime:
         if admission is None:
             return None
         ticket = await admission.admit(admission.principal(key_id), body, size)
-        if ticket.settled:
+        if ticket is None or ticket.settled:
             return None
         exchange.finish = settle_at_close(ticket, admission.prices)
         return ticket

@@ -203,9 +203,12 @@ class Admission:
         principal: Principal | None,
         request: wire.ChatCompletionRequest | wire.CompletionRequest,
         body_bytes: int,
-    ) -> Ticket:
+    ) -> Ticket | None:
+        """The request's ticket, None when it has no limit and no budget."""
         known = self.catalog.knows(request.model)
         model = self.catalog.canonical(request.model) if known else request.model
+        if not self.gate.limited(principal, model):
+            return None
         bounds = request_bounds(request, body_bytes, self.ceiling)
         return await self.gate.admit(principal, model, bounds, self._worst_case(model, bounds))
 

@@ -142,6 +142,8 @@ class _Bucket:
 @dataclass(slots=True)
 class _Budget:
     spent: int
+    # Monotonic instant after which its period is over (None: never).
+    until: float | None
     # Ticket -> (amount, expiry as a monotonic instant).
     reservations: dict[str, tuple[int, float]] = field(default_factory=dict)
 
@@ -161,6 +163,7 @@ class MemoryLimiter:
         self._buckets: dict[str, _Bucket] = {}
         self._budgets: dict[str, _Budget] = {}
         self._now = time.monotonic
+        self._next_sweep = 0.0
 
     async def admit(
         self, ticket: str, rates: tuple[RateDemand, ...], budgets: tuple[BudgetDemand, ...]
@@ -182,8 +185,10 @@ class MemoryLimiter:
                 if demand.amount <= demand.limit:
                     wait = (demand.amount - level.remaining) * SECONDS_PER_WINDOW / demand.limit
                 return RateRefused(demand, wait, levels)
+        if now >= self._next_sweep:
+            self._sweep(now)
         for budget in budgets:
-            state = self._budgets.setdefault(budget.key, _Budget(budget.seed))
+            state = self._budget(budget, now)
             used = state.spent + state.reserved(now)
             if used + budget.amount > budget.limit:
                 return BudgetRefused(budget, used)
@@ -206,7 +211,7 @@ class MemoryLimiter:
             level = bucket.refilled(demand.limit, now)
             self._buckets[demand.key] = _Bucket(min(float(demand.limit), level + correction), now)
         for budget, charge in settlement.charges:
-            state = self._budgets.setdefault(budget.key, _Budget(budget.seed))
+            state = self._budget(budget, now)
             state.reservations.pop(settlement.ticket, None)
             state.spent += charge
 
@@ -217,6 +222,29 @@ class MemoryLimiter:
 
     async def aclose(self) -> None:
         return None
+
+    def _budget(self, demand: BudgetDemand, now: float) -> _Budget:
+        state = self._budgets.get(demand.key)
+        if state is None:
+            keep = demand.keep_seconds
+            state = _Budget(demand.seed, None if keep is None else now + keep)
+            self._budgets[demand.key] = state
+        return state
+
+    def _sweep(self, now: float) -> None:
+        """Forget buckets that are full again and budgets of past periods
+        (at most once a minute): memory stays bounded by the live keys."""
+        self._next_sweep = now + SECONDS_PER_WINDOW
+        self._budgets = {
+            key: state
+            for key, state in self._budgets.items()
+            if state.until is None or state.until > now
+        }
+        self._buckets = {
+            key: bucket
+            for key, bucket in self._buckets.items()
+            if now - bucket.at < SECONDS_PER_WINDOW * 2 or bucket.level < 0
+        }
 
     def _bucket(self, demand: RateDemand, now: float) -> _Bucket:
         bucket = self._buckets.get(demand.key)
