@@ -488,3 +488,12 @@ async def test_keys_with_limits_in_the_database_refuse_a_start_without_redis(
         assert await open_gate(configured, stack) is not None
         with pytest.raises(UnsafeLimitsError, match="2 worker processes"):
             await open_gate(configured, stack, workers=2)
+
+
+def test_the_memory_limiter_forgets_past_periods() -> None:
+    limiter = MemoryLimiter(3600)
+    day = BudgetDemand("b:day:1", 10, 10, 0, 5, "the daily budget", "tomorrow")
+    assert isinstance(limiter.admit_now("a", (), (day,), 0.0), Admitted)
+    assert limiter.spent(day.key) == 0 and day.key in limiter._budgets
+    assert isinstance(limiter.admit_now("b", (rate(5),), (), 61.0), Admitted)
+    assert day.key not in limiter._budgets
