@@ -28,7 +28,8 @@ from prometheus_client import generate_latest
 from gateway import wire
 from gateway.access_log import AccessLog
 from gateway.accounting.admission import Ticket
-from gateway.accounting.gating import Admission, settle_at_close, start_admission
+from gateway.accounting.costing import Costing, start_costing
+from gateway.accounting.gating import Admission, start_admission
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
 from gateway.catalog import Plan
@@ -86,6 +87,8 @@ class Runtime:
     observer: Observer = field(init=False)
     # Rate limits and budgets (gateway/accounting/gating.py); None: accounting off.
     admission: Admission | None = field(init=False, default=None)
+    # Prices, the cost header, nodes' busy and idle cost (None: accounting off).
+    costing: Costing | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Observer(NoMetrics(), None)
@@ -141,6 +144,7 @@ class Runtime:
             adapters=self.plan.adapters,
             metrics=metrics,
         )
+        self.costing = await start_costing(self.settings, self.backends, self.observer, stack)
 
     async def start_admission(self, stack: AsyncExitStack) -> None:
         self.admission = await start_admission(self.settings, self.plan.catalog, stack)
@@ -163,7 +167,8 @@ class Runtime:
         ticket = await admission.admit(admission.principal(key_id), body, size)
         if ticket is None or ticket.settled:
             return None
-        exchange.finish = settle_at_close(ticket, admission.prices)
+        # After the pricer set charged_nano (Observer.close runs it first).
+        exchange.finish = ticket.finish
         return ticket
 
     def serving(self) -> Pipeline:
@@ -312,6 +317,8 @@ def _openai_endpoint(
                 chunks = await _cancel_on_disconnect(request, primed)
                 watched = chunks if span is None else span.watch(chunks)
                 events = sse_events(observer.watching(watched, exchange))
+                if runtime.costing is not None:
+                    events = runtime.costing.ending(events, exchange)
                 if span is not None:
                     events = span.current(events)
                 headers = headers_for(trace, request_id.encode("latin-1"), ticket)
@@ -322,6 +329,8 @@ def _openai_endpoint(
             if span is not None:
                 span.sent(answer)
             headers = headers_for(trace, request_id.encode("latin-1"), ticket)
+            if runtime.costing is not None:
+                headers.extend(runtime.costing.answer_headers(exchange))
             return JsonAnswer(wire.encoder.encode(answer), headers=headers)
         except ClientClosedRequestError as gone:
             observer.failed(exchange, gone)
@@ -493,6 +502,7 @@ async def _server_state(runtime: Runtime) -> ServerState:
         pipeline.hooks.failures if pipeline else {},
         deployments,
         pipeline.adapter_usage if pipeline else {},
+        runtime.costing,
     )
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "Backend",
     "BackendHealth",
     "BackendType",
+    "BusyClock",
     "Candidate",
     "CandidateStats",
     "ChatCompletion",
@@ -73,6 +74,7 @@ __all__ = [
     "ChatCompletionRequest",
     "Completion",
     "CompletionRequest",
+    "ComputeMeter",
     "ContextLengthExceededError",
     "DeveloperMessage",
     "EngineLoad",
@@ -119,6 +121,33 @@ def message_role(message: Message) -> str:
     return str(type(message).__struct_config__.tag)
 
 
+class ComputeMeter:
+    """The busy time self-hosted nodes spent on one request, in seconds per
+    backend name. A backend whose node has a price per hour adds to it as it
+    works for the request (the embedded engine from each batch step, on its
+    own thread; an edge node from what the node reports), and the gateway
+    prices it when the request ends (docs/accounting.md)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, backend: str, seconds: float) -> None:
+        # One writer per backend (its engine's thread, or the event loop),
+        # so the read-add-write needs no lock.
+        self.seconds[backend] = self.seconds.get(backend, 0.0) + seconds
+
+
+@runtime_checkable
+class BusyClock(Protocol):
+    """A backend that knows how long its node has been busy: the total, in
+    seconds, since the backend started, never decreasing. The node's idle
+    cost is its price per hour over the rest of the time."""
+
+    def busy_seconds(self) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """What the gateway knows about one client request, besides its body.
@@ -141,6 +170,9 @@ class RequestContext:
     # The span of this attempt when tracing is on (set per attempt, for
     # backends); None when it is off, so a backend does nothing for it.
     trace: AttemptTrace | None = None
+    # Where a self-hosted backend reports the busy time it spent on this
+    # request (set by the pipeline; None outside it: report nothing).
+    compute: ComputeMeter | None = None
 
 
 # A span attribute's value, as OpenTelemetry takes it.

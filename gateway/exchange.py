@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway import wire
-from gateway.contract import Target
+from gateway.contract import ComputeMeter, Target
 from gateway.errors import GatewayError
 
 # The OpenTelemetry GenAI operation name of each endpoint (gen_ai.operation.name).
@@ -54,6 +54,9 @@ class Exchange:
     finish_reason: str | None = None
     charged_nano: int = 0
     compute_nano: int = 0
+    # Self-hosted nodes' busy seconds spent on it, per backend: what
+    # compute_nano prices (gateway/accounting/compute.py).
+    compute: ComputeMeter = field(default_factory=ComputeMeter)
     # The trace this request belongs to, when tracing is on (hex, W3C form).
     trace_id: str | None = None
     span_id: str | None = None

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from gateway.contract import AdapterCounters, Backend, ReportsLoad
+from gateway.contract import AdapterCounters, Backend, BusyClock, ReportsLoad
 from gateway.lora.stats import AdapterUsage
 from gateway.stats import serves_adapters
 
@@ -33,9 +34,14 @@ class ServerState:
     hook_failures: Mapping[str, int] = field(default_factory=dict)
     deployments: Mapping[tuple[str, str, str], DeploymentState] = field(default_factory=dict)
     adapter_usage: Mapping[str, AdapterUsage] = field(default_factory=dict)
+    # Self-hosted nodes' busy and idle cost (gateway/accounting/nodes.py).
+    costs: Collects | None = None
 
     def collect(self) -> Iterator[Metric]:
         yield from _engine_families(self.backends)
+        yield from _busy_family(self.backends)
+        if self.costs is not None:
+            yield from self.costs.collect()
         failures = CounterMetricFamily(
             "nomoat_hook_failures_total",
             "Hook calls that raised an unexpected error.",
@@ -47,6 +53,23 @@ class ServerState:
         yield failures
         yield from _deployment_families(self.deployments)
         yield from _adapter_families(self.backends, self.adapter_usage)
+
+
+class Collects(Protocol):
+    def collect(self) -> Iterator[Metric]: ...
+
+
+def _busy_family(backends: Mapping[str, Backend]) -> Iterator[Metric]:
+    busy = CounterMetricFamily(
+        "nomoat_engine_busy_seconds",
+        "Seconds the engine spent working (the embedded engine: in batch steps), since it started.",
+        None,
+        ["backend"],
+    )
+    for name, backend in sorted(backends.items()):
+        if isinstance(backend, BusyClock):
+            busy.add_metric([name], backend.busy_seconds())
+    yield busy
 
 
 def _engine_families(backends: Mapping[str, Backend]) -> Iterator[Metric]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from opentelemetry import trace
@@ -36,6 +36,9 @@ class Observer:
         # False: neither metrics nor a log hear of requests, so streams are
         # not watched (one generator less per chunk).
         self.active = active
+        # Prices each exchange as it closes, before anything reads it
+        # (gateway/accounting/compute.py); None: accounting is off.
+        self.pricer: Callable[[Exchange], None] | None = None
 
     def open(self, endpoint: str, path: str) -> Exchange:
         """A request arrived (with the span that is current, if any: the
@@ -50,6 +53,8 @@ class Observer:
         if exchange.closed:
             return
         exchange.closed = True
+        if self.pricer is not None:
+            self.pricer(exchange)
         if exchange.finish is not None:
             exchange.finish(exchange)
         self.metrics.request_ended(exchange, status, error)

@@ -118,6 +118,7 @@ class Pipeline:
         route = self.router.resolve(asked)
         ctx = _with_deadline(ctx, route.entry)
         exchange = _exchange(trace, ctx, endpoint.name)
+        ctx = _metered(ctx, exchange)
         started = await self._attempts(
             route, asked, ctx, lambda b, t, c: endpoint.answer(b, asked, t, c), trace, exchange
         )
@@ -144,6 +145,7 @@ class Pipeline:
             route = self.router.resolve(asked)
             ctx = _with_deadline(ctx, route.entry)
             exchange = _exchange(trace, ctx, endpoint.name)
+            ctx = _metered(ctx, exchange)
             started = await self._attempts(
                 route,
                 asked,
@@ -401,6 +403,11 @@ def _with_deadline(ctx: RequestContext, model: ModelEntry) -> RequestContext:
     if model.timeout_seconds is None:
         return ctx
     return replace(ctx, deadline=time.monotonic() + model.timeout_seconds)
+
+
+def _metered(ctx: RequestContext, exchange: Exchange) -> RequestContext:
+    """The context the backends see: their busy time goes to the exchange."""
+    return replace(ctx, compute=exchange.compute)
 
 
 def _timed_out(model: str) -> UpstreamTimeoutError:

@@ -383,6 +383,10 @@ class AccountingSettings(_Strict):
     # Self-hosted nodes' busy and idle cost: one node_costs row per backend
     # per window of this many seconds.
     node_cost_window_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Tell each answer's busy seconds on this node's engine to its client
+    # (header x-nomoat-busy-seconds; a stream's last SSE comment): what an
+    # edge node does (`nomoat edge` sets it) so the gateway can price it.
+    report_busy_seconds: bool = False
     # A budget reservation lapses after this long if its request never
     # settles it (its process died): longer than any request may run.
     reservation_seconds: Annotated[float, Field(gt=0)] = 3600.0

@@ -98,8 +98,10 @@ def gateway(
         [models.cheap]
         policy = "lowest-cost"
         deployments = [
-          {{ backend = "edge-a", model = "{MODEL}", input_usd_per_million = 1.0 }},
-          {{ backend = "edge-b", model = "{MODEL}", input_usd_per_million = 0.5 }},
+          {{ backend = "edge-a", model = "{MODEL}", input_usd_per_million = 1.0, \
+output_usd_per_million = 1.0 }},
+          {{ backend = "edge-b", model = "{MODEL}", input_usd_per_million = 0.5, \
+output_usd_per_million = 0.5 }},
         ]
 
         [models.least]

@@ -121,6 +121,29 @@ def test_lowest_cost_takes_the_cheapest_then_the_least_busy() -> None:
     assert [r.candidate.target.deployment for r in ranked] == ["m/2", "m/1", "m/0"]
 
 
+def test_lowest_cost_prices_the_requests_own_prompt_and_output() -> None:
+    """Cheap input beats cheap output for a long prompt asking for little,
+    and the other way round; a request without max_tokens is priced at
+    expected_tokens."""
+    cheap_in, cheap_out = candidate(0, cost=0.1, output=10.0), candidate(1, cost=5.0, output=0.5)
+    pool = [cheap_in, cheap_out]
+    long_prompt = ChatCompletionRequest(
+        model="m", messages=[UserMessage(content="word " * 2000)], max_tokens=10
+    )
+    policy = LowestCostPolicy(CostOptions())
+    ranked = policy.rank(long_prompt, CTX, pool, {})
+    assert first(ranked) == "m/0"
+    # 2500 prompt tokens (4 characters each) at 0.1, 10 at 10.0, per million.
+    assert ranked[0].score == pytest.approx(-(2500 * 0.1 + 10 * 10.0) / 1e6)
+    assert first(policy.rank(request(max_tokens=2000), CTX, pool, {})) == "m/1"
+    # 250 prompt tokens, max_tokens unsaid: 256 expected make the output
+    # decide; told to expect 1, the input does.
+    unsaid = ChatCompletionRequest(model="m", messages=[UserMessage(content="word " * 200)])
+    assert first(policy.rank(unsaid, CTX, pool, {})) == "m/1"
+    few = LowestCostPolicy(CostOptions(expected_tokens=1))
+    assert first(few.rank(unsaid, CTX, pool, {})) == "m/0"
+
+
 def test_session_affinity_is_stable_spreads_and_moves_only_lost_sessions() -> None:
     policy = SessionAffinityPolicy(AffinityOptions())
     pool = [candidate(i) for i in range(4)]

@@ -21,7 +21,6 @@ gets 503 ``limits_unavailable`` rather than limits that do not hold.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +40,6 @@ from gateway.accounting.principal import Budget, Principal, RateLimits
 from gateway.accounting.tables import api_keys, teams
 from gateway.auth import key_fingerprint
 from gateway.catalog import Catalog
-from gateway.exchange import Exchange
 from gateway.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -246,18 +244,3 @@ async def start_admission(
         PriceBook.from_settings(settings),
         hooks_may_reroute=bool(settings.hooks),
     )
-
-
-def settle_at_close(ticket: Ticket, prices: PriceBook | None) -> Callable[[Exchange], None]:
-    """The exchange's ``finish``: the ticket settled to the request's charge.
-    (If nothing set ``charged_nano`` yet, it is charged here at the
-    deployment's prices, as the prices part does.)"""
-
-    def finish(exchange: Exchange) -> None:
-        if not exchange.charged_nano and exchange.deployment and prices is not None:
-            exchange.charged_nano = prices.charge_nano(
-                exchange.deployment, exchange.usage, exchange.estimated_output_tokens
-            )
-        ticket.finish(exchange)
-
-    return finish

@@ -12,7 +12,7 @@ import functools
 import importlib.resources
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -538,12 +538,24 @@ class LlamaCppBackend:
         one failing stops the others."""
         timings = _timings(prepared, ctx)
         try:
-            return await self.scheduler.run_all(prepared.requests, self._owner(ctx), timings)
+            return await self.scheduler.run_all(
+                prepared.requests, self._owner(ctx), timings, self._charge(ctx)
+            )
         except _ENGINE_ERRORS as error:
             raise self._engine_error(error, prepared) from error
         finally:
             if ctx.trace is not None and timings is not None:
                 report_phases(ctx.trace, timings)
+
+    def _charge(self, ctx: RequestContext) -> Callable[[float], None] | None:
+        """Where the engine reports the busy seconds it spends on the request."""
+        if ctx.compute is None:
+            return None
+        return functools.partial(ctx.compute.add, self.name)
+
+    def busy_seconds(self) -> float:
+        """The engine's busy time since it started (see :class:`BusyClock`)."""
+        return self.scheduler.busy_seconds
 
     def _owner(self, ctx: RequestContext) -> str:
         """Whose request it is: its turn in the fair queue, its share of the
@@ -559,7 +571,9 @@ class LlamaCppBackend:
         # Every choice is queued before the first byte is sent, so a full
         # queue is a 503 response, not an error in the middle of a stream.
         try:
-            return self.scheduler.open_streams(prepared.requests, self._owner(ctx), timings)
+            return self.scheduler.open_streams(
+                prepared.requests, self._owner(ctx), timings, self._charge(ctx)
+            )
         except _ENGINE_ERRORS as error:
             raise self._engine_error(error, prepared) from error
 

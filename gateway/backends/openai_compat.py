@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -35,6 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
 from gateway import wire
+from gateway.accounting.compute import (
+    BUSY_HEADER,
+    SharedClock,
+    busy_of_comment,
+    reported_busy,
+)
 from gateway.auth import TENANT_HEADER
 from gateway.backends.control_text import ControlTextGuard, token_texts
 from gateway.backends.transport import AiohttpTransport, TransportFactory
@@ -192,6 +199,11 @@ class OpenAICompatibleBackend:
         self._guard: ControlTextGuard | None = None
         # Why message text cannot be checked here, if it cannot.
         self._unprotected: str | None = None
+        # The node's busy time (for its usd_per_hour): an edge node reports
+        # each request's share; any other engine is timed from here.
+        self._reports_busy = kind == "edge"
+        self._reported_busy = 0.0
+        self._clock = SharedClock()
 
     async def start(self) -> None:
         await self._probe()
@@ -221,6 +233,24 @@ class OpenAICompatibleBackend:
 
     def load(self) -> EngineLoad:
         return self._load
+
+    def busy_seconds(self) -> float:
+        """The node's busy time (see :class:`BusyClock`): what an edge node
+        reported, else the time this gateway had requests in flight there."""
+        return self._reported_busy if self._reports_busy else self._clock.busy_seconds()
+
+    def _busy_reported(self, ctx: RequestContext, comment: bytes) -> None:
+        """An SSE comment of the stream: an edge node's busy seconds, if it is."""
+        self._busy(ctx, busy_of_comment(comment))
+
+    def _busy(self, ctx: RequestContext, seconds: float | None) -> None:
+        """``seconds`` of the node's time spent on the request of ``ctx``."""
+        if seconds is None:
+            return
+        if self._reports_busy:
+            self._reported_busy += seconds
+        if ctx.compute is not None:
+            ctx.compute.add(self.name, seconds)
 
     async def aclose(self) -> None:
         if self._prober is not None:
@@ -296,12 +326,20 @@ class OpenAICompatibleBackend:
         ctx: RequestContext,
     ) -> _Answer:
         headers = self._headers(ctx)
-        if not target.adapters and self._base_is_plain:
-            # The base model: no adapter to hold, so no context manager either.
-            response = await self._post(path, request, decoder, target.engine_model, headers)
-        else:
-            async with self._engine_model(target) as model:
-                response = await self._post(path, request, decoder, model, headers)
+        ticket = self._clock.enter()
+        try:
+            if not target.adapters and self._base_is_plain:
+                # The base model: no adapter to hold, so no context manager either.
+                response = await self._post(
+                    path, request, decoder, target.engine_model, headers, ctx
+                )
+            else:
+                async with self._engine_model(target) as model:
+                    response = await self._post(path, request, decoder, model, headers, ctx)
+        finally:
+            shared = self._clock.leave(ticket)
+            if not self._reports_busy:
+                self._busy(ctx, shared)
         if ctx.trace is not None:
             ctx.trace.record({semconv.RESPONSE_MODEL: response.model})
         response.id, response.model = ctx.request_id, target.model
@@ -314,9 +352,14 @@ class OpenAICompatibleBackend:
         decoder: msgspec.json.Decoder[_Answer],
         model: str,
         headers: Mapping[str, str] | None,
+        ctx: RequestContext,
     ) -> _Answer:
         upstream = msgspec.structs.replace(request, model=model, stream=False)
-        answer = await self._upstream.answer(path, _encode(upstream), headers)
+        if not self._reports_busy:
+            answer = await self._upstream.answer(path, _encode(upstream), headers)
+            return self._decode(decoder, answer)
+        answer, answered = await self._upstream.answer_and_headers(path, _encode(upstream), headers)
+        self._busy(ctx, reported_busy(answered.get(BUSY_HEADER)))
         return self._decode(decoder, answer)
 
     def _traced(self, trace: AttemptTrace) -> Mapping[str, str]:
@@ -363,21 +406,31 @@ class OpenAICompatibleBackend:
             usage_chunk: _Chunk | None = None
             headers = self._headers(ctx)
             upstream_model: str | None = None
-            async for payload in self._upstream.stream(path, _encode(upstream), headers):
-                chunk = self._decode(decoder, payload)
-                if upstream_model is None and ctx.trace is not None:
-                    upstream_model = chunk.model
-                    ctx.trace.record({semconv.RESPONSE_MODEL: upstream_model})
-                chunk.id, chunk.model = ctx.request_id, target.model
-                if isinstance(chunk.usage, wire.Usage):
-                    if chunk.choices:
-                        usage_chunk = msgspec.structs.replace(chunk, choices=[])
-                        chunk.usage = msgspec.UNSET
-                    else:
-                        usage_chunk = None
-                yield chunk
-            if usage_chunk is not None:
-                yield usage_chunk
+            comments = None
+            if self._reports_busy:
+                comments = functools.partial(self._busy_reported, ctx)
+            payloads = self._upstream.stream(path, _encode(upstream), headers, comments)
+            ticket = self._clock.enter()
+            try:
+                async for payload in payloads:
+                    chunk = self._decode(decoder, payload)
+                    if upstream_model is None and ctx.trace is not None:
+                        upstream_model = chunk.model
+                        ctx.trace.record({semconv.RESPONSE_MODEL: upstream_model})
+                    chunk.id, chunk.model = ctx.request_id, target.model
+                    if isinstance(chunk.usage, wire.Usage):
+                        if chunk.choices:
+                            usage_chunk = msgspec.structs.replace(chunk, choices=[])
+                            chunk.usage = msgspec.UNSET
+                        else:
+                            usage_chunk = None
+                    yield chunk
+                if usage_chunk is not None:
+                    yield usage_chunk
+            finally:
+                shared = self._clock.leave(ticket)
+                if not self._reports_busy:
+                    self._busy(ctx, shared)
 
     # ------------------------------------------------------------- internals
 

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -132,6 +132,13 @@ class Upstream:
         added to the request (the client's tenant, the trace context)."""
         return await self._send("POST", path, body, headers, reveal=False)
 
+    async def answer_and_headers(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> tuple[bytes, Mapping[str, str]]:
+        """:meth:`answer`, with the answer's headers (an edge node reports
+        its busy time in one)."""
+        return await self._sent("POST", path, body, headers, reveal=False)
+
     async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
         return await self._send("POST", path, body, headers, reveal=True)
 
@@ -149,6 +156,19 @@ class Upstream:
         reveal: bool,
     ) -> bytes:
         """The body of a successful answer; every failure as a typed error."""
+        content, _ = await self._sent(method, path, body, headers, reveal=reveal)
+        return content
+
+    async def _sent(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        *,
+        reveal: bool,
+    ) -> tuple[bytes, Mapping[str, str]]:
+        """:meth:`_send`, with the answer's headers."""
         async with self._connection():
             try:
                 response = await self._transport.send(method, self._url(path), body, headers)
@@ -162,7 +182,7 @@ class Upstream:
             raise self._redirect_error(response.status, response.headers)
         if response.status >= 400:
             raise status_error(self.name, response.status, content, response.headers, reveal=reveal)
-        return content
+        return content, response.headers
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[None]:
@@ -243,23 +263,32 @@ class Upstream:
                 raise self._transport_error(error) from error
 
     async def stream(
-        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | None = None,
+        comments: Callable[[bytes], None] | None = None,
     ) -> AsyncIterator[bytes]:
         """The ``data:`` payloads of a client's streamed answer, without
-        ``[DONE]``.
+        ``[DONE]``. ``comments``: told each SSE comment line's text (after
+        the colon; an edge node reports its busy time in one).
 
         Failures before the first payload raise retryable errors; closing the
         iterator closes the connection, which makes vLLM abort the request.
         Each payload is yielded as soon as its line is complete.
         """
         # aclosing: closing this iterator closes the response at once.
-        payloads = contextlib.aclosing(self._stream(path, body, headers))
+        payloads = contextlib.aclosing(self._stream(path, body, headers, comments))
         async with self._connection(), payloads as lines:
             async for payload in lines:
                 yield payload
 
     async def _stream(
-        self, path: str, body: bytes, headers: Mapping[str, str] | None
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        comments: Callable[[bytes], None] | None,
     ) -> AsyncGenerator[bytes, None]:
         try:
             response = await self._transport.send("POST", self._url(path), body, headers)
@@ -285,6 +314,8 @@ class Upstream:
                             complete = True
                             return
                         yield payload
+                    elif comments is not None and line.startswith(b":"):
+                        comments(line[1:].strip())
             # The last line may end the stream without a newline.
             if pending.startswith(b"data:"):
                 payload = pending[5:].strip()

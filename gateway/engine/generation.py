@@ -233,12 +233,15 @@ def _sequence_of(generation: Generation) -> int:
     return generation.sequence
 
 
-def step(model: NativeModel, generations: list[Generation]) -> None:
+def step(model: NativeModel, generations: list[Generation]) -> list[tuple[Generation, int]]:
     """Decode one batch for every unfinished generation, then sample for each
     one that asked for logits. Cancelled generations are marked finished
     before any work is spent on them, so a cancel takes effect within a token.
+    Returns the generations fed and how many tokens each put in the batch
+    (what its share of the step's time is measured by).
     """
     entries: list[BatchEntry] = []
+    fed_counts: list[tuple[Generation, int]] = []
     samplers: list[tuple[Generation, int]] = []
     # In ascending sequence order: with one KV stream per sequence, llama.cpp
     # puts only consecutive, ascending sequence ids in one micro-batch and
@@ -254,13 +257,16 @@ def step(model: NativeModel, generations: list[Generation]) -> None:
             break
         fed = generation.feed(budget)
         entries.extend(fed)
+        if fed:
+            fed_counts.append((generation, len(fed)))
         if fed and fed[-1][3]:
             samplers.append((generation, len(entries) - 1))
     if not entries:
-        return
+        return fed_counts
     model.decode(entries)
     for generation, index in samplers:
         generation.advance(index)
+    return fed_counts
 
 
 def generate(

@@ -29,7 +29,7 @@ import contextlib
 import functools
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.engine.adapters import AdapterCache
@@ -168,6 +168,11 @@ class Scheduler:
         return len(self._running)
 
     @property
+    def busy_seconds(self) -> float:
+        """Seconds the engine spent in batch steps since it started."""
+        return self._thread.busy_seconds
+
+    @property
     def capacity(self) -> int:
         """Generations this engine holds at most: running plus waiting."""
         return self.model.n_seq + self.max_waiting
@@ -191,12 +196,14 @@ class Scheduler:
         requests: Sequence[GenerationRequest],
         owner: str,
         timings: Sequence[EngineTimings] | None = None,
+        charge: Callable[[float], None] | None = None,
     ) -> list[GenerationResult]:
         """Queue every request now, all or none (raising at once if they do
         not fit), and return their results in order. If one fails, or the
         caller is cancelled, the others stop at once. ``timings`` (one per
-        request, tracing on): filled in as the jobs go."""
-        jobs = self._submit(requests, owner, None, timings)
+        request, tracing on): filled in as the jobs go. ``charge``: told each
+        step's seconds spent on them (on the worker thread)."""
+        jobs = self._submit(requests, owner, None, timings, charge)
         futures = [job.future for job in jobs]
         try:
             await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
@@ -214,12 +221,13 @@ class Scheduler:
         requests: Sequence[GenerationRequest],
         owner: str,
         timings: Sequence[EngineTimings] | None = None,
+        charge: Callable[[float], None] | None = None,
     ) -> GenerationStreams:
         """Queue every request now, all or none (raising at once if they do
         not fit), and return their merged stream of deltas, then results."""
         loop = asyncio.get_running_loop()
         mailbox = Mailbox(loop, len(requests), limit=self.stream_buffer, on_drain=self._thread.wake)
-        jobs = self._submit(requests, owner, mailbox, timings)
+        jobs = self._submit(requests, owner, mailbox, timings, charge)
         return GenerationStreams(len(jobs), mailbox, functools.partial(self._cancel_all, jobs))
 
     def open_stream(self, request: GenerationRequest, owner: str) -> GenerationStreams:
@@ -255,12 +263,13 @@ class Scheduler:
         owner: str,
         mailbox: Mailbox | None,
         timings: Sequence[EngineTimings] | None = None,
+        charge: Callable[[float], None] | None = None,
     ) -> list[_Job]:
         self._check_room(len(requests), owner)
         loop = asyncio.get_running_loop()
         jobs = []
         for index, request in enumerate(requests):
-            job = _Job(request, owner, None, loop.create_future())
+            job = _Job(request, owner, None, loop.create_future(), charge=charge)
             if mailbox is not None:
                 job.emit = mailbox.sender(index)
                 job.blocked = functools.partial(mailbox.full, index)

@@ -62,6 +62,10 @@ class Job:
     released: bool = False
     # Filled in for the job's trace (tracing on only).
     timings: EngineTimings | None = None
+    # Told the seconds of each step spent on this job (its share of the
+    # step's wall time, by the tokens it put in the batch), on the worker
+    # thread: for its compute cost (gateway/accounting/compute.py).
+    charge: Callable[[float], None] | None = None
 
     def is_cancelled(self) -> bool:
         return self.cancelled
@@ -93,6 +97,9 @@ class Worker:
         # a waiting stream drained by its reader.
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llama", daemon=True)
+        # Seconds spent in batch steps (adapter switches included) since the
+        # start: the engine's busy time. Written by the worker thread only.
+        self.busy_seconds = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -140,20 +147,35 @@ class Worker:
                     self._wake.wait(self._idle_seconds(blocked_since))
                 continue
             batch = [seat.key for seat in chosen]
+            began = time.perf_counter()
             activating = time.time_ns()
             error = self._activate(batch[0].request.adapters, active)
             _time_adapters([active[generation] for generation in batch], activating)
+            fed: list[tuple[Generation, int]] = []
             if error is None:
                 try:
-                    step(self.model, batch)
+                    fed = step(self.model, batch)
                 except NativeError as failure:
                     error = failure
                 else:
                     _time_steps(batch, active)
+            self._charge(fed or [(generation, 1) for generation in batch], active, began)
             if error is not None:
                 for generation in batch:
                     generation.cancel()
             self._retire(batch, active, free, turns, error)
+
+    def _charge(self, fed: list[tuple[Generation, int]], active: Active, began: float) -> None:
+        """The step's wall time since ``began`` is busy time, shared among
+        the jobs in it by the tokens each fed (a step failed or fed nothing:
+        equally): decoding costs about the same per token in a batch."""
+        seconds = time.perf_counter() - began
+        self.busy_seconds += seconds
+        tokens = sum(count for _, count in fed)
+        for generation, count in fed:
+            charge = active[generation].charge
+            if charge is not None:
+                charge(seconds * count / tokens)
 
     def _take_jobs(self, free: SequencePool, active: Active) -> bool:
         """Admit what was submitted, waiting for it when idle; False when
