@@ -27,11 +27,17 @@ from prometheus_client import generate_latest
 
 from gateway import wire
 from gateway.access_log import AccessLog
+from gateway.accounting.access import may_see
+from gateway.accounting.admin_api import build_key_handlers
 from gateway.accounting.admission import Ticket
 from gateway.accounting.costing import Costing, start_costing
-from gateway.accounting.gating import Admission, start_admission
+from gateway.accounting.gating import Admission, start_admission, static_principals
+from gateway.accounting.keys import ManagedKeys
+from gateway.accounting.principal import Principal
+from gateway.accounting.runtime import Accounting
+from gateway.accounting.usage_api import build_usage_handlers
 from gateway.admin import build_admin_handlers
-from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
+from gateway.auth import AdminAuthenticator, Authenticator, PrincipalAuthenticator, is_loopback
 from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decision_log import DecisionLog
@@ -89,6 +95,8 @@ class Runtime:
     admission: Admission | None = field(init=False, default=None)
     # Prices, the cost header, nodes' busy and idle cost (None: accounting off).
     costing: Costing | None = field(init=False, default=None)
+    # Cost accounting (None: [accounting] enabled = false); see start_accounting.
+    accounting: Accounting | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Observer(NoMetrics(), None)
@@ -114,14 +122,25 @@ class Runtime:
             access_log.start()
             stack.push_async_callback(access_log.aclose)
         self.observer = Observer(
-            recorder, access_log, self.metrics is not None or access_log is not None
+            recorder,
+            access_log,
+            self.metrics is not None or access_log is not None,
+            self.accounting.ended if self.accounting is not None else None,
         )
         return recorder
+
+    async def start_accounting(self, stack: AsyncExitStack) -> None:
+        """The ledger (and what accounting holds) started before the
+        backends, so it stops after them: every stream they end at shutdown
+        is recorded before the ledger's last flush."""
+        if self.settings.accounting.enabled:
+            self.accounting = await Accounting.start(self.settings.accounting, stack)
 
     async def start(self, stack: AsyncExitStack) -> None:
         for warning in exposure_warnings(self.settings.server):
             _log.warning("%s", warning)
         self.tracing = start_tracing(self.settings, self.tracing, stack)
+        await self.start_accounting(stack)
         for item in self.plan.backends:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
@@ -147,14 +166,15 @@ class Runtime:
         self.costing = await start_costing(self.settings, self.backends, self.observer, stack)
 
     async def start_admission(self, stack: AsyncExitStack) -> None:
-        self.admission = await start_admission(self.settings, self.plan.catalog, stack)
+        engine = self.accounting.engine if self.accounting is not None else None
+        self.admission = await start_admission(self.settings, self.plan.catalog, stack, engine)
         if self.admission is not None:
             # Every request's end settles its ticket: streams are watched.
             self.observer.active = True
 
     async def admit(
         self,
-        key_id: str | None,
+        principal: Principal | None,
         body: wire.ChatCompletionRequest | wire.CompletionRequest,
         size: int,
         exchange: Exchange,
@@ -164,12 +184,16 @@ class Runtime:
         admission = self.admission
         if admission is None:
             return None
-        ticket = await admission.admit(admission.principal(key_id), body, size)
+        ticket = await admission.admit(principal, body, size)
         if ticket is None or ticket.settled:
             return None
         # After the pricer set charged_nano (Observer.close runs it first).
         exchange.finish = ticket.finish
         return ticket
+
+    def managed_keys(self) -> ManagedKeys | None:
+        """Managed API keys and teams (None: accounting is off, or not started)."""
+        return self.accounting.keys if self.accounting is not None else None
 
     def serving(self) -> Pipeline:
         if self.pipeline is None:
@@ -240,13 +264,16 @@ def handle_exception(request: AnyRequest, exc: Exception) -> Response[bytes]:
 _PRIVATE_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
 
 
-def _context(prefix: str, key_id: str | None, request: AnyRequest) -> RequestContext:
+def _context(
+    prefix: str, key_id: str | None, request: AnyRequest, principal: Principal | None = None
+) -> RequestContext:
     headers = {
         name.decode("latin-1"): value.decode("latin-1")
         for name, value in request.scope["headers"]
         if name not in _PRIVATE_HEADERS
     }
-    return RequestContext(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), key_id, None, headers)
+    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    return RequestContext(request_id, int(time.time()), key_id, None, headers, principal=principal)
 
 
 class ClientClosedRequestError(GatewayError):
@@ -276,7 +303,7 @@ async def _cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
 def _openai_endpoint(
     runtime: Runtime,
     endpoint: Endpoint[RequestT, AnswerT, ChunkT],
-    authenticate: Authenticator,
+    authenticate: PrincipalAuthenticator,
 ) -> ControllerRouterHandler:
     """The handler of one OpenAI endpoint: authenticate, read, decode, then
     the pipeline. Every error on the way reaches the error hooks once: here
@@ -299,14 +326,18 @@ def _openai_endpoint(
         observer = runtime.observer
         exchange = observer.open(endpoint.name, endpoint.path)
         try:
-            key_id = authenticate(request)
-            ctx = _context(endpoint.id_prefix, key_id, request)
+            principal = authenticate.principal(request)
+            key_id = principal.key_id if principal is not None else None
+            ctx = _context(endpoint.id_prefix, key_id, request, principal)
             exchange.request_id, exchange.key_id = ctx.request_id, key_id
+            if principal is not None and principal.team is not None:
+                exchange.team_id = principal.team.id
             pipeline = runtime.serving()
             raw = await request.body()
             body = endpoint.decode(raw, limits)
             exchange.requested, exchange.stream = body.model, bool(body.stream)
-            ticket = await runtime.admit(key_id, body, len(raw), exchange)
+            exchange.user = body.user
+            ticket = await runtime.admit(principal, body, len(raw), exchange)
             if span is not None:
                 span.set_model(body.model)
             trace = RouteTrace(endpoint.name, len(raw), span, exchange)
@@ -362,18 +393,20 @@ def _openai_endpoint(
 
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     server = runtime.settings.server
-    authenticate = Authenticator(server.api_key_hashes)
+    authenticate = PrincipalAuthenticator(
+        server.api_key_hashes, runtime.managed_keys, static_principals(runtime.settings)
+    )
 
     @get("/v1/models")
     async def list_models(request: AnyRequest) -> Response[bytes]:
-        authenticate(request)
-        return _json(wire.ModelList(object="list", data=_models(runtime)))
+        principal = authenticate.principal(request)
+        return _json(wire.ModelList(object="list", data=_models_for(runtime, principal)))
 
     @get("/v1/models/{model_id:path}")
     async def retrieve_model(request: AnyRequest, model_id: FromPath[str]) -> Response[bytes]:
-        authenticate(request)
+        principal = authenticate.principal(request)
         name = model_id.lstrip("/")
-        for model in _models(runtime):
+        for model in _models_for(runtime, principal):
             if model.id == name:
                 return _json(model)
         raise NotFoundError(f"The model `{name}` does not exist.", param="model")
@@ -414,15 +447,21 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
             return generate_latest(state)
         return runtime.metrics.render(state)
 
+    admin_authenticate = AdminAuthenticator(
+        server.api_key_hashes,
+        server.admin_key_hashes,
+        network=not is_loopback(server.host),
+        managed=runtime.managed_keys,
+    )
     admin = build_admin_handlers(
         lambda: runtime.serving().adapters or _no_adapters(),
         runtime.backends,
-        AdminAuthenticator(
-            server.api_key_hashes, server.admin_key_hashes, network=not is_loopback(server.host)
-        ),
+        admin_authenticate,
         runtime.serving,
         runtime.settings.limits,
     )
+    admin += build_key_handlers(runtime.managed_keys, admin_authenticate)
+    usage = build_usage_handlers(lambda: runtime.accounting, admin_authenticate)
     return [
         _openai_endpoint(runtime, CHAT, authenticate),
         _openai_endpoint(runtime, COMPLETIONS, authenticate),
@@ -434,7 +473,21 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         status,
         metrics,
         *admin,
+        *usage,
     ]
+
+
+def _models_for(runtime: Runtime, principal: Principal | None) -> list[wire.Model]:
+    """The models ``principal`` may use (a managed key may be given a few)."""
+    models = _models(runtime)
+    if principal is None or principal.models is None:
+        return models
+    catalog = runtime.plan.catalog
+    return [model for model in models if may_see(principal, catalog, model.id, _base_of(model))]
+
+
+def _base_of(model: wire.Model) -> str | None:
+    return model.parent if isinstance(model.parent, str) else None
 
 
 def _no_adapters() -> AdapterRegistry:

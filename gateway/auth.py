@@ -24,11 +24,12 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from litestar.types import Scope
 
+from gateway.accounting.principal import Principal
 from gateway.errors import AuthenticationError, PermissionDeniedError
 
 KEY_HASH_PREFIX = "sha256:"
@@ -64,7 +65,12 @@ def key_fingerprint(stored_hash: str) -> str:
 
 def key_matches(presented: str, hashes: Iterable[str]) -> str | None:
     """The matching stored hash, compared in constant time, or None."""
-    candidate = hash_api_key(presented).encode()
+    return hash_matches(hash_api_key(presented), hashes)
+
+
+def hash_matches(presented_hash: str, hashes: Iterable[str]) -> str | None:
+    """The stored hash equal to ``presented_hash`` (compared in constant time), or None."""
+    candidate = presented_hash.encode()
     found = None
     for stored in hashes:
         # Compare against every entry, so timing does not reveal which matched.
@@ -126,9 +132,11 @@ class AdminAuthenticator:
     """The admin API: an admin key once any key exists; open with none, if
     the server listens on loopback only (``network``: it does not).
 
-    No key or an unknown one is a 401; a valid API key that is not an admin
-    key is a 403 (it is known, but may not do this), and so is every call
-    while the admin API is closed.
+    No key or an unknown one is a 401; a valid API key (static or managed)
+    that is not an admin key is a 403 (it is known, but may not do this),
+    and so is every call while the admin API is closed. Managed keys count
+    as keys: once one exists, an admin API that was open closes (else any
+    local client could mint itself a key), and ``nomoat keys`` remains.
     """
 
     def __init__(
@@ -137,16 +145,25 @@ class AdminAuthenticator:
         admin_key_hashes: tuple[str, ...],
         *,
         network: bool = False,
+        managed: Callable[[], ManagedKeyLookup | None] = lambda: None,
     ) -> None:
         no_keys = not api_key_hashes and not admin_key_hashes
         self._open = no_keys and not network
         self._closed = no_keys and network
         self._admin = admin_key_hashes
         self._api = api_key_hashes
+        self._managed = managed
 
     def __call__(self, request: HasScope) -> None:
+        managed = self._managed()
         if self._open:
-            return
+            if managed is None or not managed.exist:
+                return
+            raise PermissionDeniedError(
+                "The admin API is closed: managed API keys exist and no admin key is "
+                "configured. Configure server.admin_key_hashes to use it (or manage keys "
+                "with `nomoat keys`)."
+            )
         if self._closed:
             raise PermissionDeniedError(
                 "The admin API is closed: this server listens beyond loopback without keys. "
@@ -158,8 +175,84 @@ class AdminAuthenticator:
                 "The admin API needs an admin key: send 'Authorization: Bearer ADMIN_KEY'.",
                 code=None,
             )
-        if key_matches(token, self._admin) is not None:
+        presented = hash_api_key(token)
+        if hash_matches(presented, self._admin) is not None:
             return
-        if key_matches(token, self._api) is not None:
+        known = hash_matches(presented, self._api) is not None or (
+            managed is not None and managed.lookup(presented) is not None
+        )
+        if known:
             raise PermissionDeniedError("This key may not use the admin API.")
         raise AuthenticationError("Incorrect API key provided.")
+
+
+class ManagedKeyLookup(Protocol):
+    """Managed keys as the authenticator reads them
+    (:class:`gateway.accounting.keys.ManagedKeys`)."""
+
+    @property
+    def exist(self) -> bool:
+        """Whether any managed key was ever created."""
+        ...
+
+    def lookup(self, key_hash: str) -> Principal | None:
+        """The key's principal; None for no managed key; raises 401 for a
+        revoked or expired one."""
+        ...
+
+
+class PrincipalAuthenticator:
+    """The OpenAI endpoints (and ``/status``): a static key of
+    ``server.api_key_hashes`` or a managed key (``/admin/keys``, ``nomoat
+    keys``), as the :class:`Principal` the limits, budgets and ledger read.
+
+    Open (no key needed) only while there is no static key and no managed
+    key was ever created. ``managed`` is called per request: the managed
+    keys exist once the server has started (None: accounting is off).
+
+    A managed key is found by its hash in a dict: the lookup's timing can
+    only tell about the hash of the presented key, which gives nothing away
+    about any stored key.
+    """
+
+    def __init__(
+        self,
+        api_key_hashes: tuple[str, ...],
+        managed: Callable[[], ManagedKeyLookup | None] = lambda: None,
+        static: Mapping[str, Principal] | None = None,
+    ) -> None:
+        self._hashes = api_key_hashes
+        # A static key's principal: as ``static`` has it by fingerprint (its
+        # limits and budget, [[accounting.static_keys]]), else its id alone.
+        given = static or {}
+        self._static = {
+            stored: given.get(key_fingerprint(stored)) or Principal(key_fingerprint(stored))
+            for stored in api_key_hashes
+        }
+        self._managed = managed
+
+    def principal(self, request: HasScope) -> Principal | None:
+        """Who is asking; None if keys are off; raises 401 otherwise."""
+        managed = self._managed()
+        if not self._hashes and (managed is None or not managed.exist):
+            return None
+        token = bearer_token(request)
+        if token is None:
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code=None,
+            )
+        presented = hash_api_key(token)
+        matched = hash_matches(presented, self._hashes)
+        if matched is not None:
+            return self._static[matched]
+        found = managed.lookup(presented) if managed is not None else None
+        if found is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return found
+
+    def __call__(self, request: HasScope) -> str | None:
+        """The key's id (a managed key's id, a static key's fingerprint), as
+        :class:`Authenticator` gives it."""
+        principal = self.principal(request)
+        return None if principal is None else principal.key_id

@@ -17,7 +17,10 @@ import uvicorn
 from pydantic import BaseModel, ValidationError
 
 from gateway import explain
+from gateway.accounting.cli import add_commands as add_key_commands
+from gateway.accounting.commands import add_commands as add_accounting_commands
 from gateway.accounting.gating import config_refusal
+from gateway.accounting.keys import managed_keys_exist
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
@@ -83,7 +86,8 @@ def _open_network_refusal(server: ServerSettings) -> str | None:
         return None
     return (
         f"nomoat: refusing to listen on {server.host} with no API key configured. "
-        "Add server.api_key_hashes (see `nomoat hash-key`), or pass "
+        "Add server.api_key_hashes (see `nomoat hash-key`) or a managed key (`nomoat keys "
+        "create`), or pass "
         "--allow-unauthenticated-network if an open gateway is intended."
     )
 
@@ -149,7 +153,11 @@ def _run(settings: Settings) -> int:
         print("nomoat: configuration error:\n" + "\n".join(telemetry), file=sys.stderr)
         return 2
     server = settings.server
-    refusal = _open_network_refusal(server) or config_refusal(settings)
+    refusal = _open_network_refusal(server)
+    # Managed keys (`nomoat keys create`) protect a network gateway as well.
+    if refusal is not None and managed_keys_exist(settings.accounting):
+        refusal = None
+    refusal = refusal or config_refusal(settings)
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
@@ -446,6 +454,8 @@ def parser() -> argparse.ArgumentParser:
     rerun.add_argument("--model", help="replay only this model's policy calls")
     rerun.add_argument("--config", type=Path, help="for plugins.disabled")
     rerun.set_defaults(handler=replay_log)
+    add_key_commands(commands)
+    add_accounting_commands(commands)
     return root
 
 

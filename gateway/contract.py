@@ -22,6 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
+from gateway.accounting.principal import Budget, Principal, RateLimits, Team
 from gateway.errors import (
     AuthenticationError,
     ContextLengthExceededError,
@@ -66,6 +67,7 @@ __all__ = [
     "Backend",
     "BackendHealth",
     "BackendType",
+    "Budget",
     "BusyClock",
     "Candidate",
     "CandidateStats",
@@ -91,8 +93,10 @@ __all__ = [
     "PermissionDeniedError",
     "PluginManifest",
     "PolicyType",
+    "Principal",
     "RankedCandidate",
     "RateLimitError",
+    "RateLimits",
     "ReportsAdapterSlots",
     "ReportsLoad",
     "RequestContext",
@@ -103,6 +107,7 @@ __all__ = [
     "SupportsLoRA",
     "SystemMessage",
     "Target",
+    "Team",
     "TextPart",
     "ToolMessage",
     "UnsupportedFeatureError",
@@ -158,6 +163,13 @@ class RequestContext:
     after which the gateway abandons the request (the model's
     ``timeout_seconds``; set once the model is resolved: hooks that run
     before see ``None``), or ``None`` for no deadline.
+
+    ``principal`` is who is asking, as the key says (:class:`Principal`):
+    for a managed key (``/admin/keys``) its id (also ``api_key_id``), name,
+    :class:`Team`, allowed models, :class:`Budget`, :class:`RateLimits` and
+    expiry; for a static key of ``server.api_key_hashes`` only its
+    fingerprint as ``key_id``. ``None`` when the gateway runs without keys
+    (and in contexts built by older code: a plugin must accept ``None``).
     """
 
     request_id: str
@@ -173,6 +185,7 @@ class RequestContext:
     # Where a self-hosted backend reports the busy time it spent on this
     # request (set by the pipeline; None outside it: report nothing).
     compute: ComputeMeter | None = None
+    principal: Principal | None = None
 
 
 # A span attribute's value, as OpenTelemetry takes it.

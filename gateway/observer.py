@@ -23,19 +23,27 @@ from gateway.streams import closing
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499
+# Told once of each closed exchange, with its status and error type (the
+# accounting's ledger: gateway/accounting/runtime.py).
+Ended = Callable[[Exchange, int, "str | None"], None]
 
 
 class Observer:
     """What the HTTP handlers tell of each request: the metrics, the access log."""
 
     def __init__(
-        self, metrics: RequestMetrics, access_log: AccessLog | None, active: bool = True
+        self,
+        metrics: RequestMetrics,
+        access_log: AccessLog | None,
+        active: bool = True,
+        ended: Ended | None = None,
     ) -> None:
         self.metrics = metrics
         self.access_log = access_log
-        # False: neither metrics nor a log hear of requests, so streams are
-        # not watched (one generator less per chunk).
-        self.active = active
+        self.ended = ended
+        # False: neither metrics nor a log nor the ledger hear of requests,
+        # so streams are not watched (one generator less per chunk).
+        self.active = active or ended is not None
         # Prices each exchange as it closes, before anything reads it
         # (gateway/accounting/compute.py); None: accounting is off.
         self.pricer: Callable[[Exchange], None] | None = None
@@ -45,7 +53,7 @@ class Observer:
         access log names it)."""
         self.metrics.request_started()
         exchange = Exchange("", OPERATIONS.get(endpoint, endpoint), time.monotonic(), path=path)
-        if self.access_log is not None:
+        if self.access_log is not None or self.ended is not None:
             note_trace(exchange)
         return exchange
 
@@ -58,6 +66,8 @@ class Observer:
         if exchange.finish is not None:
             exchange.finish(exchange)
         self.metrics.request_ended(exchange, status, error)
+        if self.ended is not None:
+            self.ended(exchange, status, error)
         if self.access_log is None:
             return
         if exchange.trace_id is None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from gateway import wire
+from gateway.accounting.access import check_name, check_route
 from gateway.catalog import Catalog, ModelEntry
 from gateway.contract import AnyRequest, Backend, Candidate, RequestContext, Target
 from gateway.decision_log import DecisionLog, RouteDecision
@@ -50,7 +51,16 @@ from gateway.metrics import NoMetrics, RequestMetrics
 from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
-from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
+from gateway.streams import (
+    StreamRecord,
+    checked,
+    closing,
+    finish_reason,
+    observed,
+    primed,
+    shape_usage,
+    until,
+)
 from gateway.telemetry.attempts import trace_ranking, traced_call
 
 T = TypeVar("T")
@@ -110,12 +120,14 @@ class Pipeline:
         trace: RouteTrace | None = None,
     ) -> AnswerT:
         """One non-streamed answer."""
+        check_name(ctx.principal, self.catalog, request.model)
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
             self._answered_early(request, trace, ctx, endpoint.name)
             return early
         asked = _expect(early, endpoint.request_type)
         route = self.router.resolve(asked)
+        check_route(ctx.principal, self.catalog, route)
         ctx = _with_deadline(ctx, route.entry)
         exchange = _exchange(trace, ctx, endpoint.name)
         ctx = _metered(ctx, exchange)
@@ -136,6 +148,7 @@ class Pipeline:
         """One streamed answer, its first chunk already there: anything that
         fails before it still moves on, or becomes a proper status."""
         arrived = time.monotonic()
+        check_name(ctx.principal, self.catalog, request.model)
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
             self._answered_early(request, trace, ctx, endpoint.name)
@@ -143,6 +156,7 @@ class Pipeline:
         else:
             asked = _expect(early, endpoint.request_type)
             route = self.router.resolve(asked)
+            check_route(ctx.principal, self.catalog, route)
             ctx = _with_deadline(ctx, route.entry)
             exchange = _exchange(trace, ctx, endpoint.name)
             ctx = _metered(ctx, exchange)
@@ -308,6 +322,7 @@ class Pipeline:
 
     def _answered(self, started: Started[AnswerT], exchange: Exchange) -> None:
         usage = started.result.usage if isinstance(started.result.usage, wire.Usage) else None
+        exchange.finish_reason = finish_reason(started.result)
         self._ended(started, None, usage, exchange)
 
     def _streaming(
@@ -322,6 +337,7 @@ class Pipeline:
             chunks = until(chunks, limit - (time.monotonic() - arrived), limit)
 
         def done(record: StreamRecord) -> None:
+            exchange.finish_reason = record.finish_reason
             if record.first_content is not None:
                 exchange.first_token_at = started.at + record.first_content
             if record.usage is None and record.chunks_since_content:

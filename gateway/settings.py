@@ -392,6 +392,19 @@ class AccountingSettings(_Strict):
     reservation_seconds: Annotated[float, Field(gt=0)] = 3600.0
     # Budgets and rate limits of static keys (server.api_key_hashes).
     static_keys: list[StaticKeySettings] = Field(default_factory=list)
+    # How often each process polls the database for managed keys and teams
+    # changed elsewhere: a revoked key stops within about this long.
+    key_refresh_seconds: float = Field(default=0.5, gt=0, le=60)
+    # The ledger's writer (gateway/accounting/ledger.py): a batch is written
+    # every ledger_flush_seconds, or as soon as ledger_batch_size records
+    # wait; at most ledger_max_pending wait while the database is unreachable.
+    ledger_batch_size: int = Field(default=500, ge=1)
+    ledger_flush_seconds: float = Field(default=0.5, gt=0)
+    ledger_max_pending: int = Field(default=100_000, ge=1)
+    # Records the database has not taken by shutdown go to this JSON-lines
+    # file ("": ledger-unwritten.jsonl beside the SQLite file, else in the
+    # user's data directory); `nomoat ledger load FILE` writes them later.
+    ledger_spill: str = ""
 
 
 class Settings(BaseSettings):

@@ -110,6 +110,8 @@ class StreamRecord:
     # one, when the stream was cut before its usage came (one token a chunk
     # from the engines nomoat relays).
     chunks_since_content: int = 0
+    # The first choice's finish reason, once a chunk carried one.
+    finish_reason: str | None = None
 
 
 async def observed(
@@ -130,12 +132,22 @@ async def observed(
                     record.chunks_since_content = 1
                 if isinstance(chunk.usage, wire.Usage):
                     record.usage = chunk.usage
+                if record.finish_reason is None:
+                    record.finish_reason = finish_reason(chunk)
                 yield chunk
     except Exception:
         record.failed = True
         raise
     finally:
         done(record)
+
+
+def finish_reason(answer: AnyChunk | wire.ChatCompletion) -> str | None:
+    """The first choice's finish reason (a chunk carries it on its last
+    content chunk; n > 1 answers are accounted by their first choice)."""
+    for choice in answer.choices:
+        return choice.finish_reason
+    return None
 
 
 def has_content(chunk: AnyChunk) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -131,6 +132,9 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+    # A gateway a test builds by hand keeps its default accounting database
+    # (SQLite in $XDG_DATA_HOME/nomoat) out of the real user's data directory.
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="nomoat-test-data-")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -132,10 +132,16 @@ def build_limiter(settings: Settings) -> Limiter:
     return MemoryLimiter(accounting.reservation_seconds)
 
 
-async def open_gate(settings: Settings, stack: AsyncExitStack, workers: int = 1) -> Gate | None:
-    """The gate, seeded from the ledger; None with accounting off. Raises
-    :class:`UnsafeLimitsError` when the database holds limits that this
-    set-up's processes would each enforce alone."""
+async def open_gate(
+    settings: Settings,
+    stack: AsyncExitStack,
+    workers: int = 1,
+    engine: AsyncEngine | None = None,
+) -> Gate | None:
+    """The gate, seeded from the ledger (through ``engine``, the accounting
+    runtime's, else one opened for the purpose); None with accounting off.
+    Raises :class:`UnsafeLimitsError` when the database holds limits that
+    this set-up's processes would each enforce alone."""
     if not settings.accounting.enabled:
         return None
     refusal = config_refusal(settings, workers)
@@ -143,21 +149,22 @@ async def open_gate(settings: Settings, stack: AsyncExitStack, workers: int = 1)
         raise UnsafeLimitsError(refusal)
     url = async_url(settings.accounting.database)
     reason = shared_without_redis(settings, workers)
-    if _no_ledger_file(url.database if is_sqlite(url) else None):
+    if engine is None and _no_ledger_file(url.database if is_sqlite(url) else None):
         # No ledger yet (and no keys): nothing spent; nothing created here.
         gate = Gate(build_limiter(settings), empty_seeds(), model_limits(settings), reason)
         stack.push_async_callback(gate.aclose)
         return gate
-    engine = open_engine(url)
+    reading = engine or open_engine(url)
     try:
-        seeds = await load_seeds(engine, datetime.now(UTC))
-        if reason is not None and await database_has_limits(engine):
+        seeds = await load_seeds(reading, datetime.now(UTC))
+        if reason is not None and await database_has_limits(reading):
             raise UnsafeLimitsError(
                 f"nomoat: refusing to start: keys or teams in the database have limits, but "
                 f'{reason}; set [accounting] redis = "redis://HOST:PORT/DB"'
             )
     finally:
-        await engine.dispose()
+        if engine is None:
+            await reading.dispose()
     gate = Gate(build_limiter(settings), seeds, model_limits(settings), reason)
     stack.push_async_callback(gate.aclose)
     return gate
@@ -176,25 +183,17 @@ class Admission:
         self,
         gate: Gate,
         catalog: Catalog,
-        principals: dict[str, Principal],
         max_tokens_ceiling: int,
         prices: PriceBook | None = None,
         hooks_may_reroute: bool = False,
     ) -> None:
         self.gate = gate
         self.catalog = catalog
-        self.principals = principals
         self.ceiling = max_tokens_ceiling
         self.prices = prices
         # Request hooks may change the model: the worst case is then the
         # dearest deployment of all.
         self.hooks_may_reroute = hooks_may_reroute
-
-    def principal(self, key_id: str | None) -> Principal | None:
-        """A static key's principal (with its limits, if it has any)."""
-        if key_id is None:
-            return None
-        return self.principals.get(key_id) or Principal(key_id)
 
     async def admit(
         self,
@@ -230,16 +229,19 @@ def empty_seeds() -> Seeds:
 
 
 async def start_admission(
-    settings: Settings, catalog: Catalog, stack: AsyncExitStack, workers: int = 1
+    settings: Settings,
+    catalog: Catalog,
+    stack: AsyncExitStack,
+    engine: AsyncEngine | None = None,
+    workers: int = 1,
 ) -> Admission | None:
     """The server's admission (None with accounting off), closed with ``stack``."""
-    gate = await open_gate(settings, stack, workers)
+    gate = await open_gate(settings, stack, workers, engine)
     if gate is None:
         return None
     return Admission(
         gate,
         catalog,
-        static_principals(settings),
         settings.limits.max_tokens_ceiling,
         PriceBook.from_settings(settings),
         hooks_may_reroute=bool(settings.hooks),

@@ -37,7 +37,9 @@ teams = Table(
     "teams",
     metadata,
     Column("id", String(40), primary_key=True),
-    Column("name", String(200), nullable=False, unique=True),
+    # Unique among the teams not deleted (the index below), so a name frees
+    # up when its team is deleted.
+    Column("name", String(200), nullable=False),
     Column("budget_nano", BigInteger, nullable=True),
     # "day", "month" or "total"; NULL when there is no budget.
     Column("budget_period", String(8), nullable=True),
@@ -47,6 +49,14 @@ teams = Table(
     # Every change stamps it: replicas poll for rows changed since their last look.
     Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
     Column("deleted_at", DateTime(timezone=True), nullable=True),
+)
+
+Index(
+    "uq_teams_live_name",
+    teams.c.name,
+    unique=True,
+    sqlite_where=teams.c.deleted_at.is_(None),
+    postgresql_where=teams.c.deleted_at.is_(None),
 )
 
 api_keys = Table(

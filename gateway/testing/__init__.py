@@ -35,6 +35,7 @@ is registered here), so that ``pytest -m "not e2e"`` runs only the fast ones.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -334,7 +335,9 @@ def running_gateway(
     argv = [*(command or [sys.executable, "-m", "gateway.cli"]), "serve"]
     argv += ["--config", str(config), "--port", str(port), *extra_args]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=isolated_environment(directory)
+        )
     root = f"http://127.0.0.1:{port}"
     live = LiveGateway(f"{root}/v1", root, api_key, process, log_path)
     try:
@@ -342,6 +345,13 @@ def running_gateway(
         yield live
     finally:
         _stop(process)
+
+
+def isolated_environment(directory: Path) -> dict[str, str]:
+    """This environment, with the user's data directory moved under
+    ``directory``: a gateway's default accounting database (SQLite in
+    $XDG_DATA_HOME/nomoat) is the test's, never the real user's."""
+    return {**os.environ, "XDG_DATA_HOME": str(directory / "data")}
 
 
 # Straight to loopback, whatever proxy the environment names.

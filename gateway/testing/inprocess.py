@@ -20,17 +20,23 @@ server does.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import gc
+import shutil
+import tempfile
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 from litestar.types import ASGIApp, Receive, Scope, Send
 from pydantic import ValidationError
 
+from gateway.accounting.db import DATABASE_FILE, async_url, migrate
 from gateway.app import Runtime, create_app
 from gateway.catalog import plan
 from gateway.contract import PluginManifest
@@ -274,6 +280,33 @@ class InProcessGateway:
         }
 
 
+async def with_private_ledger(settings: Settings, stack: AsyncExitStack) -> Settings:
+    """``settings`` with the default accounting database (the user's data
+    directory) replaced by one in a temporary directory the stack removes:
+    a copy of a database migrated once per process (migrating each one
+    would cost every in-process test tens of milliseconds)."""
+    accounting = settings.accounting
+    if not accounting.enabled or accounting.database:
+        return settings
+    directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nomoat-ledger-")))
+    database = directory / DATABASE_FILE
+    shutil.copyfile(await asyncio.to_thread(_migrated_database), database)
+    private = accounting.model_copy(
+        update={"database": f"sqlite:///{database}", "migrate_on_start": False}
+    )
+    return settings.model_copy(update={"accounting": private})
+
+
+@functools.cache
+def _migrated_database() -> Path:
+    """An empty accounting database at the schema's head, made once per process."""
+    directory = Path(tempfile.mkdtemp(prefix="nomoat-ledger-template-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / DATABASE_FILE
+    migrate(async_url(f"sqlite:///{path}"))
+    return path
+
+
 @asynccontextmanager
 async def in_process_gateway(
     config_text: str,
@@ -294,9 +327,12 @@ async def in_process_gateway(
     import openai  # a test dependency, not the gateway's
 
     settings = settings_from_toml(config_text)
-    runtime = Runtime(settings, plan(settings, registry_with(manifests, registry)), tracing=tracing)
-    app = create_app(runtime)
     async with AsyncExitStack() as stack:
+        settings = await with_private_ledger(settings, stack)
+        runtime = Runtime(
+            settings, plan(settings, registry_with(manifests, registry)), tracing=tracing
+        )
+        app = create_app(runtime)
         await stack.enter_async_context(lifespan(app))
         # The app froze everything it started with (fine for a server that
         # lives long, not for one test among hundreds): collectable again.

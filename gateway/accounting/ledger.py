@@ -1,0 +1,273 @@
+"""The usage ledger: exactly one row per request, written off the request path.
+
+The request path only appends a :class:`UsageRecord` to a bounded in-memory
+queue (:meth:`Ledger.record`, no I/O, no await). A writer task inserts the
+queue in batches: every ``flush_seconds``, or as soon as ``batch_size``
+records wait. Shutdown (SIGTERM included: the server drains its streams
+first, so their records are in) writes what is left.
+
+Each row's ``request_id`` is unique and every insert skips rows already
+there, so a batch written again after a lost acknowledgement counts nothing
+twice.
+
+When the database is unreachable the gateway keeps serving and records later:
+the batch stays at the head of the queue and the writer retries, backing off
+up to ``RETRY_CAP_SECONDS``. The queue holds ``max_pending`` records (minutes
+to hours of traffic); past that, new records are dropped and counted
+(:attr:`Ledger.dropped`, logged). At shutdown, whatever could not be written
+within ``flush_timeout_seconds`` goes to a JSON-lines spill file that
+``nomoat ledger load`` writes into the database later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+from sqlalchemy import Insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway import wire
+from gateway.accounting.tables import usage
+from gateway.exchange import Exchange
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+_log = logging.getLogger(__name__)
+RETRY_START_SECONDS = 0.5
+RETRY_CAP_SECONDS = 10.0
+# Strings the table bounds (a client's `user` may be anything).
+_USER_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerOptions:
+    batch_size: int = 500
+    flush_seconds: float = 0.5
+    max_pending: int = 100_000
+    flush_timeout_seconds: float = 10.0
+    # Where records the database did not take by shutdown are kept (None: lost, logged).
+    spill_path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One request's row of the ``usage`` table (see gateway/accounting/tables.py)."""
+
+    request_id: str
+    at: datetime
+    day: date
+    endpoint: str
+    key_id: str | None
+    team_id: str | None
+    user: str | None
+    model: str | None
+    deployment: str | None
+    backend: str | None
+    adapter: str | None
+    stream: bool
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_nano: int
+    compute_cost_nano: int
+    latency_seconds: float
+    ttft_seconds: float | None
+    status: int
+    error_type: str | None
+    finish_reason: str | None
+    trace_id: str | None
+
+    @classmethod
+    def of(
+        cls, exchange: Exchange, status: int, error: str | None, now: float | None = None
+    ) -> UsageRecord:
+        """The record of a closed exchange; ``now`` a ``time.monotonic()``."""
+        latency = exchange.seconds(now)
+        at = datetime.fromtimestamp(time.time() - latency, UTC)
+        usage_ = exchange.usage
+        prompt = usage_.prompt_tokens if usage_ is not None else 0
+        return cls(
+            # Refused before it had an id (401, 400 on an unreadable body).
+            request_id=exchange.request_id or f"req-{uuid.uuid4().hex}",
+            at=at,
+            day=at.date(),
+            endpoint=exchange.path or exchange.operation,
+            key_id=exchange.key_id,
+            team_id=exchange.team_id,
+            user=exchange.user[:_USER_CHARS] if exchange.user else None,
+            model=exchange.model or None,
+            deployment=exchange.deployment or None,
+            backend=exchange.backend or None,
+            adapter=exchange.adapter if exchange.deployment else None,
+            stream=exchange.stream,
+            prompt_tokens=prompt,
+            cached_tokens=cached_tokens(usage_),
+            completion_tokens=exchange.output_tokens() or 0,
+            cost_nano=exchange.charged_nano,
+            compute_cost_nano=exchange.compute_nano,
+            latency_seconds=latency,
+            ttft_seconds=exchange.time_to_first_token(),
+            status=status,
+            error_type=error,
+            finish_reason=exchange.finish_reason,
+            trace_id=exchange.trace_id,
+        )
+
+
+def cached_tokens(usage_: wire.Usage | None) -> int:
+    if usage_ is None or usage_.prompt_tokens_details is None:
+        return 0
+    return usage_.prompt_tokens_details.cached_tokens or 0
+
+
+def insert_ignoring_duplicates(engine: AsyncEngine) -> Insert:
+    """``INSERT`` into ``usage`` that skips request ids already written."""
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
+    return sqlite.insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
+
+
+async def write_records(connection: AsyncConnection, records: Sequence[UsageRecord]) -> None:
+    statement = insert_ignoring_duplicates(connection.engine)
+    await connection.execute(statement, [asdict(record) for record in records])
+
+
+class Ledger:
+    """The queue and its writer task (see the module's description)."""
+
+    def __init__(self, engine: AsyncEngine, options: LedgerOptions = LedgerOptions()) -> None:
+        self.engine = engine
+        self.options = options
+        self._pending: deque[UsageRecord] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()
+        self._failing_since: float | None = None
+        self.written = 0
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def record(self, record: UsageRecord) -> None:
+        """Queue one record (the request path's whole share of the work)."""
+        if len(self._pending) >= self.options.max_pending:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                _log.error(
+                    "ledger: %d records waiting, the database is not taking them; "
+                    "%d dropped so far",
+                    len(self._pending),
+                    self.dropped,
+                )
+            return
+        self._pending.append(record)
+        if len(self._pending) >= self.options.batch_size:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+
+    async def _run(self) -> None:
+        delay = RETRY_START_SECONDS
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.options.flush_seconds)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as error:  # the database is unreachable or refused the batch
+                self._note_failure(error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_CAP_SECONDS)
+            else:
+                delay = RETRY_START_SECONDS
+
+    def _note_failure(self, error: Exception) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            _log.warning(
+                "ledger: cannot write to the accounting database (%s); %d records wait, retrying",
+                error,
+                len(self._pending),
+            )
+
+    async def flush(self) -> None:
+        """Write every record queued so far, in batches; a batch stays queued
+        until the database has taken it."""
+        async with self._writing:
+            while self._pending:
+                batch = [
+                    self._pending[i] for i in range(min(self.options.batch_size, self.pending))
+                ]
+                async with self.engine.begin() as connection:
+                    await write_records(connection, batch)
+                for _ in batch:
+                    self._pending.popleft()
+                self.written += len(batch)
+                if self._failing_since is not None:
+                    _log.warning(
+                        "ledger: writing again after %.1f s", time.monotonic() - self._failing_since
+                    )
+                    self._failing_since = None
+
+    async def aclose(self) -> None:
+        """Stop the writer and write what is left (within the flush timeout);
+        spill the rest to a file if the database will not take it."""
+        if self._task is not None:
+            self._task.cancel()
+            # Cancelled mid-batch, the batch is still queued: written again
+            # below (its rows already in, if any, are skipped).
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        deadline = time.monotonic() + self.options.flush_timeout_seconds
+        while self._pending and time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(self.flush(), max(0.1, deadline - time.monotonic()))
+            except Exception as error:
+                self._note_failure(error)
+                await asyncio.sleep(min(RETRY_START_SECONDS, max(0.0, deadline - time.monotonic())))
+        if self._pending:
+            self._spill()
+
+    def _spill(self) -> None:
+        path = self.options.spill_path
+        count = len(self._pending)
+        if path is None:
+            _log.error("ledger: %d records not written (the database is unreachable)", count)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as spill:
+            for record in self._pending:
+                spill.write(encode_record(record) + b"\n")
+        self._pending.clear()
+        _log.error(
+            "ledger: the database is unreachable; %d records kept in %s "
+            "(write them with `nomoat ledger load %s`)",
+            count,
+            path,
+            path,
+        )
+
+
+def encode_record(record: UsageRecord) -> bytes:
+    return msgspec.json.encode(record)
+
+
+def decode_records(lines: Iterable[bytes]) -> list[UsageRecord]:
+    return [msgspec.json.decode(line, type=UsageRecord) for line in lines if line.strip()]

@@ -1,0 +1,256 @@
+"""The usage ledger in the fast layer: the real gateway in process, fake
+backends, a real SQLite database in a temporary directory.
+
+Every request, whatever became of it, is exactly one row; the rows say what
+the client was told."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from gateway.accounting.db import async_url, migrate_async, open_engine
+from gateway.accounting.ledger import Ledger, LedgerOptions, UsageRecord
+from gateway.accounting.tables import usage
+from gateway.accounting.transfer import read_spill
+from gateway.auth import hash_api_key
+from gateway.errors import KeyOverloadedError, UpstreamError
+from gateway.exchange import Exchange
+from gateway.testing import Script
+from gateway.testing.inprocess import InProcessGateway
+
+from .conftest import Start
+from .support import MODEL, USER, chat_body, completion_body, error_of, pool
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-in-process-test"  # what in_process_gateway's clients send
+ADMIN_KEY = "sk-admin-0123456789abcdef"
+SERVER = {"api_key_hashes": [hash_api_key(KEY)], "admin_key_hashes": [hash_api_key(ADMIN_KEY)]}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+async def rows(gw: InProcessGateway) -> list[dict[str, Any]]:
+    """The ledger's rows, once everything queued so far is written."""
+    accounting = gw.runtime.accounting
+    assert accounting is not None
+    await accounting.ledger.flush()
+    async with accounting.engine.connect() as connection:
+        result = await connection.execute(select(usage).order_by(usage.c.id))
+        return [dict(row) for row in result.mappings()]
+
+
+async def settled(gw: InProcessGateway, count: int) -> list[dict[str, Any]]:
+    """The rows once ``count`` requests have closed (a stream the client left
+    closes as the app notices, a moment after the client has gone)."""
+    for _ in range(200):
+        accounting = gw.runtime.accounting
+        assert accounting is not None
+        if accounting.ledger.pending + accounting.ledger.written >= count:
+            break
+        await asyncio.sleep(0.01)
+    return await rows(gw)
+
+
+async def test_every_kind_of_request_is_exactly_one_record(start: Start) -> None:
+    config = pool("a", server=SERVER, limits={"max_body_bytes": 4096}, retries=0)
+    async with start(config) as gw:
+        fake = gw.backend("a")
+        http = gw.http
+        # Answered: JSON and streamed, chat and completion.
+        assert (await http.post("/v1/chat/completions", json=chat_body(user="ada"))).is_success
+        assert (await http.post("/v1/completions", json=completion_body())).is_success
+        streamed = await http.post("/v1/chat/completions", json=chat_body(stream=True))
+        assert streamed.is_success
+        # A stream the client leaves after its first event.
+        fake.script(Script(stall_after=2))
+        async with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True)) as cut:
+            lines = cut.aiter_lines()
+            assert (await anext(lines)).startswith("data: {")
+        # The backend fails: before the first byte (502), and mid-stream.
+        fake.script(Script(error=UpstreamError("down")))
+        error_of(await http.post("/v1/chat/completions", json=chat_body()), 502)
+        fake.script(Script(error=UpstreamError("cut"), error_after=2))
+        broken = await http.post("/v1/chat/completions", json=chat_body(stream=True))
+        assert b'"error"' in broken.content
+        # Refused before routing: no key, bad body, unknown model, too large, overloaded.
+        error_of(
+            await http.post(
+                "/v1/chat/completions",
+                json=chat_body(),
+                headers={"Authorization": "Bearer sk-wrong-key-000000000"},
+            ),
+            401,
+        )
+        error_of(await http.post("/v1/chat/completions", json={"model": MODEL}), 400)
+        error_of(await http.post("/v1/chat/completions", json=chat_body(model="nope")), 404)
+        huge = chat_body(messages=[{"role": "user", "content": "x" * 8000}])
+        error_of(await http.post("/v1/chat/completions", json=huge), 413)
+        fake.script(Script(error=KeyOverloadedError("too many for this key")))
+        error_of(await http.post("/v1/chat/completions", json=chat_body()), 429)
+
+        written = await settled(gw, 11)
+    assert len(written) == 11
+    assert len({row["request_id"] for row in written}) == 11
+    by_status = Counter(row["status"] for row in written)
+    assert by_status[200] == 3
+    # A stream that fails after its head is recorded with the error's status
+    # (the client saw 200, then an error event), as the metrics count it.
+    assert by_status[499] == 1 and by_status[502] == 2
+    assert {by_status[s] for s in (401, 400, 404, 413, 429)} == {1}
+    first = written[0]
+    assert first["user"] == "ada" and first["model"] == MODEL and first["deployment"] == "m/0"
+    assert first["backend"] == "a" and first["finish_reason"] == "stop"
+    assert first["prompt_tokens"] == 5 and first["completion_tokens"] > 0
+    assert first["key_id"] and first["endpoint"] == "/v1/chat/completions"
+    assert written[2]["stream"] and written[2]["ttft_seconds"] is not None
+    cut_row = next(row for row in written if row["status"] == 499)
+    # The tokens generated before the client left (two chunks, one content chunk).
+    assert cut_row["completion_tokens"] >= 1 and cut_row["error_type"] == "client_closed_request"
+    refused = next(row for row in written if row["status"] == 401)
+    assert refused["key_id"] is None and refused["model"] is None
+    assert refused["error_type"] == "invalid_api_key"
+
+
+async def test_usage_is_summed_by_group_and_window(start: Start) -> None:
+    async with start(pool("a", server=SERVER)) as gw:
+        for user in ("ada", "bob", "ada"):
+            reply = await gw.sdk.chat.completions.create(model=MODEL, messages=USER, user=user)
+            assert reply.usage is not None
+        answer = await gw.http.get("/admin/usage?group_by=model", headers=ADMIN)
+        assert answer.status_code == 200, answer.text
+        [group] = answer.json()["data"]
+        assert group["group"] == MODEL and group["requests"] == 3
+        assert group["prompt_tokens"] == 3 * reply.usage.prompt_tokens
+        assert group["completion_tokens"] == 3 * reply.usage.completion_tokens
+        assert set(group) >= {"cached_tokens", "cost_usd", "compute_cost_usd"}
+        today = datetime.now(UTC).date().isoformat()
+        by_day = (await gw.http.get("/admin/usage?group_by=day", headers=ADMIN)).json()["data"]
+        assert [g["group"] for g in by_day] == [today]
+        later = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+        empty = await gw.http.get("/admin/usage", params={"since": later}, headers=ADMIN)
+        assert empty.json()["data"] == []
+        error = error_of(await gw.http.get("/admin/usage?group_by=colour", headers=ADMIN), 400)
+        assert error["param"] == "group_by"
+        # An ordinary key may not read everyone's usage.
+        error_of(await gw.http.get("/admin/usage"), 403)
+
+
+async def test_streams_are_recorded_with_metrics_and_access_log_off(start: Start) -> None:
+    async with start(pool("a") + "\n[metrics]\nenabled = false\n") as gw:
+        assert gw.runtime.metrics is None
+        stream = await gw.sdk.chat.completions.create(model=MODEL, messages=USER, stream=True)
+        chunks = [chunk async for chunk in stream]
+        [row] = await rows(gw)
+    assert row["stream"] and row["completion_tokens"] == len(
+        [c for c in chunks if c.choices and c.choices[0].delta.content]
+    )
+    assert row["finish_reason"] == "stop" and row["status"] == 200
+
+
+async def test_accounting_off_means_no_ledger(start: Start) -> None:
+    async with start(pool("a") + "\n[accounting]\nenabled = false\n") as gw:
+        assert gw.runtime.accounting is None
+        assert (await gw.http.post("/v1/chat/completions", json=chat_body())).is_success
+        error_of(await gw.http.get("/admin/usage"), 404)
+
+
+async def test_a_batch_is_written_as_soon_as_it_is_full(tmp_path: Path) -> None:
+    url = async_url(f"sqlite:///{tmp_path / 'ledger.db'}")
+    await migrate_async(url)
+    engine = open_engine(url)
+    ledger = Ledger(engine, LedgerOptions(batch_size=3, flush_seconds=60))
+    ledger.start()
+    try:
+        for index in range(3):
+            ledger.record(record(f"r{index}"))
+        for _ in range(200):
+            if ledger.written == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert ledger.written == 3 and ledger.pending == 0
+    finally:
+        await ledger.aclose()
+        await engine.dispose()
+
+
+async def test_a_record_written_twice_counts_once(tmp_path: Path) -> None:
+    url = async_url(f"sqlite:///{tmp_path / 'ledger.db'}")
+    await migrate_async(url)
+    engine = open_engine(url)
+    ledger = Ledger(engine)
+    try:
+        ledger.record(record("same"))
+        await ledger.flush()
+        ledger.record(record("same"))
+        ledger.record(record("other"))
+        await ledger.flush()
+        assert await count(engine) == 2
+    finally:
+        await engine.dispose()
+
+
+async def test_an_unreachable_database_keeps_records_until_it_is_back(tmp_path: Path) -> None:
+    # The database's directory is a file: SQLite cannot open it.
+    blocker = tmp_path / "db"
+    blocker.write_text("not a directory")
+    url = async_url(f"sqlite:///{blocker / 'ledger.db'}")
+    engine = open_engine_unchecked(url)
+    ledger = Ledger(engine, LedgerOptions(spill_path=tmp_path / "spill.jsonl"))
+    try:
+        ledger.record(record("kept"))
+        with pytest.raises(Exception, match="unable to open"):
+            await ledger.flush()
+        assert ledger.pending == 1
+        blocker.unlink()
+        await migrate_async(url)
+        await ledger.flush()
+        assert ledger.pending == 0 and await count(engine) == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_records_the_database_refuses_at_shutdown_are_spilled(tmp_path: Path) -> None:
+    blocker = tmp_path / "db"
+    blocker.write_text("not a directory")
+    engine = open_engine_unchecked(async_url(f"sqlite:///{blocker / 'ledger.db'}"))
+    spill = tmp_path / "spill.jsonl"
+    ledger = Ledger(engine, LedgerOptions(flush_timeout_seconds=0.05, spill_path=spill))
+    ledger.start()
+    for name in ("one", "two"):
+        ledger.record(record(name))
+    await ledger.aclose()
+    await engine.dispose()
+    assert [r.request_id for r in read_spill(spill)] == ["one", "two"]
+
+
+async def test_a_full_queue_drops_and_counts_rather_than_block(tmp_path: Path) -> None:
+    engine = open_engine_unchecked(async_url(f"sqlite:///{tmp_path / 'x.db'}"))
+    ledger = Ledger(engine, LedgerOptions(max_pending=2))
+    for name in ("a", "b", "c"):
+        ledger.record(record(name))
+    assert ledger.pending == 2 and ledger.dropped == 1
+    await engine.dispose()
+
+
+def record(request_id: str) -> UsageRecord:
+    exchange = Exchange(request_id, "chat", 0.0, path="/v1/chat/completions")
+    return UsageRecord.of(exchange, 200, None, now=1.0)
+
+
+def open_engine_unchecked(url: Any) -> Any:
+    """An engine on a path whose directory may not exist (open_engine makes it)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return create_async_engine(url)
+
+
+async def count(engine: Any) -> int:
+    async with engine.connect() as connection:
+        return len((await connection.execute(select(usage.c.id))).all())

@@ -1,0 +1,156 @@
+"""The ledger on a real PostgreSQL: a gateway writing to it, and a SQLite
+ledger moved to it by ``nomoat ledger copy`` with nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MODEL, Cli, running_server
+from sqlalchemy import insert, select
+from test_ledger_live import config, every_kind, settled_decoded, usage_report
+
+from gateway.accounting.db import async_url, migrate_async, open_engine
+from gateway.accounting.ledger import Ledger, UsageRecord
+from gateway.accounting.tables import api_keys, node_costs, teams, usage
+from gateway.exchange import Exchange
+
+pytestmark = pytest.mark.e2e
+
+
+async def _rows(url: str) -> list[dict[str, Any]]:
+    engine = open_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(select(usage).order_by(usage.c.request_id))
+            return [dict(row) for row in result.mappings()]
+    finally:
+        await engine.dispose()
+
+
+def rows(url: str) -> list[dict[str, Any]]:
+    return asyncio.run(_rows(url))
+
+
+def test_a_gateway_on_postgresql_records_every_request(tmp_path: Path, postgres_url: str) -> None:
+    with running_server(tmp_path, config(postgres_url)) as server:
+        before = settled_decoded(server)
+        seen = every_kind(server)
+        decoded = settled_decoded(server) - before
+        [group] = [g for g in usage_report(server) if g["group"] == MODEL]
+    written = rows(postgres_url)  # after SIGTERM: everything flushed
+    assert len(written) == sum(seen.values()) == 10
+    statuses = Counter(row["status"] for row in written)
+    assert statuses == Counter({200: 3, 499: 1, 429: 1, 502: 1, 401: 1, 400: 1, 404: 1, 413: 1})
+    evaluated = sum(
+        row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
+        for row in written
+        if row["backend"] == "embedded" and row["completion_tokens"]
+    )
+    assert evaluated == decoded
+    assert group["completion_tokens"] == sum(r["completion_tokens"] for r in written)
+    assert all(row["at"].tzinfo is not None for row in written)
+
+
+RECORDS = 2345
+
+
+async def _fill_sqlite(url: str) -> None:
+    """A SQLite ledger as a gateway leaves it: a team, a key, usage rows
+    over several days, node-cost windows."""
+    engine_url = async_url(url)
+    await migrate_async(engine_url)
+    engine = open_engine(engine_url)
+    now = datetime.now(UTC)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(teams).values(id="team-1", name="research", created_at=now, updated_at=now)
+            )
+            await connection.execute(
+                insert(api_keys).values(
+                    id="key-1",
+                    key_hash="sha256:" + "0" * 64,
+                    name="ci",
+                    team_id="team-1",
+                    models=["m"],
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await connection.execute(
+                insert(node_costs),
+                [
+                    {
+                        "backend": "embedded",
+                        "started_at": now - timedelta(minutes=i + 1),
+                        "ended_at": now - timedelta(minutes=i),
+                        "busy_seconds": 12.5,
+                        "busy_nano": 1000 + i,
+                        "idle_nano": 7,
+                    }
+                    for i in range(5)
+                ],
+            )
+        ledger = Ledger(engine)
+        for index in range(RECORDS):
+            exchange = Exchange(f"chatcmpl-{index}", "chat", 0.0, path="/v1/chat/completions")
+            exchange.model, exchange.key_id, exchange.team_id = "m", "key-1", "team-1"
+            exchange.user = f"user-{index % 7}"
+            exchange.charged_nano, exchange.compute_nano = 1_000 + index, index
+            record = UsageRecord.of(exchange, 200 if index % 10 else 429, None, now=0.5)
+            ledger.record(record)
+        await ledger.flush()
+    finally:
+        await engine.dispose()
+
+
+def comparable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row without the database's own id, its time in UTC."""
+    values = {k: v for k, v in row.items() if k != "id"}
+    at = values["at"]
+    values["at"] = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return values
+
+
+def test_a_sqlite_ledger_moves_to_postgresql_with_nothing_lost(
+    tmp_path: Path, postgres_url: str, cli: Cli
+) -> None:
+    source = f"sqlite:///{tmp_path / 'ledger.db'}"
+    asyncio.run(_fill_sqlite(source))
+    copied = cli("ledger", "copy", "--from", source, "--to", postgres_url)
+    assert copied.returncode == 0, copied.stderr
+    [line] = [line for line in copied.stdout.splitlines() if line.split()[0] == "usage"]
+    numbers = [word for word in line.split() if word.isdigit()]
+    assert numbers == [str(RECORDS)] * 3, line  # in the source, written, in the target
+    before, after = rows(source), rows(postgres_url)
+    assert len(after) == RECORDS
+    assert [comparable(r) for r in before] == [comparable(r) for r in after]
+    # Run again (an interrupted copy is simply restarted): nothing is doubled.
+    again = cli("ledger", "copy", "--from", source, "--to", postgres_url)
+    assert again.returncode == 0, again.stderr
+    assert len(rows(postgres_url)) == RECORDS
+    counts = asyncio.run(_counts(postgres_url))
+    assert counts == {"teams": 1, "api_keys": 1, "node_costs": 5}
+    # The copy's sums are the source's.
+    config_file = tmp_path / "pg.toml"
+    config_file.write_text(f'[accounting]\ndatabase = "{postgres_url}"\n')
+    summed = cli("usage", "--config", str(config_file), "--group-by", "key", "--json")
+    assert summed.returncode == 0, summed.stderr
+    assert '"requests":2345' in summed.stdout
+
+
+async def _counts(url: str) -> dict[str, int]:
+    engine = open_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            return {
+                table.name: len((await connection.execute(select(table))).all())
+                for table in (teams, api_keys, node_costs)
+            }
+    finally:
+        await engine.dispose()
