@@ -81,13 +81,13 @@ def config(tmp_path: Path, database: str = "", redis_url: str = "") -> str:
 
 @contextmanager
 def gateways(
-    tmp_path: Path, count: int, database: str = "", redis_url: str = ""
+    tmp_path: Path, count: int, database: str = "", redis_url: str = "", subdirectory: str = ""
 ) -> Iterator[list[LiveGateway]]:
     text = config(tmp_path, database, redis_url)
     with ExitStack() as stack:
         started = []
         for index in range(count):
-            directory = tmp_path / f"gateway{index}"
+            directory = tmp_path / f"{subdirectory}gateway{index}"
             directory.mkdir()
             live = stack.enter_context(
                 running_gateway(
@@ -172,6 +172,12 @@ def test_a_hundred_parallel_requests_never_spend_past_the_budget_on_one_process(
         assert BUDGET_USD - 0.115 < total <= BUDGET_USD + 1e-9, total
         assert refused.code == "insufficient_quota"
         assert "resets at" in refused.message
+    # Started again, the gateway's budget starts from the ledger's sum for
+    # the day: still spent.
+    with gateways(tmp_path, 1, subdirectory="again") as [again]:
+        more, refused = asyncio.run(drain([again]))
+        assert more == 0
+        assert refused.code == "insufficient_quota"
 
 
 def test_a_hundred_parallel_requests_on_two_replicas_share_one_budget(
