@@ -225,7 +225,11 @@ class Gate:
         if not self.limited(principal, model):
             return Ticket(None, ticket_id, bounds)
         if self.unenforceable is not None:
-            raise LimitsUnavailableError(self.unenforceable, headers={"Retry-After": "60"})
+            raise LimitsUnavailableError(
+                "This request has rate limits or a budget that this gateway cannot enforce: "
+                f"{self.unenforceable}. Its operator must set [accounting] redis.",
+                headers={"Retry-After": "60"},
+            )
         rates = self._rates(principal, model, bounds.tokens)
         budgets = self._budgets(principal, worst_case_nano)
         try:
