@@ -39,7 +39,9 @@ def rate(limit: int, amount: int = 1, kind: str = "requests") -> RateDemand:
 
 
 def budget(limit: int, amount: int, seed: int = 0) -> BudgetDemand:
-    return BudgetDemand("nomoat:budget:key:k:total:total", limit, amount, seed, None, "b", "never")
+    return BudgetDemand(
+        "nomoat:budget:key:k:total:total", limit, amount, seed, None, "key k", "total", None
+    )
 
 
 def test_buckets_and_budgets_in_redis(redis_url: str) -> None:

@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from gateway import wire
-from gateway.accounting.budgets import Seeds, describe, period_of, resets
+from gateway.accounting.budgets import Period, Seeds, describe, period_of, resets
 from gateway.accounting.limits import (
     Admitted,
     BudgetDemand,
@@ -54,7 +54,7 @@ from gateway.accounting.limits import (
     Settlement,
 )
 from gateway.accounting.money import to_usd
-from gateway.accounting.principal import Budget, Principal, RateLimits
+from gateway.accounting.principal import Budget, BudgetPeriod, Principal, RateLimits, Team
 from gateway.errors import GatewayError, RateLimitError
 from gateway.exchange import Exchange
 
@@ -204,6 +204,7 @@ class Gate:
         # or None: a request that has any is then refused with 503.
         self.unenforceable = unenforceable
         self._clock = clock
+        self._periods: dict[BudgetPeriod, Period] = {}
 
     def limited(self, principal: Principal | None, model: str) -> bool:
         """Whether a request of ``principal`` for ``model`` has any limit or budget."""
@@ -274,33 +275,44 @@ class Gate:
     ) -> tuple[BudgetDemand, ...]:
         if principal is None:
             return ()
+        team = principal.team
+        if principal.budget is None and (team is None or team.budget is None):
+            return ()
         now = self._clock()
-        owners: list[tuple[str, str, str, Budget | None]] = [
-            ("key", principal.key_id, _key_label(principal), principal.budget)
+        owners: list[tuple[str, str, Budget | None, Principal | Team]] = [
+            ("key", principal.key_id, principal.budget, principal)
         ]
-        if principal.team is not None:
-            team = principal.team
-            owners.append(("team", team.id, f'team "{team.name}"', team.budget))
+        if team is not None:
+            owners.append(("team", team.id, team.budget, team))
         demands = []
-        for kind, owner_id, label, budget in owners:
+        for kind, owner_id, budget, owner in owners:
             if budget is None:
                 continue
-            period = period_of(budget.period, now)
+            period = self._period(budget.period, now)
             keep = None
             if period.end is not None:
-                keep = math.ceil((period.end - now).total_seconds()) + KEEP_AFTER_PERIOD_SECONDS
+                keep = int((period.end - now).total_seconds()) + KEEP_AFTER_PERIOD_SECONDS
             demands.append(
                 BudgetDemand(
                     key=f"{PREFIX}:budget:{kind}:{owner_id}:{budget.period}:{period.label}",
                     limit=budget.nano_usd,
                     amount=worst_case_nano,
-                    seed=self.seeds.spent(kind, owner_id, budget.period, now),
+                    seed=self.seeds.spent(kind, owner_id, budget.period, period),
                     keep_seconds=keep,
-                    label=describe(label, budget),
-                    resets=resets(period),
+                    owner=_owner_label(owner),
+                    period=budget.period,
+                    ends=period.end,
                 )
             )
         return tuple(demands)
+
+    def _period(self, kind: BudgetPeriod, now: datetime) -> Period:
+        """The current period of ``kind`` (kept until it ends)."""
+        period = self._periods.get(kind)
+        if period is None or (period.end is not None and now >= period.end):
+            period = period_of(kind, now)
+            self._periods[kind] = period
+        return period
 
     async def aclose(self) -> None:
         await self.limiter.aclose()
@@ -310,8 +322,18 @@ def _key_label(principal: Principal) -> str:
     return f'key "{principal.name}"' if principal.name else f"key {principal.key_id}"
 
 
+def _owner_label(owner: Principal | Team) -> str:
+    return _key_label(owner) if isinstance(owner, Principal) else f'team "{owner.name}"'
+
+
 def _rate(scope: str, kind: RateKind, limit: int, amount: int, label: str) -> RateDemand:
     return RateDemand(f"{PREFIX}:rate:{scope}:{kind}", kind, limit, amount, label)
+
+
+_HEADER_NAMES = {
+    kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
+    for kind in ("requests", "tokens")
+}
 
 
 def rate_headers(levels: Iterable[Level]) -> Headers:
@@ -324,11 +346,12 @@ def rate_headers(levels: Iterable[Level]) -> Headers:
             tightest[level.demand.kind] = level
     headers: Headers = []
     for kind, level in tightest.items():
-        remaining = max(math.floor(level.remaining), 0)
+        limit, remaining, reset = _HEADER_NAMES[kind]
+        left = max(math.floor(level.remaining), 0)
         headers += [
-            (f"x-ratelimit-limit-{kind}".encode(), str(level.demand.limit).encode()),
-            (f"x-ratelimit-remaining-{kind}".encode(), str(remaining).encode()),
-            (f"x-ratelimit-reset-{kind}".encode(), duration(level.reset_seconds).encode()),
+            (limit, b"%d" % level.demand.limit),
+            (remaining, b"%d" % left),
+            (reset, duration(level.reset_seconds).encode()),
         ]
     return headers
 
@@ -368,10 +391,11 @@ def _rate_error(verdict: RateRefused) -> RateLimitError:
 
 
 def _quota_error(verdict: BudgetRefused, worst_case_nano: int) -> QuotaExceededError:
-    budget = verdict.demand
+    demand = verdict.demand
+    label = describe(demand.owner, Budget(demand.limit, demand.period))
     message = (
-        f"{budget.label[0].upper()}{budget.label[1:]} cannot cover this request: "
+        f"{label[0].upper()}{label[1:]} cannot cover this request: "
         f"{to_usd(verdict.used):.6f} USD spent or reserved, and this request may cost up to "
-        f"{to_usd(worst_case_nano):.6f} USD; {budget.resets}."
+        f"{to_usd(worst_case_nano):.6f} USD; {resets(demand.ends)}."
     )
     return QuotaExceededError(message, headers={"x-should-retry": "false"})

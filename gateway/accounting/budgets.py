@@ -62,10 +62,10 @@ def describe(owner: str, budget: Budget) -> str:
     return f"the {PERIOD_WORDS[budget.period]} budget of {owner} ({usd:.2f} USD)"
 
 
-def resets(period: Period) -> str:
-    if period.end is None:
+def resets(end: datetime | None) -> str:
+    if end is None:
         return "it does not reset (period total)"
-    return f"it resets at {period.end.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return f"it resets at {end.strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +87,21 @@ class Seeds:
     at: datetime
     keys: dict[str, Spent] = field(default_factory=dict)
     teams: dict[str, Spent] = field(default_factory=dict)
+    # The periods the sums are of (computed once).
+    periods: dict[BudgetPeriod, Period] = field(init=False)
 
-    def spent(self, owner_kind: str, owner_id: str, period: BudgetPeriod, now: datetime) -> int:
-        """What the ledger had for this budget's current period; 0 for a
-        period that began after the sums were read (nothing was in it)."""
-        if period_of(period, now) != period_of(period, self.at):
+    def __post_init__(self) -> None:
+        periods = {kind: period_of(kind, self.at) for kind in PERIOD_WORDS}
+        object.__setattr__(self, "periods", periods)
+
+    def spent(self, owner_kind: str, owner_id: str, period: BudgetPeriod, now: Period) -> int:
+        """What the ledger had for this budget's current period ``now``; 0
+        for a period that began after the sums were read (nothing was in it)."""
+        if now != self.periods[period]:
             return 0
         table = self.keys if owner_kind == "key" else self.teams
-        return table.get(owner_id, Spent()).of(period)
+        spent = table.get(owner_id)
+        return spent.of(period) if spent is not None else 0
 
 
 async def load_seeds(engine: AsyncEngine, now: datetime) -> Seeds:

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal, Protocol
+
+from gateway.accounting.principal import BudgetPeriod
 
 SECONDS_PER_WINDOW = 60.0
 RateKind = Literal["requests", "tokens"]
@@ -55,9 +58,11 @@ class BudgetDemand:
     amount: int
     seed: int
     keep_seconds: int | None
-    # 'the daily budget of key "ci" (5.00 USD)'; and when it resets.
-    label: str
-    resets: str
+    # Whose ('key "ci"', 'team "research"'), its period, and when that ends
+    # (None: never): for the refusal's message.
+    owner: str
+    period: BudgetPeriod
+    ends: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

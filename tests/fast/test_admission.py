@@ -53,7 +53,7 @@ def rate(limit: int, amount: int = 1, kind: str = "requests", key: str = "k") ->
 
 
 def budget(limit: int, amount: int, seed: int = 0, key: str = "b") -> BudgetDemand:
-    return BudgetDemand(key, limit, amount, seed, None, "the total budget of key x", "never")
+    return BudgetDemand(key, limit, amount, seed, None, "key x", "total", None)
 
 
 # ------------------------------------------------------------ the limiter
@@ -274,10 +274,16 @@ async def test_seeds_are_the_ledgers_sums_for_the_current_periods(tmp_path: Path
             )
     seeds = await load_seeds(engine, NOW)
     await engine.dispose()
-    assert [seeds.spent("key", "k", p, NOW) for p in ("day", "month", "total")] == [40, 90, 160]
-    assert seeds.spent("team", "t", "month", NOW) == 90
+    assert [seeds.spent("key", "k", p, period_of(p, NOW)) for p in ("day", "month", "total")] == [
+        40,
+        90,
+        160,
+    ]
+    assert seeds.spent("team", "t", "month", period_of("month", NOW)) == 90
     # Tomorrow's day budget starts from nothing.
-    assert seeds.spent("key", "k", "day", datetime(2026, 12, 1, 1, tzinfo=UTC)) == 0
+    assert (
+        seeds.spent("key", "k", "day", period_of("day", datetime(2026, 12, 1, 1, tzinfo=UTC))) == 0
+    )
     g = Gate(MemoryLimiter(3600), seeds, clock=lambda: NOW)
     with pytest.raises(QuotaExceededError):
         await g.admit(Principal("k", budget=Budget(200, "total")), "m", Bounds(1, 1), 41)
@@ -492,7 +498,7 @@ async def test_keys_with_limits_in_the_database_refuse_a_start_without_redis(
 
 def test_the_memory_limiter_forgets_past_periods() -> None:
     limiter = MemoryLimiter(3600)
-    day = BudgetDemand("b:day:1", 10, 10, 0, 5, "the daily budget", "tomorrow")
+    day = BudgetDemand("b:day:1", 10, 10, 0, 5, "key x", "day", None)
     assert isinstance(limiter.admit_now("a", (), (day,), 0.0), Admitted)
     assert limiter.spent(day.key) == 0 and day.key in limiter._budgets
     assert isinstance(limiter.admit_now("b", (rate(5),), (), 61.0), Admitted)
