@@ -29,6 +29,7 @@ BUDGET_KEY = "sk-limits-budget-0123456789abcdef"
 RPM_KEY = "sk-limits-rpm-0123456789abcdefgh"
 TPM_KEY = "sk-limits-tpm-0123456789abcdefgh"
 FREE_KEY = "sk-limits-free-0123456789abcdefg"
+ADMIN_KEY = "sk-limits-admin-0123456789abcdef"
 # 1000 USD per million tokens: 1 milli-USD a token, so the costs are plain.
 USD_PER_TOKEN = 1000 / 1e6
 # The SDK's body for one request is about 100 bytes: a worst case of about
@@ -48,6 +49,7 @@ def config(tmp_path: Path, database: str = "", redis_url: str = "") -> str:
         f"""
         [server]
         api_key_hashes = [{hashes}]
+        admin_key_hashes = ["{hash_api_key(ADMIN_KEY)}"]
         shutdown_grace_seconds = 20
 
         [[models.{MODEL}.deployments]]
@@ -295,3 +297,49 @@ def test_redis_unreachable_refuses_limited_keys_with_503_and_serves_the_others(
             await free.close()
 
         asyncio.run(run())
+
+
+def test_a_managed_teams_rpm_is_shared_by_its_keys_on_two_replicas(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    migrate(async_url(postgres_url))
+    with gateways(tmp_path, 2, postgres_url, redis_url) as replicas:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        with httpx.Client(base_url=replicas[0].root_url, headers=admin, timeout=30) as api:
+            team = api.post("/admin/teams", json={"name": "eng", "rpm": 3})
+            assert team.status_code == 201, team.text
+            keys = []
+            for name in ("ann", "bob"):
+                made = api.post("/admin/keys", json={"name": name, "team": "eng"})
+                assert made.status_code == 201, made.text
+                keys.append(made.json()["key"])
+
+        async def run() -> tuple[int, list[openai.RateLimitError]]:
+            # Each key on each replica: four clients, requests in turn.
+            clients = [client(r, key) for key in keys for r in replicas]
+            answered, refusals = 0, []
+            deadline = time.monotonic() + 2
+            while True:  # the replica that did not create them polls for them
+                try:
+                    await clients[1].models.list()
+                    break
+                except openai.AuthenticationError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            for index in range(8):
+                try:
+                    await clients[index % 4].chat.completions.create(
+                        model=MODEL, messages=MESSAGES, max_tokens=1
+                    )
+                    answered += 1
+                except openai.RateLimitError as refused:
+                    refusals.append(refused)
+            for each in clients:
+                await each.close()
+            return answered, refusals
+
+        started = time.monotonic()
+        answered, refusals = asyncio.run(run())
+        refill = int((time.monotonic() - started) * 3 / 60)
+        assert 3 <= answered <= 3 + refill, (answered, refill)
+        assert refusals and all('team "eng"' in r.message for r in refusals)

@@ -503,3 +503,14 @@ def test_the_memory_limiter_forgets_past_periods() -> None:
     assert limiter.spent(day.key) == 0 and day.key in limiter._budgets
     assert isinstance(limiter.admit_now("b", (rate(5),), (), 61.0), Admitted)
     assert day.key not in limiter._budgets
+
+
+async def test_errors_after_admission_carry_the_rate_headers(start: Start, tmp_path: Path) -> None:
+    async with start(limited(tmp_path, rpm=5)) as gw:
+        headers = {"Authorization": f"Bearer {KEY_TEXT}"}
+        missing = await gw.http.post(
+            "/v1/chat/completions", json=chat_body(model="nope"), headers=headers
+        )
+        error_of(missing, 404)
+        assert missing.headers["x-ratelimit-limit-requests"] == "5"
+        assert missing.headers["x-ratelimit-remaining-requests"] == "4"
