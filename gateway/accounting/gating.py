@@ -20,6 +20,7 @@ gets 503 ``limits_unavailable`` rather than limits that do not hold.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -126,6 +127,10 @@ async def database_has_limits(engine: AsyncEngine) -> bool:
 def build_limiter(settings: Settings) -> Limiter:
     accounting = settings.accounting
     if accounting.redis:
+        if importlib.util.find_spec("redis") is None:
+            raise UnsafeLimitsError(
+                "nomoat: accounting.redis needs the redis extra: pip install 'nomoat[redis]'"
+            )
         from gateway.accounting.redis_limits import RedisLimiter
 
         return RedisLimiter(accounting.redis, accounting.reservation_seconds)
