@@ -568,6 +568,8 @@ def limit_problems(settings: Settings) -> list[str]:
         if key.key_hash in seen:
             problems.append(f"{where}: this key already has limits")
         seen.add(key.key_hash)
+    if accounting.redis and not accounting.redis.startswith(("redis://", "rediss://", "unix://")):
+        problems.append('accounting.redis: a Redis URL ("redis://HOST:PORT/DB"), or ""')
     if not accounting.enabled:
         limited = [f"models.{n}" for n, m in settings.models.items() if m.rpm or m.tpm]
         limited += ["accounting.static_keys"] if accounting.static_keys else []

@@ -314,6 +314,13 @@ def test_static_keys_must_name_a_configured_key_once() -> None:
     ]
 
 
+def test_the_redis_setting_must_be_a_redis_url() -> None:
+    assert reference_problems(settings(redis="localhost:6379")) == [
+        'accounting.redis: a Redis URL ("redis://HOST:PORT/DB"), or ""'
+    ]
+    assert reference_problems(settings(redis="redis://127.0.0.1:6379/0")) == []
+
+
 def test_a_static_budget_needs_its_period() -> None:
     with pytest.raises(ValueError, match="budget_usd and budget_period go together"):
         settings(static_keys=[{"key_hash": KEY_HASH, "budget_usd": 1.0}])
