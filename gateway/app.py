@@ -28,7 +28,9 @@ from gateway import wire
 from gateway.access_log import AccessLog
 from gateway.accounting.access import may_see
 from gateway.accounting.admin_api import build_key_handlers
+from gateway.accounting.admission import Ticket
 from gateway.accounting.costing import Costing, start_costing
+from gateway.accounting.gating import Admission, start_admission, static_principals
 from gateway.accounting.keys import ManagedKeys
 from gateway.accounting.principal import Principal
 from gateway.accounting.runtime import Accounting
@@ -50,6 +52,7 @@ from gateway.errors import (
     PayloadTooLargeError,
     RouteNotFoundError,
 )
+from gateway.exchange import Exchange
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
@@ -92,10 +95,12 @@ class Runtime:
     # The request metrics (None: switched off) and what reports to them.
     metrics: PrometheusMetrics | None = field(init=False, default=None)
     observer: Observer = field(init=False)
-    # Cost accounting (None: [accounting] enabled = false); see start_accounting.
-    accounting: Accounting | None = field(init=False, default=None)
+    # Rate limits and budgets (gateway/accounting/gating.py); None: accounting off.
+    admission: Admission | None = field(init=False, default=None)
     # Prices, the cost header, nodes' busy and idle cost (None: accounting off).
     costing: Costing | None = field(init=False, default=None)
+    # Cost accounting (None: [accounting] enabled = false); see start_accounting.
+    accounting: Accounting | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Unobserved()
@@ -151,6 +156,7 @@ class Runtime:
             log.start()
             stack.push_async_callback(log.aclose)
         metrics = await self.start_telemetry(stack)
+        await self.start_admission(stack)
         self.pipeline = Pipeline(
             self.settings.limits,
             self.plan.catalog,
@@ -168,6 +174,32 @@ class Runtime:
             stack,
             engine=self.accounting.engine if self.accounting is not None else None,
         )
+
+    async def start_admission(self, stack: AsyncExitStack) -> None:
+        engine = self.accounting.engine if self.accounting is not None else None
+        self.admission = await start_admission(self.settings, self.plan.catalog, stack, engine)
+        if self.admission is not None:
+            # Every request's end settles its ticket: streams are watched.
+            self.observer.active = True
+
+    async def admit(
+        self,
+        principal: Principal | None,
+        body: wire.ChatCompletionRequest | wire.CompletionRequest,
+        size: int,
+        exchange: Exchange,
+    ) -> Ticket | None:
+        """Rate limits and budget reserved (or 429/503 raised); the ticket
+        settles when the exchange closes."""
+        admission = self.admission
+        if admission is None:
+            return None
+        ticket = await admission.admit(principal, body, size)
+        if ticket is None or ticket.settled:
+            return None
+        # After the pricer set charged_nano (Observer.close runs it first).
+        exchange.finish = ticket.finish
+        return ticket
 
     def managed_keys(self) -> ManagedKeys | None:
         """Managed API keys and teams (None: accounting is off, or not started)."""
@@ -289,15 +321,18 @@ def _openai_endpoint(
     route_header = runtime.settings.server.route_header
     limits = runtime.settings.limits
 
-    def headers_for(trace: RouteTrace, request_id: bytes) -> Headers:
+    def headers_for(trace: RouteTrace, request_id: bytes, ticket: Ticket | None) -> Headers:
         headers: Headers = [(b"x-request-id", request_id)]
         if route_header and trace.decision is not None:
             headers.append((b"x-nomoat-route", trace.decision.header().encode("latin-1")))
+        if ticket is not None:
+            headers += ticket.headers
         return headers
 
     async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
         ctx: RequestContext | None = None
         body: RequestT | None = None
+        ticket: Ticket | None = None
         observer = runtime.observer
         exchange = observer.open(endpoint.name, endpoint.path)
         try:
@@ -312,6 +347,7 @@ def _openai_endpoint(
             body = endpoint.decode(raw, limits)
             exchange.requested, exchange.stream = body.model, bool(body.stream)
             exchange.user = body.user
+            ticket = await runtime.admit(principal, body, len(raw), exchange)
             if span is not None:
                 span.set_model(body.model)
             trace = RouteTrace(endpoint.name, len(raw), span, exchange)
@@ -324,14 +360,14 @@ def _openai_endpoint(
                 events = sse_events(observer.watching(watched, exchange))
                 if runtime.costing is not None:
                     events = runtime.costing.ending(events, exchange)
-                headers = headers_for(trace, request_id.encode("latin-1"))
+                headers = headers_for(trace, request_id.encode("latin-1"), ticket)
                 return EventStream(events, headers)
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)
             observer.close(exchange, 200, None)
             if span is not None:
                 span.sent(answer)
-            headers = headers_for(trace, request_id.encode("latin-1"))
+            headers = headers_for(trace, request_id.encode("latin-1"), ticket)
             if runtime.costing is not None:
                 headers.extend(runtime.costing.answer_headers(exchange))
             return JsonAnswer(wire.encoder.encode(answer), headers=headers)
@@ -342,6 +378,8 @@ def _openai_endpoint(
             error = as_gateway_error(exc, endpoint.path)
             observer.failed(exchange, error)
             error.headers.setdefault("x-request-id", request_id)
+            for name, value in ticket.headers if ticket is not None else ():
+                error.headers.setdefault(name.decode(), value.decode())
             if runtime.pipeline is not None:
                 told = ctx or _context(endpoint.id_prefix, None, request)
                 await runtime.pipeline.hooks.on_error(body, error, told)
@@ -363,7 +401,9 @@ def _openai_endpoint(
 
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     server = runtime.settings.server
-    authenticate = PrincipalAuthenticator(server.api_key_hashes, runtime.managed_keys)
+    authenticate = PrincipalAuthenticator(
+        server.api_key_hashes, runtime.managed_keys, static_principals(runtime.settings)
+    )
 
     @get("/v1/models")
     async def list_models(request: AnyRequest) -> Response[bytes]:

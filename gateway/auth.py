@@ -219,9 +219,16 @@ class PrincipalAuthenticator:
         self,
         api_key_hashes: tuple[str, ...],
         managed: Callable[[], ManagedKeyLookup | None] = lambda: None,
+        static: Mapping[str, Principal] | None = None,
     ) -> None:
         self._hashes = api_key_hashes
-        self._static = {stored: Principal(key_fingerprint(stored)) for stored in api_key_hashes}
+        # A static key's principal: as ``static`` has it by fingerprint (its
+        # limits and budget, [[accounting.static_keys]]), else its id alone.
+        given = static or {}
+        self._static = {
+            stored: given.get(key_fingerprint(stored)) or Principal(key_fingerprint(stored))
+            for stored in api_key_hashes
+        }
         self._managed = managed
 
     def principal(self, request: HasScope) -> Principal | None:

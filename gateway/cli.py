@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from gateway import explain
 from gateway.accounting.cli import add_commands as add_key_commands
 from gateway.accounting.commands import add_commands as add_accounting_commands
+from gateway.accounting.gating import config_refusal
 from gateway.accounting.keys import managed_keys_exist
 from gateway.app import Runtime, create_app
 from gateway.auth import hash_api_key, is_loopback
@@ -154,7 +155,10 @@ def _run(settings: Settings) -> int:
     server = settings.server
     refusal = _open_network_refusal(server)
     # Managed keys (`nomoat keys create`) protect a network gateway as well.
-    if refusal is not None and not managed_keys_exist(settings.accounting):
+    if refusal is not None and managed_keys_exist(settings.accounting):
+        refusal = None
+    refusal = refusal or config_refusal(settings)
+    if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
     logging.basicConfig(

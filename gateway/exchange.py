@@ -10,6 +10,7 @@ leaves. Nothing here is prompt text.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import wire
@@ -60,6 +61,9 @@ class Exchange:
     trace_id: str | None = None
     span_id: str | None = None
     closed: bool = False
+    # Run once when it closes (after everything above is final): the
+    # admission ticket's settlement (gateway/accounting/admission.py).
+    finish: Callable[[Exchange], None] | None = None
 
     def answered_by(self, target: Target, backend: str) -> None:
         self.deployment = target.deployment

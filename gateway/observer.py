@@ -63,6 +63,8 @@ class Observer:
         exchange.closed = True
         if self.pricer is not None:
             self.pricer(exchange)
+        if exchange.finish is not None:
+            exchange.finish(exchange)
         self.metrics.request_ended(exchange, status, error)
         if self.ended is not None:
             self.ended(exchange, status, error)

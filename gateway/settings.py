@@ -242,6 +242,10 @@ class ModelSettings(_Strict):
     # stream ends with an error event and the generation is cancelled.
     stream_timeout_seconds: Annotated[float, Field(gt=0)] | None = None
     owned_by: str = "nomoat"
+    # Requests and tokens per minute for this model, all keys together
+    # (aliases count as the model): what its deployments can take.
+    rpm: Annotated[int, Field(ge=1)] | None = None
+    tpm: Annotated[int, Field(ge=1)] | None = None
 
 
 class HookSettings(_Strict):
@@ -337,6 +341,25 @@ def _default_models() -> dict[str, ModelSettings]:
     return {EMBEDDED_MODEL: ModelSettings(deployments=[deployment])}
 
 
+class StaticKeySettings(_Strict):
+    """One ``[[accounting.static_keys]]``: the limits of a static key."""
+
+    # One of server.api_key_hashes.
+    key_hash: Annotated[str, Field(pattern=KEY_HASH_FORMAT.pattern)]
+    # How errors and the ledger name it (else its fingerprint).
+    name: str = ""
+    rpm: Annotated[int, Field(ge=1)] | None = None
+    tpm: Annotated[int, Field(ge=1)] | None = None
+    budget_usd: Annotated[float, Field(gt=0)] | None = None
+    budget_period: Literal["day", "month", "total"] | None = None
+
+    @model_validator(mode="after")
+    def _budget_whole(self) -> StaticKeySettings:
+        if (self.budget_usd is None) != (self.budget_period is None):
+            raise ValueError("budget_usd and budget_period go together")
+        return self
+
+
 class AccountingSettings(_Strict):
     """``[accounting]``: the ledger, managed keys and teams, budgets and rate
     limits (gateway/accounting). On by default, with SQLite in the user's data
@@ -353,6 +376,11 @@ class AccountingSettings(_Strict):
     # Apply pending migrations at start-up (else run `nomoat migrate` first;
     # the Helm chart runs it as a hook before the gateway rolls).
     migrate_on_start: bool = True
+    # A budget reservation lapses after this long if its request never
+    # settles it (its process died): longer than any request may run.
+    reservation_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    # Budgets and rate limits of static keys (server.api_key_hashes).
+    static_keys: list[StaticKeySettings] = Field(default_factory=list)
     # How often each process polls the database for managed keys and teams
     # changed elsewhere: a revoked key stops within about this long.
     key_refresh_seconds: float = Field(default=0.5, gt=0, le=60)
@@ -488,7 +516,7 @@ def reference_problems(settings: Settings) -> list[str]:
                     f"models.{model_name}.deployments[{index}].backend: "
                     f'unknown backend "{deployment.backend}"'
                 )
-    return problems
+    return problems + limit_problems(settings)
 
 
 class TelemetrySettings(_Strict):
@@ -525,6 +553,28 @@ class TelemetrySettings(_Strict):
     # gen_ai.output.messages) as the hooks (redaction) left them: prompts after
     # the request hooks, answers after the response and stream hooks.
     capture_content: bool = False
+
+
+def limit_problems(settings: Settings) -> list[str]:
+    """Static keys' limits name configured keys, once each; limits and
+    budgets need accounting on."""
+    problems = []
+    seen: set[str] = set()
+    accounting = settings.accounting
+    for index, key in enumerate(accounting.static_keys):
+        where = f"accounting.static_keys[{index}].key_hash"
+        if key.key_hash not in settings.server.api_key_hashes:
+            problems.append(f"{where}: not one of server.api_key_hashes")
+        if key.key_hash in seen:
+            problems.append(f"{where}: this key already has limits")
+        seen.add(key.key_hash)
+    if accounting.redis and not accounting.redis.startswith(("redis://", "rediss://", "unix://")):
+        problems.append('accounting.redis: a Redis URL ("redis://HOST:PORT/DB"), or ""')
+    if not accounting.enabled:
+        limited = [f"models.{n}" for n, m in settings.models.items() if m.rpm or m.tpm]
+        limited += ["accounting.static_keys"] if accounting.static_keys else []
+        problems += [f"{name}: limits need accounting (accounting.enabled)" for name in limited]
+    return problems
 
 
 # Settings names TelemetrySettings, defined after it (appended here to keep

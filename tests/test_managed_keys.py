@@ -29,7 +29,9 @@ ADMIN_KEY = "sk-nomoat-admin-0123456789abcdef"
 HI = [{"role": "user", "content": "Hi"}]
 
 
-def replica_config(database: str) -> str:
+def replica_config(database: str, redis: str) -> str:
+    # Redis: keys given budgets or limits while the replicas run share them
+    # (without it, replicas on PostgreSQL refuse those keys with 503).
     return textwrap.dedent(
         f"""
         [server]
@@ -39,6 +41,7 @@ def replica_config(database: str) -> str:
 
         [accounting]
         database = "{database}"
+        redis = "{redis}"
 
         [models.{MODEL}]
         aliases = ["small"]
@@ -54,12 +57,15 @@ def replica_config(database: str) -> str:
 class Replicas:
     a: LiveGateway
     b: LiveGateway
-    # The database both use (postgresql://...).
+    # The database both use (postgresql://...), and their Redis.
     database: str
+    redis: str
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> Iterator[Replicas]:
+def replicas(
+    tmp_path_factory: pytest.TempPathFactory, postgres_server: str, redis_server: str
+) -> Iterator[Replicas]:
     """Two gateways on one new database, started one after the other (the
     first applies the migrations); shared by this module's tests."""
     from tests.services import fresh_database
@@ -70,14 +76,14 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> 
             stack.enter_context(
                 running_gateway(
                     tmp_path_factory.mktemp(f"replica-{name}"),
-                    replica_config(database),
+                    replica_config(database, redis_server),
                     api_key=API_KEY,
                     startup_seconds=STARTUP_SECONDS,
                 )
             )
             for name in ("a", "b")
         ]
-        yield Replicas(live[0], live[1], database)
+        yield Replicas(live[0], live[1], database, redis_server)
 
 
 def sdk(replica: LiveGateway, key: str) -> openai.OpenAI:
@@ -152,7 +158,7 @@ def test_keys_made_and_revoked_by_the_cli_reach_a_running_replica(
 ) -> None:
     b = replicas.b
     config = tmp_path / "cli.toml"
-    config.write_text(replica_config(replicas.database))
+    config.write_text(replica_config(replicas.database, replicas.redis))
     team = cli("teams", "create", "--name", "eng", "--rpm", "60", "--config", str(config), "--json")
     assert team.returncode == 0, team.stderr
     made = cli(

@@ -1,0 +1,401 @@
+"""Admission: a request's rate limits and budgets, checked and reserved
+before it is routed, settled when it ends.
+
+:meth:`Gate.admit` takes the caller (a :class:`Principal`, or None without
+keys), the model asked for, the request's token bound and its worst-case
+cost, and returns a :class:`Ticket`, or raises:
+
+- 429 ``rate_limit_exceeded`` (``RateLimitError`` in the SDK) with
+  ``Retry-After`` when a requests or tokens per minute limit of the key, its
+  team or the model has no room;
+- 429 ``insufficient_quota`` (also ``RateLimitError``, with
+  ``x-should-retry: false`` so the SDK does not retry) when the key's or the
+  team's budget cannot cover the worst case, naming the budget and when it
+  resets;
+- 503 ``limits_unavailable`` when the limiter (Redis) cannot be reached, or
+  when the limits could not be enforced across processes (fail closed:
+  nothing runs that could not be counted).
+
+The ticket's :attr:`~Ticket.headers` are OpenAI's ``x-ratelimit-*`` headers,
+sent on every response of a request that has rate limits; its
+:meth:`~Ticket.settle` (when the request ends: real tokens, real cost) or
+:meth:`~Ticket.release` (it never ran) gives back what was reserved beyond
+what was used.
+
+Token bound (for tokens per minute): the request's body size in bytes (a
+token is at least one byte of text for the byte-level BPE tokenizers of open
+models, and the JSON around each message outweighs its chat template's
+markers) plus its completion bound (``max_tokens`` or
+``max_completion_tokens``, else ``limits.max_tokens_ceiling``, times its
+choices). Settled to the usage's ``total_tokens``.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from gateway import wire
+from gateway.accounting.budgets import Period, Seeds, describe, period_of, resets
+from gateway.accounting.limits import (
+    Admitted,
+    BudgetDemand,
+    BudgetRefused,
+    Level,
+    Limiter,
+    LimiterUnavailableError,
+    RateDemand,
+    RateKind,
+    RateRefused,
+    Settlement,
+)
+from gateway.accounting.money import to_usd
+from gateway.accounting.principal import Budget, BudgetPeriod, Principal, RateLimits, Team
+from gateway.errors import GatewayError, RateLimitError
+from gateway.exchange import Exchange
+
+PREFIX = "nomoat"
+# A budget's state outlives its period by this much (late settlements land).
+KEEP_AFTER_PERIOD_SECONDS = 86_400
+Headers = list[tuple[bytes, bytes]]
+
+
+class QuotaExceededError(RateLimitError):
+    """A budget cannot cover the request's worst case (429, OpenAI's
+    ``insufficient_quota``)."""
+
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class LimitsUnavailableError(GatewayError):
+    """Limits or budgets apply but cannot be checked now (503)."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "limits_unavailable"
+
+
+class WorstCase(Protocol):
+    """What the budgets need of the prices (:class:`PriceBook`)."""
+
+    def reachable(self, model: str) -> tuple[str, ...]: ...
+
+    def worst_case_nano(
+        self, deployments: Iterable[str], prompt_tokens: int, completion_tokens: int
+    ) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The most a request can use: prompt and completion tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def request_bounds(
+    request: wire.ChatCompletionRequest | wire.CompletionRequest, body_bytes: int, ceiling: int
+) -> Bounds:
+    """See the module's docstring: body bytes, and the completion asked for
+    (or the ceiling) times the choices."""
+    asked = request.max_tokens
+    if isinstance(request, wire.ChatCompletionRequest):
+        asked = request.max_completion_tokens or asked
+    choices = (request.n or 1) * _prompt_count(request)
+    return Bounds(body_bytes, (asked or ceiling) * choices)
+
+
+def _prompt_count(request: wire.ChatCompletionRequest | wire.CompletionRequest) -> int:
+    if isinstance(request, wire.ChatCompletionRequest) or isinstance(request.prompt, str):
+        return 1
+    if request.prompt and all(isinstance(item, int) for item in request.prompt):
+        return 1
+    return max(len(request.prompt), 1)
+
+
+class Ticket:
+    """One admitted request's reservations."""
+
+    __slots__ = ("_charges", "_gate", "_id", "_rates", "_settled", "bounds", "headers")
+
+    def __init__(
+        self,
+        gate: Gate | None,
+        ticket_id: str,
+        bounds: Bounds,
+        rates: tuple[RateDemand, ...] = (),
+        charges: tuple[BudgetDemand, ...] = (),
+        headers: Headers | None = None,
+    ) -> None:
+        self._gate = gate
+        self._id = ticket_id
+        self.bounds = bounds
+        self._rates = rates
+        self._charges = charges
+        self._settled = gate is None
+        # OpenAI's x-ratelimit-* headers (empty without rate limits).
+        self.headers: Headers = headers or []
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def settle(self, tokens: int, charged_nano: int) -> None:
+        """The request ended having used ``tokens`` and cost ``charged_nano``:
+        reservations become that. Only the first call counts."""
+        if self._settled or self._gate is None:
+            return
+        self._settled = True
+        refunds = tuple(
+            (d, d.amount - tokens) for d in self._rates if d.kind == "tokens" and d.amount != tokens
+        )
+        charges = tuple((b, charged_nano) for b in self._charges)
+        if refunds or charges:
+            self._gate.limiter_settle(Settlement(self._id, refunds, charges))
+
+    def release(self) -> None:
+        """The request never ran (refused after admission, failed before
+        any engine saw it): nothing was used."""
+        self.settle(0, 0)
+
+    def finish(self, exchange: Exchange) -> None:
+        """Settle from what the closed exchange says was used and charged."""
+        self.settle(used_tokens(exchange, self.bounds), exchange.charged_nano)
+
+    def header_map(self) -> dict[str, str]:
+        return {name.decode(): value.decode() for name, value in self.headers}
+
+
+def used_tokens(exchange: Exchange, bounds: Bounds) -> int:
+    """Prompt plus completion tokens: the usage's; on a stream cut before its
+    usage, the prompt's bound plus the tokens counted on the stream; with
+    nothing generated and no usage, none."""
+    if exchange.usage is not None:
+        return exchange.usage.prompt_tokens + exchange.usage.completion_tokens
+    if exchange.estimated_output_tokens:
+        return bounds.prompt_tokens + exchange.estimated_output_tokens
+    return 0
+
+
+class Gate:
+    """Rate limits and budgets, over one :class:`Limiter`."""
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        seeds: Seeds,
+        model_limits: Mapping[str, RateLimits] | None = None,
+        unenforceable: str | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.limiter = limiter
+        self.seeds = seeds
+        self.model_limits = dict(model_limits or {})
+        # Why limits cannot be enforced here (several processes, no Redis),
+        # or None: a request that has any is then refused with 503.
+        self.unenforceable = unenforceable
+        self._clock = clock
+        self._periods: dict[BudgetPeriod, Period] = {}
+
+    def limited(self, principal: Principal | None, model: str) -> bool:
+        """Whether a request of ``principal`` for ``model`` has any limit or budget."""
+        if model in self.model_limits:
+            return True
+        if principal is None:
+            return False
+        team = principal.team
+        return bool(
+            principal.budget
+            or principal.limits.any
+            or (team is not None and (team.budget or team.limits.any))
+        )
+
+    async def admit(
+        self, principal: Principal | None, model: str, bounds: Bounds, worst_case_nano: int
+    ) -> Ticket:
+        ticket_id = uuid.uuid4().hex
+        if not self.limited(principal, model):
+            return Ticket(None, ticket_id, bounds)
+        if self.unenforceable is not None:
+            raise LimitsUnavailableError(
+                "This request has rate limits or a budget that this gateway cannot enforce: "
+                f"{self.unenforceable}. Its operator must set [accounting] redis.",
+                headers={"Retry-After": "60"},
+            )
+        rates = self._rates(principal, model, bounds.tokens)
+        budgets = self._budgets(principal, worst_case_nano)
+        try:
+            verdict = await self.limiter.admit(ticket_id, rates, budgets)
+        except LimiterUnavailableError as error:
+            raise LimitsUnavailableError(
+                "Rate limits and budgets cannot be checked now (their store is unreachable); "
+                "retry shortly.",
+                headers={"Retry-After": "1"},
+            ) from error
+        if isinstance(verdict, RateRefused):
+            raise _rate_error(verdict)
+        if isinstance(verdict, BudgetRefused):
+            raise _quota_error(verdict, worst_case_nano)
+        assert isinstance(verdict, Admitted)
+        return Ticket(self, ticket_id, bounds, rates, budgets, rate_headers(verdict.levels))
+
+    def limiter_settle(self, settlement: Settlement) -> None:
+        self.limiter.settle(settlement)
+
+    def _rates(
+        self, principal: Principal | None, model: str, tokens: int
+    ) -> tuple[RateDemand, ...]:
+        owners: list[tuple[str, str, RateLimits]] = []
+        if principal is not None:
+            owners.append((f"key:{principal.key_id}", _key_label(principal), principal.limits))
+            team = principal.team
+            if team is not None:
+                owners.append((f"team:{team.id}", f'team "{team.name}"', team.limits))
+        if model in self.model_limits:
+            owners.append((f"model:{model}", f'model "{model}"', self.model_limits[model]))
+        demands = []
+        for scope, label, limits in owners:
+            if limits.rpm is not None:
+                demands.append(_rate(scope, "requests", limits.rpm, 1, label))
+            if limits.tpm is not None:
+                demands.append(_rate(scope, "tokens", limits.tpm, tokens, label))
+        return tuple(demands)
+
+    def _budgets(
+        self, principal: Principal | None, worst_case_nano: int
+    ) -> tuple[BudgetDemand, ...]:
+        if principal is None:
+            return ()
+        team = principal.team
+        if principal.budget is None and (team is None or team.budget is None):
+            return ()
+        now = self._clock()
+        owners: list[tuple[str, str, Budget | None, Principal | Team]] = [
+            ("key", principal.key_id, principal.budget, principal)
+        ]
+        if team is not None:
+            owners.append(("team", team.id, team.budget, team))
+        demands = []
+        for kind, owner_id, budget, owner in owners:
+            if budget is None:
+                continue
+            period = self._period(budget.period, now)
+            keep = None
+            if period.end is not None:
+                keep = int((period.end - now).total_seconds()) + KEEP_AFTER_PERIOD_SECONDS
+            demands.append(
+                BudgetDemand(
+                    key=f"{PREFIX}:budget:{kind}:{owner_id}:{budget.period}:{period.label}",
+                    limit=budget.nano_usd,
+                    amount=worst_case_nano,
+                    seed=self.seeds.spent(kind, owner_id, budget.period, period),
+                    keep_seconds=keep,
+                    owner=_owner_label(owner),
+                    period=budget.period,
+                    ends=period.end,
+                )
+            )
+        return tuple(demands)
+
+    def _period(self, kind: BudgetPeriod, now: datetime) -> Period:
+        """The current period of ``kind`` (kept until it ends)."""
+        period = self._periods.get(kind)
+        if period is None or (period.end is not None and now >= period.end):
+            period = period_of(kind, now)
+            self._periods[kind] = period
+        return period
+
+    async def aclose(self) -> None:
+        await self.limiter.aclose()
+
+
+def _key_label(principal: Principal) -> str:
+    return f'key "{principal.name}"' if principal.name else f"key {principal.key_id}"
+
+
+def _owner_label(owner: Principal | Team) -> str:
+    return _key_label(owner) if isinstance(owner, Principal) else f'team "{owner.name}"'
+
+
+def _rate(scope: str, kind: RateKind, limit: int, amount: int, label: str) -> RateDemand:
+    return RateDemand(f"{PREFIX}:rate:{scope}:{kind}", kind, limit, amount, label)
+
+
+_HEADER_NAMES = {
+    kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
+    for kind in ("requests", "tokens")
+}
+
+
+def rate_headers(levels: Iterable[Level]) -> Headers:
+    """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``:
+    of the tightest bucket of each kind (the one with the least left)."""
+    tightest: dict[str, Level] = {}
+    for level in levels:
+        held = tightest.get(level.demand.kind)
+        if held is None or level.remaining < held.remaining:
+            tightest[level.demand.kind] = level
+    headers: Headers = []
+    for kind, level in tightest.items():
+        limit, remaining, reset = _HEADER_NAMES[kind]
+        left = max(math.floor(level.remaining), 0)
+        headers += [
+            (limit, b"%d" % level.demand.limit),
+            (remaining, b"%d" % left),
+            (reset, duration(level.reset_seconds).encode()),
+        ]
+    return headers
+
+
+def duration(seconds: float) -> str:
+    """As OpenAI writes its resets: ``17ms``, ``1s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _rate_error(verdict: RateRefused) -> RateLimitError:
+    demand = verdict.demand
+    unit = "requests" if demand.kind == "requests" else "tokens"
+    headers = dict((k.decode(), v.decode()) for k, v in rate_headers(verdict.levels))
+    if verdict.retry_after is None:
+        headers["x-should-retry"] = "false"
+        return RateLimitError(
+            f"This request may use up to {demand.amount} tokens, more than the {demand.limit} "
+            f"{unit} per minute of {demand.owner}: lower max_tokens or the prompt.",
+            headers=headers,
+        )
+    wait = max(math.ceil(verdict.retry_after), 1)
+    headers["Retry-After"] = str(wait)
+    return RateLimitError(
+        f"Rate limit reached for {demand.owner}: {demand.limit} {unit} per minute. "
+        f"Retry after {wait} s.",
+        headers=headers,
+    )
+
+
+def _quota_error(verdict: BudgetRefused, worst_case_nano: int) -> QuotaExceededError:
+    demand = verdict.demand
+    label = describe(demand.owner, Budget(demand.limit, demand.period))
+    message = (
+        f"{label[0].upper()}{label[1:]} cannot cover this request: "
+        f"{to_usd(verdict.used):.6f} USD spent or reserved, and this request may cost up to "
+        f"{to_usd(worst_case_nano):.6f} USD; {resets(demand.ends)}."
+    )
+    return QuotaExceededError(message, headers={"x-should-retry": "false"})

@@ -1,0 +1,259 @@
+"""Rate limits and budget reservations: what one admission asks of the
+limiter, and the limiter that keeps them in this process's memory.
+
+Rate limits are token buckets: a bucket holds up to ``limit`` (requests or
+tokens per minute) and refills continuously at ``limit`` per 60 seconds, so
+a limit of 60 rpm admits a burst of 60 and then one a second; "reset" is the
+time until the bucket is full again, as OpenAI's ``x-ratelimit-reset-*``
+headers mean it. A request takes one from each request bucket and its token
+bound from each token bucket; when it ends, the tokens it did not use go
+back (or the ones it used beyond the bound are taken: a bucket may go below
+zero, and then admits nothing until it has refilled).
+
+Budgets are reserved: a request may start only if what was spent, plus what
+running requests reserved, plus its own worst case, stays within the
+budget. When it ends its reservation is replaced by what it really cost.
+A reservation also expires (``reservation_seconds``), so a process that dies
+holding one does not block a budget for ever.
+
+Every check of one admission passes or none is applied: a request refused by
+its team's budget takes nothing from its key's rate limit. The Redis limiter
+(:mod:`gateway.accounting.redis_limits`) does the same in one Lua script.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from gateway.accounting.principal import BudgetPeriod
+
+SECONDS_PER_WINDOW = 60.0
+RateKind = Literal["requests", "tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class RateDemand:
+    """Take ``amount`` from the bucket ``key`` of ``limit`` per minute."""
+
+    key: str
+    kind: RateKind
+    limit: int
+    amount: int
+    # Whose limit, for messages: 'key "ci"', 'team "research"', 'model "m"'.
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetDemand:
+    """Reserve ``amount`` nano-USD of the budget ``key`` (``limit`` nano-USD),
+    which starts from ``seed`` (the ledger's sum) if the limiter has no state
+    for it yet; its state may be forgotten after ``keep_seconds`` (the end of
+    its period, with a margin; None: never)."""
+
+    key: str
+    limit: int
+    amount: int
+    seed: int
+    keep_seconds: int | None
+    # Whose ('key "ci"', 'team "research"'), its period, and when that ends
+    # (None: never): for the refusal's message.
+    owner: str
+    period: BudgetPeriod
+    ends: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """A rate bucket after an admission: what is left, and the seconds until
+    it is full again."""
+
+    demand: RateDemand
+    remaining: float
+
+    @property
+    def reset_seconds(self) -> float:
+        missing = self.demand.limit - self.remaining
+        return max(missing, 0.0) * SECONDS_PER_WINDOW / self.demand.limit
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    levels: tuple[Level, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RateRefused:
+    """``demand``'s bucket holds too little: retry after ``retry_after``
+    seconds (None: never, the request is larger than the limit)."""
+
+    demand: RateDemand
+    retry_after: float | None
+    levels: tuple[Level, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRefused:
+    demand: BudgetDemand
+    # What was spent and reserved when it was refused.
+    used: int
+
+
+Verdict = Admitted | RateRefused | BudgetRefused
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a ticket gives back when its request ends: each token bucket's
+    correction (reserved minus used: positive gives back, negative takes
+    more), and each budget's real charge replacing its reservation."""
+
+    ticket: str
+    refunds: tuple[tuple[RateDemand, int], ...] = ()
+    charges: tuple[tuple[BudgetDemand, int], ...] = ()
+
+
+class Limiter(Protocol):
+    """Where limits and budgets live: this process, or Redis for many."""
+
+    async def admit(
+        self, ticket: str, rates: tuple[RateDemand, ...], budgets: tuple[BudgetDemand, ...]
+    ) -> Verdict: ...
+
+    def settle(self, settlement: Settlement) -> None:
+        """Apply it now, or as soon as possible: it never fails the request."""
+
+    async def drain(self) -> None:
+        """Wait until every settlement given so far is applied (or given up)."""
+
+    async def aclose(self) -> None: ...
+
+
+class LimiterUnavailableError(Exception):
+    """The limiter cannot be reached (Redis down): nothing was admitted."""
+
+
+@dataclass(slots=True)
+class _Bucket:
+    level: float
+    at: float
+
+    def refilled(self, limit: int, now: float) -> float:
+        return min(float(limit), self.level + (now - self.at) * limit / SECONDS_PER_WINDOW)
+
+
+@dataclass(slots=True)
+class _Budget:
+    spent: int
+    # Monotonic instant after which its period is over (None: never).
+    until: float | None
+    # Ticket -> (amount, expiry as a monotonic instant).
+    reservations: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def reserved(self, now: float) -> int:
+        expired = [t for t, (_, until) in self.reservations.items() if until <= now]
+        for ticket in expired:
+            del self.reservations[ticket]
+        return sum(amount for amount, _ in self.reservations.values())
+
+
+class MemoryLimiter:
+    """Limits and budgets of one process (one event loop: each call runs to
+    its end without yielding, so it is atomic by construction)."""
+
+    def __init__(self, reservation_seconds: float) -> None:
+        self._reservation_seconds = reservation_seconds
+        self._buckets: dict[str, _Bucket] = {}
+        self._budgets: dict[str, _Budget] = {}
+        self._now = time.monotonic
+        self._next_sweep = 0.0
+
+    async def admit(
+        self, ticket: str, rates: tuple[RateDemand, ...], budgets: tuple[BudgetDemand, ...]
+    ) -> Verdict:
+        return self.admit_now(ticket, rates, budgets, self._now())
+
+    def admit_now(
+        self,
+        ticket: str,
+        rates: tuple[RateDemand, ...],
+        budgets: tuple[BudgetDemand, ...],
+        now: float,
+    ) -> Verdict:
+        levels = tuple(Level(d, self._bucket(d, now).refilled(d.limit, now)) for d in rates)
+        for level in levels:
+            demand = level.demand
+            if level.remaining < demand.amount:
+                wait = None
+                if demand.amount <= demand.limit:
+                    wait = (demand.amount - level.remaining) * SECONDS_PER_WINDOW / demand.limit
+                return RateRefused(demand, wait, levels)
+        if now >= self._next_sweep:
+            self._sweep(now)
+        for budget in budgets:
+            state = self._budget(budget, now)
+            used = state.spent + state.reserved(now)
+            if used + budget.amount > budget.limit:
+                return BudgetRefused(budget, used)
+        for level in levels:
+            self._buckets[level.demand.key] = _Bucket(level.remaining - level.demand.amount, now)
+        for budget in budgets:
+            until = now + self._reservation_seconds
+            self._budgets[budget.key].reservations[ticket] = (budget.amount, until)
+        return Admitted(tuple(Level(x.demand, x.remaining - x.demand.amount) for x in levels))
+
+    def settle(self, settlement: Settlement) -> None:
+        self.settle_now(settlement, self._now())
+
+    async def drain(self) -> None:
+        return None
+
+    def settle_now(self, settlement: Settlement, now: float) -> None:
+        for demand, correction in settlement.refunds:
+            bucket = self._bucket(demand, now)
+            level = bucket.refilled(demand.limit, now)
+            self._buckets[demand.key] = _Bucket(min(float(demand.limit), level + correction), now)
+        for budget, charge in settlement.charges:
+            state = self._budget(budget, now)
+            state.reservations.pop(settlement.ticket, None)
+            state.spent += charge
+
+    def spent(self, key: str) -> int:
+        """A budget's spend so far (for tests and the admin view)."""
+        state = self._budgets.get(key)
+        return state.spent if state else 0
+
+    async def aclose(self) -> None:
+        return None
+
+    def _budget(self, demand: BudgetDemand, now: float) -> _Budget:
+        state = self._budgets.get(demand.key)
+        if state is None:
+            keep = demand.keep_seconds
+            state = _Budget(demand.seed, None if keep is None else now + keep)
+            self._budgets[demand.key] = state
+        return state
+
+    def _sweep(self, now: float) -> None:
+        """Forget buckets that are full again and budgets of past periods
+        (at most once a minute): memory stays bounded by the live keys."""
+        self._next_sweep = now + SECONDS_PER_WINDOW
+        self._budgets = {
+            key: state
+            for key, state in self._budgets.items()
+            if state.until is None or state.until > now
+        }
+        self._buckets = {
+            key: bucket
+            for key, bucket in self._buckets.items()
+            if now - bucket.at < SECONDS_PER_WINDOW * 2 or bucket.level < 0
+        }
+
+    def _bucket(self, demand: RateDemand, now: float) -> _Bucket:
+        bucket = self._buckets.get(demand.key)
+        if bucket is None:
+            bucket = _Bucket(float(demand.limit), now)
+            self._buckets[demand.key] = bucket
+        return bucket
