@@ -48,7 +48,6 @@ from gateway.metrics import render_metrics
 from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import ServerSettings, Settings
-from gateway.sse import sse_events
 
 _log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -223,9 +222,9 @@ def _openai_endpoint(
             if body.stream:
                 # Watched from now: a client that leaves before the first
                 # chunk stops the generation too.
-                primed = pipeline.stream(endpoint, body, ctx, trace)
-                chunks = await _cancel_on_disconnect(request, primed)
-                return EventStream(sse_events(chunks), headers_for(trace))
+                primed = pipeline.events(endpoint, body, ctx, trace)
+                events = await _cancel_on_disconnect(request, primed)
+                return EventStream(events, headers_for(trace))
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)
             return JsonAnswer(wire.encoder.encode(answer), headers=headers_for(trace))

@@ -45,8 +45,10 @@ from gateway.errors import (
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.stats import AdapterUsage
+from gateway.relay import ChunkRelay, Relayed, opened, relayed_events, supports_relay
 from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
+from gateway.sse import sse_events
 from gateway.stats import StatsTable
 from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
 
@@ -142,6 +144,59 @@ class Pipeline:
             chunks = checked(self.hooks.on_stream(asked, chunks, ctx), endpoint.chunk_type)
         shaped = shape_usage(chunks, _wants_usage(asked))
         return self._told(shaped, asked, ctx) if self.hooks.hears_errors else shaped
+
+    async def events(
+        self,
+        endpoint: Endpoint[RequestT, AnswerT, ChunkT],
+        request: RequestT,
+        ctx: RequestContext,
+        trace: RouteTrace | None = None,
+    ) -> AsyncIterator[bytes]:
+        """One streamed answer as the client's server-sent events, its first
+        event already there. When nothing needs typed chunks (no stream or
+        error hook, no stream time limit) a deployment that can relay
+        (:mod:`gateway.relay`) sends its upstream's chunks through the cheap
+        relay; otherwise the chunks are typed, as :meth:`stream` makes them."""
+        if self.hooks.rewrites_streams or self.hooks.hears_errors:
+            return sse_events(await self.stream(endpoint, request, ctx, trace))
+        arrived = time.monotonic()
+        early = await self.hooks.on_request(request, ctx)
+        if isinstance(early, endpoint.answer_type):
+            return sse_events(shape_usage(endpoint.as_chunks(early), _wants_usage(request)))
+        asked = _expect(early, endpoint.request_type)
+        route = self.router.resolve(asked)
+        ctx = _with_deadline(ctx, route.entry)
+        limit = route.entry.stream_timeout_seconds
+        include_usage = _wants_usage(asked)
+        chat = endpoint.name == "chat"
+
+        async def call(
+            backend: Backend, target: Target, c: RequestContext
+        ) -> Relayed | AsyncIterator[ChunkT]:
+            if limit is None and supports_relay(backend):
+                relay = ChunkRelay(
+                    c.request_id,
+                    target.model,
+                    chat=chat,
+                    include_usage=include_usage,
+                    started=time.monotonic(),
+                )
+                return await opened(endpoint.relay(backend, asked, target, c, relay), relay)
+            return await primed(endpoint.stream(backend, asked, target, c))
+
+        started = await self._attempts(route, asked, ctx, call, trace)
+        result = started.result
+        if isinstance(result, Relayed):
+
+            def done(relay: ChunkRelay, failed: bool) -> None:
+                if failed:
+                    self.stats.finished(started.target.deployment)
+                else:
+                    self._ended(started.target, started.at, relay.first_content, relay.usage)
+
+            return relayed_events(result, done)
+        typed = Started(started.target, started.at, result)
+        return sse_events(shape_usage(self._streaming(typed, limit, arrived), include_usage))
 
     async def explain(self, request: AnyRequest, ctx: RequestContext) -> RouteDecision:
         """A dry run: how ``request`` would be routed now (rules, health,

@@ -53,6 +53,7 @@ from gateway.errors import GatewayError, InvalidRequestError
 from gateway.lora.edge import EdgeAdapters
 from gateway.lora.remote import RemoteAdapters
 from gateway.lora.vllm import VllmAdapters
+from gateway.relay import ChunkRelay
 
 _T = TypeVar("_T")
 _log = logging.getLogger(__name__)
@@ -271,6 +272,26 @@ class OpenAICompatibleBackend:
             self._guard.check_chat(request)
         return self._relay("/chat/completions", request, self._chunk_decoder, target, ctx)
 
+    def chat_relay(
+        self,
+        request: wire.ChatCompletionRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]:
+        if self._guard is not None:
+            self._guard.check_chat(request)
+        return self._cheap_relay("/chat/completions", request, target, ctx, relay)
+
+    def completion_relay(
+        self,
+        request: wire.CompletionRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]:
+        return self._cheap_relay("/completions", request, target, ctx, relay)
+
     async def completion(
         self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
     ) -> wire.Completion:
@@ -350,6 +371,43 @@ class OpenAICompatibleBackend:
                 yield chunk
             if usage_chunk is not None:
                 yield usage_chunk
+
+    def _cheap_relay(
+        self,
+        path: str,
+        request: AnyRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]:
+        """The client's events straight from the upstream's (see
+        :mod:`gateway.relay`); the base model needs no adapter held, so its
+        stream is the upstream's generator itself."""
+        if not target.adapters and self._base_is_plain:
+            return self._upstream.relay(
+                path,
+                _stream_body(request, target.engine_model),
+                self._tenant(ctx),
+                relay.feed,
+                relay.finish,
+            )
+        return self._held_relay(path, request, target, ctx, relay)
+
+    async def _held_relay(
+        self,
+        path: str,
+        request: AnyRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]:
+        async with self._engine_model(target) as model:
+            events = self._upstream.relay(
+                path, _stream_body(request, model), self._tenant(ctx), relay.feed, relay.finish
+            )
+            async with contextlib.aclosing(events):
+                async for data in events:
+                    yield data
 
     # ------------------------------------------------------------- internals
 
@@ -443,6 +501,19 @@ class OpenAICompatibleBackend:
 
 def _encode(request: msgspec.Struct) -> bytes:
     return wire.encoder.encode(request)
+
+
+def _stream_body(request: AnyRequest, model: str) -> bytes:
+    """A streamed request as sent upstream: usage always asked for (the
+    gateway accounts for every stream)."""
+    return _encode(
+        msgspec.structs.replace(
+            request,
+            model=model,
+            stream=True,
+            stream_options=wire.StreamOptions(include_usage=True),
+        )
+    )
 
 
 def metrics_text(status: int, content_type: str, content: bytes) -> str:

@@ -1,0 +1,274 @@
+"""The cheap relay: an HTTP upstream's stream, re-framed with the least work.
+
+When nothing needs typed chunks (no stream hook, no error hook, no stream
+time limit), each ``data:`` payload an OpenAI-compatible upstream sends is
+turned straight into the event the client gets, in one pass, and the events of
+one network read leave in one write. What reaches the client is what the typed
+path (decode into :mod:`gateway.wire_answers`, rewrite, encode) would send:
+
+- the common chunk, its envelope as the stream's previous chunk had it
+  (``{"id":...,"object":...,"created":...,"model":...,"choices":``, byte for
+  byte) and one choice carrying text and nothing else
+  (``[{"index":0,"delta":{"content":"..."},"logprobs":null,"finish_reason":null}]}``
+  for chat, ``[{"index":0,"text":"...","logprobs":null,"finish_reason":null}]}``
+  for completions), is exactly how the gateway encodes such a chunk: its
+  envelope is swapped for the gateway's (the request's ``id``, the route's
+  ``model``) and the choice kept as bytes, without decoding or encoding the
+  chunk. The text must be one JSON string (checked by decoding it), so
+  nothing can hide in it; its escapes stay as the upstream wrote them
+  (``\u00e9`` for ``é``): the same JSON value, possibly other bytes than the
+  typed path's;
+- every other chunk (the first, a role chunk, tool calls, logprobs, a finish
+  reason, several choices, usage, fields the gateway does not forward, an
+  envelope that changed) takes the typed path, so unknown fields are still
+  dropped and finish reasons still checked; it also tells the relay the
+  envelope to expect next.
+
+Usage is read from the final chunk (decoded once per stream) and shown only
+when the client asked for it, as :func:`gateway.streams.shape_usage` does;
+the first chunk with content is timed for the stats. What this saves is
+measured in docs/benchmarks.md ("Streaming at scale").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol, TypeGuard, runtime_checkable
+
+import msgspec
+
+from gateway import wire
+from gateway.contract import RequestContext, Target
+from gateway.errors import GatewayError, InternalError
+from gateway.sse import DONE, event
+from gateway.streams import has_content
+
+# The one choice the fast path keeps as bytes, and the chunk's end: its text
+# is between them.
+_CHAT_HEAD = b'[{"index":0,"delta":{"content":'
+_CHAT_TAIL = b'},"logprobs":null,"finish_reason":null}]}'
+_COMPLETION_HEAD = b'[{"index":0,"text":'
+_COMPLETION_TAIL = b',"logprobs":null,"finish_reason":null}]}'
+_EMPTY_TEXT = b'""'
+_QUOTE = ord('"')
+_log = logging.getLogger(__name__)
+
+_text_decoder = msgspec.json.Decoder(str)
+_chat_decoder = msgspec.json.Decoder(wire.ChatCompletionChunk)
+_completion_decoder = msgspec.json.Decoder(wire.Completion)
+_encode = msgspec.json.Encoder().encode
+
+AnyChunk = wire.ChatCompletionChunk | wire.Completion
+
+
+def _envelope(chunk_id: str, kind: bytes, created: int, model: str) -> bytes:
+    """A chunk's bytes up to its choices, as msgspec (and vLLM) write them."""
+    return (
+        b'{"id":'
+        + _encode(chunk_id)
+        + b',"object":"'
+        + kind
+        + b'","created":'
+        + str(created).encode()
+        + b',"model":'
+        + _encode(model)
+        + b',"choices":'
+    )
+
+
+class ChunkRelay:
+    """One stream's re-framing, chunk by chunk: what the upstream sent in, the
+    client's events out. One per stream.
+
+    ``feed`` raises :class:`msgspec.DecodeError` (or ``ValidationError``) for
+    a payload that is not a chunk (an upstream's error event), which the
+    caller turns into an upstream error."""
+
+    __slots__ = (
+        "_chat",
+        "_end",
+        "_head",
+        "_id",
+        "_include_usage",
+        "_kind",
+        "_late_usage",
+        "_model",
+        "_ours",
+        "_started",
+        "_tail",
+        "_theirs",
+        "first_content",
+        "usage",
+    )
+
+    def __init__(
+        self, request_id: str, model: str, *, chat: bool, include_usage: bool, started: float
+    ) -> None:
+        self._id = request_id
+        self._model = model
+        self._chat = chat
+        if chat:
+            self._kind, self._head, self._tail = b"chat.completion.chunk", _CHAT_HEAD, _CHAT_TAIL
+        else:
+            self._kind, self._head, self._tail = (
+                b"text_completion",
+                _COMPLETION_HEAD,
+                _COMPLETION_TAIL,
+            )
+        self._include_usage = include_usage
+        # "usage": null on every chat chunk but the last, if usage was asked for.
+        self._end = b',"usage":null}' if include_usage and chat else b"}"
+        # The envelope the upstream's next chunk is expected to have, and ours
+        # (unknown until a chunk took the typed path).
+        self._theirs: bytes | None = None
+        self._ours = b""
+        self._started = started
+        # A usage chunk to send at the end (an upstream that puts usage on
+        # chunks with choices, as xAI does: a running total on each).
+        self._late_usage: AnyChunk | None = None
+        # Seconds from ``started`` to the first chunk with content.
+        self.first_content: float | None = None
+        self.usage: wire.Usage | None = None
+
+    def feed(self, payload: bytes) -> bytes:
+        """The event (``data: ...`` and a blank line) for one upstream
+        payload, or nothing (a usage chunk the client did not ask for)."""
+        theirs = self._theirs
+        if theirs is not None and payload.startswith(theirs) and payload.endswith(self._tail):
+            start = len(theirs)
+            head = self._head
+            text = payload[start + len(head) : len(payload) - len(self._tail)]
+            if payload.startswith(head, start) and _one_string(text):
+                if self.first_content is None and text != _EMPTY_TEXT:
+                    self.first_content = time.monotonic() - self._started
+                return b"data: " + self._ours + payload[start:-1] + self._end + b"\n\n"
+        return self._typed(payload)
+
+    def finish(self) -> bytes:
+        """The events still owed when the upstream's stream ended well."""
+        late, self._late_usage = self._late_usage, None
+        if late is None or not self._include_usage:
+            return b""
+        return event(late)
+
+    def _typed(self, payload: bytes) -> bytes:
+        """A chunk the fast path does not keep: decoded, rewritten and encoded
+        as the typed path does (unknown fields dropped, values checked)."""
+        chunk: AnyChunk = (_chat_decoder if self._chat else _completion_decoder).decode(payload)
+        self._theirs = _envelope(chunk.id, self._kind, chunk.created, chunk.model)
+        self._ours = _envelope(self._id, self._kind, chunk.created, self._model)
+        chunk.id, chunk.model = self._id, self._model
+        if self.first_content is None and has_content(chunk):
+            self.first_content = time.monotonic() - self._started
+        if isinstance(chunk.usage, wire.Usage):
+            self.usage = chunk.usage
+            if chunk.choices:
+                self._late_usage = msgspec.structs.replace(chunk, choices=[])
+                chunk.usage = msgspec.UNSET
+            else:
+                self._late_usage = None
+                return event(chunk) if self._include_usage else b""
+        if self._include_usage and self._chat:
+            chunk.usage = None
+        return event(chunk)
+
+
+def _one_string(text: bytes) -> bool:
+    """``text`` is exactly one JSON string (so nothing else hides in it)."""
+    if len(text) < 2 or text[0] != _QUOTE or text[-1] != _QUOTE:
+        return False
+    try:
+        _text_decoder.decode(text)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
+@runtime_checkable
+class SupportsRelay(Protocol):
+    """A backend that streams its upstream's chunks through a
+    :class:`ChunkRelay` (OpenAI-compatible HTTP upstreams)."""
+
+    def chat_relay(
+        self,
+        request: wire.ChatCompletionRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]: ...
+
+    def completion_relay(
+        self,
+        request: wire.CompletionRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]: ...
+
+
+_RELAYS: dict[type, bool] = {}
+
+
+def supports_relay(backend: object) -> TypeGuard[SupportsRelay]:
+    """Resolved once per backend class (a Protocol check is slow)."""
+    known = _RELAYS.get(type(backend))
+    if known is None:
+        known = _RELAYS[type(backend)] = isinstance(backend, SupportsRelay)
+    return known
+
+
+class Relayed:
+    """A relayed stream whose first events arrived: they, the rest, and the
+    relay that read them."""
+
+    __slots__ = ("first", "relay", "rest")
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes], relay: ChunkRelay) -> None:
+        self.first = first
+        self.rest = rest
+        self.relay = relay
+
+
+async def opened(events: AsyncIterator[bytes], relay: ChunkRelay) -> Relayed:
+    """Wait for the first events now, as :func:`gateway.streams.primed` does:
+    a failure before them can still become a status or move on."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+        raise
+    return Relayed(first, events, relay)
+
+
+async def relayed_events(
+    stream: Relayed, done: Callable[[ChunkRelay, bool], None]
+) -> AsyncIterator[bytes]:
+    """The client's events: the first ones, the rest as they come, then
+    ``data: [DONE]``; a failure after the first byte is the stream's last
+    event, as :func:`gateway.sse.sse_events` sends it. ``done`` hears how it
+    ended (failed or not), however it ended."""
+    rest = stream.rest
+    failed = False
+    try:
+        yield stream.first
+        async for events in rest:
+            yield events
+    except GatewayError as error:
+        failed = True
+        yield event(error.body())
+        return
+    except Exception:
+        failed = True
+        _log.exception("stream failed after its first byte")
+        yield event(InternalError("The stream failed; the answer is incomplete.").body())
+        return
+    finally:
+        close = getattr(rest, "aclose", None)
+        if close is not None:
+            await close()
+        done(stream.relay, failed)
+    yield DONE
