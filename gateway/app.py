@@ -44,7 +44,7 @@ from gateway.errors import (
 )
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
-from gateway.metrics import render_metrics
+from gateway.metrics import capacity_metrics, render_metrics
 from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import ServerSettings, Settings
@@ -301,7 +301,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
             pipeline.hooks.failures if pipeline else None,
             ready,
             pipeline.adapter_usage if pipeline else None,
-        )
+        ) + capacity_metrics(status, pipeline.stats if pipeline else None)
 
     admin = build_admin_handlers(
         lambda: runtime.serving().adapters or _no_adapters(),
@@ -385,12 +385,17 @@ async def _status(runtime: Runtime) -> wire.GatewayStatus:
                 ready=health[c.backend].ready if c.backend in health else False,
                 detail=health[c.backend].detail if c.backend in health else "not started",
                 in_flight=stats.in_flight(c.target.deployment) if stats else 0,
+                max_concurrency=c.max_concurrency,
             )
             for c in entry.candidates
         ]
         for name, entry in runtime.plan.catalog.models.items()
     }
-    return wire.GatewayStatus(draining=runtime.draining, models=models)
+    return wire.GatewayStatus(
+        draining=runtime.draining,
+        models=models,
+        waiting_for_capacity=stats.waiting_for_capacity if stats else 0,
+    )
 
 
 def create_app(runtime: Runtime) -> Litestar:

@@ -69,6 +69,8 @@ class ModelEntry:
     timeout_seconds: float | None = None
     rules: tuple[Rule, ...] = ()
     stream_timeout_seconds: float | None = None
+    # A request's wait for a slot when every deployment is at its max_concurrency.
+    capacity_wait_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,7 @@ def _model_entries(
                 deployment.backend,
                 deployment.weight,
                 deployment.cost_per_million_tokens,
+                deployment.max_concurrency,
             )
             for index, deployment in enumerate(model.deployments)
         )
@@ -157,6 +160,7 @@ def _model_entries(
             model.timeout_seconds,
             _rules(name, model),
             model.stream_timeout_seconds,
+            model.capacity_wait_seconds,
         )
     return entries
 

@@ -312,6 +312,9 @@ class Candidate:
     weight: float = 1.0
     # Price of a million tokens (prompt and completion) on this deployment.
     cost_per_million_tokens: float = 0.0
+    # Requests in flight here at most (None: no limit of the gateway's own);
+    # a full deployment is left out of the ranking.
+    max_concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

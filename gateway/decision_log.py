@@ -98,6 +98,8 @@ class CandidateView(msgspec.Struct, kw_only=True):
     adapters: list[AdapterView]
     stats: StatsView
     health: HealthView | None = None
+    # Absent in logs written before deployments had it.
+    max_concurrency: int | None = None
 
     def candidate(self, base_model: str) -> Candidate:
         """The candidate again. Adapters come back with their name and scale
@@ -107,7 +109,9 @@ class CandidateView(msgspec.Struct, kw_only=True):
             for a in self.adapters
         )
         target = Target(self.model, self.engine_model, self.deployment, uses)
-        return Candidate(target, self.backend, self.weight, self.cost_per_million_tokens)
+        return Candidate(
+            target, self.backend, self.weight, self.cost_per_million_tokens, self.max_concurrency
+        )
 
 
 class ChoiceView(msgspec.Struct, kw_only=True):

@@ -224,6 +224,7 @@ def candidate_view(candidate: Candidate, stats: CandidateStats) -> CandidateView
         backend=candidate.backend,
         weight=candidate.weight,
         cost_per_million_tokens=candidate.cost_per_million_tokens,
+        max_concurrency=candidate.max_concurrency,
         adapters=[AdapterView(name=u.adapter.name, scale=u.scale) for u in target.adapters],
         stats=StatsView.of(stats),
     )

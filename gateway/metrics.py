@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 from gateway.contract import AdapterCounters, Backend, ReportsLoad
 from gateway.lora.stats import AdapterUsage
-from gateway.stats import serves_adapters
+from gateway.stats import StatsTable, serves_adapters
+from gateway.wire import GatewayStatus
 
 _FAMILIES = (
     ("nomoat_engine_requests_running", "gauge", "Generations running in the engine."),
@@ -121,4 +122,37 @@ def render_metrics(
         )
         lines.append(f"nomoat_deployment_up{{{labels}}} {int(up)}")
     lines.extend(_adapter_lines(backends, adapter_usage or {}))
+    return "\n".join(lines) + "\n"
+
+
+def capacity_metrics(status: GatewayStatus, stats: StatsTable | None) -> str:
+    """Each deployment's requests in flight and its max_concurrency, and the
+    requests waiting for (or given up on) a free slot."""
+    lines = [
+        "# HELP nomoat_deployment_in_flight Requests this gateway has on a deployment now.",
+        "# TYPE nomoat_deployment_in_flight gauge",
+    ]
+    limits = []
+    for model, deployments in sorted(status.models.items()):
+        for d in deployments:
+            labels = f'model="{_escape(model)}",deployment="{_escape(d.deployment)}"'
+            lines.append(f"nomoat_deployment_in_flight{{{labels}}} {d.in_flight}")
+            if d.max_concurrency is not None:
+                limits.append(f"nomoat_deployment_max_concurrency{{{labels}}} {d.max_concurrency}")
+    lines += [
+        "# HELP nomoat_deployment_max_concurrency A deployment's max_concurrency (if it has one).",
+        "# TYPE nomoat_deployment_max_concurrency gauge",
+        *limits,
+        "# HELP nomoat_capacity_waiting Requests waiting for a deployment below its "
+        "max_concurrency.",
+        "# TYPE nomoat_capacity_waiting gauge",
+        f"nomoat_capacity_waiting {status.waiting_for_capacity}",
+        "# HELP nomoat_capacity_waits_total Requests that found every deployment at its "
+        "max_concurrency and waited.",
+        "# TYPE nomoat_capacity_waits_total counter",
+        f"nomoat_capacity_waits_total {stats.capacity_waits if stats else 0}",
+        "# HELP nomoat_capacity_timeouts_total Requests whose wait for a free slot ran out (503).",
+        "# TYPE nomoat_capacity_timeouts_total counter",
+        f"nomoat_capacity_timeouts_total {stats.capacity_timeouts if stats else 0}",
+    ]
     return "\n".join(lines) + "\n"

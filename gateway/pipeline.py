@@ -256,10 +256,38 @@ class Pipeline:
         and are healthy and not cooling down, with the stats it saw."""
         pool = self.router.eligible(route, model, request, ctx)
         health = {c.backend: await self.backends[c.backend].health() for c in pool}
-        candidates = self.stats.available(pool, {n: h.ready for n, h in health.items()})
+        ready = {n: h.ready for n, h in health.items()}
+        candidates = self.stats.available(pool, ready)
+        if not candidates and not dry_run and any(self.stats.full(c) for c in pool):
+            candidates = await self._capacity(pool, ready, model, ctx)
         stats = self.stats.snapshot(candidates, self.backends)
         return self.decisions.rank(
             model, request, ctx, candidates, stats, pool=pool, health=health, dry_run=dry_run
+        )
+
+    async def _capacity(
+        self,
+        pool: list[Candidate],
+        ready: dict[str, bool],
+        model: ModelEntry,
+        ctx: RequestContext,
+    ) -> list[Candidate]:
+        """Every deployment the request may use is at its max_concurrency:
+        wait for a slot, at most the model's ``capacity_wait_seconds`` (and
+        never past the deadline); then 503 with Retry-After."""
+        self.stats.capacity_waits += 1
+        end = time.monotonic() + model.capacity_wait_seconds
+        if ctx.deadline is not None:
+            end = min(end, ctx.deadline)
+        while (left := end - time.monotonic()) > 0:
+            await self.stats.slot_freed(left)
+            candidates = self.stats.available(pool, ready)
+            if candidates:
+                return candidates
+        self.stats.capacity_timeouts += 1
+        raise EngineOverloadedError(
+            f"every deployment of {model.name} is at its max_concurrency; retry later",
+            retry_after_seconds=1,
         )
 
     async def _attempt(
@@ -268,6 +296,10 @@ class Pipeline:
         """One call to one deployment: it started, or the retryable error.
         Only a started attempt stays in flight; its caller ends it."""
         deployment = candidate.target.deployment
+        if self.stats.full(candidate):
+            # Filled since the ranking (another request started there): next.
+            decision.attempts.append((deployment, "full"))
+            return EngineOverloadedError(f"{deployment} is at its max_concurrency")
         backend = self.backends[candidate.backend]
         started = time.monotonic()
         self.stats.started(deployment)

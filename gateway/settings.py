@@ -183,6 +183,12 @@ class DeploymentSettings(_Strict):
     weight: Annotated[float, Field(gt=0)] = 1.0
     # Price of a million tokens here, for the lowest-cost policy.
     cost_per_million_tokens: Annotated[float, Field(ge=0)] = 0.0
+    # Requests (streams until their last chunk) in flight here at most, e.g.
+    # the engine's batch size (vLLM's --max-num-seqs, an edge node's
+    # parallel): past it the policy tries another deployment, and when every
+    # deployment is full the request waits (models.*.capacity_wait_seconds).
+    # Unset: the gateway sets no limit of its own.
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
 
 
 class RuleSettings(_Strict):
@@ -224,6 +230,9 @@ class ModelSettings(_Strict):
     # A stream's whole duration, from the request's arrival: past it, the
     # stream ends with an error event and the generation is cancelled.
     stream_timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    # How long a request waits for a free slot when every deployment it may
+    # use is at its max_concurrency; past it, 503 with Retry-After.
+    capacity_wait_seconds: Annotated[float, Field(ge=0)] = 10.0
     owned_by: str = "nomoat"
 
 

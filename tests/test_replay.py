@@ -281,6 +281,7 @@ def test_the_record_holds_every_field_of_the_stats_and_the_candidate() -> None:
         "backend": {"backend"},
         "weight": {"weight"},
         "cost_per_million_tokens": {"cost_per_million_tokens"},
+        "max_concurrency": {"max_concurrency"},
     }
     assert set(covered) == {f.name for f in dataclasses.fields(Candidate)}
     assert covered["target"] == {f.name for f in dataclasses.fields(Target)}
