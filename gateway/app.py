@@ -67,6 +67,9 @@ class Runtime:
     pipeline: Pipeline | None = None
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Which of the `nomoat serve --workers N` processes this is (gateway/workers.py).
+    worker: int = 0
+    workers: int = 1
 
     async def start(self, stack: AsyncExitStack) -> None:
         for warning in exposure_warnings(self.settings.server):
@@ -395,6 +398,8 @@ async def _status(runtime: Runtime) -> wire.GatewayStatus:
         draining=runtime.draining,
         models=models,
         waiting_for_capacity=stats.waiting_for_capacity if stats else 0,
+        worker=runtime.worker,
+        workers=runtime.workers,
     )
 
 

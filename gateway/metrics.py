@@ -154,5 +154,9 @@ def capacity_metrics(status: GatewayStatus, stats: StatsTable | None) -> str:
         "# HELP nomoat_capacity_timeouts_total Requests whose wait for a free slot ran out (503).",
         "# TYPE nomoat_capacity_timeouts_total counter",
         f"nomoat_capacity_timeouts_total {stats.capacity_timeouts if stats else 0}",
+        "# HELP nomoat_worker_info The worker that answered (nomoat serve --workers N): "
+        "every figure here is that worker's own.",
+        "# TYPE nomoat_worker_info gauge",
+        f'nomoat_worker_info{{worker="{status.worker}",workers="{status.workers}"}} 1',
     ]
     return "\n".join(lines) + "\n"

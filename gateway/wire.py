@@ -264,6 +264,10 @@ class GatewayStatus(Struct, kw_only=True):
     models: dict[str, list[DeploymentStatus]]
     # Requests waiting now for a deployment below its max_concurrency.
     waiting_for_capacity: int = 0
+    # The worker that answered, of `nomoat serve --workers N`: with several,
+    # each answers for itself (its own routing state and counts).
+    worker: int = 0
+    workers: int = 1
 
 
 class AdapterRegistration(Struct, kw_only=True, forbid_unknown_fields=True):
