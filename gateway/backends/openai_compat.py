@@ -98,10 +98,11 @@ class OpenAICompatibleConfig(BaseModel):
     # Until the first byte of an answer, and between chunks of a stream.
     first_token_timeout: Annotated[float, Field(gt=0)] = 120.0
     # Connections to this upstream at most (one per request or stream in
-    # flight). Generous, so that the engine's capacity, not the pool, decides
-    # how many run at once (vLLM batches hundreds of sequences): bound a
-    # deployment with models.*.deployments[].max_concurrency instead.
-    max_connections: Annotated[int, Field(ge=1)] = 1024
+    # flight). As many as the gateway takes clients' connections
+    # (limits.max_connections), so that the engine's capacity, not the pool,
+    # decides how many run at once (vLLM batches hundreds of sequences):
+    # bound a deployment with models.*.deployments[].max_concurrency instead.
+    max_connections: Annotated[int, Field(ge=1)] = 4096
     # Seconds between health probes (and, for vllm/edge, metric scrapes).
     probe_interval: Annotated[float, Field(gt=0)] = 2.0
     # Accepts tools and response_format (engines with native support).

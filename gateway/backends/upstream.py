@@ -93,7 +93,7 @@ class Upstream:
         *,
         timeouts: Timeouts,
         api_key: str | None = None,
-        max_connections: int = 1024,
+        max_connections: int = 4096,
         pool_timeout: float = 5.0,
         transport: TransportFactory = AiohttpTransport,
     ) -> None:
