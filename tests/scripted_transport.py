@@ -106,7 +106,13 @@ class ScriptedTransport:
         self.replies.extend(replies)
 
     async def send(
-        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str] | None
+        self,
+        method: str,
+        url: URL,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        *,
+        watched: bool = False,
     ) -> ScriptedResponse:
         self.sent.append(Sent(method, url, body, headers))
         if not self.replies:

@@ -65,6 +65,33 @@ class Timeouts:
     first_token: float
 
 
+class _IdleWatch:
+    """Calls ``on_idle`` once nothing arrived for ``seconds`` (the caller
+    sets ``last`` on each read): one timer per period, re-armed only when it
+    fires early, instead of one per read."""
+
+    __slots__ = ("_handle", "_on_idle", "_seconds", "fired", "last", "loop")
+
+    def __init__(self, seconds: float, on_idle: Callable[[], object]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.fired = False
+        self._seconds = seconds
+        self._on_idle = on_idle
+        self._handle = self.loop.call_at(self.last + seconds, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self._seconds
+        if self.loop.time() < due:
+            self._handle = self.loop.call_at(due, self._check)
+            return
+        self.fired = True
+        self._on_idle()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 def api_key_from_env(variable: str | None) -> str | None:
     """The upstream's key, read from the environment variable the config names
     (secrets are never written in the config file)."""
@@ -111,6 +138,7 @@ class Upstream:
             )
         )
         self._max_connections = max_connections
+        self._first_token = timeouts.first_token
         # Clients' requests hold one of these from sending until the answer
         # is read (or the stream closed), so the pool never makes them wait:
         # the wait is here, bounded, and told apart from a failure.
@@ -324,11 +352,16 @@ class Upstream:
         """
         async with self._connection():
             try:
-                response = await self._transport.send("POST", self._url(path), body, headers)
+                # Until the status and headers: one timer for the stream.
+                async with asyncio.timeout(self._first_token):
+                    response = await self._transport.send(
+                        "POST", self._url(path), body, headers, watched=True
+                    )
             except _TRANSPORT_ERRORS as error:
                 raise self._transport_error(error) from error
             complete = False
             payload = b""
+            idle = _IdleWatch(self._first_token, response.close)
             try:
                 if 300 <= response.status < 400:
                     raise self._redirect_error(response.status, response.headers)
@@ -340,6 +373,7 @@ class Upstream:
                 pending = b""
                 out: list[bytes] = []
                 async for data in response.content.iter_any():
+                    idle.last = idle.loop.time()
                     lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
                     pending = lines.pop()
                     for line in lines:
@@ -372,8 +406,14 @@ class Upstream:
                 complete = False
                 raise self.unreadable(payload, error) from None
             except _TRANSPORT_ERRORS as error:
+                if idle.fired:
+                    raise UpstreamError(
+                        f"backend {self.name} is unreachable or timed out "
+                        f"(nothing for {self._first_token:g} s)"
+                    ) from error
                 raise self._transport_error(error) from error
             finally:
+                idle.cancel()
                 if complete:
                     response.release()
                 else:
