@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,8 @@ from gateway.pipeline import Pipeline
 from gateway.policies import OrderedPolicy
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
+from gateway.testing.fake import Script
+from gateway.testing.inprocess import in_process_gateway
 from gateway.wire import DeploymentStatus, GatewayStatus
 from tests.scripted_transport import ScriptedTransport, sse_reply
 from tests.upstream_kit import ENGINE_MODEL, MODEL, backend, chat_request, context, started
@@ -172,3 +175,41 @@ def test_metrics_show_limits_in_flight_and_waits() -> None:
     assert "nomoat_capacity_waiting 2" in text
     assert "nomoat_capacity_waits_total 3" in text
     assert "nomoat_capacity_timeouts_total 1" in text
+
+
+@pytest.mark.anyio
+async def test_status_and_metrics_show_the_limit_the_load_and_the_wait() -> None:
+    config = """
+[backends.a]
+type = "fake"
+
+[models.m]
+deployments = [{ backend = "a", max_concurrency = 1 }]
+capacity_wait_seconds = 5
+"""
+    async with in_process_gateway(config) as gw:
+        fake = gw.backend("a")
+        fake.script(Script(stall_after=1))
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with gw.http.stream("POST", "/v1/chat/completions", json=body) as held:
+            assert held.status_code == 200
+            waiting = asyncio.create_task(gw.http.post("/v1/chat/completions", json=body))
+            status: dict[str, Any] = {}
+            for _ in range(1000):
+                status = (await gw.http.get("/status")).json()
+                if status["waiting_for_capacity"] == 1:
+                    break
+                await asyncio.sleep(0)
+            (deployment,) = status["models"]["m"]
+            assert status["waiting_for_capacity"] == 1
+            assert (deployment["in_flight"], deployment["max_concurrency"]) == (1, 1)
+            metrics = (await gw.http.get("/metrics")).text
+            assert 'nomoat_deployment_max_concurrency{model="m",deployment="m/0"} 1' in metrics
+            assert "nomoat_capacity_waiting 1" in metrics
+            fake.calls[0].release()
+            assert (await held.aread()).endswith(b"data: [DONE]\n\n")
+        answered = await asyncio.wait_for(waiting, 5)
+        assert answered.status_code == 200
+        assert len(fake.calls) == 2
+        metrics = (await gw.http.get("/metrics")).text
+        assert "nomoat_capacity_waits_total 1" in metrics
