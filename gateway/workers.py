@@ -12,7 +12,9 @@ without anyone knowing.
 Each worker is a whole gateway: its own backends, connection pools, probes,
 routing state (in-flight counts, latency averages, cooldowns, round-robin
 positions) and limits (``limits.max_requests``, ``limits.max_connections``
-and every ``max_concurrency`` apply per worker). The embedded engine
+and every ``max_concurrency`` apply per worker). Nothing is shared between
+workers today; what must be (accounting, once there is any) needs a store of
+its own that every worker writes to. The embedded engine
 (``llamacpp`` backends, the model inside the process) is refused with more
 than one worker: each worker would load its own copy of the model and the
 copies would fight over the same cores; run it as ``nomoat edge`` and route to
