@@ -11,9 +11,10 @@ path (decode into :mod:`gateway.wire_answers`, rewrite, encode) would send:
   byte) and one choice carrying text and nothing else
   (``[{"index":0,"delta":{"content":"..."},"logprobs":null,"finish_reason":null}]}``
   for chat, ``[{"index":0,"text":"...","logprobs":null,"finish_reason":null}]}``
-  for completions), is exactly how the gateway encodes such a chunk: its
+  for completions, or with the null fields vLLM adds there, which the typed
+  path drops too), is exactly how the gateway encodes such a chunk: its
   envelope is swapped for the gateway's (the request's ``id``, the route's
-  ``model``) and the choice kept as bytes, without decoding or encoding the
+  ``model``) and the text kept as bytes, without decoding or encoding the
   chunk. The text must be one JSON string (checked by decoding it), so
   nothing can hide in it; its escapes stay as the upstream wrote them
   (``\u00e9`` for ``é``): the same JSON value, possibly other bytes than the
@@ -45,12 +46,21 @@ from gateway.errors import GatewayError, InternalError
 from gateway.sse import DONE, event
 from gateway.streams import has_content
 
-# The one choice the fast path keeps as bytes, and the chunk's end: its text
-# is between them.
+# The one choice the fast path keeps, and the chunk's end: its text is
+# between them. The first tail is how the gateway writes it; the others are
+# vLLM's (0.32), with fields the typed path drops (null token ids, a null
+# stop reason): the gateway's tail replaces them.
 _CHAT_HEAD = b'[{"index":0,"delta":{"content":'
-_CHAT_TAIL = b'},"logprobs":null,"finish_reason":null}]}'
+_CHAT_TAILS = (
+    b'},"logprobs":null,"finish_reason":null}]}',
+    b'},"logprobs":null,"finish_reason":null,"token_ids":null}]}',
+)
 _COMPLETION_HEAD = b'[{"index":0,"text":'
-_COMPLETION_TAIL = b',"logprobs":null,"finish_reason":null}]}'
+_COMPLETION_TAILS = (
+    b',"logprobs":null,"finish_reason":null}]}',
+    b',"logprobs":null,"finish_reason":null,"stop_reason":null,'
+    b'"prompt_token_ids":null,"token_ids":null}]}',
+)
 _EMPTY_TEXT = b'""'
 _QUOTE = ord('"')
 _log = logging.getLogger(__name__)
@@ -98,6 +108,7 @@ class ChunkRelay:
         "_ours",
         "_started",
         "_tail",
+        "_tails",
         "_theirs",
         "first_content",
         "usage",
@@ -110,13 +121,15 @@ class ChunkRelay:
         self._model = model
         self._chat = chat
         if chat:
-            self._kind, self._head, self._tail = b"chat.completion.chunk", _CHAT_HEAD, _CHAT_TAIL
+            self._kind, self._head, self._tails = b"chat.completion.chunk", _CHAT_HEAD, _CHAT_TAILS
         else:
-            self._kind, self._head, self._tail = (
+            self._kind, self._head, self._tails = (
                 b"text_completion",
                 _COMPLETION_HEAD,
-                _COMPLETION_TAIL,
+                _COMPLETION_TAILS,
             )
+        # The gateway's own tail, without the chunk's closing brace.
+        self._tail = self._tails[0][:-1]
         self._include_usage = include_usage
         # "usage": null on every chat chunk but the last, if usage was asked for.
         self._end = b',"usage":null}' if include_usage and chat else b"}"
@@ -136,15 +149,21 @@ class ChunkRelay:
         """The event (``data: ...`` and a blank line) for one upstream
         payload, or nothing (a usage chunk the client did not ask for)."""
         theirs = self._theirs
-        if theirs is not None and payload.startswith(theirs) and payload.endswith(self._tail):
-            start = len(theirs)
-            head = self._head
-            text = payload[start + len(head) : len(payload) - len(self._tail)]
-            if payload.startswith(head, start) and _one_string(text):
-                if self.first_content is None and text != _EMPTY_TEXT:
-                    self.first_content = time.monotonic() - self._started
-                return b"data: " + self._ours + payload[start:-1] + self._end + b"\n\n"
+        if theirs is not None and payload.startswith(theirs):
+            start = len(theirs) + len(self._head)
+            for tail in self._tails:
+                if payload.endswith(tail):
+                    text = payload[start : len(payload) - len(tail)]
+                    if payload.startswith(self._head, len(theirs)) and _one_string(text):
+                        return self._kept(text)
+                    break
         return self._typed(payload)
+
+    def _kept(self, text: bytes) -> bytes:
+        """The event of a chunk of one choice with ``text`` (JSON, checked)."""
+        if self.first_content is None and text != _EMPTY_TEXT:
+            self.first_content = time.monotonic() - self._started
+        return b"".join((b"data: ", self._ours, self._head, text, self._tail, self._end, b"\n\n"))
 
     def finish(self) -> bytes:
         """The events still owed when the upstream's stream ended well."""

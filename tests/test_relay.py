@@ -284,3 +284,69 @@ def test_a_payload_that_is_not_a_chunk_is_refused() -> None:
         relay.feed(b'{"error":{"message":"overloaded"}}')
     with pytest.raises(msgspec.DecodeError):
         relay.feed(msgspec.json.encode(vllm_chunk({"content": "a"}))[:-3])
+
+
+@pytest.fixture
+def typed_chunks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The payloads the relay decoded (the rest kept their bytes)."""
+    seen: list[bytes] = []
+    typed = ChunkRelay._typed
+
+    def recording(self: ChunkRelay, payload: bytes) -> bytes:
+        seen.append(payload)
+        return typed(self, payload)
+
+    monkeypatch.setattr(ChunkRelay, "_typed", recording)
+    return seen
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_vllms_content_chunks_take_the_fast_path_without_its_extra_fields(
+    include_usage: bool, typed_chunks: list[bytes]
+) -> None:
+    # vLLM 0.32 writes "token_ids": null on every content chunk of a chat
+    # stream (the typed path drops it), and stop_reason, prompt_token_ids and
+    # token_ids on a completion's.
+    stream = vllm_stream(["Hello", " world", ' "x"'])
+    for chunk in stream[1:-2]:
+        chunk["choices"][0]["token_ids"] = None
+    typed, relayed = await both(sse_reply(stream), include_usage=include_usage)
+    assert relayed == typed
+    assert b"token_ids" not in relayed
+    assert len(typed_chunks) == 3  # the role, finish and usage chunks only
+
+
+@pytest.mark.anyio
+async def test_vllms_completion_chunks_take_the_fast_path_without_its_extra_fields(
+    typed_chunks: list[bytes],
+) -> None:
+    def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish,
+            "stop_reason": None,
+            "prompt_token_ids": None,
+            "token_ids": None,
+        }
+        return {
+            "id": "cmpl-upstream",
+            "object": "text_completion",
+            "created": 1700000123,
+            "model": "upstream-model",
+            "choices": [choice],
+        }
+
+    usage = {
+        **chunk(""),
+        "choices": [],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+    }
+    reply = sse_reply([chunk("a"), chunk("b"), chunk("c"), chunk("", "stop"), usage])
+    typed, relayed = await both(reply, chat=False, include_usage=True)
+    assert relayed == typed
+    assert b"token_ids" not in relayed and b"stop_reason" not in relayed
+    # The first chunk teaches the envelope; b and c keep their bytes.
+    assert len(typed_chunks) == 3
