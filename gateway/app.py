@@ -23,8 +23,10 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.types import ASGIApp, ControllerRouterHandler
+from prometheus_client import generate_latest
 
 from gateway import wire
+from gateway.access_log import AccessLog
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, is_loopback
 from gateway.catalog import Plan
@@ -44,10 +46,17 @@ from gateway.errors import (
 )
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
-from gateway.metrics import capacity_metrics, render_metrics
+from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
+from gateway.metrics_names import provider_name
+from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
+from gateway.metrics_state import CapacityState, DeploymentState, ServerState
+from gateway.observer import Observer
 from gateway.pipeline import Pipeline
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import ServerSettings, Settings
+from gateway.sse import sse_events
+from gateway.telemetry.requests import accepted_request_id, start_tracing, traced_request
+from gateway.telemetry.spans import RequestSpan, Tracing
 
 _log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -70,10 +79,44 @@ class Runtime:
     # Which of the `nomoat serve --workers N` processes this is (gateway/workers.py).
     worker: int = 0
     workers: int = 1
+    # Traces (None: off). Given by tests; else built at start from [telemetry].
+    tracing: Tracing | None = None
+    # The request metrics (None: switched off) and what reports to them.
+    metrics: PrometheusMetrics | None = field(init=False, default=None)
+    observer: Observer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.observer = Observer(NoMetrics(), None)
+        if self.settings.metrics.enabled:
+            providers = {
+                name: provider_name(backend.type)
+                for name, backend in self.settings.backends.items()
+            }
+            self.metrics = PrometheusMetrics(providers)
+
+    async def start_telemetry(self, stack: AsyncExitStack) -> RequestMetrics:
+        """The metrics recorder the pipeline reports to, OTLP export and the
+        access log started (and stopped with the server)."""
+        recorder: RequestMetrics = self.metrics or NoMetrics()
+        if self.metrics is not None and otlp_metrics_wanted(self.settings.metrics):
+            exporting = OtlpMetrics(self.metrics, self.settings.metrics.otlp_interval_seconds)
+            # Its last export is a blocking HTTP or gRPC call: off the loop.
+            stack.push_async_callback(asyncio.to_thread, exporting.shutdown)
+            recorder = exporting
+        access_log = None
+        if self.settings.access_log.enabled:
+            access_log = AccessLog(self.settings.access_log.path)
+            access_log.start()
+            stack.push_async_callback(access_log.aclose)
+        self.observer = Observer(
+            recorder, access_log, self.metrics is not None or access_log is not None
+        )
+        return recorder
 
     async def start(self, stack: AsyncExitStack) -> None:
         for warning in exposure_warnings(self.settings.server):
             _log.warning("%s", warning)
+        self.tracing = start_tracing(self.settings, self.tracing, stack)
         for item in self.plan.backends:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)
@@ -84,14 +127,16 @@ class Runtime:
             log = DecisionLog(server.decision_log)
             log.start()
             stack.push_async_callback(log.aclose)
+        metrics = await self.start_telemetry(stack)
         self.pipeline = Pipeline(
             self.settings.limits,
             self.plan.catalog,
             self.backends,
-            HookChain(self.plan.hooks),
+            HookChain(self.plan.hooks, metrics.hook_timed if self.metrics else None),
             decision_log=log,
             record_prompts=server.decision_log_prompts,
             adapters=self.plan.adapters,
+            metrics=metrics,
         )
 
     def serving(self) -> Pipeline:
@@ -207,38 +252,68 @@ def _openai_endpoint(
     route_header = runtime.settings.server.route_header
     limits = runtime.settings.limits
 
-    def headers_for(trace: RouteTrace) -> Headers:
-        if not route_header or trace.decision is None:
-            return []
-        return [(b"x-nomoat-route", trace.decision.header().encode("latin-1"))]
+    def headers_for(trace: RouteTrace, request_id: bytes) -> Headers:
+        headers: Headers = [(b"x-request-id", request_id)]
+        if route_header and trace.decision is not None:
+            headers.append((b"x-nomoat-route", trace.decision.header().encode("latin-1")))
+        return headers
 
-    async def handle(request: AnyRequest) -> ASGIApp:
+    async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
         ctx: RequestContext | None = None
         body: RequestT | None = None
+        observer = runtime.observer
+        exchange = observer.open(endpoint.name, endpoint.path)
         try:
             key_id = authenticate(request)
             ctx = _context(endpoint.id_prefix, key_id, request)
+            exchange.request_id, exchange.key_id = ctx.request_id, key_id
             pipeline = runtime.serving()
             raw = await request.body()
             body = endpoint.decode(raw, limits)
-            trace = RouteTrace(endpoint.name, len(raw))
+            exchange.requested, exchange.stream = body.model, bool(body.stream)
+            if span is not None:
+                span.set_model(body.model)
+            trace = RouteTrace(endpoint.name, len(raw), span, exchange)
             if body.stream:
                 # Watched from now: a client that leaves before the first
                 # chunk stops the generation too.
                 primed = pipeline.events(endpoint, body, ctx, trace)
-                events = await _cancel_on_disconnect(request, primed)
-                return EventStream(events, headers_for(trace))
+                stream = await _cancel_on_disconnect(request, primed)
+                watched = stream if span is None else span.watch(stream)
+                events = sse_events(observer.watching(watched, exchange))
+                if span is not None:
+                    events = span.current(events)
+                headers = headers_for(trace, request_id.encode("latin-1"))
+                return EventStream(events, headers)
             work = pipeline.answer(endpoint, body, ctx, trace)
             answer = await _cancel_on_disconnect(request, work)
-            return JsonAnswer(wire.encoder.encode(answer), headers=headers_for(trace))
-        except ClientClosedRequestError:
+            observer.close(exchange, 200, None)
+            if span is not None:
+                span.sent(answer)
+            headers = headers_for(trace, request_id.encode("latin-1"))
+            return JsonAnswer(wire.encoder.encode(answer), headers=headers)
+        except ClientClosedRequestError as gone:
+            observer.failed(exchange, gone)
             raise
         except Exception as exc:
             error = as_gateway_error(exc, endpoint.path)
+            observer.failed(exchange, error)
+            error.headers.setdefault("x-request-id", request_id)
             if runtime.pipeline is not None:
                 told = ctx or _context(endpoint.id_prefix, None, request)
                 await runtime.pipeline.hooks.on_error(body, error, told)
             raise error from exc
+        except BaseException:
+            # Cancelled (the server stopping): still out of the in-flight count.
+            observer.close(exchange, ClientClosedRequestError.status_code, "cancelled")
+            raise
+
+    async def handle(request: AnyRequest) -> ASGIApp:
+        request_id = accepted_request_id(request.scope["headers"])
+        tracing = runtime.tracing
+        if tracing is None:
+            return await serve(request, request_id, None)
+        return await traced_request(tracing, endpoint.path, request, request_id, serve)
 
     return post(endpoint.path, status_code=200, name=endpoint.name)(handle)
 
@@ -288,23 +363,14 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         else None
     )
 
-    @get("/metrics", media_type="text/plain; version=0.0.4")
-    async def metrics(request: AnyRequest) -> str:
+    @get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: AnyRequest) -> bytes:
         if metrics_key is not None:
             metrics_key(request)
-        pipeline = runtime.pipeline
-        status = await _status(runtime)
-        ready = {
-            (model, d.deployment, d.backend): d.ready
-            for model, deployments in status.models.items()
-            for d in deployments
-        }
-        return render_metrics(
-            runtime.backends,
-            pipeline.hooks.failures if pipeline else None,
-            ready,
-            pipeline.adapter_usage if pipeline else None,
-        ) + capacity_metrics(status, pipeline.stats if pipeline else None)
+        state = await _server_state(runtime)
+        if runtime.metrics is None:
+            return generate_latest(state)
+        return runtime.metrics.render(state)
 
     admin = build_admin_handlers(
         lambda: runtime.serving().adapters or _no_adapters(),
@@ -374,6 +440,40 @@ async def _readiness(runtime: Runtime) -> Response[bytes]:
     if not any(health.ready for health in (await _backend_health(runtime)).values()):
         return _json(wire.Status(status="no backend is ready"), 503)
     return _json(wire.Status(status="ready"))
+
+
+async def _server_state(runtime: Runtime) -> ServerState:
+    """What /metrics shows of the server's state, read now."""
+    pipeline = runtime.pipeline
+    status = await _status(runtime)
+    deployments = {
+        (model, d.deployment, d.backend): DeploymentState(
+            d.ready,
+            d.in_flight,
+            pipeline.stats.in_cooldown(d.deployment) if pipeline else False,
+            d.max_concurrency,
+        )
+        for model, entries in status.models.items()
+        for d in entries
+    }
+    return ServerState(
+        runtime.backends,
+        pipeline.hooks.failures if pipeline else {},
+        deployments,
+        pipeline.adapter_usage if pipeline else {},
+        _capacity_state(status, pipeline),
+    )
+
+
+def _capacity_state(status: wire.GatewayStatus, pipeline: Pipeline | None) -> CapacityState:
+    """max_concurrency's waits, and the worker answering (gateway/workers.py)."""
+    return CapacityState(
+        status.waiting_for_capacity,
+        pipeline.stats.capacity_waits if pipeline else 0,
+        pipeline.stats.capacity_timeouts if pipeline else 0,
+        status.worker,
+        status.workers,
+    )
 
 
 async def _status(runtime: Runtime) -> wire.GatewayStatus:

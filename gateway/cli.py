@@ -33,6 +33,7 @@ from gateway.settings import (
     validation_problems,
 )
 from gateway.shedding import RequestShedder
+from gateway.telemetry.setup import problems as telemetry_problems
 from gateway.workers import embedded_refusal, listening_socket, run_workers
 
 DEFAULT_ADMIN_KEY_ENV = "NOMOAT_ADMIN_KEY"
@@ -140,6 +141,10 @@ def _run(settings: Settings, workers: int = 1) -> int:
         startup_plan = plan(settings, discover(settings.plugins.disabled))
     except (ConfigError, PluginLoadError) as error:
         print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
+        return 2
+    telemetry = telemetry_problems(settings.telemetry)
+    if telemetry:
+        print("nomoat: configuration error:\n" + "\n".join(telemetry), file=sys.stderr)
         return 2
     server = settings.server
     refusal = _open_network_refusal(server) or embedded_refusal(

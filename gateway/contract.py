@@ -60,6 +60,8 @@ __all__ = [
     "AnyRequest",
     "AnyResponse",
     "AssistantMessage",
+    "AttemptTrace",
+    "AttributeValue",
     "AuthenticationError",
     "Backend",
     "BackendHealth",
@@ -136,6 +138,41 @@ class RequestContext:
     # Request headers, names lowercased (for policies keyed on a header, such
     # as session affinity). Credentials are never included.
     headers: Mapping[str, str] = field(default_factory=dict)
+    # The span of this attempt when tracing is on (set per attempt, for
+    # backends); None when it is off, so a backend does nothing for it.
+    trace: AttemptTrace | None = None
+
+
+# A span attribute's value, as OpenTelemetry takes it.
+AttributeValue = str | bool | int | float | Sequence[str] | Sequence[int] | Sequence[float]
+
+
+class AttemptTrace(Protocol):
+    """One attempt's span, as a backend sees it (``RequestContext.trace``).
+
+    A backend that calls an HTTP upstream sends :meth:`headers` with the
+    request, so the upstream's spans join the trace (W3C ``traceparent``
+    and ``tracestate``) and its logs carry the request id. An in-process
+    engine reports its phases (queue wait, prompt evaluation, decoding,
+    adapter loads) with :meth:`phase` once they are over. Attribute names
+    are in :mod:`gateway.telemetry.semconv`.
+    """
+
+    def headers(self) -> Mapping[str, str]:
+        """What to add to the upstream request's headers."""
+        ...
+
+    def record(self, attributes: Mapping[str, AttributeValue]) -> None:
+        """Set attributes on the attempt's span (the upstream's own model
+        name, ``server.address``, tokens actually generated...)."""
+        ...
+
+    def phase(
+        self, name: str, start_ns: int, end_ns: int, attributes: Mapping[str, AttributeValue]
+    ) -> None:
+        """A child span of the attempt that already happened, from
+        ``start_ns`` to ``end_ns`` (``time.time_ns()`` instants)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -60,8 +61,12 @@ from gateway.decision_log import (
     StatsView,
 )
 from gateway.errors import InternalError
+from gateway.exchange import Exchange
 from gateway.rules import Rule, estimate_prompt_tokens
 from gateway.stats import StatsTable
+
+if TYPE_CHECKING:
+    from gateway.telemetry.spans import RequestSpan
 
 # Header names that may carry credentials: never recorded. (The gateway
 # already leaves out authorization, proxy-authorization and cookie.)
@@ -86,12 +91,23 @@ class Ranking:
 class RouteTrace:
     """Where the pipeline leaves the decision of one request for its caller."""
 
-    __slots__ = ("body_bytes", "decision", "endpoint")
+    __slots__ = ("body_bytes", "decision", "endpoint", "exchange", "span")
 
-    def __init__(self, endpoint: str, body_bytes: int) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        body_bytes: int,
+        span: RequestSpan | None = None,
+        exchange: Exchange | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.body_bytes = body_bytes
         self.decision: RouteDecision | None = None
+        # The request's span when tracing is on: the pipeline adds routing
+        # and attempt spans below it.
+        self.span = span
+        # What the metrics and the access log hear of the request.
+        self.exchange = exchange
 
 
 class Decisions:

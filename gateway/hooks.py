@@ -11,8 +11,9 @@ skipped for this request.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,6 +35,8 @@ __all__ = ["SKIPPED", "BoundHook", "HookChain", "HookFailedError"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Told how long each hook call took: (hook label, stage, seconds).
+HookTimer = Callable[[str, str, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +56,9 @@ SKIPPED = _Skipped()
 
 
 class HookChain:
-    def __init__(self, hooks: Sequence[BoundHook]) -> None:
+    def __init__(self, hooks: Sequence[BoundHook], timer: HookTimer | None = None) -> None:
         self.hooks = tuple(hooks)
+        self._timer = timer
         self.failures: Counter[str] = Counter()
         # Which hooks take part in each stage, resolved once: isinstance()
         # against a runtime-checkable Protocol is slow on every request.
@@ -76,7 +80,7 @@ class HookChain:
         self, request: AnyRequest, ctx: RequestContext
     ) -> AnyRequest | AnyResponse:
         for bound, hook in self._request:
-            result = await self._guard(bound, hook.on_request(request, ctx))
+            result = await self._guard(bound, hook.on_request(request, ctx), "request")
             if isinstance(result, _Skipped):
                 continue
             if isinstance(result, ChatCompletion | Completion):
@@ -88,7 +92,7 @@ class HookChain:
         self, request: AnyRequest, response: AnyResponse, ctx: RequestContext
     ) -> AnyResponse:
         for bound, hook in self._response:
-            result = await self._guard(bound, hook.on_response(request, response, ctx))
+            result = await self._guard(bound, hook.on_response(request, response, ctx), "response")
             if not isinstance(result, _Skipped):
                 response = result
         return response
@@ -97,19 +101,23 @@ class HookChain:
         self, request: AnyRequest, chunks: AsyncIterator[AnyChunk], ctx: RequestContext
     ) -> AsyncIterator[AnyChunk]:
         for bound, hook in self._stream:
-            chunks = self._guard_stream(bound, hook.on_stream(request, chunks, ctx))
+            chunks = self._guard_stream(bound, hook.on_stream(request, chunks, ctx), chunks)
         return chunks
 
     async def on_error(
         self, request: AnyRequest | None, error: GatewayError, ctx: RequestContext
     ) -> None:
         for bound, hook in self._error:
+            started = time.perf_counter()
             try:
                 await hook.on_error(request, error, ctx)
             except Exception:
                 self._failed(bound)
+            finally:
+                self._timed(bound, "error", started)
 
-    async def _guard(self, bound: BoundHook, call: Awaitable[T]) -> T | _Skipped:
+    async def _guard(self, bound: BoundHook, call: Awaitable[T], stage: str) -> T | _Skipped:
+        started = time.perf_counter()
         try:
             return await call
         except GatewayError:
@@ -119,14 +127,22 @@ class HookChain:
             if bound.fail_open:
                 return SKIPPED
             raise self._rejection(bound) from error
+        finally:
+            self._timed(bound, stage, started)
+
+    def _timed(self, bound: BoundHook, stage: str, started: float) -> None:
+        if self._timer is not None:
+            self._timer(bound.label, stage, time.perf_counter() - started)
 
     async def _guard_stream(
-        self, bound: BoundHook, chunks: AsyncIterator[AnyChunk]
+        self, bound: BoundHook, chunks: AsyncIterator[AnyChunk], source: AsyncIterator[AnyChunk]
     ) -> AsyncIterator[AnyChunk]:
         # Once bytes are streamed there is nothing to fall back to, so a
         # failing stream hook ends the stream with an error even if fail-open.
+        # The hook's own input is closed too: a hook that fails (or stops
+        # early) does not close it, and the generation would run on.
         try:
-            async with closing(chunks):
+            async with closing(source), closing(chunks):
                 async for chunk in chunks:
                     yield chunk
         except GatewayError:

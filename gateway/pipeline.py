@@ -42,15 +42,17 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from gateway.exchange import OPERATIONS, Exchange, error_type
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.stats import AdapterUsage
+from gateway.metrics import NoMetrics, RequestMetrics
 from gateway.relay import ChunkRelay, Relayed, opened, relayed_events, supports_relay
 from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
-from gateway.sse import sse_events
 from gateway.stats import StatsTable
 from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
+from gateway.telemetry.attempts import trace_ranking, traced_call
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Started(Generic[T]):
     target: Target
     at: float
     result: T
+    backend: str = ""
 
 
 class Pipeline:
@@ -78,6 +81,7 @@ class Pipeline:
         decision_log: DecisionLog | None = None,
         record_prompts: bool = False,
         adapters: AdapterRegistry | None = None,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self.limits = limits
         self.backends = backends
@@ -87,6 +91,7 @@ class Pipeline:
         # Requests and tokens per adapter name, for metrics and accounting.
         self.adapter_usage: dict[str, AdapterUsage] = {}
         self.decisions = Decisions(decision_log, record_prompts)
+        self.metrics: RequestMetrics = metrics or NoMetrics()
 
     @property
     def catalog(self) -> Catalog:
@@ -108,14 +113,16 @@ class Pipeline:
         """One non-streamed answer."""
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
+            self._answered_early(request, trace, ctx, endpoint.name)
             return early
         asked = _expect(early, endpoint.request_type)
         route = self.router.resolve(asked)
         ctx = _with_deadline(ctx, route.entry)
+        exchange = _exchange(trace, ctx, endpoint.name)
         started = await self._attempts(
-            route, asked, ctx, lambda b, t, c: endpoint.answer(b, asked, t, c), trace
+            route, asked, ctx, lambda b, t, c: endpoint.answer(b, asked, t, c), trace, exchange
         )
-        self._answered(started)
+        self._answered(started, exchange)
         answer = await self.hooks.on_response(asked, started.result, ctx)
         return _expect(answer, endpoint.answer_type)
 
@@ -131,15 +138,22 @@ class Pipeline:
         arrived = time.monotonic()
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
+            self._answered_early(request, trace, ctx, endpoint.name)
             chunks, asked = endpoint.as_chunks(early), request
         else:
             asked = _expect(early, endpoint.request_type)
             route = self.router.resolve(asked)
             ctx = _with_deadline(ctx, route.entry)
+            exchange = _exchange(trace, ctx, endpoint.name)
             started = await self._attempts(
-                route, asked, ctx, lambda b, t, c: primed(endpoint.stream(b, asked, t, c)), trace
+                route,
+                asked,
+                ctx,
+                lambda b, t, c: primed(endpoint.stream(b, asked, t, c)),
+                trace,
+                exchange,
             )
-            chunks = self._streaming(started, route.entry.stream_timeout_seconds, arrived)
+            chunks = self._streaming(started, route.entry.stream_timeout_seconds, arrived, exchange)
         if self.hooks.rewrites_streams:
             chunks = checked(self.hooks.on_stream(asked, chunks, ctx), endpoint.chunk_type)
         shaped = shape_usage(chunks, _wants_usage(asked))
@@ -151,21 +165,26 @@ class Pipeline:
         request: RequestT,
         ctx: RequestContext,
         trace: RouteTrace | None = None,
-    ) -> AsyncIterator[bytes]:
-        """One streamed answer as the client's server-sent events, its first
-        event already there. When nothing needs typed chunks (no stream or
-        error hook, no stream time limit) a deployment that can relay
-        (:mod:`gateway.relay`) sends its upstream's chunks through the cheap
-        relay; otherwise the chunks are typed, as :meth:`stream` makes them."""
-        if self.hooks.rewrites_streams or self.hooks.hears_errors:
-            return sse_events(await self.stream(endpoint, request, ctx, trace))
+    ) -> AsyncIterator[ChunkT | bytes]:
+        """One streamed answer, its first chunk already there, for
+        :func:`gateway.sse.sse_events`. When nothing needs typed chunks (no
+        stream or error hook, no stream time limit, no captured content) a
+        deployment that can relay (:mod:`gateway.relay`) sends its upstream's
+        chunks through the cheap relay, as events already framed; otherwise
+        the chunks are typed, as :meth:`stream` makes them. Either way a
+        failure after the first chunk is raised, and the exchange, the stats
+        and the attempt's span hear the same."""
+        if self.hooks.rewrites_streams or self.hooks.hears_errors or _captures_content(trace):
+            return await self.stream(endpoint, request, ctx, trace)
         arrived = time.monotonic()
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
-            return sse_events(shape_usage(endpoint.as_chunks(early), _wants_usage(request)))
+            self._answered_early(request, trace, ctx, endpoint.name)
+            return shape_usage(endpoint.as_chunks(early), _wants_usage(request))
         asked = _expect(early, endpoint.request_type)
         route = self.router.resolve(asked)
         ctx = _with_deadline(ctx, route.entry)
+        exchange = _exchange(trace, ctx, endpoint.name)
         limit = route.entry.stream_timeout_seconds
         include_usage = _wants_usage(asked)
         chat = endpoint.name == "chat"
@@ -184,19 +203,31 @@ class Pipeline:
                 return await opened(endpoint.relay(backend, asked, target, c, relay), relay)
             return await primed(endpoint.stream(backend, asked, target, c))
 
-        started = await self._attempts(route, asked, ctx, call, trace)
+        started = await self._attempts(route, asked, ctx, call, trace, exchange)
         result = started.result
         if isinstance(result, Relayed):
+            result.on_end.append(self._relay_ended(started, exchange))
+            return relayed_events(result)
+        typed = Started(started.target, started.at, result, started.backend)
+        return shape_usage(self._streaming(typed, limit, arrived, exchange), include_usage)
 
-            def done(relay: ChunkRelay, failed: bool) -> None:
-                if failed:
-                    self.stats.finished(started.target.deployment)
-                else:
-                    self._ended(started.target, started.at, relay.first_content, relay.usage)
+    def _relay_ended(
+        self, started: Started[T], exchange: Exchange
+    ) -> Callable[[ChunkRelay, BaseException | None], None]:
+        """What :meth:`_streaming` does when a typed stream ends, for a relayed one."""
 
-            return relayed_events(result, done)
-        typed = Started(started.target, started.at, result)
-        return sse_events(shape_usage(self._streaming(typed, limit, arrived), include_usage))
+        def ended(relay: ChunkRelay, failure: BaseException | None) -> None:
+            record = StreamRecord(
+                None
+                if relay.first_content is None
+                else relay.started + relay.first_content - started.at,
+                relay.usage,
+                failure is not None,
+                relay.chunks_since_content,
+            )
+            self._stream_ended(started, record, exchange)
+
+        return ended
 
     async def explain(self, request: AnyRequest, ctx: RequestContext) -> RouteDecision:
         """A dry run: how ``request`` would be routed now (rules, health,
@@ -217,26 +248,43 @@ class Pipeline:
         ctx: RequestContext,
         call: Call[T],
         trace: RouteTrace | None,
+        exchange: Exchange,
     ) -> Started[T]:
         """Try the ranked deployments, then the fallback models, then again
         after a backoff; move on only when a deployment is overloaded or
         unreachable, before anything reached the client."""
         entry = route.entry
+        exchange.model = entry.name
+        span = trace.span if trace is not None else None
         first = await self._ranking(route, entry, request, ctx)
+        if span is not None:
+            trace_ranking(span, route, first, request, ctx, round_number=0)
         decision = self.decisions.open(request, ctx, first, trace)
         failure: GatewayError | None = None
         try:
             for round_number in range(entry.retry.rounds + 1):
                 if round_number:
+                    self.metrics.retried(entry.name)
                     await _back_off(entry, failure, ctx.deadline)
                 for model in route.chain:
                     ranking = first
                     if round_number or model is not entry:
                         ranking = await self._ranking(route, model, request, ctx)
                         self.decisions.ranked_again(decision, ranking)
+                        if span is not None:
+                            trace_ranking(
+                                span, route, ranking, request, ctx, round_number=round_number
+                            )
+                    if model is not entry and ranking.ranked:
+                        self.metrics.fell_back(entry.name, model.name)
+                    attempt = call
+                    if span is not None:
+                        attempt = traced_call(call, span, request, fallback=model is not entry)
                     for choice in ranking.ranked:
                         _check_deadline(ctx.deadline, request.model)
-                        outcome = await self._attempt(choice.candidate, call, ctx, decision)
+                        outcome = await self._attempt(
+                            choice.candidate, attempt, ctx, decision, exchange
+                        )
                         if isinstance(outcome, Started):
                             return outcome
                         failure = outcome
@@ -291,7 +339,12 @@ class Pipeline:
         )
 
     async def _attempt(
-        self, candidate: Candidate, call: Call[T], ctx: RequestContext, decision: RouteDecision
+        self,
+        candidate: Candidate,
+        call: Call[T],
+        ctx: RequestContext,
+        decision: RouteDecision,
+        exchange: Exchange,
     ) -> Started[T] | GatewayError:
         """One call to one deployment: it started, or the retryable error.
         Only a started attempt stays in flight; its caller ends it."""
@@ -303,6 +356,7 @@ class Pipeline:
         backend = self.backends[candidate.backend]
         started = time.monotonic()
         self.stats.started(deployment)
+        exchange.attempts += 1
         try:
             if ctx.deadline is None:
                 result = await call(backend, candidate.target, ctx)
@@ -312,55 +366,106 @@ class Pipeline:
         except TimeoutError:
             self.stats.finished(deployment)
             decision.attempts.append((deployment, "timeout"))
+            self._failed(exchange, candidate, started, "timeout")
             return _timed_out(decision.model)
         except _RETRYABLE as error:
             self.stats.finished(deployment)
             decision.attempts.append((deployment, error.code or error.error_type))
+            self._failed(exchange, candidate, started, error_type(error))
             if isinstance(error, UpstreamError):
                 # Unreachable or broken: cool down. A full queue is load, not
                 # ill health: just move on.
                 self.stats.failed(deployment)
+                if self.stats.in_cooldown(deployment):
+                    self.metrics.cooled_down(exchange.model, deployment, candidate.backend)
             return error
         except BaseException as error:
             self.stats.finished(deployment)
             if isinstance(error, GatewayError):
                 decision.attempts.append((deployment, error.code or error.error_type))
+            self._failed(exchange, candidate, started, error_type(error))
             raise
         self.stats.succeeded(deployment)
         decision.attempts.append((deployment, "ok"))
         decision.chosen = deployment
-        return Started(candidate.target, started, result)
+        exchange.answered_by(candidate.target, candidate.backend)
+        return Started(candidate.target, started, result, candidate.backend)
+
+    def _failed(self, exchange: Exchange, candidate: Candidate, started: float, error: str) -> None:
+        seconds = time.monotonic() - started
+        self.metrics.attempt_ended(
+            exchange, candidate.target, candidate.backend, seconds, None, error
+        )
 
     # ------------------------------------------------------- ends of attempts
 
-    def _answered(self, started: Started[AnswerT]) -> None:
+    def _answered_early(
+        self, request: AnyRequest, trace: RouteTrace | None, ctx: RequestContext, endpoint: str
+    ) -> None:
+        """A hook answered (a cache hit): the request's model, if the catalog
+        has it, is still its metrics' model label."""
+        if self.catalog.knows(request.model):
+            _exchange(trace, ctx, endpoint).model = self.catalog.canonical(request.model)
+
+    def _answered(self, started: Started[AnswerT], exchange: Exchange) -> None:
         usage = started.result.usage if isinstance(started.result.usage, wire.Usage) else None
-        self._ended(started.target, started.at, None, usage)
+        self._ended(started, None, usage, exchange)
 
     def _streaming(
-        self, started: Started[AsyncIterator[ChunkT]], limit: float | None, arrived: float
+        self,
+        started: Started[AsyncIterator[ChunkT]],
+        limit: float | None,
+        arrived: float,
+        exchange: Exchange,
     ) -> AsyncIterator[ChunkT]:
         chunks = started.result
         if limit is not None:
             chunks = until(chunks, limit - (time.monotonic() - arrived), limit)
 
         def done(record: StreamRecord) -> None:
-            if record.failed:
-                self.stats.finished(started.target.deployment)
-            else:
-                self._ended(started.target, started.at, record.first_content, record.usage)
+            self._stream_ended(started, record, exchange)
 
         return observed(chunks, started.at, done)
 
+    def _stream_ended(self, started: Started[T], record: StreamRecord, exchange: Exchange) -> None:
+        if record.first_content is not None:
+            exchange.first_token_at = started.at + record.first_content
+        if record.usage is None and record.chunks_since_content:
+            # Cut short (the client left, the upstream failed): count
+            # what was generated rather than report nothing.
+            exchange.estimated_output_tokens = record.chunks_since_content
+        if record.failed:
+            self.stats.finished(started.target.deployment)
+            seconds = time.monotonic() - started.at
+            self.metrics.attempt_ended(
+                exchange,
+                started.target,
+                started.backend,
+                seconds,
+                record.usage,
+                "stream_failed",
+            )
+        else:
+            self._ended(started, record.first_content, record.usage, exchange)
+
     def _ended(
-        self, target: Target, started: float, first: float | None, usage: wire.Usage | None
+        self,
+        started: Started[T],
+        first: float | None,
+        usage: wire.Usage | None,
+        exchange: Exchange,
     ) -> None:
         """An attempt's answer is complete: it leaves the in-flight count,
-        its timing feeds the latency stats, its usage the adapters' counters."""
+        its timing feeds the latency stats and the metrics, its usage the
+        adapters' counters."""
+        target = started.target
         deployment = target.deployment
         self.stats.finished(deployment)
         tokens = usage.completion_tokens if usage else 0
-        self.stats.observe(deployment, first, time.monotonic() - started, tokens)
+        seconds = time.monotonic() - started.at
+        self.stats.observe(deployment, first, seconds, tokens)
+        exchange.usage = usage
+        self.metrics.attempt_ended(exchange, target, started.backend, seconds, usage, None)
         for use in target.adapters:
             counters = self.adapter_usage.setdefault(use.adapter.name, AdapterUsage())
             counters.requests += 1
@@ -385,6 +490,23 @@ class Pipeline:
             failure = InternalError("The stream failed; the answer is incomplete.")
             await self.hooks.on_error(request, failure, ctx)
             raise failure from error
+
+
+def _exchange(trace: RouteTrace | None, ctx: RequestContext, endpoint: str) -> Exchange:
+    """The request's exchange, which the HTTP handler opened; a pipeline
+    called without one (a test, a replay) gets a scratch one."""
+    if trace is not None and trace.exchange is not None:
+        return trace.exchange
+    exchange = Exchange(ctx.request_id, OPERATIONS.get(endpoint, endpoint), time.monotonic())
+    if trace is not None:
+        trace.exchange = exchange
+    return exchange
+
+
+def _captures_content(trace: RouteTrace | None) -> bool:
+    """Traced with the answers' text captured: that needs typed chunks."""
+    span = trace.span if trace is not None else None
+    return span is not None and span.tracing.capture_content
 
 
 def _with_deadline(ctx: RequestContext, model: ModelEntry) -> RequestContext:

@@ -33,7 +33,6 @@ measured in docs/benchmarks.md ("Streaming at scale").
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeGuard, runtime_checkable
@@ -42,8 +41,7 @@ import msgspec
 
 from gateway import wire
 from gateway.contract import RequestContext, Target
-from gateway.errors import GatewayError, InternalError
-from gateway.sse import DONE, event
+from gateway.sse import event
 from gateway.streams import has_content
 
 # The one choice the fast path keeps, and the chunk's end: its text is
@@ -63,7 +61,6 @@ _COMPLETION_TAILS = (
 )
 _EMPTY_TEXT = b'""'
 _QUOTE = ord('"')
-_log = logging.getLogger(__name__)
 
 _text_decoder = msgspec.json.Decoder(str)
 _chat_decoder = msgspec.json.Decoder(wire.ChatCompletionChunk)
@@ -106,11 +103,14 @@ class ChunkRelay:
         "_late_usage",
         "_model",
         "_ours",
-        "_started",
         "_tail",
         "_tails",
         "_theirs",
+        "chunks_since_content",
         "first_content",
+        "reasons",
+        "started",
+        "upstream_model",
         "usage",
     )
 
@@ -137,17 +137,34 @@ class ChunkRelay:
         # (unknown until a chunk took the typed path).
         self._theirs: bytes | None = None
         self._ours = b""
-        self._started = started
+        self.started = started
         # A usage chunk to send at the end (an upstream that puts usage on
         # chunks with choices, as xAI does: a running total on each).
         self._late_usage: AnyChunk | None = None
         # Seconds from ``started`` to the first chunk with content.
         self.first_content: float | None = None
         self.usage: wire.Usage | None = None
+        # For the telemetry, as gateway.streams.observed and the attempt's
+        # span read typed chunks: chunks from the first with content on (the
+        # tokens of a stream cut before its usage), each choice's finish
+        # reason, the model the upstream named.
+        self.chunks_since_content = 0
+        self.reasons: dict[int, str] = {}
+        self.upstream_model: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._id
+
+    @property
+    def model(self) -> str:
+        return self._model
 
     def feed(self, payload: bytes) -> bytes:
         """The event (``data: ...`` and a blank line) for one upstream
         payload, or nothing (a usage chunk the client did not ask for)."""
+        if self.first_content is not None:
+            self.chunks_since_content += 1
         theirs = self._theirs
         if theirs is not None and payload.startswith(theirs):
             start = len(theirs) + len(self._head)
@@ -162,7 +179,8 @@ class ChunkRelay:
     def _kept(self, text: bytes) -> bytes:
         """The event of a chunk of one choice with ``text`` (JSON, checked)."""
         if self.first_content is None and text != _EMPTY_TEXT:
-            self.first_content = time.monotonic() - self._started
+            self.first_content = time.monotonic() - self.started
+            self.chunks_since_content = 1
         return b"".join((b"data: ", self._ours, self._head, text, self._tail, self._end, b"\n\n"))
 
     def finish(self) -> bytes:
@@ -178,9 +196,15 @@ class ChunkRelay:
         chunk: AnyChunk = (_chat_decoder if self._chat else _completion_decoder).decode(payload)
         self._theirs = _envelope(chunk.id, self._kind, chunk.created, chunk.model)
         self._ours = _envelope(self._id, self._kind, chunk.created, self._model)
+        if self.upstream_model is None:
+            self.upstream_model = chunk.model
         chunk.id, chunk.model = self._id, self._model
         if self.first_content is None and has_content(chunk):
-            self.first_content = time.monotonic() - self._started
+            self.first_content = time.monotonic() - self.started
+            self.chunks_since_content = 1
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                self.reasons[choice.index] = choice.finish_reason
         if isinstance(chunk.usage, wire.Usage):
             self.usage = chunk.usage
             if chunk.choices:
@@ -238,16 +262,20 @@ def supports_relay(backend: object) -> TypeGuard[SupportsRelay]:
     return known
 
 
-class Relayed:
-    """A relayed stream whose first events arrived: they, the rest, and the
-    relay that read them."""
+RelayEnd = Callable[[ChunkRelay, BaseException | None], None]
 
-    __slots__ = ("first", "relay", "rest")
+
+class Relayed:
+    """A relayed stream whose first events arrived: they, the rest, the relay
+    that read them, and who hears of its end (see :func:`relayed_events`)."""
+
+    __slots__ = ("first", "on_end", "relay", "rest")
 
     def __init__(self, first: bytes, rest: AsyncIterator[bytes], relay: ChunkRelay) -> None:
         self.first = first
         self.rest = rest
         self.relay = relay
+        self.on_end: list[RelayEnd] = []
 
 
 async def opened(events: AsyncIterator[bytes], relay: ChunkRelay) -> Relayed:
@@ -263,31 +291,24 @@ async def opened(events: AsyncIterator[bytes], relay: ChunkRelay) -> Relayed:
     return Relayed(first, events, relay)
 
 
-async def relayed_events(
-    stream: Relayed, done: Callable[[ChunkRelay, bool], None]
-) -> AsyncIterator[bytes]:
-    """The client's events: the first ones, the rest as they come, then
-    ``data: [DONE]``; a failure after the first byte is the stream's last
-    event, as :func:`gateway.sse.sse_events` sends it. ``done`` hears how it
-    ended (failed or not), however it ended."""
+async def relayed_events(stream: Relayed) -> AsyncIterator[bytes]:
+    """The client's events: the first ones, then the rest as they come. A
+    failure is raised as a typed stream's is (:func:`gateway.sse.sse_events`
+    makes it the last event, and adds ``data: [DONE]`` after a good end);
+    each of ``stream.on_end`` hears how it ended (the failure, or None: the
+    end, or the client leaving), however it ended, in order."""
     rest = stream.rest
-    failed = False
+    failure: BaseException | None = None
     try:
         yield stream.first
         async for events in rest:
             yield events
-    except GatewayError as error:
-        failed = True
-        yield event(error.body())
-        return
-    except Exception:
-        failed = True
-        _log.exception("stream failed after its first byte")
-        yield event(InternalError("The stream failed; the answer is incomplete.").body())
-        return
+    except Exception as error:
+        failure = error
+        raise
     finally:
         close = getattr(rest, "aclose", None)
         if close is not None:
             await close()
-        done(stream.relay, failed)
-    yield DONE
+        for heard in stream.on_end:
+            heard(stream.relay, failure)

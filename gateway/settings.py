@@ -13,7 +13,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -283,6 +283,28 @@ class PluginSettings(_Strict):
     disabled: tuple[str, ...] = ()
 
 
+class MetricsSettings(_Strict):
+    """``[metrics]``: the request metrics on /metrics (the engines' state is
+    always there)."""
+
+    enabled: bool = True
+    # Also push the request metrics over OTLP, to OTEL_EXPORTER_OTLP_METRICS_ENDPOINT
+    # (or OTEL_EXPORTER_OTLP_ENDPOINT), with the standard OTEL_* variables. Setting
+    # OTEL_METRICS_EXPORTER=otlp in the environment does the same.
+    otlp: bool = False
+    otlp_interval_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+class AccessLogSettings(_Strict):
+    """``[access_log]``: one JSON line per request (never prompt text). Off
+    unless asked for: it costs a request about 5 us (docs/benchmarks.md),
+    and uvicorn's own access log is off too."""
+
+    enabled: bool = False
+    # Append to this file; unset: standard error, beside nomoat's other logs.
+    path: Path | None = None
+
+
 class BackendSettings(BaseModel):
     """``type`` picks the backend kind; the other keys belong to that kind's
     config model and are validated in phase two."""
@@ -318,6 +340,9 @@ class Settings(BaseSettings):
     backends: dict[str, BackendSettings] = Field(default_factory=_default_backends)
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
     hooks: list[HookSettings] = Field(default_factory=list)
+    telemetry: TelemetrySettings = Field(default_factory=lambda: TelemetrySettings())
+    metrics: MetricsSettings = MetricsSettings()
+    access_log: AccessLogSettings = AccessLogSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -409,3 +434,44 @@ def reference_problems(settings: Settings) -> list[str]:
                     f'unknown backend "{deployment.backend}"'
                 )
     return problems
+
+
+class TelemetrySettings(_Strict):
+    """``[telemetry]``: OpenTelemetry traces, as the standard ``OTEL_*``
+    variables configure them; each variable, when set, wins over its key
+    here (``OTEL_EXPORTER_OTLP_ENDPOINT`` over ``endpoint``, and so on).
+    Traces are exported once an endpoint is known; with none, no tracing
+    code runs on the request path."""
+
+    # false: no tracing even with an endpoint (OTEL_SDK_DISABLED=true too).
+    enabled: bool = True
+    # The collector's base URL; traces go to <endpoint>/v1/traces over
+    # http/protobuf, to the endpoint itself over grpc.
+    endpoint: str | None = None
+    # The full URL for traces, if it is not <endpoint>/v1/traces.
+    traces_endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    # Sent with every export (e.g. an authorization header of the collector).
+    headers: dict[str, str] = Field(default_factory=dict)
+    service_name: str = "nomoat"
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    # OTEL_TRACES_SAMPLER's names.
+    sampler: Literal[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ] = "parentbased_always_on"
+    # The ratio of the *traceidratio samplers.
+    sampler_arg: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Record prompts and answers on the attempt spans (gen_ai.input.messages,
+    # gen_ai.output.messages) as the hooks (redaction) left them: prompts after
+    # the request hooks, answers after the response and stream hooks.
+    capture_content: bool = False
+
+
+# Settings names TelemetrySettings, defined after it (appended here to keep
+# the settings above as they were): resolve the reference now.
+Settings.model_rebuild()

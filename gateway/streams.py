@@ -106,6 +106,10 @@ class StreamRecord:
     first_content: float | None = None
     usage: wire.Usage | None = None
     failed: bool = False
+    # Chunks from the first with content on: the tokens generated, within
+    # one, when the stream was cut before its usage came (one token a chunk
+    # from the engines nomoat relays).
+    chunks_since_content: int = 0
 
 
 async def observed(
@@ -119,8 +123,11 @@ async def observed(
     try:
         async with closing(chunks):
             async for chunk in chunks:
-                if record.first_content is None and has_content(chunk):
+                if record.first_content is not None:
+                    record.chunks_since_content += 1
+                elif has_content(chunk):
                     record.first_content = time.monotonic() - started
+                    record.chunks_since_content = 1
                 if isinstance(chunk.usage, wire.Usage):
                     record.usage = chunk.usage
                 yield chunk

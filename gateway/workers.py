@@ -20,7 +20,7 @@ than one worker: each worker would load its own copy of the model and the
 copies would fight over the same cores; run it as ``nomoat edge`` and route to
 it as an ``edge`` backend. ``/status`` and ``/metrics`` answer for the worker
 that took the connection (``worker`` and ``workers`` in ``/status``,
-``nomoat_worker_info`` in ``/metrics``).
+``nomoat_worker_info{worker}`` and ``nomoat_workers`` in ``/metrics``).
 """
 
 from __future__ import annotations

@@ -334,7 +334,10 @@ def start_nomoat(
     core: int | None,
     command: str | None = None,
     extra: str = "",
+    name: str = "nomoat",
+    env: dict[str, str] | None = None,
 ) -> Proc:
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "nomoat.toml"
     config.write_text(nomoat_config(port, upstream_ports, extra))
     argv = (
@@ -342,12 +345,33 @@ def start_nomoat(
         .format(config=config)
         .split()
     )
-    proc = start("nomoat", argv, workdir, core)
+    proc = start(name, argv, workdir, core, env)
     wait_for_chat(proc, port, auth_headers(), 60)
     status, _ = request_once(port, "POST", "/v1/chat/completions", body_bytes(), {}, 5)
     if status != 401:
         raise RuntimeError(f"nomoat answered {status} to a request without a key (auth off?)")
     return proc
+
+
+def variants(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``NAME=TOML`` pairs, ``\\n`` in the TOML read as a new line."""
+    out = []
+    for spec in specs:
+        name, _, extra = spec.partition("=")
+        if not name or name in PATHS:
+            raise SystemExit(f"bench_overhead: bad variant name in {spec!r}")
+        out.append((name, extra.replace("\\n", "\n")))
+    return out
+
+
+def variant_env(specs: Sequence[str], name: str) -> dict[str, str]:
+    env = {}
+    for spec in specs:
+        owner, _, assignment = spec.partition(":")
+        if owner == name:
+            key, _, value = assignment.partition("=")
+            env[key] = value
+    return env
 
 
 def litellm_config(upstream_ports: Sequence[int]) -> str:
@@ -933,6 +957,28 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+def variant_lines(rows: Sequence[Row]) -> str:
+    """Each --nomoat-variant against the plain nomoat path (e.g. telemetry
+    on against off): CPU per request, added latency, requests/s."""
+    by = {row.path: row for row in rows}
+    base = by.get("nomoat")
+    lines = []
+    for row in rows:
+        if row.path in PATHS or base is None:
+            continue
+        p50 = (
+            f"{row.added_p50 - base.added_p50:+.3f} ms"
+            if row.added_p50 is not None and base.added_p50 is not None
+            else "-"
+        )
+        lines.append(
+            f"- {row.path} vs nomoat: CPU/request {_ratio(row.cpu_ms, base.cpu_ms)}, "
+            f"added p50 {p50}, requests/s {_ratio(row.rps, base.rps)}, "
+            f"added TTFC {_ratio(row.added_ttfc, base.added_ttfc)}"
+        )
+    return "\n".join(lines)
+
+
 def ratios_and_targets(rows: Sequence[Row], chunk_delay_ms: float) -> str:
     by = {row.path: row for row in rows}
     nomoat, bare, litellm = by.get("nomoat"), by.get("bare"), by.get("litellm")
@@ -1046,6 +1092,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--litellm-cmd", help="the `litellm` command (default: setup script)")
     parser.add_argument("--nomoat-cmd", help="default: .venv/bin/nomoat serve --config {config}")
     parser.add_argument("--nomoat-config-extra", default="", help="TOML appended to its config")
+    parser.add_argument(
+        "--nomoat-variant",
+        action="append",
+        default=[],
+        metavar="NAME=TOML",
+        help="another nomoat path, its config extra TOML (\\n for new lines) instead of "
+        "--nomoat-config-extra; repeatable (e.g. telemetry off and on, interleaved)",
+    )
+    parser.add_argument(
+        "--nomoat-variant-env",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE",
+        help="an environment variable for one variant's server (e.g. OTEL_* for tracing)",
+    )
     parser.add_argument("--wrk", default="wrk")
     parser.add_argument("--max-load", type=float, default=0.5)
     parser.add_argument("--wait-quiet", type=float, default=0.0, help="seconds to wait for it")
@@ -1109,6 +1170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             upstream, port, workdir, server, args.nomoat_cmd, args.nomoat_config_extra
         )
         targets.append(Target("nomoat", port, nomoat, auth_headers()))
+        for name, extra in variants(args.nomoat_variant):
+            port = free_port()
+            proc = start_nomoat(
+                upstream,
+                port,
+                workdir / name,
+                server,
+                args.nomoat_cmd,
+                extra,
+                name=name,
+                env=variant_env(args.nomoat_variant_env, name),
+            )
+            targets.append(Target(name, port, proc, auth_headers()))
         if litellm_cmd is not None:
             port = free_port()
             log("starting LiteLLM (takes a while)")
@@ -1146,6 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table(rows, args.concurrency),
         "",
         ratios_and_targets(rows, args.chunk_delay_ms),
+        variant_lines(rows),
     ]
     print("\n".join(report))
     if args.json:

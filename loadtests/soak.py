@@ -478,9 +478,13 @@ def judge(
     problems = []
     if result.requests == 0:
         problems.append("locust sent no request")
-    # Each cut after the first byte is one client error; nothing else is.
+    # Each cut after the first byte is one client error; nothing else is. When
+    # the run ends, locust stops its users at once: a request in flight then
+    # (at most one per user) is counted nowhere, though its cut may have been
+    # injected already, so up to `users` cuts can go unseen; never more, and
+    # never a failure beyond the cuts.
     expected = injected.get("cut", 0)
-    if result.failures != expected:
+    if not expected - users <= result.failures <= expected:
         problems.append(
             f"{result.failures} failed requests, {expected} cuts injected: "
             f"{result.failure_rows[:5]}"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.lora.sources import locate, sha256_of
 from gateway.testing import LiveGateway
@@ -36,11 +37,12 @@ def ask(client: openai.OpenAI, model: str, max_tokens: int = 20) -> str:
 
 
 def metric(gateway: LiveGateway, name: str, **labels: str) -> float:
+    """The sample of ``name`` with exactly ``labels`` (in any order), else 0."""
     text = httpx.get(f"{gateway.root_url}/metrics", timeout=10).text
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} "):
-            return float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
     return 0.0
 
 

@@ -6,6 +6,7 @@ recorded. Fast tests drive the upstream code with it, with no server.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
     # Raised after the pieces (a connection cut mid-body).
     cut: BaseException | None = None
+    # Awaited after the pieces (an upstream that goes quiet): None, no wait.
+    hold: asyncio.Event | None = None
 
 
 def json_reply(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
@@ -63,6 +66,8 @@ class _Body:
     async def iter_any(self) -> AsyncIterator[bytes]:
         for piece in self._reply.pieces:
             yield piece
+        if self._reply.hold is not None:
+            await self._reply.hold.wait()
         if self._reply.cut is not None:
             raise self._reply.cut
 

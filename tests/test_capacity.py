@@ -10,20 +10,21 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.backends.openai_compat import OpenAICompatibleBackend
 from gateway.catalog import Catalog, ModelEntry, Retry
 from gateway.contract import Candidate, Target
 from gateway.endpoints import CHAT
 from gateway.errors import EngineOverloadedError
-from gateway.metrics import capacity_metrics
+from gateway.metrics_state import CapacityState, DeploymentState, ServerState
 from gateway.pipeline import Pipeline
 from gateway.policies import OrderedPolicy
 from gateway.settings import LimitSettings
-from gateway.stats import StatsTable
+from gateway.sse import sse_events
 from gateway.testing.fake import Script
 from gateway.testing.inprocess import in_process_gateway
-from gateway.wire import DeploymentStatus, GatewayStatus
 from tests.scripted_transport import ScriptedTransport, sse_reply
 from tests.upstream_kit import ENGINE_MODEL, MODEL, backend, chat_request, context, started
 
@@ -72,8 +73,9 @@ def transport(streams: int) -> ScriptedTransport:
     return ScriptedTransport(*(sse_reply(CHUNKS) for _ in range(streams)))
 
 
-async def drain(events: AsyncIterator[bytes]) -> bytes:
-    return b"".join([data async for data in events])
+async def drain(events: AsyncIterator[Any]) -> bytes:
+    """The client's bytes of a stream :meth:`Pipeline.events` started."""
+    return b"".join([data async for data in sse_events(events)])
 
 
 async def until(condition: object, *, loops: int = 1000) -> None:
@@ -145,36 +147,39 @@ async def test_a_wait_for_a_slot_is_bounded() -> None:
         await made.aclose()
 
 
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a /metrics page, by name and labels (in any order)."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def labels(**pairs: str) -> frozenset[tuple[str, str]]:
+    return frozenset(pairs.items())
+
+
 def test_metrics_show_limits_in_flight_and_waits() -> None:
-    stats = StatsTable()
-    stats.capacity_waits, stats.capacity_timeouts = 3, 1
-    status = GatewayStatus(
-        draining=False,
-        models={
-            "m": [
-                DeploymentStatus(
-                    deployment="m/0",
-                    backend="b",
-                    engine_model="e",
-                    ready=True,
-                    detail="",
-                    in_flight=4,
-                    max_concurrency=4,
-                ),
-                DeploymentStatus(
-                    deployment="m/1", backend="c", engine_model="e", ready=True, detail=""
-                ),
-            ]
+    state = ServerState(
+        {},
+        deployments={
+            ("m", "m/0", "b"): DeploymentState(True, 4, max_concurrency=4),
+            ("m", "m/1", "c"): DeploymentState(True),
         },
-        waiting_for_capacity=2,
+        capacity=CapacityState(waiting=2, waits=3, timeouts=1, worker=1, workers=2),
     )
-    text = capacity_metrics(status, stats)
-    assert 'nomoat_deployment_in_flight{model="m",deployment="m/0"} 4' in text
-    assert 'nomoat_deployment_max_concurrency{model="m",deployment="m/0"} 4' in text
-    assert 'nomoat_deployment_max_concurrency{model="m",deployment="m/1"}' not in text
-    assert "nomoat_capacity_waiting 2" in text
-    assert "nomoat_capacity_waits_total 3" in text
-    assert "nomoat_capacity_timeouts_total 1" in text
+    found = samples(generate_latest(state).decode())
+    m0 = labels(model="m", deployment="m/0", backend="b")
+    m1 = labels(model="m", deployment="m/1", backend="c")
+    assert found["nomoat_deployment_in_flight", m0] == 4
+    assert found["nomoat_deployment_max_concurrency", m0] == 4
+    assert ("nomoat_deployment_max_concurrency", m1) not in found
+    assert found["nomoat_capacity_waiting", labels()] == 2
+    assert found["nomoat_capacity_waits_total", labels()] == 3
+    assert found["nomoat_capacity_timeouts_total", labels()] == 1
+    assert found["nomoat_worker_info", labels(worker="1")] == 1
+    assert found["nomoat_workers", labels()] == 2
 
 
 @pytest.mark.anyio
@@ -203,13 +208,17 @@ capacity_wait_seconds = 5
             (deployment,) = status["models"]["m"]
             assert status["waiting_for_capacity"] == 1
             assert (deployment["in_flight"], deployment["max_concurrency"]) == (1, 1)
-            metrics = (await gw.http.get("/metrics")).text
-            assert 'nomoat_deployment_max_concurrency{model="m",deployment="m/0"} 1' in metrics
-            assert "nomoat_capacity_waiting 1" in metrics
+            found = samples((await gw.http.get("/metrics")).text)
+            m0 = labels(model="m", deployment="m/0", backend="a")
+            assert found["nomoat_deployment_max_concurrency", m0] == 1
+            assert found["nomoat_deployment_in_flight", m0] == 1
+            assert found["nomoat_capacity_waiting", labels()] == 1
             fake.calls[0].release()
             assert (await held.aread()).endswith(b"data: [DONE]\n\n")
         answered = await asyncio.wait_for(waiting, 5)
         assert answered.status_code == 200
         assert len(fake.calls) == 2
-        metrics = (await gw.http.get("/metrics")).text
-        assert "nomoat_capacity_waits_total 1" in metrics
+        found = samples((await gw.http.get("/metrics")).text)
+        assert found["nomoat_capacity_waits_total", labels()] == 1
+        assert found["nomoat_worker_info", labels(worker="0")] == 1
+        assert found["nomoat_workers", labels()] == 1

@@ -29,6 +29,7 @@ from gateway.settings import (
     PluginSettings,
     ServerSettings,
     StackSettings,
+    TelemetrySettings,
     load_settings,
 )
 
@@ -370,6 +371,7 @@ def _fields(model: type[BaseModel]) -> list[str]:
         LoRASettings,
         AdapterSettings,
         StackSettings,
+        TelemetrySettings,
     ],
     ids=lambda model: model.__name__,
 )

@@ -40,6 +40,8 @@ EXPECTED_ALL = [
     "AnyRequest",
     "AnyResponse",
     "AssistantMessage",
+    "AttemptTrace",
+    "AttributeValue",
     "AuthenticationError",
     "Backend",
     "BackendHealth",

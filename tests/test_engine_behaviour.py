@@ -77,7 +77,7 @@ def engine_metrics(server: Server) -> dict[str, int]:
     for line in response.text.splitlines():
         if line.startswith("nomoat_engine_") and '{backend="embedded"}' in line:
             name, value = line.split('{backend="embedded"} ')
-            values[name] = int(value)
+            values[name] = int(float(value))
     return values
 
 

@@ -103,7 +103,7 @@ def _metrics(server: Server) -> dict[str, int]:
     for line in text.splitlines():
         if line.startswith("nomoat_engine_") and '{backend="embedded"}' in line:
             name, value = line.split('{backend="embedded"} ')
-            values[name.removeprefix("nomoat_engine_")] = int(value)
+            values[name.removeprefix("nomoat_engine_")] = int(float(value))
     return values
 
 

@@ -102,6 +102,15 @@ def test_what_the_node_holds_and_did_is_read_from_its_metrics(tmp_path: Path) ->
     assert (counters.loads, counters.evictions, counters.load_seconds) == (3, 2, 0.25)
 
 
+def test_what_a_node_loaded_is_read_as_prometheus_client_writes_it(tmp_path: Path) -> None:
+    """Nodes expose /metrics through prometheus-client, every value a float."""
+    adapters = edge_adapters(StubEdge(tmp_path))
+    text = METRICS.replace("} 1\n", "} 1.0\n").replace("} 0\n", "} 0.0\n")
+    assert "} 1.0\n" in text
+    asyncio.run(adapters.observe(text))
+    assert adapters.names() == {"a"}
+
+
 def test_a_removed_adapter_is_removed_from_the_node(tmp_path: Path) -> None:
     async def scenario() -> StubEdge:
         node = StubEdge(tmp_path)

@@ -205,8 +205,8 @@ def test_a_burst_far_past_capacity_is_shed_and_the_gateway_recovers_at_once(
             assert error["code"] in ("server_overloaded", "engine_overloaded")
     assert recovery < 10, f"the first request after the burst took {recovery:.1f} s"
     metrics = httpx.get(f"{holding.root_url}/metrics", timeout=10).text
-    assert 'nomoat_engine_requests_waiting{backend="embedded"} 0' in metrics
-    assert 'nomoat_engine_requests_running{backend="embedded"} 0' in metrics
+    assert 'nomoat_engine_requests_waiting{backend="embedded"} 0.0' in metrics
+    assert 'nomoat_engine_requests_running{backend="embedded"} 0.0' in metrics
 
 
 # ------------------------------------------------------------ strict limits

@@ -75,14 +75,17 @@ async def both(reply: Reply, *, chat: bool = True, include_usage: bool) -> tuple
             if chat:
                 request = chat_request(**options)
                 if relayed:
-                    bodies.append(await body(await gateway.events(CHAT, request, context())))
+                    bodies.append(
+                        await body(sse_events(await gateway.events(CHAT, request, context())))
+                    )
                 else:
                     chunks = await gateway.stream(CHAT, request, context())
                     bodies.append(await body(sse_events(chunks)))
             else:
                 request = completion_request(**options)
                 if relayed:
-                    bodies.append(await body(await gateway.events(COMPLETIONS, request, context())))
+                    events = await gateway.events(COMPLETIONS, request, context())
+                    bodies.append(await body(sse_events(events)))
                 else:
                     chunks = await gateway.stream(COMPLETIONS, request, context())
                     bodies.append(await body(sse_events(chunks)))
@@ -233,7 +236,7 @@ async def test_a_client_that_leaves_closes_the_upstream_connection() -> None:
         events = await gateway.events(CHAT, chat_request(stream=True), context())
         assert isinstance(events, AsyncIterator)
         first = await anext(events)
-        assert first.startswith(b"data: ")
+        assert isinstance(first, bytes) and first.startswith(b"data: ")
         await events.aclose()  # type: ignore[attr-defined]
         (response,) = transport.responses
         assert response.closed and not response.released
@@ -250,7 +253,7 @@ async def test_a_relayed_stream_leaves_the_in_flight_count_and_feeds_the_stats()
         events = await gateway.events(CHAT, chat_request(stream=True), context())
         deployment = f"{MODEL}/0"
         assert gateway.stats.in_flight(deployment) == 1
-        assert (await body(events)).endswith(DONE)
+        assert (await body(sse_events(events))).endswith(DONE)
         assert gateway.stats.in_flight(deployment) == 0
         (response,) = transport.responses
         assert response.released and not response.closed

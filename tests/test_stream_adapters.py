@@ -149,6 +149,22 @@ async def test_observed_reports_first_content_and_usage_once_at_the_end() -> Non
 
 
 @pytest.mark.anyio
+async def test_observed_counts_the_chunks_from_the_first_content_on() -> None:
+    """What a stream cut before its usage generated: one token a chunk."""
+    records: list[StreamRecord] = []
+    relay = observed(
+        stream_of(text_chunk(""), text_chunk("a"), text_chunk("b"), text_chunk("c")),
+        0.0,
+        records.append,
+    )
+    for _ in range(3):
+        await anext(relay)
+    await relay.aclose()
+    [record] = records
+    assert record.usage is None and record.chunks_since_content == 2
+
+
+@pytest.mark.anyio
 async def test_observed_reports_a_failure_and_a_cancellation() -> None:
     records: list[StreamRecord] = []
     with pytest.raises(RuntimeError):

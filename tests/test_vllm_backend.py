@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server, config_with_key, free_port, running_server
 from tests.vllm_server import VllmServer
@@ -235,8 +236,13 @@ def test_engine_load_is_read_from_vllms_metrics(gateway: Server, vllm: VllmServe
     assert idle in text
     assert 'nomoat_engine_requests_waiting{backend="gpu"} 0' in text
     assert 'nomoat_engine_kv_cache_usage_ratio{backend="gpu"} ' in text
-    up = 'nomoat_deployment_up{model="with-fallback",deployment="with-fallback/%s",backend="%s"} %d'
-    assert up % (0, "dead", 0) in text and up % (1, "gpu", 1) in text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    up = {
+        sample.labels["deployment"]: sample.value
+        for sample in families["nomoat_deployment_up"].samples
+        if sample.labels["model"] == "with-fallback"
+    }
+    assert up == {"with-fallback/0": 0, "with-fallback/1": 1}, up
     # One dead pool does not take the gateway out of service; /status tells.
     assert httpx.get(f"{gateway.root_url}/ready", timeout=10).status_code == 200
     headers = {"Authorization": f"Bearer {gateway.api_key}"}
@@ -275,3 +281,74 @@ def test_a_client_disconnect_makes_vllm_abort_the_generation(
     generated = vllm_metric(vllm, "vllm:generation_tokens_total")
     time.sleep(1)
     assert vllm_metric(vllm, "vllm:generation_tokens_total") == generated
+
+
+def _samples(gateway: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{gateway.root_url}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _delta(
+    before: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    after: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    name: str,
+    **labels: str,
+) -> float:
+    def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> float:
+        return sum(
+            value
+            for (found, found_labels), value in samples.items()
+            if found == name and set(labels.items()) <= found_labels
+        )
+
+    return total(after) - total(before)
+
+
+def test_the_genai_metrics_count_what_vllm_did(gateway: Server, client: openai.OpenAI) -> None:
+    """Through real vLLM: the tokens it reported, its provider name, and the
+    overloaded deployment and the fallback on the way."""
+    before = _samples(gateway)
+    hi = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="overflow", messages=hi, max_tokens=4)  # type: ignore[arg-type]
+    client.chat.completions.create(model="busy-only", messages=hi, max_tokens=4)  # type: ignore[arg-type]
+    chunks = list(
+        client.chat.completions.create(
+            model="pool",
+            messages=hi,  # type: ignore[arg-type]
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None
+    # The stream is counted just after its last byte.
+    deadline = time.monotonic() + 5
+    while True:
+        after = _samples(gateway)
+        done = _delta(before, after, "gen_ai_server_time_to_first_token_seconds_count")
+        if done == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert done == 1
+    tokens = "gen_ai_client_token_usage_sum"
+    stream = {"model": "pool", "gen_ai_provider_name": "vllm", "gen_ai_operation_name": "chat"}
+    # The stream's tokens as vLLM reported them (the fallback's answer counts
+    # under busy-only, the model asked for).
+    assert _delta(before, after, tokens, gen_ai_token_type="input", **stream) == usage.prompt_tokens
+    output = _delta(before, after, tokens, gen_ai_token_type="output", **stream)
+    assert output == usage.completion_tokens
+    client_calls = "gen_ai_client_operation_duration_seconds_count"
+    assert _delta(before, after, client_calls, deployment="overflow/0", backend="busy") == 1
+    assert _delta(before, after, client_calls, deployment="overflow/0", error_type="") == 0
+    assert _delta(before, after, client_calls, deployment="overflow/1", error_type="") == 1
+    assert _delta(before, after, "nomoat_fallbacks_total", model="busy-only", fallback="pool") == 1
+    requests = "nomoat_requests_total"
+    assert _delta(before, after, requests, model="busy-only", deployment="pool/0") == 1
+    assert _delta(before, after, requests, model="pool", backend="gpu", status_class="2xx") == 1

@@ -115,7 +115,7 @@ def test_both_workers_answer_and_say_which_they_are(live: LiveGateway) -> None:
                 break
         metrics = client.get("/metrics", headers=AUTH).text
     assert seen == {0, 1}
-    assert 'nomoat_worker_info{worker="' in metrics and 'workers="2"' in metrics
+    assert 'nomoat_worker_info{worker="' in metrics and "nomoat_workers 2.0" in metrics
 
 
 @pytest.mark.e2e

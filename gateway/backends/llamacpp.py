@@ -25,6 +25,7 @@ from gateway.backends import llamacpp_params as params
 from gateway.backends import llamacpp_responses as responses
 from gateway.contract import (
     AdapterCounters,
+    AttemptTrace,
     BackendHealth,
     BackendType,
     EngineLoad,
@@ -54,6 +55,8 @@ from gateway.engine.scheduler import (
     Scheduler,
     TooManyGenerationsError,
 )
+from gateway.engine.timings import EngineTimings, cut_short_usage
+from gateway.engine.timings import report as report_phases
 from gateway.errors import (
     EngineOverloadedError,
     GatewayError,
@@ -296,7 +299,8 @@ class LlamaCppBackend:
     ) -> AsyncIterator[wire.ChatCompletionChunk]:
         refs = await self._lora_refs(target)
         prepared = await asyncio.to_thread(self._prepare_chat, request, target, refs)
-        streams = self._open_streams(prepared, ctx)
+        timings = _timings(prepared, ctx)
+        streams = self._open_streams(prepared, ctx, timings)
         results: dict[int, GenerationResult] = {}
         try:
             # Choices run side by side; their chunks interleave, as OpenAI's do.
@@ -314,6 +318,8 @@ class LlamaCppBackend:
                     )
         finally:
             streams.cancel()
+            if ctx.trace is not None and timings is not None:
+                _traced_streams(ctx.trace, timings, prepared, len(results))
         yield responses.chat_chunk(ctx, target, [], _usage(prepared, _in_order(results)))
 
     async def completion(
@@ -333,7 +339,8 @@ class LlamaCppBackend:
     ) -> AsyncIterator[wire.Completion]:
         refs = await self._lora_refs(target)
         prepared = await asyncio.to_thread(self._prepare_completion, request, target, refs)
-        streams = self._open_streams(prepared, ctx)
+        timings = _timings(prepared, ctx)
+        streams = self._open_streams(prepared, ctx, timings)
         results: dict[int, GenerationResult] = {}
         try:
             for index in range(streams.count if request.echo else 0):
@@ -351,6 +358,8 @@ class LlamaCppBackend:
                 yield responses.completion(ctx, target, [choice], None)
         finally:
             streams.cancel()
+            if ctx.trace is not None and timings is not None:
+                _traced_streams(ctx.trace, timings, prepared, len(results))
         yield responses.completion(ctx, target, [], _usage(prepared, _in_order(results)))
 
     # ------------------------------------------------------------ preparing
@@ -527,10 +536,14 @@ class LlamaCppBackend:
     async def _run_all(self, prepared: _Prepared, ctx: RequestContext) -> list[GenerationResult]:
         """Every generation of the request, queued all at once or refused;
         one failing stops the others."""
+        timings = _timings(prepared, ctx)
         try:
-            return await self.scheduler.run_all(prepared.requests, self._owner(ctx))
+            return await self.scheduler.run_all(prepared.requests, self._owner(ctx), timings)
         except _ENGINE_ERRORS as error:
             raise self._engine_error(error, prepared) from error
+        finally:
+            if ctx.trace is not None and timings is not None:
+                report_phases(ctx.trace, timings)
 
     def _owner(self, ctx: RequestContext) -> str:
         """Whose request it is: its turn in the fair queue, its share of the
@@ -540,11 +553,13 @@ class LlamaCppBackend:
             return tenant_of(ctx.api_key_id, ctx.headers)
         return ctx.api_key_id or ""
 
-    def _open_streams(self, prepared: _Prepared, ctx: RequestContext) -> GenerationStreams:
+    def _open_streams(
+        self, prepared: _Prepared, ctx: RequestContext, timings: list[EngineTimings] | None
+    ) -> GenerationStreams:
         # Every choice is queued before the first byte is sent, so a full
         # queue is a 503 response, not an error in the middle of a stream.
         try:
-            return self.scheduler.open_streams(prepared.requests, self._owner(ctx))
+            return self.scheduler.open_streams(prepared.requests, self._owner(ctx), timings)
         except _ENGINE_ERRORS as error:
             raise self._engine_error(error, prepared) from error
 
@@ -583,6 +598,22 @@ def _grammar_failed(error: GrammarError, param: str | None) -> InvalidRequestErr
     """The request's grammar could not be followed: the client's schema."""
     where = param or "response_format"
     return InvalidRequestError(f"{where}: {error}", param=where)
+
+
+def _timings(prepared: _Prepared, ctx: RequestContext) -> list[EngineTimings] | None:
+    """One record per generation, when the request is traced."""
+    return None if ctx.trace is None else [EngineTimings() for _ in prepared.requests]
+
+
+def _traced_streams(
+    trace: AttemptTrace, timings: list[EngineTimings], prepared: _Prepared, finished: int
+) -> None:
+    """The streams' phases on the attempt's span; if they were cut short
+    (the client left, a failure), the tokens they generated until then."""
+    report_phases(trace, timings)
+    if finished < len(timings):
+        prompt_tokens = sum(len(prompt) for prompt in prepared.prompts)
+        trace.record(cut_short_usage(timings, prompt_tokens))
 
 
 def _usage(prepared: _Prepared, results: Sequence[GenerationResult]) -> wire.Usage:

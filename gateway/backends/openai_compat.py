@@ -32,6 +32,7 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
+from yarl import URL
 
 from gateway import wire
 from gateway.auth import TENANT_HEADER
@@ -41,6 +42,8 @@ from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
     AdapterCounters,
     AnyRequest,
+    AttemptTrace,
+    AttributeValue,
     BackendHealth,
     BackendType,
     EngineLoad,
@@ -54,6 +57,7 @@ from gateway.lora.edge import EdgeAdapters
 from gateway.lora.remote import RemoteAdapters
 from gateway.lora.vllm import VllmAdapters
 from gateway.relay import ChunkRelay
+from gateway.telemetry import semconv
 
 _T = TypeVar("_T")
 _log = logging.getLogger(__name__)
@@ -172,6 +176,8 @@ class OpenAICompatibleBackend:
             transport=transport,
         )
         self._models: tuple[str, ...] = config.models
+        # server.address and server.port of attempt spans (tracing on).
+        self._server_attributes = server_attributes(config.base_url)
         self._health = BackendHealth(ready=False, detail="not probed yet")
         self._load = EngineLoad(running=0, waiting=0)
         self._prober: asyncio.Task[None] | None = None
@@ -315,13 +321,15 @@ class OpenAICompatibleBackend:
         target: Target,
         ctx: RequestContext,
     ) -> _Answer:
-        headers = self._tenant(ctx)
+        headers = self._headers(ctx)
         if not target.adapters and self._base_is_plain:
             # The base model: no adapter to hold, so no context manager either.
             response = await self._post(path, request, decoder, target.engine_model, headers)
         else:
             async with self._engine_model(target) as model:
                 response = await self._post(path, request, decoder, model, headers)
+        if ctx.trace is not None:
+            ctx.trace.record({semconv.RESPONSE_MODEL: response.model})
         response.id, response.model = ctx.request_id, target.model
         return response
 
@@ -334,13 +342,29 @@ class OpenAICompatibleBackend:
         headers: Mapping[str, str] | None,
     ) -> _Answer:
         upstream = msgspec.structs.replace(request, model=model, stream=False)
-        return self._decode(decoder, await self._upstream.answer(path, _encode(upstream), headers))
+        answer = await self._upstream.answer(path, _encode(upstream), headers)
+        return self._decode(decoder, answer)
+
+    def _traced(self, trace: AttemptTrace) -> Mapping[str, str]:
+        """Where the attempt goes, on its span; the headers that carry the
+        trace upstream (vLLM and edge nodes continue it)."""
+        trace.record(self._server_attributes)
+        return trace.headers()
 
     def _tenant(self, ctx: RequestContext) -> Mapping[str, str] | None:
         """For an edge node: whose request this is (see gateway/auth.py)."""
         if self._names_tenants and ctx.api_key_id is not None:
             return {TENANT_HEADER: ctx.api_key_id}
         return None
+
+    def _headers(self, ctx: RequestContext) -> Mapping[str, str] | None:
+        """What an upstream request carries beside the body: the client's
+        tenant (edge nodes) and the trace context."""
+        tenant = self._tenant(ctx)
+        if ctx.trace is None:
+            return tenant
+        traced = self._traced(ctx.trace)
+        return traced if tenant is None else {**traced, **tenant}
 
     async def _relay(
         self,
@@ -363,9 +387,13 @@ class OpenAICompatibleBackend:
             # (xAI: a running total on every one) has it moved to one such
             # chunk at the end.
             usage_chunk: _Chunk | None = None
-            payloads = self._upstream.stream(path, _encode(upstream), self._tenant(ctx))
-            async for payload in payloads:
+            headers = self._headers(ctx)
+            upstream_model: str | None = None
+            async for payload in self._upstream.stream(path, _encode(upstream), headers):
                 chunk = self._decode(decoder, payload)
+                if upstream_model is None and ctx.trace is not None:
+                    upstream_model = chunk.model
+                    ctx.trace.record({semconv.RESPONSE_MODEL: upstream_model})
                 chunk.id, chunk.model = ctx.request_id, target.model
                 if isinstance(chunk.usage, wire.Usage):
                     if chunk.choices:
@@ -392,7 +420,7 @@ class OpenAICompatibleBackend:
             return self._upstream.relay(
                 path,
                 _stream_body(request, target.engine_model),
-                self._tenant(ctx),
+                self._headers(ctx),
                 relay.feed,
                 relay.finish,
             )
@@ -408,7 +436,7 @@ class OpenAICompatibleBackend:
     ) -> AsyncIterator[bytes]:
         async with self._engine_model(target) as model:
             events = self._upstream.relay(
-                path, _stream_body(request, model), self._tenant(ctx), relay.feed, relay.finish
+                path, _stream_body(request, model), self._headers(ctx), relay.feed, relay.finish
             )
             async with contextlib.aclosing(events):
                 async for data in events:
@@ -620,3 +648,14 @@ manifest = PluginManifest(
         for kind in ("openai", "vllm", "edge")
     },
 )
+
+
+def server_attributes(base_url: str) -> dict[str, AttributeValue]:
+    """``server.address`` and ``server.port`` of an upstream's base URL."""
+    url = URL(base_url)
+    attributes: dict[str, AttributeValue] = {}
+    if url.host:
+        attributes[semconv.SERVER_ADDRESS] = url.host
+    if url.port is not None:
+        attributes[semconv.SERVER_PORT] = url.port
+    return attributes

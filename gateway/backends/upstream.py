@@ -157,7 +157,8 @@ class Upstream:
     async def answer(
         self, path: str, body: bytes, headers: Mapping[str, str] | None = None
     ) -> bytes:
-        """A client's request, unstreamed: the answer's body."""
+        """A client's request, unstreamed: the answer's body. ``headers``:
+        added to the request (the client's tenant, the trace context)."""
         return await self._send("POST", path, body, headers, reveal=False)
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:

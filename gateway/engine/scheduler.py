@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from gateway.engine.adapters import AdapterCache
 from gateway.engine.generation import GenerationRequest, GenerationResult
 from gateway.engine.mailbox import GenerationStreams, Mailbox
 from gateway.engine.native import NativeModel
+from gateway.engine.timings import EngineTimings
 from gateway.engine.worker import ClientTooSlowError, EngineClosedError, Outcome, Worker
 from gateway.engine.worker import Job as _Job
 
@@ -185,12 +187,16 @@ class Scheduler:
         return (await self.run_all([request], owner))[0]
 
     async def run_all(
-        self, requests: Sequence[GenerationRequest], owner: str
+        self,
+        requests: Sequence[GenerationRequest],
+        owner: str,
+        timings: Sequence[EngineTimings] | None = None,
     ) -> list[GenerationResult]:
         """Queue every request now, all or none (raising at once if they do
         not fit), and return their results in order. If one fails, or the
-        caller is cancelled, the others stop at once."""
-        jobs = self._submit(requests, owner, None)
+        caller is cancelled, the others stop at once. ``timings`` (one per
+        request, tracing on): filled in as the jobs go."""
+        jobs = self._submit(requests, owner, None, timings)
         futures = [job.future for job in jobs]
         try:
             await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
@@ -203,12 +209,17 @@ class Scheduler:
             raise failure
         return [future.result() for future in futures]
 
-    def open_streams(self, requests: Sequence[GenerationRequest], owner: str) -> GenerationStreams:
+    def open_streams(
+        self,
+        requests: Sequence[GenerationRequest],
+        owner: str,
+        timings: Sequence[EngineTimings] | None = None,
+    ) -> GenerationStreams:
         """Queue every request now, all or none (raising at once if they do
         not fit), and return their merged stream of deltas, then results."""
         loop = asyncio.get_running_loop()
         mailbox = Mailbox(loop, len(requests), limit=self.stream_buffer, on_drain=self._thread.wake)
-        jobs = self._submit(requests, owner, mailbox)
+        jobs = self._submit(requests, owner, mailbox, timings)
         return GenerationStreams(len(jobs), mailbox, functools.partial(self._cancel_all, jobs))
 
     def open_stream(self, request: GenerationRequest, owner: str) -> GenerationStreams:
@@ -239,7 +250,11 @@ class Scheduler:
             raise EngineBusyError(f"{self._queue.size} requests are already waiting")
 
     def _submit(
-        self, requests: Sequence[GenerationRequest], owner: str, mailbox: Mailbox | None
+        self,
+        requests: Sequence[GenerationRequest],
+        owner: str,
+        mailbox: Mailbox | None,
+        timings: Sequence[EngineTimings] | None = None,
     ) -> list[_Job]:
         self._check_room(len(requests), owner)
         loop = asyncio.get_running_loop()
@@ -249,6 +264,10 @@ class Scheduler:
             if mailbox is not None:
                 job.emit = mailbox.sender(index)
                 job.blocked = functools.partial(mailbox.full, index)
+            if timings is not None:
+                job.timings = timings[index]
+                job.timings.queued_ns = time.time_ns()
+                job.timings.prompt_tokens = len(request.prompt)
             jobs.append(job)
         for job in jobs:
             self._queue.push(job)

@@ -26,6 +26,7 @@ from gateway.engine.generation import Generation, GenerationRequest, GenerationR
 from gateway.engine.mailbox import StreamItem
 from gateway.engine.native import NativeError, NativeModel
 from gateway.engine.sequences import Held, Lease, SequencePool
+from gateway.engine.timings import EngineTimings
 from gateway.engine.turns import Seat, Turns
 
 # The longest the thread sleeps while every running stream waits for its
@@ -59,6 +60,8 @@ class Job:
     stalled: bool = False
     # No longer counted against its owner's share (see the scheduler).
     released: bool = False
+    # Filled in for the job's trace (tracing on only).
+    timings: EngineTimings | None = None
 
     def is_cancelled(self) -> bool:
         return self.cancelled
@@ -137,12 +140,16 @@ class Worker:
                     self._wake.wait(self._idle_seconds(blocked_since))
                 continue
             batch = [seat.key for seat in chosen]
+            activating = time.time_ns()
             error = self._activate(batch[0].request.adapters, active)
+            _time_adapters([active[generation] for generation in batch], activating)
             if error is None:
                 try:
                     step(self.model, batch)
                 except NativeError as failure:
                     error = failure
+                else:
+                    _time_steps(batch, active)
             if error is not None:
                 for generation in batch:
                     generation.cancel()
@@ -174,6 +181,9 @@ class Worker:
             self._report(job, error)
             return
         active[generation] = job
+        if job.timings is not None:
+            job.timings.admitted_ns = time.time_ns()
+            job.timings.cached_tokens = generation.cached
 
     def _sweep(self, active: Active, blocked_since: dict[Generation, float]) -> None:
         """Finish cancelled generations, and those whose reader stalled,
@@ -226,6 +236,10 @@ class Worker:
         for generation in [g for g in generations if g.finish is not None]:
             job = active.pop(generation)
             result = generation.result()
+            if job.timings is not None:
+                job.timings.finished_ns = time.time_ns()
+                job.timings.generated = result.completion_tokens
+                job.timings.finish_reason = result.finish_reason
             if error is None:
                 held = Held(generation.held(), generation.request.adapters, job.owner)
                 free.release(generation.sequence, held)
@@ -246,3 +260,27 @@ class Worker:
             generation.cancel()
             generation.result()
             self._report(job, EngineClosedError("the engine is shutting down"))
+
+
+def _time_adapters(jobs: list[Job], started_ns: int) -> None:
+    """The first switch to a traced job's adapter set (loads from disk if
+    they were not cached): its adapter-load phase."""
+    for job in jobs:
+        timings = job.timings
+        if timings is None or timings.adapters_started_ns or not job.request.adapters:
+            continue
+        timings.adapters = tuple(ref.name for ref in job.request.adapters)
+        timings.adapters_started_ns = started_ns
+        timings.adapters_ended_ns = time.time_ns()
+
+
+def _time_steps(batch: list[Generation], active: Active) -> None:
+    """After a decode step: the first token of each traced job, and how many
+    it has (read if the client leaves before the end)."""
+    for generation in batch:
+        timings = active[generation].timings
+        if timings is None:
+            continue
+        timings.generated = generation.generated
+        if not timings.first_token_ns and (generation.generated or generation.finish):
+            timings.first_token_ns = time.time_ns()

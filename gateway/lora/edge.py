@@ -43,7 +43,10 @@ from gateway.lora.uploads import upload_body
 
 _log = logging.getLogger(__name__)
 
-_LOADED = re.compile(r'^nomoat_adapter_loaded\{[^}]*adapter="([^"]+)"[^}]*\} 1$', re.MULTILINE)
+# "1" from nodes before prometheus-client, "1.0" since.
+_LOADED = re.compile(
+    r'^nomoat_adapter_loaded\{[^}]*adapter="([^"]+)"[^}]*\} 1(?:\.0)?$', re.MULTILINE
+)
 _COUNTER = re.compile(
     r'^nomoat_adapter_(loads|evictions|load_seconds)_total\{[^}]*adapter="([^"]+)"[^}]*\} (\S+)$',
     re.MULTILINE,

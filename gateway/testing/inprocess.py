@@ -36,6 +36,7 @@ from gateway.catalog import plan
 from gateway.contract import PluginManifest
 from gateway.registry import Registry, build_registry, discover
 from gateway.settings import ConfigError, Settings, validation_problems
+from gateway.telemetry.spans import Tracing
 from gateway.testing.fake import FakeBackend
 from gateway.testing.fake import manifest as fake_manifest
 
@@ -280,18 +281,20 @@ async def in_process_gateway(
     manifests: Iterable[PluginManifest] = (),
     registry: Registry | None = None,
     api_key: str = "sk-in-process-test",
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[InProcessGateway]:
     """The gateway ``config_text`` describes, started in this event loop.
 
     ``registry`` replaces plugin discovery (pass one built once per session
     to save the entry-point scan); the fake backend and ``manifests`` are
     added to it. Both clients send ``api_key`` (ignored if the config has no
-    keys) and never retry.
+    keys) and never retry. ``tracing``: trace with it (e.g. a tracer
+    provider with the SDK's in-memory exporter).
     """
     import openai  # a test dependency, not the gateway's
 
     settings = settings_from_toml(config_text)
-    runtime = Runtime(settings, plan(settings, registry_with(manifests, registry)))
+    runtime = Runtime(settings, plan(settings, registry_with(manifests, registry)), tracing=tracing)
     app = create_app(runtime)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(lifespan(app))

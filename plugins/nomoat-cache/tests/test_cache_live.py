@@ -41,9 +41,10 @@ def client(gateway: LiveGateway, key: str = TEST_KEY) -> openai.OpenAI:
 
 def decoded_tokens(gateway: LiveGateway) -> int:
     text = httpx.get(f"{gateway.root_url}/metrics", timeout=10).text
-    match = re.search(r"^nomoat_engine_decoded_tokens_total\{[^}]*\} (\d+)$", text, re.M)
+    # prometheus-client writes floats ("1234.0", "1.234567e+06").
+    match = re.search(r"^nomoat_engine_decoded_tokens_total\{[^}]*\} (\S+)$", text, re.M)
     assert match, text
-    return int(match.group(1))
+    return int(float(match.group(1)))
 
 
 def ask(sdk: openai.OpenAI, **options: Any) -> tuple[str, str, int, float]:
