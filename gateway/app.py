@@ -52,6 +52,8 @@ from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import CapacityState, DeploymentState, ServerState
 from gateway.observer import Observer
 from gateway.pipeline import Pipeline
+from gateway.relay import Relayed
+from gateway.relay_response import RelayedEvents
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import ServerSettings, Settings
 from gateway.sse import sse_events
@@ -279,6 +281,9 @@ def _openai_endpoint(
                 # chunk stops the generation too.
                 primed = pipeline.events(endpoint, body, ctx, trace)
                 stream = await _cancel_on_disconnect(request, primed)
+                if isinstance(stream, Relayed):
+                    relay_headers = headers_for(trace, request_id.encode("latin-1"))
+                    return RelayedEvents(stream, relay_headers, observer, exchange, span)
                 watched = stream if span is None else span.watch(stream)
                 events = sse_events(observer.watching(watched, exchange))
                 if span is not None:

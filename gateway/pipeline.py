@@ -47,7 +47,7 @@ from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.stats import AdapterUsage
 from gateway.metrics import NoMetrics, RequestMetrics
-from gateway.relay import ChunkRelay, Relayed, opened, relayed_events, supports_relay
+from gateway.relay import ChunkRelay, Relayed, opened, supports_relay
 from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
@@ -207,7 +207,7 @@ class Pipeline:
         result = started.result
         if isinstance(result, Relayed):
             result.on_end.append(self._relay_ended(started, exchange))
-            return relayed_events(result)
+            return result
         typed = Started(started.target, started.at, result, started.backend)
         return shape_usage(self._streaming(typed, limit, arrived, exchange), include_usage)
 

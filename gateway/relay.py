@@ -266,16 +266,53 @@ RelayEnd = Callable[[ChunkRelay, BaseException | None], None]
 
 
 class Relayed:
-    """A relayed stream whose first events arrived: they, the rest, the relay
-    that read them, and who hears of its end (see :func:`relayed_events`)."""
+    """A relayed stream whose first events arrived: the client's events
+    (already framed), as an async iterator: the first ones, then the rest as
+    they come. A failure is raised as a typed stream's is
+    (:func:`gateway.sse.sse_events` makes it the last event and adds
+    ``data: [DONE]`` after a good end). Each of ``on_end`` hears once, in
+    order, how it ended (the failure, or None: the end, or the client
+    leaving), however it ended. :class:`gateway.relay_response.RelayedEvents`
+    sends it to the client without the iterator's own frame per read."""
 
-    __slots__ = ("first", "on_end", "relay", "rest")
+    __slots__ = ("_closed", "first", "on_end", "relay", "rest")
 
     def __init__(self, first: bytes, rest: AsyncIterator[bytes], relay: ChunkRelay) -> None:
-        self.first = first
+        self.first: bytes | None = first
         self.rest = rest
         self.relay = relay
         self.on_end: list[RelayEnd] = []
+        self._closed = False
+
+    def __aiter__(self) -> Relayed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        first = self.first
+        if first is not None:
+            self.first = None
+            return first
+        try:
+            return await anext(self.rest)
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except Exception as error:
+            await self.aclose(error)
+            raise
+
+    async def aclose(self, failure: BaseException | None = None) -> None:
+        """Close the upstream's stream (if still open) and tell ``on_end``."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self.rest, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            for heard in self.on_end:
+                heard(self.relay, failure)
 
 
 async def opened(events: AsyncIterator[bytes], relay: ChunkRelay) -> Relayed:
@@ -289,26 +326,3 @@ async def opened(events: AsyncIterator[bytes], relay: ChunkRelay) -> Relayed:
             await close()
         raise
     return Relayed(first, events, relay)
-
-
-async def relayed_events(stream: Relayed) -> AsyncIterator[bytes]:
-    """The client's events: the first ones, then the rest as they come. A
-    failure is raised as a typed stream's is (:func:`gateway.sse.sse_events`
-    makes it the last event, and adds ``data: [DONE]`` after a good end);
-    each of ``stream.on_end`` hears how it ended (the failure, or None: the
-    end, or the client leaving), however it ended, in order."""
-    rest = stream.rest
-    failure: BaseException | None = None
-    try:
-        yield stream.first
-        async for events in rest:
-            yield events
-    except Exception as error:
-        failure = error
-        raise
-    finally:
-        close = getattr(rest, "aclose", None)
-        if close is not None:
-            await close()
-        for heard in stream.on_end:
-            heard(stream.relay, failure)

@@ -62,6 +62,13 @@ class Sent:
 class _Body:
     def __init__(self, reply: Reply) -> None:
         self._reply = reply
+        self._reads: AsyncIterator[bytes] | None = None
+
+    async def readany(self) -> bytes:
+        """The next piece; b"" once they are all read (as aiohttp's)."""
+        if self._reads is None:
+            self._reads = self.iter_any()
+        return await anext(self._reads, b"")
 
     async def iter_any(self) -> AsyncIterator[bytes]:
         for piece in self._reply.pieces:

@@ -24,6 +24,10 @@ class ResponseBody(Protocol):
         """The body's bytes as they arrive."""
         ...
 
+    async def readany(self) -> bytes:
+        """What has arrived of the body (waiting for some); ``b""`` at its end."""
+        ...
+
 
 class TransportResponse(Protocol):
     """A response whose body has not been read yet."""

@@ -373,7 +373,9 @@ class Upstream:
                     )
                 pending = b""
                 out: list[bytes] = []
-                async for data in response.content.iter_any():
+                # readany, not iter_any: one awaitable less per read.
+                read = response.content.readany
+                while data := await read():
                     idle.last = idle.loop.time()
                     lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
                     pending = lines.pop()
