@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         "--bare", action="store_true", help="measure loadtests/bare_proxy.py instead (the floor)"
     )
     parser.add_argument(
+        "--raw-asgi",
+        action="store_true",
+        help="with --bare: the floor sends each read straight to ASGI send (no Litestar Stream)",
+    )
+    parser.add_argument(
         "--gap-ms",
         type=float,
         default=20.0,
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         python,
                         str(HERE / "bare_proxy.py"),
                         *("--upstream", f"http://127.0.0.1:{upstream_port}", "--port", str(port)),
+                        *(["--raw-asgi"] if args.raw_asgi else []),
                     ]
                     model = engine_model
                 else:
