@@ -1,10 +1,11 @@
 """The cheap relay: an HTTP upstream's stream, re-framed with the least work.
 
 When nothing needs typed chunks (no stream hook, no error hook, no stream
-time limit), each ``data:`` payload an OpenAI-compatible upstream sends is
-turned straight into the event the client gets, in one pass, and the events of
-one network read leave in one write. What reaches the client is what the typed
-path (decode into :mod:`gateway.wire_answers`, rewrite, encode) would send:
+time limit, no trace content captured), each ``data:`` payload an
+OpenAI-compatible upstream sends is turned straight into the event the client
+gets, in one pass, and the events of one network read leave in one write.
+What reaches the client is what the typed path (decode into
+:mod:`gateway.wire_answers`, rewrite, encode) would send:
 
 - the common chunk, its envelope as the stream's previous chunk had it
   (``{"id":...,"object":...,"created":...,"model":...,"choices":``, byte for
