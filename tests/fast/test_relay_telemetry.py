@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -29,9 +30,10 @@ from gateway.testing.inprocess import InProcessGateway, in_process_gateway, regi
 from tests.scripted_transport import Reply, ScriptedTransport, json_reply, sse_reply
 
 from .support import MODEL, chat_body, sse_json
-from .test_traces import SERVER_NAME, Traced, attrs, one
+from .test_traces import SERVER_NAME, Traced, attrs, hex_ids, log_records, one
 
 pytestmark = pytest.mark.anyio
+__all__ = ["log_records"]  # a fixture, used by name
 
 ENGINE_MODEL = "upstream-model"
 CHAT = "/v1/chat/completions"
@@ -228,3 +230,23 @@ async def test_a_relayed_stream_that_fails_leaves_its_spans_in_error(
     assert (on_attempt[names.USAGE_OUTPUT_TOKENS], on_attempt[names.USAGE_ESTIMATED]) == (2, True)
     assert attempt.status.status_code.name == "ERROR"
     assert attrs(one(spans, SERVER_NAME))[names.ERROR_TYPE] == "upstream_error"
+
+
+async def test_a_failure_logged_mid_relay_carries_the_trace_ids(
+    open_gateway: Open, relayed: list[bytes], log_records: list[logging.LogRecord]
+) -> None:
+    traced = Traced()
+    broken = sse_reply(stream(["a"], usage=False)[:2], done=False)
+    broken.cut = RuntimeError("not a transport error")
+    async with open_gateway(broken, traced) as gw:
+        response = await gw.http.post(CHAT, json=chat_body(stream=True))
+        events, done = sse_json(response.content)
+        assert not done and events[-1]["error"]["type"] == "server_error"
+    spans = await traced.wait_for(2)
+    assert relayed
+    server = one(spans, SERVER_NAME)
+    trace_id, span_id = hex_ids(server)
+    [failure] = [r for r in log_records if "stream failed after its first byte" in r.getMessage()]
+    assert failure.otelTraceID == trace_id  # type: ignore[attr-defined]
+    assert failure.otelSpanID == span_id  # type: ignore[attr-defined]
+    assert attrs(server)[names.ERROR_TYPE] == "RuntimeError"
