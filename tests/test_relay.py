@@ -353,3 +353,52 @@ async def test_vllms_completion_chunks_take_the_fast_path_without_its_extra_fiel
     assert b"token_ids" not in relayed and b"stop_reason" not in relayed
     # The first chunk teaches the envelope; b and c keep their bytes.
     assert len(typed_chunks) == 3
+
+
+def vllm_events(texts: list[str]) -> list[bytes]:
+    return [b"data: " + msgspec.json.encode(chunk) + b"\n\n" for chunk in vllm_stream(texts)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("include_usage", [True, False])
+@pytest.mark.parametrize("path", STREAMS, ids=lambda path: path.stem)
+async def test_a_stream_read_in_one_piece_is_relayed_as_the_typed_path_sends_it(
+    path: Path, include_usage: bool, fed: list[bytes]
+) -> None:
+    """Every event, [DONE] included, in one network read (a busy upstream):
+    the read is split once on its blank lines."""
+    data = shape(path)
+    reply = reply_of(data)
+    whole = Reply(reply.status, [b"".join(reply.pieces)], reply.headers)
+    typed, relayed = await both(whole, chat=data["endpoint"] == "chat", include_usage=include_usage)
+    assert fed, "the relay was not used"
+    assert relayed.endswith(DONE)
+    assert parsed(relayed) == parsed(typed)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        # A comment line among the events: the read takes the line by line path.
+        [b": ping\n\n" + b"".join(vllm_events(["a", "b"])) + b"data: [DONE]\n\n"],
+        # Carriage returns, an event split across reads, a missing space.
+        [
+            b"".join(vllm_events(["a"])).replace(b"\n", b"\r\n"),
+            b"".join(vllm_events(["b"]))[:9],
+            b"".join(vllm_events(["b"]))[9:] + b"data:" + b"".join(vllm_events(["c"]))[5:],
+            b"data: [DONE]\n\n",
+        ],
+    ],
+    ids=["comment", "crlf-split-nospace"],
+)
+async def test_reads_the_fast_paths_refuse_are_read_line_by_line(
+    pieces: list[bytes], fed: list[bytes]
+) -> None:
+    reply = Reply(200, pieces, {"content-type": "text/event-stream"})
+    typed, relayed = await both(reply, include_usage=False)
+    assert fed
+    assert relayed.endswith(DONE)
+    assert parsed(relayed) == parsed(typed)
+    texts = [e["choices"][0]["delta"].get("content") for e in parsed(relayed)[:-1]]
+    assert "".join(t for t in texts if t) in ("ab", "abc")
