@@ -250,3 +250,18 @@ async def test_a_failure_logged_mid_relay_carries_the_trace_ids(
     assert failure.otelTraceID == trace_id  # type: ignore[attr-defined]
     assert failure.otelSpanID == span_id  # type: ignore[attr-defined]
     assert attrs(server)[names.ERROR_TYPE] == "RuntimeError"
+
+
+async def test_with_content_captured_a_stream_takes_the_typed_path(
+    open_gateway: Open, relayed: list[bytes]
+) -> None:
+    """The captured answer needs typed chunks: the relay stands aside."""
+    traced = Traced()
+    traced.tracing.capture_content = True
+    async with open_gateway(sse_reply(stream(["a", "b"])), traced) as gw:
+        response = await gw.http.post(CHAT, json=chat_body(stream=True))
+        assert sse_json(response.content)[1]
+    spans = await traced.wait_for(2)
+    assert relayed == []
+    attempt = attrs(one(spans, f"chat {ENGINE_MODEL}"))
+    assert "ab" in str(attempt[names.OUTPUT_MESSAGES])
