@@ -98,6 +98,7 @@ class ChunkRelay:
         "_content_at",
         "_count",
         "_end",
+        "_envelope",
         "_head",
         "_id",
         "_include_usage",
@@ -142,6 +143,8 @@ class ChunkRelay:
         # expected to start (b"\0": nothing expected until a chunk took the
         # typed path), where its text starts, and the client's event up to it.
         self._prefix = b"\0"
+        # The upstream's id, created and model the prefix was made of.
+        self._envelope: tuple[str, int, str] | None = None
         self._start = 0
         self._out_head = b""
         self.started = started
@@ -215,10 +218,14 @@ class ChunkRelay:
         """A chunk the fast path does not keep: decoded, rewritten and encoded
         as the typed path does (unknown fields dropped, values checked)."""
         chunk: AnyChunk = (_chat_decoder if self._chat else _completion_decoder).decode(payload)
-        self._prefix = _envelope(chunk.id, self._kind, chunk.created, chunk.model) + self._head
-        self._start = len(self._prefix)
-        ours = _envelope(self._id, self._kind, chunk.created, self._model)
-        self._out_head = b"data: " + ours + self._head
+        envelope = (chunk.id, chunk.created, chunk.model)
+        if envelope != self._envelope:
+            # (Unchanged on most streams' typed chunks: built once.)
+            self._envelope = envelope
+            self._prefix = _envelope(chunk.id, self._kind, chunk.created, chunk.model) + self._head
+            self._start = len(self._prefix)
+            ours = _envelope(self._id, self._kind, chunk.created, self._model)
+            self._out_head = b"data: " + ours + self._head
         if self.upstream_model is None:
             self.upstream_model = chunk.model
         chunk.id, chunk.model = self._id, self._model
