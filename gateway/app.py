@@ -57,9 +57,11 @@ from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
 from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
-from gateway.metrics_state import DeploymentState, ServerState
+from gateway.metrics_state import CapacityState, DeploymentState, ServerState
 from gateway.observer import Observer, Unobserved, observing
 from gateway.pipeline import Pipeline
+from gateway.relay import Relayed
+from gateway.relay_response import RelayedEvents
 from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
 from gateway.settings import ServerSettings, Settings
 from gateway.sse import sse_events
@@ -90,6 +92,9 @@ class Runtime:
     pipeline: Pipeline | None = None
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Which of the `nomoat serve --workers N` processes this is (gateway/workers.py).
+    worker: int = 0
+    workers: int = 1
     # Traces (None: off). Given by tests; else built at start from [telemetry].
     tracing: Tracing | None = None
     # The request metrics (None: switched off) and what reports to them.
@@ -174,10 +179,16 @@ class Runtime:
             stack,
             engine=self.accounting.engine if self.accounting is not None else None,
         )
+        if self.costing is not None and self.costing.ends_streams:
+            # The closing comments (cost, busy time) go before a typed
+            # stream's [DONE]; relayed bytes have no place for them.
+            self.pipeline.relay_streams = False
 
     async def start_admission(self, stack: AsyncExitStack) -> None:
         engine = self.accounting.engine if self.accounting is not None else None
-        self.admission = await start_admission(self.settings, self.plan.catalog, stack, engine)
+        self.admission = await start_admission(
+            self.settings, self.plan.catalog, stack, engine, self.workers
+        )
         if self.admission is not None:
             # Every request's end settles its ticket: streams are watched.
             self.observer.active = True
@@ -354,9 +365,12 @@ def _openai_endpoint(
             if body.stream:
                 # Watched from now: a client that leaves before the first
                 # chunk stops the generation too.
-                primed = pipeline.stream(endpoint, body, ctx, trace)
-                chunks = await _cancel_on_disconnect(request, primed)
-                watched = chunks if span is None else span.watch(chunks)
+                primed = pipeline.events(endpoint, body, ctx, trace)
+                stream = await _cancel_on_disconnect(request, primed)
+                if isinstance(stream, Relayed):
+                    relay_headers = headers_for(trace, request_id.encode("latin-1"), ticket)
+                    return RelayedEvents(stream, relay_headers, observer, exchange, span)
+                watched = stream if span is None else span.watch(stream)
                 events = sse_events(observer.watching(watched, exchange))
                 if runtime.costing is not None:
                     events = runtime.costing.ending(events, exchange)
@@ -554,6 +568,7 @@ async def _server_state(runtime: Runtime) -> ServerState:
             d.ready,
             d.in_flight,
             pipeline.stats.in_cooldown(d.deployment) if pipeline else False,
+            d.max_concurrency,
         )
         for model, entries in status.models.items()
         for d in entries
@@ -564,6 +579,18 @@ async def _server_state(runtime: Runtime) -> ServerState:
         deployments,
         pipeline.adapter_usage if pipeline else {},
         runtime.costing,
+        _capacity_state(status, pipeline),
+    )
+
+
+def _capacity_state(status: wire.GatewayStatus, pipeline: Pipeline | None) -> CapacityState:
+    """max_concurrency's waits, and the worker answering (gateway/workers.py)."""
+    return CapacityState(
+        status.waiting_for_capacity,
+        pipeline.stats.capacity_waits if pipeline else 0,
+        pipeline.stats.capacity_timeouts if pipeline else 0,
+        status.worker,
+        status.workers,
     )
 
 
@@ -579,12 +606,19 @@ async def _status(runtime: Runtime) -> wire.GatewayStatus:
                 ready=health[c.backend].ready if c.backend in health else False,
                 detail=health[c.backend].detail if c.backend in health else "not started",
                 in_flight=stats.in_flight(c.target.deployment) if stats else 0,
+                max_concurrency=c.max_concurrency,
             )
             for c in entry.candidates
         ]
         for name, entry in runtime.plan.catalog.models.items()
     }
-    return wire.GatewayStatus(draining=runtime.draining, models=models)
+    return wire.GatewayStatus(
+        draining=runtime.draining,
+        models=models,
+        waiting_for_capacity=stats.waiting_for_capacity if stats else 0,
+        worker=runtime.worker,
+        workers=runtime.workers,
+    )
 
 
 def create_app(runtime: Runtime) -> Litestar:

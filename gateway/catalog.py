@@ -69,6 +69,8 @@ class ModelEntry:
     timeout_seconds: float | None = None
     rules: tuple[Rule, ...] = ()
     stream_timeout_seconds: float | None = None
+    # A request's wait for a slot when every deployment is at its max_concurrency.
+    capacity_wait_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ def _model_entries(
                 deployment.weight,
                 deployment.input_usd_per_million,
                 deployment.output_usd_per_million,
+                deployment.max_concurrency,
             )
             for index, deployment in enumerate(model.deployments)
         )
@@ -158,6 +161,7 @@ def _model_entries(
             model.timeout_seconds,
             _rules(name, model),
             model.stream_timeout_seconds,
+            model.capacity_wait_seconds,
         )
     return entries
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -37,6 +38,7 @@ from gateway.settings import (
 )
 from gateway.shedding import RequestShedder
 from gateway.telemetry.setup import problems as telemetry_problems
+from gateway.workers import embedded_refusal, listening_socket, run_workers
 
 DEFAULT_ADMIN_KEY_ENV = "NOMOAT_ADMIN_KEY"
 
@@ -98,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"nomoat: configuration error:\n{error}", file=sys.stderr)
         return 2
-    return _run(settings)
+    return _run(settings, workers=args.workers)
 
 
 def edge(args: argparse.Namespace) -> int:
@@ -142,7 +144,7 @@ def edge(args: argparse.Namespace) -> int:
     return _run(settings)
 
 
-def _run(settings: Settings) -> int:
+def _run(settings: Settings, workers: int = 1) -> int:
     try:
         startup_plan = plan(settings, discover(settings.plugins.disabled))
     except (ConfigError, PluginLoadError) as error:
@@ -157,14 +159,43 @@ def _run(settings: Settings) -> int:
     # Managed keys (`nomoat keys create`) protect a network gateway as well.
     if refusal is not None and managed_keys_exist(settings.accounting):
         refusal = None
-    refusal = refusal or config_refusal(settings)
+    refusal = (
+        refusal
+        or embedded_refusal(
+            {name: backend.type for name, backend in settings.backends.items()}, workers
+        )
+        or config_refusal(settings, workers)
+    )
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
     logging.basicConfig(
         level=server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    runtime = Runtime(settings, startup_plan)
+    if workers <= 1:
+        return _serve(settings, startup_plan)
+    sock = listening_socket(server.host, server.port)
+    return run_workers(
+        workers, sock, lambda index: _serve(settings, startup_plan, (index, workers), sock)
+    )
+
+
+def _serve(
+    settings: Settings,
+    startup_plan: Plan,
+    worker: tuple[int, int] = (0, 1),
+    sock: socket.socket | None = None,
+) -> int:
+    """One server process: the only one, or worker ``worker[0]`` of ``worker[1]``."""
+    server = settings.server
+    index, workers = worker
+    if workers > 1 and server.decision_log is not None:
+        # One file per worker: lines of several processes would interleave.
+        log_path = server.decision_log
+        log_path = log_path.with_name(f"{log_path.stem}.worker{index}{log_path.suffix}")
+        server = server.model_copy(update={"decision_log": log_path})
+        settings = settings.model_copy(update={"server": server})
+    runtime = Runtime(settings, startup_plan, worker=index, workers=workers)
     limits = settings.limits
     # Connections and requests are bounded before the app sees them, and
     # shed with 503 + Retry-After past the bounds (gateway/connections.py,
@@ -186,7 +217,7 @@ def _run(settings: Settings) -> int:
     # uvicorn re-raises the signal that stopped it once shutdown is complete;
     # by then SIGTERM has been handled (the server drained), so exit 0.
     signal.signal(signal.SIGTERM, _drained)
-    _Server(config, runtime).run()
+    _Server(config, runtime).run(sockets=[sock] if sock is not None else None)
     return 0
 
 
@@ -362,6 +393,13 @@ def _options_problem(policy: str, model: type[BaseModel], error: ValueError) -> 
     return f"invalid options for policy {policy}: {problems} (its options: {known})"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="nomoat", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -374,6 +412,13 @@ def parser() -> argparse.ArgumentParser:
         "--allow-unauthenticated-network",
         action="store_true",
         help="listen beyond loopback even with no API key configured",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="processes serving the port, each a whole gateway (default 1; not with the "
+        "embedded engine; see gateway/workers.py)",
     )
     run.set_defaults(handler=serve)
 

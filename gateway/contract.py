@@ -396,6 +396,9 @@ class Candidate:
     # charged on this deployment, in USD (its configured prices).
     input_usd_per_million: float = 0.0
     output_usd_per_million: float = 0.0
+    # Requests in flight here at most (None: no limit of the gateway's own);
+    # a full deployment is left out of the ranking.
+    max_concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

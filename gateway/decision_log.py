@@ -99,6 +99,8 @@ class CandidateView(msgspec.Struct, kw_only=True):
     adapters: list[AdapterView]
     stats: StatsView
     health: HealthView | None = None
+    # Absent in logs written before deployments had it.
+    max_concurrency: int | None = None
 
     def candidate(self, base_model: str) -> Candidate:
         """The candidate again. Adapters come back with their name and scale
@@ -114,6 +116,7 @@ class CandidateView(msgspec.Struct, kw_only=True):
             self.weight,
             self.input_usd_per_million,
             self.output_usd_per_million,
+            self.max_concurrency,
         )
 
 

@@ -241,6 +241,7 @@ def candidate_view(candidate: Candidate, stats: CandidateStats) -> CandidateView
         weight=candidate.weight,
         input_usd_per_million=candidate.input_usd_per_million,
         output_usd_per_million=candidate.output_usd_per_million,
+        max_concurrency=candidate.max_concurrency,
         adapters=[AdapterView(name=u.adapter.name, scale=u.scale) for u in target.adapters],
         stats=StatsView.of(stats),
     )

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 
 from gateway import wire
 from gateway.contract import Backend, RequestContext, Target
+from gateway.relay import ChunkRelay, SupportsRelay
 from gateway.settings import LimitSettings
 from gateway.streams import chat_as_chunks, completion_as_chunks
 from gateway.validation import decode_chat, decode_completion
@@ -38,6 +39,10 @@ class Endpoint(Generic[RequestT, AnswerT, ChunkT]):
     stream: Callable[[Backend, RequestT, Target, RequestContext], AsyncIterator[ChunkT]]
     # A whole answer (from a hook: a cache hit) as the chunks of a stream.
     as_chunks: Callable[[AnswerT], AsyncIterator[ChunkT]]
+    # The cheap relay's events (gateway/relay.py), for backends that have it.
+    relay: Callable[
+        [SupportsRelay, RequestT, Target, RequestContext, ChunkRelay], AsyncIterator[bytes]
+    ]
 
 
 CHAT: Endpoint[wire.ChatCompletionRequest, wire.ChatCompletion, wire.ChatCompletionChunk] = (
@@ -52,6 +57,9 @@ CHAT: Endpoint[wire.ChatCompletionRequest, wire.ChatCompletion, wire.ChatComplet
         answer=lambda backend, request, target, ctx: backend.chat(request, target, ctx),
         stream=lambda backend, request, target, ctx: backend.chat_stream(request, target, ctx),
         as_chunks=chat_as_chunks,
+        relay=lambda backend, request, target, ctx, relay: backend.chat_relay(
+            request, target, ctx, relay
+        ),
     )
 )
 
@@ -66,4 +74,7 @@ COMPLETIONS: Endpoint[wire.CompletionRequest, wire.Completion, wire.Completion] 
     answer=lambda backend, request, target, ctx: backend.completion(request, target, ctx),
     stream=lambda backend, request, target, ctx: backend.completion_stream(request, target, ctx),
     as_chunks=completion_as_chunks,
+    relay=lambda backend, request, target, ctx, relay: backend.completion_relay(
+        request, target, ctx, relay
+    ),
 )

@@ -23,6 +23,8 @@ class DeploymentState:
     up: bool
     in_flight: int = 0
     cooling_down: bool = False
+    # Its models.*.deployments[].max_concurrency (None: no limit).
+    max_concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ServerState:
     adapter_usage: Mapping[str, AdapterUsage] = field(default_factory=dict)
     # Self-hosted nodes' busy and idle cost (gateway/accounting/nodes.py).
     costs: Collects | None = None
+    capacity: CapacityState | None = None
 
     def collect(self) -> Iterator[Metric]:
         yield from _engine_families(self.backends)
@@ -53,6 +56,8 @@ class ServerState:
         yield failures
         yield from _deployment_families(self.deployments)
         yield from _adapter_families(self.backends, self.adapter_usage)
+        if self.capacity is not None:
+            yield from _capacity_families(self.deployments, self.capacity)
 
 
 class Collects(Protocol):
@@ -180,3 +185,58 @@ def _adapter_families(
             load_seconds.add_metric([name, adapter], count.load_seconds)
             loaded.add_metric([name, adapter], int(adapter in held))
     yield from (loads, evictions, load_seconds, loaded)
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityState:
+    """Requests held back by max_concurrency, and which worker of ``nomoat
+    serve --workers N`` answered the scrape (each serves its own figures)."""
+
+    waiting: int = 0
+    waits: int = 0
+    timeouts: int = 0
+    worker: int = 0
+    workers: int = 1
+
+
+def _capacity_families(
+    deployments: Mapping[tuple[str, str, str], DeploymentState], capacity: CapacityState
+) -> Iterator[Metric]:
+    limits = GaugeMetricFamily(
+        "nomoat_deployment_max_concurrency",
+        "A deployment's max_concurrency (only those that have one).",
+        None,
+        ["model", "deployment", "backend"],
+    )
+    for key, state in sorted(deployments.items()):
+        if state.max_concurrency is not None:
+            limits.add_metric(list(key), state.max_concurrency)
+    yield limits
+    yield GaugeMetricFamily(
+        "nomoat_capacity_waiting",
+        "Requests waiting for a deployment below its max_concurrency.",
+        capacity.waiting,
+    )
+    yield CounterMetricFamily(
+        "nomoat_capacity_waits",
+        "Requests that found every deployment at its max_concurrency and waited.",
+        capacity.waits,
+    )
+    yield CounterMetricFamily(
+        "nomoat_capacity_timeouts",
+        "Requests whose wait for a free slot ran out (503).",
+        capacity.timeouts,
+    )
+    info = GaugeMetricFamily(
+        "nomoat_worker_info",
+        "The worker that answered (nomoat serve --workers N): every figure here is its own.",
+        None,
+        ["worker"],
+    )
+    info.add_metric([str(capacity.worker)], 1)
+    yield info
+    yield GaugeMetricFamily(
+        "nomoat_workers",
+        "Worker processes serving this port (nomoat serve --workers N).",
+        capacity.workers,
+    )

@@ -48,6 +48,7 @@ from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.stats import AdapterUsage
 from gateway.metrics import NoMetrics, RequestMetrics
+from gateway.relay import ChunkRelay, Relayed, opened, supports_relay
 from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
@@ -101,6 +102,9 @@ class Pipeline:
         self.adapter_usage: dict[str, AdapterUsage] = {}
         self.decisions = Decisions(decision_log, record_prompts)
         self.metrics: RequestMetrics = metrics or NoMetrics()
+        # False: streams are never relayed as bytes (the app's closing SSE
+        # comments, e.g. the cost, need the typed stream's [DONE]).
+        self.relay_streams = True
 
     @property
     def catalog(self) -> Catalog:
@@ -173,6 +177,82 @@ class Pipeline:
             chunks = checked(self.hooks.on_stream(asked, chunks, ctx), endpoint.chunk_type)
         shaped = shape_usage(chunks, _wants_usage(asked))
         return self._told(shaped, asked, ctx) if self.hooks.hears_errors else shaped
+
+    async def events(
+        self,
+        endpoint: Endpoint[RequestT, AnswerT, ChunkT],
+        request: RequestT,
+        ctx: RequestContext,
+        trace: RouteTrace | None = None,
+    ) -> AsyncIterator[ChunkT | bytes]:
+        """One streamed answer, its first chunk already there, for
+        :func:`gateway.sse.sse_events`. When nothing needs typed chunks (no
+        stream or error hook, no stream time limit, no captured content) a
+        deployment that can relay (:mod:`gateway.relay`) sends its upstream's
+        chunks through the cheap relay, as events already framed; otherwise
+        the chunks are typed, as :meth:`stream` makes them. Either way a
+        failure after the first chunk is raised, and the exchange, the stats
+        and the attempt's span hear the same."""
+        if (
+            self.hooks.rewrites_streams
+            or self.hooks.hears_errors
+            or not self.relay_streams
+            or _captures_content(trace)
+        ):
+            return await self.stream(endpoint, request, ctx, trace)
+        arrived = time.monotonic()
+        early = await self.hooks.on_request(request, ctx)
+        if isinstance(early, endpoint.answer_type):
+            self._answered_early(request, trace, ctx, endpoint.name)
+            return shape_usage(endpoint.as_chunks(early), _wants_usage(request))
+        asked = _expect(early, endpoint.request_type)
+        route = self.router.resolve(asked)
+        ctx = _with_deadline(ctx, route.entry)
+        exchange = _exchange(trace, ctx, endpoint.name)
+        limit = route.entry.stream_timeout_seconds
+        include_usage = _wants_usage(asked)
+        chat = endpoint.name == "chat"
+
+        async def call(
+            backend: Backend, target: Target, c: RequestContext
+        ) -> Relayed | AsyncIterator[ChunkT]:
+            if limit is None and supports_relay(backend):
+                relay = ChunkRelay(
+                    c.request_id,
+                    target.model,
+                    chat=chat,
+                    include_usage=include_usage,
+                    started=time.monotonic(),
+                )
+                return await opened(endpoint.relay(backend, asked, target, c, relay), relay)
+            return await primed(endpoint.stream(backend, asked, target, c))
+
+        started = await self._attempts(route, asked, ctx, call, trace, exchange)
+        result = started.result
+        if isinstance(result, Relayed):
+            result.on_end.append(self._relay_ended(started, exchange))
+            return result
+        typed = Started(started.target, started.at, result, started.backend)
+        return shape_usage(self._streaming(typed, limit, arrived, exchange), include_usage)
+
+    def _relay_ended(
+        self, started: Started[T], exchange: Exchange
+    ) -> Callable[[ChunkRelay, BaseException | None], None]:
+        """What :meth:`_streaming` does when a typed stream ends, for a relayed one."""
+
+        def ended(relay: ChunkRelay, failure: BaseException | None) -> None:
+            record = StreamRecord(
+                None
+                if relay.first_content is None
+                else relay.started + relay.first_content - started.at,
+                relay.usage,
+                failure is not None,
+                relay.chunks_since_content,
+                relay.reasons.get(0),
+            )
+            self._stream_ended(started, record, exchange)
+
+        return ended
 
     async def explain(self, request: AnyRequest, ctx: RequestContext) -> RouteDecision:
         """A dry run: how ``request`` would be routed now (rules, health,
@@ -249,10 +329,38 @@ class Pipeline:
         and are healthy and not cooling down, with the stats it saw."""
         pool = self.router.eligible(route, model, request, ctx)
         health = {c.backend: await self.backends[c.backend].health() for c in pool}
-        candidates = self.stats.available(pool, {n: h.ready for n, h in health.items()})
+        ready = {n: h.ready for n, h in health.items()}
+        candidates = self.stats.available(pool, ready)
+        if not candidates and not dry_run and any(self.stats.full(c) for c in pool):
+            candidates = await self._capacity(pool, ready, model, ctx)
         stats = self.stats.snapshot(candidates, self.backends)
         return self.decisions.rank(
             model, request, ctx, candidates, stats, pool=pool, health=health, dry_run=dry_run
+        )
+
+    async def _capacity(
+        self,
+        pool: list[Candidate],
+        ready: dict[str, bool],
+        model: ModelEntry,
+        ctx: RequestContext,
+    ) -> list[Candidate]:
+        """Every deployment the request may use is at its max_concurrency:
+        wait for a slot, at most the model's ``capacity_wait_seconds`` (and
+        never past the deadline); then 503 with Retry-After."""
+        self.stats.capacity_waits += 1
+        end = time.monotonic() + model.capacity_wait_seconds
+        if ctx.deadline is not None:
+            end = min(end, ctx.deadline)
+        while (left := end - time.monotonic()) > 0:
+            await self.stats.slot_freed(left)
+            candidates = self.stats.available(pool, ready)
+            if candidates:
+                return candidates
+        self.stats.capacity_timeouts += 1
+        raise EngineOverloadedError(
+            f"every deployment of {model.name} is at its max_concurrency; retry later",
+            retry_after_seconds=1,
         )
 
     async def _attempt(
@@ -266,6 +374,10 @@ class Pipeline:
         """One call to one deployment: it started, or the retryable error.
         Only a started attempt stays in flight; its caller ends it."""
         deployment = candidate.target.deployment
+        if self.stats.full(candidate):
+            # Filled since the ranking (another request started there): next.
+            decision.attempts.append((deployment, "full"))
+            return EngineOverloadedError(f"{deployment} is at its max_concurrency")
         backend = self.backends[candidate.backend]
         started = time.monotonic()
         self.stats.started(deployment)
@@ -337,28 +449,31 @@ class Pipeline:
             chunks = until(chunks, limit - (time.monotonic() - arrived), limit)
 
         def done(record: StreamRecord) -> None:
-            exchange.finish_reason = record.finish_reason
-            if record.first_content is not None:
-                exchange.first_token_at = started.at + record.first_content
-            if record.usage is None and record.chunks_since_content:
-                # Cut short (the client left, the upstream failed): count
-                # what was generated rather than report nothing.
-                exchange.estimated_output_tokens = record.chunks_since_content
-            if record.failed:
-                self.stats.finished(started.target.deployment)
-                seconds = time.monotonic() - started.at
-                self.metrics.attempt_ended(
-                    exchange,
-                    started.target,
-                    started.backend,
-                    seconds,
-                    record.usage,
-                    "stream_failed",
-                )
-            else:
-                self._ended(started, record.first_content, record.usage, exchange)
+            self._stream_ended(started, record, exchange)
 
         return observed(chunks, started.at, done)
+
+    def _stream_ended(self, started: Started[T], record: StreamRecord, exchange: Exchange) -> None:
+        exchange.finish_reason = record.finish_reason
+        if record.first_content is not None:
+            exchange.first_token_at = started.at + record.first_content
+        if record.usage is None and record.chunks_since_content:
+            # Cut short (the client left, the upstream failed): count
+            # what was generated rather than report nothing.
+            exchange.estimated_output_tokens = record.chunks_since_content
+        if record.failed:
+            self.stats.finished(started.target.deployment)
+            seconds = time.monotonic() - started.at
+            self.metrics.attempt_ended(
+                exchange,
+                started.target,
+                started.backend,
+                seconds,
+                record.usage,
+                "stream_failed",
+            )
+        else:
+            self._ended(started, record.first_content, record.usage, exchange)
 
     def _ended(
         self,
@@ -413,6 +528,12 @@ def _exchange(trace: RouteTrace | None, ctx: RequestContext, endpoint: str) -> E
     if trace is not None:
         trace.exchange = exchange
     return exchange
+
+
+def _captures_content(trace: RouteTrace | None) -> bool:
+    """Traced with the answers' text captured: that needs typed chunks."""
+    span = trace.span if trace is not None else None
+    return span is not None and span.tracing.capture_content
 
 
 def _with_deadline(ctx: RequestContext, model: ModelEntry) -> RequestContext:

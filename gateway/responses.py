@@ -19,7 +19,7 @@ from litestar.types import Receive, Scope, Send
 
 Headers = list[tuple[bytes, bytes]]
 _JSON = (b"content-type", b"application/json")
-_SSE = [
+SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -94,7 +94,7 @@ class EventStream:
 
     def __init__(self, events: AsyncIterator[bytes], headers: Headers | None = None) -> None:
         self._events = events
-        self._headers = [*_SSE, *(headers or ())]
+        self._headers = [*SSE_HEADERS, *(headers or ())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         events = self._events

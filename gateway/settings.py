@@ -189,6 +189,12 @@ class DeploymentSettings(_Strict):
     input_usd_per_million: Annotated[float, Field(ge=0)] = 0.0
     output_usd_per_million: Annotated[float, Field(ge=0)] = 0.0
     cached_input_usd_per_million: Annotated[float, Field(ge=0)] | None = None
+    # Requests (streams until their last chunk) in flight here at most, e.g.
+    # the engine's batch size (vLLM's --max-num-seqs, an edge node's
+    # parallel): past it the policy tries another deployment, and when every
+    # deployment is full the request waits (models.*.capacity_wait_seconds).
+    # Unset: the gateway sets no limit of its own.
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -241,6 +247,9 @@ class ModelSettings(_Strict):
     # A stream's whole duration, from the request's arrival: past it, the
     # stream ends with an error event and the generation is cancelled.
     stream_timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    # How long a request waits for a free slot when every deployment it may
+    # use is at its max_concurrency; past it, 503 with Retry-After.
+    capacity_wait_seconds: Annotated[float, Field(ge=0)] = 10.0
     owned_by: str = "nomoat"
     # Requests and tokens per minute for this model, all keys together
     # (aliases count as the model): what its deployments can take.

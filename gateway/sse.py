@@ -28,11 +28,13 @@ def event(payload: msgspec.Struct) -> bytes:
     return b"data: " + encoder.encode(payload) + b"\n\n"
 
 
-async def sse_events(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[bytes]:
+async def sse_events(chunks: AsyncIterator[msgspec.Struct | bytes]) -> AsyncIterator[bytes]:
+    """The client's events: typed chunks encoded, bytes (events the cheap
+    relay framed already, :mod:`gateway.relay`) as they are."""
     try:
         async with closing(chunks):
             async for chunk in chunks:
-                yield event(chunk)
+                yield chunk if isinstance(chunk, bytes) else event(chunk)
     except GatewayError as error:
         yield event(error.body())
         return

@@ -7,6 +7,7 @@ Everything here is in-memory arithmetic on the event loop: no I/O, no locks.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,12 @@ class StatsTable:
         self._failures_before_cooldown = failures_before_cooldown
         self._max_ejected_share = max_ejected_share
         self._table: dict[str, _Deployment] = {}
+        # Requests waiting for a deployment below its max_concurrency, woken
+        # (all of them: each checks again) when any attempt ends.
+        self._slot_waiters: list[asyncio.Future[None]] = []
+        # Requests that waited for a slot, and those whose wait ran out.
+        self.capacity_waits = 0
+        self.capacity_timeouts = 0
 
     def _entry(self, deployment: str) -> _Deployment:
         entry = self._table.get(deployment)
@@ -94,6 +101,38 @@ class StatsTable:
 
     def finished(self, deployment: str) -> None:
         self._entry(deployment).in_flight -= 1
+        if self._slot_waiters:
+            waiters, self._slot_waiters = self._slot_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    # ------------------------------------------------------------- capacity
+
+    def full(self, candidate: Candidate) -> bool:
+        """At its ``max_concurrency``: not to be tried now."""
+        limit = candidate.max_concurrency
+        return limit is not None and self.in_flight(candidate.target.deployment) >= limit
+
+    @property
+    def waiting_for_capacity(self) -> int:
+        """Requests waiting now for a deployment below its max_concurrency."""
+        return len(self._slot_waiters)
+
+    async def slot_freed(self, seconds: float) -> bool:
+        """Wait until an attempt ends (some deployment may have a free slot
+        now), at most ``seconds``; whether one ended."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(seconds):
+                await waiter
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self._slot_waiters:
+                self._slot_waiters.remove(waiter)
+        return True
 
     def observe(self, deployment: str, ttft: float | None, seconds: float, tokens: int) -> None:
         """A completed answer: time to its first token (streams only), its
@@ -143,7 +182,8 @@ class StatsTable:
         ready: Mapping[str, bool],
         now: float | None = None,
     ) -> list[Candidate]:
-        """The candidates worth trying: healthy backends, not in cooldown. At
+        """The candidates worth trying: healthy backends, not in cooldown,
+        below their ``max_concurrency``. At
         most ``max_ejected_share`` of a pool is ever left out (those closest
         to the end of their cooldown come back first): a flaky probe must not
         empty a whole pool."""
@@ -164,7 +204,7 @@ class StatsTable:
                 )
             )
             out = out[len(out) - keep_out :] if keep_out else []
-        return [c for c in candidates if c not in out]
+        return [c for c in candidates if c not in out and not self.full(c)]
 
     def snapshot(
         self, candidates: Sequence[Candidate], backends: Mapping[str, Backend]

@@ -253,6 +253,8 @@ class DeploymentStatus(Struct, kw_only=True):
     detail: str
     # Requests this gateway has on it now (streams until their last byte).
     in_flight: int = 0
+    # Its limit (models.*.deployments[].max_concurrency); null: none.
+    max_concurrency: int | None = None
 
 
 class GatewayStatus(Struct, kw_only=True):
@@ -260,6 +262,12 @@ class GatewayStatus(Struct, kw_only=True):
 
     draining: bool
     models: dict[str, list[DeploymentStatus]]
+    # Requests waiting now for a deployment below its max_concurrency.
+    waiting_for_capacity: int = 0
+    # The worker that answered, of `nomoat serve --workers N`: with several,
+    # each answers for itself (its own routing state and counts).
+    worker: int = 0
+    workers: int = 1
 
 
 class AdapterRegistration(Struct, kw_only=True, forbid_unknown_fields=True):

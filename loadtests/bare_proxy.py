@@ -24,6 +24,7 @@ import msgspec
 import uvicorn
 from litestar import Litestar, Request, Response, post
 from litestar.response import Stream
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 
 class _Body(msgspec.Struct):
@@ -35,7 +36,36 @@ _decoder = msgspec.json.Decoder(_Body)
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(upstream: str) -> Litestar:
+class _Pump:
+    """``--raw-asgi``: the answer's reads sent straight to the ASGI ``send``,
+    no generator and no Litestar ``Stream`` (the least a Python relay on this
+    stack can do per chunk)."""
+
+    def __init__(self, answer: aiohttp.ClientResponse) -> None:
+        self._answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = self._answer
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": answer.status,
+                    "headers": [(b"content-type", b"text/event-stream"), *_RAW_HEADERS],
+                }
+            )
+            read = answer.content.readany
+            while data := await read():
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            answer.release()
+
+
+_RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in _SSE_HEADERS.items()]
+
+
+def create_app(upstream: str, raw_asgi: bool = False) -> Litestar:
     url = upstream.rstrip("/") + "/v1/chat/completions"
     state: dict[str, aiohttp.ClientSession] = {}
 
@@ -83,7 +113,20 @@ def create_app(upstream: str) -> Litestar:
             headers=_SSE_HEADERS,
         )
 
-    return Litestar(route_handlers=[chat], lifespan=[lifespan], openapi_config=None, debug=False)
+    @post("/v1/chat/completions", status_code=200, name="chat_raw")
+    async def chat_raw(request: Request) -> ASGIApp:  # type: ignore[type-arg]
+        # Streams only (what the floor measures): the body is sent on as it came.
+        raw = await request.body()
+        _decoder.decode(raw)
+        headers = {"Content-Type": "application/json"}
+        return _Pump(await state["session"].post(url, data=raw, headers=headers))
+
+    return Litestar(
+        route_handlers=[chat_raw if raw_asgi else chat],
+        lifespan=[lifespan],
+        openapi_config=None,
+        debug=False,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,10 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:9100")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument(
+        "--raw-asgi", action="store_true", help="send a stream's reads straight to ASGI send"
+    )
     args = parser.parse_args(argv)
     # The same server settings as `nomoat serve` (gateway/cli.py).
     uvicorn.run(
-        create_app(args.upstream),
+        create_app(args.upstream, args.raw_asgi),
         host=args.host,
         port=args.port,
         loop="uvloop",

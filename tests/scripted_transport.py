@@ -6,6 +6,7 @@ recorded. Fast tests drive the upstream code with it, with no server.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
     # Raised after the pieces (a connection cut mid-body).
     cut: BaseException | None = None
+    # Awaited after the pieces (an upstream that goes quiet): None, no wait.
+    hold: asyncio.Event | None = None
 
 
 def json_reply(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
@@ -59,10 +62,19 @@ class Sent:
 class _Body:
     def __init__(self, reply: Reply) -> None:
         self._reply = reply
+        self._reads: AsyncIterator[bytes] | None = None
+
+    async def readany(self) -> bytes:
+        """The next piece; b"" once they are all read (as aiohttp's)."""
+        if self._reads is None:
+            self._reads = self.iter_any()
+        return await anext(self._reads, b"")
 
     async def iter_any(self) -> AsyncIterator[bytes]:
         for piece in self._reply.pieces:
             yield piece
+        if self._reply.hold is not None:
+            await self._reply.hold.wait()
         if self._reply.cut is not None:
             raise self._reply.cut
 
@@ -106,7 +118,13 @@ class ScriptedTransport:
         self.replies.extend(replies)
 
     async def send(
-        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str] | None
+        self,
+        method: str,
+        url: URL,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        *,
+        watched: bool = False,
     ) -> ScriptedResponse:
         self.sent.append(Sent(method, url, body, headers))
         if not self.replies:

@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import openai
 import pytest
 
+from gateway import wire
+from gateway.relay import ChunkRelay
 from tests.conftest import Server, config_with_key, running_server
 from tests.openai_schema import CHAT, assert_answer, problems
 from tests.vllm_server import VllmServer
@@ -120,3 +123,50 @@ def test_text_completions(raw: httpx.Client, model: str) -> None:
     stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
     for chunk in events(raw.post("/completions", json=stream)):
         assert_answer(chunk, stream=True, chat=False)
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_vllms_content_chunks_take_the_relays_fast_path(
+    vllm: VllmServer, chat: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's own stream through the cheap relay (gateway/relay.py): its
+    content chunks keep their bytes (only the first chunk, the finish and the
+    usage are decoded), and each event is what the typed path sends."""
+    decoded: list[bytes] = []
+    typed = ChunkRelay._typed
+
+    def recording(self: ChunkRelay, payload: bytes) -> bytes:
+        decoded.append(payload)
+        return typed(self, payload)
+
+    monkeypatch.setattr(ChunkRelay, "_typed", recording)
+    body: dict[str, Any] = {
+        "model": vllm.model,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if chat:
+        body["messages"] = HI
+    else:
+        body["prompt"] = "The capital of France is"
+    path = "/chat/completions" if chat else "/completions"
+    reply = httpx.post(f"{vllm.base_url}{path}", json=body, timeout=300)
+    payloads = [
+        line.removeprefix(b"data: ")
+        for line in reply.content.split(b"\n\n")
+        if line.startswith(b"data: ") and line != b"data: [DONE]"
+    ]
+    relay = ChunkRelay("chatcmpl-gw", "m", chat=chat, include_usage=True, started=0.0)
+    relayed = [relay.feed(payload) for payload in payloads]
+    decoder = wire.ChatCompletionChunk if chat else wire.Completion
+    for payload, event in zip(payloads, relayed, strict=True):
+        chunk = msgspec.json.decode(payload, type=decoder)
+        chunk.id, chunk.model = "chatcmpl-gw", "m"
+        if chat and not isinstance(chunk.usage, wire.Usage):
+            chunk.usage = None
+        assert json.loads(event[len(b"data: ") :]) == json.loads(wire.encoder.encode(chunk))
+    assert len(payloads) >= 5
+    # The role chunk (chat) or first chunk, the finish chunk, the usage chunk.
+    assert len(decoded) <= 3, [p[-80:] for p in decoded]

@@ -285,6 +285,7 @@ def test_the_record_holds_every_field_of_the_stats_and_the_candidate() -> None:
         "weight": {"weight"},
         "input_usd_per_million": {"input_usd_per_million"},
         "output_usd_per_million": {"output_usd_per_million"},
+        "max_concurrency": {"max_concurrency"},
     }
     assert set(covered) == {f.name for f in dataclasses.fields(Candidate)}
     assert covered["target"] == {f.name for f in dataclasses.fields(Target)}

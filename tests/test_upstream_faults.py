@@ -284,3 +284,35 @@ async def test_the_gateway_routes_around_it_meanwhile() -> None:
             await wait_for(backend, True)
             assert (await gw.http.post("/v1/chat/completions", json=CHAT)).status_code == 200
             assert up.chats == 2
+
+
+# ------------------------------------------------------- a silent stream
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["relay", "typed"])
+async def test_a_stream_silent_past_first_token_timeout_ends_with_an_error_event(
+    typed: bool,
+) -> None:
+    """The relay bounds the gaps with its own idle watch (aiohttp's read
+    timer is off for it), the typed path with aiohttp's: both end a stream
+    that goes silent after its first chunk with an error event, about
+    first_token_timeout after the last chunk, and drop the connection."""
+    async with upstream() as up:
+        config = gateway_config(up.url, first_token_timeout=0.3)
+        if typed:  # a stream time limit: the typed path (the last table is [models.m])
+            config += "stream_timeout_seconds = 60\n"
+        async with in_process_gateway(config) as gw:
+            up.chat = "hold"
+            loop = asyncio.get_running_loop()
+            async with gw.http.stream(
+                "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
+            ) as held:
+                assert held.status_code == 200
+                lines = []
+                async for line in held.aiter_lines():
+                    if line.startswith("data: "):
+                        lines.append((loop.time(), line.removeprefix("data: ")))
+    (first_at, first), (error_at, error) = lines
+    assert json.loads(first)["choices"][0]["delta"]["content"] == "hi"
+    assert "timed out" in json.loads(error)["error"]["message"]
+    assert 0.2 < error_at - first_at < 5.0

@@ -63,6 +63,7 @@ from gateway.errors import GatewayError, InvalidRequestError
 from gateway.lora.edge import EdgeAdapters
 from gateway.lora.remote import RemoteAdapters
 from gateway.lora.vllm import VllmAdapters
+from gateway.relay import ChunkRelay
 from gateway.telemetry import semconv
 
 _T = TypeVar("_T")
@@ -107,7 +108,12 @@ class OpenAICompatibleConfig(BaseModel):
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     # Until the first byte of an answer, and between chunks of a stream.
     first_token_timeout: Annotated[float, Field(gt=0)] = 120.0
-    max_connections: Annotated[int, Field(ge=1)] = 100
+    # Connections to this upstream at most (one per request or stream in
+    # flight). As many as the gateway takes clients' connections
+    # (limits.max_connections), so that the engine's capacity, not the pool,
+    # decides how many run at once (vLLM batches hundreds of sequences):
+    # bound a deployment with models.*.deployments[].max_concurrency instead.
+    max_connections: Annotated[int, Field(ge=1)] = 4096
     # Seconds between health probes (and, for vllm/edge, metric scrapes).
     probe_interval: Annotated[float, Field(gt=0)] = 2.0
     # Accepts tools and response_format (engines with native support).
@@ -307,6 +313,26 @@ class OpenAICompatibleBackend:
             self._guard.check_chat(request)
         return self._relay("/chat/completions", request, self._chunk_decoder, target, ctx)
 
+    def chat_relay(
+        self,
+        request: wire.ChatCompletionRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]:
+        if self._guard is not None:
+            self._guard.check_chat(request)
+        return self._cheap_relay("/chat/completions", request, target, ctx, relay)
+
+    def completion_relay(
+        self,
+        request: wire.CompletionRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]:
+        return self._cheap_relay("/completions", request, target, ctx, relay)
+
     async def completion(
         self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
     ) -> wire.Completion:
@@ -432,6 +458,58 @@ class OpenAICompatibleBackend:
                 if not self._reports_busy:
                     self._busy(ctx, shared)
 
+    def _cheap_relay(
+        self,
+        path: str,
+        request: AnyRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]:
+        """The client's events straight from the upstream's (see
+        :mod:`gateway.relay`); the base model needs no adapter held, so its
+        stream is the upstream's generator itself."""
+        if not target.adapters and self._base_is_plain and ctx.compute is None:
+            return self._upstream.relay(
+                path,
+                _stream_body(request, target.engine_model),
+                self._headers(ctx),
+                relay.feed,
+                relay.finish,
+            )
+        return self._held_relay(path, request, target, ctx, relay)
+
+    async def _held_relay(
+        self,
+        path: str,
+        request: AnyRequest,
+        target: Target,
+        ctx: RequestContext,
+        relay: ChunkRelay,
+    ) -> AsyncIterator[bytes]:
+        """The relay with an adapter held, or with the stream's busy time
+        measured for its compute cost (as the typed path measures it: an
+        edge node's report, else the gateway's clock)."""
+        comments = functools.partial(self._busy_reported, ctx) if self._reports_busy else None
+        async with self._engine_model(target) as model:
+            events = self._upstream.relay(
+                path,
+                _stream_body(request, model),
+                self._headers(ctx),
+                relay.feed,
+                relay.finish,
+                comments,
+            )
+            ticket = self._clock.enter()
+            try:
+                async with contextlib.aclosing(events):
+                    async for data in events:
+                        yield data
+            finally:
+                shared = self._clock.leave(ticket)
+                if not self._reports_busy:
+                    self._busy(ctx, shared)
+
     # ------------------------------------------------------------- internals
 
     def _decode(self, decoder: msgspec.json.Decoder[_T], payload: bytes) -> _T:
@@ -524,6 +602,19 @@ class OpenAICompatibleBackend:
 
 def _encode(request: msgspec.Struct) -> bytes:
     return wire.encoder.encode(request)
+
+
+def _stream_body(request: AnyRequest, model: str) -> bytes:
+    """A streamed request as sent upstream: usage always asked for (the
+    gateway accounts for every stream)."""
+    return _encode(
+        msgspec.structs.replace(
+            request,
+            model=model,
+            stream=True,
+            stream_options=wire.StreamOptions(include_usage=True),
+        )
+    )
 
 
 def metrics_text(status: int, content_type: str, content: bytes) -> str:

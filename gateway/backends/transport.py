@@ -24,6 +24,10 @@ class ResponseBody(Protocol):
         """The body's bytes as they arrive."""
         ...
 
+    async def readany(self) -> bytes:
+        """What has arrived of the body (waiting for some); ``b""`` at its end."""
+        ...
+
 
 class TransportResponse(Protocol):
     """A response whose body has not been read yet."""
@@ -50,10 +54,20 @@ class TransportResponse(Protocol):
 
 class Transport(Protocol):
     async def send(
-        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str] | None
+        self,
+        method: str,
+        url: URL,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        *,
+        watched: bool = False,
     ) -> TransportResponse:
         """Send a request (``headers`` on top of the transport's own) and
-        return its response once the status line and headers are in."""
+        return its response once the status line and headers are in.
+
+        ``watched``: the caller bounds the waits for the answer's bytes itself
+        (the cheap relay's idle watchdog), so the transport sets no timer of
+        its own between reads."""
         ...
 
     async def aclose(self) -> None: ...
@@ -85,6 +99,7 @@ class AiohttpTransport:
         self._options = options
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._watched_timeout = aiohttp.ClientTimeout()
 
     def _client(self) -> aiohttp.ClientSession:
         session = self._session
@@ -93,6 +108,14 @@ class AiohttpTransport:
                 raise TransportClosedError("the transport is closed")
             options = self._options
             limit = options.max_connections
+            # For watched requests: no sock_read timer, which aiohttp re-arms
+            # on every read (about 6,000 instructions a stream chunk).
+            self._watched_timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=options.read_timeout,
+                sock_connect=options.connect_timeout,
+                sock_read=None,
+            )
             session = self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit),
                 headers=dict(options.headers),
@@ -115,13 +138,27 @@ class AiohttpTransport:
         return session
 
     async def send(
-        self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str] | None
+        self,
+        method: str,
+        url: URL,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        *,
+        watched: bool = False,
     ) -> aiohttp.ClientResponse:
         # Redirects are never followed (aiohttp's default would): a 3xx is
         # the upstream's answer, and an error (see gateway/backends/upstream.py).
-        return await self._client().request(
-            method, url, data=body, headers=headers, allow_redirects=False
-        )
+        session = self._client()
+        if watched:
+            return await session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._watched_timeout,
+            )
+        return await session.request(method, url, data=body, headers=headers, allow_redirects=False)
 
     async def aclose(self) -> None:
         self._closed = True

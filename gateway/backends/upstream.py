@@ -32,6 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+import msgspec
 from yarl import URL
 
 from gateway.backends.transport import (
@@ -46,6 +47,9 @@ from gateway.errors import EngineOverloadedError, GatewayError, UpstreamError
 
 # What the client may raise: its own errors, and timeouts (ServerTimeoutError
 # is both; a few paths raise a bare TimeoutError).
+# Bytes the relay's common read is checked for.
+_NEWLINE = ord("\n")
+_BRACKET = ord("[")
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 _log = logging.getLogger("gateway.upstream")
 # The largest body a GET (probe, metrics, listing) may have; a larger one is
@@ -62,6 +66,33 @@ class Timeouts:
     # Until the first byte of the answer (the whole answer, unstreamed);
     # between chunks once a stream has started.
     first_token: float
+
+
+class _IdleWatch:
+    """Calls ``on_idle`` once nothing arrived for ``seconds`` (the caller
+    sets ``last`` on each read): one timer per period, re-armed only when it
+    fires early, instead of one per read."""
+
+    __slots__ = ("_handle", "_on_idle", "_seconds", "fired", "last", "loop")
+
+    def __init__(self, seconds: float, on_idle: Callable[[], object]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.fired = False
+        self._seconds = seconds
+        self._on_idle = on_idle
+        self._handle = self.loop.call_at(self.last + seconds, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self._seconds
+        if self.loop.time() < due:
+            self._handle = self.loop.call_at(due, self._check)
+            return
+        self.fired = True
+        self._on_idle()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def api_key_from_env(variable: str | None) -> str | None:
@@ -92,7 +123,7 @@ class Upstream:
         *,
         timeouts: Timeouts,
         api_key: str | None = None,
-        max_connections: int = 100,
+        max_connections: int = 4096,
         pool_timeout: float = 5.0,
         transport: TransportFactory = AiohttpTransport,
     ) -> None:
@@ -110,6 +141,7 @@ class Upstream:
             )
         )
         self._max_connections = max_connections
+        self._first_token = timeouts.first_token
         # Clients' requests hold one of these from sending until the answer
         # is read (or the stream closed), so the pool never makes them wait:
         # the wait is here, bounded, and told apart from a failure.
@@ -334,6 +366,116 @@ class Upstream:
                 # Cut short (the client went away, an error): drop the
                 # connection, so the upstream sees the close and stops.
                 response.close()
+
+    async def relay(
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        feed: Callable[[bytes], bytes],
+        finish: Callable[[], bytes],
+        comments: Callable[[bytes], None] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """A client's streamed answer, each ``data:`` payload turned into the
+        client's bytes by ``feed`` (``finish`` adds what is owed at
+        ``[DONE]``), the output of one network read yielded at once.
+        ``comments``: told each SSE comment line's text, as :meth:`stream`
+        (an edge node's busy seconds); comments never reach the client.
+
+        The same contract as :meth:`stream` (one generator instead of the
+        three a typed stream passes through: this is the cheap relay's hot
+        loop): retryable errors before the first yield, a payload ``feed``
+        cannot read is an UpstreamError, no ``[DONE]`` is an UpstreamError,
+        closing the iterator drops the connection.
+        """
+        async with self._connection():
+            try:
+                # Until the status and headers: one timer for the stream.
+                async with asyncio.timeout(self._first_token):
+                    response = await self._transport.send(
+                        "POST", self._url(path), body, headers, watched=True
+                    )
+            except _TRANSPORT_ERRORS as error:
+                raise self._transport_error(error) from error
+            complete = False
+            payload = b""
+            idle = _IdleWatch(self._first_token, response.close)
+            try:
+                if 300 <= response.status < 400:
+                    raise self._redirect_error(response.status, response.headers)
+                if response.status >= 400:
+                    content = await response.read()
+                    raise status_error(
+                        self.name, response.status, content, response.headers, reveal=False
+                    )
+                pending = b""
+                out: list[bytes] = []
+                # readany, not iter_any: one awaitable less per read.
+                read = response.content.readany
+                clock = idle.loop.time
+                while data := await read():
+                    idle.last = clock()
+                    end = len(data) - 2
+                    if (
+                        not pending
+                        and data.find(b"\n") == end
+                        and data[-1] == _NEWLINE
+                        and data.startswith(b"data: ")
+                        and data[6] != _BRACKET
+                    ):
+                        # The common read: one event of one line, not
+                        # [DONE] (counted once a chunk: docs/benchmarks.md).
+                        payload = data[6:end]
+                        events = feed(payload)
+                        if events:
+                            yield events
+                        continue
+                    lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
+                    pending = lines.pop()
+                    for line in lines:
+                        if line.startswith(b"data:"):
+                            payload = line[5:].strip()
+                            if payload == b"[DONE]":
+                                complete = True
+                                break
+                            out.append(feed(payload))
+                        elif comments is not None and line.startswith(b":"):
+                            comments(line[1:].strip())
+                    if complete:
+                        break
+                    if out:
+                        events = b"".join(out)
+                        out.clear()
+                        if events:
+                            yield events
+                if not complete and pending.startswith(b"data:"):
+                    # The last line may end the stream without a newline.
+                    payload = pending[5:].strip()
+                    complete = payload == b"[DONE]"
+                    if not complete:
+                        out.append(feed(payload))
+                if not complete:
+                    raise UpstreamError(f"backend {self.name} ended the stream without [DONE]")
+                out.append(finish())
+                events = b"".join(out)
+                if events:
+                    yield events
+            except msgspec.DecodeError as error:
+                complete = False
+                raise self.unreadable(payload, error) from None
+            except _TRANSPORT_ERRORS as error:
+                if idle.fired:
+                    raise UpstreamError(
+                        f"backend {self.name} is unreachable or timed out "
+                        f"(nothing for {self._first_token:g} s)"
+                    ) from error
+                raise self._transport_error(error) from error
+            finally:
+                idle.cancel()
+                if complete:
+                    response.release()
+                else:
+                    response.close()
 
     def unreadable(self, payload: bytes, problem: Exception) -> UpstreamError:
         """An answer or chunk that does not decode (logged for the operator)."""

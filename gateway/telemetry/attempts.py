@@ -13,6 +13,7 @@ from typing import TypeVar
 from gateway import wire
 from gateway.contract import AnyRequest, Backend, Candidate, RequestContext, Target
 from gateway.decisions import Ranking, rule_applied
+from gateway.relay import Relayed
 from gateway.routing import Route
 from gateway.telemetry.attributes import operation_name
 from gateway.telemetry.spans import AttemptSpan, RequestSpan
@@ -79,6 +80,11 @@ def _ended_with(attempt: AttemptSpan, result: T) -> T:
     """An answer ends the attempt now; a started stream when it ends."""
     if isinstance(result, wire.ChatCompletion | wire.Completion):
         attempt.answered(result)
+        return result
+    if isinstance(result, Relayed):
+        # The cheap relay's stream: its relay read what the span records.
+        attempt.first_chunk = time.monotonic() - attempt.started
+        result.on_end.append(attempt.relayed)
         return result
     if isinstance(result, AsyncIterator):
         # The first chunk is in: the stream was primed by the call.

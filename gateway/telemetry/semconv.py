@@ -194,4 +194,6 @@ NOMOAT_LABELS: Final = (
     "hook",
     "stage",
     "fallback",
+    # nomoat_worker_info: which of `nomoat serve --workers N` answered.
+    "worker",
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
@@ -45,6 +45,9 @@ from gateway.telemetry.attributes import (
     usage_attributes,
 )
 from gateway.telemetry.recorder import RecordedSpan, Recorder
+
+if TYPE_CHECKING:
+    from gateway.relay import ChunkRelay
 
 T = TypeVar("T")
 # The propagator is W3C Trace Context only (traceparent and tracestate):
@@ -362,6 +365,22 @@ class AttemptSpan:
             raise
         finally:
             self._streamed(first, response, reasons, usage, content_chunks, failure)
+
+    def relayed(self, relay: ChunkRelay, failure: BaseException | None) -> None:
+        """A stream of the cheap relay ended: what :meth:`watch` records
+        (and the model the upstream named, as a typed stream's backend records it)."""
+        response = None
+        if relay.upstream_model is not None:
+            self.record({names.RESPONSE_MODEL: relay.upstream_model})
+            response = (relay.request_id, relay.model)
+        self._streamed(
+            self.first_chunk,
+            response,
+            relay.reasons,
+            relay.usage,
+            relay.chunks_since_content,
+            failure,
+        )
 
     def _streamed(
         self,
