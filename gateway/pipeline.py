@@ -201,14 +201,17 @@ class Pipeline:
         ):
             return await self.stream(endpoint, request, ctx, trace)
         arrived = time.monotonic()
+        check_name(ctx.principal, self.catalog, request.model)
         early = await self.hooks.on_request(request, ctx)
         if isinstance(early, endpoint.answer_type):
             self._answered_early(request, trace, ctx, endpoint.name)
             return shape_usage(endpoint.as_chunks(early), _wants_usage(request))
         asked = _expect(early, endpoint.request_type)
         route = self.router.resolve(asked)
+        check_route(ctx.principal, self.catalog, route)
         ctx = _with_deadline(ctx, route.entry)
         exchange = _exchange(trace, ctx, endpoint.name)
+        ctx = _metered(ctx, exchange)
         limit = route.entry.stream_timeout_seconds
         include_usage = _wants_usage(asked)
         chat = endpoint.name == "chat"
