@@ -4,6 +4,8 @@ migrations on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -39,3 +41,28 @@ def test_each_test_gets_an_empty_redis(redis_url: str) -> None:
         assert client.get("written") == b"1"
     finally:
         client.close()
+
+
+def _migrate(url: str) -> None:
+    migrate(async_url(url))
+
+
+def _migrate_together(url: str, processes: int = 4) -> list[int | None]:
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_migrate, args=(url,)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    return [worker.exitcode for worker in workers]
+
+
+def test_replicas_migrating_one_new_postgresql_together_all_start(postgres_url: str) -> None:
+    """One migrates under an advisory lock; the others wait and find it done
+    (without the lock, the losers fail on tables that now exist)."""
+    assert _migrate_together(postgres_url) == [0, 0, 0, 0]
+    assert asyncio.run(_tables(postgres_url)) >= TABLES
+
+
+def test_workers_migrating_one_new_sqlite_file_together_all_start(tmp_path: Path) -> None:
+    assert _migrate_together(f"sqlite:///{tmp_path / 'shared.db'}") == [0, 0, 0, 0]

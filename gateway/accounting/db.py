@@ -10,6 +10,7 @@ SQLite in the user's data directory, so one process needs nothing set up.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib.util
 import os
 from pathlib import Path
@@ -96,9 +97,19 @@ def alembic_config(url: URL) -> Config:
 def migrate(url: URL, revision: str = "head") -> None:
     """Apply the migrations up to ``revision`` (blocking: call it in a thread
     from async code, or from the CLI)."""
-    if is_sqlite(url) and url.database:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), revision)
+    if not (is_sqlite(url) and url.database):
+        command.upgrade(alembic_config(url), revision)
+        return
+    database = Path(url.database)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    # Workers (`serve --workers N`) starting together on one SQLite file:
+    # one migrates, the others wait, then find nothing left to do.
+    with (database.parent / f"{database.name}.migrate-lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            command.upgrade(alembic_config(url), revision)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 async def migrate_async(url: URL) -> None:
