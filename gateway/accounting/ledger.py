@@ -184,6 +184,14 @@ class Ledger:
 
     async def _run(self) -> None:
         delay = RETRY_START_SECONDS
+        # A connection opened now, while the server starts, rather than at the
+        # first batch (SQLAlchemy's first connect inspects the database); an
+        # unreachable database is reported at once.
+        try:
+            async with self.engine.connect():
+                pass
+        except Exception as error:
+            self._note_failure(error)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.options.flush_seconds)
