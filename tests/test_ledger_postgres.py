@@ -15,7 +15,7 @@ from sqlalchemy import insert, select
 from test_ledger_live import NO_END, USER, config, every_kind, sdk, settled_decoded, usage_report
 
 from gateway.accounting.db import async_url, migrate_async, open_engine
-from gateway.accounting.ledger import Ledger, UsageRecord
+from gateway.accounting.ledger import Ledger, LedgerOptions, UsageRecord
 from gateway.accounting.tables import api_keys, node_costs, teams, usage
 from gateway.exchange import Exchange
 
@@ -84,6 +84,35 @@ def test_an_unreachable_database_spills_at_shutdown_then_loads(
     written = rows(postgres_url)
     assert sorted(row["completion_tokens"] for row in written) == [3, 4, 5]
     assert {row["status"] for row in written} == {200}
+
+
+async def _write_with_a_bad_row(url: str, spill: Path) -> Ledger:
+    engine_url = async_url(url)
+    await migrate_async(engine_url)
+    engine = open_engine(engine_url)
+    ledger = Ledger(engine, LedgerOptions(spill_path=spill))
+    try:
+        for index in range(5):
+            exchange = Exchange(f"chatcmpl-{index}", "chat", 0.0, path="/v1/chat/completions")
+            exchange.user = "nul\x00inside"  # PostgreSQL's text takes no NUL: stripped
+            exchange.model = "m" * (300 if index == 2 else 1)  # past the column's 200
+            ledger.record(UsageRecord.of(exchange, 200, None, now=0.1))
+        await ledger.flush()
+    finally:
+        await engine.dispose()
+    return ledger
+
+
+def test_a_row_the_database_refuses_does_not_hold_up_the_others(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    spill = tmp_path / "refused.jsonl"
+    ledger = asyncio.run(_write_with_a_bad_row(postgres_url, spill))
+    written = rows(postgres_url)
+    assert [row["request_id"] for row in written] == [f"chatcmpl-{i}" for i in (0, 1, 3, 4)]
+    assert {row["user"] for row in written} == {"nulinside"}
+    assert ledger.refused == 1 and ledger.written == 4 and ledger.pending == 0
+    assert b"chatcmpl-2" in spill.read_bytes()
 
 
 RECORDS = 2345
