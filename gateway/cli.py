@@ -126,6 +126,9 @@ def edge(args: argparse.Namespace) -> int:
         "lora": {"root": args.adapter_root},
         "backends": {"engine": options},
         "models": {args.name: {"deployments": [{"backend": "engine", "model": args.name}]}},
+        # The gateways in front of it keep the ledger (and the keys, limits
+        # and budgets); a node has no database of its own.
+        "accounting": {"enabled": False},
     }
     try:
         settings = Settings(**data)  # type: ignore[arg-type]
