@@ -290,9 +290,16 @@ class Ledger:
         """Stop the writer and write what is left (within the flush timeout);
         spill the rest to a file if the database will not take it."""
         if self._task is not None:
-            self._task.cancel()
-            # Cancelled mid-batch, the batch is still queued: written again
-            # below (its rows already in, if any, are skipped).
+            # A batch being written is let finish (within the timeout) rather
+            # than cancelled mid-transaction; cancelled anyway, it is still
+            # queued and written again below (rows already in are skipped).
+            try:
+                await asyncio.wait_for(self._writing.acquire(), self.options.flush_timeout_seconds)
+            except TimeoutError:
+                self._task.cancel()
+            else:
+                self._task.cancel()
+                self._writing.release()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
