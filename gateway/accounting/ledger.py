@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 RETRY_START_SECONDS = 0.5
 RETRY_CAP_SECONDS = 10.0
+# How long start-up waits for the database before serving without it.
+CONNECT_SECONDS = 5.0
 # Strings the table bounds (a client's `user` may be anything).
 _USER_CHARS = 200
 
@@ -200,19 +202,23 @@ class Ledger:
         if len(self._pending) >= self.options.batch_size:
             self._wake.set()
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Start the writer, with a connection opened now, while the server
+        starts, rather than at the first batch (SQLAlchemy's first connect
+        inspects the database): an unreachable database is reported at once,
+        and the server starts all the same."""
+        try:
+            await asyncio.wait_for(self._connect(), CONNECT_SECONDS)
+        except Exception as error:
+            self._note_failure(error)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+
+    async def _connect(self) -> None:
+        async with self.engine.connect():
+            pass
 
     async def _run(self) -> None:
         delay = RETRY_START_SECONDS
-        # A connection opened now, while the server starts, rather than at the
-        # first batch (SQLAlchemy's first connect inspects the database); an
-        # unreachable database is reported at once.
-        try:
-            async with self.engine.connect():
-                pass
-        except Exception as error:
-            self._note_failure(error)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.options.flush_seconds)

@@ -60,7 +60,7 @@ class Accounting:
         engine = open_engine(url)
         stack.push_async_callback(engine.dispose)
         ledger = Ledger(engine, ledger_options(settings, url))
-        ledger.start()
+        await ledger.start()
         stack.push_async_callback(ledger.aclose)
         _log.info("accounting: ledger in %s", url.render_as_string(hide_password=True))
         return cls(settings, url, engine, ledger)
