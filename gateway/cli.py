@@ -130,8 +130,9 @@ def edge(args: argparse.Namespace) -> int:
             "allow_unauthenticated_network": args.allow_unauthenticated_network,
         },
         "lora": {"root": args.adapter_root},
-        # The gateways keep the ledger; the node tells them each answer's
-        # busy time on its engine, for its usd_per_hour there.
+        # The gateways in front of it keep the ledger (and the keys, limits
+        # and budgets): a node has no database of its own. It tells them each
+        # answer's busy time on its engine, for its usd_per_hour there.
         "accounting": {"enabled": False, "report_busy_seconds": True},
         "backends": {"engine": options},
         "models": {args.name: {"deployments": [{"backend": "engine", "model": args.name}]}},

@@ -94,6 +94,16 @@ def adapter_label(target: Target) -> str:
     return target.adapters[0].adapter.name
 
 
+def finish_reason(
+    answer: wire.ChatCompletion | wire.ChatCompletionChunk | wire.Completion,
+) -> str | None:
+    """The first choice's finish reason (a chunk carries it on its last
+    content chunk; n > 1 answers are accounted by their first choice)."""
+    for choice in answer.choices:
+        return choice.finish_reason
+    return None
+
+
 def error_type(error: BaseException) -> str:
     """``error.type`` of the GenAI conventions: the error's code, a small set
     the gateway's own classes define, or ``_OTHER``."""

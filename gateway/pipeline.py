@@ -43,7 +43,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from gateway.exchange import OPERATIONS, Exchange, error_type
+from gateway.exchange import OPERATIONS, Exchange, error_type, finish_reason
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.lora.stats import AdapterUsage
@@ -52,16 +52,7 @@ from gateway.relay import ChunkRelay, Relayed, opened, supports_relay
 from gateway.routing import Route, Router
 from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
-from gateway.streams import (
-    StreamRecord,
-    checked,
-    closing,
-    finish_reason,
-    observed,
-    primed,
-    shape_usage,
-    until,
-)
+from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
 from gateway.telemetry.attempts import trace_ranking, traced_call
 
 T = TypeVar("T")

@@ -21,6 +21,7 @@ import msgspec
 
 from gateway import wire
 from gateway.errors import HookFailedError, StreamTimeoutError
+from gateway.exchange import finish_reason
 
 T = TypeVar("T")
 
@@ -140,14 +141,6 @@ async def observed(
         raise
     finally:
         done(record)
-
-
-def finish_reason(answer: AnyChunk | wire.ChatCompletion) -> str | None:
-    """The first choice's finish reason (a chunk carries it on its last
-    content chunk; n > 1 answers are accounted by their first choice)."""
-    for choice in answer.choices:
-        return choice.finish_reason
-    return None
 
 
 def has_content(chunk: AnyChunk) -> bool:

@@ -10,6 +10,7 @@ sampled, never evaluated) of each request.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections import Counter
@@ -21,7 +22,10 @@ import httpx
 import openai
 import pytest
 from conftest import API_KEY, MODEL, Server, free_port, running_server
+from sqlalchemy import select
 
+from gateway.accounting.db import async_url, open_engine
+from gateway.accounting.tables import usage
 from gateway.auth import hash_api_key
 
 pytestmark = pytest.mark.e2e
@@ -115,6 +119,16 @@ def ledger_rows(path: Path) -> list[dict[str, Any]]:
         return [dict(row) for row in connection.execute("select * from usage order by id")]
 
 
+async def all_rows(url: str) -> list[dict[str, Any]]:
+    """The ledger's rows in any database (SQLite or PostgreSQL)."""
+    engine = open_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            return [dict(row) for row in (await connection.execute(select(usage))).mappings()]
+    finally:
+        await engine.dispose()
+
+
 def every_kind(server: Server) -> Counter[str]:
     """One request of each kind, through the SDK; what the client saw of each."""
     client = sdk(server)
@@ -204,13 +218,19 @@ def test_every_request_is_one_row_with_the_engines_token_counts(
     assert streamed["stream"] and streamed["ttft_seconds"] > 0
 
 
-def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_sigterm_under_load_loses_no_record(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
     """The gateway stops while requests run: each one the clients sent is a
     row once it has exited (streams drain first, then the ledger flushes)."""
     import concurrent.futures
 
-    path = tmp_path / "ledger.db"
-    with running_server(tmp_path, config(f"sqlite:///{path}", max_per_key=0)) as server:
+    if database == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    with running_server(tmp_path, config(url, max_per_key=0)) as server:
         answered_at: list[float] = []
 
         def ask(index: int) -> str:
@@ -235,6 +255,6 @@ def test_sigterm_under_load_loses_no_record(tmp_path: Path) -> None:
     # Requests were running when the signal came, and were drained.
     assert any(at > terminated_at for at in answered_at), outcomes
     reached = sum(count for outcome, count in outcomes.items() if outcome != "refused")
-    rows = ledger_rows(path)
+    rows = asyncio.run(all_rows(url))
     assert len(rows) == reached, (outcomes, Counter(r["status"] for r in rows))
     assert outcomes["answered"] == Counter(r["status"] for r in rows)[200]

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MODEL, Cli, running_server
+from conftest import MODEL, Cli, free_port, running_server
 from sqlalchemy import insert, select
-from test_ledger_live import config, every_kind, settled_decoded, usage_report
+from test_ledger_live import NO_END, USER, config, every_kind, sdk, settled_decoded, usage_report
 
 from gateway.accounting.db import async_url, migrate_async, open_engine
-from gateway.accounting.ledger import Ledger, UsageRecord
+from gateway.accounting.ledger import Ledger, LedgerOptions, UsageRecord
 from gateway.accounting.tables import api_keys, node_costs, teams, usage
 from gateway.exchange import Exchange
 
@@ -54,6 +54,65 @@ def test_a_gateway_on_postgresql_records_every_request(tmp_path: Path, postgres_
     assert evaluated == decoded
     assert group["completion_tokens"] == sum(r["completion_tokens"] for r in written)
     assert all(row["at"].tzinfo is not None for row in written)
+
+
+def test_an_unreachable_database_spills_at_shutdown_then_loads(
+    tmp_path: Path, postgres_url: str, cli: Cli
+) -> None:
+    """PostgreSQL down (nothing listens at its address): the gateway serves,
+    keeps the rows, writes them to its spill file at SIGTERM; `nomoat ledger
+    load` puts them in the database once it is there."""
+    nowhere = f"postgresql://nomoat:secret@127.0.0.1:{free_port()}/ledger"
+    spill = tmp_path / "unwritten.jsonl"
+    text = config(nowhere, max_per_key=0).replace(
+        f'database = "{nowhere}"',
+        f'database = "{nowhere}"\nmigrate_on_start = false\nledger_spill = "{spill}"',
+    )
+    with running_server(tmp_path, text) as server:
+        client = sdk(server)
+        for tokens in (3, 4, 5):
+            client.chat.completions.create(
+                model=MODEL, messages=USER, max_tokens=tokens, logit_bias=NO_END
+            )
+        assert "cannot write to the accounting database" in server.log()
+    assert len(spill.read_text().splitlines()) == 3
+    config_file = tmp_path / "reachable.toml"
+    config_file.write_text(f'[accounting]\ndatabase = "{postgres_url}"\n')
+    assert cli("migrate", "--config", str(config_file)).returncode == 0
+    loaded = cli("ledger", "load", str(spill), "--config", str(config_file))
+    assert loaded.returncode == 0, loaded.stderr
+    written = rows(postgres_url)
+    assert sorted(row["completion_tokens"] for row in written) == [3, 4, 5]
+    assert {row["status"] for row in written} == {200}
+
+
+async def _write_with_a_bad_row(url: str, spill: Path) -> Ledger:
+    engine_url = async_url(url)
+    await migrate_async(engine_url)
+    engine = open_engine(engine_url)
+    ledger = Ledger(engine, LedgerOptions(spill_path=spill))
+    try:
+        for index in range(5):
+            exchange = Exchange(f"chatcmpl-{index}", "chat", 0.0, path="/v1/chat/completions")
+            exchange.user = "nul\x00inside"  # PostgreSQL's text takes no NUL: stripped
+            exchange.model = "m" * (300 if index == 2 else 1)  # past the column's 200
+            ledger.record(UsageRecord.of(exchange, 200, None, now=0.1))
+        await ledger.flush()
+    finally:
+        await engine.dispose()
+    return ledger
+
+
+def test_a_row_the_database_refuses_does_not_hold_up_the_others(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    spill = tmp_path / "refused.jsonl"
+    ledger = asyncio.run(_write_with_a_bad_row(postgres_url, spill))
+    written = rows(postgres_url)
+    assert [row["request_id"] for row in written] == [f"chatcmpl-{i}" for i in (0, 1, 3, 4)]
+    assert {row["user"] for row in written} == {"nulinside"}
+    assert ledger.refused == 1 and ledger.written == 4 and ledger.pending == 0
+    assert b"chatcmpl-2" in spill.read_bytes()
 
 
 RECORDS = 2345

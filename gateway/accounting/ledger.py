@@ -16,7 +16,9 @@ up to ``RETRY_CAP_SECONDS``. The queue holds ``max_pending`` records (minutes
 to hours of traffic); past that, new records are dropped and counted
 (:attr:`Ledger.dropped`, logged). At shutdown, whatever could not be written
 within ``flush_timeout_seconds`` goes to a JSON-lines spill file that
-``nomoat ledger load`` writes into the database later.
+``nomoat ledger load`` writes into the database later. A row the database
+itself refuses (a data or integrity error, not an outage) is written to that
+file at once, and the rows behind it go on.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
-from sqlalchemy import Insert
+from sqlalchemy import Insert, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 RETRY_START_SECONDS = 0.5
 RETRY_CAP_SECONDS = 10.0
+# How long start-up waits for the database before serving without it.
+CONNECT_SECONDS = 5.0
 # Strings the table bounds (a client's `user` may be anything).
 _USER_CHARS = 200
 
@@ -107,7 +111,7 @@ class UsageRecord:
             endpoint=exchange.path or exchange.operation,
             key_id=exchange.key_id,
             team_id=exchange.team_id,
-            user=exchange.user[:_USER_CHARS] if exchange.user else None,
+            user=bounded_text(exchange.user, _USER_CHARS),
             model=exchange.model or None,
             deployment=exchange.deployment or None,
             backend=exchange.backend or None,
@@ -127,6 +131,17 @@ class UsageRecord:
         )
 
 
+COLUMNS = tuple(f.name for f in fields(UsageRecord))
+
+
+def bounded_text(text: str | None, limit: int) -> str | None:
+    """A client's string as a column takes it: at most ``limit`` characters,
+    no NUL (PostgreSQL's text refuses it)."""
+    if not text:
+        return None
+    return text.replace("\x00", "")[:limit]
+
+
 def cached_tokens(usage_: wire.Usage | None) -> int:
     if usage_ is None or usage_.prompt_tokens_details is None:
         return 0
@@ -142,7 +157,13 @@ def insert_ignoring_duplicates(engine: AsyncEngine) -> Insert:
 
 async def write_records(connection: AsyncConnection, records: Sequence[UsageRecord]) -> None:
     statement = insert_ignoring_duplicates(connection.engine)
-    await connection.execute(statement, [asdict(record) for record in records])
+    await connection.execute(statement, [row(record) for record in records])
+
+
+def row(record: UsageRecord) -> dict[str, object]:
+    """The record's columns (shallow: dataclasses.asdict deep-copies every
+    value, most of the writer's time)."""
+    return {name: getattr(record, name) for name in COLUMNS}
 
 
 class Ledger:
@@ -158,6 +179,8 @@ class Ledger:
         self._failing_since: float | None = None
         self.written = 0
         self.dropped = 0
+        # Rows the database refused (spilled, not retried).
+        self.refused = 0
 
     @property
     def pending(self) -> int:
@@ -179,8 +202,20 @@ class Ledger:
         if len(self._pending) >= self.options.batch_size:
             self._wake.set()
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Start the writer, with a connection opened now, while the server
+        starts, rather than at the first batch (SQLAlchemy's first connect
+        inspects the database): an unreachable database is reported at once,
+        and the server starts all the same."""
+        try:
+            await asyncio.wait_for(self._connect(), CONNECT_SECONDS)
+        except Exception as error:
+            self._note_failure(error)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+
+    async def _connect(self) -> None:
+        async with self.engine.connect():
+            pass
 
     async def _run(self) -> None:
         delay = RETRY_START_SECONDS
@@ -214,8 +249,15 @@ class Ledger:
                 batch = [
                     self._pending[i] for i in range(min(self.options.batch_size, self.pending))
                 ]
-                async with self.engine.begin() as connection:
-                    await write_records(connection, batch)
+                try:
+                    async with self.engine.begin() as connection:
+                        await write_records(connection, batch)
+                except Exception:
+                    # A row the database refuses (the database answers, but
+                    # not to this batch) must not hold up the rows behind it.
+                    if not await self._reachable():
+                        raise
+                    await self._one_by_one(batch)
                 for _ in batch:
                     self._pending.popleft()
                 self.written += len(batch)
@@ -225,13 +267,45 @@ class Ledger:
                     )
                     self._failing_since = None
 
+    async def _reachable(self) -> bool:
+        try:
+            async with self.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    async def _one_by_one(self, batch: Sequence[UsageRecord]) -> None:
+        """Write ``batch`` a row at a time; the rows refused go to the spill
+        file (a database that fails now fails the whole flush, as usual)."""
+        refused = []
+        for record in batch:
+            try:
+                async with self.engine.begin() as connection:
+                    await write_records(connection, [record])
+            except Exception as error:
+                if not await self._reachable():
+                    raise  # an outage after all: the batch stays queued
+                _log.error("ledger: the database refused %s: %s", record.request_id, error)
+                refused.append(record)
+        self.written -= len(refused)
+        self.refused += len(refused)
+        self._spill(refused)
+
     async def aclose(self) -> None:
         """Stop the writer and write what is left (within the flush timeout);
         spill the rest to a file if the database will not take it."""
         if self._task is not None:
-            self._task.cancel()
-            # Cancelled mid-batch, the batch is still queued: written again
-            # below (its rows already in, if any, are skipped).
+            # A batch being written is let finish (within the timeout) rather
+            # than cancelled mid-transaction; cancelled anyway, it is still
+            # queued and written again below (rows already in are skipped).
+            try:
+                await asyncio.wait_for(self._writing.acquire(), self.options.flush_timeout_seconds)
+            except TimeoutError:
+                self._task.cancel()
+            else:
+                self._task.cancel()
+                self._writing.release()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -243,23 +317,24 @@ class Ledger:
                 self._note_failure(error)
                 await asyncio.sleep(min(RETRY_START_SECONDS, max(0.0, deadline - time.monotonic())))
         if self._pending:
-            self._spill()
+            self._spill(self._pending)
+            self._pending.clear()
 
-    def _spill(self) -> None:
+    def _spill(self, records: Iterable[UsageRecord]) -> None:
+        """Append ``records`` to the spill file (see the module's description)."""
+        lines = [encode_record(record) + b"\n" for record in records]
         path = self.options.spill_path
-        count = len(self._pending)
+        if not lines:
+            return
         if path is None:
-            _log.error("ledger: %d records not written (the database is unreachable)", count)
+            _log.error("ledger: %d records not written (no spill file)", len(lines))
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("ab") as spill:
-            for record in self._pending:
-                spill.write(encode_record(record) + b"\n")
-        self._pending.clear()
+            spill.writelines(lines)
         _log.error(
-            "ledger: the database is unreachable; %d records kept in %s "
-            "(write them with `nomoat ledger load %s`)",
-            count,
+            "ledger: %d records not written kept in %s (write them with `nomoat ledger load %s`)",
+            len(lines),
             path,
             path,
         )

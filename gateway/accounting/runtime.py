@@ -49,11 +49,22 @@ class Accounting:
         engine is disposed."""
         url = async_url(settings.database)
         if settings.migrate_on_start:
-            await migrate_async(url)
+            try:
+                await migrate_async(url)
+            except Exception as error:
+                # The server does not start: say why in one line before the traceback.
+                _log.error(
+                    "accounting: cannot migrate %s: %s. Start it once the database is "
+                    "reachable, or set [accounting] migrate_on_start = false (the gateway "
+                    "then serves and keeps its ledger rows until the database is back)",
+                    url.render_as_string(hide_password=True),
+                    error,
+                )
+                raise
         engine = open_engine(url)
         stack.push_async_callback(engine.dispose)
         ledger = Ledger(engine, ledger_options(settings, url))
-        ledger.start()
+        await ledger.start()
         stack.push_async_callback(ledger.aclose)
         keys = ManagedKeys(KeyStore(engine), settings.key_refresh_seconds)
         await keys.start()

@@ -166,7 +166,7 @@ async def test_a_batch_is_written_as_soon_as_it_is_full(tmp_path: Path) -> None:
     await migrate_async(url)
     engine = open_engine(url)
     ledger = Ledger(engine, LedgerOptions(batch_size=3, flush_seconds=60))
-    ledger.start()
+    await ledger.start()
     try:
         for index in range(3):
             ledger.record(record(f"r{index}"))
@@ -222,7 +222,7 @@ async def test_records_the_database_refuses_at_shutdown_are_spilled(tmp_path: Pa
     engine = open_engine_unchecked(async_url(f"sqlite:///{blocker / 'ledger.db'}"))
     spill = tmp_path / "spill.jsonl"
     ledger = Ledger(engine, LedgerOptions(flush_timeout_seconds=0.05, spill_path=spill))
-    ledger.start()
+    await ledger.start()
     for name in ("one", "two"):
         ledger.record(record(name))
     await ledger.aclose()
