@@ -153,6 +153,8 @@ def test_metrics_expose_the_engines_own_counters(engine: Server) -> None:
     assert "# TYPE nomoat_engine_requests_running gauge" in text
     assert "# TYPE nomoat_engine_requests_waiting gauge" in text
     assert set(engine_metrics(engine)) == {
+        # Time in batch steps: what its usd_per_hour is shared by (accounting).
+        "nomoat_engine_busy_seconds_total",
         "nomoat_engine_decoded_tokens_total",
         "nomoat_engine_requests_running",
         "nomoat_engine_requests_waiting",

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from conftest import MODEL, Cli, free_port, running_server
 from sqlalchemy import insert, select
@@ -75,15 +76,23 @@ def test_an_unreachable_database_spills_at_shutdown_then_loads(
                 model=MODEL, messages=USER, max_tokens=tokens, logit_bias=NO_END
             )
         assert "cannot write to the accounting database" in server.log()
-    assert len(spill.read_text().splitlines()) == 3
+        # Managed keys cannot be loaded: any other key is a 503 (retry), never
+        # let in and never told it is wrong; static keys work on.
+        with pytest.raises(openai.InternalServerError) as unloaded:
+            sdk(server, "sk-maybe-a-managed-key-000000").chat.completions.create(
+                model=MODEL, messages=USER, max_tokens=3
+            )
+        assert unloaded.value.status_code == 503
+        assert unloaded.value.code == "keys_unavailable"
+    assert len(spill.read_text().splitlines()) == 4  # the 503 is a row too
     config_file = tmp_path / "reachable.toml"
     config_file.write_text(f'[accounting]\ndatabase = "{postgres_url}"\n')
     assert cli("migrate", "--config", str(config_file)).returncode == 0
     loaded = cli("ledger", "load", str(spill), "--config", str(config_file))
     assert loaded.returncode == 0, loaded.stderr
     written = rows(postgres_url)
-    assert sorted(row["completion_tokens"] for row in written) == [3, 4, 5]
-    assert {row["status"] for row in written} == {200}
+    assert sorted(row["completion_tokens"] for row in written) == [0, 3, 4, 5]
+    assert Counter(row["status"] for row in written) == Counter({200: 3, 503: 1})
 
 
 async def _write_with_a_bad_row(url: str, spill: Path) -> Ledger:

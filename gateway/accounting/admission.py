@@ -192,12 +192,15 @@ class Gate:
     def __init__(
         self,
         limiter: Limiter,
-        seeds: Seeds,
+        seeds: Seeds | None,
         model_limits: Mapping[str, RateLimits] | None = None,
         unenforceable: str | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.limiter = limiter
+        # What the ledger says was spent this period, per key and team; None
+        # while it could not be read (the database unreachable since start):
+        # a request with a budget is then refused with 503, never let past it.
         self.seeds = seeds
         self.model_limits = dict(model_limits or {})
         # Why limits cannot be enforced here (several processes, no Redis),
@@ -278,6 +281,13 @@ class Gate:
         team = principal.team
         if principal.budget is None and (team is None or team.budget is None):
             return ()
+        seeds = self.seeds
+        if seeds is None:
+            raise LimitsUnavailableError(
+                "Budgets cannot be checked now: what was spent could not be read from the "
+                "accounting database since this server started; retry shortly.",
+                headers={"Retry-After": "5"},
+            )
         now = self._clock()
         owners: list[tuple[str, str, Budget | None, Principal | Team]] = [
             ("key", principal.key_id, principal.budget, principal)
@@ -297,7 +307,7 @@ class Gate:
                     key=f"{PREFIX}:budget:{kind}:{owner_id}:{budget.period}:{period.label}",
                     limit=budget.nano_usd,
                     amount=worst_case_nano,
-                    seed=self.seeds.spent(kind, owner_id, budget.period, period),
+                    seed=seeds.spent(kind, owner_id, budget.period, period),
                     keep_seconds=keep,
                     owner=_owner_label(owner),
                     period=budget.period,

@@ -20,6 +20,8 @@ gets 503 ``limits_unavailable`` rather than limits that do not hold.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import logging
 from contextlib import AsyncExitStack
@@ -27,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import wire
@@ -160,6 +162,7 @@ async def open_gate(
         stack.push_async_callback(gate.aclose)
         return gate
     reading = engine or open_engine(url)
+    seeds: Seeds | None = None
     try:
         seeds = await load_seeds(reading, datetime.now(UTC))
         if reason is not None and await database_has_limits(reading):
@@ -167,12 +170,40 @@ async def open_gate(
                 f"nomoat: refusing to start: keys or teams in the database have limits, but "
                 f'{reason}; set [accounting] redis = "redis://HOST:PORT/DB"'
             )
+    except (OSError, SQLAlchemyError) as error:
+        # The database is unreachable: serve (as the ledger does), refuse
+        # requests with budgets (503) until the spend can be read.
+        _log.warning("budgets: cannot read what was spent from the database yet: %s", error)
     finally:
-        if engine is None:
+        if engine is None and seeds is not None:
             await reading.dispose()
     gate = Gate(build_limiter(settings), seeds, model_limits(settings), reason)
     stack.push_async_callback(gate.aclose)
+    if seeds is None:
+        retrying = asyncio.create_task(_seed_when_reachable(gate, reading, engine is None))
+        stack.push_async_callback(_cancelled, retrying)
     return gate
+
+
+SEED_RETRY_SECONDS = 5.0
+
+
+async def _seed_when_reachable(gate: Gate, engine: AsyncEngine, owned: bool) -> None:
+    """Read the spend again until the database answers (then budgets work)."""
+    try:
+        while gate.seeds is None:
+            await asyncio.sleep(SEED_RETRY_SECONDS)
+            with contextlib.suppress(OSError, SQLAlchemyError):
+                gate.seeds = await load_seeds(engine, datetime.now(UTC))
+    finally:
+        if owned:
+            await engine.dispose()
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _no_ledger_file(path: str | None) -> bool:

@@ -33,7 +33,7 @@ from gateway.accounting.db import async_url, is_sqlite, open_engine
 from gateway.accounting.principal import Principal, Team
 from gateway.accounting.store import Changes, KeyRecord, KeyStore, TeamRecord, now
 from gateway.accounting.tables import api_keys
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, GatewayError
 from gateway.settings import AccountingSettings
 
 _log = logging.getLogger(__name__)
@@ -59,6 +59,14 @@ def principal_of(record: KeyRecord, team: TeamRecord | None) -> Principal:
     )
 
 
+class KeysUnavailableError(GatewayError):
+    """Managed keys are not loaded yet: the database is unreachable (503)."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "keys_unavailable"
+
+
 class ManagedKeys:
     """Managed keys by hash, kept current by polling the database."""
 
@@ -71,16 +79,26 @@ class ManagedKeys:
         self._newest: datetime | None = None
         self._task: asyncio.Task[None] | None = None
         self._warned_at = 0.0
+        # False until the first load from the database succeeds.
+        self.loaded = False
 
     @property
     def exist(self) -> bool:
         """Whether any managed key was ever created (revoked ones count: the
-        last key revoked must not open the gateway to everyone)."""
-        return bool(self._records)
+        last key revoked must not open the gateway to everyone). Before the
+        keys could be loaded, they may exist: the gateway stays closed."""
+        return bool(self._records) or not self.loaded
 
     def lookup(self, key_hash: str) -> Principal | None:
         """The principal of a managed key's hash; None for a hash that is no
-        managed key; 401 for a revoked or expired one."""
+        managed key; 401 for a revoked or expired one; 503 while the keys
+        could not be loaded yet (the database is unreachable)."""
+        if not self.loaded:
+            raise KeysUnavailableError(
+                "Managed API keys cannot be checked now: the accounting database has been "
+                "unreachable since this server started. Retry shortly.",
+                headers={"Retry-After": "1"},
+            )
         principal = self._principals.get(key_hash)
         if principal is not None:
             expires = principal.expires_at
@@ -97,8 +115,14 @@ class ManagedKeys:
     # ------------------------------------------------------------ refreshing
 
     async def start(self) -> None:
-        """Everything loaded (a failure here fails the start-up), then polled."""
-        self.apply(await self.store.changed_since(None))
+        """Everything loaded, then polled. With the database unreachable the
+        server still starts (as the ledger does): static keys work, managed
+        keys get 503 and the gateway stays closed until a poll loads them."""
+        try:
+            await self.refresh()
+        except Exception as error:
+            _log.warning("managed keys: cannot load them from the database yet: %s", error)
+            self._warned_at = time.monotonic()
         self._task = asyncio.create_task(self._poll(), name="nomoat-key-refresh")
 
     async def aclose(self) -> None:
@@ -115,6 +139,7 @@ class ManagedKeys:
             # runs ahead must not hide the writes of the others.
             since = min(self._newest, now()) - OVERLAP
         self.apply(await self.store.changed_since(since))
+        self.loaded = True
 
     async def _poll(self) -> None:
         while True:
