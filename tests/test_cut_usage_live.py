@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 from conftest import API_KEY, MODEL, running_server
-from test_ledger_live import NO_END, ledger_rows, sdk, settled_decoded
+from test_ledger_live import NO_END, ledger_rows, sdk, settled_decoded, warm_up
 
 from gateway.accounting.prices import TokenPrices
 from gateway.auth import hash_api_key
@@ -77,10 +77,7 @@ def test_cut_streams_record_the_engines_exact_tokens(tmp_path: Path) -> None:
     with running_server(tmp_path, config(database)) as server:
         client: openai.OpenAI = sdk(server)
         decoded: list[int] = []
-        # llama.cpp reports each of its two counters as at least 1: one
-        # request first (prompt ids no later prompt starts with), so both
-        # are real before the count starts.
-        client.completions.create(model=MODEL, prompt=[1000, 1001, 1002], max_tokens=3)
+        warm_up(server)
         before = settled_decoded(server)
         fresh = f"Tell a long story about the number {uuid.uuid4().hex}."
         chat = client.chat.completions.create(
