@@ -120,3 +120,28 @@ def test_cut_streams_record_the_engines_exact_tokens(tmp_path: Path) -> None:
         )
     # A fresh prompt: nothing of it was in the cache, all of it was evaluated.
     assert rows[0]["cached_tokens"] == 0 and rows[0]["prompt_tokens"] > 20
+
+
+def test_a_json_request_the_client_leaves_records_the_engines_exact_tokens(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "ledger.db"
+    with running_server(tmp_path, config(database)) as server:
+        warm_up(server)
+        before = settled_decoded(server)
+        impatient = openai.OpenAI(
+            base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=1.5
+        )
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Count to {uuid.uuid4().hex}."}],
+                max_tokens=4000,
+                logit_bias=NO_END,
+            )
+        decoded = settled_decoded(server) - before
+        [row] = rows_once_written(database, 2)[1:]
+    assert row["status"] == 499
+    evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
+    assert evaluated == decoded, row
+    assert row["prompt_tokens"] > 20 and row["completion_tokens"] > 10
