@@ -150,6 +150,9 @@ class Runtime:
             _log.warning("%s", warning)
         self.tracing = start_tracing(self.settings, self.tracing, stack)
         await self.start_accounting(stack)
+        # After the backends stop (their last usage reports in), before the
+        # ledger's last flush: requests still awaiting a report are recorded.
+        stack.callback(lambda: self.observer.record_awaiting())
         for item in self.plan.backends:
             backend = await item.backend_type.factory(item.name, item.config)
             stack.push_async_callback(backend.aclose)

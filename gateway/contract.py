@@ -46,6 +46,7 @@ from gateway.wire import (
     CompletionRequest,
     DeveloperMessage,
     Message,
+    PromptTokensDetails,
     SystemMessage,
     TextPart,
     ToolMessage,
@@ -113,6 +114,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "UpstreamError",
     "Usage",
+    "UsageReport",
     "UserMessage",
     "message_role",
 ]
@@ -142,6 +144,57 @@ class ComputeMeter:
         # One writer per backend (its engine's thread, or the event loop),
         # so the read-add-write needs no lock.
         self.seconds[backend] = self.seconds.get(backend, 0.0) + seconds
+
+
+class UsageReport:
+    """The tokens an engine really spent on one request, for when its answer
+    never carried a usage (a stream the client cut, a generation stopped).
+
+    A backend that knows its exact counts calls :meth:`expect` when it
+    starts work whose usage it will report, and :meth:`deliver` (on the
+    event loop) once that work has ended, however it ended: the gateway
+    waits, briefly and without blocking, for every expected report before
+    it prices and records a request that has no usage of its own
+    (docs/accounting.md). Several deliveries add up (each attempt's work)."""
+
+    __slots__ = ("_waiters", "pending", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        # Reports expected and not yet delivered.
+        self.pending = 0
+        self._waiters: list[Callable[[], None]] = []
+
+    def expect(self) -> None:
+        self.pending += 1
+
+    def deliver(self, usage: Usage) -> None:
+        self.usage = usage if self.usage is None else _added(self.usage, usage)
+        self.pending = max(self.pending - 1, 0)
+        if not self.pending:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter()
+
+    def when_delivered(self, waiter: Callable[[], None]) -> None:
+        """Call ``waiter`` once nothing is pending (now, if nothing is)."""
+        if self.pending:
+            self._waiters.append(waiter)
+        else:
+            waiter()
+
+
+def _added(a: Usage, b: Usage) -> Usage:
+    cached = sum(
+        (u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0
+        for u in (a, b)
+    )
+    return Usage(
+        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
+        completion_tokens=a.completion_tokens + b.completion_tokens,
+        total_tokens=a.total_tokens + b.total_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 @runtime_checkable
@@ -186,6 +239,10 @@ class RequestContext:
     # Where a self-hosted backend reports the busy time it spent on this
     # request (set by the pipeline; None outside it: report nothing).
     compute: ComputeMeter | None = None
+    # Where a backend that counts a request's tokens exactly (the embedded
+    # engine) reports them when its answer carries no usage (a cut stream);
+    # set by the pipeline, None outside it: report nothing.
+    usage_report: UsageReport | None = None
 
 
 # A span attribute's value, as OpenTelemetry takes it.

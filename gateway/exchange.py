@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import wire
-from gateway.contract import ComputeMeter, Target
+from gateway.contract import ComputeMeter, Target, UsageReport
 from gateway.errors import GatewayError
 
 # The OpenTelemetry GenAI operation name of each endpoint (gen_ai.operation.name).
@@ -57,6 +57,9 @@ class Exchange:
     # Self-hosted nodes' busy seconds spent on it, per backend: what
     # compute_nano prices (gateway/accounting/compute.py).
     compute: ComputeMeter = field(default_factory=ComputeMeter)
+    # The exact tokens an engine reports when the answer carried no usage
+    # (a cut stream): preferred to estimated_output_tokens once delivered.
+    reported: UsageReport = field(default_factory=UsageReport)
     # The trace this request belongs to, when tracing is on (hex, W3C form).
     trace_id: str | None = None
     span_id: str | None = None

@@ -23,6 +23,10 @@ from gateway.streams import closing
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499
+# The longest a request without a usage of its own waits, once it has ended,
+# for the exact usage an engine promised (UsageReport): a cancelled generation
+# stops within one batch step. Past it, the estimate is recorded.
+REPORT_WAIT_SECONDS = 5.0
 # Told once of each closed exchange, with its status and error type (the
 # accounting's ledger: gateway/accounting/runtime.py).
 Ended = Callable[[Exchange, int, "str | None"], None]
@@ -47,6 +51,10 @@ class Observer:
         # Prices each exchange as it closes, before anything reads it
         # (gateway/accounting/compute.py); None: accounting is off.
         self.pricer: Callable[[Exchange], None] | None = None
+        # Closed exchanges waiting for an engine's usage report, each with
+        # the call that records it (see close).
+        self._awaiting: dict[int, Callable[[], None]] = {}
+        self.report_wait_seconds = REPORT_WAIT_SECONDS
 
     def open(self, endpoint: str, path: str) -> Exchange:
         """A request arrived (with the span that is current, if any: the
@@ -58,9 +66,41 @@ class Observer:
         return exchange
 
     def close(self, exchange: Exchange, status: int, error: str | None) -> None:
+        """The request ended. If it has no usage of its own and a backend
+        promised its exact usage (a cut stream: the engine is still stopping
+        the generation on its thread), it is recorded when that usage comes
+        or after ``report_wait_seconds``, whichever is first: nothing here
+        blocks the event loop."""
         if exchange.closed:
             return
         exchange.closed = True
+        if exchange.usage is None and exchange.reported.pending:
+            self._await_report(exchange, status, error)
+            return
+        self._record(exchange, status, error)
+
+    def _await_report(self, exchange: Exchange, status: int, error: str | None) -> None:
+        def record() -> None:
+            if self._awaiting.pop(id(exchange), None) is None:
+                return  # recorded already (the report, the timer or shutdown)
+            timer.cancel()
+            self._record(exchange, status, error)
+
+        timer = asyncio.get_running_loop().call_later(self.report_wait_seconds, record)
+        self._awaiting[id(exchange)] = record
+        exchange.reported.when_delivered(record)
+
+    def record_awaiting(self) -> None:
+        """Record now the requests still waiting for a usage report (at
+        shutdown, after the backends stopped and before the ledger's last
+        flush): no record is lost for a report that never came."""
+        for record in list(self._awaiting.values()):
+            record()
+
+    def _record(self, exchange: Exchange, status: int, error: str | None) -> None:
+        if exchange.usage is None and exchange.reported.usage is not None:
+            # The engine's exact counts, in preference to the estimate.
+            exchange.usage = exchange.reported.usage
         if self.pricer is not None:
             self.pricer(exchange)
         if exchange.finish is not None:

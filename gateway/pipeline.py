@@ -537,8 +537,9 @@ def _with_deadline(ctx: RequestContext, model: ModelEntry) -> RequestContext:
 
 
 def _metered(ctx: RequestContext, exchange: Exchange) -> RequestContext:
-    """The context the backends see: their busy time goes to the exchange."""
-    return replace(ctx, compute=exchange.compute)
+    """The context the backends see: their busy time, and the exact usage
+    of work cut short, go to the exchange."""
+    return replace(ctx, compute=exchange.compute, usage_report=exchange.reported)
 
 
 def _timed_out(model: str) -> UpstreamTimeoutError:

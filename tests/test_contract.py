@@ -92,6 +92,7 @@ EXPECTED_ALL = [
     "UnsupportedFeatureError",
     "UpstreamError",
     "Usage",
+    "UsageReport",
     "UserMessage",
     "message_role",
 ]

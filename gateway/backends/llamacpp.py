@@ -33,6 +33,7 @@ from gateway.contract import (
     PluginManifest,
     RequestContext,
     Target,
+    UsageReport,
 )
 from gateway.engine.adapters import AdapterCache, AdapterSet, LoraRef
 from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderError
@@ -537,9 +538,10 @@ class LlamaCppBackend:
         """Every generation of the request, queued all at once or refused;
         one failing stops the others."""
         timings = _timings(prepared, ctx)
+        spent = _reporter(prepared, ctx)
         try:
             return await self.scheduler.run_all(
-                prepared.requests, self._owner(ctx), timings, self._charge(ctx)
+                prepared.requests, self._owner(ctx), timings, self._charge(ctx), spent
             )
         except _ENGINE_ERRORS as error:
             raise self._engine_error(error, prepared) from error
@@ -570,9 +572,10 @@ class LlamaCppBackend:
     ) -> GenerationStreams:
         # Every choice is queued before the first byte is sent, so a full
         # queue is a 503 response, not an error in the middle of a stream.
+        spent = _reporter(prepared, ctx)
         try:
             return self.scheduler.open_streams(
-                prepared.requests, self._owner(ctx), timings, self._charge(ctx)
+                prepared.requests, self._owner(ctx), timings, self._charge(ctx), spent
             )
         except _ENGINE_ERRORS as error:
             raise self._engine_error(error, prepared) from error
@@ -628,6 +631,39 @@ def _traced_streams(
     if finished < len(timings):
         prompt_tokens = sum(len(prompt) for prompt in prepared.prompts)
         trace.record(cut_short_usage(timings, prompt_tokens))
+
+
+class _Reporter:
+    """Tells the request's usage report what its generations really spent
+    once all have ended (the scheduler's :class:`Spent`), so a stream cut by
+    its client is recorded with the engine's exact counts."""
+
+    def __init__(self, prepared: _Prepared, report: UsageReport) -> None:
+        self._prepared = prepared
+        self._report = report
+
+    def queued(self) -> None:
+        self._report.expect()
+
+    def ended(self, spent: list[GenerationResult | None]) -> None:
+        self._report.deliver(_spent_usage(self._prepared, spent))
+
+
+def _reporter(prepared: _Prepared, ctx: RequestContext) -> _Reporter | None:
+    return None if ctx.usage_report is None else _Reporter(prepared, ctx.usage_report)
+
+
+def _spent_usage(prepared: _Prepared, spent: Sequence[GenerationResult | None]) -> wire.Usage:
+    """What the generations really spent, as :func:`_usage` counts it; a
+    prompt none of whose choices ran (cancelled while queued) counts nothing."""
+    prompt_tokens = cached = completion = 0
+    for start in range(0, len(spent), prepared.n):
+        ran = [r for r in spent[start : start + prepared.n] if r is not None]
+        if ran:
+            prompt_tokens += ran[0].prompt_tokens
+            cached += min(r.cached_tokens for r in ran)
+            completion += sum(r.completion_tokens for r in ran)
+    return responses.usage(prompt_tokens, completion, cached)
 
 
 def _usage(prepared: _Prepared, results: Sequence[GenerationResult]) -> wire.Usage:

@@ -31,6 +31,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.engine.adapters import AdapterCache
 from gateway.engine.generation import GenerationRequest, GenerationResult
@@ -98,6 +99,46 @@ class _FairQueue:
             del self.by_owner[job.owner]
             self.turns.remove(job.owner)
         return True
+
+
+class Spent(Protocol):
+    """Hears what a request's generations spent, on the event loop."""
+
+    def queued(self) -> None:
+        """The generations are queued (not refused): :meth:`ended` will follow."""
+
+    def ended(self, spent: list[GenerationResult | None]) -> None:
+        """Every generation has ended: what each spent, in order (None:
+        never ran)."""
+
+
+class _Tally:
+    """Collects what each of a request's jobs spent; tells ``done`` once all
+    have ended."""
+
+    __slots__ = ("_done", "_left", "_spent")
+
+    def __init__(self, count: int, done: Spent) -> None:
+        self._spent: list[GenerationResult | None] = [None] * count
+        self._left = count
+        self._done = done
+        done.queued()
+
+    def ender(self, index: int) -> Callable[[GenerationResult | None], None]:
+        def end(spent: GenerationResult | None) -> None:
+            self._spent[index] = spent
+            self._left -= 1
+            if not self._left:
+                self._done.ended(self._spent)
+
+        return end
+
+
+def _ended(job: _Job) -> None:
+    """On the event loop: ``job`` is over; tell its request's tally, once."""
+    ended, job.ended = job.ended, None
+    if ended is not None:
+        ended(job.spent)
 
 
 def _outcome(futures: Sequence[asyncio.Future[GenerationResult]]) -> BaseException | None:
@@ -197,13 +238,15 @@ class Scheduler:
         owner: str,
         timings: Sequence[EngineTimings] | None = None,
         charge: Callable[[float], None] | None = None,
+        spent: Spent | None = None,
     ) -> list[GenerationResult]:
         """Queue every request now, all or none (raising at once if they do
         not fit), and return their results in order. If one fails, or the
         caller is cancelled, the others stop at once. ``timings`` (one per
         request, tracing on): filled in as the jobs go. ``charge``: told each
-        step's seconds spent on them (on the worker thread)."""
-        jobs = self._submit(requests, owner, None, timings, charge)
+        step's seconds spent on them (on the worker thread). ``spent``: told
+        what they spent once all have ended, even after the caller left."""
+        jobs = self._submit(requests, owner, None, timings, charge, spent)
         futures = [job.future for job in jobs]
         try:
             await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
@@ -222,12 +265,14 @@ class Scheduler:
         owner: str,
         timings: Sequence[EngineTimings] | None = None,
         charge: Callable[[float], None] | None = None,
+        spent: Spent | None = None,
     ) -> GenerationStreams:
         """Queue every request now, all or none (raising at once if they do
-        not fit), and return their merged stream of deltas, then results."""
+        not fit), and return their merged stream of deltas, then results.
+        ``spent``: as for :meth:`run_all` (a stream cut by its reader too)."""
         loop = asyncio.get_running_loop()
         mailbox = Mailbox(loop, len(requests), limit=self.stream_buffer, on_drain=self._thread.wake)
-        jobs = self._submit(requests, owner, mailbox, timings, charge)
+        jobs = self._submit(requests, owner, mailbox, timings, charge, spent)
         return GenerationStreams(len(jobs), mailbox, functools.partial(self._cancel_all, jobs))
 
     def open_stream(self, request: GenerationRequest, owner: str) -> GenerationStreams:
@@ -264,12 +309,16 @@ class Scheduler:
         mailbox: Mailbox | None,
         timings: Sequence[EngineTimings] | None = None,
         charge: Callable[[float], None] | None = None,
+        spent: Spent | None = None,
     ) -> list[_Job]:
         self._check_room(len(requests), owner)
         loop = asyncio.get_running_loop()
+        tally = None if spent is None else _Tally(len(requests), spent)
         jobs = []
         for index, request in enumerate(requests):
             job = _Job(request, owner, None, loop.create_future(), charge=charge)
+            if tally is not None:
+                job.ended = tally.ender(index)
             if mailbox is not None:
                 job.emit = mailbox.sender(index)
                 job.blocked = functools.partial(mailbox.full, index)
@@ -300,6 +349,11 @@ class Scheduler:
         if self._queue.discard(job):
             self._release(job)
             job.future.cancel()
+            _ended(job)
+        elif job in self._running:
+            # The worker may be idle (every stream waiting for its reader):
+            # it stops the generation now, not at its next wake-up.
+            self._thread.wake()
 
     def _cancel_all(self, jobs: Sequence[_Job]) -> None:
         for job in jobs:
@@ -318,6 +372,7 @@ class Scheduler:
             if job.cancelled:
                 self._release(job)
                 job.future.cancel()
+                _ended(job)
                 self._free.release()
                 continue
             self._running.add(job)
@@ -328,6 +383,7 @@ class Scheduler:
         self._running.discard(job)
         self._release(job)
         self._free.release()
+        _ended(job)
         self._settle(job, outcome)
 
     def _report(self, job: _Job, outcome: Outcome) -> None:
@@ -358,6 +414,7 @@ class Scheduler:
             job = self._queue.pop()
             job.cancelled = True
             self._release(job)
+            _ended(job)
             if job.emit is not None:
                 job.emit(EngineClosedError("the engine is shutting down"))
             elif not job.future.done():

@@ -66,6 +66,13 @@ class Job:
     # step's wall time, by the tokens it put in the batch), on the worker
     # thread: for its compute cost (gateway/accounting/compute.py).
     charge: Callable[[float], None] | None = None
+    # What the job's generation spent (its prompt, cached and generated
+    # tokens), whatever its outcome: set on the worker thread before the
+    # job is reported; None if it never ran.
+    spent: GenerationResult | None = None
+    # Told ``spent`` once, on the event loop, when the job has ended (run,
+    # failed, cancelled, or dropped from the queue): the scheduler's.
+    ended: Callable[[GenerationResult | None], None] | None = None
 
     def is_cancelled(self) -> bool:
         return self.cancelled
@@ -266,7 +273,7 @@ class Worker:
         """Report each finished one of ``generations`` and free its sequence."""
         for generation in [g for g in generations if g.finish is not None]:
             job = active.pop(generation)
-            result = generation.result()
+            result = job.spent = generation.result()
             if job.timings is not None:
                 self._traced -= 1
                 job.timings.finished_ns = time.time_ns()
@@ -290,7 +297,7 @@ class Worker:
     def _stop_all(self, active: Active) -> None:
         for generation, job in active.items():
             generation.cancel()
-            generation.result()
+            job.spent = generation.result()
             self._report(job, EngineClosedError("the engine is shutting down"))
 
 

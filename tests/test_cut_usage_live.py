@@ -1,0 +1,147 @@
+"""Streams the client cuts, against the real embedded engine through a real
+`nomoat serve` and the official `openai` SDK: the ledger records the tokens
+the engine really evaluated and generated, not what the gateway relayed.
+
+With the default stream buffer (256 tokens) the engine runs far ahead of a
+client that reads slowly, and a fresh prompt is evaluated in full: neither
+the chunks the client saw nor a prompt of 0 can match llama.cpp's counters.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from conftest import API_KEY, MODEL, running_server
+from test_ledger_live import NO_END, ledger_rows, sdk, settled_decoded, warm_up
+
+from gateway.accounting.prices import TokenPrices
+from gateway.auth import hash_api_key
+
+pytestmark = pytest.mark.e2e
+
+INPUT_USD, OUTPUT_USD = 3.0, 15.0
+
+
+def config(database: Path) -> str:
+    # The engine's defaults (stream buffer, prompt cache) as shipped.
+    return f"""
+[server]
+api_key_hashes = ["{hash_api_key(API_KEY)}"]
+
+[backends.embedded]
+type = "llamacpp"
+threads = 1
+parallel = 2
+smoke_test = false
+
+[[models.{MODEL}.deployments]]
+backend = "embedded"
+input_usd_per_million = {INPUT_USD}
+output_usd_per_million = {OUTPUT_USD}
+
+[accounting]
+database = "sqlite:///{database}"
+"""
+
+
+def rows_once_written(path: Path, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if path.exists():
+            rows = ledger_rows(path)
+            if len(rows) >= count:
+                return rows
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} ledger rows")
+
+
+def read_a_little_then_leave(stream: openai.Stream[Any]) -> int:
+    """Read two chunks, give the engine time to run ahead, then leave."""
+    seen = 0
+    for _ in stream:
+        seen += 1
+        if seen == 2:
+            break
+    time.sleep(1.5)
+    stream.close()
+    return seen
+
+
+def test_cut_streams_record_the_engines_exact_tokens(tmp_path: Path) -> None:
+    database = tmp_path / "ledger.db"
+    with running_server(tmp_path, config(database)) as server:
+        client: openai.OpenAI = sdk(server)
+        decoded: list[int] = []
+        warm_up(server)
+        before = settled_decoded(server)
+        fresh = f"Tell a long story about the number {uuid.uuid4().hex}."
+        chat = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": fresh}],
+            max_tokens=2000,
+            stream=True,
+            logit_bias=NO_END,
+        )
+        read_a_little_then_leave(chat)
+        middle = settled_decoded(server)
+        decoded.append(middle - before)
+        text = client.completions.create(
+            model=MODEL,
+            prompt=f"Chapter {uuid.uuid4().hex}: it was a dark and stormy night",
+            max_tokens=2000,
+            stream=True,
+            logit_bias=NO_END,
+        )
+        read_a_little_then_leave(text)
+        decoded.append(settled_decoded(server) - middle)
+        rows = rows_once_written(database, 3)[1:]
+    prices = TokenPrices.of_usd(INPUT_USD, OUTPUT_USD)
+    assert [row["status"] for row in rows] == [499, 499]
+    for row, engine in zip(rows, decoded, strict=True):
+        # llama.cpp evaluated the uncached prompt and every generated token
+        # but the last (sampled, never fed back).
+        evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
+        assert evaluated == engine, (
+            {
+                k: row[k]
+                for k in ("prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason")
+            },
+            engine,
+        )
+        # The engine ran well ahead of the two chunks the client read.
+        assert row["completion_tokens"] > 10, row
+        assert row["cost_nano"] == prices.charge_nano(
+            row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]
+        )
+    # A fresh prompt: nothing of it was in the cache, all of it was evaluated.
+    assert rows[0]["cached_tokens"] == 0 and rows[0]["prompt_tokens"] > 20
+
+
+def test_a_json_request_the_client_leaves_records_the_engines_exact_tokens(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "ledger.db"
+    with running_server(tmp_path, config(database)) as server:
+        warm_up(server)
+        before = settled_decoded(server)
+        impatient = openai.OpenAI(
+            base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=1.5
+        )
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Count to {uuid.uuid4().hex}."}],
+                max_tokens=4000,
+                logit_bias=NO_END,
+            )
+        decoded = settled_decoded(server) - before
+        [row] = rows_once_written(database, 2)[1:]
+    assert row["status"] == 499
+    evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
+    assert evaluated == decoded, row
+    assert row["prompt_tokens"] > 20 and row["completion_tokens"] > 10
