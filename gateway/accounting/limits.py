@@ -34,7 +34,7 @@ SECONDS_PER_WINDOW = 60.0
 RateKind = Literal["requests", "tokens"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateDemand:
     """Take ``amount`` from the bucket ``key`` of ``limit`` per minute."""
 
@@ -46,7 +46,7 @@ class RateDemand:
     owner: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BudgetDemand:
     """Reserve ``amount`` nano-USD of the budget ``key`` (``limit`` nano-USD),
     which starts from ``seed`` (the ledger's sum) if the limiter has no state
@@ -65,7 +65,7 @@ class BudgetDemand:
     ends: datetime | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Level:
     """A rate bucket after an admission: what is left, and the seconds until
     it is full again."""
