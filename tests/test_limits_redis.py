@@ -100,6 +100,37 @@ def test_two_limiters_share_one_budget_under_a_hundred_concurrent_admissions(
     asyncio.run(run())
 
 
+def test_admissions_sent_together_each_get_their_own_reply(redis_url: str) -> None:
+    """Admissions made in one turn of the loop share a pipelined round trip;
+    each still gets its own script's reply: 40 buckets of different limits,
+    one admission each, at once, and a further 30 on one bucket of 10."""
+
+    async def run() -> None:
+        limiter = RedisLimiter(redis_url, 3600)
+        try:
+            own = [
+                RateDemand(f"nomoat:rate:key:own{i}:requests", "requests", i + 1, 1, "key")
+                for i in range(40)
+            ]
+            verdicts = await asyncio.gather(
+                *(limiter.admit(f"o{i}", (demand,), ()) for i, demand in enumerate(own))
+            )
+            shared = await asyncio.gather(
+                *(limiter.admit(f"s{i}", (rate(10),), ()) for i in range(30))
+            )
+        finally:
+            await limiter.aclose()
+        for i, verdict in enumerate(verdicts):
+            assert isinstance(verdict, Admitted)
+            assert verdict.levels[0].remaining == pytest.approx(i, abs=0.01)
+        admitted = [v for v in shared if isinstance(v, Admitted)]
+        assert len(admitted) == 10
+        left = sorted(round(v.levels[0].remaining) for v in admitted)
+        assert left == list(range(10))
+
+    asyncio.run(run())
+
+
 def test_a_reservation_never_settled_expires_in_redis(redis_url: str) -> None:
     async def run() -> None:
         limiter = RedisLimiter(redis_url, reservation_seconds=0.3)

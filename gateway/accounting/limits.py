@@ -34,7 +34,7 @@ SECONDS_PER_WINDOW = 60.0
 RateKind = Literal["requests", "tokens"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateDemand:
     """Take ``amount`` from the bucket ``key`` of ``limit`` per minute."""
 
@@ -46,7 +46,7 @@ class RateDemand:
     owner: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BudgetDemand:
     """Reserve ``amount`` nano-USD of the budget ``key`` (``limit`` nano-USD),
     which starts from ``seed`` (the ledger's sum) if the limiter has no state
@@ -65,7 +65,7 @@ class BudgetDemand:
     ends: datetime | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Level:
     """A rate bucket after an admission: what is left, and the seconds until
     it is full again."""
@@ -153,10 +153,16 @@ class _Budget:
     reservations: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def reserved(self, now: float) -> int:
-        expired = [t for t, (_, until) in self.reservations.items() if until <= now]
+        total = 0
+        expired = []
+        for ticket, (amount, until) in self.reservations.items():
+            if until <= now:
+                expired.append(ticket)
+            else:
+                total += amount
         for ticket in expired:
             del self.reservations[ticket]
-        return sum(amount for amount, _ in self.reservations.values())
+        return total
 
 
 class MemoryLimiter:
@@ -182,7 +188,7 @@ class MemoryLimiter:
         budgets: tuple[BudgetDemand, ...],
         now: float,
     ) -> Verdict:
-        levels = tuple(Level(d, self._bucket(d, now).refilled(d.limit, now)) for d in rates)
+        levels = tuple([Level(d, self._bucket(d, now).refilled(d.limit, now)) for d in rates])
         for level in levels:
             demand = level.demand
             if level.remaining < demand.amount:
@@ -197,12 +203,15 @@ class MemoryLimiter:
             used = state.spent + state.reserved(now)
             if used + budget.amount > budget.limit:
                 return BudgetRefused(budget, used)
+        # Taken: each level (new objects of this call) updated in place, and
+        # its bucket stored again (the sweep above may have dropped it).
         for level in levels:
-            self._buckets[level.demand.key] = _Bucket(level.remaining - level.demand.amount, now)
+            level.remaining -= level.demand.amount
+            self._buckets[level.demand.key] = _Bucket(level.remaining, now)
         for budget in budgets:
             until = now + self._reservation_seconds
             self._budgets[budget.key].reservations[ticket] = (budget.amount, until)
-        return Admitted(tuple(Level(x.demand, x.remaining - x.demand.amount) for x in levels))
+        return Admitted(levels)
 
     def settle(self, settlement: Settlement) -> None:
         self.settle_now(settlement, self._now())

@@ -132,10 +132,11 @@ class PriceBook:
         """The highest charge a request of ``prompt_tokens`` asking for up to
         ``completion_tokens`` can reach on any of ``deployments`` (the ones
         it may be served by: see :meth:`reachable`)."""
-        return max(
-            (self.prices(d).worst_case_nano(prompt_tokens, completion_tokens) for d in deployments),
-            default=0,
-        )
+        worst = 0
+        for deployment in deployments:
+            charge = self.prices(deployment).worst_case_nano(prompt_tokens, completion_tokens)
+            worst = max(worst, charge)
+        return worst
 
     def reachable(self, model: str) -> tuple[str, ...]:
         """The deployment ids a request for ``model`` (a catalog name) may be

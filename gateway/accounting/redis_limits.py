@@ -1,6 +1,10 @@
 """The limiter shared by every worker and replica: Redis, one round trip per
 admission and one per settlement, each a Lua script (atomic: Redis runs a
-script to its end before any other command).
+script to its end before any other command). Admissions that arrive together
+(in one turn of the event loop) share a pipelined round trip, as settlements
+do: redis-py's cost is per command sent and per reply read, a good part of a
+request's CPU at high concurrency (docs/benchmarks.md, issue 13). Each script
+still runs alone and whole.
 
 The semantics are exactly :class:`~gateway.accounting.limits.MemoryLimiter`'s;
 the clock is Redis's own (``TIME``), so replicas whose clocks differ still
@@ -148,6 +152,10 @@ return 1
 """
 
 
+# An admission's script keys and arguments, and the future its reply goes to.
+_Admission = tuple[list[str], list[str | int], "asyncio.Future[list[bytes | int]]"]
+
+
 def _reservations_key(budget: BudgetDemand) -> str:
     return budget.key + ":reservations"
 
@@ -170,6 +178,9 @@ class RedisLimiter:
         self._settle = self._redis.register_script(_SETTLE)
         self._reservation_seconds = reservation_seconds
         self._pending: deque[Settlement] = deque(maxlen=MAX_PENDING)
+        # Admissions waiting for this turn of the loop to end (see _flush).
+        self._admissions: list[_Admission] = []
+        self._sending: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -184,11 +195,44 @@ class RedisLimiter:
         for budget in budgets:
             keys += [budget.key, _reservations_key(budget)]
             args += [budget.limit, budget.amount, budget.seed, _keep(budget)]
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[list[bytes | int]] = loop.create_future()
+        self._admissions.append((keys, args, reply))
+        if len(self._admissions) == 1:
+            loop.call_soon(self._flush)
+        return _verdict(await reply, rates, budgets)
+
+    def _flush(self) -> None:
+        """Send the admissions of this turn of the loop, in one round trip."""
+        batch, self._admissions = self._admissions, []
+        task = asyncio.create_task(self._send_admissions(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_admissions(self, batch: list[_Admission]) -> None:
         try:
-            reply = await self._admit(keys=keys, args=args)
+            if len(batch) == 1:
+                keys, args, _ = batch[0]
+                replies = [await self._admit(keys=keys, args=args)]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        await self._admit(keys=keys, args=args, client=pipe)
+                    replies = await pipe.execute()
         except RedisError as error:
-            raise LimiterUnavailableError(f"Redis: {error}") from error
-        return _verdict(reply, rates, budgets)
+            for _, _, waiting in batch:
+                if not waiting.done():
+                    waiting.set_exception(LimiterUnavailableError(f"Redis: {error}"))
+            return
+        except BaseException as error:
+            # Cancelled (shutdown) or a bug: no request waits for ever.
+            for _, _, waiting in batch:
+                if not waiting.done():
+                    waiting.set_exception(LimiterUnavailableError(f"Redis: {error!r}"))
+            raise
+        for (_, _, waiting), reply in zip(batch, replies, strict=True):
+            if not waiting.done():
+                waiting.set_result(reply)
 
     def settle(self, settlement: Settlement) -> None:
         """Queued for the sender task, which sends what is queued in one
@@ -256,6 +300,8 @@ class RedisLimiter:
                 )
         if self._sender is not None:
             self._sender.cancel()
+        for task in list(self._sending):
+            task.cancel()
         await self._redis.aclose()
 
 
