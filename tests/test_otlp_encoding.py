@@ -30,6 +30,13 @@ VALUES: dict[str, object] = {
     "unicode": "héllo ✓",
     "empty": "",
     "long": "x" * 300,
+    # Around the longest pair written in one go (key, value and lengths in
+    # 127 bytes), uncached (over 64 characters): the second time, once the
+    # key's encoding is known.
+    "mid": "y" * 100,
+    "edge1": "w" * 116,
+    "edge2": "w" * 117,
+    "nomoat.request.id": "0123456789abcdef0123456789abcdef",
     "t": True,
     "f": False,
     "zero": 0,

@@ -47,6 +47,8 @@ _CACHE_LIMIT = 8192
 _CACHED_STR_LENGTH = 64
 _CACHED_TYPES = frozenset({bool, int})
 _CACHED_ITEMS = 8
+# The largest length written in one byte.
+_SHORT = 0x7F
 # Attributes whose value is new with every request: never cached.
 _UNIQUE_KEYS = frozenset({names.REQUEST_ID, names.RESPONSE_ID})
 
@@ -164,7 +166,19 @@ class SpanEncoder:
         return b"".join(out)
 
     def _string_pair(self, tag: int, key: str, value: str) -> bytes:
-        encoded = bytes((tag,)) + self._key_value(key, value)
+        data = value.encode("utf-8")
+        size = len(data)
+        prefix = self._keys.get(key)
+        if prefix is None or size > _SHORT:
+            encoded = bytes((tag,)) + self._key_value(key, value)
+        else:
+            # Every length fits in one byte: written at once (an id, a
+            # name), without the general encoder's calls.
+            length = len(prefix) + size + 4
+            if length > _SHORT:
+                encoded = bytes((tag,)) + self._key_value(key, value)
+            else:
+                encoded = bytes((tag, length)) + prefix + bytes((0x12, size + 2, 0x0A, size)) + data
         if len(value) <= _CACHED_STR_LENGTH and key not in _UNIQUE_KEYS:
             self._remember((tag, key, value), encoded)
         return encoded
