@@ -11,8 +11,9 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
@@ -29,6 +30,13 @@ VALUES: dict[str, object] = {
     "unicode": "héllo ✓",
     "empty": "",
     "long": "x" * 300,
+    # Around the longest pair written in one go (key, value and lengths in
+    # 127 bytes), uncached (over 64 characters): the second time, once the
+    # key's encoding is known.
+    "mid": "y" * 100,
+    "edge1": "w" * 116,
+    "edge2": "w" * 117,
+    "nomoat.request.id": "0123456789abcdef0123456789abcdef",
     "t": True,
     "f": False,
     "zero": 0,
@@ -148,3 +156,27 @@ def test_an_unencodable_value_fails_the_batch_not_the_thread() -> None:
 def test_int64_limits(value: int) -> None:
     span = ReadableSpan("x", context(9), None, RESOURCE, {"k": value}, start_time=1)
     assert SpanEncoder().request([span]) == sdk_bytes([span])
+
+
+def test_the_sdks_own_spans_encode_as_the_sdk_encodes_them() -> None:
+    # What the SDK's tracer hands its processors (bounded attributes and
+    # events, some dropped here) and its Span objects themselves (read
+    # through their properties): the same bytes as the SDK's encoder.
+    exporter = InMemorySpanExporter()
+    limits = SpanLimits(max_span_attributes=2, max_events=1, max_event_attributes=1)
+    provider = TracerProvider(resource=RESOURCE, span_limits=limits)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("sdk", "1.0")
+    attributes = {"n": 3, "s": "x", "b": True}
+    server = SpanKind.SERVER
+    with tracer.start_as_current_span("outer", kind=server, attributes=attributes) as outer:
+        outer.add_event("e", {"f": 0.5, "l": ["a", "b"]})
+        outer.add_event("dropped")
+        with tracer.start_as_current_span("inner", attributes={"s": "x"}) as inner:
+            inner.set_status(Status(StatusCode.ERROR, "failed"))
+    batch = list(exporter.get_finished_spans())
+    assert batch[1].dropped_attributes == 1 and batch[1].dropped_events == 1
+    encoder = SpanEncoder()
+    for spans in (batch, [inner, outer]):
+        assert encoder.request(spans) == sdk_bytes(spans)
+        assert encoder.request(spans) == sdk_bytes(spans)

@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from opentelemetry.exporter.otlp.proto.http._common import _is_request_too_large
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status
 
 from gateway.telemetry import semconv as names
 
@@ -47,6 +47,8 @@ _CACHE_LIMIT = 8192
 _CACHED_STR_LENGTH = 64
 _CACHED_TYPES = frozenset({bool, int})
 _CACHED_ITEMS = 8
+# The largest length written in one byte.
+_SHORT = 0x7F
 # Attributes whose value is new with every request: never cached.
 _UNIQUE_KEYS = frozenset({names.REQUEST_ID, names.RESPONSE_ID})
 
@@ -117,6 +119,8 @@ class SpanEncoder:
     def __init__(self) -> None:
         self._keys: dict[str, bytes] = {}
         self._pairs: dict[object, bytes] = {}
+        self._float_heads: dict[tuple[int, str], bytes] = {}
+        self._names: dict[str, bytes] = {}
         self._blocks: dict[int, tuple[object, bytes]] = {}
 
     # ------------------------------------------------------------ attributes
@@ -137,45 +141,87 @@ class SpanEncoder:
         out = []
         for key, value in attributes.items():
             kind = value.__class__
-            cache_key: tuple[object, ...]
-            if kind is float or key in _UNIQUE_KEYS:
-                # Seldom the same twice (a time, a score, an id): caching
-                # would only fill the cache.
-                out.append(bytes((tag,)) + self._key_value(key, value))
-                continue
-            if type(value) is str:
-                if len(value) > _CACHED_STR_LENGTH:
-                    out.append(bytes((tag,)) + self._key_value(key, value))
-                    continue
-                # A string equals no other type's value: no type in the key.
-                cache_key = (tag, key, value)
-            elif kind in _CACHED_TYPES:
+            if kind is str:
+                # The common case first: one look-up (a string equals no
+                # other type's value: no type in the key).
+                found = pairs.get((tag, key, value))
+                if found is None:
+                    found = self._string_pair(tag, key, value)  # type: ignore[arg-type]
+                out.append(found)
+            elif kind is float:
+                # Seldom the same twice (a time, a score): never cached, but
+                # everything before the value is the same for a key.
+                head = self._float_heads.get((tag, key))
+                if head is None:
+                    head = self._float_head(tag, key)
+                out.append(head + _DOUBLE.pack(value))
+            elif kind is int or kind is bool:
                 # The type is part of the key: True and 1 are equal in a dict.
-                cache_key = (tag, key, kind, value)
-            elif (type(value) is list or type(value) is tuple) and len(value) <= _CACHED_ITEMS:
-                # A short list of strings or integers (a route's candidates,
-                # finish reasons), keyed by its items and their types.
-                items = tuple(value)
-                types = tuple(map(type, items))
-                if float in types:
-                    out.append(bytes((tag,)) + self._key_value(key, value))
-                    continue
-                cache_key = (tag, key, items, types)
+                found = pairs.get((tag, key, kind, value))
+                if found is None:
+                    found = self._other_pair(tag, key, value, kind)
+                out.append(found)
             else:
-                out.append(bytes((tag,)) + self._key_value(key, value))
-                continue
-            try:
-                found = pairs.get(cache_key)
-            except TypeError:  # an unhashable item (a list in a list)
-                out.append(bytes((tag,)) + self._key_value(key, value))
-                continue
-            if found is None:
-                found = bytes((tag,)) + self._key_value(key, value)
-                if len(pairs) >= _CACHE_LIMIT:
-                    pairs.clear()
-                pairs[cache_key] = found
-            out.append(found)
+                out.append(self._other_pair(tag, key, value, kind))
         return b"".join(out)
+
+    def _string_pair(self, tag: int, key: str, value: str) -> bytes:
+        data = value.encode("utf-8")
+        size = len(data)
+        prefix = self._keys.get(key)
+        if prefix is None or size > _SHORT:
+            encoded = bytes((tag,)) + self._key_value(key, value)
+        else:
+            # Every length fits in one byte: written at once (an id, a
+            # name), without the general encoder's calls.
+            length = len(prefix) + size + 4
+            if length > _SHORT:
+                encoded = bytes((tag,)) + self._key_value(key, value)
+            else:
+                encoded = bytes((tag, length)) + prefix + bytes((0x12, size + 2, 0x0A, size)) + data
+        if len(value) <= _CACHED_STR_LENGTH and key not in _UNIQUE_KEYS:
+            self._remember((tag, key, value), encoded)
+        return encoded
+
+    def _float_head(self, tag: int, key: str) -> bytes:
+        """A float ``KeyValue``'s bytes up to its 8 bytes of value (its
+        length is the same whatever the value)."""
+        encoded = bytes((tag,)) + self._key_value(key, 0.0)
+        head = encoded[: -_DOUBLE.size]
+        self._float_heads[(tag, key)] = head
+        return head
+
+    def _remember(self, cache_key: object, encoded: bytes) -> None:
+        pairs = self._pairs
+        if len(pairs) >= _CACHE_LIMIT:
+            pairs.clear()
+        pairs[cache_key] = encoded
+
+    def _other_pair(self, tag: int, key: str, value: object, kind: type) -> bytes:
+        """Any value but a string or a float: booleans and integers, short
+        lists of strings or integers (a route's candidates, finish reasons)
+        cached, keyed by their types too (True and 1 are equal in a dict)."""
+        cache_key: tuple[object, ...]
+        if key in _UNIQUE_KEYS:
+            return bytes((tag,)) + self._key_value(key, value)
+        if kind in _CACHED_TYPES:
+            cache_key = (tag, key, kind, value)
+        elif isinstance(value, list | tuple) and len(value) <= _CACHED_ITEMS:
+            items = tuple(value)
+            types = tuple(map(type, items))
+            if float in types:
+                return bytes((tag,)) + self._key_value(key, value)
+            cache_key = (tag, key, items, types)
+        else:
+            return bytes((tag,)) + self._key_value(key, value)
+        try:
+            found = self._pairs.get(cache_key)
+        except TypeError:  # an unhashable item (a list in a list)
+            return bytes((tag,)) + self._key_value(key, value)
+        if found is None:
+            found = bytes((tag,)) + self._key_value(key, value)
+            self._remember(cache_key, found)
+        return found
 
     # ------------------------------------------------------- resource, scope
     def _block(self, owner: object, make: bytes) -> bytes:
@@ -203,7 +249,62 @@ class SpanEncoder:
     # ------------------------------------------------------------------ spans
     def span(self, span: ReadableSpan) -> bytes:
         """One ``Span`` message's content."""
-        context = span.get_span_context()
+        if type(span) is not ReadableSpan:
+            # The SDK's own Span (a subclass): through its public properties.
+            return self._span_of(
+                span.get_span_context(),
+                span.parent,
+                span.name,
+                span.kind,
+                span.start_time,
+                span.end_time,
+                span.attributes,
+                span.dropped_attributes,
+                span.events,
+                span.dropped_events,
+                span.links,
+                span.dropped_links,
+                span.status,
+            )
+        # What nomoat's recorder hands over: the same fields read directly,
+        # without the properties' copies (a tuple of the events, a read-only
+        # view of the attributes); dropped counts exist only for the SDK's
+        # bounded collections.
+        attributes = span._attributes
+        events = span._events
+        links = span._links
+        return self._span_of(
+            span._context,
+            span._parent,
+            span._name,
+            span._kind,
+            span._start_time,
+            span._end_time,
+            attributes,
+            0 if attributes is None or type(attributes) is dict else span.dropped_attributes,
+            events,
+            0 if type(events) is list or type(events) is tuple else span.dropped_events,
+            links,
+            0 if type(links) is list or type(links) is tuple else span.dropped_links,
+            span._status,
+        )
+
+    def _span_of(
+        self,
+        context: SpanContext | None,
+        parent: SpanContext | None,
+        name: str,
+        kind: SpanKind,
+        start_time: int | None,
+        end_time: int | None,
+        attributes: Mapping[str, object] | None,
+        dropped_attributes: int,
+        events: Sequence[Event],
+        dropped_events: int,
+        links: Sequence[Link],
+        dropped_links: int,
+        status: Status,
+    ) -> bytes:
         assert context is not None
         parts = [
             b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
@@ -214,20 +315,23 @@ class SpanEncoder:
             parts.append(
                 _field(0x1A, ",".join(f"{k}={v}" for k, v in state.items()).encode("utf-8"))
             )
-        parent = span.parent
         if parent:
             parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-        if span.name:
-            parts.append(_field(0x2A, span.name.encode("utf-8")))
-        parts.append(b"\x30" + _varint(span.kind.value + 1))
-        if span.start_time:
-            parts.append(b"\x39" + _FIXED64.pack(span.start_time))
-        if span.end_time:
-            parts.append(b"\x41" + _FIXED64.pack(span.end_time))
-        parts.append(self._attributes(0x4A, span.attributes))
-        if span.dropped_attributes:
-            parts.append(b"\x50" + _varint(span.dropped_attributes))
-        for event in span.events:
+        if name:
+            encoded_name = self._names.get(name)
+            if encoded_name is None:
+                encoded_name = self._remember_name(name)
+            parts.append(encoded_name)
+        parts.append(_KINDS[kind])
+        if start_time:
+            parts.append(b"\x39" + _FIXED64.pack(start_time))
+        if end_time:
+            parts.append(b"\x41" + _FIXED64.pack(end_time))
+        if attributes:
+            parts.append(self._attributes(0x4A, attributes))
+        if dropped_attributes:
+            parts.append(b"\x50" + _varint(dropped_attributes))
+        for event in events:
             content = b"\x09" + _FIXED64.pack(event.timestamp) if event.timestamp else b""
             if event.name:
                 content += _field(0x12, event.name.encode("utf-8"))
@@ -235,9 +339,9 @@ class SpanEncoder:
             if event.dropped_attributes:
                 content += b"\x20" + _varint(event.dropped_attributes)
             parts.append(_field(0x5A, content))
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
-        for link in span.links:
+        if dropped_events:
+            parts.append(b"\x60" + _varint(dropped_events))
+        for link in links:
             content = b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big")
             content += b"\x12\x08" + link.context.span_id.to_bytes(8, "big")
             content += self._attributes(0x22, link.attributes)
@@ -245,39 +349,58 @@ class SpanEncoder:
                 content += b"\x28" + _varint(link.dropped_attributes)
             content += b"\x35" + _FIXED32.pack(_flags(link.context))
             parts.append(_field(0x6A, content))
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
-        status = span.status
-        content = b""
-        if status.description:
-            content += _field(0x12, status.description.encode("utf-8"))
-        if status.status_code.value:
-            content += b"\x18" + _varint(status.status_code.value)
-        parts.append(b"\x7a" + _varint(len(content)) + content)
-        parts.append(b"\x85\x01" + _FIXED32.pack(_flags(parent)))
+        if dropped_links:
+            parts.append(b"\x70" + _varint(dropped_links))
+        if status is _UNSET_STATUS or not (status.description or status.status_code.value):
+            parts.append(b"\x7a\x00")
+        else:
+            content = b""
+            if status.description:
+                content += _field(0x12, status.description.encode("utf-8"))
+            if status.status_code.value:
+                content += b"\x18" + _varint(status.status_code.value)
+            parts.append(b"\x7a" + _varint(len(content)) + content)
+        parts.append(_REMOTE_FLAGS if parent is not None and parent.is_remote else _LOCAL_FLAGS)
         return b"".join(parts)
+
+    def _remember_name(self, name: str) -> bytes:
+        encoded = _field(0x2A, name.encode("utf-8"))
+        if len(self._names) >= _CACHE_LIMIT:
+            self._names.clear()
+        self._names[name] = encoded
+        return encoded
 
     def request(self, spans: Sequence[ReadableSpan]) -> bytes:
         """An ``ExportTraceServiceRequest``: spans grouped by resource, then by
         instrumentation scope, in the order first met (as the SDK groups)."""
         groups: list[tuple[Resource, list[tuple[InstrumentationScope | None, list[bytes]]]]] = []
+        # The group of the span before: nomoat's spans share one resource
+        # and one scope, so most spans need no search.
+        last_resource: Resource | None = None
+        last_scope: InstrumentationScope | None = None
+        encoded: list[bytes] = []
         for span in spans:
             resource = span.resource
-            scopes = next((g[1] for g in groups if g[0] is resource), None)
-            if scopes is None:
-                scopes = []
-                groups.append((resource, scopes))
             scope = span.instrumentation_scope or None
-            encoded = next((s[1] for s in scopes if s[0] is scope), None)
-            if encoded is None:
-                encoded = []
-                scopes.append((scope, encoded))
-            encoded.append(_field(0x12, self.span(span)))
+            if resource is not last_resource or scope is not last_scope or not groups:
+                scopes = next((g[1] for g in groups if g[0] is resource), None)
+                if scopes is None:
+                    scopes = []
+                    groups.append((resource, scopes))
+                found = next((s[1] for s in scopes if s[0] is scope), None)
+                if found is None:
+                    found = []
+                    scopes.append((scope, found))
+                encoded = found
+                last_resource = resource
+                last_scope = scope
+            body = self.span(span)
+            encoded.append(b"\x12" + _varint(len(body)) + body)
         out = []
         for resource, scopes in groups:
             content = _field(0x0A, self._resource(resource))
-            for scope, encoded in scopes:
-                scope_spans = _field(0x0A, self._scope(scope)) + b"".join(encoded)
+            for scope, spans_encoded in scopes:
+                scope_spans = _field(0x0A, self._scope(scope)) + b"".join(spans_encoded)
                 if scope is not None and scope.schema_url:
                     scope_spans += _field(0x1A, scope.schema_url.encode("utf-8"))
                 content += _field(0x12, scope_spans)
@@ -291,6 +414,14 @@ def _flags(parent: SpanContext | None) -> int:
     if parent is not None and parent.is_remote:
         return _FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE
     return _FLAGS_HAS_IS_REMOTE
+
+
+# Whole fields that take a few values: the kind, the flags (the parent's
+# is_remote known; remote or not), the empty status.
+_KINDS = {kind: b"\x30" + _varint(kind.value + 1) for kind in SpanKind}
+_LOCAL_FLAGS = b"\x85\x01" + _FIXED32.pack(_FLAGS_HAS_IS_REMOTE)
+_REMOTE_FLAGS = b"\x85\x01" + _FIXED32.pack(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
+_UNSET_STATUS = Status()
 
 
 class FastOTLPSpanExporter(OTLPSpanExporter):
