@@ -273,6 +273,11 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
     engine = open_engine(url)
     full = record("fast")
     full.user, full.key_id, full.stream, full.ttft_seconds = "u", "k", True, 0.25
+    # Every other column distinct, so that two swapped columns show.
+    full.team_id, full.model, full.deployment, full.backend, full.adapter = "t", "m", "d", "b", "a"
+    full.prompt_tokens, full.cached_tokens, full.completion_tokens = 11, 3, 7
+    full.cost_nano, full.compute_cost_nano, full.status = 13, 17, 429
+    full.error_type, full.finish_reason, full.trace_id = "e", "f", "0" * 32
     full.at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: still six digits
     full.day = full.at.date()
     twin = copy.copy(full)
@@ -287,6 +292,7 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
         assert raw[0][1:] == raw[1][1:] and raw[0][0] == "fast"
         assert typed[0]._mapping["at"] == datetime(2026, 1, 2, 3, 4, 5)
         assert typed[0]._mapping["stream"] is True
+        assert raw[0][-8:-5] == (11, 3, 7)
         assert [dict(r._mapping) | {"id": 0, "request_id": ""} for r in typed[:1]] == [
             dict(r._mapping) | {"id": 0, "request_id": ""} for r in typed[1:]
         ]
@@ -296,5 +302,7 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
 
 RAW_ROWS = (
     "SELECT request_id, at, typeof(at), day, typeof(day), stream, typeof(stream), user,"
-    " key_id, ttft_seconds, latency_seconds, status, endpoint FROM usage ORDER BY id"
+    " key_id, ttft_seconds, latency_seconds, status, endpoint, team_id, model, deployment,"
+    " backend, adapter, prompt_tokens, cached_tokens, completion_tokens, cost_nano,"
+    " compute_cost_nano, error_type, finish_reason, trace_id FROM usage ORDER BY id"
 )
