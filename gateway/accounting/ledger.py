@@ -159,8 +159,55 @@ def insert_ignoring_duplicates(engine: AsyncEngine) -> Insert:
 
 
 async def write_records(connection: AsyncConnection, records: Sequence[UsageRecord]) -> None:
+    if connection.engine.dialect.name == "sqlite":
+        # Plain tuples straight to the driver's executemany: SQLAlchemy's
+        # per-row parameter processing was about half the writer's CPU
+        # (22 against 12 us a row, batches of 500).
+        await connection.exec_driver_sql(SQLITE_INSERT, [sqlite_row(r) for r in records])
+        return
     statement = insert_ignoring_duplicates(connection.engine)
     await connection.execute(statement, [row(record) for record in records])
+
+
+# The same statement as insert_ignoring_duplicates() compiles for SQLite.
+SQLITE_INSERT = (
+    "INSERT INTO usage ("
+    + ", ".join(f'"{name}"' for name in COLUMNS)
+    + ") VALUES ("
+    + ", ".join("?" for _ in COLUMNS)
+    + ") ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
+    """The record's columns in ``COLUMNS`` order, as SQLAlchemy stores them
+    in SQLite: times as ``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC, no offset),
+    days as ``YYYY-MM-DD``, booleans as 0 or 1."""
+    return (
+        r.request_id,
+        f"{r.at:%Y-%m-%d %H:%M:%S.%f}",
+        f"{r.day:%Y-%m-%d}",
+        r.endpoint,
+        r.key_id,
+        r.team_id,
+        r.user,
+        r.model,
+        r.deployment,
+        r.backend,
+        r.adapter,
+        1 if r.stream else 0,
+        r.prompt_tokens,
+        r.cached_tokens,
+        r.completion_tokens,
+        r.cost_nano,
+        r.compute_cost_nano,
+        r.latency_seconds,
+        r.ttft_seconds,
+        r.status,
+        r.error_type,
+        r.finish_reason,
+        r.trace_id,
+    )
 
 
 def row(record: UsageRecord) -> dict[str, object]:

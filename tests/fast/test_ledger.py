@@ -7,6 +7,7 @@ the client was told."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,14 @@ import pytest
 from sqlalchemy import select
 
 from gateway.accounting.db import async_url, migrate_async, open_engine
-from gateway.accounting.ledger import Ledger, LedgerOptions, UsageRecord
+from gateway.accounting.ledger import (
+    Ledger,
+    LedgerOptions,
+    UsageRecord,
+    insert_ignoring_duplicates,
+    row,
+    write_records,
+)
 from gateway.accounting.tables import usage
 from gateway.accounting.transfer import read_spill
 from gateway.auth import hash_api_key
@@ -254,3 +262,47 @@ def open_engine_unchecked(url: Any) -> Any:
 async def count(engine: Any) -> int:
     async with engine.connect() as connection:
         return len((await connection.execute(select(usage.c.id))).all())
+
+
+async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: Path) -> None:
+    # The SQLite writer hands plain tuples to the driver: what it stores must
+    # equal SQLAlchemy's own insert of the same record, byte for byte, and
+    # read back as the same values.
+    url = async_url(f"sqlite:///{tmp_path / 'ledger.db'}")
+    await migrate_async(url)
+    engine = open_engine(url)
+    full = record("fast")
+    full.user, full.key_id, full.stream, full.ttft_seconds = "u", "k", True, 0.25
+    # Every other column distinct, so that two swapped columns show.
+    full.team_id, full.model, full.deployment, full.backend, full.adapter = "t", "m", "d", "b", "a"
+    full.prompt_tokens, full.cached_tokens, full.completion_tokens = 11, 3, 7
+    full.cost_nano, full.compute_cost_nano, full.status = 13, 17, 429
+    full.error_type, full.finish_reason, full.trace_id = "e", "f", "0" * 32
+    full.at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: still six digits
+    full.day = full.at.date()
+    twin = copy.copy(full)
+    twin.request_id = "core"
+    try:
+        async with engine.begin() as connection:
+            await write_records(connection, [full])
+            await connection.execute(insert_ignoring_duplicates(engine), [row(twin)])
+        async with engine.connect() as connection:
+            raw = (await connection.exec_driver_sql(RAW_ROWS)).all()
+            typed = (await connection.execute(select(usage).order_by(usage.c.id))).all()
+        assert raw[0][1:] == raw[1][1:] and raw[0][0] == "fast"
+        assert typed[0]._mapping["at"] == datetime(2026, 1, 2, 3, 4, 5)
+        assert typed[0]._mapping["stream"] is True
+        assert raw[0][-8:-5] == (11, 3, 7)
+        assert [dict(r._mapping) | {"id": 0, "request_id": ""} for r in typed[:1]] == [
+            dict(r._mapping) | {"id": 0, "request_id": ""} for r in typed[1:]
+        ]
+    finally:
+        await engine.dispose()
+
+
+RAW_ROWS = (
+    "SELECT request_id, at, typeof(at), day, typeof(day), stream, typeof(stream), user,"
+    " key_id, ttft_seconds, latency_seconds, status, endpoint, team_id, model, deployment,"
+    " backend, adapter, prompt_tokens, cached_tokens, completion_tokens, cost_nano,"
+    " compute_cost_nano, error_type, finish_reason, trace_id FROM usage ORDER BY id"
+)
