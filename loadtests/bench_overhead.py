@@ -233,7 +233,9 @@ def start(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
-            env={**os.environ, **(env or {})},
+            # The gateways' accounting ledger in the run's directory, never
+            # the user's (XDG_DATA_HOME is where its SQLite file goes).
+            env={**os.environ, "XDG_DATA_HOME": str(workdir), **(env or {})},
             start_new_session=True,
         )
     proc = Proc(name, popen, log_path)

@@ -301,8 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers > 1:
             command += ["--workers", str(args.workers)]
         log = (Path(tmp) / "nomoat.log").open("wb")
+        # The ledger (accounting) in the run's directory, never the user's.
+        env = {**os.environ, "XDG_DATA_HOME": tmp}
         processes.append(
-            subprocess.Popen(_pinned(server_core, command), stdout=log, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                _pinned(server_core, command), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         )
         try:
             _wait_ready(f"http://127.0.0.1:{port}/ready", time.monotonic() + 120)

@@ -104,7 +104,8 @@ def main() -> int:
         config.write_text(
             bench.nomoat_config(port, upstream, args.config_extra.replace("\\n", "\n"))
         )
-        env = dict(os.environ)
+        # The ledger (accounting) in the run's directory, never the user's.
+        env = {**os.environ, "XDG_DATA_HOME": str(work)}
         env.update(item.split("=", 1) for item in args.env)
         command = [
             "valgrind",
