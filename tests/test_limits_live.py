@@ -339,13 +339,16 @@ def test_a_managed_teams_rpm_is_shared_by_its_keys_on_two_replicas(
             clients = [client(r, key) for key in keys for r in replicas]
             answered, refusals = 0, []
             deadline = time.monotonic() + 2
-            while True:  # the replica that did not create them polls for them
-                try:
-                    await clients[1].models.list()
-                    break
-                except openai.AuthenticationError:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+            # The replica that did not create the keys polls for them: wait
+            # until it knows both (a poll may fall between the two creations).
+            for known in (clients[1], clients[3]):
+                while True:
+                    try:
+                        await known.models.list()
+                        break
+                    except openai.AuthenticationError:
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.05)
             for index in range(8):
                 try:
                     await clients[index % 4].chat.completions.create(
