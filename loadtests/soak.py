@@ -432,6 +432,22 @@ def series(samples: Sequence[Sample], warmup: float) -> list[Series]:
     return out
 
 
+def moved_too_far(one: Series, tolerance: float, users: int) -> bool:
+    """Whether a series grew or shrank beyond what noise explains.
+
+    Descriptors are few (about 26), and some of them are sockets whose number
+    honestly varies: each user's connection to the gateway, and the gateway's
+    kept-alive connections to each edge node (up to one per user each, reopened
+    after every injected reset or cut). So a descriptor series may move by up
+    to two per user besides the relative tolerance; a leak of one per fault
+    (dozens in a two-minute run) still shows. CI saw 26 -> 29 with 4 users.
+    """
+    allowed = tolerance * one.first
+    if one.measure == "fds":
+        allowed = max(allowed, 2.0 * users)
+    return abs(one.last - one.first) > allowed
+
+
 def healthy(proc: Proc) -> bool:
     with (
         contextlib.suppress(urllib.error.URLError, OSError),
@@ -501,7 +517,7 @@ def judge(
     if len(measured) < len(MEASURES) * len(procs):
         problems.append(f"too few samples after the warm-up: {len(measured)} series")
     for one in measured:
-        if abs(one.growth) > tolerance:
+        if moved_too_far(one, tolerance, users):
             problems.append(
                 f"{one.process} {one.measure} moved {one.growth:+.1%} after the warm-up "
                 f"({one.first:.0f} -> {one.last:.0f})"
