@@ -72,6 +72,7 @@ from gateway.telemetry.requests import (
     traced_request,
 )
 from gateway.telemetry.semconv import provider_name
+from gateway.telemetry.setup import new_instance_id, resource
 from gateway.telemetry.spans import RequestSpan, Tracing
 
 _log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Runtime:
     # Which of the `nomoat serve --workers N` processes this is (gateway/workers.py).
     worker: int = 0
     workers: int = 1
+    # This process's service.instance.id, on its spans and OTLP metrics alike.
+    instance_id: str = field(default_factory=new_instance_id)
     # Traces (None: off). Given by tests; else built at start from [telemetry].
     tracing: Tracing | None = None
     # The request metrics (None: switched off) and what reports to them.
@@ -121,7 +124,11 @@ class Runtime:
         access log started (and stopped with the server)."""
         recorder: RequestMetrics = self.metrics or NoMetrics()
         if self.metrics is not None and otlp_metrics_wanted(self.settings.metrics):
-            exporting = OtlpMetrics(self.metrics, self.settings.metrics.otlp_interval_seconds)
+            exporting = OtlpMetrics(
+                self.metrics,
+                self.settings.metrics.otlp_interval_seconds,
+                resource(self.settings.telemetry, self.instance_id),
+            )
             # Its last export is a blocking HTTP or gRPC call: off the loop.
             stack.push_async_callback(asyncio.to_thread, exporting.shutdown)
             recorder = exporting
@@ -148,7 +155,7 @@ class Runtime:
     async def start(self, stack: AsyncExitStack) -> None:
         for warning in exposure_warnings(self.settings.server):
             _log.warning("%s", warning)
-        self.tracing = start_tracing(self.settings, self.tracing, stack)
+        self.tracing = start_tracing(self.settings, self.tracing, stack, self.instance_id)
         await self.start_accounting(stack)
         # After the backends stop (their last usage reports in), before the
         # ledger's last flush: requests still awaiting a report are recorded.

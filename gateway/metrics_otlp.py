@@ -36,6 +36,7 @@ from gateway.telemetry.semconv import (
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricExporter
+    from opentelemetry.sdk.resources import Resource
 
 Attributes = dict[str, str]
 
@@ -63,11 +64,10 @@ def _exporter() -> MetricExporter:
     return OTLPMetricExporter()
 
 
-def _provider(interval_seconds: float) -> MeterProvider:
+def _provider(interval_seconds: float, resource: Resource) -> MeterProvider:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
     buckets = {
         names.CLIENT_OPERATION_DURATION: DURATION_BUCKETS,
@@ -81,14 +81,12 @@ def _provider(interval_seconds: float) -> MeterProvider:
         View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
         for name, bounds in buckets.items()
     ]
-    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read by Resource.create.
-    service = os.environ.get("OTEL_SERVICE_NAME") or "nomoat"
     reader = PeriodicExportingMetricReader(
         _exporter(), export_interval_millis=interval_seconds * 1000
     )
     return MeterProvider(
         metric_readers=[reader],
-        resource=Resource.create({SERVICE_NAME: service}),
+        resource=resource,
         views=views,
     )
 
@@ -96,9 +94,13 @@ def _provider(interval_seconds: float) -> MeterProvider:
 class OtlpMetrics:
     """The request metrics recorded in ``prometheus-client`` and in the SDK."""
 
-    def __init__(self, inner: PrometheusMetrics, interval_seconds: float) -> None:
+    def __init__(
+        self, inner: PrometheusMetrics, interval_seconds: float, resource: Resource
+    ) -> None:
+        """``resource``: the traces' own (gateway/telemetry/setup.py), so a
+        process's metrics and spans carry one service.instance.id."""
         self._inner = inner
-        self._provider = _provider(interval_seconds)
+        self._provider = _provider(interval_seconds, resource)
         meter = self._provider.get_meter(names.INSTRUMENTATION_SCOPE, schema_url=SCHEMA_URL)
         self._client_duration = meter.create_histogram(
             names.CLIENT_OPERATION_DURATION, "s", "GenAI operation duration."

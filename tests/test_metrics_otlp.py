@@ -55,12 +55,15 @@ class Received:
         return found
 
     def service_names(self) -> set[str]:
+        return self.resource_values("service.name")
+
+    def resource_values(self, key: str) -> set[str]:
         return {
             attribute.value.string_value
             for request in self.requests
             for resource in request.resource_metrics
             for attribute in resource.resource.attributes
-            if attribute.key == "service.name"
+            if attribute.key == key
         }
 
 
@@ -141,9 +144,12 @@ async def test_the_request_metrics_are_exported_over_otlp(
             for stream in (False, True, True):
                 response = await gw.http.post("/v1/chat/completions", json=chat_body(stream=stream))
                 assert response.status_code == 200
+            instance = gw.runtime.instance_id
         # The gateway's shutdown exported what was left.
         metrics = received.metrics()
     assert received.service_names() == {"nomoat-under-test"}
+    # The process's own id (the traces carry the same): workers stay apart.
+    assert received.resource_values("service.instance.id") == {instance}
     schema, server = metrics["gen_ai.server.request.duration"]
     assert schema == SCHEMA_URL
     assert server.unit == "s"

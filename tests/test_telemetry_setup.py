@@ -4,6 +4,8 @@ and the exporter each as configured. Unit level: nothing is exported."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from conftest import Cli
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -23,6 +25,7 @@ from gateway.telemetry.setup import (
     build_tracing,
     enabled,
     exporter,
+    new_instance_id,
     problems,
     resource,
     sampler,
@@ -112,13 +115,28 @@ def test_the_resource_names_nomoat_unless_the_environment_says_otherwise(
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
     settings = TelemetrySettings(resource_attributes={"team": "a", "region": "x"})
-    plain = resource(settings).attributes
+    plain = resource(settings, "i-1").attributes
     assert plain["service.name"] == "nomoat" and plain["team"] == "a"
+    assert plain["service.instance.id"] == "i-1"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "gw-1")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "team=b")
-    overridden = resource(settings).attributes
+    overridden = resource(settings, "i-1").attributes
     assert overridden["service.name"] == "gw-1"
     assert overridden["team"] == "b" and overridden["region"] == "x"
+
+
+def test_each_process_has_its_own_instance_id_unless_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # --workers N: each process's spans and metrics must stay apart in a backend.
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    ids = {new_instance_id() for _ in range(3)}
+    assert len(ids) == 3
+    assert all(str(uuid.UUID(one)) == one for one in ids)
+    provider = tracer_provider(FILE, SimpleSpanProcessor(InMemorySpanExporter()), {}, None, "w-2")
+    assert provider.resource.attributes["service.instance.id"] == "w-2"
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=pod-7")
+    assert resource(FILE, "w-2").attributes["service.instance.id"] == "pod-7"
 
 
 def test_the_provider_has_the_sampler_resource_and_schema_url() -> None:

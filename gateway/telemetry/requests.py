@@ -48,7 +48,7 @@ def new_request_id() -> str:
 
 
 def start_tracing(
-    settings: Settings, given: Tracing | None, stack: AsyncExitStack
+    settings: Settings, given: Tracing | None, stack: AsyncExitStack, instance_id: str
 ) -> Tracing | None:
     """The tracing the server runs with: ``given`` (tests), else what
     ``[telemetry]`` and the ``OTEL_*`` variables configure (None: off). A
@@ -56,7 +56,7 @@ def start_tracing(
     and log records carry the trace context meanwhile."""
     tracing = given
     if tracing is None:
-        built = build_tracing(settings.telemetry)
+        built = build_tracing(settings.telemetry, instance_id=instance_id)
         if built is None:
             return None
         tracing, provider = built

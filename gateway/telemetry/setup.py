@@ -27,6 +27,7 @@ and nothing of this package runs on the request path.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -136,10 +137,24 @@ def sampler(settings: TelemetrySettings, env: Mapping[str, str]) -> Sampler:
     return samplers[name]
 
 
-def resource(settings: TelemetrySettings) -> Resource:
-    """service.name "nomoat" and the file's attributes, under what
-    OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES say."""
-    base = Resource.create({"service.name": settings.service_name, **settings.resource_attributes})
+def new_instance_id() -> str:
+    """A process's ``service.instance.id``: a random UUID, as the resource
+    conventions recommend (a restarted pod keeps its host name and pid 1)."""
+    return str(uuid.uuid4())
+
+
+def resource(settings: TelemetrySettings, instance_id: str) -> Resource:
+    """service.name "nomoat", this process's service.instance.id (so the
+    processes of ``--workers N`` and the replicas export series a backend
+    keeps apart, rather than one overwriting another) and the file's
+    attributes, under what OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES say."""
+    base = Resource.create(
+        {
+            "service.name": settings.service_name,
+            "service.instance.id": instance_id,
+            **settings.resource_attributes,
+        }
+    )
     return base.merge(OTELResourceDetector().detect())
 
 
@@ -153,13 +168,14 @@ def tracer_provider(
     processor: SpanProcessor,
     env: Mapping[str, str],
     processors: SynchronousMultiSpanProcessor | None = None,
+    instance_id: str | None = None,
 ) -> TracerProvider:
     """The provider, its span processors ``processors`` (given to the
     constructor, so nomoat's recorder can reach them: see recorder.py) with
     ``processor`` added."""
     provider = TracerProvider(
         sampler=sampler(settings, env),
-        resource=resource(settings),
+        resource=resource(settings, instance_id or new_instance_id()),
         active_span_processor=processors or span_processors(),
     )
     provider.add_span_processor(processor)
@@ -182,7 +198,9 @@ def problems(settings: TelemetrySettings, env: Mapping[str, str] | None = None) 
 
 
 def build_tracing(
-    settings: TelemetrySettings, env: Mapping[str, str] | None = None
+    settings: TelemetrySettings,
+    env: Mapping[str, str] | None = None,
+    instance_id: str | None = None,
 ) -> tuple[Tracing, TracerProvider] | None:
     """Tracing with OTLP export as configured, or ``None`` when it is off.
     Shut the provider down at exit (it flushes the last batch)."""
@@ -191,6 +209,6 @@ def build_tracing(
         return None
     processor = BatchSpanProcessor(exporter(trace_export(settings, env)))
     processors = span_processors()
-    provider = tracer_provider(settings, processor, env, processors)
+    provider = tracer_provider(settings, processor, env, processors, instance_id)
     tracing = Tracing(provider, processors=processors, capture_content=settings.capture_content)
     return tracing, provider
