@@ -258,10 +258,12 @@ async def response_events(
     """The stream's SSE bytes. A failure after the first event cannot change
     the status any more: it ends the stream with an ``error`` event (the SDK
     raises ``APIError``), and nothing is stored."""
-    for event in events.started():
-        yield framed(event)
     try:
+        # Inside: a client that leaves at any event closes the chat stream
+        # (and so stops the generation) at once.
         async with closing(chunks):
+            for event in events.started():
+                yield framed(event)
             async for chunk in chunks:
                 for event in events.chunk(chunk):
                     yield framed(event)
