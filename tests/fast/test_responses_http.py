@@ -7,6 +7,8 @@ a conversation continued through ``previous_response_id`` is read there."""
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import httpx
@@ -17,6 +19,8 @@ from sqlalchemy import select
 
 from gateway.accounting.tables import usage
 from gateway.auth import hash_api_key
+from gateway.errors import UpstreamError
+from gateway.testing import Script
 from gateway.testing.inprocess import InProcessGateway
 
 from .conftest import Start
@@ -150,3 +154,39 @@ async def test_without_accounting_responses_are_kept_in_memory(start: Start) -> 
         assert missing.status_code == 404
         assert missing.json()["error"]["message"] == "Response with id 'resp_nothing' not found."
         assert isinstance(gw.http, httpx.AsyncClient)
+
+
+async def test_leaving_a_stream_at_its_first_event_stops_the_generation(start: Start) -> None:
+    async with start(pool("a")) as gw:
+        gw.backend("a").script(Script(stall_after=1))
+        body = {"model": MODEL, "input": "Hi", "stream": True}
+        async with gw.http.stream("POST", "/v1/responses", json=body) as response:
+            first = await anext(response.aiter_lines())
+            assert first == "event: response.created"
+        left_at = time.monotonic()
+        call = gw.backend("a").calls[0]
+        assert await call.wait_ended(within=0.5) in ("cancelled", "closed")
+        assert call.ended_at is not None and call.ended_at - left_at < 0.5
+
+
+async def test_a_stream_failing_half_way_ends_with_an_error_event(start: Start) -> None:
+    async with start(pool("a")) as gw:
+        failing = Script(error=UpstreamError("the engine went away"), error_after=2)
+        gw.backend("a").script(failing, failing)
+        with pytest.raises(openai.APIError, match="the engine went away"):
+            async with gw.sdk.responses.stream(model=MODEL, input="Hi") as stream:
+                async for event in stream:
+                    last = event
+        assert last.type == "response.output_text.delta"
+        raw = await gw.http.post(
+            "/v1/responses", json={"model": MODEL, "input": "Hi", "stream": True}
+        )
+        *_, frame = raw.text.strip().split("\n\n")
+        kind, data = frame.split("\n")
+        error = json.loads(data.removeprefix("data: "))
+        assert kind == "event: error" and error["type"] == "error"
+        assert error["message"] == error["error"]["message"] == "the engine went away"
+        # Nothing was stored: its id is nowhere.
+        created = json.loads(raw.text.split("\n\n")[0].split("\n")[1].removeprefix("data: "))
+        missing = await gw.http.get(f"/v1/responses/{created['response']['id']}")
+        assert missing.status_code == 404
