@@ -20,11 +20,14 @@ from sqlalchemy import select
 from gateway.accounting.tables import usage
 from gateway.auth import hash_api_key
 from gateway.errors import UpstreamError
+from gateway.registry import Registry
+from gateway.telemetry import semconv as names
 from gateway.testing import Script
-from gateway.testing.inprocess import InProcessGateway
+from gateway.testing.inprocess import InProcessGateway, in_process_gateway
 
 from .conftest import Start
 from .support import MODEL, pool
+from .test_traces import Traced, attrs, child_of, one
 
 pytestmark = pytest.mark.anyio
 
@@ -190,3 +193,21 @@ async def test_a_stream_failing_half_way_ends_with_an_error_event(start: Start) 
         created = json.loads(raw.text.split("\n\n")[0].split("\n")[1].removeprefix("data: "))
         missing = await gw.http.get(f"/v1/responses/{created['response']['id']}")
         assert missing.status_code == 404
+
+
+async def test_a_streamed_response_is_traced_like_chat(registry: Registry) -> None:
+    traced = Traced()
+    async with in_process_gateway(pool("a"), registry=registry, tracing=traced.tracing) as gw:
+        stream = gw.sdk.responses.stream(model=MODEL, input="Hi")
+        async with stream as events:
+            final = await events.get_final_response()
+    spans = await traced.wait_for(2)
+    server = one(spans, "POST /v1/responses")
+    attempt = one(spans, f"chat {MODEL}")
+    assert child_of(attempt, server)
+    on_attempt = attrs(attempt)
+    assert on_attempt[names.OPERATION_NAME] == "chat"
+    assert on_attempt[names.REQUEST_STREAM] is True
+    assert final.usage is not None
+    assert on_attempt[names.USAGE_OUTPUT_TOKENS] == final.usage.output_tokens
+    assert attrs(server)[names.HTTP_RESPONSE_STATUS_CODE] == 200
