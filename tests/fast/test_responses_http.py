@@ -121,7 +121,7 @@ async def test_a_stream_reaches_the_sdk_helpers_final_response_and_is_stored(
 
 
 async def test_errors_are_the_sdk_exception_classes(start: Start) -> None:
-    async with start(pool("a", server=SERVER)) as gw:
+    async with start(pool("a", server=SERVER, limits={"max_body_bytes": 4096})) as gw:
         sdk = gw.sdk
         with pytest.raises(openai.BadRequestError) as refused:
             await sdk.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])
@@ -131,6 +131,9 @@ async def test_errors_are_the_sdk_exception_classes(start: Start) -> None:
             await sdk.responses.create(model=MODEL, input="x", background=True)
         with pytest.raises(openai.NotFoundError):
             await sdk.responses.create(model="no-such-model", input="x")
+        with pytest.raises(openai.APIStatusError) as too_large:
+            await sdk.responses.create(model=MODEL, input="x" * 5000)
+        assert too_large.value.status_code == 413
         with pytest.raises(openai.AuthenticationError):
             await sdk.with_options(api_key="sk-wrong").responses.create(model=MODEL, input="x")
         raw = await gw.http.post(
