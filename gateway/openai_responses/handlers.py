@@ -12,6 +12,7 @@ each chunk becomes Responses events). The Response is stored, when asked
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from litestar import delete, get, post
@@ -184,7 +185,7 @@ def build_response_handlers(
             if span is not None:
                 span.sent(answer)
             response = response_of(
-                answer, turn.response_id, turn.created_at, turn.echo, ctx.created
+                answer, turn.response_id, turn.created_at, turn.echo, int(time.time())
             )
             await turn.finished(response)
             observer.close(exchange, 200, None)

@@ -118,6 +118,10 @@ async def test_a_stream_reaches_the_sdk_helpers_final_response_and_is_stored(
         ]
         assert rows[0]["request_id"] == final.id
         assert rows[0]["completion_tokens"] == final.usage.output_tokens
+        # The metrics tell it from chat by its operation.
+        metrics = (await gw.http.get("/metrics")).text
+        assert 'gen_ai_operation_name="responses"' in metrics
+        assert 'gen_ai_operation_name="chat"' not in metrics
 
 
 async def test_errors_are_the_sdk_exception_classes(start: Start) -> None:
