@@ -12,17 +12,46 @@ async engine (aiosqlite, asyncpg): nothing blocks the event loop.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy import ColumnElement, delete, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.accounting.tables import responses
+from gateway.errors import GatewayError
 
 # How many Responses the in-memory store keeps (the oldest go first).
 MEMORY_CAPACITY = 1000
+
+
+class StoreUnavailableError(GatewayError):
+    """The database of stored Responses cannot be reached (or is not
+    migrated): a request that must store or continue one is refused, 503
+    with Retry-After, rather than answered and forgotten."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "store_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The store of Responses is unavailable; retry later, or send store: false "
+            "without previous_response_id.",
+            headers={"Retry-After": "1"},
+        )
+
+
+@asynccontextmanager
+async def _database() -> AsyncIterator[None]:
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as error:
+        raise StoreUnavailableError() from error
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +116,7 @@ class SqlResponseStore:
         self.engine = engine
 
     async def save(self, record: StoredResponse) -> None:
-        async with self.engine.begin() as connection:
+        async with _database(), self.engine.begin() as connection:
             await connection.execute(
                 insert(responses).values(
                     id=record.id,
@@ -101,7 +130,7 @@ class SqlResponseStore:
             )
 
     async def find(self, response_id: str, owner: str | None) -> StoredResponse | None:
-        async with self.engine.connect() as connection:
+        async with _database(), self.engine.connect() as connection:
             row = (
                 await connection.execute(select(responses).where(responses.c.id == response_id))
             ).first()
@@ -126,6 +155,6 @@ class SqlResponseStore:
         if owner is not None:
             mine |= responses.c.owner == owner
         condition = (responses.c.id == response_id) & mine
-        async with self.engine.begin() as connection:
+        async with _database(), self.engine.begin() as connection:
             result = await connection.execute(delete(responses).where(condition))
         return bool(result.rowcount)

@@ -15,7 +15,7 @@ import httpx
 import msgspec
 import openai
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from gateway.accounting.tables import usage
 from gateway.auth import hash_api_key
@@ -218,3 +218,20 @@ async def test_a_streamed_response_is_traced_like_chat(registry: Registry) -> No
     assert final.usage is not None
     assert on_attempt[names.USAGE_OUTPUT_TOKENS] == final.usage.output_tokens
     assert attrs(server)[names.HTTP_RESPONSE_STATUS_CODE] == 200
+
+
+async def test_an_unavailable_store_is_a_503_and_store_false_still_answers(start: Start) -> None:
+    async with start(pool("a")) as gw:
+        accounting = gw.runtime.accounting
+        assert accounting is not None
+        async with accounting.engine.begin() as connection:
+            await connection.execute(text("drop table responses"))
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            await gw.sdk.responses.create(model=MODEL, input="Hi")
+        assert unavailable.value.status_code == 503
+        assert unavailable.value.response.headers["retry-after"] == "1"
+        assert unavailable.value.code == "store_unavailable"
+        answered = await gw.sdk.responses.create(model=MODEL, input="Hi", store=False)
+        assert answered.output_text
+        with pytest.raises(openai.InternalServerError):
+            await gw.sdk.responses.create(model=MODEL, input="Hi", previous_response_id="resp_x")
