@@ -357,6 +357,8 @@ class Echo:
     truncation: str
     user: str | None
     metadata: dict[str, str]
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 def echo_of(request: rt.ResponsesRequest, model: str) -> Echo:
@@ -385,6 +387,8 @@ def echo_of(request: rt.ResponsesRequest, model: str) -> Echo:
         truncation=request.truncation or "disabled",
         user=request.user,
         metadata=request.metadata or {},
+        prompt_cache_key=request.prompt_cache_key,
+        safety_identifier=request.safety_identifier,
     )
 
 
@@ -459,6 +463,8 @@ def built_response(
         truncation="auto" if echo.truncation == "auto" else "disabled",
         usage=usage,
         user=echo.user,
+        prompt_cache_key=echo.prompt_cache_key,
+        safety_identifier=echo.safety_identifier,
         metadata=echo.metadata,
         completed_at=completed_at,
     )

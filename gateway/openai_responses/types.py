@@ -254,6 +254,8 @@ class Response(Struct, kw_only=True):
     usage: ResponseUsage | None
     user: str | None
     metadata: dict[str, str]
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     completed_at: int | None = None
 
 

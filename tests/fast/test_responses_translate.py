@@ -196,7 +196,13 @@ def answer(
 
 
 def test_a_chat_answer_is_a_response_the_sdk_reads() -> None:
-    request = decoded(input="Hi", tools=[WEATHER], metadata={"k": "v"}, max_output_tokens=9)
+    request = decoded(
+        input="Hi",
+        tools=[WEATHER],
+        metadata={"k": "v"},
+        max_output_tokens=9,
+        safety_identifier="s-1",
+    )
     call = wire.ToolCall(
         id="call_1", function=wire.FunctionCall(name="get_weather", arguments="{}")
     )
@@ -219,6 +225,7 @@ def test_a_chat_answer_is_a_response_the_sdk_reads() -> None:
     assert response.usage.input_tokens_details.cached_tokens == 8
     assert response.usage.output_tokens_details.reasoning_tokens == 0
     assert response.metadata == {"k": "v"} and response.max_output_tokens == 9
+    assert response.safety_identifier == "s-1" and response.prompt_cache_key is None
     assert response.tools[0].type == "function" and response.tools[0].name == "get_weather"
     # The next turn continues from the output as input items.
     assert plain(output_as_input(built.output)) == [
