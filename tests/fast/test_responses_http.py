@@ -235,3 +235,14 @@ async def test_an_unavailable_store_is_a_503_and_store_false_still_answers(start
         assert answered.output_text
         with pytest.raises(openai.InternalServerError):
             await gw.sdk.responses.create(model=MODEL, input="Hi", previous_response_id="resp_x")
+
+
+async def test_a_keys_rate_limit_is_a_429(start: Start) -> None:
+    limited = f'\n[[accounting.static_keys]]\nkey_hash = "{hash_api_key(KEY)}"\nrpm = 1\n'
+    async with start(pool("a", server=SERVER) + limited) as gw:
+        await gw.sdk.responses.create(model=MODEL, input="Hi")
+        with pytest.raises(openai.RateLimitError) as limited_error:
+            await gw.sdk.responses.create(model=MODEL, input="Hi")
+        assert "retry-after" in limited_error.value.response.headers
+        # The other key has no limit.
+        assert (await other(gw).responses.create(model=MODEL, input="Hi")).output_text
