@@ -12,14 +12,13 @@ import gc
 import importlib.resources
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.types import ASGIApp, ControllerRouterHandler
 from prometheus_client import generate_latest
@@ -43,31 +42,32 @@ from gateway.decision_log import DecisionLog
 from gateway.decisions import RouteTrace
 from gateway.endpoints import CHAT, COMPLETIONS, AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
-    AuthenticationError,
     GatewayError,
     InternalError,
-    InvalidRequestError,
-    MethodNotAllowedError,
     NotFoundError,
-    PayloadTooLargeError,
-    RouteNotFoundError,
 )
 from gateway.exchange import Exchange
+from gateway.handling import (
+    ClientClosedRequestError,
+    as_gateway_error,
+)
+from gateway.handling import cancel_on_disconnect as _cancel_on_disconnect
+from gateway.handling import request_context as _context
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
 from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import CapacityState, DeploymentState, ServerState
 from gateway.observer import Observer, Unobserved, observing
+from gateway.openai_responses.handlers import build_response_handlers
 from gateway.pipeline import Pipeline
 from gateway.relay import Relayed
 from gateway.relay_response import RelayedEvents
-from gateway.responses import EventStream, HangUp, Headers, JsonAnswer
+from gateway.responses import EventStream, Headers, JsonAnswer
 from gateway.settings import ServerSettings, Settings
 from gateway.sse import sse_events
 from gateway.telemetry.requests import (
     accepted_request_id,
-    new_request_id,
     start_tracing,
     traced_request,
 )
@@ -259,76 +259,9 @@ def error_response(error: GatewayError) -> Response[bytes]:
     return _json(error.body(), error.status_code, error.headers)
 
 
-_HTTP_ERRORS: dict[int, type[GatewayError]] = {
-    400: InvalidRequestError,
-    401: AuthenticationError,
-    404: RouteNotFoundError,
-    405: MethodNotAllowedError,
-    413: PayloadTooLargeError,
-}
-
-
-def as_gateway_error(exc: Exception, path: str) -> GatewayError:
-    """Any failure as the typed error the client gets (internals never)."""
-    if isinstance(exc, GatewayError):
-        return exc
-    if isinstance(exc, HTTPException):
-        kind = _HTTP_ERRORS.get(exc.status_code, InternalError)
-        message = exc.detail if exc.status_code < 500 else "Internal server error."
-        if exc.status_code == 404:
-            message = f"Unknown path {path}"
-        error = kind(message)
-        # A 405 says which methods the path has (RFC 9110 requires it).
-        allow = (exc.headers or {}).get("allow")
-        if exc.status_code == 405 and allow:
-            error.headers["Allow"] = allow
-        return error
-    _log.exception("unhandled error on %s", path)
-    return InternalError("Internal server error.")
-
-
 def handle_exception(request: AnyRequest, exc: Exception) -> Response[bytes]:
     """The one place where every failure becomes an OpenAI-shaped error."""
     return error_response(as_gateway_error(exc, request.url.path))
-
-
-_PRIVATE_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
-
-
-def _context(
-    prefix: str, key_id: str | None, request: AnyRequest, principal: Principal | None = None
-) -> RequestContext:
-    headers = {
-        name.decode("latin-1"): value.decode("latin-1")
-        for name, value in request.scope["headers"]
-        if name not in _PRIVATE_HEADERS
-    }
-    request_id = f"{prefix}-{new_request_id()}"
-    return RequestContext(request_id, int(time.time()), key_id, None, headers, principal=principal)
-
-
-class ClientClosedRequestError(GatewayError):
-    """The client went away; nobody reads this error (499, as nginx logs it)."""
-
-    status_code = 499
-    default_code = "client_closed_request"
-
-
-async def _cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client hangs up first, cancel it (which stops
-    the generation) instead of computing an answer nobody will read.
-
-    The work runs in this task; a watcher task cancels it when the client
-    goes away (one task per request, not two and an ``asyncio.wait``)."""
-    hang_up = HangUp(request.receive)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not hang_up.absorb():
-            raise
-        raise ClientClosedRequestError("The client closed the connection.") from None
-    finally:
-        hang_up.close()
 
 
 def _openai_endpoint(
@@ -497,6 +430,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     return [
         _openai_endpoint(runtime, CHAT, authenticate),
         _openai_endpoint(runtime, COMPLETIONS, authenticate),
+        *build_response_handlers(runtime, authenticate),
         list_models,
         retrieve_model,
         health,

@@ -32,6 +32,8 @@ _QUOTED_CHARS = 40
 _ECHOED_CHARS = 300
 
 RequestT = TypeVar("RequestT", wire.ChatCompletionRequest, wire.CompletionRequest)
+# Any request body decode() reads (the Responses API's too).
+BodyT = TypeVar("BodyT", bound=msgspec.Struct)
 
 
 def _param_of(message: str) -> tuple[str, str | None]:
@@ -76,9 +78,7 @@ def check_depth(body: bytes, limit: int) -> None:
         raise _too_deep(limit)
 
 
-def decode(
-    body: bytes, decoder: msgspec.json.Decoder[RequestT], *, max_depth: int = 64
-) -> RequestT:
+def decode(body: bytes, decoder: msgspec.json.Decoder[BodyT], *, max_depth: int = 64) -> BodyT:
     if not body:
         raise InvalidRequestError("The request body is empty; expected a JSON object.")
     check_depth(body, max_depth)

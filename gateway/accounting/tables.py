@@ -21,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
 # Constraint names fixed by convention, so migrations can name what they alter.
@@ -132,4 +133,22 @@ node_costs = Table(
     Column("busy_nano", BigInteger, nullable=False),
     Column("idle_nano", BigInteger, nullable=False),
     Index("ix_node_costs_backend_started", "backend", "started_at"),
+)
+
+# Stored Responses (POST /v1/responses with store: true; gateway/openai_responses):
+# what GET /v1/responses/{id} returns and what previous_response_id continues.
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", String(80), primary_key=True),
+    # The key id that created it; NULL: created without keys, anyone's.
+    Column("owner", String(40), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("previous_response_id", String(80), nullable=True),
+    # JSON: the input items as resolved (earlier turns included) and the output.
+    Column("conversation", Text, nullable=False),
+    # JSON: the Response as it was sent.
+    Column("response", Text, nullable=False),
+    Index("ix_responses_created_at", "created_at"),
 )

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.accounting.db import DatabaseUrlError, async_url, default_database_path, migrate
 
-TABLES = {"teams", "api_keys", "usage", "node_costs"}
+TABLES = {"teams", "api_keys", "usage", "node_costs", "responses"}
 
 
 def test_an_empty_setting_is_sqlite_in_the_data_directory(
@@ -44,4 +44,4 @@ def test_migrations_create_the_schema_on_sqlite_and_are_idempotent(tmp_path: Pat
         names = {row[0] for row in connection.execute("select name from sqlite_master")}
         (version,) = connection.execute("select version_num from alembic_version").fetchone()
     assert names >= TABLES
-    assert version == "0001_accounting"
+    assert version == "0002_responses"

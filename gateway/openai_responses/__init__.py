@@ -1,0 +1,1 @@
+"""The OpenAI Responses API, served through the chat pipeline (docs/responses.md)."""
