@@ -41,6 +41,7 @@ from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decision_log import DecisionLog
 from gateway.decisions import RouteTrace
+from gateway.edge_usage import USAGE_KEY_HEADER, CutUsage, cut_usage_handlers
 from gateway.endpoints import CHAT, COMPLETIONS, AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     AuthenticationError,
@@ -58,7 +59,7 @@ from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
 from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import CapacityState, DeploymentState, ServerState
-from gateway.observer import Observer, Unobserved, observing
+from gateway.observer import Ended, Observer, Unobserved, observing
 from gateway.pipeline import Pipeline
 from gateway.relay import Relayed
 from gateway.relay_response import RelayedEvents
@@ -106,9 +107,13 @@ class Runtime:
     costing: Costing | None = field(init=False, default=None)
     # Cost accounting (None: [accounting] enabled = false); see start_accounting.
     accounting: Accounting | None = field(init=False, default=None)
+    # An edge node's usage kept for its gateways (None: not kept).
+    cut_usage: CutUsage | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Unobserved()
+        if self.settings.accounting.report_cut_usage:
+            self.cut_usage = CutUsage()
         if self.settings.metrics.enabled:
             providers = {
                 name: provider_name(backend.type)
@@ -134,9 +139,16 @@ class Runtime:
             recorder,
             access_log,
             self.metrics is not None or access_log is not None,
-            self.accounting.ended if self.accounting is not None else None,
+            self._ended(),
         )
         return recorder
+
+    def _ended(self) -> Ended | None:
+        """Who hears of each request's end: the ledger, else (an edge node)
+        the usage kept for the gateways."""
+        if self.accounting is not None:
+            return self.accounting.ended
+        return self.cut_usage.ended if self.cut_usage is not None else None
 
     async def start_accounting(self, stack: AsyncExitStack) -> None:
         """The ledger (and what accounting holds) started before the
@@ -354,6 +366,8 @@ def _openai_endpoint(
             key_id = principal.key_id if principal is not None else None
             ctx = _context(endpoint.id_prefix, key_id, request, principal)
             exchange.request_id, exchange.key_id = ctx.request_id, key_id
+            if runtime.cut_usage is not None:
+                exchange.usage_key = ctx.headers.get(USAGE_KEY_HEADER)
             if principal is not None and principal.team is not None:
                 exchange.team_id = principal.team.id
             pipeline = runtime.serving()
@@ -499,6 +513,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         metrics,
         *admin,
         *usage,
+        *cut_usage_handlers(runtime.cut_usage, authenticate),
     ]
 
 

@@ -133,7 +133,11 @@ def edge(args: argparse.Namespace) -> int:
         # The gateways in front of it keep the ledger (and the keys, limits
         # and budgets): a node has no database of its own. It tells them each
         # answer's busy time on its engine, for its usd_per_hour there.
-        "accounting": {"enabled": False, "report_busy_seconds": True},
+        "accounting": {
+            "enabled": False,
+            "report_busy_seconds": True,
+            "report_cut_usage": True,
+        },
         "backends": {"engine": options},
         "models": {args.name: {"deployments": [{"backend": "engine", "model": args.name}]}},
     }

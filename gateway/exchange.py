@@ -64,6 +64,9 @@ class Exchange:
     trace_id: str | None = None
     span_id: str | None = None
     closed: bool = False
+    # On an edge node: the key its gateway sent to fetch this request's usage
+    # by, should the gateway lose it (gateway/edge_usage.py).
+    usage_key: str | None = None
     # Run once when it closes (after everything above is final): the
     # admission ticket's settlement (gateway/accounting/admission.py).
     finish: Callable[[Exchange], None] | None = None
