@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import msgspec
 from sqlalchemy import Insert, text
@@ -66,6 +67,13 @@ class LedgerOptions:
     spill_path: Path | None = None
 
 
+class AdapterEntry(TypedDict):
+    """One adapter of a request, as the ``adapters`` column lists it."""
+
+    name: str
+    scale: float
+
+
 @dataclass(slots=True)
 class UsageRecord:
     """One request's row of the ``usage`` table (see gateway/accounting/tables.py).
@@ -84,6 +92,8 @@ class UsageRecord:
     deployment: str | None
     backend: str | None
     adapter: str | None
+    # Every adapter it used, with its scale; None for the base model.
+    adapters: list[AdapterEntry] | None
     stream: bool
     prompt_tokens: int
     cached_tokens: int
@@ -119,6 +129,7 @@ class UsageRecord:
             deployment=exchange.deployment or None,
             backend=exchange.backend or None,
             adapter=exchange.adapter if exchange.deployment else None,
+            adapters=adapter_entries(exchange) if exchange.adapters else None,
             stream=exchange.stream,
             prompt_tokens=prompt,
             cached_tokens=cached_tokens(usage_),
@@ -135,6 +146,13 @@ class UsageRecord:
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
+
+
+def adapter_entries(exchange: Exchange) -> list[AdapterEntry] | None:
+    """The adapters of the deployment that answered, if one did."""
+    if not exchange.deployment:
+        return None
+    return [AdapterEntry(name=use.adapter.name, scale=use.scale) for use in exchange.adapters]
 
 
 def bounded_text(text: str | None, limit: int) -> str | None:
@@ -182,7 +200,7 @@ SQLITE_INSERT = (
 def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
     """The record's columns in ``COLUMNS`` order, as SQLAlchemy stores them
     in SQLite: times as ``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC, no offset),
-    days as ``YYYY-MM-DD``, booleans as 0 or 1."""
+    days as ``YYYY-MM-DD``, booleans as 0 or 1, JSON as text."""
     return (
         r.request_id,
         f"{r.at:%Y-%m-%d %H:%M:%S.%f}",
@@ -195,6 +213,8 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
         r.deployment,
         r.backend,
         r.adapter,
+        # As SQLAlchemy's JSON type writes it (json.dumps).
+        None if r.adapters is None else json.dumps(r.adapters),
         1 if r.stream else 0,
         r.prompt_tokens,
         r.cached_tokens,

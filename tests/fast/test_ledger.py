@@ -28,6 +28,7 @@ from gateway.accounting.ledger import (
 from gateway.accounting.tables import usage
 from gateway.accounting.transfer import read_spill
 from gateway.auth import hash_api_key
+from gateway.contract import Adapter, AdapterUse, Target
 from gateway.errors import KeyOverloadedError, UpstreamError
 from gateway.exchange import Exchange
 from gateway.testing import Script
@@ -247,6 +248,10 @@ async def test_a_full_queue_drops_and_counts_rather_than_block(tmp_path: Path) -
     await engine.dispose()
 
 
+def adapter(name: str) -> Adapter:
+    return Adapter(name, MODEL, "0" * 64, "gguf", Path(name), name)
+
+
 def record(request_id: str) -> UsageRecord:
     exchange = Exchange(request_id, "chat", 0.0, path="/v1/chat/completions")
     return UsageRecord.of(exchange, 200, None, now=1.0)
@@ -271,10 +276,20 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
     url = async_url(f"sqlite:///{tmp_path / 'ledger.db'}")
     await migrate_async(url)
     engine = open_engine(url)
-    full = record("fast")
+    # A stack of two adapters: the label says "stack", the JSON column which.
+    exchange = Exchange("fast", "chat", 0.0, path="/v1/chat/completions")
+    exchange.answered_by(
+        Target(
+            MODEL, MODEL, f"{MODEL}/0", (AdapterUse(adapter("x"), 0.5), AdapterUse(adapter("y")))
+        ),
+        "b",
+    )
+    full = UsageRecord.of(exchange, 200, None, now=1.0)
+    assert full.adapter == "stack"
+    assert full.adapters == [{"name": "x", "scale": 0.5}, {"name": "y", "scale": 1.0}]
     full.user, full.key_id, full.stream, full.ttft_seconds = "u", "k", True, 0.25
     # Every other column distinct, so that two swapped columns show.
-    full.team_id, full.model, full.deployment, full.backend, full.adapter = "t", "m", "d", "b", "a"
+    full.team_id, full.model, full.deployment, full.backend = "t", "m", "d", "b"
     full.prompt_tokens, full.cached_tokens, full.completion_tokens = 11, 3, 7
     full.cost_nano, full.compute_cost_nano, full.status = 13, 17, 429
     full.error_type, full.finish_reason, full.trace_id = "e", "f", "0" * 32
@@ -292,6 +307,7 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
         assert raw[0][1:] == raw[1][1:] and raw[0][0] == "fast"
         assert typed[0]._mapping["at"] == datetime(2026, 1, 2, 3, 4, 5)
         assert typed[0]._mapping["stream"] is True
+        assert typed[0]._mapping["adapters"] == full.adapters
         assert raw[0][-8:-5] == (11, 3, 7)
         assert [dict(r._mapping) | {"id": 0, "request_id": ""} for r in typed[:1]] == [
             dict(r._mapping) | {"id": 0, "request_id": ""} for r in typed[1:]
@@ -303,6 +319,6 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
 RAW_ROWS = (
     "SELECT request_id, at, typeof(at), day, typeof(day), stream, typeof(stream), user,"
     " key_id, ttft_seconds, latency_seconds, status, endpoint, team_id, model, deployment,"
-    " backend, adapter, prompt_tokens, cached_tokens, completion_tokens, cost_nano,"
+    " backend, adapter, adapters, prompt_tokens, cached_tokens, completion_tokens, cost_nano,"
     " compute_cost_nano, error_type, finish_reason, trace_id FROM usage ORDER BY id"
 )
