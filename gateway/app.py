@@ -34,6 +34,7 @@ from gateway.accounting.gating import Admission, start_admission, static_princip
 from gateway.accounting.keys import ManagedKeys
 from gateway.accounting.principal import Principal
 from gateway.accounting.runtime import Accounting
+from gateway.accounting.shed import ShedRecorder
 from gateway.accounting.usage_api import build_usage_handlers
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, PrincipalAuthenticator, is_loopback
@@ -637,6 +638,21 @@ async def _status(runtime: Runtime) -> wire.GatewayStatus:
         worker=runtime.worker,
         workers=runtime.workers,
     )
+
+
+def shed_recorder(runtime: Runtime, app: Litestar) -> ShedRecorder:
+    """The ledger rows of requests shed before ``app`` (gateway/shedding.py):
+    those to the OpenAI endpoints it serves (its POST routes under /v1)."""
+    server = runtime.settings.server
+    authenticate = PrincipalAuthenticator(
+        server.api_key_hashes, runtime.managed_keys, static_principals(runtime.settings)
+    )
+    paths = frozenset(
+        route.path
+        for route in app.routes
+        if route.path.startswith("/v1/") and "POST" in getattr(route, "methods", ())
+    )
+    return ShedRecorder(lambda: runtime.accounting, authenticate, paths)
 
 
 def create_app(runtime: Runtime) -> Litestar:

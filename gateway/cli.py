@@ -22,7 +22,7 @@ from gateway.accounting.cli import add_commands as add_key_commands
 from gateway.accounting.commands import add_commands as add_accounting_commands
 from gateway.accounting.gating import config_refusal
 from gateway.accounting.keys import managed_keys_exist
-from gateway.app import Runtime, create_app
+from gateway.app import Runtime, create_app, shed_recorder
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
 from gateway.connections import ConnectionGuard, HttpLimits, fit_file_limit, protocol_class
@@ -208,8 +208,9 @@ def _serve(
     # counts idle connections too, so they would shed /health.
     max_connections = fit_file_limit(limits.max_connections)
     guard = ConnectionGuard(HttpLimits.from_settings(limits, max_connections))
+    app = create_app(runtime)
     config = uvicorn.Config(
-        RequestShedder(create_app(runtime), limits.max_requests),
+        RequestShedder(app, limits.max_requests, shed_recorder(runtime, app)),
         host=server.host,
         port=server.port,
         loop="uvloop",

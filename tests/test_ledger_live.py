@@ -281,3 +281,26 @@ def test_sigterm_under_load_loses_no_record(
     rows = asyncio.run(all_rows(url))
     assert len(rows) == reached, (outcomes, Counter(r["status"] for r in rows))
     assert outcomes["answered"] == Counter(r["status"] for r in rows)[200]
+
+
+def test_a_request_shed_past_max_requests_is_one_row(tmp_path: Path) -> None:
+    """Shed before the app (gateway/shedding.py), it still has its row."""
+    path = tmp_path / "ledger.db"
+    text = config(f"sqlite:///{path}", max_per_key=0).replace(
+        "[limits]\n", "[limits]\nmax_requests = 1\n"
+    )
+    with running_server(tmp_path, text) as server:
+        client = sdk(server)
+        held = client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=2000, stream=True, logit_bias=NO_END
+        )
+        assert next(iter(held)).choices
+        with pytest.raises(openai.InternalServerError) as shed:
+            client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5)
+        assert shed.value.status_code == 503
+        held.close()
+    rows = ledger_rows(path)  # all written: the server has stopped
+    assert sorted((row["status"], row["error_type"]) for row in rows) == [
+        (499, "client_closed_request"),
+        (503, "server_overloaded"),
+    ]

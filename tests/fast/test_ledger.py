@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -27,12 +28,14 @@ from gateway.accounting.ledger import (
 )
 from gateway.accounting.tables import usage
 from gateway.accounting.transfer import read_spill
-from gateway.auth import hash_api_key
+from gateway.app import create_app, shed_recorder
+from gateway.auth import hash_api_key, key_fingerprint
 from gateway.contract import Adapter, AdapterUse, Target
 from gateway.errors import KeyOverloadedError, UpstreamError
 from gateway.exchange import Exchange
+from gateway.shedding import RequestShedder
 from gateway.testing import Script
-from gateway.testing.inprocess import InProcessGateway
+from gateway.testing.inprocess import ASGIStreamTransport, InProcessGateway
 
 from .conftest import Start
 from .support import MODEL, USER, chat_body, completion_body, error_of, pool
@@ -322,3 +325,30 @@ RAW_ROWS = (
     " backend, adapter, adapters, prompt_tokens, cached_tokens, completion_tokens, cost_nano,"
     " compute_cost_nano, error_type, finish_reason, trace_id FROM usage ORDER BY id"
 )
+
+
+async def test_a_request_shed_before_the_app_is_one_row(start: Start) -> None:
+    """Past limits.max_requests the shedder answers 503 without calling the
+    app (gateway/shedding.py): the request still gets its ledger row, with
+    the key it named; other paths (GET /v1/models) get none, as unshed."""
+    async with start(pool("a", server=SERVER)) as gw:
+        # Every request is shed (max_requests 0): the app is never called.
+        app = create_app(gw.runtime)
+        shedder = RequestShedder(app, 0, shed_recorder(gw.runtime, app))
+        transport = ASGIStreamTransport(shedder)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            keyed = await client.post(
+                "/v1/chat/completions",
+                json=chat_body(),
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
+            anonymous = await client.post("/v1/completions", json=completion_body())
+            listing = await client.get("/v1/models")
+        assert keyed.status_code == anonymous.status_code == listing.status_code == 503
+        written = await rows(gw)
+    assert [(r["endpoint"], r["status"], r["error_type"]) for r in written] == [
+        ("/v1/chat/completions", 503, "server_overloaded"),
+        ("/v1/completions", 503, "server_overloaded"),
+    ]
+    assert written[0]["key_id"] == key_fingerprint(hash_api_key(KEY))
+    assert written[1]["key_id"] is None and written[0]["model"] is None
