@@ -123,3 +123,26 @@ def test_cut_streams_through_an_edge_node_record_its_engines_tokens(
         assert evaluated == engine, (row, engine)
         # The node ran well ahead of the chunks the client read.
         assert row["completion_tokens"] > 10 and row["prompt_tokens"] > 10, row
+
+
+def test_a_json_request_the_client_leaves_records_the_nodes_tokens(
+    gateway: tuple[Server, Path, int],
+) -> None:
+    server, path, port = gateway
+    client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+    client.completions.create(model=MODEL, prompt=[1000, 1001, 1002], max_tokens=3)
+    before = decoded(port)
+    impatient = client.with_options(timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {uuid.uuid4().hex}."}],
+            max_tokens=4000,
+            logit_bias=NO_END,
+        )
+    engine = decoded(port) - before
+    [row] = rows_once_written(path, 2)[1:]
+    assert row["status"] == 499
+    evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
+    assert evaluated == engine, (row, engine)
+    assert row["prompt_tokens"] > 20 and row["completion_tokens"] > 10
