@@ -78,7 +78,7 @@ class AdapterEntry(TypedDict):
 class UsageRecord:
     """One request's row of the ``usage`` table (see gateway/accounting/tables.py).
 
-    Not frozen: a frozen dataclass sets each of its 23 fields through
+    Not frozen: a frozen dataclass sets each of its 24 fields through
     ``object.__setattr__``, 3.8 against 1.1 us a record on every request."""
 
     request_id: str
@@ -92,8 +92,6 @@ class UsageRecord:
     deployment: str | None
     backend: str | None
     adapter: str | None
-    # Every adapter it used, with its scale; None for the base model.
-    adapters: list[AdapterEntry] | None
     stream: bool
     prompt_tokens: int
     cached_tokens: int
@@ -106,6 +104,9 @@ class UsageRecord:
     error_type: str | None
     finish_reason: str | None
     trace_id: str | None
+    # Every adapter it used, with its scale; None for the base model. Last,
+    # with a default: spill files written before it was added still load.
+    adapters: list[AdapterEntry] | None = None
 
     @classmethod
     def of(
@@ -213,8 +214,6 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
         r.deployment,
         r.backend,
         r.adapter,
-        # As SQLAlchemy's JSON type writes it (json.dumps).
-        None if r.adapters is None else json.dumps(r.adapters),
         1 if r.stream else 0,
         r.prompt_tokens,
         r.cached_tokens,
@@ -227,6 +226,8 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
         r.error_type,
         r.finish_reason,
         r.trace_id,
+        # As SQLAlchemy's JSON type writes it (json.dumps).
+        None if r.adapters is None else json.dumps(r.adapters),
     )
 
 

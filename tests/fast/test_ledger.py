@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,8 @@ from gateway.accounting.ledger import (
     Ledger,
     LedgerOptions,
     UsageRecord,
+    decode_records,
+    encode_record,
     insert_ignoring_duplicates,
     row,
     write_records,
@@ -352,3 +355,10 @@ async def test_a_request_shed_before_the_app_is_one_row(start: Start) -> None:
     ]
     assert written[0]["key_id"] == key_fingerprint(hash_api_key(KEY))
     assert written[1]["key_id"] is None and written[0]["model"] is None
+
+
+async def test_spill_lines_written_before_the_adapters_column_still_load() -> None:
+    line = json.loads(encode_record(record("old")))
+    del line["adapters"]
+    [loaded] = decode_records([json.dumps(line).encode()])
+    assert loaded.request_id == "old" and loaded.adapters is None
