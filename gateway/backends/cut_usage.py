@@ -33,6 +33,9 @@ from gateway.contract import AnyRequest, UsageReport
 from gateway.edge_usage import USAGE_PATH, KeptUsage
 
 _log = logging.getLogger(__name__)
+# The longest a fetch may take: past it, the gateway has recorded its
+# estimate anyway (gateway/observer.py REPORT_WAIT_SECONDS).
+FETCH_SECONDS = 5.0
 
 
 class _Tokenized(msgspec.Struct):
@@ -69,7 +72,8 @@ class CutUsageAsker:
         async def run() -> None:
             usage = None
             try:
-                usage = await fetch()
+                async with asyncio.timeout(FETCH_SECONDS):
+                    usage = await fetch()
             except Exception as error:  # the engine is gone, or answered nonsense
                 _log.info("the usage of a cut stream could not be fetched: %s", error)
             finally:

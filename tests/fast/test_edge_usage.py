@@ -5,10 +5,14 @@ kept answers nothing, and the store stays bounded."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
 from gateway import wire
+from gateway.backends.cut_usage import CutUsageAsker
+from gateway.backends.upstream import Timeouts, Upstream
+from gateway.contract import UsageReport
 from gateway.edge_usage import CutUsage
 from gateway.exchange import Exchange
 
@@ -37,3 +41,25 @@ async def test_a_fetch_waits_for_the_usage_and_unknown_keys_answer_nothing() -> 
     ended(store, "k3")
     # At most max_kept: the oldest went.
     assert not store.known("k1") and store.known("unknown") and store.known("k3")
+
+
+async def test_a_node_that_cannot_tell_withdraws_the_report_at_once() -> None:
+    """The gateway's side: a node that is gone (nothing listens) withdraws
+    the expected report, so the request is recorded with the estimate now
+    rather than after the observer's wait."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens
+    upstream = Upstream("node", f"http://127.0.0.1:{port}/v1", timeouts=Timeouts(1.0, 1.0))
+    asker = CutUsageAsker(upstream, f"http://127.0.0.1:{port}")
+    report = UsageReport()
+    withdrawn = asyncio.Event()
+    try:
+        asker.from_edge(report, "chatcmpl-gone")
+        assert report.pending == 1
+        report.when_delivered(withdrawn.set)
+        await asyncio.wait_for(withdrawn.wait(), 2)
+        assert report.pending == 0 and report.usage is None
+    finally:
+        await asker.aclose()
+        await upstream.aclose()
