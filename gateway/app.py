@@ -33,6 +33,7 @@ from gateway.accounting.gating import Admission, start_admission, static_princip
 from gateway.accounting.keys import ManagedKeys
 from gateway.accounting.principal import Principal
 from gateway.accounting.runtime import Accounting
+from gateway.accounting.shed import ShedRecorder
 from gateway.accounting.usage_api import build_usage_handlers
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, PrincipalAuthenticator, is_loopback
@@ -40,6 +41,7 @@ from gateway.catalog import Plan
 from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decision_log import DecisionLog
 from gateway.decisions import RouteTrace
+from gateway.edge_usage import USAGE_KEY_HEADER, CutUsage, cut_usage_handlers
 from gateway.endpoints import CHAT, COMPLETIONS, AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     GatewayError,
@@ -58,7 +60,7 @@ from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
 from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import CapacityState, DeploymentState, ServerState
-from gateway.observer import Observer, Unobserved, observing
+from gateway.observer import Ended, Observer, Unobserved, observing
 from gateway.openai_responses.handlers import build_response_handlers
 from gateway.pipeline import Pipeline
 from gateway.relay import Relayed
@@ -109,9 +111,13 @@ class Runtime:
     costing: Costing | None = field(init=False, default=None)
     # Cost accounting (None: [accounting] enabled = false); see start_accounting.
     accounting: Accounting | None = field(init=False, default=None)
+    # An edge node's usage kept for its gateways (None: not kept).
+    cut_usage: CutUsage | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Unobserved()
+        if self.settings.accounting.report_cut_usage:
+            self.cut_usage = CutUsage()
         if self.settings.metrics.enabled:
             providers = {
                 name: provider_name(backend.type)
@@ -141,9 +147,16 @@ class Runtime:
             recorder,
             access_log,
             self.metrics is not None or access_log is not None,
-            self.accounting.ended if self.accounting is not None else None,
+            self._ended(),
         )
         return recorder
+
+    def _ended(self) -> Ended | None:
+        """Who hears of each request's end: the ledger, else (an edge node)
+        the usage kept for the gateways."""
+        if self.accounting is not None:
+            return self.accounting.ended
+        return self.cut_usage.ended if self.cut_usage is not None else None
 
     async def start_accounting(self, stack: AsyncExitStack) -> None:
         """The ledger (and what accounting holds) started before the
@@ -294,6 +307,8 @@ def _openai_endpoint(
             key_id = principal.key_id if principal is not None else None
             ctx = _context(endpoint.id_prefix, key_id, request, principal)
             exchange.request_id, exchange.key_id = ctx.request_id, key_id
+            if runtime.cut_usage is not None:
+                exchange.usage_key = ctx.headers.get(USAGE_KEY_HEADER)
             if principal is not None and principal.team is not None:
                 exchange.team_id = principal.team.id
             pipeline = runtime.serving()
@@ -440,6 +455,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         metrics,
         *admin,
         *usage,
+        *cut_usage_handlers(runtime.cut_usage, authenticate),
     ]
 
 
@@ -563,6 +579,21 @@ async def _status(runtime: Runtime) -> wire.GatewayStatus:
         worker=runtime.worker,
         workers=runtime.workers,
     )
+
+
+def shed_recorder(runtime: Runtime, app: Litestar) -> ShedRecorder:
+    """The ledger rows of requests shed before ``app`` (gateway/shedding.py):
+    those to the OpenAI endpoints it serves (its POST routes under /v1)."""
+    server = runtime.settings.server
+    authenticate = PrincipalAuthenticator(
+        server.api_key_hashes, runtime.managed_keys, static_principals(runtime.settings)
+    )
+    paths = frozenset(
+        route.path
+        for route in app.routes
+        if route.path.startswith("/v1/") and "POST" in getattr(route, "methods", ())
+    )
+    return ShedRecorder(lambda: runtime.accounting, authenticate, paths)
 
 
 def create_app(runtime: Runtime) -> Litestar:

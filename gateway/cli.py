@@ -22,7 +22,7 @@ from gateway.accounting.cli import add_commands as add_key_commands
 from gateway.accounting.commands import add_commands as add_accounting_commands
 from gateway.accounting.gating import config_refusal
 from gateway.accounting.keys import managed_keys_exist
-from gateway.app import Runtime, create_app
+from gateway.app import Runtime, create_app, shed_recorder
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
 from gateway.connections import ConnectionGuard, HttpLimits, fit_file_limit, protocol_class
@@ -133,7 +133,11 @@ def edge(args: argparse.Namespace) -> int:
         # The gateways in front of it keep the ledger (and the keys, limits
         # and budgets): a node has no database of its own. It tells them each
         # answer's busy time on its engine, for its usd_per_hour there.
-        "accounting": {"enabled": False, "report_busy_seconds": True},
+        "accounting": {
+            "enabled": False,
+            "report_busy_seconds": True,
+            "report_cut_usage": True,
+        },
         "backends": {"engine": options},
         "models": {args.name: {"deployments": [{"backend": "engine", "model": args.name}]}},
     }
@@ -204,8 +208,9 @@ def _serve(
     # counts idle connections too, so they would shed /health.
     max_connections = fit_file_limit(limits.max_connections)
     guard = ConnectionGuard(HttpLimits.from_settings(limits, max_connections))
+    app = create_app(runtime)
     config = uvicorn.Config(
-        RequestShedder(create_app(runtime), limits.max_requests),
+        RequestShedder(app, limits.max_requests, shed_recorder(runtime, app)),
         host=server.host,
         port=server.port,
         loop="uvloop",

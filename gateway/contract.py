@@ -176,6 +176,15 @@ class UsageReport:
             for waiter in waiters:
                 waiter()
 
+    def withdraw(self) -> None:
+        """An expected report will not come after all (a node that could not
+        tell): the request is recorded with what the gateway counted."""
+        self.pending = max(self.pending - 1, 0)
+        if not self.pending:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter()
+
     def when_delivered(self, waiter: Callable[[], None]) -> None:
         """Call ``waiter`` once nothing is pending (now, if nothing is)."""
         if self.pending:

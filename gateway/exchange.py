@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import wire
-from gateway.contract import ComputeMeter, Target, UsageReport
+from gateway.contract import AdapterUse, ComputeMeter, Target, UsageReport
 from gateway.errors import GatewayError
 
 # The OpenTelemetry GenAI operation name of each endpoint (gen_ai.operation.name).
@@ -38,6 +38,8 @@ class Exchange:
     deployment: str = ""
     backend: str = ""
     adapter: str = ""
+    # Every adapter it used, with its scale (the label above names one).
+    adapters: tuple[AdapterUse, ...] = ()
     stream: bool = False
     attempts: int = 0
     usage: wire.Usage | None = None
@@ -64,6 +66,9 @@ class Exchange:
     trace_id: str | None = None
     span_id: str | None = None
     closed: bool = False
+    # On an edge node: the key its gateway sent to fetch this request's usage
+    # by, should the gateway lose it (gateway/edge_usage.py).
+    usage_key: str | None = None
     # Run once when it closes (after everything above is final): the
     # admission ticket's settlement (gateway/accounting/admission.py).
     finish: Callable[[Exchange], None] | None = None
@@ -72,6 +77,7 @@ class Exchange:
         self.deployment = target.deployment
         self.backend = backend
         self.adapter = adapter_label(target)
+        self.adapters = target.adapters
 
     def seconds(self, now: float | None = None) -> float:
         return (now if now is not None else time.monotonic()) - self.arrived

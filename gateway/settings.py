@@ -414,6 +414,11 @@ class AccountingSettings(_Strict):
     # (header x-nomoat-busy-seconds; a stream's last SSE comment): what an
     # edge node does (`nomoat edge` sets it) so the gateway can price it.
     report_busy_seconds: bool = False
+    # Keep each request's usage for a while, for the gateway that sent it
+    # (GET /nomoat/usage/KEY, KEY its x-nomoat-usage-key header): a stream
+    # the gateway cut carries no usage, yet the engine knows what it spent.
+    # What an edge node does (`nomoat edge` sets it).
+    report_cut_usage: bool = False
 
 
 class Settings(BaseSettings):

@@ -9,6 +9,8 @@ alive, and a liveness probe that failed under load would get it restarted
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -22,9 +24,17 @@ RETRY_AFTER_SECONDS = 1
 class RequestShedder:
     """ASGI middleware around the whole application."""
 
-    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_requests: int,
+        on_shed: Callable[[Scope], None] | None = None,
+    ) -> None:
+        """``on_shed``: told of each request shed (its ledger row:
+        gateway/accounting/shed.py), on the refusal path only."""
         self.app = app
         self.max_requests = max_requests
+        self.on_shed = on_shed
         self.in_progress = 0
         self.shed = 0
         detail = ErrorDetail(
@@ -41,6 +51,8 @@ class RequestShedder:
             return
         if self.in_progress >= self.max_requests:
             self.shed += 1
+            if self.on_shed is not None:
+                self.on_shed(scope)
             await self._refuse(send)
             return
         self.in_progress += 1

@@ -137,12 +137,32 @@ async def all_rows(url: str) -> list[dict[str, Any]]:
         await engine.dispose()
 
 
+def fed_tokens(rows: list[dict[str, Any]]) -> int:
+    """The tokens the engine evaluated for the rows of its requests, as
+    their usage says: each prompt's tokens not cached, and every generated
+    token but the last sampled one, never fed back. An answer that ended on
+    the model's end token (finish reason "stop": these requests set no stop
+    sequences) sampled that token last; the usage does not count it (as
+    logprobs do not show it), so each of its counted tokens was fed."""
+    return sum(
+        row["prompt_tokens"]
+        - row["cached_tokens"]
+        + row["completion_tokens"]
+        - (0 if row["finish_reason"] == "stop" else 1)
+        for row in rows
+        if row["backend"] == "embedded" and (row["completion_tokens"] or row["finish_reason"])
+    )
+
+
 def every_kind(server: Server) -> Counter[str]:
     """One request of each kind, through the SDK; what the client saw of each."""
     client = sdk(server)
     seen: Counter[str] = Counter()
-    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, user="ada")
-    assert reply.usage is not None
+    # Greedy, it ends on the model's end token (after 47 tokens).
+    reply = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=64, temperature=0, user="ada"
+    )
+    assert reply.usage is not None and reply.choices[0].finish_reason == "stop"
     seen["json"] += 1
     text = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=9)
     assert text.usage is not None
@@ -211,19 +231,7 @@ def test_every_request_is_one_row_with_the_engines_token_counts(
     assert len({row["request_id"] for row in rows}) == len(rows)
     statuses = Counter(row["status"] for row in rows)
     assert statuses == Counter({200: 3, 499: 1, 429: 1, 502: 1, 401: 1, 400: 1, 404: 1, 413: 1})
-    engine_rows = [row for row in rows if row["backend"] == "embedded"]
-    evaluated = sum(
-        row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
-        for row in engine_rows
-        if row["completion_tokens"]
-    )
-    # The bridge from usage to the engine's fed-token counter (prompt not
-    # cached, plus generated, less the last sampled token, never fed) is off
-    # by one at times across these ten kinds of request (CI saw 153 against
-    # 154 and 150 against 149; the single cut stream of
-    # tests/test_cut_usage_live.py is exact): a known imprecision, not a
-    # lost request, whose cause is still to find (docs/accounting.md).
-    assert abs(evaluated - decoded) <= 1, (evaluated, decoded)
+    assert fed_tokens(rows) == decoded
     assert group["requests"] == len([r for r in [warming, *rows] if r["model"] == MODEL])
     assert group["completion_tokens"] == sum(r["completion_tokens"] for r in [warming, *rows])
     answered = rows[0]
@@ -273,3 +281,26 @@ def test_sigterm_under_load_loses_no_record(
     rows = asyncio.run(all_rows(url))
     assert len(rows) == reached, (outcomes, Counter(r["status"] for r in rows))
     assert outcomes["answered"] == Counter(r["status"] for r in rows)[200]
+
+
+def test_a_request_shed_past_max_requests_is_one_row(tmp_path: Path) -> None:
+    """Shed before the app (gateway/shedding.py), it still has its row."""
+    path = tmp_path / "ledger.db"
+    text = config(f"sqlite:///{path}", max_per_key=0).replace(
+        "[limits]\n", "[limits]\nmax_requests = 1\n"
+    )
+    with running_server(tmp_path, text) as server:
+        client = sdk(server)
+        held = client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=2000, stream=True, logit_bias=NO_END
+        )
+        assert next(iter(held)).choices
+        with pytest.raises(openai.InternalServerError) as shed:
+            client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5)
+        assert shed.value.status_code == 503
+        held.close()
+    rows = ledger_rows(path)  # all written: the server has stopped
+    assert sorted((row["status"], row["error_type"]) for row in rows) == [
+        (499, "client_closed_request"),
+        (503, "server_overloaded"),
+    ]

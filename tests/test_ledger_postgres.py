@@ -18,6 +18,7 @@ from test_ledger_live import (
     USER,
     config,
     every_kind,
+    fed_tokens,
     sdk,
     settled_decoded,
     usage_report,
@@ -59,18 +60,7 @@ def test_a_gateway_on_postgresql_records_every_request(tmp_path: Path, postgres_
     assert len(written) == sum(seen.values()) == 10
     statuses = Counter(row["status"] for row in written)
     assert statuses == Counter({200: 3, 499: 1, 429: 1, 502: 1, 401: 1, 400: 1, 404: 1, 413: 1})
-    evaluated = sum(
-        row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
-        for row in written
-        if row["backend"] == "embedded" and row["completion_tokens"]
-    )
-    # The bridge from usage to the engine's fed-token counter (prompt not
-    # cached, plus generated, less the last sampled token, never fed) is off
-    # by one at times across these ten kinds of request (CI saw 153 against
-    # 154 and 150 against 149; the single cut stream of
-    # tests/test_cut_usage_live.py is exact): a known imprecision, not a
-    # lost request, whose cause is still to find (docs/accounting.md).
-    assert abs(evaluated - decoded) <= 1, (evaluated, decoded)
+    assert fed_tokens(written) == decoded
     assert group["completion_tokens"] == warming["completion_tokens"] + sum(
         r["completion_tokens"] for r in written
     )

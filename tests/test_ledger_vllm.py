@@ -67,3 +67,36 @@ def test_ledger_tokens_equal_vllms_counters(vllm: VllmServer, gateway: tuple[Ser
     assert len(rows) == 6 and {row["status"] for row in rows} == {200}
     assert sum(row["prompt_tokens"] for row in rows) == prompt_after - prompt_before
     assert sum(row["completion_tokens"] for row in rows) == generated_after - generated_before
+
+
+def test_cut_streams_record_vllms_prompt_and_generated_tokens(
+    vllm: VllmServer, gateway: tuple[Server, Path]
+) -> None:
+    """A stream the client leaves after a few chunks: its row has the
+    prompt tokens vLLM counted (asked of its /tokenize after the cut, not 0)
+    and the tokens it generated (a chunk each)."""
+    server, path = gateway
+    client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+    spent = []
+    for make in (
+        lambda: client.chat.completions.create(
+            model="pool", messages=USER, max_tokens=500, stream=True
+        ),
+        lambda: client.completions.create(
+            model="pool", prompt="Once upon a time, in a land", max_tokens=500, stream=True
+        ),
+    ):
+        before = counters(vllm)
+        stream = make()
+        for seen, _ in enumerate(stream, start=1):
+            if seen == 4:
+                break
+        stream.close()
+        after = counters(vllm)
+        spent.append((after[0] - before[0], after[1] - before[1]))
+    server.process.terminate()  # the last rows are flushed at shutdown
+    assert server.process.wait(timeout=60) == 0
+    rows = ledger_rows(path)
+    assert [row["status"] for row in rows] == [499, 499]
+    assert [(row["prompt_tokens"], row["completion_tokens"]) for row in rows] == spent
+    assert all(prompt > 0 for prompt, _ in spent)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import msgspec
 from sqlalchemy import Insert, text
@@ -66,11 +67,18 @@ class LedgerOptions:
     spill_path: Path | None = None
 
 
+class AdapterEntry(TypedDict):
+    """One adapter of a request, as the ``adapters`` column lists it."""
+
+    name: str
+    scale: float
+
+
 @dataclass(slots=True)
 class UsageRecord:
     """One request's row of the ``usage`` table (see gateway/accounting/tables.py).
 
-    Not frozen: a frozen dataclass sets each of its 23 fields through
+    Not frozen: a frozen dataclass sets each of its 24 fields through
     ``object.__setattr__``, 3.8 against 1.1 us a record on every request."""
 
     request_id: str
@@ -96,6 +104,9 @@ class UsageRecord:
     error_type: str | None
     finish_reason: str | None
     trace_id: str | None
+    # Every adapter it used, with its scale; None for the base model. Last,
+    # with a default: spill files written before it was added still load.
+    adapters: list[AdapterEntry] | None = None
 
     @classmethod
     def of(
@@ -119,6 +130,7 @@ class UsageRecord:
             deployment=exchange.deployment or None,
             backend=exchange.backend or None,
             adapter=exchange.adapter if exchange.deployment else None,
+            adapters=adapter_entries(exchange) if exchange.adapters else None,
             stream=exchange.stream,
             prompt_tokens=prompt,
             cached_tokens=cached_tokens(usage_),
@@ -135,6 +147,13 @@ class UsageRecord:
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
+
+
+def adapter_entries(exchange: Exchange) -> list[AdapterEntry] | None:
+    """The adapters of the deployment that answered, if one did."""
+    if not exchange.deployment:
+        return None
+    return [AdapterEntry(name=use.adapter.name, scale=use.scale) for use in exchange.adapters]
 
 
 def bounded_text(text: str | None, limit: int) -> str | None:
@@ -182,7 +201,7 @@ SQLITE_INSERT = (
 def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
     """The record's columns in ``COLUMNS`` order, as SQLAlchemy stores them
     in SQLite: times as ``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC, no offset),
-    days as ``YYYY-MM-DD``, booleans as 0 or 1."""
+    days as ``YYYY-MM-DD``, booleans as 0 or 1, JSON as text."""
     return (
         r.request_id,
         f"{r.at:%Y-%m-%d %H:%M:%S.%f}",
@@ -207,6 +226,8 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
         r.error_type,
         r.finish_reason,
         r.trace_id,
+        # As SQLAlchemy's JSON type writes it (json.dumps).
+        None if r.adapters is None else json.dumps(r.adapters),
     )
 
 

@@ -44,6 +44,7 @@ from gateway.accounting.compute import (
 )
 from gateway.auth import TENANT_HEADER
 from gateway.backends.control_text import ControlTextGuard, token_texts
+from gateway.backends.cut_usage import CutUsageAsker
 from gateway.backends.transport import AiohttpTransport, TransportFactory
 from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
@@ -59,11 +60,13 @@ from gateway.contract import (
     RequestContext,
     Target,
 )
+from gateway.edge_usage import USAGE_KEY_HEADER
 from gateway.errors import GatewayError, InvalidRequestError
 from gateway.lora.edge import EdgeAdapters
 from gateway.lora.remote import RemoteAdapters
 from gateway.lora.vllm import VllmAdapters
 from gateway.relay import ChunkRelay
+from gateway.streams import has_content
 from gateway.telemetry import semconv
 
 _T = TypeVar("_T")
@@ -210,6 +213,14 @@ class OpenAICompatibleBackend:
         self._reports_busy = kind == "edge"
         self._reported_busy = 0.0
         self._clock = SharedClock()
+        # What a stream cut short really spent, asked of the engine after
+        # the cut (gateway/backends/cut_usage.py): an edge node keeps it,
+        # vLLM counts the prompt. Other upstreams: the gateway's estimate.
+        self._cut_usage = (
+            CutUsageAsker(self._upstream, config.base_url.rstrip("/").removesuffix("/v1"))
+            if kind in ("edge", "vllm")
+            else None
+        )
 
     async def start(self) -> None:
         await self._probe()
@@ -263,6 +274,8 @@ class OpenAICompatibleBackend:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
+        if self._cut_usage is not None:
+            await self._cut_usage.aclose()
         await self._upstream.aclose()
 
     # LoRA (SupportsLoRA): what the engine's adapter manager says; on vLLM
@@ -362,6 +375,11 @@ class OpenAICompatibleBackend:
             else:
                 async with self._engine_model(target) as model:
                     response = await self._post(path, request, decoder, model, headers, ctx)
+        except asyncio.CancelledError:
+            # The client left: what the engine spent, as an edge node tells.
+            if self.kind == "edge":
+                self._cut_short(ctx, request, target.engine_model, 0)
+            raise
         finally:
             shared = self._clock.leave(ticket)
             if not self._reports_busy:
@@ -402,12 +420,29 @@ class OpenAICompatibleBackend:
 
     def _headers(self, ctx: RequestContext) -> Mapping[str, str] | None:
         """What an upstream request carries beside the body: the client's
-        tenant (edge nodes) and the trace context."""
+        tenant (edge nodes), the key an edge node keeps its usage under,
+        and the trace context."""
         tenant = self._tenant(ctx)
+        if self._names_tenants and ctx.usage_report is not None:
+            tenant = {**(tenant or {}), USAGE_KEY_HEADER: ctx.request_id}
         if ctx.trace is None:
             return tenant
         traced = self._traced(ctx.trace)
         return traced if tenant is None else {**traced, **tenant}
+
+    def _cut_short(
+        self, ctx: RequestContext, request: AnyRequest, model: str, generated: int
+    ) -> None:
+        """A request ended without its usage: ask the engine what it spent
+        (reported to ``ctx.usage_report``; see gateway/backends/cut_usage.py).
+        vLLM is asked only once it generated (its prompt is then counted)."""
+        report, asker = ctx.usage_report, self._cut_usage
+        if report is None or asker is None:
+            return
+        if self.kind == "edge":
+            asker.from_edge(report, ctx.request_id)
+        elif generated:
+            asker.from_vllm(report, request, model, generated)
 
     async def _relay(
         self,
@@ -430,6 +465,9 @@ class OpenAICompatibleBackend:
             # (xAI: a running total on every one) has it moved to one such
             # chunk at the end.
             usage_chunk: _Chunk | None = None
+            # Chunks from the first with content on (vLLM: a token each),
+            # and whether the usage came: for a stream cut short.
+            generated, used = 0, False
             headers = self._headers(ctx)
             upstream_model: str | None = None
             comments = None
@@ -444,7 +482,10 @@ class OpenAICompatibleBackend:
                         upstream_model = chunk.model
                         ctx.trace.record({semconv.RESPONSE_MODEL: upstream_model})
                     chunk.id, chunk.model = ctx.request_id, target.model
+                    if generated or has_content(chunk):
+                        generated += 1
                     if isinstance(chunk.usage, wire.Usage):
+                        used = True
                         if chunk.choices:
                             usage_chunk = msgspec.structs.replace(chunk, choices=[])
                             chunk.usage = msgspec.UNSET
@@ -457,6 +498,8 @@ class OpenAICompatibleBackend:
                 shared = self._clock.leave(ticket)
                 if not self._reports_busy:
                     self._busy(ctx, shared)
+                if not used:
+                    self._cut_short(ctx, request, model, generated)
 
     def _cheap_relay(
         self,
@@ -509,6 +552,8 @@ class OpenAICompatibleBackend:
                 shared = self._clock.leave(ticket)
                 if not self._reports_busy:
                     self._busy(ctx, shared)
+                if relay.usage is None:
+                    self._cut_short(ctx, request, model, relay.chunks_since_content)
 
     # ------------------------------------------------------------- internals
 

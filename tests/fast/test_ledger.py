@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -21,17 +23,22 @@ from gateway.accounting.ledger import (
     Ledger,
     LedgerOptions,
     UsageRecord,
+    decode_records,
+    encode_record,
     insert_ignoring_duplicates,
     row,
     write_records,
 )
 from gateway.accounting.tables import usage
 from gateway.accounting.transfer import read_spill
-from gateway.auth import hash_api_key
+from gateway.app import create_app, shed_recorder
+from gateway.auth import hash_api_key, key_fingerprint
+from gateway.contract import Adapter, AdapterUse, Target
 from gateway.errors import KeyOverloadedError, UpstreamError
 from gateway.exchange import Exchange
+from gateway.shedding import RequestShedder
 from gateway.testing import Script
-from gateway.testing.inprocess import InProcessGateway
+from gateway.testing.inprocess import ASGIStreamTransport, InProcessGateway
 
 from .conftest import Start
 from .support import MODEL, USER, chat_body, completion_body, error_of, pool
@@ -247,6 +254,10 @@ async def test_a_full_queue_drops_and_counts_rather_than_block(tmp_path: Path) -
     await engine.dispose()
 
 
+def adapter(name: str) -> Adapter:
+    return Adapter(name, MODEL, "0" * 64, "gguf", Path(name), name)
+
+
 def record(request_id: str) -> UsageRecord:
     exchange = Exchange(request_id, "chat", 0.0, path="/v1/chat/completions")
     return UsageRecord.of(exchange, 200, None, now=1.0)
@@ -271,10 +282,20 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
     url = async_url(f"sqlite:///{tmp_path / 'ledger.db'}")
     await migrate_async(url)
     engine = open_engine(url)
-    full = record("fast")
+    # A stack of two adapters: the label says "stack", the JSON column which.
+    exchange = Exchange("fast", "chat", 0.0, path="/v1/chat/completions")
+    exchange.answered_by(
+        Target(
+            MODEL, MODEL, f"{MODEL}/0", (AdapterUse(adapter("x"), 0.5), AdapterUse(adapter("y")))
+        ),
+        "b",
+    )
+    full = UsageRecord.of(exchange, 200, None, now=1.0)
+    assert full.adapter == "stack"
+    assert full.adapters == [{"name": "x", "scale": 0.5}, {"name": "y", "scale": 1.0}]
     full.user, full.key_id, full.stream, full.ttft_seconds = "u", "k", True, 0.25
     # Every other column distinct, so that two swapped columns show.
-    full.team_id, full.model, full.deployment, full.backend, full.adapter = "t", "m", "d", "b", "a"
+    full.team_id, full.model, full.deployment, full.backend = "t", "m", "d", "b"
     full.prompt_tokens, full.cached_tokens, full.completion_tokens = 11, 3, 7
     full.cost_nano, full.compute_cost_nano, full.status = 13, 17, 429
     full.error_type, full.finish_reason, full.trace_id = "e", "f", "0" * 32
@@ -292,6 +313,7 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
         assert raw[0][1:] == raw[1][1:] and raw[0][0] == "fast"
         assert typed[0]._mapping["at"] == datetime(2026, 1, 2, 3, 4, 5)
         assert typed[0]._mapping["stream"] is True
+        assert typed[0]._mapping["adapters"] == full.adapters
         assert raw[0][-8:-5] == (11, 3, 7)
         assert [dict(r._mapping) | {"id": 0, "request_id": ""} for r in typed[:1]] == [
             dict(r._mapping) | {"id": 0, "request_id": ""} for r in typed[1:]
@@ -303,6 +325,40 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
 RAW_ROWS = (
     "SELECT request_id, at, typeof(at), day, typeof(day), stream, typeof(stream), user,"
     " key_id, ttft_seconds, latency_seconds, status, endpoint, team_id, model, deployment,"
-    " backend, adapter, prompt_tokens, cached_tokens, completion_tokens, cost_nano,"
+    " backend, adapter, adapters, prompt_tokens, cached_tokens, completion_tokens, cost_nano,"
     " compute_cost_nano, error_type, finish_reason, trace_id FROM usage ORDER BY id"
 )
+
+
+async def test_a_request_shed_before_the_app_is_one_row(start: Start) -> None:
+    """Past limits.max_requests the shedder answers 503 without calling the
+    app (gateway/shedding.py): the request still gets its ledger row, with
+    the key it named; other paths (GET /v1/models) get none, as unshed."""
+    async with start(pool("a", server=SERVER)) as gw:
+        # Every request is shed (max_requests 0): the app is never called.
+        app = create_app(gw.runtime)
+        shedder = RequestShedder(app, 0, shed_recorder(gw.runtime, app))
+        transport = ASGIStreamTransport(shedder)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            keyed = await client.post(
+                "/v1/chat/completions",
+                json=chat_body(),
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
+            anonymous = await client.post("/v1/completions", json=completion_body())
+            listing = await client.get("/v1/models")
+        assert keyed.status_code == anonymous.status_code == listing.status_code == 503
+        written = await rows(gw)
+    assert [(r["endpoint"], r["status"], r["error_type"]) for r in written] == [
+        ("/v1/chat/completions", 503, "server_overloaded"),
+        ("/v1/completions", 503, "server_overloaded"),
+    ]
+    assert written[0]["key_id"] == key_fingerprint(hash_api_key(KEY))
+    assert written[1]["key_id"] is None and written[0]["model"] is None
+
+
+async def test_spill_lines_written_before_the_adapters_column_still_load() -> None:
+    line = json.loads(encode_record(record("old")))
+    del line["adapters"]
+    [loaded] = decode_records([json.dumps(line).encode()])
+    assert loaded.request_id == "old" and loaded.adapters is None

@@ -1,0 +1,148 @@
+"""Streams the client cuts, through a real gateway in front of a real
+`nomoat edge` node: the ledger records the tokens the node's engine really
+evaluated and generated (the node keeps them for the gateway, which fetches
+them after the cut: gateway/edge_usage.py), not what the gateway relayed.
+
+The node's engine runs ahead of a slow reader (its stream buffer) and
+evaluates a fresh prompt in full, so neither the chunks relayed nor a prompt
+of 0 (the estimate) can match its counters."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from test_ledger_live import NO_END, ledger_rows
+
+from tests.conftest import MODEL, Server, config_with_key, running_server
+from tests.test_edge_routing import edge_node
+
+pytestmark = pytest.mark.e2e
+
+
+def decoded(port: int) -> int:
+    """The edge node's engine's evaluated tokens, once nothing runs there."""
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def counter(name: str) -> int:
+        for line in httpx.get(url, timeout=30).text.splitlines():
+            if line.startswith(f'{name}{{backend="engine"}} '):
+                return int(float(line.split()[-1]))
+        raise AssertionError(f"{name} is not on the node's /metrics")
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = counter("nomoat_engine_requests_running")
+        if running + counter("nomoat_engine_requests_waiting") == 0:
+            first = counter("nomoat_engine_decoded_tokens_total")
+            time.sleep(0.3)
+            if counter("nomoat_engine_decoded_tokens_total") == first:
+                return first
+        time.sleep(0.05)
+    raise AssertionError("the node's engine stayed busy")
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[tuple[Server, Path, int]]:
+    path = tmp_path / "ledger.db"
+    with edge_node(tmp_path, "node") as (port, _):
+        extra = f"""
+            [backends.node]
+            type = "edge"
+            base_url = "http://127.0.0.1:{port}/v1"
+            probe_interval = 0.5
+
+            [models.{MODEL}]
+            deployments = [{{ backend = "node", model = "{MODEL}" }}]
+
+            [accounting]
+            database = "sqlite:///{path}"
+            """
+        with running_server(tmp_path, config_with_key(extra)) as live:
+            yield live, path, port
+
+
+def rows_once_written(path: Path, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if path.exists() and len(rows := ledger_rows(path)) >= count:
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} ledger rows")
+
+
+def cut_after(stream: openai.Stream[Any], chunks: int) -> None:
+    """Read ``chunks`` chunks, let the node run ahead, then leave."""
+    for seen, _ in enumerate(stream, start=1):
+        if seen == chunks:
+            break
+    time.sleep(1.0)
+    stream.close()
+
+
+def test_cut_streams_through_an_edge_node_record_its_engines_tokens(
+    gateway: tuple[Server, Path, int],
+) -> None:
+    server, path, port = gateway
+    client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+    # Warm the node's counters up (llama.cpp reports each as at least 1).
+    client.completions.create(model=MODEL, prompt=[1000, 1001, 1002], max_tokens=3)
+    spent = []
+    before = decoded(port)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": f"Tell a long story about {uuid.uuid4().hex}."}],
+        max_tokens=2000,
+        stream=True,
+        logit_bias=NO_END,
+    )
+    cut_after(chat, 3)
+    middle = decoded(port)
+    spent.append(middle - before)
+    text = client.completions.create(
+        model=MODEL,
+        prompt=f"Chapter {uuid.uuid4().hex}: it was a dark and stormy night",
+        max_tokens=2000,
+        stream=True,
+        logit_bias=NO_END,
+    )
+    cut_after(text, 2)
+    spent.append(decoded(port) - middle)
+    rows = rows_once_written(path, 3)[1:]
+    assert [row["status"] for row in rows] == [499, 499]
+    for row, engine in zip(rows, spent, strict=True):
+        # The node's llama.cpp evaluated the uncached prompt and every
+        # generated token but the last (sampled, never fed back).
+        evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
+        assert evaluated == engine, (row, engine)
+        # The node ran well ahead of the chunks the client read.
+        assert row["completion_tokens"] > 10 and row["prompt_tokens"] > 10, row
+
+
+def test_a_json_request_the_client_leaves_records_the_nodes_tokens(
+    gateway: tuple[Server, Path, int],
+) -> None:
+    server, path, port = gateway
+    client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+    client.completions.create(model=MODEL, prompt=[1000, 1001, 1002], max_tokens=3)
+    before = decoded(port)
+    impatient = client.with_options(timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {uuid.uuid4().hex}."}],
+            max_tokens=4000,
+            logit_bias=NO_END,
+        )
+    engine = decoded(port) - before
+    [row] = rows_once_written(path, 2)[1:]
+    assert row["status"] == 499
+    evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
+    assert evaluated == engine, (row, engine)
+    assert row["prompt_tokens"] > 20 and row["completion_tokens"] > 10
