@@ -27,7 +27,7 @@ from test_ledger_live import (
 
 from gateway.accounting.db import async_url, migrate_async, open_engine
 from gateway.accounting.ledger import Ledger, LedgerOptions, UsageRecord
-from gateway.accounting.tables import api_keys, node_costs, teams, usage
+from gateway.accounting.tables import api_keys, node_costs, responses, teams, usage
 from gateway.exchange import Exchange
 
 pytestmark = pytest.mark.e2e
@@ -174,6 +174,21 @@ async def _fill_sqlite(url: str) -> None:
                     for i in range(5)
                 ],
             )
+            await connection.execute(
+                insert(responses),
+                [
+                    {
+                        "id": f"resp_{i}",
+                        "owner": "key-1",
+                        "created_at": now,
+                        "model": "m",
+                        "previous_response_id": f"resp_{i - 1}" if i else None,
+                        "conversation": "[]",
+                        "response": "{}",
+                    }
+                    for i in range(3)
+                ],
+            )
         ledger = Ledger(engine)
         for index in range(RECORDS):
             exchange = Exchange(f"chatcmpl-{index}", "chat", 0.0, path="/v1/chat/completions")
@@ -213,7 +228,7 @@ def test_a_sqlite_ledger_moves_to_postgresql_with_nothing_lost(
     assert again.returncode == 0, again.stderr
     assert len(rows(postgres_url)) == RECORDS
     counts = asyncio.run(_counts(postgres_url))
-    assert counts == {"teams": 1, "api_keys": 1, "node_costs": 5}
+    assert counts == {"teams": 1, "api_keys": 1, "node_costs": 5, "responses": 3}
     # The copy's sums are the source's.
     config_file = tmp_path / "pg.toml"
     config_file.write_text(f'[accounting]\ndatabase = "{postgres_url}"\n')
@@ -228,7 +243,7 @@ async def _counts(url: str) -> dict[str, int]:
         async with engine.connect() as connection:
             return {
                 table.name: len((await connection.execute(select(table))).all())
-                for table in (teams, api_keys, node_costs)
+                for table in (teams, api_keys, node_costs, responses)
             }
     finally:
         await engine.dispose()

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.accounting.db import migrate_async, open_engine
 from gateway.accounting.ledger import UsageRecord, decode_records, write_records
-from gateway.accounting.tables import api_keys, node_costs, teams, usage
+from gateway.accounting.tables import api_keys, node_costs, responses, teams, usage
 
 BATCH = 1000
 
@@ -110,8 +110,8 @@ def _as_utc(value: object) -> object:
 
 
 async def copy_database(source_url: URL, target_url: URL) -> CopyReport:
-    """Every team, key, usage record and node-cost window of ``source`` into
-    ``target`` (migrated to the schema's head first)."""
+    """Every team, key, usage record, node-cost window and stored Response
+    of ``source`` into ``target`` (migrated to the schema's head first)."""
     await migrate_async(target_url)
     source, target = open_engine(source_url), open_engine(target_url)
     report = CopyReport()
@@ -123,6 +123,8 @@ async def copy_database(source_url: URL, target_url: URL) -> CopyReport:
                 (api_keys, api_keys.c.id, ["id"], None),
                 (usage, usage.c.id, ["request_id"], "id"),
                 (node_costs, node_costs.c.id, [], "id"),
+                # Stored Responses: a conversation continues after the move.
+                (responses, responses.c.id, ["id"], None),
             ):
                 report.tables.append(
                     await _copy_table(connection, target, table, order, conflict, skip)
