@@ -1,0 +1,172 @@
+"""Embeddings without an engine: the input forms, the encodings, Matryoshka
+truncation, input-only admission, and which models route where."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from gateway import wire
+from gateway.accounting.admission import request_bounds
+from gateway.catalog import Catalog, ModelEntry
+from gateway.contract import (
+    Candidate,
+    EmbeddingList,
+    EmbeddingRequest,
+    RequestContext,
+    Target,
+)
+from gateway.embeddings.inputs import Inputs, decode_embeddings, from_view, inputs_of, routing_view
+from gateway.embeddings.vectors import embedding_list, encoded, shaped
+from gateway.errors import InvalidRequestError
+from gateway.policies import OrderedPolicy
+from gateway.routing import Router
+from gateway.settings import LimitSettings
+
+LIMITS = LimitSettings()
+
+
+def request(body: bytes) -> wire.EmbeddingRequest:
+    return decode_embeddings(body, LIMITS)
+
+
+def refusal(body: bytes) -> InvalidRequestError:
+    with pytest.raises(InvalidRequestError) as refused:
+        request(body)
+    return refused.value
+
+
+def test_every_input_form_and_what_is_refused() -> None:
+    forms = {
+        b'"one"': Inputs(texts=("one",)),
+        b'["one", "two"]': Inputs(texts=("one", "two")),
+        b"[1, 2, 3]": Inputs(tokens=((1, 2, 3),)),
+        b"[[1, 2], [3]]": Inputs(tokens=((1, 2), (3,))),
+    }
+    for given, expected in forms.items():
+        decoded = request(b'{"model": "m", "input": ' + given + b"}")
+        assert inputs_of(decoded) == expected
+    for bad in (b"[]", b'["a", 1]', b"[[1], 2]", b"[[1], []]", b'[["a"]]'):
+        assert refusal(b'{"model": "m", "input": ' + bad + b"}").param is not None
+    assert refusal(b'{"model": "m", "input": ["a", 1]}').param == "input"
+    # Embeddings never stream: `stream` is an unknown argument, as at OpenAI.
+    assert refusal(b'{"model": "m", "input": "a", "stream": true}').param == "stream"
+    assert refusal(b'{"model": "m", "input": "a", "encoding_format": "hex"}').param == (
+        "encoding_format"
+    )
+    assert refusal(b'{"model": "m", "input": "a", "dimensions": 0}').param == "dimensions"
+    many = b'{"model": "m", "input": [' + b",".join([b'"x"'] * 2049) + b"]}"
+    assert refusal(many).param == "input"
+
+
+def test_base64_is_little_endian_float32_as_the_sdk_decodes_it() -> None:
+    vector = np.array([1.0, -2.5, 0.125], dtype=np.float32)
+    packed = encoded(vector, "base64")
+    assert isinstance(packed, str)
+    assert base64.b64decode(packed)[:4] == b"\x00\x00\x80\x3f"  # 1.0f, little-endian
+    # What openai-python does with it (resources/embeddings.py).
+    assert np.frombuffer(base64.b64decode(packed), dtype="float32").tolist() == [1.0, -2.5, 0.125]
+    assert encoded(vector, "float") == encoded(vector, None) == [1.0, -2.5, 0.125]
+
+
+def test_dimensions_truncate_and_renormalise_only_where_declared() -> None:
+    full = [np.array([3.0, 4.0, 12.0], dtype=np.float32) / 13.0, np.ones(3, np.float32)]
+    engine = embedding_list(full[::-1], EmbeddingRequest(model="m", input=""), "m", 7)
+    # An engine may list its vectors in any order: index decides.
+    engine.data = [engine.data[1], engine.data[0]]
+    asked = EmbeddingRequest(model="m", input="", dimensions=2, encoding_format="float")
+    answer = shaped(engine, asked, matryoshka=True)
+    assert [item.index for item in answer.data] == [0, 1]
+    assert np.allclose(answer.data[1].embedding, [0.6, 0.8])
+    assert answer.usage == wire.EmbeddingUsage(prompt_tokens=7, total_tokens=7)
+    for matryoshka, dimensions in ((False, 2), (True, 4)):
+        too = EmbeddingRequest(model="m", input="", dimensions=dimensions)
+        with pytest.raises(InvalidRequestError) as refused:
+            shaped(engine, too, matryoshka=matryoshka)
+        assert refused.value.param == "dimensions"
+
+
+def test_admission_reserves_the_input_only() -> None:
+    embeddings = request(b'{"model": "m", "input": ["a", "b", "c"], "user": "u"}')
+    view = routing_view(embeddings)
+    assert (view.model, view.prompt, view.user) == ("m", ["a", "b", "c"], "u")
+    assert request_bounds(view, 120, ceiling=4096).completion_tokens == 0
+    assert request_bounds(view, 120, ceiling=4096).prompt_tokens == 120
+    chat = wire.ChatCompletionRequest(model="m", messages=[wire.UserMessage(content="hi")])
+    assert request_bounds(chat, 120, ceiling=4096).completion_tokens == 4096
+    # What a request hook changes in the view, the request takes.
+    assert from_view(embeddings, view) is embeddings
+    moved = from_view(embeddings, wire.CompletionRequest(model="other", prompt=["[redacted]"]))
+    assert (moved.model, moved.input, moved.user) == ("other", ["[redacted]"], "u")
+
+
+class _Embeds:
+    """Just enough of a backend for the router: which engine models embed."""
+
+    def __init__(self, name: str, embeds: bool) -> None:
+        self.name = name
+        self._embeds = embeds
+
+    def embeds(self, engine_model: str) -> bool:
+        return self._embeds
+
+    async def embed(
+        self, request: EmbeddingRequest, target: Target, ctx: RequestContext
+    ) -> EmbeddingList:
+        raise AssertionError("not called")
+
+
+def _model(name: str, backends: list[str], capabilities: set[str], *fallbacks: str) -> ModelEntry:
+    candidates = tuple(
+        Candidate(Target(name, name, f"{name}/{i}"), backend) for i, backend in enumerate(backends)
+    )
+    return ModelEntry(
+        name,
+        candidates,
+        OrderedPolicy(),
+        "nomoat",
+        fallbacks=fallbacks,
+        capabilities=frozenset(capabilities),
+    )
+
+
+def test_models_route_only_what_they_serve_to_backends_that_can() -> None:
+    backends: Mapping[str, object] = {
+        "chat": _Embeds("chat", False),
+        "vectors": _Embeds("vectors", True),
+        "other": _Embeds("other", True),
+    }
+    catalog = Catalog(
+        {
+            "talker": _model("talker", ["chat"], {"chat"}, "vectors"),
+            "vectors": _model("vectors", ["chat", "vectors"], {"embeddings"}),
+            "both": _model("both", ["chat", "other"], {"chat", "embeddings"}, "talker"),
+            "nowhere": _model("nowhere", ["chat"], {"embeddings"}),
+        }
+    )
+    router = Router(catalog, backends)  # type: ignore[arg-type]
+    ctx = RequestContext("embd-1", 0)
+
+    def eligible(model: str, *, embeddings: bool) -> list[list[str]]:
+        view = routing_view(EmbeddingRequest(model=model, input="x"))
+        route = router.resolve(view, embeddings=embeddings)
+        pools = [router.eligible(route, entry, view, ctx) for entry in route.chain]
+        return [[c.backend for c in pool] for pool in pools]
+
+    # Only the deployments whose backend embeds; a chat-only fallback is skipped.
+    assert eligible("vectors", embeddings=True) == [["vectors"]]
+    assert eligible("both", embeddings=True) == [["other"], []]
+    assert eligible("both", embeddings=False) == [["chat", "other"], ["chat"]]
+    refusals = {
+        ("talker", True): "is a chat model",
+        ("vectors", False): "is an embedding model",
+        ("nowhere", True): "no deployment of nowhere can make embeddings",
+    }
+    for (model, embeddings), says in refusals.items():
+        with pytest.raises(InvalidRequestError) as refused:
+            eligible(model, embeddings=embeddings)
+        assert says in refused.value.message and f"`{model}`" in refused.value.message
+        assert refused.value.param == "model"
