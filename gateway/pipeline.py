@@ -63,6 +63,7 @@ from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
 from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
 from gateway.telemetry.attempts import trace_ranking, traced_call
+from gateway.telemetry.semconv import OPERATION_EMBEDDINGS
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ class Pipeline:
         entry = route.entry
         exchange.model = entry.name
         span = trace.span if trace is not None else None
+        operation = OPERATION_EMBEDDINGS if route.embeddings else None
         first = await self._ranking(route, entry, request, ctx)
         if span is not None:
             trace_ranking(span, route, first, request, ctx, round_number=0)
@@ -345,7 +347,9 @@ class Pipeline:
                         self.metrics.fell_back(entry.name, model.name)
                     attempt = call
                     if span is not None:
-                        attempt = traced_call(call, span, request, fallback=model is not entry)
+                        attempt = traced_call(
+                            call, span, request, fallback=model is not entry, operation=operation
+                        )
                     for choice in ranking.ranked:
                         _check_deadline(ctx.deadline, request.model)
                         outcome = await self._attempt(

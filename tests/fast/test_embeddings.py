@@ -21,10 +21,17 @@ from gateway.contract import (
 )
 from gateway.embeddings.inputs import Inputs, decode_embeddings, from_view, inputs_of, routing_view
 from gateway.embeddings.vectors import embedding_list, encoded, shaped
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, UpstreamError
 from gateway.policies import OrderedPolicy
+from gateway.registry import Registry
 from gateway.routing import Router
 from gateway.settings import LimitSettings
+from gateway.telemetry import semconv as names
+from gateway.testing import Script
+from gateway.testing.inprocess import in_process_gateway
+
+from .support import MODEL, chat_body, error_of, pool
+from .test_traces import Traced
 
 LIMITS = LimitSettings()
 
@@ -170,3 +177,40 @@ def test_models_route_only_what_they_serve_to_backends_that_can() -> None:
             eligible(model, embeddings=embeddings)
         assert says in refused.value.message and f"`{model}`" in refused.value.message
         assert refused.value.param == "model"
+
+
+EMBEDDING = {"capabilities": ["embeddings"], "retry_backoff_seconds": 0.01}
+FAKES = {name: {"embedding_models": [MODEL]} for name in ("a", "b")}
+
+
+@pytest.mark.anyio
+async def test_an_attempt_that_fails_moves_on_and_every_attempt_is_traced(
+    registry: Registry,
+) -> None:
+    """Pipeline.embed takes chat's path: the next deployment after an upstream
+    failure, an attempt span each (the GenAI operation "embeddings"), the
+    client's encoding and dimensions applied after the engine answered."""
+    traced = Traced()
+    text = pool("a", "b", fakes=FAKES, matryoshka=True, **EMBEDDING)
+    async with in_process_gateway(text, registry=registry, tracing=traced.tracing) as gw:
+        gw.backend("a").script(Script(error=UpstreamError("a is down")))
+        body = {"model": MODEL, "input": ["x", "y"], "dimensions": 4, "encoding_format": "base64"}
+        response = await gw.http.post("/v1/embeddings", json=body)
+        assert response.status_code == 200, response.text
+        chat = await gw.http.post("/v1/chat/completions", json=chat_body())
+        assert error_of(chat, 400)["param"] == "model"
+        [call] = gw.backend("b").calls
+    answer = response.json()
+    assert answer["model"] == MODEL and answer["usage"] == {"prompt_tokens": 10, "total_tokens": 10}
+    found = [np.frombuffer(base64.b64decode(item["embedding"]), "<f4") for item in answer["data"]]
+    assert [v.shape for v in found] == [(4,), (4,)]
+    assert np.allclose([np.linalg.norm(v) for v in found], 1.0, atol=1e-6)
+    assert call.kind == "embed" and call.request.prompt == ["x", "y"]
+    spans = await traced.wait_for(4)
+    attempts = [s for s in spans if s.name == f"embeddings {MODEL}"]
+    assert len(attempts) == 2
+    failed, answered = sorted(attempts, key=lambda s: s.start_time or 0)
+    assert failed.attributes is not None and answered.attributes is not None
+    assert failed.attributes[names.ERROR_TYPE]
+    assert answered.attributes[names.OPERATION_NAME] == "embeddings"
+    assert answered.attributes[names.USAGE_INPUT_TOKENS] == 10
