@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,10 @@ DEFAULT_CONTEXT = 2048
 
 class EngineFullError(Exception):
     """``max_waiting`` embedding requests are already queued."""
+
+
+class EmbeddingCancelledError(Exception):
+    """Its caller went away; the rest of its inputs were not embedded."""
 
 
 class InputError(ValueError):
@@ -183,20 +188,30 @@ class EmbeddingEngine:
         if self._pending > self._max_waiting:
             raise EngineFullError(f"{self._pending} embedding requests are in progress")
         self._pending += 1
+        stop = threading.Event()
         try:
             loop = asyncio.get_running_loop()
-            work = functools.partial(self._embed_all, inputs)
+            work = functools.partial(self._embed_all, inputs, stop)
             return await loop.run_in_executor(self._executor, work)
+        except asyncio.CancelledError:
+            # The client left, or the deadline passed: a running request
+            # stops before its next input (not after thousands of them).
+            stop.set()
+            raise
         finally:
             self._pending -= 1
 
-    def _embed_all(self, inputs: Sequence[str | Sequence[int]]) -> Embedded:
+    def _embed_all(self, inputs: Sequence[str | Sequence[int]], stop: threading.Event) -> Embedded:
         started = time.perf_counter()
         try:
             tokenized = [
                 self.model.tokenize(item) if isinstance(item, str) else item for item in inputs
             ]
-            vectors = [self.model.embed(tokens) for tokens in tokenized]
+            vectors = []
+            for tokens in tokenized:
+                if stop.is_set():
+                    raise EmbeddingCancelledError("the request was cancelled")
+                vectors.append(self.model.embed(tokens))
         finally:
             seconds = time.perf_counter() - started
             self.busy_seconds += seconds

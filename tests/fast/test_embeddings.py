@@ -3,7 +3,9 @@ truncation, input-only admission, and which models route where."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -21,6 +23,7 @@ from gateway.contract import (
 )
 from gateway.embeddings.inputs import Inputs, decode_embeddings, from_view, inputs_of, routing_view
 from gateway.embeddings.vectors import embedding_list, encoded, shaped
+from gateway.engine.embedding import EmbeddingEngine, EngineFullError
 from gateway.errors import InvalidRequestError, UpstreamError
 from gateway.policies import OrderedPolicy
 from gateway.registry import Registry
@@ -214,3 +217,50 @@ async def test_an_attempt_that_fails_moves_on_and_every_attempt_is_traced(
     assert failed.attributes[names.ERROR_TYPE]
     assert answered.attributes[names.OPERATION_NAME] == "embeddings"
     assert answered.attributes[names.USAGE_INPUT_TOKENS] == 10
+
+
+class _SlowModel:
+    """An embedding model whose first input waits for the test's go."""
+
+    n_vocab = 100
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.started = threading.Event()
+        self.embedded = 0
+
+    def tokenize(self, text: str) -> list[int]:
+        return [1] * len(text)
+
+    def embed(self, tokens: list[int]) -> np.ndarray:
+        self.started.set()
+        self.go.wait(5)
+        self.embedded += 1
+        return np.ones(2, np.float32) / np.sqrt(2)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_the_embedding_queue_is_bounded_and_a_cancelled_request_stops() -> None:
+    model = _SlowModel()
+    engine = EmbeddingEngine(model, max_waiting=1)  # type: ignore[arg-type]
+    try:
+        running = asyncio.create_task(engine.embed(["a"] * 50))
+        await asyncio.to_thread(model.started.wait, 5)
+        waiting = asyncio.create_task(engine.embed(["b"]))
+        await asyncio.sleep(0)
+        with pytest.raises(EngineFullError):
+            await engine.embed(["c"])
+        running.cancel()
+        model.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        done = await waiting
+        # The cancelled request stopped after the input it was on.
+        assert model.embedded == 2 and done.prompt_tokens == 1
+        assert engine.pending == 0
+    finally:
+        model.go.set()
+        engine.close()
