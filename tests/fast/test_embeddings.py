@@ -7,12 +7,14 @@ import asyncio
 import base64
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gateway import wire
 from gateway.accounting.admission import request_bounds
+from gateway.auth import hash_api_key
 from gateway.catalog import Catalog, ModelEntry
 from gateway.contract import (
     Candidate,
@@ -264,3 +266,41 @@ async def test_the_embedding_queue_is_bounded_and_a_cancelled_request_stops() ->
     finally:
         model.go.set()
         engine.close()
+
+
+@pytest.mark.anyio
+async def test_embeddings_reserve_and_spend_input_tokens_only(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """Against a key's 2000 tokens a minute: an embedding request fits (its
+    bound is its body), where chat with no max_tokens (the 16384 ceiling)
+    does not; it is settled to its input tokens, and costed at the input price."""
+    key, ledger = "sk-embeddings-test-0123456789ab", tmp_path / "ledger.db"
+    prices = {"input_usd_per_million": 1000.0, "output_usd_per_million": 5000.0}
+    text = (
+        pool(
+            "a",
+            fakes=FAKES,
+            server={"api_key_hashes": [hash_api_key(key)]},
+            deployments=[{"backend": "a", **prices}],
+            capabilities=["chat", "embeddings"],
+        )
+        + f'\n[accounting]\ndatabase = "sqlite:///{ledger}"\ncost_header = true\n'
+        + f'static_keys = [{{ key_hash = "{hash_api_key(key)}", name = "ci", tpm = 2000 }}]\n'
+    )
+    async with in_process_gateway(text, registry=registry) as gw:
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": MODEL, "input": ["one", "two", "three"]}
+        answer = await gw.http.post("/v1/embeddings", json=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["prompt_tokens"] == 15  # the fake: 5 an input
+        refused = await gw.http.post("/v1/chat/completions", json=chat_body(), headers=headers)
+        assert error_of(refused, 429)["code"] == "rate_limit_exceeded"
+        again = await gw.http.post("/v1/embeddings", json=body, headers=headers)
+        size = len(answer.request.content)
+        # Admitted: its body's bytes reserved. Then settled: of the first,
+        # only its 15 input tokens stay taken (the header rounds down).
+        assert int(answer.headers["x-ratelimit-remaining-tokens"]) <= 2000 - size
+        assert int(again.headers["x-ratelimit-remaining-tokens"]) >= 2000 - 15 - size - 1
+        # 15 input tokens at 1000 USD a million: 0.015 USD.
+        assert float(answer.headers["x-nomoat-cost-usd"]) == pytest.approx(0.015)
