@@ -35,7 +35,9 @@ from gateway.telemetry import semconv as names
 from gateway.testing import Script
 from gateway.testing.inprocess import in_process_gateway
 
-from .support import MODEL, chat_body, error_of, pool
+from .conftest import Start
+from .plugins import ErrorRecorder
+from .support import MODEL, chat_body, config, error_of, pool
 from .test_traces import Traced
 
 LIMITS = LimitSettings()
@@ -256,9 +258,9 @@ async def test_the_embedding_queue_is_bounded_and_a_cancelled_request_stops() ->
         with pytest.raises(EngineFullError):
             await engine.embed(["c"])
         running.cancel()
-        model.go.set()
         with pytest.raises(asyncio.CancelledError):
             await running
+        model.go.set()
         done = await waiting
         # The cancelled request stopped after the input it was on.
         assert model.embedded == 2 and done.prompt_tokens == 1
@@ -304,3 +306,29 @@ async def test_embeddings_reserve_and_spend_input_tokens_only(
         assert int(again.headers["x-ratelimit-remaining-tokens"]) >= 2000 - 15 - size - 1
         # 15 input tokens at 1000 USD a million: 0.015 USD.
         assert float(answer.headers["x-nomoat-cost-usd"]) == pytest.approx(0.015)
+
+
+@pytest.mark.anyio
+async def test_request_hooks_see_the_view_and_error_hooks_hear_failures(start: Start) -> None:
+    """A request hook that renames the model (here to an embedding model)
+    moves the embeddings request; errors reach the error hooks, with no request;
+    with the SDK, its default base64 decoded into floats."""
+    text = config(
+        {"a": {"embedding_models": ["n"]}},
+        {
+            MODEL: {"deployments": [{"backend": "a"}]},
+            "n": {"deployments": [{"backend": "a"}], "capabilities": ["embeddings"]},
+        },
+        hooks=[{"type": "rename", "options": {"model": "n"}}, {"type": "errors"}],
+    )
+    async with start(text) as gw:
+        answer = await gw.sdk.embeddings.create(model=MODEL, input=["x", "y"])
+        assert answer.model == "n" and len(answer.data[1].embedding) == 8
+        [call] = gw.backend("a").calls
+        assert call.target.deployment == "n/0" and call.request.prompt == ["x", "y"]
+        refused = await gw.http.post("/v1/embeddings", json={"model": MODEL, "input": []})
+        assert error_of(refused, 400)["param"] == "input"
+        [(request, error)] = next(
+            b.hook for b in gw.runtime.plan.hooks if isinstance(b.hook, ErrorRecorder)
+        ).errors
+        assert request is None and error.status_code == 400
