@@ -258,7 +258,8 @@ class Pipeline:
         inputs_of(asked)
         route = self.router.resolve(asked_view, embeddings=True)
         check_route(ctx.principal, self.catalog, route)
-        check_dimensions(route.entry.name, asked.dimensions, route.entry.matryoshka, 1 << 30)
+        # Refused before any engine works, where the model cannot shorten.
+        check_dimensions(route.entry.name, asked.dimensions, route.entry.matryoshka)
         ctx = _with_deadline(ctx, route.entry)
         exchange = _exchange(trace, ctx, "embeddings")
         ctx = _metered(ctx, exchange)

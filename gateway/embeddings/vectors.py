@@ -26,8 +26,11 @@ def truncated(vector: Vector, dimensions: int) -> Vector:
     return head / norm if norm > 0 else head
 
 
-def check_dimensions(model: str, dimensions: int | None, matryoshka: bool, size: int) -> None:
-    """``dimensions`` only where the model was trained for it, and at most its size."""
+def check_dimensions(
+    model: str, dimensions: int | None, matryoshka: bool, size: int | None = None
+) -> None:
+    """``dimensions`` only where the model was trained for it, and at most
+    its ``size`` (None: not known before the engine answered)."""
     if dimensions is None:
         return
     if not matryoshka:
@@ -36,7 +39,7 @@ def check_dimensions(model: str, dimensions: int | None, matryoshka: bool, size:
             "Matryoshka-trained)",
             param="dimensions",
         )
-    if dimensions > size:
+    if size is not None and dimensions > size:
         raise InvalidRequestError(
             f"dimensions: model `{model}` makes {size}-dimensional embeddings; got {dimensions}",
             param="dimensions",
