@@ -42,7 +42,8 @@ from gateway.contract import Backend, BackendHealth, RequestContext
 from gateway.decision_log import DecisionLog
 from gateway.decisions import RouteTrace
 from gateway.edge_usage import USAGE_KEY_HEADER, CutUsage, cut_usage_handlers
-from gateway.endpoints import CHAT, COMPLETIONS, AnswerT, ChunkT, Endpoint, RequestT
+from gateway.embeddings.inputs import routing_view
+from gateway.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -371,6 +372,70 @@ def _openai_endpoint(
     return post(endpoint.path, status_code=200, name=endpoint.name)(handle)
 
 
+def _embeddings_endpoint(
+    runtime: Runtime, authenticate: PrincipalAuthenticator
+) -> ControllerRouterHandler:
+    """``POST /v1/embeddings``: as an OpenAI endpoint's handler, for one
+    JSON answer (embeddings never stream)."""
+    limits = runtime.settings.limits
+    path = EMBEDDINGS.path
+
+    async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
+        ctx: RequestContext | None = None
+        ticket: Ticket | None = None
+        observer = runtime.observer
+        exchange = observer.open(EMBEDDINGS.name, path)
+        try:
+            principal = authenticate.principal(request)
+            key_id = principal.key_id if principal is not None else None
+            ctx = _context(EMBEDDINGS.id_prefix, key_id, request, principal)
+            exchange.request_id, exchange.key_id = ctx.request_id, key_id
+            if principal is not None and principal.team is not None:
+                exchange.team_id = principal.team.id
+            pipeline = runtime.serving()
+            raw = await request.body()
+            body = EMBEDDINGS.decode(raw, limits)
+            exchange.requested, exchange.user = body.model, body.user
+            ticket = await runtime.admit(principal, routing_view(body), len(raw), exchange)
+            if span is not None:
+                span.set_model(body.model)
+            trace = RouteTrace(EMBEDDINGS.name, len(raw), span, exchange)
+            answer = await _cancel_on_disconnect(request, pipeline.embed(body, ctx, trace))
+            observer.close(exchange, 200, None)
+            headers: Headers = [(b"x-request-id", request_id.encode("latin-1"))]
+            if ticket is not None:
+                headers += ticket.headers
+            if runtime.costing is not None:
+                headers.extend(runtime.costing.answer_headers(exchange))
+            return JsonAnswer(wire.encoder.encode(answer), headers=headers)
+        except ClientClosedRequestError as gone:
+            observer.failed(exchange, gone)
+            raise
+        except Exception as exc:
+            error = as_gateway_error(exc, path)
+            observer.failed(exchange, error)
+            error.headers.setdefault("x-request-id", request_id)
+            for name, value in ticket.headers if ticket is not None else ():
+                error.headers.setdefault(name.decode(), value.decode())
+            if runtime.pipeline is not None:
+                # Error hooks hear it; their contract has no embeddings request.
+                told = ctx or _context(EMBEDDINGS.id_prefix, None, request)
+                await runtime.pipeline.hooks.on_error(None, error, told)
+            raise error from exc
+        except BaseException:
+            observer.close(exchange, ClientClosedRequestError.status_code, "cancelled")
+            raise
+
+    async def handle(request: AnyRequest) -> ASGIApp:
+        request_id = accepted_request_id(request.scope["headers"])
+        tracing = runtime.tracing
+        if tracing is None:
+            return await serve(request, request_id, None)
+        return await traced_request(tracing, path, request, request_id, serve)
+
+    return post(path, status_code=200, name=EMBEDDINGS.name)(handle)
+
+
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
     server = runtime.settings.server
     authenticate = PrincipalAuthenticator(
@@ -446,6 +511,7 @@ def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:
         _openai_endpoint(runtime, CHAT, authenticate),
         _openai_endpoint(runtime, COMPLETIONS, authenticate),
         *build_response_handlers(runtime, authenticate),
+        _embeddings_endpoint(runtime, authenticate),
         list_models,
         retrieve_model,
         health,
@@ -481,7 +547,13 @@ def _models(runtime: Runtime) -> list[wire.Model]:
     created = runtime.started_at
     catalog = runtime.plan.catalog
     listed = [
-        wire.Model(id=name, object="model", created=created, owned_by=entry.owned_by)
+        wire.Model(
+            id=name,
+            object="model",
+            created=created,
+            owned_by=entry.owned_by,
+            capabilities=sorted(entry.capabilities),
+        )
         for name, entry in catalog.models.items()
     ]
     registry = runtime.pipeline.adapters if runtime.pipeline else None
@@ -497,6 +569,7 @@ def _models(runtime: Runtime) -> list[wire.Model]:
             owned_by=catalog.models[base].owned_by,
             root=base,
             parent=base,
+            capabilities=sorted(catalog.models[base].capabilities),
         )
         for name, base in bases
     ]

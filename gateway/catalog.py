@@ -71,6 +71,10 @@ class ModelEntry:
     stream_timeout_seconds: float | None = None
     # A request's wait for a slot when every deployment is at its max_concurrency.
     capacity_wait_seconds: float = 10.0
+    # What it serves: "chat" (chat and completions), "embeddings".
+    capabilities: frozenset[str] = frozenset({"chat"})
+    # Matryoshka-trained embeddings: `dimensions` may shorten them.
+    matryoshka: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +166,8 @@ def _model_entries(
             _rules(name, model),
             model.stream_timeout_seconds,
             model.capacity_wait_seconds,
+            frozenset(model.capabilities),
+            model.matryoshka,
         )
     return entries
 

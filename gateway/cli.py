@@ -121,6 +121,20 @@ def edge(args: argparse.Namespace) -> int:
     }
     if args.model is not None:
         options["model_path"] = str(args.model)
+    # Embeddings: the embedding model's, else the chat model's pooled ones.
+    models: dict[str, object] = {
+        args.name: {
+            "deployments": [{"backend": "engine", "model": args.name}],
+            "capabilities": ["chat"] if args.embedding_model else ["chat", "embeddings"],
+        }
+    }
+    if args.embedding_model is not None:
+        options["embedding_model_path"] = str(args.embedding_model)
+        options["embedding_model_name"] = args.embedding_name
+        models[args.embedding_name] = {
+            "deployments": [{"backend": "engine", "model": args.embedding_name}],
+            "capabilities": ["embeddings"],
+        }
     data = {
         "server": {
             "host": args.host or "127.0.0.1",
@@ -139,7 +153,7 @@ def edge(args: argparse.Namespace) -> int:
             "report_cut_usage": True,
         },
         "backends": {"engine": options},
-        "models": {args.name: {"deployments": [{"backend": "engine", "model": args.name}]}},
+        "models": models,
     }
     try:
         settings = Settings(**data)  # type: ignore[arg-type]
@@ -431,6 +445,12 @@ def parser() -> argparse.ArgumentParser:
     node = commands.add_parser("edge", help="run an edge node: one llama.cpp engine")
     node.add_argument("--model", type=Path, help="a GGUF file (default: the embedded model)")
     node.add_argument("--name", default="smollm2-135m-instruct", help="the model's name")
+    node.add_argument(
+        "--embedding-model",
+        type=Path,
+        help="an embedding model's GGUF (default: the model's own pooled embeddings)",
+    )
+    node.add_argument("--embedding-name", default="embedding", help="the embedding model's name")
     node.add_argument("--parallel", type=int, default=4, help="requests batched at once")
     node.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per core)")
     node.add_argument("--max-waiting", type=int, default=16, help="queued requests before 503")

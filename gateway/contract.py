@@ -45,6 +45,8 @@ from gateway.wire import (
     Completion,
     CompletionRequest,
     DeveloperMessage,
+    EmbeddingList,
+    EmbeddingRequest,
     Message,
     PromptTokensDetails,
     SystemMessage,
@@ -80,6 +82,8 @@ __all__ = [
     "ComputeMeter",
     "ContextLengthExceededError",
     "DeveloperMessage",
+    "EmbeddingList",
+    "EmbeddingRequest",
     "EngineLoad",
     "EngineOverloadedError",
     "ErrorHook",
@@ -105,6 +109,7 @@ __all__ = [
     "ResponseHook",
     "RoutingPolicy",
     "StreamHook",
+    "SupportsEmbeddings",
     "SupportsLoRA",
     "SystemMessage",
     "Target",
@@ -619,6 +624,30 @@ class SupportsLoRA(Protocol):
 
     def adapter_counters(self) -> Mapping[str, AdapterCounters]:
         """Loads, evictions and load time per adapter name, since start."""
+        ...
+
+
+@runtime_checkable
+class SupportsEmbeddings(Protocol):
+    """Optional backend capability: ``POST /v1/embeddings``.
+
+    Only models configured with the "embeddings" capability
+    (``models.NAME.capabilities``) are sent here, and only to backends that
+    have this method and say :meth:`embeds` for the engine model; the
+    others are left out of the routing as for a missing feature.
+    """
+
+    def embeds(self, engine_model: str) -> bool:
+        """Whether ``engine_model`` makes embeddings here. Cheap; no I/O."""
+        ...
+
+    async def embed(
+        self, request: EmbeddingRequest, target: Target, ctx: RequestContext
+    ) -> EmbeddingList:
+        """One vector per input, in order, at the model's full size, unit
+        length, as floats (``encoding_format`` and ``dimensions`` are the
+        gateway's to apply), with ``usage.prompt_tokens`` the tokens the
+        engine counted. Rejects an input it cannot take with a 400."""
         ...
 
 

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 
 from gateway import wire
 from gateway.contract import Backend, RequestContext, Target
+from gateway.embeddings.inputs import decode_embeddings
 from gateway.relay import ChunkRelay, SupportsRelay
 from gateway.settings import LimitSettings
 from gateway.streams import chat_as_chunks, completion_as_chunks
@@ -77,4 +78,21 @@ COMPLETIONS: Endpoint[wire.CompletionRequest, wire.Completion, wire.Completion] 
     relay=lambda backend, request, target, ctx, relay: backend.completion_relay(
         request, target, ctx, relay
     ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """``POST /v1/embeddings``: one JSON answer, never a stream, so not an
+    :class:`Endpoint` (its hooks, streams and relays are chat's and
+    completions'); :meth:`gateway.pipeline.Pipeline.embed` serves it."""
+
+    name: str
+    path: str
+    id_prefix: str
+    decode: Callable[[bytes, LimitSettings], wire.EmbeddingRequest]
+
+
+EMBEDDINGS = Embeddings(
+    name="embeddings", path="/v1/embeddings", id_prefix="embd", decode=decode_embeddings
 )

@@ -19,7 +19,7 @@ from gateway.errors import GatewayError
 
 # The OpenTelemetry GenAI operation name of each endpoint (gen_ai.operation.name).
 # (Keyed by gateway.endpoints' names.)
-OPERATIONS = {"chat": "chat", "completions": "text_completion"}
+OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 
 
 @dataclass(slots=True)

@@ -31,9 +31,18 @@ from typing import Generic, TypeVar
 from gateway import wire
 from gateway.accounting.access import check_name, check_route
 from gateway.catalog import Catalog, ModelEntry
-from gateway.contract import AnyRequest, Backend, Candidate, RequestContext, Target
+from gateway.contract import (
+    AnyRequest,
+    Backend,
+    Candidate,
+    RequestContext,
+    SupportsEmbeddings,
+    Target,
+)
 from gateway.decision_log import DecisionLog, RouteDecision
 from gateway.decisions import Decisions, Ranking, RouteTrace
+from gateway.embeddings.inputs import from_view, inputs_of, routing_view
+from gateway.embeddings.vectors import check_dimensions, shaped
 from gateway.endpoints import AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
     EngineOverloadedError,
@@ -54,6 +63,7 @@ from gateway.settings import LimitSettings
 from gateway.stats import StatsTable
 from gateway.streams import StreamRecord, checked, closing, observed, primed, shape_usage, until
 from gateway.telemetry.attempts import trace_ranking, traced_call
+from gateway.telemetry.semconv import OPERATION_EMBEDDINGS
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -229,6 +239,45 @@ class Pipeline:
         typed = Started(started.target, started.at, result, started.backend)
         return shape_usage(self._streaming(typed, limit, arrived, exchange), include_usage)
 
+    async def embed(
+        self,
+        request: wire.EmbeddingRequest,
+        ctx: RequestContext,
+        trace: RouteTrace | None = None,
+    ) -> wire.EmbeddingList:
+        """One embeddings answer, routed, attempted, traced and accounted as
+        a chat answer is. Request hooks, rules and policies see the request
+        as its completion-shaped view (gateway/embeddings/inputs.py); a hook
+        that changes the view's model or prompt changes the request's. No
+        response hook runs: their contract knows no embeddings answer."""
+        view = routing_view(request)
+        check_name(ctx.principal, self.catalog, view.model)
+        early = await self.hooks.on_request(view, ctx)
+        asked_view = _expect(early, wire.CompletionRequest)
+        asked = from_view(request, asked_view)
+        inputs_of(asked)
+        route = self.router.resolve(asked_view, embeddings=True)
+        check_route(ctx.principal, self.catalog, route)
+        # Refused before any engine works, where the model cannot shorten.
+        check_dimensions(route.entry.name, asked.dimensions, route.entry.matryoshka)
+        ctx = _with_deadline(ctx, route.entry)
+        exchange = _exchange(trace, ctx, "embeddings")
+        ctx = _metered(ctx, exchange)
+
+        async def call(backend: Backend, target: Target, c: RequestContext) -> wire.EmbeddingList:
+            if not isinstance(backend, SupportsEmbeddings):
+                raise InternalError(f"backend {backend.name} cannot make embeddings")
+            return await backend.embed(asked, target, c)
+
+        started = await self._attempts(route, asked_view, ctx, call, trace, exchange)
+        answer = started.result
+        used = answer.usage.prompt_tokens
+        usage = wire.Usage(prompt_tokens=used, completion_tokens=0, total_tokens=used)
+        self._ended(started, None, usage, exchange)
+        shaped_answer = shaped(answer, asked, route.entry.matryoshka)
+        shaped_answer.model = started.target.model
+        return shaped_answer
+
     def _relay_ended(
         self, started: Started[T], exchange: Exchange
     ) -> Callable[[ChunkRelay, BaseException | None], None]:
@@ -275,6 +324,7 @@ class Pipeline:
         entry = route.entry
         exchange.model = entry.name
         span = trace.span if trace is not None else None
+        operation = OPERATION_EMBEDDINGS if route.embeddings else None
         first = await self._ranking(route, entry, request, ctx)
         if span is not None:
             trace_ranking(span, route, first, request, ctx, round_number=0)
@@ -298,7 +348,9 @@ class Pipeline:
                         self.metrics.fell_back(entry.name, model.name)
                     attempt = call
                     if span is not None:
-                        attempt = traced_call(call, span, request, fallback=model is not entry)
+                        attempt = traced_call(
+                            call, span, request, fallback=model is not entry, operation=operation
+                        )
                     for choice in ranking.ranked:
                         _check_deadline(ctx.deadline, request.model)
                         outcome = await self._attempt(

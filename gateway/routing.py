@@ -16,7 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.catalog import Catalog, ModelEntry
-from gateway.contract import AdapterUse, AnyRequest, Backend, Candidate, RequestContext
+from gateway.contract import (
+    AdapterUse,
+    AnyRequest,
+    Backend,
+    Candidate,
+    RequestContext,
+    SupportsEmbeddings,
+)
 from gateway.errors import InvalidRequestError
 from gateway.lora.registry import AdapterRegistry, Addressed
 from gateway.rules import estimate_prompt_tokens, select_pool
@@ -34,6 +41,8 @@ class Route:
     adapters: tuple[AdapterUse, ...] = ()
     # Estimated only when some model of the chain has rules.
     prompt_tokens: int = 0
+    # For POST /v1/embeddings (else chat or completions).
+    embeddings: bool = False
 
     @property
     def entry(self) -> ModelEntry:
@@ -55,9 +64,10 @@ class Router:
         self.backends = backends
         self.adapters = adapters
 
-    def resolve(self, request: AnyRequest) -> Route:
+    def resolve(self, request: AnyRequest, *, embeddings: bool = False) -> Route:
         """Raises NotFoundError for an unknown name, InvalidRequestError for a
-        malformed adapter stack."""
+        malformed adapter stack. ``embeddings``: the request is for
+        embeddings (its completion-shaped view, see gateway/embeddings)."""
         name = request.model
         addressed = None if self.catalog.knows(name) else self._address(name)
         if addressed is not None:
@@ -69,7 +79,8 @@ class Router:
             chain = (entry, *(self.catalog.resolve(f) for f in entry.fallbacks))
             uses = ()
         has_rules = any(model.rules for model in chain)
-        return Route(name, chain, uses, estimate_prompt_tokens(request) if has_rules else 0)
+        tokens = estimate_prompt_tokens(request) if has_rules else 0
+        return Route(name, chain, uses, tokens, embeddings)
 
     def _address(self, name: str) -> Addressed | None:
         return self.adapters.address(name) if self.adapters is not None else None
@@ -81,12 +92,26 @@ class Router:
         route's own model, none is a 400 that says why; a fallback that cannot
         serve it is simply skipped."""
         strict = model is route.entry
+        if not _serves(route, model, strict):
+            return []
         pool = list(select_pool(model.candidates, model.rules, route.prompt_tokens, ctx))
+        if route.embeddings:
+            pool = self._embedding(route, pool, strict)
         if route.adapters:
             pool = self._aimed_at_adapters(route, pool, strict)
         if needs_capabilities(request):
             pool = self._capable(route, pool, request, strict)
         return pool
+
+    def _embedding(self, route: Route, pool: Sequence[Candidate], strict: bool) -> list[Candidate]:
+        able = [c for c in pool if _embeds(self.backends[c.backend], c.target.engine_model)]
+        if not able and strict:
+            raise InvalidRequestError(
+                f"model `{route.name}`: no deployment of {route.entry.name} can make embeddings "
+                f"(its backends: {_names(pool)})",
+                param="model",
+            )
+        return able
 
     def _aimed_at_adapters(
         self, route: Route, pool: Sequence[Candidate], strict: bool
@@ -122,6 +147,25 @@ class Router:
         if not capable and lacking is not None and strict:
             raise unsupported(route.name, lacking, _names(pool))
         return capable
+
+
+def _serves(route: Route, model: ModelEntry, strict: bool) -> bool:
+    """Whether ``model`` serves what the route is for (a fallback that does
+    not is skipped; the route's own model is a 400 naming it)."""
+    wanted = "embeddings" if route.embeddings else "chat"
+    if wanted in model.capabilities:
+        return True
+    if not strict:
+        return False
+    if route.embeddings:
+        message = f"model `{route.name}` does not make embeddings: it is a chat model"
+    else:
+        message = f"model `{route.name}` is an embedding model: it serves POST /v1/embeddings only"
+    raise InvalidRequestError(message, param="model")
+
+
+def _embeds(backend: Backend, engine_model: str) -> bool:
+    return isinstance(backend, SupportsEmbeddings) and backend.embeds(engine_model)
 
 
 def _applies(backend: Backend, stacking: bool) -> bool:

@@ -174,6 +174,13 @@ class LimitSettings(_Strict):
     media_urls: MediaPolicy = "data"
 
 
+ModelCapability = Literal["chat", "embeddings"]
+
+
+def _chat_only() -> list[ModelCapability]:
+    return ["chat"]
+
+
 class DeploymentSettings(_Strict):
     backend: str
     # A name for rules to refer to; defaults to the backend's name.
@@ -251,6 +258,15 @@ class ModelSettings(_Strict):
     # use is at its max_concurrency; past it, 503 with Retry-After.
     capacity_wait_seconds: Annotated[float, Field(ge=0)] = 10.0
     owned_by: str = "nomoat"
+    # What the model serves (GET /v1/models lists it): "chat" (chat and
+    # completions) and/or "embeddings" (POST /v1/embeddings, on backends
+    # that embed). Asked for the other, it answers 400 naming the model.
+    capabilities: Annotated[list[ModelCapability], Field(min_length=1)] = Field(
+        default_factory=_chat_only
+    )
+    # Its embeddings are Matryoshka-trained: `dimensions` keeps the first N
+    # values, renormalised. Otherwise a request with `dimensions` is a 400.
+    matryoshka: bool = False
     # Requests and tokens per minute for this model, all keys together
     # (aliases count as the model): what its deployments can take.
     rpm: Annotated[int, Field(ge=1)] | None = None
@@ -347,7 +363,10 @@ def _default_backends() -> dict[str, BackendSettings]:
 
 def _default_models() -> dict[str, ModelSettings]:
     deployment = DeploymentSettings(backend=EMBEDDED_BACKEND, model=EMBEDDED_MODEL)
-    return {EMBEDDED_MODEL: ModelSettings(deployments=[deployment])}
+    # The embedded model's pooled embeddings too (docs/embeddings.md).
+    return {
+        EMBEDDED_MODEL: ModelSettings(deployments=[deployment], capabilities=["chat", "embeddings"])
+    }
 
 
 class StaticKeySettings(_Strict):

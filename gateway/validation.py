@@ -31,7 +31,9 @@ _QUOTED_CHARS = 40
 # What a decoding error repeats of the decoder's message, and of a path, at most.
 _ECHOED_CHARS = 300
 
-RequestT = TypeVar("RequestT", wire.ChatCompletionRequest, wire.CompletionRequest)
+RequestT = TypeVar(
+    "RequestT", wire.ChatCompletionRequest, wire.CompletionRequest, wire.EmbeddingRequest
+)
 # Any request body decode() reads (the Responses API's too).
 BodyT = TypeVar("BodyT", bound=msgspec.Struct)
 

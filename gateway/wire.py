@@ -222,6 +222,44 @@ class CompletionRequest(_Request):
     user: str | None = None
 
 
+# Embeddings' ``input``: a string, strings, token ids, or lists of token ids
+# (msgspec takes one array type in a union: gateway/embeddings/inputs.py
+# refuses mixtures).
+EmbeddingItem = str | int | list[int]
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | list[EmbeddingItem]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+    # Embeddings never stream; what the handlers read of every request.
+    @property
+    def stream(self) -> bool:
+        return False
+
+
+class Embedding(Struct, kw_only=True):
+    object: Literal["embedding"]
+    index: int
+    # Floats, or base64 of their little-endian float32 bytes.
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 # -------------------------------------------------------------------------- responses
 # In gateway/wire_answers.py (decoded leniently from upstreams, encoded exactly),
 # re-exported here: the rest of the gateway names them ``wire.X``.
@@ -234,6 +272,9 @@ class Model(Struct, kw_only=True, omit_defaults=True):
     owned_by: str
     root: str | UnsetType = UNSET
     parent: str | UnsetType | None = UNSET
+    # nomoat's own: what the model serves, "chat" (chat and completions)
+    # and/or "embeddings". OpenAI's clients ignore fields they do not know.
+    capabilities: list[str] | UnsetType = UNSET
 
 
 class ModelList(Struct, kw_only=True):
@@ -311,5 +352,7 @@ class Deleted(Struct, kw_only=True):
 
 chat_request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 completion_request_decoder = msgspec.json.Decoder(CompletionRequest)
+embedding_request_decoder = msgspec.json.Decoder(EmbeddingRequest)
+embedding_list_decoder = msgspec.json.Decoder(EmbeddingList)
 adapter_registration_decoder = msgspec.json.Decoder(AdapterRegistration)
 encoder = msgspec.json.Encoder()

@@ -27,7 +27,8 @@ token is at least one byte of text for the byte-level BPE tokenizers of open
 models, and the JSON around each message outweighs its chat template's
 markers) plus its completion bound (``max_tokens`` or
 ``max_completion_tokens``, else ``limits.max_tokens_ceiling``, times its
-choices). Settled to the usage's ``total_tokens``.
+choices). Settled to the usage's ``total_tokens``. An embeddings request is
+admitted as its completion-shaped view, whose ``max_tokens`` is 0: its input only.
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def request_bounds(
     if isinstance(request, wire.ChatCompletionRequest):
         asked = request.max_completion_tokens or asked
     choices = (request.n or 1) * _prompt_count(request)
-    return Bounds(body_bytes, (asked or ceiling) * choices)
+    # max_tokens 0 (a completion that only echoes; an embeddings request's
+    # view, gateway/embeddings/inputs.py) bounds the output at nothing.
+    return Bounds(body_bytes, (ceiling if asked is None else asked) * choices)
 
 
 def _prompt_count(request: wire.ChatCompletionRequest | wire.CompletionRequest) -> int:

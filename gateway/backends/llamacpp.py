@@ -35,8 +35,16 @@ from gateway.contract import (
     Target,
     UsageReport,
 )
+from gateway.embeddings.inputs import inputs_of
+from gateway.embeddings.vectors import embedding_list
 from gateway.engine.adapters import AdapterCache, AdapterSet, LoraRef
 from gateway.engine.chat_template import ChatTemplate, ChatTurn, TemplateRenderError
+from gateway.engine.embedding import (
+    EmbeddingEngine,
+    EmbeddingModel,
+    EngineFullError,
+    InputError,
+)
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
 from gateway.engine.grammar import GrammarCache
 from gateway.engine.mailbox import GenerationStreams
@@ -82,6 +90,8 @@ _ENGINE_ERRORS = (
     ClientTooSlowError,
     NativeError,
 )
+# What the pipeline asks of a backend's embeddings (it encodes them itself).
+_FLOATS = wire.EmbeddingRequest(model="", input="", encoding_format="float")
 # The engine has no limit of its own on `n`: the gateway's limits.max_n (at most 128) caps it.
 MAX_CHOICES = 128
 
@@ -154,6 +164,20 @@ class LlamaCppConfig(BaseModel):
     # only gateways reach (`nomoat edge` sets it); a client could otherwise
     # split itself into many tenants.
     trust_tenant_header: bool = False
+    # Embeddings (POST /v1/embeddings; docs/embeddings.md). An embedding
+    # model's GGUF (e.g. all-MiniLM-L6-v2 converted), served under
+    # embedding_model_name; unset: the chat model's own hidden states,
+    # mean-pooled (pooled_embeddings), a weak embedding.
+    embedding_model_path: Path | None = None
+    embedding_model_name: str = "embedding"
+    pooled_embeddings: bool = True
+    # Their context (its own, beside the chat model's), in tokens per input;
+    # 0: the model's training context, at most 2048.
+    embedding_context_length: Annotated[int, Field(ge=0)] = 0
+    # CPU threads of the embedding worker (one worker thread; chat keeps its own).
+    embedding_threads: Annotated[int, Field(ge=1)] = 1
+    # Embedding requests that may wait behind the running one; more: 503.
+    embedding_max_waiting: Annotated[int, Field(ge=0)] = 16
 
 
 def embedded_model_path() -> Path:
@@ -223,6 +247,13 @@ class LlamaCppBackend:
             stall_seconds=config.stream_stall_seconds,
         )
         self.scheduler.start()
+        self._embeddings: EmbeddingEngine | None = None
+        # The engine model whose embeddings it makes (None: none).
+        self._embedding_name: str | None = None
+
+    def start_embeddings(self, engine: EmbeddingEngine, engine_model: str) -> None:
+        self._embeddings = engine
+        self._embedding_name = engine_model
 
     # ------------------------------------------------------------- contract
 
@@ -243,7 +274,47 @@ class LlamaCppBackend:
         return BackendHealth(ready=True)
 
     async def aclose(self) -> None:
+        if self._embeddings is not None:
+            # Before the chat model, whose weights it may share.
+            await asyncio.to_thread(self._embeddings.close)
         await self.scheduler.aclose()
+
+    # Embeddings (SupportsEmbeddings): their own context and worker thread.
+
+    def embeds(self, engine_model: str) -> bool:
+        return self._embeddings is not None and engine_model == self._embedding_name
+
+    async def embed(
+        self, request: wire.EmbeddingRequest, target: Target, ctx: RequestContext
+    ) -> wire.EmbeddingList:
+        engine = self._embeddings
+        if engine is None or target.engine_model != self._embedding_name:
+            raise InvalidRequestError(
+                f"backend {self.name} makes no embeddings with {target.engine_model}",
+                param="model",
+            )
+        if target.adapters:
+            raise UnsupportedFeatureError(
+                f"model {target.model}: embeddings with LoRA adapters are not supported",
+                param="model",
+            )
+        inputs = inputs_of(request)
+        for tokens in inputs.tokens:
+            if any(t < 0 or t >= engine.model.n_vocab for t in tokens):
+                raise InvalidRequestError(
+                    f"input token ids must be 0..{engine.model.n_vocab - 1}", param="input"
+                )
+        try:
+            done = await engine.embed([*inputs.texts, *inputs.tokens])
+        except EngineFullError as error:
+            raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
+        except InputError as error:
+            raise InvalidRequestError(str(error), param="input") from error
+        except NativeError as error:
+            raise InternalError(f"backend {self.name} failed to embed") from error
+        if ctx.compute is not None:
+            ctx.compute.add(self.name, done.seconds)
+        return embedding_list(done.vectors, _FLOATS, target.model, done.prompt_tokens)
 
     # LoRA (SupportsLoRA): adapters stack, with scales, on llama.cpp.
 
@@ -557,7 +628,8 @@ class LlamaCppBackend:
 
     def busy_seconds(self) -> float:
         """The engine's busy time since it started (see :class:`BusyClock`)."""
-        return self.scheduler.busy_seconds
+        embedding = self._embeddings.busy_seconds if self._embeddings is not None else 0.0
+        return self.scheduler.busy_seconds + embedding
 
     def _owner(self, ctx: RequestContext) -> str:
         """Whose request it is: its turn in the fair queue, its share of the
@@ -737,7 +809,30 @@ async def create_backend(name: str, config: LlamaCppConfig) -> LlamaCppBackend:
         n_batch=config.batch_size,
         n_seq=config.parallel,
     )
-    return LlamaCppBackend(name, config, model, path)
+    backend = LlamaCppBackend(name, config, model, path)
+    embedding = await asyncio.to_thread(_embedding_model, config, model)
+    if embedding is not None:
+        engine = EmbeddingEngine(embedding, max_waiting=config.embedding_max_waiting)
+        named = config.embedding_model_name if config.embedding_model_path else config.model_name
+        backend.start_embeddings(engine, named)
+    return backend
+
+
+def _embedding_model(config: LlamaCppConfig, chat: NativeModel) -> EmbeddingModel | None:
+    """The configured embedding model's, else the chat model's pooled
+    embeddings (if on), else none."""
+    size, threads = config.embedding_context_length, config.embedding_threads
+    if config.embedding_model_path is not None:
+        if not config.embedding_model_path.is_file():
+            raise FileNotFoundError(
+                f"embedding_model_path: no such file: {config.embedding_model_path}"
+            )
+        return EmbeddingModel.load(config.embedding_model_path, n_ctx=size, threads=threads)
+    if not config.pooled_embeddings:
+        return None
+    return EmbeddingModel(
+        chat.weights(), owns_weights=False, n_ctx=size, threads=threads, mean_pooling=True
+    )
 
 
 manifest = PluginManifest(

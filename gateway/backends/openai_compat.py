@@ -153,6 +153,10 @@ class OpenAICompatibleConfig(BaseModel):
     # Type "vllm": added-token texts forwarded in messages all the same (the
     # model's harmless added tokens, e.g. Qwen3's "<think>").
     allowed_token_texts: tuple[str, ...] = ()
+    # The engine's models that make embeddings here (POST /v1/embeddings is
+    # forwarded for them): a vLLM started with `--runner pooling`, an edge
+    # node's model (pooled) or embedding model, a hosted embedding model.
+    embedding_models: tuple[str, ...] = ()
 
 
 class _ModelEntry(msgspec.Struct):
@@ -194,6 +198,7 @@ class OpenAICompatibleBackend:
         self._chunk_decoder = msgspec.json.Decoder(wire.ChatCompletionChunk)
         self._chat_decoder = msgspec.json.Decoder(wire.ChatCompletion)
         self._completion_decoder = msgspec.json.Decoder(wire.Completion)
+        self._embeds = frozenset(config.embedding_models)
         # The engine's adapters, if it is configured for them (vLLM, edge nodes).
         manager = ADAPTER_MANAGERS.get(kind)
         self.adapters = manager(name, config, self._upstream) if manager else None
@@ -355,6 +360,44 @@ class OpenAICompatibleBackend:
         self, request: wire.CompletionRequest, target: Target, ctx: RequestContext
     ) -> AsyncIterator[wire.Completion]:
         return self._relay("/completions", request, self._completion_decoder, target, ctx)
+
+    # Embeddings (SupportsEmbeddings): forwarded as they are, but for the
+    # vectors' encoding (base64: a quarter of the JSON) and `dimensions`
+    # (the gateway's to apply, gateway/embeddings/vectors.py).
+
+    def embeds(self, engine_model: str) -> bool:
+        return engine_model in self._embeds
+
+    async def embed(
+        self, request: wire.EmbeddingRequest, target: Target, ctx: RequestContext
+    ) -> wire.EmbeddingList:
+        if target.adapters:
+            raise InvalidRequestError(
+                f"model {target.model}: embeddings with LoRA adapters are not supported",
+                param="model",
+            )
+        upstream = msgspec.structs.replace(
+            request, model=target.engine_model, encoding_format="base64", dimensions=None
+        )
+        headers = self._headers(ctx)
+        ticket = self._clock.enter()
+        try:
+            if self._reports_busy:
+                body, answered = await self._upstream.answer_and_headers(
+                    "/embeddings", _encode(upstream), headers
+                )
+                self._busy(ctx, reported_busy(answered.get(BUSY_HEADER)))
+            else:
+                body = await self._upstream.answer("/embeddings", _encode(upstream), headers)
+        finally:
+            shared = self._clock.leave(ticket)
+            if not self._reports_busy:
+                self._busy(ctx, shared)
+        answer = self._decode(wire.embedding_list_decoder, body)
+        if ctx.trace is not None:
+            ctx.trace.record({semconv.RESPONSE_MODEL: answer.model})
+        answer.model = target.model
+        return answer
 
     async def _answer(
         self,

@@ -171,6 +171,11 @@ class NativeModel:
             return None
         return buffer.raw[: min(length, size - 1)].decode("utf-8", errors="replace")
 
+    def weights(self) -> ctypes.c_void_p:
+        """The loaded model (``llama_model *``), for another context on the
+        same weights (:mod:`gateway.engine.embedding`); freed with this one."""
+        return self._model  # type: ignore[no-any-return]
+
     def chat_template(self) -> str | None:
         return self.metadata("tokenizer.chat_template")
 

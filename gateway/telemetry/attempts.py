@@ -44,13 +44,20 @@ def trace_ranking(
 
 
 def traced_call(
-    call: Call[T], span: RequestSpan, request: AnyRequest, *, fallback: bool
+    call: Call[T],
+    span: RequestSpan,
+    request: AnyRequest,
+    *,
+    fallback: bool,
+    operation: str | None = None,
 ) -> Call[T]:
     """``call`` with an attempt span around it: current while the
     deployment is called (its logs carry it), handed to the backend as
     ``ctx.trace`` (which sends it upstream as ``traceparent``), ended when
-    the answer is whole, or with the stream that the call started."""
-    operation = operation_name(request)
+    the answer is whole, or with the stream that the call started.
+    ``operation``: the GenAI operation when the request does not say it (an
+    embeddings request's completion-shaped view)."""
+    operation = operation or operation_name(request)
 
     async def traced(backend: Backend, target: Target, ctx: RequestContext) -> T:
         candidate = Candidate(target, backend.name)
@@ -80,6 +87,9 @@ def _ended_with(attempt: AttemptSpan, result: T) -> T:
     """An answer ends the attempt now; a started stream when it ends."""
     if isinstance(result, wire.ChatCompletion | wire.Completion):
         attempt.answered(result)
+        return result
+    if isinstance(result, wire.EmbeddingList):
+        attempt.embedded(result)
         return result
     if isinstance(result, Relayed):
         # The cheap relay's stream: its relay read what the span records.

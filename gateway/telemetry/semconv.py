@@ -62,6 +62,7 @@ OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
 # gen_ai.operation.name values.
 OPERATION_CHAT: Final = "chat"
 OPERATION_TEXT_COMPLETION: Final = "text_completion"
+OPERATION_EMBEDDINGS: Final = "embeddings"
 
 # ------------------------------------------------------- core conventions
 ERROR_TYPE: Final = "error.type"

@@ -319,6 +319,17 @@ class AttemptSpan:
         self.span.set_status(Status(StatusCode.ERROR))
         self._end()
 
+    def embedded(self, answer: wire.EmbeddingList) -> None:
+        """Embeddings came back: input tokens only, nothing to capture."""
+        self._set_missing(
+            {
+                names.RESPONSE_MODEL: answer.model,
+                names.USAGE_INPUT_TOKENS: answer.usage.prompt_tokens,
+                names.USAGE_OUTPUT_TOKENS: 0,
+            }
+        )
+        self._end()
+
     def answered(self, answer: AnyAnswer) -> None:
         """A whole answer came back."""
         attributes: dict[str, AttributeValue] = {

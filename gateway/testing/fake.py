@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import wire
@@ -41,6 +44,8 @@ from gateway.contract import (
     RequestContext,
     Target,
 )
+from gateway.embeddings.inputs import inputs_of, routing_view
+from gateway.embeddings.vectors import embedding_list
 
 __all__ = [
     "FAKE_TYPE",
@@ -55,7 +60,7 @@ __all__ = [
 
 FAKE_TYPE = "fake"
 ChunkT = TypeVar("ChunkT", wire.ChatCompletionChunk, wire.Completion)
-CallKind = Literal["chat", "chat_stream", "completion", "completion_stream"]
+CallKind = Literal["chat", "chat_stream", "completion", "completion_stream", "embed"]
 # "running" until the call ends; "answered": a JSON answer returned; "streamed":
 # a stream sent its last chunk; "failed": it raised its scripted error;
 # "cancelled": the task awaiting it was cancelled; "closed": its iterator was
@@ -91,6 +96,9 @@ class FakeBackendConfig(BaseModel):
     lora: bool = False
     can_stack: bool = False
     adapter_slots: Annotated[int, Field(ge=1)] | None = None
+    # Engine models it makes embeddings of (SupportsEmbeddings), and their size.
+    embedding_models: tuple[str, ...] = ()
+    embedding_dimensions: Annotated[int, Field(ge=1)] = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +166,8 @@ class FakeCall:
 
 class FakeBackend:
     """Implements :class:`~gateway.contract.Backend`, ``ReportsLoad``,
-    ``SupportsLoRA`` and ``ReportsAdapterSlots`` (adapters only if configured)."""
+    ``SupportsLoRA`` and ``ReportsAdapterSlots`` (adapters only if configured),
+    and ``SupportsEmbeddings`` (for its ``embedding_models``)."""
 
     def __init__(self, name: str, config: FakeBackendConfig | None = None) -> None:
         self.name = name
@@ -343,6 +352,30 @@ class FakeBackend:
             reason = script.finish_reason or "length"
         return pieces, [reason] * (call.request.n or 1)
 
+    # ----------------------------------------------------------- embeddings
+
+    def embeds(self, engine_model: str) -> bool:
+        return engine_model in self.config.embedding_models
+
+    async def embed(
+        self, request: wire.EmbeddingRequest, target: Target, ctx: RequestContext
+    ) -> wire.EmbeddingList:
+        """One unit vector per input, the same for the same input; the call
+        is recorded with the request's completion-shaped view (its
+        ``prompt`` is the input), and takes its script (delay, error, stall;
+        ``prompt_tokens`` per input)."""
+        call = await self._begin("embed", routing_view(request), target, ctx)
+        with _recorded(call):
+            await self._answer(call)
+            inputs = inputs_of(request)
+            items = [*inputs.texts, *inputs.tokens]
+            size = self.config.embedding_dimensions
+            vectors = [_unit_vector(repr(item), size) for item in items]
+            tokens = call.script.prompt_tokens * len(items)
+            answer = embedding_list(vectors, request, target.model, tokens)
+            call._end("answered")
+            return answer
+
     async def _answer(self, call: FakeCall) -> tuple[list[str], list[str]]:
         """A JSON answer's pieces and reasons, after the scripted delay, error or stall."""
         script = call.script
@@ -455,6 +488,11 @@ class _Recorded:
 
 def _recorded(call: FakeCall) -> _Recorded:
     return _Recorded(call)
+
+
+def _unit_vector(seed: str, size: int) -> npt.NDArray[np.float32]:
+    values = np.random.default_rng(zlib.crc32(seed.encode())).standard_normal(size)
+    return (values / np.linalg.norm(values)).astype(np.float32)
 
 
 def _chat_chunk(
