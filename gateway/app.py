@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.params import FromPath
 from litestar.types import ASGIApp, ControllerRouterHandler
@@ -38,10 +38,10 @@ from gateway.accounting.usage_api import build_usage_handlers
 from gateway.admin import build_admin_handlers
 from gateway.auth import AdminAuthenticator, Authenticator, PrincipalAuthenticator, is_loopback
 from gateway.catalog import Plan
-from gateway.contract import Backend, BackendHealth, RequestContext
+from gateway.contract import Backend, BackendHealth
 from gateway.decision_log import DecisionLog
 from gateway.decisions import RouteTrace
-from gateway.edge_usage import USAGE_KEY_HEADER, CutUsage, cut_usage_handlers
+from gateway.edge_usage import CutUsage, cut_usage_handlers
 from gateway.embeddings.inputs import routing_view
 from gateway.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, AnswerT, ChunkT, Endpoint, RequestT
 from gateway.errors import (
@@ -51,11 +51,12 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange
 from gateway.handling import (
-    ClientClosedRequestError,
+    Call,
+    OpenAIRoute,
     as_gateway_error,
+    cancel_on_disconnect,
+    openai_post,
 )
-from gateway.handling import cancel_on_disconnect as _cancel_on_disconnect
-from gateway.handling import request_context as _context
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
 from gateway.metrics import NoMetrics, PrometheusMetrics, RequestMetrics
@@ -66,17 +67,15 @@ from gateway.openai_responses.handlers import build_response_handlers
 from gateway.pipeline import Pipeline
 from gateway.relay import Relayed
 from gateway.relay_response import RelayedEvents
-from gateway.responses import EventStream, Headers, JsonAnswer
+from gateway.responses import EventStream, JsonAnswer
 from gateway.settings import ServerSettings, Settings
 from gateway.sse import sse_events
 from gateway.telemetry.requests import (
-    accepted_request_id,
     start_tracing,
-    traced_request,
 )
 from gateway.telemetry.semconv import provider_name
 from gateway.telemetry.setup import new_instance_id, resource
-from gateway.telemetry.spans import RequestSpan, Tracing
+from gateway.telemetry.spans import Tracing
 
 _log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -283,157 +282,78 @@ def _openai_endpoint(
     endpoint: Endpoint[RequestT, AnswerT, ChunkT],
     authenticate: PrincipalAuthenticator,
 ) -> ControllerRouterHandler:
-    """The handler of one OpenAI endpoint: authenticate, read, decode, then
-    the pipeline. Every error on the way reaches the error hooks once: here
-    before the response starts, in the pipeline's stream after that."""
+    """The handler of one OpenAI endpoint: read, decode, admit, then the
+    pipeline (authentication and every error: :func:`openai_post`)."""
     route_header = runtime.settings.server.route_header
     limits = runtime.settings.limits
 
-    def headers_for(trace: RouteTrace, request_id: bytes, ticket: Ticket | None) -> Headers:
-        headers: Headers = [(b"x-request-id", request_id)]
-        if route_header and trace.decision is not None:
-            headers.append((b"x-nomoat-route", trace.decision.header().encode("latin-1")))
-        if ticket is not None:
-            headers += ticket.headers
-        return headers
-
-    async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
-        ctx: RequestContext | None = None
-        body: RequestT | None = None
-        ticket: Ticket | None = None
+    async def work(call: Call) -> ASGIApp:
+        request, exchange, span = call.request, call.exchange, call.span
         observer = runtime.observer
-        exchange = observer.open(endpoint.name, endpoint.path)
-        try:
-            principal = authenticate.principal(request)
-            key_id = principal.key_id if principal is not None else None
-            ctx = _context(endpoint.id_prefix, key_id, request, principal)
-            exchange.request_id, exchange.key_id = ctx.request_id, key_id
-            if runtime.cut_usage is not None:
-                exchange.usage_key = ctx.headers.get(USAGE_KEY_HEADER)
-            if principal is not None and principal.team is not None:
-                exchange.team_id = principal.team.id
-            pipeline = runtime.serving()
-            raw = await request.body()
-            body = endpoint.decode(raw, limits)
-            exchange.requested, exchange.stream = body.model, bool(body.stream)
-            exchange.user = body.user
-            ticket = await runtime.admit(principal, body, len(raw), exchange)
-            if span is not None:
-                span.set_model(body.model)
-            trace = RouteTrace(endpoint.name, len(raw), span, exchange)
-            if body.stream:
-                # Watched from now: a client that leaves before the first
-                # chunk stops the generation too.
-                primed = pipeline.events(endpoint, body, ctx, trace)
-                stream = await _cancel_on_disconnect(request, primed)
-                if isinstance(stream, Relayed):
-                    relay_headers = headers_for(trace, request_id.encode("latin-1"), ticket)
-                    return RelayedEvents(stream, relay_headers, observer, exchange, span)
-                watched = stream if span is None else span.watch(stream)
-                events = sse_events(observer.watching(watched, exchange))
-                if runtime.costing is not None:
-                    events = runtime.costing.ending(events, exchange)
-                headers = headers_for(trace, request_id.encode("latin-1"), ticket)
-                return EventStream(events, headers)
-            work = pipeline.answer(endpoint, body, ctx, trace)
-            answer = await _cancel_on_disconnect(request, work)
-            observer.close(exchange, 200, None)
-            if span is not None:
-                span.sent(answer)
-            headers = headers_for(trace, request_id.encode("latin-1"), ticket)
+        pipeline = runtime.serving()
+        raw = await request.body()
+        body = endpoint.decode(raw, limits)
+        call.told = body
+        exchange.requested, exchange.stream = body.model, bool(body.stream)
+        exchange.user = body.user
+        call.ticket = await runtime.admit(call.principal, body, len(raw), exchange)
+        if span is not None:
+            span.set_model(body.model)
+        trace = RouteTrace(endpoint.name, len(raw), span, exchange)
+        if body.stream:
+            # Watched from now: a client that leaves before the first chunk
+            # stops the generation too.
+            primed = pipeline.events(endpoint, body, call.ctx, trace)
+            stream = await cancel_on_disconnect(request, primed)
+            if isinstance(stream, Relayed):
+                headers = call.headers(trace, route_header)
+                return RelayedEvents(stream, headers, observer, exchange, span)
+            watched = stream if span is None else span.watch(stream)
+            events = sse_events(observer.watching(watched, exchange))
             if runtime.costing is not None:
-                headers.extend(runtime.costing.answer_headers(exchange))
-            return JsonAnswer(wire.encoder.encode(answer), headers=headers)
-        except ClientClosedRequestError as gone:
-            observer.failed(exchange, gone)
-            raise
-        except Exception as exc:
-            error = as_gateway_error(exc, endpoint.path)
-            observer.failed(exchange, error)
-            error.headers.setdefault("x-request-id", request_id)
-            for name, value in ticket.headers if ticket is not None else ():
-                error.headers.setdefault(name.decode(), value.decode())
-            if runtime.pipeline is not None:
-                told = ctx or _context(endpoint.id_prefix, None, request)
-                await runtime.pipeline.hooks.on_error(body, error, told)
-            raise error from exc
-        except BaseException:
-            # Cancelled (the server stopping): still out of the in-flight count.
-            observer.close(exchange, ClientClosedRequestError.status_code, "cancelled")
-            raise
+                events = runtime.costing.ending(events, exchange)
+            return EventStream(events, call.headers(trace, route_header))
+        answering = pipeline.answer(endpoint, body, call.ctx, trace)
+        answer = await cancel_on_disconnect(request, answering)
+        observer.close(exchange, 200, None)
+        if span is not None:
+            span.sent(answer)
+        headers = call.headers(trace, route_header)
+        if runtime.costing is not None:
+            headers.extend(runtime.costing.answer_headers(exchange))
+        return JsonAnswer(wire.encoder.encode(answer), headers=headers)
 
-    async def handle(request: AnyRequest) -> ASGIApp:
-        request_id = accepted_request_id(request.scope["headers"])
-        tracing = runtime.tracing
-        if tracing is None:
-            return await serve(request, request_id, None)
-        return await traced_request(tracing, endpoint.path, request, request_id, serve)
-
-    return post(endpoint.path, status_code=200, name=endpoint.name)(handle)
+    route = OpenAIRoute(endpoint.path, endpoint.name, endpoint.id_prefix)
+    return openai_post(runtime, route, authenticate, work)
 
 
 def _embeddings_endpoint(
     runtime: Runtime, authenticate: PrincipalAuthenticator
 ) -> ControllerRouterHandler:
-    """``POST /v1/embeddings``: as an OpenAI endpoint's handler, for one
-    JSON answer (embeddings never stream)."""
+    """``POST /v1/embeddings``: one JSON answer (embeddings never stream)."""
     limits = runtime.settings.limits
-    path = EMBEDDINGS.path
 
-    async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
-        ctx: RequestContext | None = None
-        ticket: Ticket | None = None
-        observer = runtime.observer
-        exchange = observer.open(EMBEDDINGS.name, path)
-        try:
-            principal = authenticate.principal(request)
-            key_id = principal.key_id if principal is not None else None
-            ctx = _context(EMBEDDINGS.id_prefix, key_id, request, principal)
-            exchange.request_id, exchange.key_id = ctx.request_id, key_id
-            if principal is not None and principal.team is not None:
-                exchange.team_id = principal.team.id
-            pipeline = runtime.serving()
-            raw = await request.body()
-            body = EMBEDDINGS.decode(raw, limits)
-            exchange.requested, exchange.user = body.model, body.user
-            ticket = await runtime.admit(principal, routing_view(body), len(raw), exchange)
-            if span is not None:
-                span.set_model(body.model)
-            trace = RouteTrace(EMBEDDINGS.name, len(raw), span, exchange)
-            answer = await _cancel_on_disconnect(request, pipeline.embed(body, ctx, trace))
-            observer.close(exchange, 200, None)
-            headers: Headers = [(b"x-request-id", request_id.encode("latin-1"))]
-            if ticket is not None:
-                headers += ticket.headers
-            if runtime.costing is not None:
-                headers.extend(runtime.costing.answer_headers(exchange))
-            return JsonAnswer(wire.encoder.encode(answer), headers=headers)
-        except ClientClosedRequestError as gone:
-            observer.failed(exchange, gone)
-            raise
-        except Exception as exc:
-            error = as_gateway_error(exc, path)
-            observer.failed(exchange, error)
-            error.headers.setdefault("x-request-id", request_id)
-            for name, value in ticket.headers if ticket is not None else ():
-                error.headers.setdefault(name.decode(), value.decode())
-            if runtime.pipeline is not None:
-                # Error hooks hear it; their contract has no embeddings request.
-                told = ctx or _context(EMBEDDINGS.id_prefix, None, request)
-                await runtime.pipeline.hooks.on_error(None, error, told)
-            raise error from exc
-        except BaseException:
-            observer.close(exchange, ClientClosedRequestError.status_code, "cancelled")
-            raise
+    async def work(call: Call) -> ASGIApp:
+        pipeline = runtime.serving()
+        raw = await call.request.body()
+        body = EMBEDDINGS.decode(raw, limits)
+        exchange = call.exchange
+        exchange.requested, exchange.user = body.model, body.user
+        # call.told stays None: the error hooks' contract has no embeddings request.
+        call.ticket = await runtime.admit(call.principal, routing_view(body), len(raw), exchange)
+        if call.span is not None:
+            call.span.set_model(body.model)
+        trace = RouteTrace(EMBEDDINGS.name, len(raw), call.span, exchange)
+        embedding = pipeline.embed(body, call.ctx, trace)
+        answer = await cancel_on_disconnect(call.request, embedding)
+        runtime.observer.close(exchange, 200, None)
+        headers = call.headers()
+        if runtime.costing is not None:
+            headers.extend(runtime.costing.answer_headers(exchange))
+        return JsonAnswer(wire.encoder.encode(answer), headers=headers)
 
-    async def handle(request: AnyRequest) -> ASGIApp:
-        request_id = accepted_request_id(request.scope["headers"])
-        tracing = runtime.tracing
-        if tracing is None:
-            return await serve(request, request_id, None)
-        return await traced_request(tracing, path, request, request_id, serve)
-
-    return post(path, status_code=200, name=EMBEDDINGS.name)(handle)
+    route = OpenAIRoute(EMBEDDINGS.path, EMBEDDINGS.name, EMBEDDINGS.id_prefix)
+    return openai_post(runtime, route, authenticate, work)
 
 
 def build_handlers(runtime: Runtime) -> list[ControllerRouterHandler]:

@@ -1,22 +1,31 @@
-"""The steps every OpenAI endpoint's handler shares (gateway/app.py's chat
-and completions, gateway/openai_responses/handlers.py): the request's
-context, cancelling work whose client left, and any failure as the typed
-error the client gets."""
+"""The steps every OpenAI endpoint's handler shares (chat, completions and
+embeddings in gateway/app.py, the Responses API in
+gateway/openai_responses/handlers.py): the exchange opened and closed once,
+the caller authenticated, the request's context, cancelling work whose client
+left, and any failure as the typed error the client gets, heard by the error
+hooks once. :func:`openai_post` does them; an endpoint gives only its work."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from litestar import Request
+from litestar import Request, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, ControllerRouterHandler
 
+from gateway.accounting.admission import Ticket
 from gateway.accounting.principal import Principal
+from gateway.auth import PrincipalAuthenticator
+from gateway.contract import AnyRequest as HookRequest
 from gateway.contract import RequestContext
+from gateway.decisions import RouteTrace
+from gateway.edge_usage import USAGE_KEY_HEADER
 from gateway.errors import (
     AuthenticationError,
     GatewayError,
@@ -26,8 +35,13 @@ from gateway.errors import (
     PayloadTooLargeError,
     RouteNotFoundError,
 )
-from gateway.responses import HangUp
-from gateway.telemetry.requests import new_request_id
+from gateway.exchange import Exchange
+from gateway.responses import HangUp, Headers
+from gateway.telemetry.requests import accepted_request_id, new_request_id, traced_request
+from gateway.telemetry.spans import RequestSpan
+
+if TYPE_CHECKING:
+    from gateway.app import Runtime
 
 _log = logging.getLogger(__name__)
 AnyRequest = Request[Any, Any, State]
@@ -104,3 +118,99 @@ async def cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
         raise ClientClosedRequestError("The client closed the connection.") from None
     finally:
         hang_up.close()
+
+
+@dataclass(slots=True)
+class Call:
+    """One request to an OpenAI endpoint, as its work sees it: the caller
+    (authenticated), its context and its exchange (the one ledger row). The
+    work sets ``ticket`` once admitted (its rate-limit headers go on any
+    error too) and ``told`` once decoded (what the error hooks hear)."""
+
+    request: AnyRequest
+    request_id: str
+    span: RequestSpan | None
+    exchange: Exchange
+    principal: Principal | None
+    ctx: RequestContext
+    ticket: Ticket | None = None
+    told: HookRequest | None = None
+
+    def headers(self, trace: RouteTrace | None = None, route_header: bool = False) -> Headers:
+        """The answer's headers: its request id, the route taken (when
+        ``[server] route_header`` asks) and the rate-limit headers."""
+        headers: Headers = [(b"x-request-id", self.request_id.encode("latin-1"))]
+        if route_header and trace is not None and trace.decision is not None:
+            headers.append((b"x-nomoat-route", trace.decision.header().encode("latin-1")))
+        if self.ticket is not None:
+            headers += self.ticket.headers
+        return headers
+
+
+Work = Callable[[Call], Awaitable[ASGIApp]]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIRoute:
+    """Where an endpoint is served and how its ids and logs name it."""
+
+    path: str
+    # The exchange's operation (metrics, ledger) and the route's name.
+    name: str
+    # Answers' ids: prefix, separator, 128 random bits ("chatcmpl-...", "resp_...").
+    id_prefix: str
+    separator: str = "-"
+
+
+def openai_post(
+    runtime: Runtime, route: OpenAIRoute, authenticate: PrincipalAuthenticator, work: Work
+) -> ControllerRouterHandler:
+    """``POST route.path``: the shared steps around ``work``. Every error
+    before the response starts reaches the client once, typed, and the error
+    hooks once (after that, a stream's errors are the pipeline's)."""
+
+    async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
+        observer = runtime.observer
+        exchange = observer.open(route.name, route.path)
+        call: Call | None = None
+        try:
+            principal = authenticate.principal(request)
+            key_id = principal.key_id if principal is not None else None
+            ctx = request_context(route.id_prefix, key_id, request, principal, route.separator)
+            exchange.request_id, exchange.key_id = ctx.request_id, key_id
+            if runtime.cut_usage is not None:
+                exchange.usage_key = ctx.headers.get(USAGE_KEY_HEADER)
+            if principal is not None and principal.team is not None:
+                exchange.team_id = principal.team.id
+            call = Call(request, request_id, span, exchange, principal, ctx)
+            return await work(call)
+        except ClientClosedRequestError as gone:
+            observer.failed(exchange, gone)
+            raise
+        except Exception as exc:
+            error = as_gateway_error(exc, route.path)
+            observer.failed(exchange, error)
+            error.headers.setdefault("x-request-id", request_id)
+            ticket = call.ticket if call is not None else None
+            for name, value in ticket.headers if ticket is not None else ():
+                error.headers.setdefault(name.decode(), value.decode())
+            if runtime.pipeline is not None:
+                if call is None:  # refused before its context: a context to tell
+                    ctx = request_context(route.id_prefix, None, request, separator=route.separator)
+                    await runtime.pipeline.hooks.on_error(None, error, ctx)
+                else:
+                    await runtime.pipeline.hooks.on_error(call.told, error, call.ctx)
+            raise error from exc
+        except BaseException:
+            # Cancelled (the server stopping): still out of the in-flight count.
+            observer.close(exchange, ClientClosedRequestError.status_code, "cancelled")
+            raise
+
+    async def handle(request: AnyRequest) -> ASGIApp:
+        request_id = accepted_request_id(request.scope["headers"])
+        tracing = runtime.tracing
+        if tracing is None:
+            return await serve(request, request_id, None)
+        return await traced_request(tracing, route.path, request, request_id, serve)
+
+    return post(route.path, status_code=200, name=route.name)(handle)

@@ -15,11 +15,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from litestar import delete, get, post
+from litestar import delete, get
 from litestar.params import FromPath
 from litestar.types import ASGIApp, ControllerRouterHandler
 
-from gateway.accounting.admission import Ticket
 from gateway.accounting.principal import Principal
 from gateway.auth import PrincipalAuthenticator
 from gateway.decisions import RouteTrace
@@ -27,10 +26,10 @@ from gateway.endpoints import CHAT
 from gateway.errors import NotFoundError
 from gateway.handling import (
     AnyRequest,
-    ClientClosedRequestError,
-    as_gateway_error,
+    Call,
+    OpenAIRoute,
     cancel_on_disconnect,
-    request_context,
+    openai_post,
 )
 from gateway.openai_responses import types as rt
 from gateway.openai_responses.events import ResponseEvents, response_events
@@ -50,9 +49,7 @@ from gateway.openai_responses.translate import (
     response_of,
     stored_conversation,
 )
-from gateway.responses import EventStream, Headers, JsonAnswer
-from gateway.telemetry.requests import accepted_request_id, traced_request
-from gateway.telemetry.spans import RequestSpan
+from gateway.responses import EventStream, JsonAnswer
 
 if TYPE_CHECKING:
     from gateway.app import Runtime
@@ -119,14 +116,6 @@ def build_response_handlers(
     def owner_of(principal: Principal | None) -> str | None:
         return principal.key_id if principal is not None else None
 
-    def headers_for(trace: RouteTrace, request_id: str, ticket: Ticket | None) -> Headers:
-        headers: Headers = [(b"x-request-id", request_id.encode("latin-1"))]
-        if route_header and trace.decision is not None:
-            headers.append((b"x-nomoat-route", trace.decision.header().encode("latin-1")))
-        if ticket is not None:
-            headers += ticket.headers
-        return headers
-
     async def history(previous: str | None, owner: str | None) -> list[rt.InputItem]:
         if previous is None:
             return []
@@ -135,88 +124,54 @@ def build_response_handlers(
             raise _not_found(previous, "previous_response_id")
         return conversation_of(record.conversation)
 
-    async def serve(request: AnyRequest, request_id: str, span: RequestSpan | None) -> ASGIApp:
-        ctx = None
-        chat = None
-        ticket: Ticket | None = None
+    async def work(call: Call) -> ASGIApp:
+        request, exchange, span, ctx = call.request, call.exchange, call.span, call.ctx
         observer = runtime.observer
-        exchange = observer.open(ENDPOINT, PATH)
-        try:
-            principal = authenticate.principal(request)
-            key_id = owner_of(principal)
-            ctx = request_context(ID_PREFIX, key_id, request, principal, separator="_")
-            exchange.request_id, exchange.key_id = ctx.request_id, key_id
-            if principal is not None and principal.team is not None:
-                exchange.team_id = principal.team.id
-            pipeline = runtime.serving()
-            raw = await request.body()
-            asked = decode_responses(raw, limits)
-            conversation = [
-                *await history(asked.previous_response_id, key_id),
-                *input_items(asked),
-            ]
-            chat = chat_request(asked, conversation, limits)
-            exchange.requested, exchange.stream = asked.model, bool(asked.stream)
-            exchange.user = asked.user
-            ticket = await runtime.admit(principal, chat, len(raw), exchange)
+        key_id = owner_of(call.principal)
+        pipeline = runtime.serving()
+        raw = await request.body()
+        asked = decode_responses(raw, limits)
+        conversation = [
+            *await history(asked.previous_response_id, key_id),
+            *input_items(asked),
+        ]
+        chat = call.told = chat_request(asked, conversation, limits)
+        exchange.requested, exchange.stream = asked.model, bool(asked.stream)
+        exchange.user = asked.user
+        call.ticket = await runtime.admit(call.principal, chat, len(raw), exchange)
+        if span is not None:
+            span.set_model(asked.model)
+        trace = RouteTrace(ENDPOINT, len(raw), span, exchange)
+        turn = Turn(
+            ctx.request_id, ctx.created, echo_of(asked, asked.model), conversation, key_id, store()
+        )
+        if asked.stream:
+            # Typed chunks always: each becomes Responses events.
+            primed = pipeline.stream(CHAT, chat, ctx, trace)
+            chunks = await cancel_on_disconnect(request, primed)
+            watched = observer.watching(chunks, exchange)
             if span is not None:
-                span.set_model(asked.model)
-            trace = RouteTrace(ENDPOINT, len(raw), span, exchange)
-            turn = Turn(
-                ctx.request_id,
-                ctx.created,
-                echo_of(asked, asked.model),
-                conversation,
-                key_id,
-                store(),
-            )
-            if asked.stream:
-                # Typed chunks always: each becomes Responses events.
-                primed = pipeline.stream(CHAT, chat, ctx, trace)
-                chunks = await cancel_on_disconnect(request, primed)
-                watched = observer.watching(chunks, exchange)
-                if span is not None:
-                    watched = span.watch(watched)
-                events = ResponseEvents(turn.response_id, turn.created_at, turn.echo)
-                sent = response_events(watched, events, turn.finished)
-                return EventStream(sent, headers_for(trace, request_id, ticket))
-            work = pipeline.answer(CHAT, chat, ctx, trace)
-            answer = await cancel_on_disconnect(request, work)
-            if span is not None:
-                span.sent(answer)
-            response = response_of(
-                answer, turn.response_id, turn.created_at, turn.echo, int(time.time())
-            )
-            await turn.finished(response)
-            observer.close(exchange, 200, None)
-            headers = headers_for(trace, request_id, ticket)
-            if runtime.costing is not None:
-                headers.extend(runtime.costing.answer_headers(exchange))
-            return JsonAnswer(rt.encoder.encode(response), headers=headers)
-        except ClientClosedRequestError as gone:
-            observer.failed(exchange, gone)
-            raise
-        except Exception as exc:
-            error = as_gateway_error(exc, PATH)
-            observer.failed(exchange, error)
-            error.headers.setdefault("x-request-id", request_id)
-            for name, value in ticket.headers if ticket is not None else ():
-                error.headers.setdefault(name.decode(), value.decode())
-            if runtime.pipeline is not None:
-                told = ctx or request_context(ID_PREFIX, None, request, separator="_")
-                await runtime.pipeline.hooks.on_error(chat, error, told)
-            raise error from exc
-        except BaseException:
-            observer.close(exchange, ClientClosedRequestError.status_code, "cancelled")
-            raise
+                watched = span.watch(watched)
+            events = ResponseEvents(turn.response_id, turn.created_at, turn.echo)
+            sent = response_events(watched, events, turn.finished)
+            return EventStream(sent, call.headers(trace, route_header))
+        answering = pipeline.answer(CHAT, chat, ctx, trace)
+        answer = await cancel_on_disconnect(request, answering)
+        if span is not None:
+            span.sent(answer)
+        response = response_of(
+            answer, turn.response_id, turn.created_at, turn.echo, int(time.time())
+        )
+        await turn.finished(response)
+        observer.close(exchange, 200, None)
+        headers = call.headers(trace, route_header)
+        if runtime.costing is not None:
+            headers.extend(runtime.costing.answer_headers(exchange))
+        return JsonAnswer(rt.encoder.encode(response), headers=headers)
 
-    @post(PATH, status_code=200, name=ENDPOINT)
-    async def create(request: AnyRequest) -> ASGIApp:
-        request_id = accepted_request_id(request.scope["headers"])
-        tracing = runtime.tracing
-        if tracing is None:
-            return await serve(request, request_id, None)
-        return await traced_request(tracing, PATH, request, request_id, serve)
+    create = openai_post(
+        runtime, OpenAIRoute(PATH, ENDPOINT, ID_PREFIX, separator="_"), authenticate, work
+    )
 
     @get(PATH + "/{response_id:str}", name="responses.retrieve")
     async def retrieve(request: AnyRequest, response_id: FromPath[str]) -> ASGIApp:
