@@ -21,6 +21,7 @@ import logging
 
 from litestar.types import Receive, Scope, Send
 
+from gateway.backends.stream_client import RelayStream
 from gateway.errors import GatewayError, InternalError
 from gateway.exchange import Exchange, error_type
 from gateway.observer import CLIENT_CLOSED, Observer
@@ -68,11 +69,14 @@ class RelayedEvents:
             # watch stopped the work of a client that left).
             hang_up = HangUp(receive)
             rest = stream.rest
+            # The own client's stream hands out its connection's next events
+            # directly (one call less per chunk); any other, its __anext__.
+            step = rest.step if isinstance(rest, RelayStream) else rest.__anext__
             last = DONE
             try:
                 while True:
                     await send(
-                        {"type": "http.response.body", "body": await anext(rest), "more_body": True}
+                        {"type": "http.response.body", "body": await step(), "more_body": True}
                     )
             except StopAsyncIteration:
                 pass

@@ -198,7 +198,7 @@ def summarize(timings: list[StreamTiming]) -> Summary:
     )
 
 
-def _config(port: int, burst_port: int, held_port: int) -> str:
+def _config(port: int, burst_port: int, held_port: int, client: str) -> str:
     return f"""
 [server]
 host = "127.0.0.1"
@@ -218,11 +218,13 @@ disabled = ["llamacpp"]
 type = "vllm"
 base_url = "http://127.0.0.1:{burst_port}/v1"
 models = ["{ENGINE_MODEL}"]
+stream_client = "{client}"
 
 [backends.held]
 type = "vllm"
 base_url = "http://127.0.0.1:{held_port}/v1"
 models = ["{ENGINE_MODEL}"]
+stream_client = "{client}"
 
 [models.burst]
 deployments = [{{ backend = "burst", model = "{ENGINE_MODEL}" }}]
@@ -276,6 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per stream")
     parser.add_argument("--only", action="append", default=[], help="shape names to run")
     parser.add_argument("--nomoat-cmd", default=f"{sys.executable} -m gateway.cli serve")
+    parser.add_argument(
+        "--client",
+        choices=("own", "aiohttp"),
+        default="own",
+        help="the relay's upstream client (backends' stream_client)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     server_core = None if args.no_pin else args.server_core
@@ -296,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "nomoat.toml"
-        config.write_text(_config(port, burst_port, held_port))
+        config.write_text(_config(port, burst_port, held_port, args.client))
         command = [*args.nomoat_cmd.split(), "--config", str(config)]
         if args.workers > 1:
             command += ["--workers", str(args.workers)]
@@ -338,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = {
             "gap_ms": args.gap_ms,
             "workers": args.workers,
+            "client": args.client,
             "load_before": load_before,
             "load_after": load_after,
             "shapes": {k: {p: asdict(s) for p, s in v.items()} for k, v in results.items()},
