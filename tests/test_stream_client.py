@@ -328,3 +328,16 @@ async def test_waiting_for_a_slot_past_the_pool_timeout_is_load() -> None:
         await anext(open_stream())  # type: ignore[call-overload]
     await stream.aclose()  # type: ignore[attr-defined]
     hold.set()
+
+
+async def test_an_upstream_silent_before_its_status_fails_after_first_token_timeout() -> None:
+    scripted = ScriptedTransport(Reply(0), sse_reply([b"one"]))
+    open_stream, pool = await relayed(scripted, first_token_timeout=0.02)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UpstreamError, match="nothing for 0.02 s"):
+        await anext(open_stream())  # type: ignore[call-overload]
+    assert loop.time() - started < 1.0
+    await asyncio.sleep(0)
+    assert pool.sockets[0].is_closing()  # type: ignore[attr-defined]
+    assert await read_all(open_stream()) == b"one|<end>"

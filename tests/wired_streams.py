@@ -88,6 +88,8 @@ class WireTransport(asyncio.Transport):
         self._loop.create_task(self._play(reply))
 
     async def _play(self, reply: Reply) -> None:
+        if reply.status == 0:
+            return  # (status 0: an upstream that never answers)
         for data in self._split(framed(reply)):
             await asyncio.sleep(0)
             if self._closing:

@@ -710,13 +710,13 @@ class _IdleWatch:
     ``last`` is set on each read): one timer per period, re-armed only when
     it fires early, instead of one per read."""
 
-    __slots__ = ("_connection", "_handle", "_loop", "_message", "_seconds")
+    __slots__ = ("_connection", "_handle", "_loop", "_name", "_seconds")
 
-    def __init__(self, connection: StreamConnection, seconds: float, message: str) -> None:
+    def __init__(self, connection: StreamConnection, seconds: float, name: str) -> None:
         self._loop = asyncio.get_running_loop()
         self._connection = connection
         self._seconds = seconds
-        self._message = message
+        self._name = name
         self._handle = self._loop.call_at(connection.last + seconds, self._check)
 
     def _check(self) -> None:
@@ -724,7 +724,12 @@ class _IdleWatch:
         if self._loop.time() < due:
             self._handle = self._loop.call_at(due, self._check)
             return
-        self._connection.fail(UpstreamError(self._message))
+        self._connection.fail(
+            UpstreamError(
+                f"backend {self._name} is unreachable or timed out "
+                f"(nothing for {self._seconds:g} s)"
+            )
+        )
 
     def cancel(self) -> None:
         self._handle.cancel()
@@ -921,39 +926,31 @@ class RelayStream:
         await self._open_slot()
         self._slot_held = True
         try:
-            async with asyncio.timeout(self._first_token):
-                connection = await self._answered()
-            self._connection = connection
-            self._watch = _IdleWatch(
-                connection,
-                self._first_token,
-                f"backend {self.name} is unreachable or timed out "
-                f"(nothing for {self._first_token:g} s)",
-            )
+            connection = await self._answered()
             connection.begin_relay()
             return await connection.next_events()
-        except TimeoutError:
-            await self.aclose()
-            raise UpstreamError(
-                f"backend {self.name} is unreachable or timed out (TimeoutError)"
-            ) from None
         except BaseException:
             await self.aclose()
             raise
 
     async def _answered(self) -> StreamConnection:
         """A connection whose 2xx status and headers are in; any other
-        status as the gateway's error."""
+        status as the gateway's error. From the request on, the idle watch
+        bounds the wait for the answer's first byte and then each gap
+        (``first_token_timeout``; one timer for both, no asyncio.timeout)."""
         for attempt in range(2):
             connection = await (self._pool.connection() if attempt == 0 else self._pool.connect())
             self._connection = connection
+            head = connection.start(
+                self._request, self._feed, self._finish, self._comments, self._ended
+            )
+            watch = self._watch = _IdleWatch(connection, self._first_token, self.name)
             try:
-                await connection.start(
-                    self._request, self._feed, self._finish, self._comments, self._ended
-                )
+                await head
             except StaleConnectionError:
                 # Dropped by the upstream while idle: once more, on a new one.
-                self._connection = None
+                watch.cancel()
+                self._watch = self._connection = None
                 continue
             status = connection.status
             if 200 <= status < 300:
