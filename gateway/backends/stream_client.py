@@ -354,7 +354,7 @@ class StreamConnection(asyncio.Protocol):
                     return
                 if events:
                     waiter = self._waiter
-                    if waiter is not None and not self._out:
+                    if waiter is not None:
                         self._waiter = None
                         waiter.set_result(events)
                     else:
@@ -369,6 +369,7 @@ class StreamConnection(asyncio.Protocol):
             if self._buffer:
                 data, self._buffer = self._buffer + data, b""
             self._body(data)
+            self._flush()
         elif phase == _HEAD:
             self._received = True
             self._head(self._buffer + data if self._buffer else data)
@@ -552,7 +553,8 @@ class StreamConnection(asyncio.Protocol):
         self._fail(self._protocol_error(problem))
 
     def _content(self, data: bytes) -> None:
-        """Unframed body bytes: SSE lines to the relay, or an error's body."""
+        """Unframed body bytes: SSE lines to the relay (their events queued
+        for one send per read), or an error's body."""
         if not data or self._saw_done or self._failure is not None:
             return
         if not self._relaying:
@@ -560,63 +562,75 @@ class StreamConnection(asyncio.Protocol):
             if len(kept) < MAX_ERROR_BODY:
                 kept += data[: MAX_ERROR_BODY - len(kept)]
             return
-        pending = self._pending
-        lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
-        self._pending = lines.pop()
         feed = self._feed
         assert feed is not None
-        out: list[bytes] = []
+        pending = self._pending
         payload = b""
         try:
+            if (
+                not pending
+                and data.endswith(b"\n\n")
+                and data.startswith(b"data: ")
+                and data.find(b"\n") == len(data) - 2
+                and data[6] != _BRACKET
+            ):
+                # One event of one line, not [DONE] (a chunk of a read that
+                # brought several).
+                payload = data[6:-2]
+                events = feed(payload)
+                if events:
+                    self._queue(events)
+                return
+            lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
+            self._pending = lines.pop()
             for line in lines:
                 if line.startswith(b"data:"):
                     payload = line[5:].strip()
                     if payload == b"[DONE]":
-                        self._done(out)
+                        self._done()
                         return
                     events = feed(payload)
                     if events:
-                        out.append(events)
+                        self._queue(events)
                 elif self._comments is not None and line.startswith(b":"):
                     self._comments(line[1:].strip())
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             self._unreadable(payload, error)
-            return
-        if out:
-            self._queue(b"".join(out))
 
-    def _done(self, out: list[bytes]) -> None:
+    def _done(self) -> None:
         """``[DONE]``: what the relay still owes, then the end."""
         assert self._finish is not None
-        out.append(self._finish())
+        events = self._finish()
         self._saw_done = True
         self._pending = b""
-        events = b"".join(out)
         if events:
             self._queue(events)
         self._wake_end()
 
     def _queue(self, events: bytes) -> None:
+        """Events for the reader, sent at the end of the read (_flush)."""
         out = self._out
-        waiter = self._waiter
-        if waiter is not None and not out:
-            self._waiter = None
-            waiter.set_result(events)
-            return
         out.append(events)
-        if waiter is not None:
-            self._waiter = None
-            waiter.set_result(b"".join(out))
-            out.clear()
-        elif len(out) > _PAUSE_EVENTS and not self._paused and self.transport is not None:
+        if len(out) > _PAUSE_EVENTS and not self._paused and self.transport is not None:
             # A slow client: stop reading the upstream until it catches up.
             self._paused = True
             self.transport.pause_reading()
 
-    def _wake_end(self) -> None:
-        """The stream ended (well or not): a waiting reader hears it now."""
+    def _flush(self) -> None:
+        """A waiting reader gets what this read brought, in one piece."""
         waiter = self._waiter
-        if waiter is not None and not self._out:
+        out = self._out
+        if waiter is not None and out:
+            self._waiter = None
+            waiter.set_result(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _wake_end(self) -> None:
+        """The stream ended (well or not): a waiting reader hears it now
+        (after the events before the end)."""
+        self._flush()
+        waiter = self._waiter
+        if waiter is not None:
             self._waiter = None
             if self._failure is not None:
                 waiter.set_exception(self._failure)
@@ -636,7 +650,7 @@ class StreamConnection(asyncio.Protocol):
                     # The last line may end the stream without a newline.
                     payload = pending[5:].strip()
                     if payload == b"[DONE]":
-                        self._done([])
+                        self._done()
                     else:
                         try:
                             events = self._feed(payload) if self._feed is not None else b""
