@@ -69,15 +69,23 @@ class RelayedEvents:
             # watch stopped the work of a client that left).
             hang_up = HangUp(receive)
             rest = stream.rest
-            # The own client's stream hands out its connection's next events
-            # directly (one call less per chunk); any other, its __anext__.
-            step = rest.step if isinstance(rest, RelayStream) else rest.__anext__
             last = DONE
             try:
-                while True:
-                    await send(
-                        {"type": "http.response.body", "body": await step(), "more_body": True}
-                    )
+                # The own client's stream sends each read's events itself,
+                # from the upstream connection's callback (no task wake-up
+                # per chunk); any other is awaited read by read.
+                pumped = rest.pump(send) if isinstance(rest, RelayStream) else None
+                if pumped is not None:
+                    last = await pumped + DONE
+                else:
+                    while True:
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": await anext(rest),
+                                "more_body": True,
+                            }
+                        )
             except StopAsyncIteration:
                 pass
             except GatewayError as gateway_error:

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import random
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
@@ -341,3 +342,71 @@ async def test_an_upstream_silent_before_its_status_fails_after_first_token_time
     await asyncio.sleep(0)
     assert pool.sockets[0].is_closing()  # type: ignore[attr-defined]
     assert await read_all(open_stream()) == b"one|<end>"
+
+
+# ------------------------------------------- the pump (events sent from here)
+
+
+class Client:
+    """An ASGI send whose socket can fill up (its sends then wait on a gate)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.gate: asyncio.Future[None] | None = None
+        self.broken = False
+
+    async def send(self, message: Any) -> None:
+        if self.broken:
+            raise RuntimeError("the client's socket broke")
+        if self.gate is not None and not self.gate.done():
+            await self.gate
+        self.bodies.append(message["body"])
+
+
+def event_chunk(text: bytes) -> bytes:
+    event = b"data: " + text + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+async def test_the_pump_sends_each_read_and_waits_out_a_full_client_socket() -> None:
+    fed = Fed()
+    fed.read(HEAD, event_chunk(b"one"))
+    assert fed.events()[0] == b"one|"
+    client = Client()
+    done = fed.connection.pump(client.send)  # type: ignore[arg-type]
+    fed.read(event_chunk(b"two"))
+    assert client.bodies == [b"two|"]
+    # The client's socket is full: the send waits, the upstream is not read,
+    # what still arrives is queued and goes out after, in order.
+    client.gate = asyncio.get_running_loop().create_future()
+    fed.read(event_chunk(b"three"))
+    assert fed.socket.paused
+    fed.read(event_chunk(b"four"), event_chunk(b"[DONE]") + b"0\r\n\r\n")
+    assert client.bodies == [b"two|"] and not done.done()
+    client.gate.set_result(None)
+    last = await done  # (what goes with the response's last message)
+    # The blocked send, then what was queued meanwhile in one send.
+    assert client.bodies == [b"two|", b"three|", b"four|<end>"] and last == b""
+    assert not fed.socket.paused and fed.idle == [fed.connection]
+
+
+async def test_a_pumped_stream_fails_as_a_read_one_does() -> None:
+    fed = Fed()
+    fed.read(HEAD, event_chunk(b"one"))
+    fed.events()
+    client = Client()
+    done = fed.connection.pump(client.send)  # type: ignore[arg-type]
+    fed.read(event_chunk(b"!bad"))
+    with pytest.raises(UpstreamError):
+        await done
+    assert fed.socket.closed
+
+    fed = Fed()
+    fed.read(HEAD, event_chunk(b"one"))
+    fed.events()
+    client.broken = True
+    done = fed.connection.pump(client.send)  # type: ignore[arg-type]
+    fed.read(event_chunk(b"two"))
+    with pytest.raises(RuntimeError):
+        await done
+    assert fed.socket.closed  # the upstream sees the close

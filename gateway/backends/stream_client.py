@@ -26,12 +26,15 @@ once the upstream's message is complete.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Final, cast
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from typing import Any, Final, cast
 
 import msgspec
+from litestar.types import Send
 
 from gateway.backends.upstream_errors import status_error
 from gateway.errors import GatewayError, UpstreamError
@@ -119,6 +122,8 @@ class StreamConnection(asyncio.Protocol):
         "_paused",
         "_pending",
         "_phase",
+        "_pump",
+        "_push",
         "_received",
         "_relaying",
         "_saw_done",
@@ -165,6 +170,9 @@ class StreamConnection(asyncio.Protocol):
         self._pending = b""
         self._out: list[bytes] = []
         self._waiter: asyncio.Future[bytes] | None = None
+        # Pumping (see pump()): the events go to the ASGI send from here.
+        self._pump: _Pump | None = None
+        self._push: Callable[[bytes], None] | None = None
         self._failure: BaseException | None = None
         self._saw_done = False
         self._message_done = False
@@ -299,11 +307,18 @@ class StreamConnection(asyncio.Protocol):
         drop the connection, so the upstream sees it closed."""
         self.owner_done = True
         self._waiter = None
+        self._push = None
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.cancel()
         transport = self.transport
         if self._phase != _IDLE and transport is not None:
             self._phase = _CLOSED
             self._fast = False
             transport.close()
+
+    def consumer_done(self, *, failed: bool) -> None:
+        self._consumer_done(failed=failed)
 
     def _consumer_done(self, *, failed: bool) -> None:
         self.owner_done = True
@@ -353,6 +368,10 @@ class StreamConnection(asyncio.Protocol):
                     self._unreadable(payload, error)
                     return
                 if events:
+                    push = self._push
+                    if push is not None:
+                        push(events)
+                        return
                     waiter = self._waiter
                     if waiter is not None:
                         self._waiter = None
@@ -617,17 +636,83 @@ class StreamConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _flush(self) -> None:
-        """A waiting reader gets what this read brought, in one piece."""
-        waiter = self._waiter
+        """A waiting reader (or the pump) gets what this read brought, in
+        one piece."""
         out = self._out
-        if waiter is not None and out:
+        if not out:
+            return
+        push = self._push
+        if push is not None:
+            events = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            push(events)
+            return
+        waiter = self._waiter
+        if waiter is not None:
             self._waiter = None
             waiter.set_result(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
+    def has_events(self) -> bool:
+        return bool(self._out)
+
+    def stop_pushing(self) -> None:
+        """A send is blocked: queue the events and read no more meanwhile."""
+        self._push = None
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_pushing(self) -> None:
+        if self._paused and self.transport is not None and self._phase != _CLOSED:
+            self._paused = False
+            self.transport.resume_reading()
+        self.pump_unblocked()
+
+    def take_events(self) -> bytes:
+        """What is queued for the reader (the pump, after a blocked send)."""
+        out = self._out
+        events = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return events
+
+    def pump(self, send: Send) -> asyncio.Future[bytes]:
+        """Send each read's events to the client from :meth:`data_received`
+        itself (no task wake-up per chunk; see :class:`_Pump`). The future:
+        the events still owed at the end (to go with the response's last
+        message), or the failure."""
+        pump = self._pump = _Pump(self, send, self._loop)
+        self._waiter = None
+        if self._out:
+            pump.push(self.take_events())
+        if self._failure is not None or self._saw_done:
+            pump.end(self._failure)
+        elif not pump.blocked:
+            self._push = pump.push
+        return pump.done
+
+    def pump_unblocked(self) -> None:
+        """The pump's blocked send is done: events go out directly again."""
+        pump = self._pump
+        if pump is None:
+            return
+        if self._failure is not None or self._saw_done:
+            pump.end(self._failure)
+            return
+        self._push = pump.push
+
     def _wake_end(self) -> None:
         """The stream ended (well or not): a waiting reader hears it now
         (after the events before the end)."""
+        pump = self._pump
+        if pump is not None:
+            self._push = None
+            if not pump.blocked:
+                pump.end(self._failure)
+            return
         self._flush()
         waiter = self._waiter
         if waiter is not None:
@@ -717,6 +802,102 @@ class StreamConnection(asyncio.Protocol):
     @property
     def error_body(self) -> bytes:
         return bytes(self._error_body)
+
+
+class _Pump:
+    """The relay's events sent to the client from the upstream connection's
+    ``data_received``: the ASGI ``send`` coroutine is run there and, as
+    uvicorn's ``send`` of a body does unless the client's socket is full,
+    finishes without suspending. When it does suspend (flow control), the
+    upstream is not read, a task finishes that send and the events queued
+    meanwhile, and reading resumes. The end (the events still owed, or the
+    failure) is told through :attr:`done`, after any send in progress."""
+
+    __slots__ = ("_connection", "_drain", "_ended", "_loop", "_send", "blocked", "done")
+
+    def __init__(
+        self, connection: StreamConnection, send: Send, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._connection = connection
+        self._send = send
+        self._loop = loop
+        self.done: asyncio.Future[bytes] = loop.create_future()
+        self.blocked = False
+        self._drain: asyncio.Task[None] | None = None
+        self._ended: tuple[BaseException | None] | None = None
+
+    def push(self, events: bytes) -> None:
+        sending = cast(
+            Coroutine[Any, Any, None],
+            self._send({"type": "http.response.body", "body": events, "more_body": True}),
+        )
+        try:
+            awaited = sending.send(None)
+        except StopIteration:
+            return
+        except BaseException as error:
+            self._failed(error)
+            return
+        # The client's socket is full: finish this send in a task.
+        self.blocked = True
+        connection = self._connection
+        connection.stop_pushing()
+        self._drain = self._loop.create_task(self._drained(sending, awaited))
+
+    async def _drained(self, sending: Coroutine[Any, Any, None], awaited: object) -> None:
+        connection = self._connection
+        try:
+            await _resumed(sending, awaited)
+            while connection.has_events():
+                await self._send(
+                    {
+                        "type": "http.response.body",
+                        "body": connection.take_events(),
+                        "more_body": True,
+                    }
+                )
+        except asyncio.CancelledError:
+            return
+        except BaseException as error:
+            self._failed(error)
+            return
+        self.blocked = False
+        connection.resume_pushing()
+        if self._ended is not None:
+            self.end(self._ended[0])
+
+    def end(self, failure: BaseException | None) -> None:
+        """The upstream's stream ended: tell the response (after a blocked send)."""
+        if self.blocked:
+            self._ended = (failure,)
+            return
+        if self.done.done():
+            return
+        connection = self._connection
+        if failure is not None:
+            self.done.set_exception(failure)
+            connection.consumer_done(failed=True)
+        else:
+            self.done.set_result(connection.take_events() if connection.has_events() else b"")
+            connection.consumer_done(failed=False)
+
+    def _failed(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+        self._connection.abandon()
+
+    def cancel(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.cancel()
+
+
+@types.coroutine
+def _resumed(sending: Coroutine[Any, Any, None], awaited: object) -> Generator[Any, Any, None]:
+    """Finish a coroutine that was run by hand and suspended on ``awaited``
+    (a future): the task waits on it, then the coroutine goes on."""
+    yield awaited
+    yield from sending
 
 
 class _IdleWatch:
@@ -920,6 +1101,15 @@ class RelayStream:
 
     def __aiter__(self) -> RelayStream:
         return self
+
+    def pump(self, send: Send) -> asyncio.Future[bytes] | None:
+        """Once open: the events sent to ``send`` as they come (see
+        :meth:`StreamConnection.pump`); None if the stream is over already."""
+        connection = self._connection
+        if connection is None or not inspect.iscoroutinefunction(send):
+            # (Run by hand, send must be a coroutine function: uvicorn's is.)
+            return None
+        return connection.pump(send)
 
     @property
     def step(self) -> Callable[[], Awaitable[bytes]]:
