@@ -1111,13 +1111,6 @@ class RelayStream:
             return None
         return connection.pump(send)
 
-    @property
-    def step(self) -> Callable[[], Awaitable[bytes]]:
-        """What ``__anext__`` is once the stream is open, without its call:
-        the connection's own (the relay's send loop calls it per chunk)."""
-        connection = self._connection
-        return self.__anext__ if connection is None else connection.next_events
-
     def __anext__(self) -> Awaitable[bytes]:
         connection = self._connection
         if connection is None:
