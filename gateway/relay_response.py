@@ -21,6 +21,7 @@ import logging
 
 from litestar.types import Receive, Scope, Send
 
+from gateway.backends.stream_client import RelayStream
 from gateway.errors import GatewayError, InternalError
 from gateway.exchange import Exchange, error_type
 from gateway.observer import CLIENT_CLOSED, Observer
@@ -70,10 +71,21 @@ class RelayedEvents:
             rest = stream.rest
             last = DONE
             try:
-                while True:
-                    await send(
-                        {"type": "http.response.body", "body": await anext(rest), "more_body": True}
-                    )
+                # The own client's stream sends each read's events itself,
+                # from the upstream connection's callback (no task wake-up
+                # per chunk); any other is awaited read by read.
+                pumped = rest.pump(send) if isinstance(rest, RelayStream) else None
+                if pumped is not None:
+                    last = await pumped + DONE
+                else:
+                    while True:
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": await anext(rest),
+                                "more_body": True,
+                            }
+                        )
             except StopAsyncIteration:
                 pass
             except GatewayError as gateway_error:

@@ -43,7 +43,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -176,6 +176,9 @@ class Summary:
     gap_p50_ms: float
     gap_p99_ms: float
     errors: list[str]
+    # CPU seconds the server process spent on the shape (user + system;
+    # none for direct): what the shape cost, whatever else ran meanwhile.
+    cpu_seconds: float | None = None
 
 
 def summarize(timings: list[StreamTiming]) -> Summary:
@@ -198,7 +201,7 @@ def summarize(timings: list[StreamTiming]) -> Summary:
     )
 
 
-def _config(port: int, burst_port: int, held_port: int) -> str:
+def _config(port: int, burst_port: int, held_port: int, client: str) -> str:
     return f"""
 [server]
 host = "127.0.0.1"
@@ -218,11 +221,13 @@ disabled = ["llamacpp"]
 type = "vllm"
 base_url = "http://127.0.0.1:{burst_port}/v1"
 models = ["{ENGINE_MODEL}"]
+stream_client = "{client}"
 
 [backends.held]
 type = "vllm"
 base_url = "http://127.0.0.1:{held_port}/v1"
 models = ["{ENGINE_MODEL}"]
+stream_client = "{client}"
 
 [models.burst]
 deployments = [{{ backend = "burst", model = "{ENGINE_MODEL}" }}]
@@ -230,6 +235,13 @@ deployments = [{{ backend = "burst", model = "{ENGINE_MODEL}" }}]
 [models.held]
 deployments = [{{ backend = "held", model = "{ENGINE_MODEL}" }}]
 """
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The process's and its children's CPU time so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _pinned(core: int | None, command: list[str]) -> list[str]:
@@ -276,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per stream")
     parser.add_argument("--only", action="append", default=[], help="shape names to run")
     parser.add_argument("--nomoat-cmd", default=f"{sys.executable} -m gateway.cli serve")
+    parser.add_argument(
+        "--client",
+        choices=("own", "aiohttp"),
+        default="own",
+        help="the relay's upstream client (backends' stream_client)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     server_core = None if args.no_pin else args.server_core
@@ -296,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "nomoat.toml"
-        config.write_text(_config(port, burst_port, held_port))
+        config.write_text(_config(port, burst_port, held_port, args.client))
         command = [*args.nomoat_cmd.split(), "--config", str(config)]
         if args.workers > 1:
             command += ["--workers", str(args.workers)]
@@ -319,11 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 )
                 time.sleep(1.0)
+                server = processes[-1].pid
+                cpu_before = _cpu_seconds(server)
                 through = runner.run(
                     run_shape(port, shape.model, KEY, shape.streams, shape.spread, args.timeout)
                 )
+                cpu = _cpu_seconds(server) - cpu_before
                 time.sleep(1.0)
-                results[shape.name] = {"direct": summarize(direct), "nomoat": summarize(through)}
+                results[shape.name] = {
+                    "direct": summarize(direct),
+                    "nomoat": replace(summarize(through), cpu_seconds=cpu),
+                }
                 _print_shape(shape.name, results[shape.name])
             runner.close()
         finally:
@@ -338,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = {
             "gap_ms": args.gap_ms,
             "workers": args.workers,
+            "client": args.client,
             "load_before": load_before,
             "load_after": load_after,
             "shapes": {k: {p: asdict(s) for p, s in v.items()} for k, v in results.items()},
@@ -365,6 +390,11 @@ def _print_shape(name: str, paths: dict[str, Summary]) -> None:
         )
         for error in s.errors:
             print(f"        error: {error}")
+    if nomoat.cpu_seconds is not None:
+        print(
+            f"nomoat CPU {nomoat.cpu_seconds:.2f} s, "
+            f"{nomoat.cpu_seconds * 1000 / max(nomoat.streams, 1):.2f} ms a stream"
+        )
     print(
         f"added TTFC p50 {nomoat.ttfc_p50_ms - direct.ttfc_p50_ms:.1f} ms, "
         f"p99 {nomoat.ttfc_p99_ms - direct.ttfc_p99_ms:.1f} ms; "

@@ -41,7 +41,19 @@ def _free_port() -> int:
         return port
 
 
-def _config(short_port: int, long_port: int, port: int, extra: str, engine_model: str) -> str:
+def _config(
+    short_port: int,
+    long_port: int,
+    port: int,
+    extra: str,
+    engine_model: str,
+    client: str,
+    *,
+    accounting: bool,
+) -> str:
+    # Accounting off unless asked: its managed-key poll (every 0.5 s) would
+    # be counted in proportion to how long a run takes, i.e. per chunk.
+    accounting_section = "" if accounting else "[accounting]\nenabled = false"
     return f"""
 [server]
 host = "127.0.0.1"
@@ -58,6 +70,7 @@ base_url = "http://127.0.0.1:{short_port}/v1"
 models = ["fake-model", "fake-slow-model"]
 # No probes while measuring: they would be counted.
 probe_interval = 3600
+stream_client = "{client}"
 
 [backends.long]
 type = "vllm"
@@ -65,12 +78,14 @@ base_url = "http://127.0.0.1:{long_port}/v1"
 models = ["fake-model", "fake-slow-model"]
 # No probes while measuring: they would be counted.
 probe_interval = 3600
+stream_client = "{client}"
 
 [models.short]
 deployments = [{{ backend = "short", model = "{engine_model}" }}]
 
 [models.long]
 deployments = [{{ backend = "long", model = "{engine_model}" }}]
+{accounting_section}
 {extra}
 """
 
@@ -165,10 +180,11 @@ class _Run:
                 *self.command,
             ],
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
+            # The ledger (with --accounting) in the run's directory, never the user's.
+            env={**os.environ, "PYTHONHASHSEED": "0", "XDG_DATA_HOME": str(self.tmp)},
         )
         try:
-            _wait_streaming(self.port, self.model, time.monotonic() + 120)
+            _wait_streaming(self.port, self.model, time.monotonic() + 400)
             for _ in range(5):  # warm-up: imports, first-use caches
                 _stream(self.port, self.model, self.usage)
             result = _measure(server.pid, out, self.port, self.model, self.streams, self.usage)
@@ -206,6 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         default=20.0,
         help="between chunks upstream: long enough that each is read alone under valgrind",
     )
+    parser.add_argument(
+        "--client",
+        choices=("own", "aiohttp"),
+        default="own",
+        help="the relay's upstream client (backends' stream_client)",
+    )
+    parser.add_argument(
+        "--accounting",
+        action="store_true",
+        help="leave accounting on (its key poll is counted per unit of time)",
+    )
     parser.add_argument("--keep", type=Path, help="copy the long streams' dump here")
     parser.add_argument("--config-extra", default="", help="TOML appended to the config")
     args = parser.parse_args(argv)
@@ -226,7 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "nomoat.toml"
             engine_model = "fake-model" if args.together else "fake-slow-model"
-            config.write_text(_config(short_port, long_port, port, args.config_extra, engine_model))
+            config.write_text(
+                _config(
+                    short_port,
+                    long_port,
+                    port,
+                    args.config_extra,
+                    engine_model,
+                    args.client,
+                    accounting=args.accounting,
+                )
+            )
             results = []
             for name, upstream_port in (("short", short_port), ("long", long_port)):
                 if args.bare:

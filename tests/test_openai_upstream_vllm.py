@@ -7,6 +7,8 @@ against OpenAI's published OpenAPI description."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +19,8 @@ import openai
 import pytest
 
 from gateway import wire
+from gateway.backends.stream_client import StreamConnection
+from gateway.backends.upstream import Timeouts, Upstream
 from gateway.relay import ChunkRelay
 from tests.conftest import Server, config_with_key, running_server
 from tests.openai_schema import CHAT, assert_answer, problems
@@ -170,3 +174,68 @@ def test_vllms_content_chunks_take_the_relays_fast_path(
     assert len(payloads) >= 5
     # The role chunk (chat) or first chunk, the finish chunk, the usage chunk.
     assert len(decoded) <= 3, [p[-80:] for p in decoded]
+
+
+def test_the_own_stream_client_reads_vllms_streams_and_keeps_its_connection(
+    vllm: VllmServer,
+) -> None:
+    """gateway/backends/stream_client.py on vLLM's own wire (uvicorn's
+    chunked framing and keep-alive): the payloads it feeds the relay are the
+    ones a plain HTTP client reads, [DONE] ends the stream, and the second
+    stream goes on the first one's connection."""
+    body = {
+        "model": vllm.model,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": HI,
+    }
+    reply = httpx.post(f"{vllm.base_url}/chat/completions", json=body, timeout=300)
+    expected = [
+        line.removeprefix(b"data: ")
+        for line in reply.content.split(b"\n\n")
+        if line.startswith(b"data: ") and line != b"data: [DONE]"
+    ]
+
+    async def streamed() -> tuple[list[list[bytes]], int]:
+        upstream = Upstream("vllm", vllm.base_url, timeouts=Timeouts(5.0, 300.0))
+        connects = 0
+        assert upstream._streams is not None
+        connect = upstream._streams.connect
+
+        async def counted() -> StreamConnection:
+            nonlocal connects
+            connects += 1
+            return await connect()
+
+        upstream._streams.connect = counted  # type: ignore[method-assign]
+        runs = []
+        try:
+            for _ in range(2):
+                fed: list[bytes] = []
+
+                def feed(payload: bytes, fed: list[bytes] = fed) -> bytes:
+                    fed.append(payload)
+                    return b"x"
+
+                events = upstream.relay(
+                    "/chat/completions", msgspec.json.encode(body), None, feed, lambda: b"end"
+                )
+                async with contextlib.aclosing(events):
+                    received = b"".join([data async for data in events])
+                assert received.endswith(b"end") and received.count(b"x") == len(fed)
+                runs.append(fed)
+                await asyncio.sleep(0.05)  # (the last chunk may follow [DONE])
+        finally:
+            await upstream.aclose()
+        return runs, connects
+
+    runs, connects = asyncio.run(streamed())
+
+    def deltas(payloads: list[bytes]) -> list[Any]:
+        # The same tokens (temperature 0); ids and times differ per request.
+        return [[c.get("delta") for c in json.loads(p)["choices"]] for p in payloads]
+
+    assert deltas(runs[0]) == deltas(runs[1]) == deltas(expected)
+    assert connects == 1

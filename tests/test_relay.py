@@ -34,6 +34,7 @@ from tests.upstream_kit import (
     shape,
     shapes,
 )
+from tests.wired_streams import SPLITS, wire
 
 STREAMS = [path for path in shapes() if shape(path)["stream"]]
 DONE = b"data: [DONE]\n\n"
@@ -62,14 +63,32 @@ async def body(events: AsyncIterator[bytes]) -> bytes:
     return b"".join([data async for data in events])
 
 
-async def both(reply: Reply, *, chat: bool = True, include_usage: bool) -> tuple[bytes, bytes]:
-    """The client's bytes through the typed path, then through the relay."""
+# The relay's upstream client: aiohttp, or the gateway's own
+# (gateway/backends/stream_client.py), the upstream's bytes read as written
+# (a read per chunk; other splits: test_any_split_of_the_upstreams_bytes...).
+CLIENTS = ["aiohttp", "own-piece"]
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+async def both(
+    reply: Reply, *, chat: bool = True, include_usage: bool, client: str = "aiohttp"
+) -> tuple[bytes, bytes]:
+    """The client's bytes through the typed path, then through the relay
+    (on ``client``)."""
     options: dict[str, Any] = {"stream": True}
     if include_usage:
         options["stream_options"] = {"include_usage": True}
     bodies = []
     for relayed in (False, True):
-        made = backend(ScriptedTransport(reply))
+        scripted = ScriptedTransport(reply)
+        made = backend(scripted)
+        if relayed and client != "aiohttp":
+            wire(made, scripted, SPLITS[client.removeprefix("own-")])
         gateway = pipeline([made])
         try:
             if chat:
@@ -108,15 +127,35 @@ def parsed(raw: bytes) -> list[Any]:
 @pytest.mark.parametrize("include_usage", [True, False])
 @pytest.mark.parametrize("path", STREAMS, ids=lambda path: path.stem)
 async def test_a_documented_stream_is_relayed_as_the_typed_path_sends_it(
-    path: Path, include_usage: bool, fed: list[bytes]
+    path: Path, include_usage: bool, fed: list[bytes], client: str
 ) -> None:
     data = shape(path)
     typed, relayed = await both(
-        reply_of(data), chat=data["endpoint"] == "chat", include_usage=include_usage
+        reply_of(data), chat=data["endpoint"] == "chat", include_usage=include_usage, client=client
     )
     assert fed, "the relay was not used"
     assert relayed.endswith(DONE)
     assert parsed(relayed) == parsed(typed)
+
+
+@pytest.mark.anyio
+async def test_any_split_of_the_upstreams_bytes_is_relayed_as_the_typed_path_sends_it(
+    fed: list[bytes],
+) -> None:
+    """The own client, every documented stream read byte by byte (boundaries
+    inside events, chunk sizes and CRLFs) and all in one read."""
+    for path in STREAMS:
+        data = shape(path)
+        for split in ("byte", "once"):
+            typed, relayed = await both(
+                reply_of(data),
+                chat=data["endpoint"] == "chat",
+                include_usage=True,
+                client=f"own-{split}",
+            )
+            assert relayed.endswith(DONE), (path.stem, split)
+            assert parsed(relayed) == parsed(typed), (path.stem, split)
+    assert fed
 
 
 def vllm_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -144,17 +183,19 @@ def vllm_stream(texts: list[str]) -> list[dict[str, Any]]:
 @pytest.mark.anyio
 @pytest.mark.parametrize("include_usage", [True, False])
 async def test_content_chunks_take_the_fast_path_and_keep_their_bytes(
-    include_usage: bool, fed: list[bytes]
+    include_usage: bool, fed: list[bytes], client: str
 ) -> None:
     texts = ["Hello", ' "quoted"', "\nnew line", "", "back\\slash", "}]},{"]
-    typed, relayed = await both(sse_reply(vllm_stream(texts)), include_usage=include_usage)
+    typed, relayed = await both(
+        sse_reply(vllm_stream(texts)), include_usage=include_usage, client=client
+    )
     assert len(fed) == len(texts) + 3
     assert relayed == typed
     assert b"chatcmpl-upstream" not in relayed and b"upstream-model" not in relayed
 
 
 @pytest.mark.anyio
-async def test_text_completion_chunks_keep_their_bytes(fed: list[bytes]) -> None:
+async def test_text_completion_chunks_keep_their_bytes(fed: list[bytes], client: str) -> None:
     def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
         return {
             "id": "cmpl-upstream",
@@ -174,14 +215,14 @@ async def test_text_completion_chunks_keep_their_bytes(fed: list[bytes]) -> None
         },
     )
     reply = sse_reply([chunk("a"), chunk("b"), chunk("", "stop"), usage])
-    typed, relayed = await both(reply, chat=False, include_usage=True)
+    typed, relayed = await both(reply, chat=False, include_usage=True, client=client)
     assert fed
     assert relayed == typed
 
 
 @pytest.mark.anyio
 async def test_what_the_gateway_does_not_forward_is_dropped_on_the_relay_too(
-    fed: list[bytes],
+    fed: list[bytes], client: str
 ) -> None:
     # vLLM's stop_reason, a reasoning field, a field of the envelope the
     # gateway does not know, and text that is not one string: typed path.
@@ -195,7 +236,7 @@ async def test_what_the_gateway_does_not_forward_is_dropped_on_the_relay_too(
     )
     stream = vllm_stream(["x"])
     reply = sse_reply([stream[0], stream[1], odd, raw_odd, *stream[2:]])
-    typed, relayed = await both(reply, include_usage=True)
+    typed, relayed = await both(reply, include_usage=True, client=client)
     assert parsed(relayed) == parsed(typed)
     assert b"secret" not in relayed and b"stop_reason" not in relayed
     assert b"x_upstream" not in relayed
@@ -218,9 +259,9 @@ async def test_what_the_gateway_does_not_forward_is_dropped_on_the_relay_too(
     ids=["error-event", "no-done", "cut"],
 )
 async def test_a_stream_that_fails_after_its_first_byte_ends_with_the_same_error_event(
-    reply: Reply, fed: list[bytes]
+    reply: Reply, fed: list[bytes], client: str
 ) -> None:
-    typed, relayed = await both(reply, include_usage=False)
+    typed, relayed = await both(reply, include_usage=False, client=client)
     assert fed
     assert not relayed.endswith(DONE)
     assert parsed(relayed) == parsed(typed)
@@ -306,7 +347,7 @@ def typed_chunks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 @pytest.mark.anyio
 @pytest.mark.parametrize("include_usage", [True, False])
 async def test_vllms_content_chunks_take_the_fast_path_without_its_extra_fields(
-    include_usage: bool, typed_chunks: list[bytes]
+    include_usage: bool, typed_chunks: list[bytes], client: str
 ) -> None:
     # vLLM 0.32 writes "token_ids": null on every content chunk of a chat
     # stream (the typed path drops it), and stop_reason, prompt_token_ids and
@@ -314,7 +355,7 @@ async def test_vllms_content_chunks_take_the_fast_path_without_its_extra_fields(
     stream = vllm_stream(["Hello", " world", ' "x"'])
     for chunk in stream[1:-2]:
         chunk["choices"][0]["token_ids"] = None
-    typed, relayed = await both(sse_reply(stream), include_usage=include_usage)
+    typed, relayed = await both(sse_reply(stream), include_usage=include_usage, client=client)
     assert relayed == typed
     assert b"token_ids" not in relayed
     assert len(typed_chunks) == 3  # the role, finish and usage chunks only
@@ -322,7 +363,7 @@ async def test_vllms_content_chunks_take_the_fast_path_without_its_extra_fields(
 
 @pytest.mark.anyio
 async def test_vllms_completion_chunks_take_the_fast_path_without_its_extra_fields(
-    typed_chunks: list[bytes],
+    typed_chunks: list[bytes], client: str
 ) -> None:
     def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
         choice = {
@@ -348,7 +389,7 @@ async def test_vllms_completion_chunks_take_the_fast_path_without_its_extra_fiel
         "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
     }
     reply = sse_reply([chunk("a"), chunk("b"), chunk("c"), chunk("", "stop"), usage])
-    typed, relayed = await both(reply, chat=False, include_usage=True)
+    typed, relayed = await both(reply, chat=False, include_usage=True, client=client)
     assert relayed == typed
     assert b"token_ids" not in relayed and b"stop_reason" not in relayed
     # The first chunk teaches the envelope; b and c keep their bytes.
@@ -363,14 +404,16 @@ def vllm_events(texts: list[str]) -> list[bytes]:
 @pytest.mark.parametrize("include_usage", [True, False])
 @pytest.mark.parametrize("path", STREAMS, ids=lambda path: path.stem)
 async def test_a_stream_read_in_one_piece_is_relayed_as_the_typed_path_sends_it(
-    path: Path, include_usage: bool, fed: list[bytes]
+    path: Path, include_usage: bool, fed: list[bytes], client: str
 ) -> None:
     """Every event, [DONE] included, in one network read (a busy upstream):
     the read is split once on its blank lines."""
     data = shape(path)
     reply = reply_of(data)
     whole = Reply(reply.status, [b"".join(reply.pieces)], reply.headers)
-    typed, relayed = await both(whole, chat=data["endpoint"] == "chat", include_usage=include_usage)
+    typed, relayed = await both(
+        whole, chat=data["endpoint"] == "chat", include_usage=include_usage, client=client
+    )
     assert fed, "the relay was not used"
     assert relayed.endswith(DONE)
     assert parsed(relayed) == parsed(typed)
@@ -393,10 +436,10 @@ async def test_a_stream_read_in_one_piece_is_relayed_as_the_typed_path_sends_it(
     ids=["comment", "crlf-split-nospace"],
 )
 async def test_reads_the_fast_paths_refuse_are_read_line_by_line(
-    pieces: list[bytes], fed: list[bytes]
+    pieces: list[bytes], fed: list[bytes], client: str
 ) -> None:
     reply = Reply(200, pieces, {"content-type": "text/event-stream"})
-    typed, relayed = await both(reply, include_usage=False)
+    typed, relayed = await both(reply, include_usage=False, client=client)
     assert fed
     assert relayed.endswith(DONE)
     assert parsed(relayed) == parsed(typed)

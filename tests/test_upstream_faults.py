@@ -71,6 +71,8 @@ class Upstream:
     elsewhere: int = 0  # requests that reached a redirect's target
     chats: int = 0
     url: str = ""
+    # A held stream's connection was closed by the gateway.
+    dropped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -82,7 +84,12 @@ class Upstream:
             await response.prepare(request)
             await response.write(b"data: " + json.dumps(CHUNK).encode() + b"\n\n")
             self.holding.set()
-            await self.release.wait()
+            while not self.release.is_set():
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    self.dropped.set()
+                    return response
+                await asyncio.sleep(0.01)
             await response.write(b"data: [DONE]\n\n")
             return response
         return web.json_response(ANSWER)
@@ -316,3 +323,22 @@ async def test_a_stream_silent_past_first_token_timeout_ends_with_an_error_event
     assert json.loads(first)["choices"][0]["delta"]["content"] == "hi"
     assert "timed out" in json.loads(error)["error"]["message"]
     assert 0.2 < error_at - first_at < 5.0
+
+
+# ------------------------------------------- a client that leaves a stream
+
+
+async def test_a_client_that_leaves_a_relayed_stream_closes_the_upstreams_connection() -> None:
+    """The relay (the own stream client, sending from the upstream's reads)
+    drops the upstream's connection when its client goes away mid-stream,
+    which is how vLLM learns to stop generating."""
+    async with upstream() as up, gateway(up.url) as gw:
+        up.chat = "hold"
+        async with gw.http.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as held:
+            assert held.status_code == 200
+            async for line in held.aiter_lines():
+                if line.startswith("data: "):
+                    break
+        await asyncio.wait_for(up.dropped.wait(), 5.0)

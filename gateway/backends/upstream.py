@@ -10,7 +10,10 @@ gateway's Python time building httpx requests, URLs, cookie jars and responses
 around aiohttp. Without it the server executes 1.25M instructions per proxied
 request instead of 2.22M, and spends 0.43 CPU-ms instead of 0.78-0.82.
 It sits behind a one-method transport (:mod:`gateway.backends.transport`) that
-tests replace.
+tests replace. The cheap relay's streams from an ``http://`` upstream are read
+by the gateway's own HTTP/1.1 client instead
+(:mod:`gateway.backends.stream_client`, chosen on measurement too: 38,500
+instructions a relayed chunk against 60,900 on aiohttp).
 
 Redirects are never followed: the operator chose where requests go, and a
 3xx from an upstream is its fault, a 502. Waiting for a free connection of the
@@ -35,6 +38,7 @@ import aiohttp
 import msgspec
 from yarl import URL
 
+from gateway.backends.stream_client import RelayStream, RequestHead, StreamPool
 from gateway.backends.transport import (
     AiohttpTransport,
     TransportClosedError,
@@ -126,6 +130,7 @@ class Upstream:
         max_connections: int = 4096,
         pool_timeout: float = 5.0,
         transport: TransportFactory = AiohttpTransport,
+        own_stream_client: bool = True,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -148,6 +153,20 @@ class Upstream:
         self._connections = asyncio.Semaphore(max_connections)
         self._pool_timeout = pool_timeout
         self._urls: dict[str, URL] = {}
+        # Relayed streams from a plain-HTTP upstream go through the gateway's
+        # own HTTP/1.1 client (gateway/backends/stream_client.py), unless the
+        # transport is a test's or the operator turned it off.
+        self._streams: StreamPool | None = None
+        self._stream_head: RequestHead | None = None
+        base = URL(self.base_url)
+        if own_stream_client and transport is AiohttpTransport and base.scheme == "http":
+            host = base.raw_host or ""
+            port = base.port or 80
+            self._streams = StreamPool(name, host, port, timeouts.connect)
+            authority = host if base.explicit_port is None else f"{host}:{port}"
+            if ":" in host:
+                authority = f"[{host}]" if base.explicit_port is None else f"[{host}]:{port}"
+            self._stream_head = RequestHead(base.raw_path.rstrip("/"), authority, headers)
 
     def _url(self, path: str) -> URL:
         """``path`` below the base URL, or an absolute URL; parsed once."""
@@ -220,18 +239,8 @@ class Upstream:
     async def _connection(self) -> AsyncIterator[None]:
         """Hold one of the pool's connections; waiting past ``pool_timeout``
         is an EngineOverloadedError (retried elsewhere, never a cooldown)."""
+        await self._take_slot()
         slots = self._connections
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self._pool_timeout):
-                    await slots.acquire()
-            except TimeoutError:
-                raise EngineOverloadedError(
-                    f"backend {self.name}: all {self._max_connections} connections are busy",
-                    retry_after_seconds=1,
-                ) from None
-        else:
-            await slots.acquire()
         try:
             yield
         finally:
@@ -367,7 +376,7 @@ class Upstream:
                 # connection, so the upstream sees the close and stops.
                 response.close()
 
-    async def relay(
+    def relay(
         self,
         path: str,
         body: bytes,
@@ -375,19 +384,84 @@ class Upstream:
         feed: Callable[[bytes], bytes],
         finish: Callable[[], bytes],
         comments: Callable[[bytes], None] | None = None,
-    ) -> AsyncGenerator[bytes, None]:
+        closed: Callable[[], None] | None = None,
+    ) -> AsyncGenerator[bytes, None] | RelayStream:
         """A client's streamed answer, each ``data:`` payload turned into the
         client's bytes by ``feed`` (``finish`` adds what is owed at
-        ``[DONE]``), the output of one network read yielded at once.
+        ``[DONE]``), the output of one network read at once.
         ``comments``: told each SSE comment line's text, as :meth:`stream`
         (an edge node's busy seconds); comments never reach the client.
+        ``closed``: called once when the stream is closed, however it ended
+        (it must be closed, as :func:`contextlib.aclosing` does).
 
-        The same contract as :meth:`stream` (one generator instead of the
-        three a typed stream passes through: this is the cheap relay's hot
-        loop): retryable errors before the first yield, a payload ``feed``
+        The same contract as :meth:`stream` (this is the cheap relay's hot
+        loop): retryable errors before the first events, a payload ``feed``
         cannot read is an UpstreamError, no ``[DONE]`` is an UpstreamError,
-        closing the iterator drops the connection.
+        closing the iterator drops the connection. On a plain-HTTP upstream
+        it runs on the gateway's own client (:mod:`gateway.backends.stream_client`),
+        else on aiohttp.
         """
+        pool, head = self._streams, self._stream_head
+        if pool is None or head is None:
+            return self._aiohttp_relay(path, body, headers, feed, finish, comments, closed)
+        return RelayStream(
+            self.name,
+            pool,
+            head.request(path, headers, body),
+            self._first_token,
+            self._take_slot,
+            self._connections.release,
+            feed,
+            finish,
+            comments,
+            closed,
+        )
+
+    async def _take_slot(self) -> None:
+        """One of the pool's connections, as :meth:`_connection` takes it;
+        the caller releases it."""
+        slots = self._connections
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise EngineOverloadedError(
+                    f"backend {self.name}: all {self._max_connections} connections are busy",
+                    retry_after_seconds=1,
+                ) from None
+        else:
+            await slots.acquire()
+
+    async def _aiohttp_relay(
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        feed: Callable[[bytes], bytes],
+        finish: Callable[[], bytes],
+        comments: Callable[[bytes], None] | None = None,
+        closed: Callable[[], None] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """:meth:`relay` on aiohttp (an https upstream, a test's transport)."""
+        events = self._aiohttp_events(path, body, headers, feed, finish, comments)
+        try:
+            async with contextlib.aclosing(events):
+                async for data in events:
+                    yield data
+        finally:
+            if closed is not None:
+                closed()
+
+    async def _aiohttp_events(
+        self,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        feed: Callable[[bytes], bytes],
+        finish: Callable[[], bytes],
+        comments: Callable[[bytes], None] | None,
+    ) -> AsyncGenerator[bytes, None]:
         async with self._connection():
             try:
                 # Until the status and headers: one timer for the stream.
@@ -498,4 +572,6 @@ class Upstream:
         return UpstreamError(f"backend {self.name} is unreachable or timed out ({kind})")
 
     async def aclose(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
         await self._transport.aclose()
