@@ -576,6 +576,8 @@ class OpenAICompatibleBackend:
             shared = clock.leave(ticket)
             if not self._reports_busy:
                 self._busy(ctx, shared)
+            if relay.usage is None:  # cut: ask the engine what it spent
+                self._cut_short(ctx, request, target.engine_model, relay.chunks_since_content)
 
         return self._upstream.relay(
             path,
