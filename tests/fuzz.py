@@ -59,9 +59,16 @@ from gateway.testing import LiveGateway, running_gateway
 
 MODEL = "smollm2-135m-instruct"
 API_KEY = "sk-nomoat-fuzz-0123456789abcdef"
+# A second key: its requests must never see the first key's Responses.
+OTHER_KEY = "sk-nomoat-fuzz-other-fedcba9876543210"
 MAX_TOKENS = 2
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSE_ID = "/v1/responses/{response_id}"
+# An error's whole body: past it, the message echoes what the client sent.
+MAX_ERROR_CHARS = 2000
 # Checked on every schemathesis answer: no 5xx, and the answer is what the
 # description says (status, content type, body); invalid requests (generated
 # from the description as written, not the steered one) are refused.
@@ -78,7 +85,7 @@ NEGATIVE_CHECKS = [*CHECKS, negative_data_rejection]
 GATEWAY_CONFIG = textwrap.dedent(
     f"""
     [server]
-    api_key_hashes = ["{hash_api_key(API_KEY)}"]
+    api_key_hashes = ["{hash_api_key(API_KEY)}", "{hash_api_key(OTHER_KEY)}"]
     shutdown_grace_seconds = 5
 
     [backends.embedded]
@@ -90,6 +97,10 @@ GATEWAY_CONFIG = textwrap.dedent(
 
     [models.{MODEL}]
     deployments = [{{ backend = "embedded" }}]
+    # Its pooled embeddings too; matryoshka, so `dimensions` is taken (the
+    # truncation runs) up to the model's size.
+    capabilities = ["chat", "embeddings"]
+    matryoshka = true
     """
 )
 
@@ -630,6 +641,456 @@ raw_bodies = st.one_of(
     ),
 )
 
+# --------------------------------------------------------------- responses
+
+# Input items: every kind nomoat serves, with adversarial text, and kinds and
+# content it does not (each a 400 naming it).
+input_text = st.fixed_dictionaries({"type": st.just("input_text"), "text": texts})
+message_items = st.one_of(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "developer"]), "content": texts},
+        optional={"type": st.just("message"), "id": texts, "status": texts},
+    ),
+    st.fixed_dictionaries(
+        {"role": st.just("user"), "content": st.lists(input_text, min_size=1, max_size=3)}
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("message"),
+            "role": st.just("assistant"),
+            "content": st.lists(
+                st.one_of(
+                    st.fixed_dictionaries({"type": st.just("output_text"), "text": texts}),
+                    st.fixed_dictionaries({"type": st.just("refusal"), "refusal": texts}),
+                ),
+                min_size=1,
+                max_size=2,
+            ),
+        }
+    ),
+)
+call_items = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function_call"),
+            "call_id": names,
+            "name": names,
+            "arguments": texts,
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function_call_output"),
+            "call_id": names,
+            "output": st.one_of(texts, st.lists(input_text, max_size=2)),
+        }
+    ),
+)
+odd_items = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(
+                ["reasoning", "item_reference", "web_search_call", "file_search_call", "", "x"]
+            )
+        },
+        optional={"id": texts, "content": json_values},
+    ),
+    st.fixed_dictionaries(
+        {
+            "role": st.just("user"),
+            "content": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "type": st.sampled_from(
+                            ["input_file", "input_audio", "input_image", "output_text", "x"]
+                        )
+                    },
+                    optional={"file_id": texts, "text": texts, "image_url": texts},
+                ),
+                min_size=1,
+                max_size=2,
+            ),
+        }
+    ),
+    st.fixed_dictionaries({"role": texts, "content": texts}),
+    st.fixed_dictionaries({"type": st.just("function_call")}, optional={"call_id": texts}),
+    st.dictionaries(names, json_values, max_size=3),
+)
+BUILT_IN_TOOLS = [
+    "web_search",
+    "web_search_preview",
+    "file_search",
+    "code_interpreter",
+    "computer_use_preview",
+    "image_generation",
+    "mcp",
+    "local_shell",
+    "custom",
+    "",
+]
+
+
+def responses_bodies(schemas: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """Responses requests: mostly valid (every item kind, tools, formats,
+    streams, ``previous_response_id``s of nothing), one field wrong, or odd
+    (items and tools not served, fields not served, deep or long input)."""
+    tool = st.fixed_dictionaries(
+        {"type": st.just("function"), "name": names},
+        optional={"description": texts, "parameters": schemas, "strict": st.booleans()},
+    )
+    tools = st.lists(tool, min_size=1, max_size=3).flatmap(
+        lambda tools: st.fixed_dictionaries(
+            {
+                "tools": st.just(tools),
+                "tool_choice": st.one_of(
+                    st.sampled_from(["auto", "required", "none"]),
+                    st.sampled_from([t["name"] for t in tools]).map(
+                        lambda name: {"type": "function", "name": name}
+                    ),
+                ),
+            }
+        )
+    )
+    formats = st.one_of(
+        st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+        st.builds(lambda schema: {"type": "json_schema", "name": "out", "schema": schema}, schemas),
+    )
+    options = some(
+        instructions=texts,
+        temperature=st.floats(0, 2),
+        top_p=st.floats(0, 1),
+        stream=st.booleans(),
+        store=st.booleans(),
+        previous_response_id=st.one_of(texts, st.just("resp_" + "0" * 32)),
+        metadata=st.dictionaries(st.text(max_size=64), st.text(max_size=40), max_size=4),
+        user=texts,
+        parallel_tool_calls=st.booleans(),
+        text=st.builds(lambda f: {"format": f}, formats),
+        truncation=st.sampled_from(["auto", "disabled"]),
+        stream_options=st.just({"include_obfuscation": False}),
+        safety_identifier=texts,
+        prompt_cache_key=texts,
+        service_tier=texts,
+    )
+    inputs = st.one_of(
+        texts,
+        st.lists(st.one_of(message_items, message_items, call_items), min_size=1, max_size=4),
+    )
+    core = st.fixed_dictionaries(
+        {"model": st.just(MODEL), "input": inputs, "max_output_tokens": tiny}
+    )
+
+    def merge(core: dict[str, Any], *extra: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(core)
+        for more in extra:
+            merged.update(more)
+        return merged
+
+    valid = st.builds(merge, core, options, st.one_of(st.just({}), st.just({}), tools))
+    not_served = st.one_of(
+        st.just({"background": True}),
+        st.builds(lambda v: {"reasoning": v}, st.one_of(wrong, st.just({"effort": "high"}))),
+        st.builds(lambda v: {"conversation": v}, st.one_of(texts, wrong)),
+        st.builds(lambda v: {"prompt": v}, wrong),
+        st.builds(lambda v: {"include": v}, st.lists(texts, min_size=1, max_size=3)),
+        st.builds(lambda v: {"max_tool_calls": v}, integers),
+        st.builds(lambda v: {"top_logprobs": v}, st.integers(1, 30)),
+        st.builds(lambda v: {"context_management": v}, wrong),
+        st.builds(lambda v: {"moderation": v}, wrong),
+    )
+    odd = st.builds(
+        merge,
+        core,
+        st.one_of(
+            st.builds(lambda i: {"input": i}, st.lists(odd_items, min_size=1, max_size=3)),
+            st.builds(
+                lambda t: {"tools": [{"type": t}]},
+                st.one_of(st.sampled_from(BUILT_IN_TOOLS), texts),
+            ),
+            st.builds(
+                lambda t: {"tool_choice": {"type": t}},
+                st.one_of(st.sampled_from(BUILT_IN_TOOLS), texts),
+            ),
+            st.builds(
+                lambda t: {"text": {"format": {"type": t}}},
+                st.one_of(st.sampled_from(["json_schema", "grammar", "regex"]), texts),
+            ),
+            not_served,
+            st.builds(lambda s: {"stream": True, **s}, not_served),
+            st.builds(lambda s: {"stream": s}, st.one_of(texts, integers, wrong)),
+            st.builds(lambda s: {"stream": True, "stream_options": s}, wrong),
+            st.builds(lambda m: {"max_output_tokens": m}, st.integers(600, 10**12)),
+            st.builds(lambda i: {"instructions": i}, runs.map(lambda text: text * 40)),
+            st.just({"input": []}),
+            st.builds(
+                lambda m: {"metadata": m},
+                st.dictionaries(texts, texts, min_size=17, max_size=20),
+            ),
+        ),
+    )
+    return st.one_of(valid, valid, mutated(valid), odd)
+
+
+# --------------------------------------------------------------- embeddings
+
+embedding_inputs = st.one_of(
+    texts,
+    st.lists(texts, min_size=1, max_size=4),
+    st.lists(token_ids, min_size=1, max_size=16),
+    st.lists(st.lists(token_ids, min_size=1, max_size=8), min_size=1, max_size=3),
+)
+odd_embedding_inputs = st.one_of(
+    st.sampled_from(["", [], [""], [[]], [[1], []], ["a", ""]]),
+    st.lists(integers, min_size=1, max_size=4),
+    st.lists(st.lists(integers, min_size=1, max_size=4), min_size=1, max_size=2),
+    st.lists(st.one_of(texts, integers, st.lists(token_ids, max_size=2)), min_size=2, max_size=4),
+    st.lists(st.one_of(floats, st.booleans(), st.none(), st.just({})), min_size=1, max_size=3),
+    runs.map(lambda text: text * 10),
+)
+
+
+def _embeddings() -> st.SearchStrategy[dict[str, Any]]:
+    core = st.fixed_dictionaries({"model": st.just(MODEL), "input": embedding_inputs})
+    options = some(
+        encoding_format=st.sampled_from(["float", "base64"]),
+        dimensions=st.one_of(st.integers(1, 8), st.integers(1, 600)),
+        user=texts,
+    )
+    valid = st.builds(lambda core, extra: {**core, **extra}, core, options)
+    odd = st.builds(
+        lambda core, extra: {**core, **extra},
+        core,
+        st.one_of(
+            st.builds(lambda i: {"input": i}, odd_embedding_inputs),
+            st.builds(lambda d: {"dimensions": d}, st.one_of(integers, floats, wrong)),
+            st.builds(
+                lambda e: {"encoding_format": e},
+                st.one_of(st.sampled_from(["FLOAT", "base64 ", "int8", "binary", ""]), wrong),
+            ),
+            st.builds(lambda s: {"stream": s}, st.booleans()),
+        ),
+    )
+    return st.one_of(valid, valid, mutated(valid), odd)
+
+
+embedding_bodies = _embeddings()
+
+# ------------------------------------------------------ hand-written cases
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """One hand-written request and the status it must get (4xx: in
+    OpenAI's error shape)."""
+
+    name: str
+    path: str
+    body: bytes | None
+    status: int
+    method: str = "POST"
+    other_key: bool = False
+
+
+def _body(**fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, **fields}).encode()
+
+
+def _turn(**fields: Any) -> bytes:
+    return _body(**{"input": "Hi", "max_output_tokens": MAX_TOKENS, **fields})
+
+
+def _deep_items(depth: int) -> bytes:
+    """Input items nested ``depth`` deep: in an item's (ignored) field, and as
+    the input itself."""
+    deep = b"[" * depth + b"]" * depth
+    return (
+        b'{"model": "' + MODEL.encode() + b'", "max_output_tokens": 1, "input": [{"role": "user", '
+        b'"content": [{"type": "input_text", "text": "x", "extra": ' + deep + b"}]}]}"
+    )
+
+
+def responses_cases(stored: str) -> list[Hostile]:
+    """The Responses API's cases; ``stored`` is a Response of the fuzz key."""
+    item = {"role": "user", "content": "Hi"}
+    return [
+        Hostile("valid string input", RESPONSES, _turn(), 200),
+        Hostile("valid items", RESPONSES, _turn(input=[item, item]), 200),
+        Hostile("valid stream", RESPONSES, _turn(stream=True), 200),
+        Hostile("continues its own Response", RESPONSES, _turn(previous_response_id=stored), 200),
+        Hostile("items nested 20,000 deep", RESPONSES, _deep_items(20_000), 400),
+        Hostile("items nested 200 deep", RESPONSES, _deep_items(200), 400),
+        Hostile(
+            "input nested 20,000 deep",
+            RESPONSES,
+            _body(max_output_tokens=1)[:-1] + b', "input": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+            400,
+        ),
+        Hostile("instructions of 5 MB", RESPONSES, _turn(instructions="A" * 5_000_000), 413),
+        Hostile("instructions of 1 MB", RESPONSES, _turn(instructions="A" * 1_000_000), 400),
+        Hostile("instructions past the context", RESPONSES, _turn(instructions="A " * 3000), 400),
+        Hostile("empty input list", RESPONSES, _turn(input=[]), 400),
+        Hostile(
+            "unknown item type", RESPONSES, _turn(input=[{"type": "reasoning", "id": "rs"}]), 400
+        ),
+        Hostile("item type of 100 kB", RESPONSES, _turn(input=[{"type": "x" * 100_000}]), 400),
+        Hostile(
+            "item reference", RESPONSES, _turn(input=[{"type": "item_reference", "id": "x"}]), 400
+        ),
+        Hostile("item type null", RESPONSES, _turn(input=[{"type": None, "role": "user"}]), 400),
+        Hostile("role tool", RESPONSES, _turn(input=[{"role": "tool", "content": "x"}]), 400),
+        Hostile(
+            "role of 100 kB", RESPONSES, _turn(input=[{"role": "r" * 100_000, "content": "x"}]), 400
+        ),
+        Hostile(
+            "input_file content",
+            RESPONSES,
+            _turn(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]),
+            400,
+        ),
+        Hostile(
+            "image by file_id",
+            RESPONSES,
+            _turn(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]),
+            400,
+        ),
+        Hostile(
+            "function call without call_id",
+            RESPONSES,
+            _turn(input=[{"type": "function_call", "name": "f", "arguments": "{}"}]),
+            400,
+        ),
+        Hostile(
+            "previous_response_id garbage", RESPONSES, _turn(previous_response_id="\x00\ud7ff"), 404
+        ),
+        Hostile("previous_response_id empty", RESPONSES, _turn(previous_response_id=""), 404),
+        Hostile(
+            "previous_response_id of 1 MB", RESPONSES, _turn(previous_response_id="r" * 10**6), 404
+        ),
+        Hostile("previous_response_id a number", RESPONSES, _turn(previous_response_id=7), 400),
+        Hostile(
+            "another key continues it",
+            RESPONSES,
+            _turn(previous_response_id=stored),
+            404,
+            other_key=True,
+        ),
+        Hostile("another key reads it", f"{RESPONSES}/{stored}", None, 404, "GET", True),
+        Hostile("another key deletes it", f"{RESPONSES}/{stored}", None, 404, "DELETE", True),
+        Hostile("its key still reads it", f"{RESPONSES}/{stored}", None, 200, "GET"),
+        Hostile("no such Response", f"{RESPONSES}/resp_{'0' * 32}", None, 404, "GET"),
+        Hostile("no such Response deleted", f"{RESPONSES}/%00%ff", None, 404, "DELETE"),
+        Hostile("web_search tool", RESPONSES, _turn(tools=[{"type": "web_search"}]), 400),
+        Hostile(
+            "mcp tool", RESPONSES, _turn(tools=[{"type": "mcp", "server_url": "http://x"}]), 400
+        ),
+        Hostile("tool type of 100 kB", RESPONSES, _turn(tools=[{"type": "t" * 100_000}]), 400),
+        Hostile("tool without a type", RESPONSES, _turn(tools=[{"name": "f"}]), 400),
+        Hostile(
+            "function tool without a name", RESPONSES, _turn(tools=[{"type": "function"}]), 400
+        ),
+        Hostile(
+            "tool_choice web_search", RESPONSES, _turn(tool_choice={"type": "web_search"}), 400
+        ),
+        Hostile("include of 100 kB", RESPONSES, _turn(include=["i" * 100_000]), 400),
+        Hostile("text.format grammar", RESPONSES, _turn(text={"format": {"type": "grammar"}}), 400),
+        Hostile("stream with background", RESPONSES, _turn(stream=True, background=True), 400),
+        Hostile("stream with reasoning", RESPONSES, _turn(stream=True, reasoning={}), 400),
+        Hostile("stream a string", RESPONSES, _turn(stream="true"), 400),
+        Hostile("stream 1", RESPONSES, _turn(stream=1), 400),
+        Hostile(
+            "stream with chat's stream_options",
+            RESPONSES,
+            _turn(stream=True, stream_options={"include_usage": True}),
+            200,
+        ),
+        Hostile("stream_options a list", RESPONSES, _turn(stream=True, stream_options=[]), 400),
+        Hostile("stream with temperature 3", RESPONSES, _turn(stream=True, temperature=3), 400),
+        Hostile(
+            "stream with max_output_tokens 0",
+            RESPONSES,
+            _body(input="Hi", stream=True, max_output_tokens=0),
+            400,
+        ),
+        Hostile(
+            "stream with a huge budget",
+            RESPONSES,
+            _body(input="Hi", stream=True, max_output_tokens=10**12),
+            400,
+        ),
+        Hostile("stream with top_logprobs", RESPONSES, _turn(stream=True, top_logprobs=5), 400),
+        Hostile(
+            "stream with 17 metadata keys",
+            RESPONSES,
+            _turn(stream=True, metadata={str(i): "v" for i in range(17)}),
+            400,
+        ),
+        Hostile("chat's messages field", RESPONSES, _turn(messages=[item]), 400),
+    ]
+
+
+def embeddings_cases() -> list[Hostile]:
+    def body(given: Any, **fields: Any) -> bytes:
+        return _body(input=given, **fields)
+
+    return [
+        Hostile("one string", EMBEDDINGS, body("Hi"), 200),
+        Hostile("token ids, base64", EMBEDDINGS, body([1, 2, 3], encoding_format="base64"), 200),
+        Hostile("lists of token ids", EMBEDDINGS, body([[1, 2], [3]]), 200),
+        Hostile("dimensions 8", EMBEDDINGS, body("Hi", dimensions=8), 200),
+        Hostile("200,000 token ids", EMBEDDINGS, body([1] * 200_000), 400),
+        Hostile("2,049 lists", EMBEDDINGS, body([[1]] * 2049), 400),
+        Hostile("one list of 5,000 ids", EMBEDDINGS, body([[1] * 5000]), 400),
+        Hostile("a text past the embedding context", EMBEDDINGS, body("word " * 5000), 400),
+        Hostile("token id -1", EMBEDDINGS, body([-1]), 400),
+        Hostile("token id past the vocabulary", EMBEDDINGS, body([[1], [10**9]]), 400),
+        Hostile("token id 2**64", EMBEDDINGS, body([2**64]), 400),
+        Hostile(
+            "token id of 5,000 digits",
+            EMBEDDINGS,
+            _body(input=[1])[:-3] + b"1" + b"0" * 5000 + b"]}",
+            400,
+        ),
+        Hostile("token id 1.0", EMBEDDINGS, body([1.0]), 400),
+        Hostile("token id true", EMBEDDINGS, body([True]), 400),
+        Hostile("empty string", EMBEDDINGS, body(""), 400),
+        Hostile("empty list", EMBEDDINGS, body([]), 400),
+        Hostile("a list of an empty string", EMBEDDINGS, body(["a", ""]), 400),
+        Hostile("a list of an empty list", EMBEDDINGS, body([[1], []]), 400),
+        Hostile("strings and ids", EMBEDDINGS, body(["a", 1]), 400),
+        Hostile("ids and lists", EMBEDDINGS, body([1, [1]]), 400),
+        Hostile("strings and lists", EMBEDDINGS, body([[1], "a"]), 400),
+        Hostile("lists of strings", EMBEDDINGS, body([["a"]]), 400),
+        Hostile("an object", EMBEDDINGS, body({"text": "a"}), 400),
+        Hostile("null", EMBEDDINGS, body(None), 400),
+        Hostile("dimensions 0", EMBEDDINGS, body("Hi", dimensions=0), 400),
+        Hostile("dimensions -1", EMBEDDINGS, body("Hi", dimensions=-1), 400),
+        Hostile("dimensions past the model's", EMBEDDINGS, body("Hi", dimensions=100_000), 400),
+        Hostile("dimensions 2**63", EMBEDDINGS, body("Hi", dimensions=2**63), 400),
+        Hostile(
+            "dimensions of 4,200 digits",
+            EMBEDDINGS,
+            _body(input="Hi")[:-1] + b', "dimensions": 1' + b"0" * 4200 + b"}",
+            400,
+        ),
+        Hostile("dimensions 8.5", EMBEDDINGS, body("Hi", dimensions=8.5), 400),
+        Hostile("dimensions a string", EMBEDDINGS, body("Hi", dimensions="8"), 400),
+        Hostile("encoding_format int8", EMBEDDINGS, body("Hi", encoding_format="int8"), 400),
+        Hostile(
+            "encoding_format of 100 kB", EMBEDDINGS, body("Hi", encoding_format="b" * 100_000), 400
+        ),
+        Hostile("encoding_format null", EMBEDDINGS, body("Hi", encoding_format=None), 200),
+        Hostile("encoding_format 1", EMBEDDINGS, body("Hi", encoding_format=1), 400),
+        Hostile("stream", EMBEDDINGS, body("Hi", stream=True), 400),
+        Hostile("no input", EMBEDDINGS, _body(), 400),
+        Hostile(
+            "input nested 20,000 deep",
+            EMBEDDINGS,
+            _body(input=1)[:-2] + b"[" * 20_000 + b"]" * 20_000 + b"}",
+            400,
+        ),
+    ]
+
+
 # ------------------------------------------------------------------- runner
 
 
@@ -663,28 +1124,73 @@ class Fuzzer:
     def sent(self) -> int:
         return sum(self.counts.values())
 
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.gateway.api_key}"}
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.gateway.api_key}"}
 
-    def post(self, source: str, path: str, content: bytes) -> None:
-        headers = {**self.headers(), "Content-Type": "application/json"}
+    def send(
+        self,
+        source: str,
+        path: str,
+        content: bytes | None,
+        method: str = "POST",
+        key: str | None = None,
+    ) -> requests.Response | None:
+        """The answer, checked: no 5xx (nor an error event of one in a
+        stream), every 4xx in OpenAI's error shape."""
+        headers = self.headers(key)
+        if content is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            response = self.session.post(
+            response = self.session.request(
+                method,
                 self.gateway.root_url + path,
                 data=content,
                 headers=headers,
                 timeout=self.timeout_seconds,
             )
         except requests.RequestException as error:
-            self._note(source, "transport", "POST", path, 0, content, repr(error))
-            return
-        self.counts[(source, path, response.status_code)] += 1
-        if response.status_code >= 500:
-            self._note(source, "5xx", "POST", path, response.status_code, content, response.text)
+            self._note(source, "transport", method, path, 0, content or b"", repr(error))
+            return None
+        sent = content or b""
+        # Counted by endpoint (a Response's id stands for all).
+        where = RESPONSE_ID if path.startswith(RESPONSES + "/") else path
+        self.counts[(source, where, response.status_code)] += 1
+        status = response.status_code
+        if status >= 500:
+            self._note(source, "5xx", method, path, status, sent, response.text)
+        elif status >= 400 and not _openai_error(response):
+            self._note(source, "error shape", method, path, status, sent, response.text)
+        elif status >= 400 and len(response.text) > MAX_ERROR_CHARS:
+            # A client's value echoed whole (megabytes of it, once).
+            self._note(source, "echo", method, path, status, sent, response.text)
         elif _server_error_in_stream(response):
             # The status went with the first byte: a failure after it is an
             # error event, a 5xx all the same.
-            self._note(source, "5xx", "POST", path, 200, content, response.text)
+            self._note(source, "5xx", method, path, 200, sent, response.text)
+        return response
+
+    def post(self, source: str, path: str, content: bytes) -> None:
+        self.send(source, path, content)
+
+    def expect(self, case: Hostile) -> None:
+        """A hand-written case: its status, and what :meth:`send` checks."""
+        key = OTHER_KEY if case.other_key else None
+        response = self.send("hostile", case.path, case.body, case.method, key)
+        if response is not None and response.status_code != case.status:
+            text = f"{case.name}: expected {case.status}\n{response.text}"
+            sent = case.body or b""
+            self._note(
+                "hostile", "status", case.method, case.path, response.status_code, sent, text
+            )
+
+    def stored_response(self) -> str:
+        """A Response of the fuzz key, for the cases of other keys."""
+        body = {"model": MODEL, "input": "Hi", "max_output_tokens": 1}
+        answer = self.session.post(
+            self.gateway.root_url + RESPONSES, json=body, headers=self.headers(), timeout=60
+        )
+        answer.raise_for_status()
+        return str(answer.json()["id"])
 
     def post_json(self, source: str, path: str, value: Any) -> None:
         self.post(source, path, json.dumps(value).encode())
@@ -757,6 +1263,20 @@ def _server_error_in_stream(response: requests.Response | schemathesis.Response)
     return False
 
 
+def _openai_error(response: requests.Response) -> bool:
+    """The body is OpenAI's error: {"error": {"message", "type", "param", "code"}}."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    return (
+        isinstance(error, dict)
+        and isinstance(error.get("message"), str)
+        and isinstance(error.get("type"), str)
+        and {"param", "code"} <= error.keys()
+    )
+
+
 def _whole_floats_as_ints(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
         return int(value)
@@ -800,6 +1320,22 @@ def fuzz_document() -> dict[str, Any]:
             "anyOf": [{"type": "integer", "minimum": 1, "maximum": 2}, {"type": "null"}]
         }
     completion["required"] = [*completion["required"], "max_tokens"]
+    responses = schemas["ResponsesRequest"]
+    responses["properties"]["model"] = copy.deepcopy(model)
+    responses["properties"]["max_output_tokens"] = {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_TOKENS,
+    }
+    responses["required"] = [*responses["required"], "max_output_tokens"]
+    embeddings = schemas["EmbeddingRequest"]
+    embeddings["properties"]["model"] = copy.deepcopy(model)
+    # A few short items (each is a pass of the model), as for the 2 tokens.
+    for shape in embeddings["properties"]["input"]["anyOf"]:
+        if shape.get("type") == "array":
+            shape["maxItems"] = 4
+            if shape["items"].get("type") == "array":
+                shape["items"]["maxItems"] = 16
     return document
 
 
@@ -835,6 +1371,8 @@ class Plan:
     completions: int
     schemas: int
     raw: int
+    responses: int
+    embeddings: int
 
 
 def run(fuzzer: Fuzzer, plan: Plan, *, requests_wanted: int, huge: bool = False) -> None:
@@ -865,7 +1403,20 @@ def run(fuzzer: Fuzzer, plan: Plan, *, requests_wanted: int, huge: bool = False)
         ),
         (plan.schemas, schema_requests(huge), lambda b: fuzzer.post_json("schemas", CHAT, b)),
         (plan.raw, raw_bodies, lambda b: fuzzer.post("raw", CHAT, b)),
+        (
+            plan.responses,
+            responses_bodies(json_schemas(huge)),
+            lambda b: fuzzer.post_json("responses", RESPONSES, b),
+        ),
+        (
+            plan.embeddings,
+            embedding_bodies,
+            lambda b: fuzzer.post_json("embeddings", EMBEDDINGS, b),
+        ),
     ]
+    # The hand-written cases first, once (about 90 requests, a few seconds).
+    for case in [*responses_cases(fuzzer.stored_response()), *embeddings_cases()]:
+        fuzzer.expect(case)
     while True:
         for examples, strategy, send in sources:
             if fuzzer.out_of_time() or fuzzer.sent >= requests_wanted:
@@ -909,7 +1460,14 @@ def main(argv: list[str] | None = None) -> int:
         fuzzer = Fuzzer(live, deadline=started + args.minutes * 60)
         # A round is about 100 requests; Hypothesis starts afresh each round.
         plan = Plan(
-            openapi_positive=20, openapi_negative=20, chat=20, completions=10, schemas=20, raw=10
+            openapi_positive=20,
+            openapi_negative=20,
+            chat=20,
+            completions=10,
+            schemas=20,
+            raw=10,
+            responses=20,
+            embeddings=10,
         )
         run(fuzzer, plan, requests_wanted=args.requests, huge=args.huge_schema_bounds)
         summary = fuzzer.summary()

@@ -26,8 +26,18 @@ pytestmark = pytest.mark.e2e
 # the run sooner (each source gets its turn in every round either way).
 BUDGET_SECONDS = 100
 # Per round; rounds repeat until the budget or REQUESTS.
-PLAN = fuzz.Plan(openapi_positive=4, openapi_negative=4, chat=4, completions=4, schemas=4, raw=4)
-REQUESTS = 400
+PLAN = fuzz.Plan(
+    openapi_positive=4,
+    openapi_negative=4,
+    chat=4,
+    completions=4,
+    schemas=4,
+    raw=4,
+    responses=4,
+    embeddings=3,
+)
+# The generated ones, and the hand-written cases (about 90, sent first).
+REQUESTS = 480
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +52,10 @@ def test_the_description_is_valid_openapi() -> None:
     assert operations == {
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/completions"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/responses/{response_id}"),
+        ("DELETE", "/v1/responses/{response_id}"),
+        ("POST", "/v1/embeddings"),
         ("GET", "/v1/models"),
         ("GET", "/v1/models/{model}"),
     }
@@ -59,10 +73,23 @@ def test_generated_requests_get_no_5xx_and_break_nothing(
     # Every source had its turn, and generations ran: the run reached the
     # engine, not only the decoder.
     sources = {source for source, _, _ in fuzzer.counts}
-    assert sources == {"openapi+", "openapi-", "chat", "completions", "schemas", "raw"}, sources
-    generated = sum(
-        count
-        for (_, path, status), count in fuzzer.counts.items()
-        if status == 200 and path in (fuzz.CHAT, fuzz.COMPLETIONS)
-    )
-    assert generated > 0, summary["by_source"]
+    assert sources == {
+        "hostile",
+        "openapi+",
+        "openapi-",
+        "chat",
+        "completions",
+        "schemas",
+        "raw",
+        "responses",
+        "embeddings",
+    }, sources
+    # Each generating endpoint answered some generated requests (not only
+    # the hand-written ones): the run reached the engine, not only the decoder.
+    for path in (fuzz.CHAT, fuzz.COMPLETIONS, fuzz.RESPONSES, fuzz.EMBEDDINGS):
+        served = sum(
+            count
+            for (source, where, status), count in fuzzer.counts.items()
+            if status == 200 and where == path and source != "hostile"
+        )
+        assert served > 0, (path, summary["by_source"])

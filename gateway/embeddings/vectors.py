@@ -40,8 +40,10 @@ def check_dimensions(
             param="dimensions",
         )
     if size is not None and dimensions > size:
+        # A client's number of 4,000 digits is not echoed back.
+        got = str(dimensions) if dimensions < 10**12 else "more"
         raise InvalidRequestError(
-            f"dimensions: model `{model}` makes {size}-dimensional embeddings; got {dimensions}",
+            f"dimensions: model `{model}` makes {size}-dimensional embeddings; got {got}",
             param="dimensions",
         )
 

@@ -47,6 +47,7 @@ from gateway.openai_responses.translate import (
     echo_of,
     input_items,
     response_of,
+    shown,
     stored_conversation,
 )
 from gateway.responses import EventStream, JsonAnswer
@@ -61,7 +62,9 @@ ID_PREFIX = "resp"
 
 
 def _not_found(response_id: str, param: str | None = None) -> NotFoundError:
-    return NotFoundError(f"Response with id '{response_id}' not found.", param=param, code=None)
+    return NotFoundError(
+        f"Response with id '{shown(response_id)}' not found.", param=param, code=None
+    )
 
 
 class Turn:

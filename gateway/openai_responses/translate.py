@@ -32,6 +32,16 @@ _MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 # OpenAI's metadata limits: keys up to 64 characters, values up to 512.
 _METADATA_KEY = 64
 _METADATA_VALUE = 512
+# What of a client's value an error message repeats: an item type or a
+# Response id of a megabyte is not echoed back.
+_SHOWN_CHARS = 40
+
+
+def shown(value: str) -> str:
+    """A client's value for an error message, cut short."""
+    if len(value) <= _SHOWN_CHARS:
+        return value
+    return f"{value[:_SHOWN_CHARS]}... ({len(value)} characters)"
 
 
 def new_id(prefix: str) -> str:
@@ -74,7 +84,7 @@ def _refuse_unserved(request: rt.ResponsesRequest) -> None:
         if bytes(value) != _NULL:
             raise _unsupported(f"`{name}`", name)
     if request.include:
-        raise _unsupported(f"`include` ({', '.join(request.include)})", "include")
+        raise _unsupported(f"`include` ({shown(', '.join(request.include))})", "include")
     if request.max_tool_calls is not None:
         raise _unsupported("`max_tool_calls`", "max_tool_calls")
     if request.top_logprobs:
@@ -82,14 +92,14 @@ def _refuse_unserved(request: rt.ResponsesRequest) -> None:
     for index, tool in enumerate(request.tools or ()):
         if tool.type != "function":
             raise _unsupported(
-                f"The built-in tool `{tool.type}` (only function tools are)",
+                f"The built-in tool `{shown(tool.type)}` (only function tools are)",
                 f"tools[{index}].type",
             )
         if not tool.name:
             raise InvalidRequestError("A function tool needs a name.", param=f"tools[{index}].name")
     choice = request.tool_choice
     if isinstance(choice, rt.ToolChoiceSpec) and (choice.type != "function" or not choice.name):
-        raise _unsupported(f"tool_choice of type `{choice.type}`", "tool_choice")
+        raise _unsupported(f"tool_choice of type `{shown(choice.type)}`", "tool_choice")
     text_format = request.text.format if request.text is not None else None
     if text_format is not None:
         _check_format(text_format)
@@ -97,7 +107,8 @@ def _refuse_unserved(request: rt.ResponsesRequest) -> None:
 
 def _check_format(text_format: rt.TextFormat) -> None:
     if text_format.type not in ("text", "json_object", "json_schema"):
-        raise _unsupported(f"text.format of type `{text_format.type}`", "text.format.type")
+        kind = shown(text_format.type)
+        raise _unsupported(f"text.format of type `{kind}`", "text.format.type")
     if text_format.type == "json_schema":
         if not text_format.name:
             raise InvalidRequestError(
@@ -152,7 +163,8 @@ def _text_of(parts: list[rt.ContentPart], where: str, allowed: tuple[str, ...]) 
     texts: list[str] = []
     for index, part in enumerate(parts):
         if part.type not in allowed:
-            raise _unsupported(f"Content of type `{part.type}` here", f"{where}[{index}].type")
+            kind = shown(part.type)
+            raise _unsupported(f"Content of type `{kind}` here", f"{where}[{index}].type")
         text = part.refusal if part.type == "refusal" else part.text
         if text is None:
             raise InvalidRequestError(
@@ -180,14 +192,15 @@ def _user_content(
             missing = "text" if part.type == "input_text" else "image_url (file_id is not served)"
             raise InvalidRequestError(f"A `{part.type}` part needs its {missing}.", param=at)
         else:
-            raise _unsupported(f"Input content of type `{part.type}`", f"{at}.type")
+            raise _unsupported(f"Input content of type `{shown(part.type)}`", f"{at}.type")
     return parts
 
 
 def _message(item: rt.InputItem, where: str) -> wire.Message:
     if item.role not in _MESSAGE_ROLES:
+        got = "none" if item.role is None else repr(shown(item.role))
         raise InvalidRequestError(
-            f"A message's role must be one of {', '.join(_MESSAGE_ROLES)}; got {item.role!r}.",
+            f"A message's role must be one of {', '.join(_MESSAGE_ROLES)}; got {got}.",
             param=f"{where}.role",
         )
     if item.content is None:
@@ -253,7 +266,7 @@ def chat_messages(instructions: str | None, items: list[rt.InputItem]) -> list[w
         elif item.type == "function_call_output":
             messages.append(_tool_output(item, where))
         else:
-            raise _unsupported(f"Input items of type `{item.type}`", f"{where}.type")
+            raise _unsupported(f"Input items of type `{shown(item.type)}`", f"{where}.type")
     return messages
 
 

@@ -101,6 +101,11 @@ def test_dimensions_truncate_and_renormalise_only_where_declared() -> None:
         with pytest.raises(InvalidRequestError) as refused:
             shaped(engine, too, matryoshka=matryoshka)
         assert refused.value.param == "dimensions"
+    # A number of 4,000 digits is not echoed back (found by the fuzz suite).
+    huge = EmbeddingRequest(model="m", input="", dimensions=10**4000)
+    with pytest.raises(InvalidRequestError) as refused:
+        shaped(engine, huge, matryoshka=True)
+    assert len(refused.value.message) < 300
 
 
 def test_admission_reserves_the_input_only() -> None:

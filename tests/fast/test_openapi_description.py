@@ -13,6 +13,7 @@ import pytest
 
 from gateway import wire
 from gateway.app import OPENAPI_FILE
+from gateway.openai_responses import types as rt
 
 from .conftest import Start
 from .support import pool
@@ -43,6 +44,9 @@ REQUEST_TYPES: dict[str, type[msgspec.Struct]] = {
     "FunctionDefinition": wire.FunctionDefinition,
     "NamedToolChoice": wire.NamedToolChoice,
     "StreamOptions": wire.StreamOptions,
+    "EmbeddingRequest": wire.EmbeddingRequest,
+    "ResponsesRequest": rt.ResponsesRequest,
+    "ResponseTextConfig": rt.TextConfig,
 }
 
 

@@ -163,6 +163,14 @@ async def test_without_accounting_responses_are_kept_in_memory(start: Start) -> 
         missing = await gw.http.get("/v1/responses/resp_nothing")
         assert missing.status_code == 404
         assert missing.json()["error"]["message"] == "Response with id 'resp_nothing' not found."
+        # An id of a megabyte is not echoed back (found by the fuzz suite).
+        huge = await gw.http.post(
+            "/v1/responses",
+            json={"model": MODEL, "input": "x", "previous_response_id": "r" * 10**6},
+        )
+        assert huge.status_code == 404
+        assert huge.json()["error"]["param"] == "previous_response_id"
+        assert len(huge.json()["error"]["message"]) < 300
         assert isinstance(gw.http, httpx.AsyncClient)
 
 

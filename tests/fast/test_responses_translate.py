@@ -179,6 +179,26 @@ def test_malformed_requests_are_a_400_with_the_param(body: dict[str, Any], param
     assert refused.value.param == param
 
 
+def test_an_error_does_not_echo_a_clients_value_whole() -> None:
+    """Found by the fuzz suite: a type, a role or an ``include`` of 100 kB
+    came back whole in the error's message."""
+    huge = "x" * 100_000
+    for body in (
+        {"input": [{"type": huge}]},
+        {"input": [{"role": huge, "content": "x"}]},
+        {"input": [{"role": "user", "content": [{"type": huge}]}]},
+        {"input": [{"role": "system", "content": [{"type": huge}]}]},
+        {"input": "x", "tools": [{"type": huge}]},
+        {"input": "x", "tool_choice": {"type": huge}},
+        {"input": "x", "text": {"format": {"type": huge}}},
+        {"input": "x", "include": [huge]},
+    ):
+        with pytest.raises(InvalidRequestError) as refused:
+            as_chat(**body)
+        assert len(refused.value.message) < 300, body.keys()
+        assert "(100000 characters)" in refused.value.message
+
+
 def answer(
     content: str | None, calls: list[wire.ToolCall] | None = None, finish: str = "stop"
 ) -> wire.ChatCompletion:
