@@ -204,7 +204,11 @@ class FormatJsonObject(Struct, tag_field="type", tag="json_object"):
     pass
 
 
-class FormatJsonSchema(Struct, kw_only=True, tag_field="type", tag="json_schema"):
+class FormatJsonSchema(
+    Struct, kw_only=True, omit_defaults=True, tag_field="type", tag="json_schema"
+):
+    """Written as OpenAI writes it: no `description` or `strict` when not given."""
+
     name: str
     schema: Raw
     description: str | None = None

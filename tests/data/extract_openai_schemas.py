@@ -1,6 +1,7 @@
 """Writes tests/data/openai-openapi-answers.json: the schemas of OpenAI's answers
 (CreateChatCompletionResponse, CreateChatCompletionStreamResponse,
-CreateCompletionResponse) and every component they reference, copied as they
+CreateCompletionResponse, Response, ResponseStreamEvent,
+CreateEmbeddingResponse) and every component they reference, copied as they
 are from OpenAI's published OpenAPI description.
 
 Usage: python tests/data/extract_openai_schemas.py OPENAPI_JSON COMMIT
@@ -18,6 +19,9 @@ ANSWERS = (
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
     "CreateCompletionResponse",
+    "Response",
+    "ResponseStreamEvent",
+    "CreateEmbeddingResponse",
 )
 OUT = Path(__file__).with_name("openai-openapi-answers.json")
 

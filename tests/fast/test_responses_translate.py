@@ -126,6 +126,10 @@ def test_text_format_becomes_the_response_format() -> None:
     chat = as_chat(input="x", text={"format": {"type": "json_object"}})
     assert isinstance(chat.response_format, wire.ResponseFormatJsonObject)
     assert as_chat(input="x", text={"format": {"type": "text"}}).response_format is None
+    # The Response echoes it as OpenAI writes it: a description only when
+    # given (OpenAI's description has it a string, never null).
+    echoed = echo_of(decoded(input="x", text={"format": fmt}), "m").text
+    assert plain(echoed)["format"] == fmt
 
 
 @pytest.mark.parametrize(
