@@ -889,6 +889,15 @@ class Hostile:
     status: int
     method: str = "POST"
     other_key: bool = False
+    # The error's param, where it must name one.
+    param: str | None = None
+
+
+# A 1x1 PNG.
+PIXEL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 
 
 def _body(**fields: Any) -> bytes:
@@ -926,8 +935,32 @@ def responses_cases(stored: str) -> list[Hostile]:
             400,
         ),
         Hostile("instructions of 5 MB", RESPONSES, _turn(instructions="A" * 5_000_000), 413),
-        Hostile("instructions of 1 MB", RESPONSES, _turn(instructions="A" * 1_000_000), 400),
-        Hostile("instructions past the context", RESPONSES, _turn(instructions="A " * 3000), 400),
+        Hostile(
+            "instructions of 1 MB",
+            RESPONSES,
+            _turn(instructions="A" * 1_000_000),
+            400,
+            param="input",
+        ),
+        Hostile(
+            "instructions past the context",
+            RESPONSES,
+            _turn(instructions="A " * 3000),
+            400,
+            param="input",
+        ),
+        Hostile(
+            "an image for a text-only model",
+            RESPONSES,
+            _turn(
+                input=[
+                    {"role": "user", "content": "Hi"},
+                    {"role": "user", "content": [{"type": "input_image", "image_url": PIXEL}]},
+                ]
+            ),
+            400,
+            param="input",
+        ),
         Hostile("empty input list", RESPONSES, _turn(input=[]), 400),
         Hostile(
             "unknown item type", RESPONSES, _turn(input=[{"type": "reasoning", "id": "rs"}]), 400
@@ -1176,8 +1209,11 @@ class Fuzzer:
         """A hand-written case: its status, and what :meth:`send` checks."""
         key = OTHER_KEY if case.other_key else None
         response = self.send("hostile", case.path, case.body, case.method, key)
-        if response is not None and response.status_code != case.status:
-            text = f"{case.name}: expected {case.status}\n{response.text}"
+        if response is None:
+            return
+        param = _error_param(response) if case.param is not None else None
+        if response.status_code != case.status or param != case.param:
+            text = f"{case.name}: expected {case.status} ({case.param})\n{response.text}"
             sent = case.body or b""
             self._note(
                 "hostile", "status", case.method, case.path, response.status_code, sent, text
@@ -1275,6 +1311,14 @@ def _openai_error(response: requests.Response) -> bool:
         and isinstance(error.get("type"), str)
         and {"param", "code"} <= error.keys()
     )
+
+
+def _error_param(response: requests.Response) -> str | None:
+    try:
+        param = response.json()["error"]["param"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return param if isinstance(param, str) else None
 
 
 def _whole_floats_as_ints(value: Any) -> Any:

@@ -13,7 +13,8 @@ each chunk becomes Responses events). The Response is stored, when asked
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 from litestar import delete, get
 from litestar.params import FromPath
@@ -23,7 +24,7 @@ from gateway.accounting.principal import Principal
 from gateway.auth import PrincipalAuthenticator
 from gateway.decisions import RouteTrace
 from gateway.endpoints import CHAT
-from gateway.errors import NotFoundError
+from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.handling import (
     AnyRequest,
     Call,
@@ -46,6 +47,7 @@ from gateway.openai_responses.translate import (
     decode_responses,
     echo_of,
     input_items,
+    renamed,
     response_of,
     shown,
     stored_conversation,
@@ -59,12 +61,23 @@ PATH = "/v1/responses"
 # The exchange's operation (metrics' label) and the decision logs' endpoint.
 ENDPOINT = "responses"
 ID_PREFIX = "resp"
+T = TypeVar("T")
 
 
 def _not_found(response_id: str, param: str | None = None) -> NotFoundError:
     return NotFoundError(
         f"Response with id '{shown(response_id)}' not found.", param=param, code=None
     )
+
+
+async def _named_as_asked(work: Awaitable[T]) -> T:
+    """``work``'s result; its 400s (the engine's context check among them)
+    name the Responses request's parameters, not the chat request's."""
+    try:
+        return await work
+    except InvalidRequestError as error:
+        error.param = renamed(error.param)
+        raise
 
 
 class Turn:
@@ -150,7 +163,7 @@ def build_response_handlers(
         )
         if asked.stream:
             # Typed chunks always: each becomes Responses events.
-            primed = pipeline.stream(CHAT, chat, ctx, trace)
+            primed = _named_as_asked(pipeline.stream(CHAT, chat, ctx, trace))
             chunks = await cancel_on_disconnect(request, primed)
             watched = observer.watching(chunks, exchange)
             if span is not None:
@@ -158,7 +171,7 @@ def build_response_handlers(
             events = ResponseEvents(turn.response_id, turn.created_at, turn.echo)
             sent = response_events(watched, events, turn.finished)
             return EventStream(sent, call.headers(trace, route_header))
-        answering = pipeline.answer(CHAT, chat, ctx, trace)
+        answering = _named_as_asked(pipeline.answer(CHAT, chat, ctx, trace))
         answer = await cancel_on_disconnect(request, answering)
         if span is not None:
             span.sent(answer)

@@ -338,14 +338,19 @@ def chat_request(
         # Encoded and decoded once more: exactly chat's validation, no twin of it.
         return decode_chat(wire.encoder.encode(chat), limits)
     except InvalidRequestError as error:
-        error.param = _renamed(error.param)
+        error.param = renamed(error.param)
         raise
 
 
-def _renamed(param: str | None) -> str | None:
+def renamed(param: str | None) -> str | None:
+    """A chat request's parameter as the Responses request names it."""
     if param is None:
         return None
     head, dot, rest = param.partition(".")
+    if head.startswith("messages["):
+        # A chat message's index is not its input item's (the instructions
+        # and earlier turns come first): the input, as a whole.
+        return "input"
     return _PARAMS.get(head, head) + dot + rest
 
 

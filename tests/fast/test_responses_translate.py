@@ -25,6 +25,7 @@ from gateway.openai_responses.translate import (
     echo_of,
     input_items,
     output_as_input,
+    renamed,
     response_of,
 )
 from gateway.settings import LimitSettings
@@ -201,6 +202,18 @@ def test_an_error_does_not_echo_a_clients_value_whole() -> None:
             as_chat(**body)
         assert len(refused.value.message) < 300, body.keys()
         assert "(100000 characters)" in refused.value.message
+
+
+def test_chat_parameters_are_named_as_the_responses_request_names_them() -> None:
+    """The engine's context check and the media rules name chat messages: a
+    Responses client is told ``input`` (found by the fuzz suite's cases)."""
+    assert renamed("messages") == "input"
+    # Instructions and earlier turns come first: no index of the input matches.
+    assert renamed("messages[3].content") == "input"
+    assert renamed("max_tokens") == "max_output_tokens"
+    assert renamed("response_format.json_schema") == "text.format.json_schema"
+    assert renamed("temperature") == "temperature"
+    assert renamed(None) is None
 
 
 def answer(
