@@ -20,9 +20,11 @@ anything?" for almost nothing, and the cache reads the tables only then:
   as before.
 
 A signal may say "changed" when nothing did (a refresh then finds nothing);
-it must never miss a change. As a further safety (a write made by hand in
-SQL sends no NOTIFY), the cache reads the tables at least every
-:data:`SAFETY_SECONDS` whatever the signal says.
+it must never miss a change. As a further safety, the cache reads the tables
+at least every ``safety_seconds`` of its signal whatever the signal says:
+10 s on PostgreSQL (a write made by hand in SQL sends no NOTIFY), 60 s on
+SQLite, whose counter sees every commit, by hand or not (it would miss only
+a database file replaced under a running gateway).
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 _log = logging.getLogger(__name__)
-SAFETY_SECONDS = 10.0
+POSTGRES_SAFETY_SECONDS = 10.0
+SQLITE_SAFETY_SECONDS = 60.0
 # The PostgreSQL channel the key store notifies on every write.
 CHANNEL = "nomoat_keys"
 
 
 class ChangeSignal(Protocol):
+    # The longest the cache goes without reading the tables.
+    safety_seconds: float
+
     async def start(self) -> None:
         """Watching from now on (call it before the first full read)."""
 
@@ -56,6 +62,8 @@ class ChangeSignal(Protocol):
 class AlwaysChanged:
     """No cheap signal (an in-memory SQLite database): read every poll."""
 
+    safety_seconds = 0.0
+
     async def start(self) -> None:
         return None
 
@@ -68,6 +76,8 @@ class AlwaysChanged:
 
 class SqliteDataVersion:
     """``PRAGMA data_version`` of a connection of its own to the file."""
+
+    safety_seconds = SQLITE_SAFETY_SECONDS
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -109,6 +119,8 @@ class SqliteDataVersion:
 
 class PostgresNotifications:
     """``LISTEN nomoat_keys`` on a connection held from the engine's pool."""
+
+    safety_seconds = POSTGRES_SAFETY_SECONDS
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine

@@ -7,7 +7,7 @@ replica (or the CLI) stops working on every replica within a second, and
 no request ever waits on the database. A poll reads the tables only when
 the database's change signal (:mod:`gateway.accounting.key_changes`: SQLite's
 ``data_version``, PostgreSQL's ``LISTEN``) says something may have been
-written, or at least every ``SAFETY_SECONDS``: an idle gateway makes no
+written, or at least every ``safety_seconds`` of the signal: an idle gateway makes no
 query twice a second.
 
 Each poll reads back a few seconds before the newest stamp it has seen
@@ -34,7 +34,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from gateway.accounting.db import async_url, is_sqlite, open_engine
-from gateway.accounting.key_changes import SAFETY_SECONDS, ChangeSignal, change_signal
+from gateway.accounting.key_changes import ChangeSignal, change_signal
 from gateway.accounting.principal import Principal, Team
 from gateway.accounting.store import Changes, KeyRecord, KeyStore, TeamRecord, now
 from gateway.accounting.tables import api_keys
@@ -163,7 +163,7 @@ class ManagedKeys:
         """Whether this poll reads the tables (the signal is asked every
         poll, so that it resets even when a read is due anyway)."""
         changed = self.signal.changed()
-        overdue = time.monotonic() - self._read_at >= SAFETY_SECONDS
+        overdue = time.monotonic() - self._read_at >= self.signal.safety_seconds
         return changed or overdue or self._stale or not self.loaded
 
     async def _poll(self) -> None:
