@@ -336,9 +336,6 @@ class Gate:
             self._plans[key] = plan
         return plan
 
-    def limiter_settle(self, settlement: Settlement) -> None:
-        self.limiter.settle(settlement)
-
     def _rates(
         self, principal: Principal | None, model: str, tokens: int
     ) -> tuple[RateDemand, ...]:

@@ -178,6 +178,7 @@ class RedisLimiter:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self._reservation_seconds = reservation_seconds
+        self._hold = str(reservation_seconds)
         self._pending: deque[Settlement] = deque(maxlen=MAX_PENDING)
         # Admissions waiting for this turn of the loop to end (see _flush).
         self._admissions: list[_Admission] = []
@@ -190,7 +191,7 @@ class RedisLimiter:
         self, ticket: str, rates: tuple[RateDemand, ...], budgets: tuple[BudgetDemand, ...]
     ) -> Verdict:
         keys = [d.key for d in rates]
-        args: list[str | int] = [len(rates), len(budgets), ticket, str(self._reservation_seconds)]
+        args: list[str | int] = [len(rates), len(budgets), ticket, self._hold]
         for demand in rates:
             args += [demand.limit, demand.amount]
         for budget in budgets:
