@@ -34,6 +34,7 @@ import contextlib
 import logging
 import sqlite3
 from typing import Protocol
+from urllib.parse import quote
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -95,8 +96,13 @@ class SqliteDataVersion:
             if self._connection is None:
                 # timeout=0: never wait on a lock on the event loop (a busy
                 # file says "changed", and the refresh waits in its thread).
+                # mode=rw: never create the file (that is the migration's).
                 self._connection = sqlite3.connect(
-                    self.path, timeout=0, isolation_level=None, check_same_thread=False
+                    f"file:{quote(self.path)}?mode=rw",
+                    uri=True,
+                    timeout=0,
+                    isolation_level=None,
+                    check_same_thread=False,
                 )
             row = self._connection.execute("PRAGMA data_version").fetchone()
         except sqlite3.Error:
