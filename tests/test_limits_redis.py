@@ -149,6 +149,30 @@ def test_a_batch_is_one_round_trip_and_survives_a_flushed_script(redis_url: str)
     client.close()
 
 
+def test_a_free_request_settles_and_its_expired_reservation_is_swept(redis_url: str) -> None:
+    """A reservation of 0 nano-USD (a model without prices): Redis takes no
+    "-0", and its settlement (with the token refund in it) and the sweep of
+    it once expired must not fail."""
+
+    async def run() -> None:
+        limiter = RedisLimiter(redis_url, 0.05)
+        tokens = rate(1000, 600, "tokens")
+        free = budget(1000, 0)
+        try:
+            assert isinstance(await limiter.admit("f0", (tokens,), (free,)), Admitted)
+            limiter.settle(Settlement("f0", refunds=((tokens, 590),), charges=((free, 0),)))
+            await asyncio.wait_for(limiter.drain(), 3)
+            assert limiter.pending == 0
+            # 590 of the 600 given back: room for another 600.
+            assert isinstance(await limiter.admit("f1", (tokens,), (free,)), Admitted)
+            await asyncio.sleep(0.1)  # f1's reservation of 0 expires and is swept
+            assert isinstance(await limiter.admit("f2", (), (free,)), Admitted)
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(run())
+
+
 def test_admissions_sent_together_each_get_their_own_reply(redis_url: str) -> None:
     """Admissions made in one turn of the loop share a pipelined round trip;
     each still gets its own script's reply: 40 buckets of different limits,

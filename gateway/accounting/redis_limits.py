@@ -89,7 +89,8 @@ for b = 1, nb do
   for _, gone in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', now)) do
     local held = redis.call('HGET', hkey, 'r:' .. gone)
     if held then
-      redis.call('HINCRBY', hkey, 'reserved', '-' .. held)
+      -- (Redis takes no "-0": a reservation of 0, a free model's, has nothing to give back)
+      if held ~= '0' then redis.call('HINCRBY', hkey, 'reserved', '-' .. held) end
       redis.call('HDEL', hkey, 'r:' .. gone)
     end
     redis.call('ZREM', zkey, gone)
@@ -141,7 +142,8 @@ for b = 1, nb do
   local a = base + 2 * (b - 1)
   local held = redis.call('HGET', hkey, 'r:' .. ticket)
   if held then
-    redis.call('HINCRBY', hkey, 'reserved', '-' .. held)
+    -- (Redis takes no "-0": a reservation of 0, a free model's, has nothing to give back)
+    if held ~= '0' then redis.call('HINCRBY', hkey, 'reserved', '-' .. held) end
     redis.call('HDEL', hkey, 'r:' .. ticket)
   end
   redis.call('ZREM', zkey, ticket)
