@@ -100,6 +100,79 @@ def test_two_limiters_share_one_budget_under_a_hundred_concurrent_admissions(
     asyncio.run(run())
 
 
+def test_a_batch_is_one_round_trip_and_survives_a_flushed_script(redis_url: str) -> None:
+    """Batches of admissions and settlements are EVALSHA alone (redis-py's
+    pipelining of a script asks SCRIPT EXISTS first: a second round trip per
+    batch), and a script Redis lost is loaded again, each call run once."""
+    client = redis.Redis.from_url(redis_url)
+
+    def script_checks() -> int:
+        stats = client.info("commandstats")
+        return sum(
+            int(stats[name]["calls"]) for name in stats if "exists" in name or "load" in name
+        )
+
+    async def run() -> None:
+        limiter = RedisLimiter(redis_url, 3600)
+        try:
+            await limiter.admit("warm", (rate(100),), ())
+            client.config_resetstat()
+            verdicts = await asyncio.gather(
+                *(limiter.admit(f"b{i}", (rate(100),), (budget(1000, 10),)) for i in range(8))
+            )
+            assert all(isinstance(v, Admitted) for v in verdicts)
+            for i in range(8):
+                limiter.settle(Settlement(f"b{i}", charges=((budget(1000, 10), 3),)))
+            await limiter.drain()
+            assert script_checks() == 0
+            client.script_flush()
+            again = await asyncio.gather(
+                *(limiter.admit(f"c{i}", (rate(100),), ()) for i in range(5))
+            )
+            assert [round(v.levels[0].remaining) for v in again if isinstance(v, Admitted)] == [
+                90,
+                89,
+                88,
+                87,
+                86,
+            ]
+            client.script_flush()
+            limiter.settle(Settlement("c0", refunds=((rate(100, 1, "tokens"), 0),)))
+            limiter.settle(Settlement("c1", charges=((budget(1000, 10), 5),)))
+            await limiter.drain()
+        finally:
+            await limiter.aclose()
+        spent = client.hget("nomoat:budget:key:k:total:total", "spent")
+        assert spent is not None and int(spent) == 8 * 3 + 5
+
+    asyncio.run(run())
+    client.close()
+
+
+def test_a_free_request_settles_and_its_expired_reservation_is_swept(redis_url: str) -> None:
+    """A reservation of 0 nano-USD (a model without prices): Redis takes no
+    "-0", and its settlement (with the token refund in it) and the sweep of
+    it once expired must not fail."""
+
+    async def run() -> None:
+        limiter = RedisLimiter(redis_url, 0.05)
+        tokens = rate(1000, 600, "tokens")
+        free = budget(1000, 0)
+        try:
+            assert isinstance(await limiter.admit("f0", (tokens,), (free,)), Admitted)
+            limiter.settle(Settlement("f0", refunds=((tokens, 590),), charges=((free, 0),)))
+            await asyncio.wait_for(limiter.drain(), 3)
+            assert limiter.pending == 0
+            # 590 of the 600 given back: room for another 600.
+            assert isinstance(await limiter.admit("f1", (tokens,), (free,)), Admitted)
+            await asyncio.sleep(0.1)  # f1's reservation of 0 expires and is swept
+            assert isinstance(await limiter.admit("f2", (), (free,)), Admitted)
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(run())
+
+
 def test_admissions_sent_together_each_get_their_own_reply(redis_url: str) -> None:
     """Admissions made in one turn of the loop share a pipelined round trip;
     each still gets its own script's reply: 40 buckets of different limits,

@@ -43,6 +43,7 @@ from typing import Protocol
 from gateway import wire
 from gateway.accounting.budgets import Period, Seeds, describe, period_of, resets
 from gateway.accounting.limits import (
+    SECONDS_PER_WINDOW,
     Admitted,
     BudgetDemand,
     BudgetRefused,
@@ -158,12 +159,12 @@ class Ticket:
         if self._settled or self._gate is None:
             return
         self._settled = True
-        refunds = tuple(
+        refunds = [
             (d, d.amount - tokens) for d in self._rates if d.kind == "tokens" and d.amount != tokens
-        )
-        charges = tuple((b, charged_nano) for b in self._charges)
+        ]
+        charges = [(b, charged_nano) for b in self._charges]
         if refunds or charges:
-            self._gate.limiter_settle(Settlement(self._id, refunds, charges))
+            self._gate.limiter.settle(Settlement(self._id, tuple(refunds), tuple(charges)))
 
     def release(self) -> None:
         """The request never ran (refused after admission, failed before
@@ -189,6 +190,75 @@ def used_tokens(exchange: Exchange, bounds: Bounds) -> int:
     return 0
 
 
+# Plans kept at most (keys times models); past that they are built again.
+MAX_PLANS = 10_000
+TOTAL = period_of("total", datetime(2000, 1, 1, tzinfo=UTC))
+
+
+class _BudgetOwner:
+    """A key's or a team's budget in a plan, with the name and seed of the
+    period it was last asked for (rebuilt when the period changes)."""
+
+    __slots__ = ("budget", "kind", "label", "name", "owner_id", "period", "seed", "seeds")
+
+    def __init__(self, kind: str, owner_id: str, budget: Budget, label: str) -> None:
+        self.kind = kind
+        self.owner_id = owner_id
+        self.budget = budget
+        self.label = label
+        self.period: Period | None = None
+        self.seeds: Seeds | None = None
+        self.name = ""
+        self.seed = 0
+
+
+def _budget_owners(principal: Principal | None) -> tuple[_BudgetOwner, ...]:
+    if principal is None:
+        return ()
+    owners = []
+    if principal.budget is not None:
+        owners.append(
+            _BudgetOwner("key", principal.key_id, principal.budget, _owner_label(principal))
+        )
+    team = principal.team
+    if team is not None and team.budget is not None:
+        owners.append(_BudgetOwner("team", team.id, team.budget, _owner_label(team)))
+    return tuple(owners)
+
+
+class _Plan:
+    """What the requests of one principal for one model ask of the limiter,
+    but the amounts, built once: the gate's per-request work is then the
+    amounts and the limiter's."""
+
+    __slots__ = ("_rates", "budgets", "periodic", "principal", "token_free")
+
+    def __init__(
+        self,
+        principal: Principal | None,
+        rates: tuple[RateDemand, ...],
+        budgets: tuple[_BudgetOwner, ...],
+    ) -> None:
+        self.principal = principal
+        self._rates = rates
+        # Without a token bucket every request's demands are the same objects.
+        self.token_free = all(d.kind == "requests" for d in rates)
+        self.budgets = budgets
+        self.periodic = any(o.budget.period != "total" for o in budgets)
+
+    def rates(self, tokens: int) -> tuple[RateDemand, ...]:
+        """The rate demands of a request of ``tokens``, in the plan's order
+        (a request's demand is shared: it never changes)."""
+        if self.token_free:
+            return self._rates
+        return tuple(
+            [
+                d if d.kind == "requests" else RateDemand(d.key, "tokens", d.limit, tokens, d.owner)
+                for d in self._rates
+            ]
+        )
+
+
 class Gate:
     """Rate limits and budgets, over one :class:`Limiter`."""
 
@@ -211,6 +281,9 @@ class Gate:
         self.unenforceable = unenforceable
         self._clock = clock
         self._periods: dict[BudgetPeriod, Period] = {}
+        # What each (key, model) asks of the limiter, but the amounts: built
+        # once per principal object (a changed key is a new object).
+        self._plans: dict[tuple[str | None, str], _Plan] = {}
 
     def limited(self, principal: Principal | None, model: str) -> bool:
         """Whether a request of ``principal`` for ``model`` has any limit or budget."""
@@ -238,8 +311,9 @@ class Gate:
                 f"{self.unenforceable}. Its operator must set [accounting] redis.",
                 headers={"Retry-After": "60"},
             )
-        rates = self._rates(principal, model, bounds.tokens)
-        budgets = self._budgets(principal, worst_case_nano)
+        plan = self._plan(principal, model)
+        rates = plan.rates(bounds.tokens)
+        budgets = self._budget_demands(plan, worst_case_nano) if plan.budgets else ()
         try:
             verdict = await self.limiter.admit(ticket_id, rates, budgets)
         except LimiterUnavailableError as error:
@@ -255,8 +329,15 @@ class Gate:
         assert isinstance(verdict, Admitted)
         return Ticket(self, ticket_id, bounds, rates, budgets, rate_headers(verdict.levels))
 
-    def limiter_settle(self, settlement: Settlement) -> None:
-        self.limiter.settle(settlement)
+    def _plan(self, principal: Principal | None, model: str) -> _Plan:
+        key = (principal.key_id if principal is not None else None, model)
+        plan = self._plans.get(key)
+        if plan is None or plan.principal is not principal:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = _Plan(principal, self._rates(principal, model, 0), _budget_owners(principal))
+            self._plans[key] = plan
+        return plan
 
     def _rates(
         self, principal: Principal | None, model: str, tokens: int
@@ -277,13 +358,8 @@ class Gate:
                 demands.append(_rate(scope, "tokens", limits.tpm, tokens, label))
         return tuple(demands)
 
-    def _budgets(
-        self, principal: Principal | None, worst_case_nano: int
-    ) -> tuple[BudgetDemand, ...]:
-        if principal is None:
-            return ()
-        team = principal.team
-        if principal.budget is None and (team is None or team.budget is None):
+    def _budget_demands(self, plan: _Plan, worst_case_nano: int) -> tuple[BudgetDemand, ...]:
+        if not plan.budgets:
             return ()
         seeds = self.seeds
         if seeds is None:
@@ -292,28 +368,34 @@ class Gate:
                 "accounting database since this server started; retry shortly.",
                 headers={"Retry-After": "5"},
             )
-        now = self._clock()
-        owners: list[tuple[str, str, Budget | None, Principal | Team]] = [
-            ("key", principal.key_id, principal.budget, principal)
-        ]
-        if team is not None:
-            owners.append(("team", team.id, team.budget, team))
+        # The clock only for budgets whose period ends (a day, a month).
+        now = self._clock() if plan.periodic else None
         demands = []
-        for kind, owner_id, budget, owner in owners:
-            if budget is None:
-                continue
-            period = self._period(budget.period, now)
-            keep = None
-            if period.end is not None:
-                keep = int((period.end - now).total_seconds()) + KEEP_AFTER_PERIOD_SECONDS
+        for owner in plan.budgets:
+            budget = owner.budget
+            if now is None:
+                period = TOTAL
+                keep = None
+            else:
+                period = self._period(budget.period, now)
+                keep = None
+                if period.end is not None:
+                    keep = int((period.end - now).total_seconds()) + KEEP_AFTER_PERIOD_SECONDS
+            if owner.period is not period or owner.seeds is not seeds:
+                # A new period (or the spend read again): its name and seed.
+                owner.period, owner.seeds = period, seeds
+                owner.name = (
+                    f"{PREFIX}:budget:{owner.kind}:{owner.owner_id}:{budget.period}:{period.label}"
+                )
+                owner.seed = seeds.spent(owner.kind, owner.owner_id, budget.period, period)
             demands.append(
                 BudgetDemand(
-                    key=f"{PREFIX}:budget:{kind}:{owner_id}:{budget.period}:{period.label}",
+                    key=owner.name,
                     limit=budget.nano_usd,
                     amount=worst_case_nano,
-                    seed=seeds.spent(kind, owner_id, budget.period, period),
+                    seed=owner.seed,
                     keep_seconds=keep,
-                    owner=_owner_label(owner),
+                    owner=owner.label,
                     period=budget.period,
                     ends=period.end,
                 )
@@ -344,30 +426,42 @@ def _rate(scope: str, kind: RateKind, limit: int, amount: int, label: str) -> Ra
     return RateDemand(f"{PREFIX}:rate:{scope}:{kind}", kind, limit, amount, label)
 
 
-_HEADER_NAMES = {
-    kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
-    for kind in ("requests", "tokens")
-}
+_REQUEST_HEADERS = tuple(
+    f"x-ratelimit-{what}-requests".encode() for what in ("limit", "remaining", "reset")
+)
+_TOKEN_HEADERS = tuple(
+    f"x-ratelimit-{what}-tokens".encode() for what in ("limit", "remaining", "reset")
+)
 
 
 def rate_headers(levels: Iterable[Level]) -> Headers:
     """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``:
     of the tightest bucket of each kind (the one with the least left)."""
-    tightest: dict[str, Level] = {}
+    requests: Level | None = None
+    tokens: Level | None = None
     for level in levels:
-        held = tightest.get(level.demand.kind)
-        if held is None or level.remaining < held.remaining:
-            tightest[level.demand.kind] = level
+        if level.demand.kind == "requests":
+            if requests is None or level.remaining < requests.remaining:
+                requests = level
+        elif tokens is None or level.remaining < tokens.remaining:
+            tokens = level
     headers: Headers = []
-    for kind, level in tightest.items():
-        limit, remaining, reset = _HEADER_NAMES[kind]
-        left = max(math.floor(level.remaining), 0)
-        headers += [
-            (limit, b"%d" % level.demand.limit),
-            (remaining, b"%d" % left),
-            (reset, duration(level.reset_seconds).encode()),
-        ]
+    if requests is not None:
+        _add_level(headers, _REQUEST_HEADERS, requests)
+    if tokens is not None:
+        _add_level(headers, _TOKEN_HEADERS, tokens)
     return headers
+
+
+def _add_level(headers: Headers, names: tuple[bytes, ...], level: Level) -> None:
+    limit = level.demand.limit
+    remaining = level.remaining
+    missing = limit - remaining
+    reset = missing * SECONDS_PER_WINDOW / limit if missing > 0 else 0.0
+    headers.append((names[0], b"%d" % limit))
+    # (int() is floor for what is not negative)
+    headers.append((names[1], b"%d" % (int(remaining) if remaining > 0 else 0)))
+    headers.append((names[2], duration(reset).encode()))
 
 
 def duration(seconds: float) -> str:

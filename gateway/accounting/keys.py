@@ -4,7 +4,11 @@
 the database every ``[accounting] key_refresh_seconds`` (0.5 s by default)
 for the rows whose ``updated_at`` moved, so a key revoked through any
 replica (or the CLI) stops working on every replica within a second, and
-no request ever waits on the database.
+no request ever waits on the database. A poll reads the tables only when
+the database's change signal (:mod:`gateway.accounting.key_changes`: SQLite's
+``data_version``, PostgreSQL's ``LISTEN``) says something may have been
+written, or at least every ``safety_seconds`` of the signal: an idle gateway makes no
+query twice a second.
 
 Each poll reads back a few seconds before the newest stamp it has seen
 (:data:`OVERLAP`): a write stamped just before a poll but committed just
@@ -30,6 +34,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from gateway.accounting.db import async_url, is_sqlite, open_engine
+from gateway.accounting.key_changes import ChangeSignal, change_signal
 from gateway.accounting.principal import Principal, Team
 from gateway.accounting.store import Changes, KeyRecord, KeyStore, TeamRecord, now
 from gateway.accounting.tables import api_keys
@@ -70,9 +75,16 @@ class KeysUnavailableError(GatewayError):
 class ManagedKeys:
     """Managed keys by hash, kept current by polling the database."""
 
-    def __init__(self, store: KeyStore, refresh_seconds: float = 0.5) -> None:
+    def __init__(
+        self, store: KeyStore, refresh_seconds: float = 0.5, signal: ChangeSignal | None = None
+    ) -> None:
         self.store = store
         self.refresh_seconds = refresh_seconds
+        self.signal = change_signal(store.engine) if signal is None else signal
+        # When the tables were last read in full (time.monotonic()), and
+        # whether a read the signal asked for failed (retry it next poll).
+        self._read_at = 0.0
+        self._stale = True
         self._principals: dict[str, Principal] = {}
         self._records: dict[str, KeyRecord] = {}
         self._teams: dict[str, TeamRecord] = {}
@@ -118,6 +130,8 @@ class ManagedKeys:
         """Everything loaded, then polled. With the database unreachable the
         server still starts (as the ledger does): static keys work, managed
         keys get 503 and the gateway stays closed until a poll loads them."""
+        # Watching before the first read: nothing written in between is missed.
+        await self.signal.start()
         try:
             await self.refresh()
         except Exception as error:
@@ -131,6 +145,7 @@ class ManagedKeys:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self.signal.aclose()
 
     async def refresh(self) -> None:
         since = None
@@ -138,12 +153,24 @@ class ManagedKeys:
             # Never past this clock: a row stamped by a replica whose clock
             # runs ahead must not hide the writes of the others.
             since = min(self._newest, now()) - OVERLAP
+        self._read_at = time.monotonic()
+        self._stale = True  # until this read succeeds
         self.apply(await self.store.changed_since(since))
         self.loaded = True
+        self._stale = False
+
+    def _due(self) -> bool:
+        """Whether this poll reads the tables (the signal is asked every
+        poll, so that it resets even when a read is due anyway)."""
+        changed = self.signal.changed()
+        overdue = time.monotonic() - self._read_at >= self.signal.safety_seconds
+        return changed or overdue or self._stale or not self.loaded
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_seconds)
+            if not self._due():
+                continue
             try:
                 await self.refresh()
             except Exception as error:  # the database is away: keep what we have

@@ -204,8 +204,10 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
     days as ``YYYY-MM-DD``, booleans as 0 or 1, JSON as text."""
     return (
         r.request_id,
-        f"{r.at:%Y-%m-%d %H:%M:%S.%f}",
-        f"{r.day:%Y-%m-%d}",
+        # (isoformat, not strftime: a quarter of the instructions; the
+        # offset it appends is cut off)
+        r.at.isoformat(" ", "microseconds")[:26],
+        r.day.isoformat(),
         r.endpoint,
         r.key_id,
         r.team_id,
@@ -314,12 +316,17 @@ class Ledger:
 
     async def flush(self) -> None:
         """Write every record queued so far, in batches; a batch stays queued
-        until the database has taken it."""
+        until the database has taken it. Only the records queued when it
+        began: those queued while it writes wait for the next batch, so that
+        under load a batch fills to ``batch_size`` (or ``flush_seconds``)
+        rather than the writer running on in small transactions, each with
+        its fixed cost (it wrote about 35 rows a transaction at 500 requests
+        a second)."""
         async with self._writing:
-            while self._pending:
-                batch = [
-                    self._pending[i] for i in range(min(self.options.batch_size, self.pending))
-                ]
+            left = len(self._pending)
+            while left > 0 and self._pending:
+                batch = [self._pending[i] for i in range(min(self.options.batch_size, left))]
+                left -= len(batch)
                 try:
                     async with self.engine.begin() as connection:
                         await write_records(connection, batch)

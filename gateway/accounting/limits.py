@@ -79,12 +79,12 @@ class Level:
         return max(missing, 0.0) * SECONDS_PER_WINDOW / self.demand.limit
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admitted:
     levels: tuple[Level, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateRefused:
     """``demand``'s bucket holds too little: retry after ``retry_after``
     seconds (None: never, the request is larger than the limit)."""
@@ -94,7 +94,7 @@ class RateRefused:
     levels: tuple[Level, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BudgetRefused:
     demand: BudgetDemand
     # What was spent and reserved when it was refused.
@@ -102,9 +102,12 @@ class BudgetRefused:
 
 
 Verdict = Admitted | RateRefused | BudgetRefused
+# (The verdicts and Settlement are not frozen: a frozen dataclass sets each
+# field through object.__setattr__, and one of each is made per request.
+# Nothing changes them after they are made.)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Settlement:
     """What a ticket gives back when its request ends: each token bucket's
     correction (reserved minus used: positive gives back, negative takes
@@ -188,30 +191,45 @@ class MemoryLimiter:
         budgets: tuple[BudgetDemand, ...],
         now: float,
     ) -> Verdict:
-        levels = tuple([Level(d, self._bucket(d, now).refilled(d.limit, now)) for d in rates])
+        buckets = self._buckets
+        levels = []
+        for demand in rates:
+            bucket = buckets.get(demand.key)
+            if bucket is None:
+                remaining = float(demand.limit)
+            else:
+                remaining = bucket.refilled(demand.limit, now)
+            levels.append(Level(demand, remaining))
         for level in levels:
             demand = level.demand
             if level.remaining < demand.amount:
                 wait = None
                 if demand.amount <= demand.limit:
                     wait = (demand.amount - level.remaining) * SECONDS_PER_WINDOW / demand.limit
-                return RateRefused(demand, wait, levels)
+                return RateRefused(demand, wait, tuple(levels))
         if now >= self._next_sweep:
             self._sweep(now)
+            buckets = self._buckets  # (a new dict)
         for budget in budgets:
             state = self._budget(budget, now)
             used = state.spent + state.reserved(now)
             if used + budget.amount > budget.limit:
                 return BudgetRefused(budget, used)
         # Taken: each level (new objects of this call) updated in place, and
-        # its bucket stored again (the sweep above may have dropped it).
+        # its bucket updated or stored (the sweep above may have dropped it).
         for level in levels:
-            level.remaining -= level.demand.amount
-            self._buckets[level.demand.key] = _Bucket(level.remaining, now)
-        for budget in budgets:
+            demand = level.demand
+            level.remaining -= demand.amount
+            bucket = buckets.get(demand.key)
+            if bucket is None:
+                buckets[demand.key] = _Bucket(level.remaining, now)
+            else:
+                bucket.level, bucket.at = level.remaining, now
+        if budgets:
             until = now + self._reservation_seconds
-            self._budgets[budget.key].reservations[ticket] = (budget.amount, until)
-        return Admitted(levels)
+            for budget in budgets:
+                self._budgets[budget.key].reservations[ticket] = (budget.amount, until)
+        return Admitted(tuple(levels))
 
     def settle(self, settlement: Settlement) -> None:
         self.settle_now(settlement, self._now())
@@ -220,10 +238,15 @@ class MemoryLimiter:
         return None
 
     def settle_now(self, settlement: Settlement, now: float) -> None:
+        buckets = self._buckets
         for demand, correction in settlement.refunds:
-            bucket = self._bucket(demand, now)
-            level = bucket.refilled(demand.limit, now)
-            self._buckets[demand.key] = _Bucket(min(float(demand.limit), level + correction), now)
+            bucket = buckets.get(demand.key)
+            level = float(demand.limit) if bucket is None else bucket.refilled(demand.limit, now)
+            level = min(float(demand.limit), level + correction)
+            if bucket is None:
+                buckets[demand.key] = _Bucket(level, now)
+            else:
+                bucket.level, bucket.at = level, now
         for budget, charge in settlement.charges:
             state = self._budget(budget, now)
             state.reservations.pop(settlement.ticket, None)
@@ -259,10 +282,3 @@ class MemoryLimiter:
             for key, bucket in self._buckets.items()
             if now - bucket.at < SECONDS_PER_WINDOW * 2 or bucket.level < 0
         }
-
-    def _bucket(self, demand: RateDemand, now: float) -> _Bucket:
-        bucket = self._buckets.get(demand.key)
-        if bucket is None:
-            bucket = _Bucket(float(demand.limit), now)
-            self._buckets[demand.key] = bucket
-        return bucket

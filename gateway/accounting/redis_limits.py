@@ -29,7 +29,8 @@ import math
 from collections import deque
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.accounting.limits import (
     Admitted,
@@ -88,7 +89,8 @@ for b = 1, nb do
   for _, gone in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', now)) do
     local held = redis.call('HGET', hkey, 'r:' .. gone)
     if held then
-      redis.call('HINCRBY', hkey, 'reserved', '-' .. held)
+      -- (Redis takes no "-0": a reservation of 0, a free model's, has nothing to give back)
+      if held ~= '0' then redis.call('HINCRBY', hkey, 'reserved', '-' .. held) end
       redis.call('HDEL', hkey, 'r:' .. gone)
     end
     redis.call('ZREM', zkey, gone)
@@ -140,7 +142,8 @@ for b = 1, nb do
   local a = base + 2 * (b - 1)
   local held = redis.call('HGET', hkey, 'r:' .. ticket)
   if held then
-    redis.call('HINCRBY', hkey, 'reserved', '-' .. held)
+    -- (Redis takes no "-0": a reservation of 0, a free model's, has nothing to give back)
+    if held ~= '0' then redis.call('HINCRBY', hkey, 'reserved', '-' .. held) end
     redis.call('HDEL', hkey, 'r:' .. ticket)
   end
   redis.call('ZREM', zkey, ticket)
@@ -177,6 +180,7 @@ class RedisLimiter:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self._reservation_seconds = reservation_seconds
+        self._hold = str(reservation_seconds)
         self._pending: deque[Settlement] = deque(maxlen=MAX_PENDING)
         # Admissions waiting for this turn of the loop to end (see _flush).
         self._admissions: list[_Admission] = []
@@ -189,7 +193,7 @@ class RedisLimiter:
         self, ticket: str, rates: tuple[RateDemand, ...], budgets: tuple[BudgetDemand, ...]
     ) -> Verdict:
         keys = [d.key for d in rates]
-        args: list[str | int] = [len(rates), len(budgets), ticket, str(self._reservation_seconds)]
+        args: list[str | int] = [len(rates), len(budgets), ticket, self._hold]
         for demand in rates:
             args += [demand.limit, demand.amount]
         for budget in budgets:
@@ -215,10 +219,7 @@ class RedisLimiter:
                 keys, args, _ = batch[0]
                 replies = [await self._admit(keys=keys, args=args)]
             else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
-                        await self._admit(keys=keys, args=args, client=pipe)
-                    replies = await pipe.execute()
+                replies = await self._pipelined(self._admit, [(k, a) for k, a, _ in batch])
         except RedisError as error:
             for _, _, waiting in batch:
                 if not waiting.done():
@@ -272,21 +273,51 @@ class RedisLimiter:
             self._drained.set()
 
     async def _send(self, batch: list[Settlement]) -> None:
+        calls: list[tuple[list[str], list[str | int]]] = []
+        for settlement in batch:
+            keys = [d.key for d, _ in settlement.refunds]
+            args: list[str | int] = [
+                len(settlement.refunds),
+                len(settlement.charges),
+                settlement.ticket,
+            ]
+            for demand, correction in settlement.refunds:
+                args += [demand.limit, correction]
+            for budget, charge in settlement.charges:
+                keys += [budget.key, _reservations_key(budget)]
+                args += [charge, _keep(budget)]
+            calls.append((keys, args))
+        await self._pipelined(self._settle, calls)
+
+    async def _pipelined(
+        self, script: AsyncScript, calls: list[tuple[list[str], list[str | int]]]
+    ) -> list[object]:
+        """``script`` run once per call, in one pipelined round trip: its
+        replies in order, or the first error raised. By EVALSHA alone:
+        redis-py's own pipelining of a script asks ``SCRIPT EXISTS`` first,
+        a second round trip on every batch. A script Redis lost (restarted,
+        ``SCRIPT FLUSH``) is loaded again and the calls it refused sent again
+        (a refused call did not run)."""
+        replies = await self._evalsha(script.sha, calls)
+        lost = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:
+            script.sha = await self._redis.script_load(script.script)
+            again = await self._evalsha(script.sha, [calls[index] for index in lost])
+            for index, reply in zip(lost, again, strict=True):
+                replies[index] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _evalsha(
+        self, sha: str, calls: list[tuple[list[str], list[str | int]]]
+    ) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for settlement in batch:
-                keys = [d.key for d, _ in settlement.refunds]
-                args: list[str | int] = [
-                    len(settlement.refunds),
-                    len(settlement.charges),
-                    settlement.ticket,
-                ]
-                for demand, correction in settlement.refunds:
-                    args += [demand.limit, correction]
-                for budget, charge in settlement.charges:
-                    keys += [budget.key, _reservations_key(budget)]
-                    args += [charge, _keep(budget)]
-                await self._settle(keys=keys, args=args, client=pipe)
-            await pipe.execute()
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            replies: list[object] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def aclose(self) -> None:
         if self._pending:

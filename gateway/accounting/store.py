@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import Row, func, insert, select, update
+from sqlalchemy import Row, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from gateway.accounting.key_changes import CHANNEL
 from gateway.accounting.principal import Budget, BudgetPeriod, RateLimits
 from gateway.accounting.tables import api_keys, teams
 from gateway.auth import hash_api_key
@@ -178,6 +179,7 @@ class KeyStore:
         try:
             async with self.engine.begin() as connection:
                 await connection.execute(insert(teams).values(**values))
+                await _notify(connection)
         except IntegrityError:
             raise InvalidRequestError(
                 f"A team named `{new.name}` already exists.", param="name", code="team_exists"
@@ -230,6 +232,7 @@ class KeyStore:
                 .where(teams.c.id == team_id)
                 .values(deleted_at=stamp, updated_at=stamp)
             )
+            await _notify(connection)
         return _team(found)
 
     # ------------------------------------------------------------------ keys
@@ -262,6 +265,7 @@ class KeyStore:
         }
         async with self.engine.begin() as connection:
             await connection.execute(insert(api_keys).values(**values))
+            await _notify(connection)
         record = await self.key(key_id)
         assert record is not None
         return record, secret
@@ -288,6 +292,7 @@ class KeyStore:
                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=stamp, updated_at=stamp)
             )
+            await _notify(connection)
         record = await self.key(key_id)
         if record is None:
             raise NotFoundError(f"No API key `{key_id}`.", param="id", code="not_found")
@@ -306,6 +311,14 @@ class KeyStore:
             found_teams = [_team(row) for row in await connection.execute(team_query)]
             found_keys = [_key(row) for row in await connection.execute(key_query)]
         return Changes(found_teams, found_keys)
+
+
+async def _notify(connection: AsyncConnection) -> None:
+    """On PostgreSQL, wake the replicas' key caches when this transaction
+    commits (gateway/accounting/key_changes.py); SQLite's own change counter
+    needs nothing sent."""
+    if connection.dialect.name == "postgresql":
+        await connection.execute(text(f"NOTIFY {CHANNEL}"))
 
 
 def _no_team(team_id: str) -> NotFoundError:

@@ -23,7 +23,7 @@ from gateway.accounting.db import async_url, migrate, open_engine
 from gateway.accounting.forms import KeyForm, TeamForm, expiry, new_key, new_team
 from gateway.accounting.keys import ManagedKeys, managed_keys_exist
 from gateway.accounting.principal import Budget, Principal, RateLimits
-from gateway.accounting.store import KeyStore, NewKey, NewTeam
+from gateway.accounting.store import Changes, KeyStore, NewKey, NewTeam
 from gateway.accounting.tables import api_keys, teams
 from gateway.auth import PrincipalAuthenticator, hash_api_key
 from gateway.catalog import Catalog, ModelEntry
@@ -143,6 +143,43 @@ async def test_a_revocation_elsewhere_reaches_a_polling_cache(store: KeyStore) -
             await asyncio.sleep(0.01)
         else:
             pytest.fail("the revocation did not reach the other cache within 1 s")
+    finally:
+        await replica.aclose()
+
+
+class _CountingStore(KeyStore):
+    """The real store, counting the full reads of the poll."""
+
+    reads = 0
+
+    async def changed_since(self, since: datetime | None) -> Changes:
+        self.reads += 1
+        return await super().changed_since(since)
+
+
+async def test_an_idle_poll_reads_nothing_and_a_write_is_still_seen(store: KeyStore) -> None:
+    """The poll asks SQLite's data_version first: no query while nothing is
+    written, a write by another connection read at the next poll."""
+    record, secret = await store.create_key(NewKey("idle"))
+    replica_store = _CountingStore(store.engine)
+    replica = ManagedKeys(replica_store, refresh_seconds=0.005)
+    await replica.start()
+    try:
+        await asyncio.sleep(0.05)  # ten polls
+        assert replica_store.reads == 1  # the start's
+        await store.revoke_key(record.id)
+        for _ in range(200):
+            try:
+                replica.lookup(hash_api_key(secret))
+            except AuthenticationError:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            pytest.fail("the revocation did not reach the polling cache within 1 s")
+        reads = replica_store.reads
+        assert reads >= 2
+        await asyncio.sleep(0.05)
+        assert replica_store.reads == reads
     finally:
         await replica.aclose()
 
