@@ -4,6 +4,7 @@ SDK: the gateway translates to vLLM's chat endpoint, as it does for llama.cpp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,72 @@ def test_create_stream_and_continue_on_vllm(client: openai.OpenAI) -> None:
     assert spelled.usage is not None and third.usage is not None
     assert third.usage.input_tokens == spelled.usage.prompt_tokens
     assert client.responses.retrieve(third.id).output_text == third.output_text
+
+
+def test_instructions_schema_tools_and_delete_on_vllm(client: openai.OpenAI) -> None:
+    # text.format json_schema: vLLM's structured output holds the answer to it.
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+        "required": ["colour"],
+        "additionalProperties": False,
+    }
+    shaped = client.responses.create(
+        model=MODEL,
+        instructions="Answer in JSON.",
+        input="Pick a colour.",
+        text={"format": {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}},
+        temperature=0,
+        max_output_tokens=20,
+    )
+    assert json.loads(shaped.output_text)["colour"] in ("red", "green", "blue")
+    # A call and its output as input items reach vLLM as the assistant's
+    # tool_calls and a tool message. (Forcing a call needs vLLM started with
+    # --tool-call-parser, a deployment choice: vLLM 0.32 refuses tool_choice
+    # otherwise, and the client gets a 400.)
+    answered = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "get_weather",
+                "arguments": '{"city": "Paris"}',
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C."},
+        ],
+        temperature=0,
+        max_output_tokens=12,
+    )
+    # vLLM counted the prompt of the same turns sent as chat messages.
+    spelled = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C."},
+        ],
+        temperature=0,
+        max_tokens=12,
+    )
+    assert answered.usage is not None and spelled.usage is not None
+    assert answered.usage.input_tokens == spelled.usage.prompt_tokens
+    # Deleted: gone for retrieve and for previous_response_id.
+    deleted = client.responses.delete(shaped.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(shaped.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(
+            model=MODEL, input="And now?", previous_response_id=shaped.id, max_output_tokens=4
+        )
