@@ -121,7 +121,14 @@ class CheckedSchema:
     refs: tuple[Site, ...] = ()
 
 
+# A path names the client's property names, of any length: at most this
+# much of it is quoted back (its start and its end, where the fault is).
+_PATH_CHARS = 400
+
+
 def refuse(param: str, message: str) -> InvalidRequestError:
+    if len(param) > _PATH_CHARS:
+        param = f"{param[:240]}...{param[-(_PATH_CHARS - 243) :]}"
     return InvalidRequestError(f"{param}: {message}", param=param)
 
 

@@ -118,9 +118,31 @@ def decode_chat(body: bytes, limits: LimitSettings) -> wire.ChatCompletionReques
     _at_most(len(request.tools or ()), limits.max_tools, "tools", "tools")
     check_media(request, limits.media_urls)
     _check_common(request, limits)
+    _check_tool_choice(request)
     if request.tools or isinstance(request.response_format, wire.ResponseFormatJsonSchema):
         schema_guard.check_request(request, limits.schema_limits())
     return request
+
+
+def _check_tool_choice(request: wire.ChatCompletionRequest) -> None:
+    """A call the model is made to make needs that tool among ``tools``
+    (OpenAI answers 400 too; without the check each engine did something
+    else: llama.cpp ignored the choice, vLLM refused with its own error)."""
+    choice = request.tool_choice
+    if choice is None or choice in ("none", "auto"):
+        return
+    names = {tool.function.name for tool in request.tools or ()}
+    if not names:
+        raise InvalidRequestError(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+            "specified.",
+            param="tool_choice",
+        )
+    if isinstance(choice, wire.NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequestError(
+            f'tool_choice names "{choice.function.name[:_QUOTED_CHARS]}", which is not in tools',
+            param="tool_choice",
+        )
 
 
 def decode_completion(body: bytes, limits: LimitSettings) -> wire.CompletionRequest:

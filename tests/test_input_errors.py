@@ -75,6 +75,16 @@ CASES: list[tuple[str, str, dict[str, Any] | bytes, str | None]] = [
         "response_format",
     ),
     ("tool-empty-enum", "chat", tool({"enum": []}), "tools"),
+    ("tool-choice-without-tools", "chat", chat(tool_choice="required"), "tool_choice"),
+    (
+        "tool-choice-names-no-tool",
+        "chat",
+        {
+            **tool({"type": "object"}),
+            "tool_choice": {"type": "function", "function": {"name": "elsewhere"}},
+        },
+        "tool_choice",
+    ),
     ("unknown-field", "chat", chat(colour="blue"), "colour"),
     ("wrong-type", "chat", chat(n="2"), "n"),
     ("negative-token-id", "completions", completion(prompt=[-1]), "prompt"),

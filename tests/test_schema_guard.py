@@ -347,3 +347,14 @@ def test_real_world_schemas_pass_with_room_to_spare(name: str) -> None:
     )
     check_schema(raw, tight, ROOT)
     assert checked.grammar_estimate < 64 * 1024
+
+
+def test_a_long_property_name_is_not_echoed_whole() -> None:
+    # The fuzz suite's finding: the path of a fault under a 5,000-character
+    # property name came back whole, in the message and in param.
+    name = "A" * 5_000
+    schema = {"type": "object", "properties": {name: {"$ref": "#/$defs/missing"}}}
+    error = refused(schema)
+    assert error.param is not None and len(error.param) <= 400
+    assert error.param.startswith(f"{ROOT}.properties.AAA") and error.param.endswith("AAAA.$ref")
+    assert len(error.message) < 700 and "does not point into this schema" in error.message
