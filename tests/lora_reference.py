@@ -72,12 +72,19 @@ def _fetch_sdist(sdist_dir: Path) -> None:
 def reference_convert(peft: Path, out: Path) -> Path:
     """``convert_lora_to_gguf.py --outtype f32`` (its default) on the PEFT folder
     ``peft``, with the sdist's own gguf-py; returns ``out``."""
+    base = ("--base", str(hf_model_dir()))
+    run_converter(
+        "convert_lora_to_gguf.py", *base, "--outtype", "f32", "--outfile", str(out), str(peft)
+    )
+    return out
+
+
+def run_converter(script: str, *args: str) -> None:
+    """One of llama.cpp's converters from the sdist (``script`` with ``args``),
+    with its own gguf-py, in the vLLM venv (it needs torch and transformers)."""
     source = llama_cpp_source()
     done = subprocess.run(
-        [
-            *(str(vllm_python()), str(source / "convert_lora_to_gguf.py")),
-            *("--base", str(hf_model_dir()), "--outtype", "f32", "--outfile", str(out), str(peft)),
-        ],
+        [str(vllm_python()), str(source / script), *args],
         env={
             **os.environ,
             "PYTHONPATH": str(source / "gguf-py"),
@@ -91,5 +98,4 @@ def reference_convert(peft: Path, out: Path) -> Path:
     )
     if done.returncode != 0:
         tail = "\n".join(done.stderr.splitlines()[-20:])
-        raise RuntimeError(f"convert_lora_to_gguf.py failed ({done.returncode}):\n{tail}")
-    return out
+        raise RuntimeError(f"{script} failed ({done.returncode}):\n{tail}")

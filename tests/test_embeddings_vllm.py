@@ -22,6 +22,7 @@ import openai
 import pytest
 from conftest import API_KEY, MODEL, Server, config_with_key, running_server
 
+from tests.test_embeddings import vectors
 from tests.vllm_server import VllmServer, running_vllm
 
 pytestmark = pytest.mark.e2e
@@ -74,11 +75,6 @@ def gateway(
 @pytest.fixture(scope="module")
 def client(gateway: tuple[Server, Path]) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway[0].base_url, api_key=API_KEY, max_retries=0, timeout=120)
-
-
-def vectors(answer: Any) -> np.ndarray:
-    assert [item.index for item in answer.data] == list(range(len(answer.data)))
-    return np.array([item.embedding for item in answer.data], dtype=np.float64)
 
 
 def vllm_usage(vllm: VllmServer, given: object) -> int:

@@ -569,16 +569,7 @@ class OpenAICompatibleBackend:
         comments = None
         if self._reports_busy:
             comments = functools.partial(self._busy_reported, ctx)
-        clock = self._clock
-        ticket = clock.enter()
-
-        def closed() -> None:
-            shared = clock.leave(ticket)
-            if not self._reports_busy:
-                self._busy(ctx, shared)
-            if relay.usage is None:  # cut: ask the engine what it spent
-                self._cut_short(ctx, request, target.engine_model, relay.chunks_since_content)
-
+        ticket = self._clock.enter()
         return self._upstream.relay(
             path,
             _stream_body(request, target.engine_model),
@@ -586,7 +577,7 @@ class OpenAICompatibleBackend:
             relay.feed,
             relay.finish,
             comments,
-            closed,
+            functools.partial(self._relay_closed, ctx, request, target.engine_model, relay, ticket),
         )
 
     async def _held_relay(
@@ -616,11 +607,24 @@ class OpenAICompatibleBackend:
                     async for data in events:
                         yield data
             finally:
-                shared = self._clock.leave(ticket)
-                if not self._reports_busy:
-                    self._busy(ctx, shared)
-                if relay.usage is None:
-                    self._cut_short(ctx, request, model, relay.chunks_since_content)
+                self._relay_closed(ctx, request, model, relay, ticket)
+
+    def _relay_closed(
+        self,
+        ctx: RequestContext,
+        request: AnyRequest,
+        model: str,
+        relay: ChunkRelay,
+        ticket: float,
+    ) -> None:
+        """A relayed stream ended, however: its busy time (for its compute
+        cost), and, if it was cut before its usage, the engine asked what it
+        spent."""
+        shared = self._clock.leave(ticket)
+        if not self._reports_busy:
+            self._busy(ctx, shared)
+        if relay.usage is None:
+            self._cut_short(ctx, request, model, relay.chunks_since_content)
 
     # ------------------------------------------------------------- internals
 
