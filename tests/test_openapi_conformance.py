@@ -44,6 +44,9 @@ CHAT_VARIANTS: dict[str, dict[str, Any]] = {
     "json-object": {"response_format": {"type": "json_object"}},
     "tool-call": {
         "max_tokens": 60,  # room for the whole call
+        # Greedy: sampled, the model once wrote a city past 60 tokens (CI), a
+        # call cut short, which comes back as text without tool_calls.
+        "temperature": 0,
         "tools": [TOOL],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
     },
