@@ -833,9 +833,13 @@ def responses_bodies(schemas: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[
 
 # --------------------------------------------------------------- embeddings
 
+# Valid inputs are never empty: Hypothesis draws the simplest value first, and
+# an empty text (refused) as every round's first draw left the generated
+# requests of one CI run without a single 200. Empty inputs are in the odd ones.
+embedding_texts = texts.filter(bool)
 embedding_inputs = st.one_of(
-    texts,
-    st.lists(texts, min_size=1, max_size=4),
+    embedding_texts,
+    st.lists(embedding_texts, min_size=1, max_size=4),
     st.lists(token_ids, min_size=1, max_size=16),
     st.lists(st.lists(token_ids, min_size=1, max_size=8), min_size=1, max_size=3),
 )
