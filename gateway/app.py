@@ -64,6 +64,7 @@ from gateway.metrics_otlp import OtlpMetrics, otlp_metrics_wanted
 from gateway.metrics_state import CapacityState, DeploymentState, ServerState
 from gateway.observer import Ended, Observer, Unobserved, observing
 from gateway.openai_responses.handlers import build_response_handlers
+from gateway.openai_responses.store import ResponseStore, start_response_store
 from gateway.pipeline import Pipeline
 from gateway.relay import Relayed
 from gateway.relay_response import RelayedEvents
@@ -113,6 +114,8 @@ class Runtime:
     accounting: Accounting | None = field(init=False, default=None)
     # An edge node's usage kept for its gateways (None: not kept).
     cut_usage: CutUsage | None = field(init=False, default=None)
+    # Stored Responses (POST /v1/responses), one store for the app; built at start.
+    responses: ResponseStore | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.observer = Unobserved()
@@ -170,6 +173,11 @@ class Runtime:
             _log.warning("%s", warning)
         self.tracing = start_tracing(self.settings, self.tracing, stack, self.instance_id)
         await self.start_accounting(stack)
+        self.responses = await start_response_store(
+            self.settings.responses,
+            self.accounting.engine if self.accounting is not None else None,
+            stack,
+        )
         # After the backends stop (their last usage reports in), before the
         # ledger's last flush: requests still awaiting a report are recorded.
         stack.callback(lambda: self.observer.record_awaiting())
@@ -238,6 +246,11 @@ class Runtime:
     def managed_keys(self) -> ManagedKeys | None:
         """Managed API keys and teams (None: accounting is off, or not started)."""
         return self.accounting.keys if self.accounting is not None else None
+
+    def response_store(self) -> ResponseStore:
+        if self.responses is None:
+            raise InternalError("The gateway is still starting.")
+        return self.responses
 
     def serving(self) -> Pipeline:
         if self.pipeline is None:

@@ -440,6 +440,24 @@ class AccountingSettings(_Strict):
     report_cut_usage: bool = False
 
 
+class ResponsesSettings(_Strict):
+    """``[responses]``: the store of Responses (``POST /v1/responses`` with
+    ``store: true``; docs/responses.md "The store")."""
+
+    # How long a stored Response can be retrieved and continued. 30 days, as
+    # OpenAI keeps them: SDK code written against OpenAI may continue a
+    # conversation that long, and no longer is expected of prompts kept.
+    ttl_seconds: Annotated[float, Field(gt=0)] = 30 * 86400.0
+    # What one owner (an API key; every request without keys is one owner)
+    # may keep: past either bound, its oldest Responses are deleted as it
+    # stores new ones. The count also bounds what each store write reads.
+    max_per_key: Annotated[int, Field(ge=1)] = 10_000
+    max_bytes_per_key: Annotated[int, Field(ge=1024)] = 100 * 1024**2
+    # How often each process deletes the expired Responses (off the request
+    # path; an expired one is not found even before that).
+    sweep_seconds: Annotated[float, Field(gt=0)] = 600.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="NOMOAT_",
@@ -459,6 +477,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     access_log: AccessLogSettings = AccessLogSettings()
     accounting: AccountingSettings = AccountingSettings()
+    responses: ResponsesSettings = ResponsesSettings()
 
     @classmethod
     def settings_customise_sources(

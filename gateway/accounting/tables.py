@@ -150,5 +150,12 @@ responses = Table(
     Column("conversation", Text, nullable=False),
     # JSON: the Response as it was sent.
     Column("response", Text, nullable=False),
+    # Bytes of conversation and response: what counts against the owner's
+    # [responses] max_bytes_per_key (migration 0003).
+    Column("size", BigInteger, nullable=False, server_default="0"),
+    # The expiry sweep's order.
     Index("ix_responses_created_at", "created_at"),
+    # An owner's Responses, oldest first, and their count and bytes read from
+    # the index alone (what each store write reads to keep the bounds).
+    Index("ix_responses_owner_created_at", "owner", "created_at", "size"),
 )

@@ -34,12 +34,7 @@ from gateway.handling import (
 )
 from gateway.openai_responses import types as rt
 from gateway.openai_responses.events import ResponseEvents, response_events
-from gateway.openai_responses.store import (
-    MemoryResponseStore,
-    ResponseStore,
-    SqlResponseStore,
-    StoredResponse,
-)
+from gateway.openai_responses.store import ResponseStore, StoredResponse
 from gateway.openai_responses.translate import (
     Echo,
     chat_request,
@@ -119,15 +114,11 @@ class Turn:
 def build_response_handlers(
     runtime: Runtime, authenticate: PrincipalAuthenticator
 ) -> list[ControllerRouterHandler]:
-    """The Responses API's handlers over ``runtime``'s pipeline and store."""
+    """The Responses API's handlers over ``runtime``'s pipeline and its store
+    (one for the app, built at start-up)."""
     route_header = runtime.settings.server.route_header
     limits = runtime.settings.limits
-    memory = MemoryResponseStore()
-
-    def store() -> ResponseStore:
-        # The accounting database when there is one (every replica sees it).
-        accounting = runtime.accounting
-        return SqlResponseStore(accounting.engine) if accounting is not None else memory
+    store = runtime.response_store
 
     def owner_of(principal: Principal | None) -> str | None:
         return principal.key_id if principal is not None else None

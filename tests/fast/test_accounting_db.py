@@ -44,4 +44,4 @@ def test_migrations_create_the_schema_on_sqlite_and_are_idempotent(tmp_path: Pat
         names = {row[0] for row in connection.execute("select name from sqlite_master")}
         (version,) = connection.execute("select version_num from alembic_version").fetchone()
     assert names >= TABLES
-    assert version == "0002_responses"
+    assert version == "0003_responses_bounds"
