@@ -22,9 +22,10 @@ from conftest import API_KEY, MODEL, Server, config_with_key, running_server
 from openai.types.chat import ChatCompletion
 
 import gateway.engine.worker as worker_module
+from gateway.engine.fair_queue import FairQueue
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
 from gateway.engine.native import NativeModel
-from gateway.engine.scheduler import EngineBusyError, EngineClosedError, Scheduler, _FairQueue, _Job
+from gateway.engine.scheduler import EngineBusyError, EngineClosedError, Scheduler, _Job
 
 BUDGET = 2000
 # The model's end-of-generation tokens (<|endoftext|>, <|im_end|>, ...) are
@@ -359,7 +360,7 @@ def _job(owner: str, label: int, loop: asyncio.AbstractEventLoop) -> _Job:
 def test_fair_queue_takes_owners_in_turns() -> None:
     loop = asyncio.new_event_loop()
     try:
-        queue = _FairQueue()
+        queue: FairQueue[_Job] = FairQueue()
         for owner, label in [("a", 1), ("a", 2), ("a", 3), ("b", 4), ("c", 5), ("b", 6)]:
             queue.push(_job(owner, label, loop))
         assert queue.size == 6

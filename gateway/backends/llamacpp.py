@@ -44,6 +44,7 @@ from gateway.engine.embedding import (
     EmbeddingModel,
     EngineFullError,
     InputError,
+    KeyFullError,
 )
 from gateway.engine.generation import Delta, GenerationRequest, GenerationResult
 from gateway.engine.grammar import GrammarCache
@@ -136,6 +137,7 @@ class LlamaCppConfig(BaseModel):
     # (each of a request's n choices and prompts counts): past it, 429 with
     # Retry-After, so one key cannot fill the queue. 0: no limit. Requests
     # without a key (a gateway with no keys configured) are not limited.
+    # Embedding requests have a share of their own queue of the same size.
     max_per_key: Annotated[int, Field(ge=0)] = 8
     # A completion budget for chat requests that set no max_tokens /
     # max_completion_tokens (at most what the context leaves). 0: the whole
@@ -177,6 +179,7 @@ class LlamaCppConfig(BaseModel):
     # CPU threads of the embedding worker (one worker thread; chat keeps its own).
     embedding_threads: Annotated[int, Field(ge=1)] = 1
     # Embedding requests that may wait behind the running one; more: 503.
+    # Keys take turns in that queue, each holding at most max_per_key.
     embedding_max_waiting: Annotated[int, Field(ge=0)] = 16
 
 
@@ -305,7 +308,9 @@ class LlamaCppBackend:
                     f"input token ids must be 0..{engine.model.n_vocab - 1}", param="input"
                 )
         try:
-            done = await engine.embed([*inputs.texts, *inputs.tokens])
+            done = await engine.embed([*inputs.texts, *inputs.tokens], self._owner(ctx))
+        except KeyFullError as error:
+            raise KeyOverloadedError(f"backend {self.name}: {error}") from error
         except EngineFullError as error:
             raise EngineOverloadedError(f"backend {self.name} is busy: {error}") from error
         except InputError as error:
@@ -812,7 +817,9 @@ async def create_backend(name: str, config: LlamaCppConfig) -> LlamaCppBackend:
     backend = LlamaCppBackend(name, config, model, path)
     embedding = await asyncio.to_thread(_embedding_model, config, model)
     if embedding is not None:
-        engine = EmbeddingEngine(embedding, max_waiting=config.embedding_max_waiting)
+        engine = EmbeddingEngine(
+            embedding, max_waiting=config.embedding_max_waiting, max_per_key=config.max_per_key
+        )
         named = config.embedding_model_name if config.embedding_model_path else config.model_name
         backend.start_embeddings(engine, named)
     return backend

@@ -10,7 +10,10 @@ thread by default).
 
 An :class:`EmbeddingEngine` runs one model's work on one worker thread, with
 at most ``max_waiting`` requests queued behind it (more are refused at once:
-the gateway answers 503 with Retry-After). ctypes releases the GIL inside
+the gateway answers 503 with Retry-After). The queue is chat's fair one:
+API keys take turns, and one key holds at most ``max_per_key`` requests (429
+past it), so one key flooding it neither fills it nor makes another key's
+request wait behind the whole flood. ctypes releases the GIL inside
 llama.cpp, so the event loop keeps serving while a vector is computed.
 """
 
@@ -21,15 +24,17 @@ import ctypes
 import functools
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
 
+from gateway.engine.fair_queue import FairQueue
 from gateway.engine.native import NativeError
 
 Vector = npt.NDArray[np.float32]
@@ -40,6 +45,10 @@ DEFAULT_CONTEXT = 2048
 
 class EngineFullError(Exception):
     """``max_waiting`` embedding requests are already queued."""
+
+
+class KeyFullError(EngineFullError):
+    """The owner already holds its share of the queue (``max_per_key``)."""
 
 
 class EmbeddingCancelledError(Exception):
@@ -164,13 +173,32 @@ class EmbeddingModel:
         self._free_weights()
 
 
-class EmbeddingEngine:
-    """One :class:`EmbeddingModel` behind one worker thread and a bounded queue."""
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One request's inputs, waiting for the worker thread or on it."""
 
-    def __init__(self, model: EmbeddingModel, *, max_waiting: int) -> None:
+    inputs: Sequence[str | Sequence[int]]
+    owner: str
+    done: asyncio.Future[Embedded]
+    # Set when its caller went away: the worker thread stops before the next input.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class EmbeddingEngine:
+    """One :class:`EmbeddingModel` behind one worker thread and a bounded,
+    fair queue: owners (API keys) take turns, as chat's do
+    (:mod:`gateway.engine.fair_queue`), and one owner holds at most
+    ``max_per_key`` requests, waiting and running (0: no limit; owner ``""``,
+    a gateway without keys, has no share to keep)."""
+
+    def __init__(self, model: EmbeddingModel, *, max_waiting: int, max_per_key: int = 0) -> None:
         self.model = model
         self._max_waiting = max_waiting
-        self._pending = 0
+        self._max_per_key = max_per_key
+        self._queue: FairQueue[_Job] = FairQueue()
+        self._running: _Job | None = None
+        self._held: Counter[str] = Counter()
+        self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nomoat-embed")
         # Busy seconds of the worker thread since start (for compute costs).
         self.busy_seconds = 0.0
@@ -178,28 +206,64 @@ class EmbeddingEngine:
     @property
     def pending(self) -> int:
         """Requests queued or running now."""
-        return self._pending
+        return self._queue.size + (self._running is not None)
 
-    async def embed(self, inputs: Sequence[str | Sequence[int]]) -> Embedded:
+    async def embed(self, inputs: Sequence[str | Sequence[int]], owner: str = "") -> Embedded:
         """Every input's vector (a text is tokenized first), computed on the
-        worker thread; refused at once with :class:`EngineFullError` when the
-        queue is full. If the caller is cancelled while the request waits,
-        it never runs."""
-        if self._pending > self._max_waiting:
-            raise EngineFullError(f"{self._pending} embedding requests are in progress")
-        self._pending += 1
-        stop = threading.Event()
+        worker thread in ``owner``'s turn; refused at once with
+        :class:`EngineFullError` when the queue is full (:class:`KeyFullError`
+        when ``owner`` holds its share). If the caller is cancelled while
+        the request waits, it never runs."""
+        if self._closed or self.pending > self._max_waiting:
+            raise EngineFullError(f"{self.pending} embedding requests are in progress")
+        if owner and self._max_per_key and self._held[owner] >= self._max_per_key:
+            raise KeyFullError(
+                f"this API key already has {self._held[owner]} embedding requests here "
+                f"(at most {self._max_per_key} at once)"
+            )
+        job = _Job(inputs, owner, asyncio.get_running_loop().create_future())
+        self._held[owner] += 1
+        self._queue.push(job)
+        self._next()
         try:
-            loop = asyncio.get_running_loop()
-            work = functools.partial(self._embed_all, inputs, stop)
-            return await loop.run_in_executor(self._executor, work)
+            return await job.done
         except asyncio.CancelledError:
-            # The client left, or the deadline passed: a running request
-            # stops before its next input (not after thousands of them).
-            stop.set()
+            # The client left, or the deadline passed: a queued request
+            # never runs; a running one stops before its next input (not
+            # after thousands of them).
+            if self._queue.discard(job):
+                self._release(job)
+            job.stop.set()
             raise
-        finally:
-            self._pending -= 1
+
+    def _next(self) -> None:
+        """The next owner's oldest request onto the worker thread, if it is free."""
+        if self._closed or self._running is not None or not self._queue.size:
+            return
+        job = self._running = self._queue.pop()
+        loop = asyncio.get_running_loop()
+        work = functools.partial(self._embed_all, job.inputs, job.stop)
+        running = loop.run_in_executor(self._executor, work)
+        running.add_done_callback(functools.partial(self._finished, job))
+
+    def _finished(self, job: _Job, running: asyncio.Future[Embedded]) -> None:
+        self._running = None
+        self._release(job)
+        if not job.done.done():
+            if running.cancelled():
+                job.done.cancel()
+            elif (error := running.exception()) is not None:
+                job.done.set_exception(error)
+            else:
+                job.done.set_result(running.result())
+        elif not running.cancelled():
+            running.exception()  # retrieved: its caller left, nobody else wants it
+        self._next()
+
+    def _release(self, job: _Job) -> None:
+        self._held[job.owner] -= 1
+        if self._held[job.owner] <= 0:
+            del self._held[job.owner]
 
     def _embed_all(self, inputs: Sequence[str | Sequence[int]], stop: threading.Event) -> Embedded:
         started = time.perf_counter()
@@ -218,6 +282,11 @@ class EmbeddingEngine:
         return Embedded(vectors, sum(len(tokens) for tokens in tokenized), seconds)
 
     def close(self) -> None:
-        """Waits for the running request, then frees the context."""
+        """Waits for the running request, then frees the context; the
+        queued ones are cancelled (their callers' loop does it)."""
+        self._closed = True
+        while self._queue.size:
+            done = self._queue.pop().done
+            done.get_loop().call_soon_threadsafe(done.cancel)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.model.close()

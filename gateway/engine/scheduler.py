@@ -28,12 +28,12 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.engine.adapters import AdapterCache
+from gateway.engine.fair_queue import FairQueue
 from gateway.engine.generation import GenerationRequest, GenerationResult
 from gateway.engine.mailbox import GenerationStreams, Mailbox
 from gateway.engine.native import NativeModel
@@ -62,43 +62,6 @@ class KeyBusyError(EngineBusyError):
 class TooManyGenerationsError(Exception):
     """A request asks for more generations at once than this engine (or one
     owner's share of it) can ever hold: waiting would not help."""
-
-
-@dataclass(slots=True)
-class _FairQueue:
-    by_owner: dict[str, deque[_Job]] = field(default_factory=dict)
-    turns: deque[str] = field(default_factory=deque)
-    size: int = 0
-
-    def push(self, job: _Job) -> None:
-        if job.owner not in self.by_owner:
-            self.by_owner[job.owner] = deque()
-            self.turns.append(job.owner)
-        self.by_owner[job.owner].append(job)
-        self.size += 1
-
-    def pop(self) -> _Job:
-        owner = self.turns.popleft()
-        jobs = self.by_owner[owner]
-        job = jobs.popleft()
-        self.size -= 1
-        if jobs:
-            self.turns.append(owner)
-        else:
-            del self.by_owner[owner]
-        return job
-
-    def discard(self, job: _Job) -> bool:
-        """Take ``job`` out of the queue; False if it was not queued."""
-        jobs = self.by_owner.get(job.owner)
-        if jobs is None or job not in jobs:
-            return False
-        jobs.remove(job)
-        self.size -= 1
-        if not jobs:
-            del self.by_owner[job.owner]
-            self.turns.remove(job.owner)
-        return True
 
 
 class Spent(Protocol):
@@ -184,7 +147,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.max_per_key = max_per_key
         self.stream_buffer = stream_buffer
-        self._queue = _FairQueue()
+        self._queue: FairQueue[_Job] = FairQueue()
         self._held: Counter[str] = Counter()
         self._ready = asyncio.Event()
         self._free = asyncio.Semaphore(model.n_seq)

@@ -25,7 +25,7 @@ from gateway.contract import (
 )
 from gateway.embeddings.inputs import Inputs, decode_embeddings, from_view, inputs_of, routing_view
 from gateway.embeddings.vectors import embedding_list, encoded, shaped
-from gateway.engine.embedding import EmbeddingEngine, EngineFullError
+from gateway.engine.embedding import EmbeddingEngine, EngineFullError, KeyFullError
 from gateway.errors import InvalidRequestError, UpstreamError
 from gateway.policies import OrderedPolicy
 from gateway.registry import Registry
@@ -269,6 +269,37 @@ async def test_the_embedding_queue_is_bounded_and_a_cancelled_request_stops() ->
         done = await waiting
         # The cancelled request stopped after the input it was on.
         assert model.embedded == 2 and done.prompt_tokens == 1
+        assert engine.pending == 0
+    finally:
+        model.go.set()
+        engine.close()
+
+
+@pytest.mark.anyio
+async def test_keys_take_turns_in_the_embedding_queue_and_each_holds_its_share() -> None:
+    """A key flooding the queue: another key's request runs next, not after
+    the flood; past max_per_key the flooding key is refused (429 upstream),
+    the other is not."""
+    model = _SlowModel()
+    engine = EmbeddingEngine(model, max_waiting=8, max_per_key=4)  # type: ignore[arg-type]
+    finished: list[str] = []
+
+    async def request(name: str, owner: str) -> None:
+        await engine.embed([name], owner)
+        finished.append(name)
+
+    try:
+        flood = [asyncio.create_task(request(f"a{i}", "key-a")) for i in range(4)]
+        await asyncio.to_thread(model.started.wait, 5)
+        with pytest.raises(KeyFullError):
+            await engine.embed(["a5"], "key-a")
+        other = asyncio.create_task(request("b", "key-b"))
+        await asyncio.sleep(0)
+        model.go.set()
+        await asyncio.gather(*flood, other)
+        # key-a's next turn was queued before key-b came: b waits for one
+        # more of key-a's requests, not for all three.
+        assert finished == ["a0", "a1", "b", "a2", "a3"]
         assert engine.pending == 0
     finally:
         model.go.set()
