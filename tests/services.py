@@ -65,6 +65,24 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> No
 
 
 @contextmanager
+def _serving(command: list[str], port: int, log_path: Path, what: str) -> Iterator[None]:
+    """``command`` running, its output in ``log_path``, once it listens on
+    ``port``; stopped (killed if it does not stop) when the block ends."""
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_port(port, server, what)
+            yield
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+@contextmanager
 def running_postgres(root: Path) -> Iterator[str]:
     """A PostgreSQL cluster on loopback; yields ``postgresql://...`` of its
     ``postgres`` database (tests make their own with :func:`fresh_database`)."""
@@ -89,39 +107,27 @@ def running_postgres(root: Path) -> Iterator[str]:
         capture_output=True,
     )
     port = _free_port()
-    log = (root / "postgres.log").open("wb")
-    server = subprocess.Popen(
-        _as_postgres(
-            [
-                _pg_bin("postgres"),
-                "-D",
-                str(data),
-                "-p",
-                str(port),
-                "-h",
-                "127.0.0.1",
-                "-k",
-                str(root),
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=200",
-            ]
-        ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    command = _as_postgres(
+        [
+            _pg_bin("postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(root),
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ]
     )
     try:
-        _wait_for_port(port, server, "postgres")
-        yield f"postgresql://nomoat@127.0.0.1:{port}/postgres"
+        with _serving(command, port, root / "postgres.log", "postgres"):
+            yield f"postgresql://nomoat@127.0.0.1:{port}/postgres"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
         if os.geteuid() == 0:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -157,32 +163,18 @@ def running_redis(root: Path) -> Iterator[str]:
         raise ServiceMissingError("redis-server is not installed")
     port = _free_port()
     root.mkdir(parents=True, exist_ok=True)
-    log = (root / "redis.log").open("wb")
-    server = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(root),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_for_port(port, server, "redis-server")
+    command = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(root),
+    ]
+    with _serving(command, port, root / "redis.log", "redis-server"):
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()

@@ -9,15 +9,14 @@ the chunks the client saw nor a prompt of 0 can match llama.cpp's counters.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
 from conftest import API_KEY, MODEL, running_server
-from test_ledger_live import NO_END, ledger_rows, sdk, settled_decoded, warm_up
+from cut_streams import cut_chat_and_text, evaluated, rows_once_written
+from test_ledger_live import NO_END, sdk, settled_decoded, warm_up
 
 from gateway.accounting.prices import TokenPrices
 from gateway.auth import hash_api_key
@@ -49,64 +48,19 @@ database = "sqlite:///{database}"
 """
 
 
-def rows_once_written(path: Path, count: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if path.exists():
-            rows = ledger_rows(path)
-            if len(rows) >= count:
-                return rows
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {count} ledger rows")
-
-
-def read_a_little_then_leave(stream: openai.Stream[Any]) -> int:
-    """Read two chunks, give the engine time to run ahead, then leave."""
-    seen = 0
-    for _ in stream:
-        seen += 1
-        if seen == 2:
-            break
-    time.sleep(1.5)
-    stream.close()
-    return seen
-
-
 def test_cut_streams_record_the_engines_exact_tokens(tmp_path: Path) -> None:
     database = tmp_path / "ledger.db"
     with running_server(tmp_path, config(database)) as server:
         client: openai.OpenAI = sdk(server)
-        decoded: list[int] = []
         warm_up(server)
-        before = settled_decoded(server)
-        fresh = f"Tell a long story about the number {uuid.uuid4().hex}."
-        chat = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": fresh}],
-            max_tokens=2000,
-            stream=True,
-            logit_bias=NO_END,
+        decoded = cut_chat_and_text(
+            client, lambda: settled_decoded(server), chunks=(2, 2), run_ahead=1.5
         )
-        read_a_little_then_leave(chat)
-        middle = settled_decoded(server)
-        decoded.append(middle - before)
-        text = client.completions.create(
-            model=MODEL,
-            prompt=f"Chapter {uuid.uuid4().hex}: it was a dark and stormy night",
-            max_tokens=2000,
-            stream=True,
-            logit_bias=NO_END,
-        )
-        read_a_little_then_leave(text)
-        decoded.append(settled_decoded(server) - middle)
         rows = rows_once_written(database, 3)[1:]
     prices = TokenPrices.of_usd(INPUT_USD, OUTPUT_USD)
     assert [row["status"] for row in rows] == [499, 499]
     for row, engine in zip(rows, decoded, strict=True):
-        # llama.cpp evaluated the uncached prompt and every generated token
-        # but the last (sampled, never fed back).
-        evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
-        assert evaluated == engine, (
+        assert evaluated(row) == engine, (
             {
                 k: row[k]
                 for k in ("prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason")
@@ -142,6 +96,5 @@ def test_a_json_request_the_client_leaves_records_the_engines_exact_tokens(
         decoded = settled_decoded(server) - before
         [row] = rows_once_written(database, 2)[1:]
     assert row["status"] == 499
-    evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
-    assert evaluated == decoded, row
+    assert evaluated(row) == decoded, row
     assert row["prompt_tokens"] > 20 and row["completion_tokens"] > 10

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 
 import pytest
@@ -58,25 +59,38 @@ async def _until_refused(cache: ManagedKeys, secret: str) -> None:
     pytest.fail("the revocation did not reach the replica within 1 s")
 
 
+@asynccontextmanager
+async def _replica(store: _CountingStore) -> AsyncIterator[ManagedKeys]:
+    """A replica's key cache on ``store``, polling every 10 ms while open."""
+    replica = ManagedKeys(store, refresh_seconds=0.01)
+    await replica.start()
+    try:
+        yield replica
+    finally:
+        await replica.aclose()
+
+
+async def _idle(store: _CountingStore) -> int:
+    """Its reads so far, once 0.1 s (ten polls) added none."""
+    reads = store.reads
+    await asyncio.sleep(0.1)
+    assert store.reads == reads
+    return reads
+
+
 async def test_an_idle_replica_reads_nothing_and_hears_a_revocation(
     stores: tuple[KeyStore, _CountingStore],
 ) -> None:
     admin, replica_store = stores
     record, secret = await admin.create_key(NewKey("pg-idle"))
-    replica = ManagedKeys(replica_store, refresh_seconds=0.01)
-    assert isinstance(replica.signal, PostgresNotifications)
-    await replica.start()
-    try:
+    async with _replica(replica_store) as replica:
+        assert isinstance(replica.signal, PostgresNotifications)
         await asyncio.sleep(0.1)  # ten polls; the first may still read once
-        reads = replica_store.reads
-        assert reads <= 2
-        await asyncio.sleep(0.1)
-        assert replica_store.reads == reads
+        assert replica_store.reads <= 2
+        reads = await _idle(replica_store)
         await admin.revoke_key(record.id)
         await _until_refused(replica, secret)
         assert replica_store.reads > reads
-    finally:
-        await replica.aclose()
 
 
 async def test_a_lost_listener_polls_until_it_listens_again(
@@ -84,9 +98,7 @@ async def test_a_lost_listener_polls_until_it_listens_again(
 ) -> None:
     admin, replica_store = stores
     record, secret = await admin.create_key(NewKey("pg-lost"))
-    replica = ManagedKeys(replica_store, refresh_seconds=0.01)
-    await replica.start()
-    try:
+    async with _replica(replica_store) as replica:
         async with admin.engine.begin() as connection:
             killed = await connection.scalar(
                 text(
@@ -105,8 +117,4 @@ async def test_a_lost_listener_polls_until_it_listens_again(
             await asyncio.sleep(0.01)
         assert signal.listening
         await asyncio.sleep(0.05)
-        reads = replica_store.reads
-        await asyncio.sleep(0.1)
-        assert replica_store.reads == reads
-    finally:
-        await replica.aclose()
+        await _idle(replica_store)

@@ -13,12 +13,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
-from test_ledger_live import NO_END, ledger_rows
+from cut_streams import cut_chat_and_text, evaluated, rows_once_written
+from test_ledger_live import NO_END
 
 from tests.conftest import MODEL, Server, config_with_key, running_server
 from tests.test_edge_routing import edge_node
@@ -68,24 +68,6 @@ def gateway(tmp_path: Path) -> Iterator[tuple[Server, Path, int]]:
             yield live, path, port
 
 
-def rows_once_written(path: Path, count: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if path.exists() and len(rows := ledger_rows(path)) >= count:
-            return rows
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {count} ledger rows")
-
-
-def cut_after(stream: openai.Stream[Any], chunks: int) -> None:
-    """Read ``chunks`` chunks, let the node run ahead, then leave."""
-    for seen, _ in enumerate(stream, start=1):
-        if seen == chunks:
-            break
-    time.sleep(1.0)
-    stream.close()
-
-
 def test_cut_streams_through_an_edge_node_record_its_engines_tokens(
     gateway: tuple[Server, Path, int],
 ) -> None:
@@ -93,34 +75,11 @@ def test_cut_streams_through_an_edge_node_record_its_engines_tokens(
     client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
     # Warm the node's counters up (llama.cpp reports each as at least 1).
     client.completions.create(model=MODEL, prompt=[1000, 1001, 1002], max_tokens=3)
-    spent = []
-    before = decoded(port)
-    chat = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": f"Tell a long story about {uuid.uuid4().hex}."}],
-        max_tokens=2000,
-        stream=True,
-        logit_bias=NO_END,
-    )
-    cut_after(chat, 3)
-    middle = decoded(port)
-    spent.append(middle - before)
-    text = client.completions.create(
-        model=MODEL,
-        prompt=f"Chapter {uuid.uuid4().hex}: it was a dark and stormy night",
-        max_tokens=2000,
-        stream=True,
-        logit_bias=NO_END,
-    )
-    cut_after(text, 2)
-    spent.append(decoded(port) - middle)
+    spent = cut_chat_and_text(client, lambda: decoded(port), chunks=(3, 2), run_ahead=1.0)
     rows = rows_once_written(path, 3)[1:]
     assert [row["status"] for row in rows] == [499, 499]
     for row, engine in zip(rows, spent, strict=True):
-        # The node's llama.cpp evaluated the uncached prompt and every
-        # generated token but the last (sampled, never fed back).
-        evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
-        assert evaluated == engine, (row, engine)
+        assert evaluated(row) == engine, (row, engine)
         # The node ran well ahead of the chunks the client read.
         assert row["completion_tokens"] > 10 and row["prompt_tokens"] > 10, row
 
@@ -146,6 +105,5 @@ def test_a_json_request_the_client_leaves_records_the_nodes_tokens(
     [row] = rows_once_written(path, 2)[1:]
     engine = decoded(port) - before
     assert row["status"] == 499
-    evaluated = row["prompt_tokens"] - row["cached_tokens"] + row["completion_tokens"] - 1
-    assert evaluated == engine, (row, engine)
+    assert evaluated(row) == engine, (row, engine)
     assert row["prompt_tokens"] > 20 and row["completion_tokens"] > 10

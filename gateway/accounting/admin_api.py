@@ -10,8 +10,8 @@ key_refresh_seconds`` (0.5 s by default), and this one at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
@@ -31,15 +31,23 @@ from gateway.accounting.forms import (
     team_info,
 )
 from gateway.accounting.keys import ManagedKeys
+from gateway.accounting.store import KeyStore
 from gateway.auth import AdminAuthenticator
 from gateway.errors import NotFoundError
 
 AnyRequest = Request[Any, Any, State]
 JSON = "application/json"
+T = TypeVar("T")
 
 
 def _respond(payload: object, status: int = 200) -> Response[bytes]:
     return Response(wire.encoder.encode(payload), status_code=status, media_type=JSON)
+
+
+def _found(record: T | None, missing: str) -> T:
+    if record is None:
+        raise NotFoundError(missing, param="id", code="not_found")
+    return record
 
 
 def build_key_handlers(
@@ -57,13 +65,19 @@ def build_key_handlers(
             )
         return found
 
+    async def changed(work: Callable[[KeyStore], Awaitable[T]]) -> T:
+        """``work`` done on the store, and seen by this replica at once
+        (the others see it within their next poll)."""
+        cache = keys()
+        done = await work(cache.store)
+        await cache.refresh()
+        return done
+
     @post("/admin/keys", status_code=201)
     async def create_key(request: AnyRequest) -> Response[bytes]:
         authenticate(request)
         form = decode_form(key_form_decoder, await request.body(), "key")
-        cache = keys()
-        record, secret = await cache.store.create_key(new_key(form))
-        await cache.refresh()  # usable on this replica at once
+        record, secret = await changed(lambda store: store.create_key(new_key(form)))
         return _respond(created_key(record, secret), 201)
 
     @get("/admin/keys")
@@ -75,26 +89,20 @@ def build_key_handlers(
     @get("/admin/keys/{key_id:str}")
     async def get_key(request: AnyRequest, key_id: FromPath[str]) -> Response[bytes]:
         authenticate(request)
-        record = await keys().store.key(key_id)
-        if record is None:
-            raise NotFoundError(f"No API key `{key_id}`.", param="id", code="not_found")
+        record = _found(await keys().store.key(key_id), f"No API key `{key_id}`.")
         return _respond(key_info(record))
 
     @delete("/admin/keys/{key_id:str}", status_code=200)
     async def revoke_key(request: AnyRequest, key_id: FromPath[str]) -> Response[bytes]:
         authenticate(request)
-        cache = keys()
-        record = await cache.store.revoke_key(key_id)
-        await cache.refresh()  # refused on this replica at once
+        record = await changed(lambda store: store.revoke_key(key_id))
         return _respond(wire.Deleted(id=record.id, object="api_key", deleted=True))
 
     @post("/admin/teams", status_code=201)
     async def create_team(request: AnyRequest) -> Response[bytes]:
         authenticate(request)
         form = decode_form(team_form_decoder, await request.body(), "team")
-        cache = keys()
-        team = await cache.store.create_team(new_team(form))
-        await cache.refresh()
+        team = await changed(lambda store: store.create_team(new_team(form)))
         return _respond(team_info(team), 201)
 
     @get("/admin/teams")
@@ -106,17 +114,13 @@ def build_key_handlers(
     @get("/admin/teams/{team_id:str}")
     async def get_team(request: AnyRequest, team_id: FromPath[str]) -> Response[bytes]:
         authenticate(request)
-        team = await keys().store.team(team_id)
-        if team is None:
-            raise NotFoundError(f"No team `{team_id}`.", param="id", code="not_found")
+        team = _found(await keys().store.team(team_id), f"No team `{team_id}`.")
         return _respond(team_info(team))
 
     @delete("/admin/teams/{team_id:str}", status_code=200)
     async def delete_team(request: AnyRequest, team_id: FromPath[str]) -> Response[bytes]:
         authenticate(request)
-        cache = keys()
-        team = await cache.store.delete_team(team_id)
-        await cache.refresh()
+        team = await changed(lambda store: store.delete_team(team_id))
         return _respond(wire.Deleted(id=team.id, object="team", deleted=True))
 
     return [

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -39,6 +39,20 @@ from gateway.errors import GatewayError
 from gateway.settings import ConfigError, load_settings
 
 T = TypeVar("T")
+# A record as stored, and as shown (its info).
+Record = TypeVar("Record")
+Info = TypeVar("Info")
+
+
+class _Named(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+Named = TypeVar("Named", bound=_Named)
 Handler = Callable[[argparse.Namespace], int]
 _PERIODS = ("day", "month", "total")
 
@@ -153,23 +167,11 @@ def create_key(args: argparse.Namespace) -> int:
 
 
 def list_keys(args: argparse.Namespace) -> int:
-    records, code = _with_store(args, lambda store: store.keys(revoked=args.all))
-    if records is None:
-        return code
-    infos = [key_info(record) for record in records]
-    if args.json:
-        _print_json(infos)
-    else:
-        print(keys_table(infos))
-    return 0
+    return _listed(args, lambda store: store.keys(revoked=args.all), key_info, keys_table)
 
 
 def revoke_key(args: argparse.Namespace) -> int:
-    record, code = _with_store(args, lambda store: store.revoke_key(args.id))
-    if record is None:
-        return code
-    print(f"revoked {record.id} ({record.name})")
-    return 0
+    return _removed(args, lambda store: store.revoke_key(args.id), "revoked")
 
 
 def create_team(args: argparse.Namespace) -> int:
@@ -199,22 +201,39 @@ def create_team(args: argparse.Namespace) -> int:
 
 
 def list_teams(args: argparse.Namespace) -> int:
-    teams, code = _with_store(args, lambda store: store.teams())
-    if teams is None:
-        return code
-    infos = [team_info(team) for team in teams]
-    if args.json:
-        _print_json(infos)
-    else:
-        print(teams_table(infos))
-    return 0
+    return _listed(args, lambda store: store.teams(), team_info, teams_table)
 
 
 def delete_team(args: argparse.Namespace) -> int:
-    team, code = _with_store(args, lambda store: store.delete_team(args.id))
-    if team is None:
+    return _removed(args, lambda store: store.delete_team(args.id), "deleted")
+
+
+def _listed(
+    args: argparse.Namespace,
+    fetch: Callable[[KeyStore], Awaitable[list[Record]]],
+    info: Callable[[Record], Info],
+    table: Callable[[list[Info]], str],
+) -> int:
+    """``keys list`` and ``teams list``: each record's info, as JSON or a table."""
+    records, code = _with_store(args, fetch)
+    if records is None:
         return code
-    print(f"deleted {team.id} ({team.name})")
+    infos = [info(record) for record in records]
+    if args.json:
+        _print_json(infos)
+    else:
+        print(table(infos))
+    return 0
+
+
+def _removed(
+    args: argparse.Namespace, work: Callable[[KeyStore], Awaitable[Named]], done: str
+) -> int:
+    """``keys revoke`` and ``teams delete``: what was ``done`` to which."""
+    record, code = _with_store(args, work)
+    if record is None:
+        return code
+    print(f"{done} {record.id} ({record.name})")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.engine import URL
@@ -16,6 +17,7 @@ from gateway.accounting.db import DatabaseUrlError, async_url, migrate, open_eng
 from gateway.accounting.transfer import copy_database, load_records, read_spill
 from gateway.accounting.usage import (
     GROUPS,
+    GroupBy,
     UsageGroup,
     UsageQueryError,
     parse_group,
@@ -55,15 +57,12 @@ def migrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _query(url: URL, args: argparse.Namespace) -> list[UsageGroup]:
+async def _query(
+    url: URL, group_by: GroupBy, since: datetime | None, until: datetime | None
+) -> list[UsageGroup]:
     engine = open_engine(url)
     try:
-        return await usage_by(
-            engine,
-            parse_group(args.group_by),
-            parse_time(args.since, "since"),
-            parse_time(args.until, "until"),
-        )
+        return await usage_by(engine, group_by, since, until)
     finally:
         await engine.dispose()
 
@@ -75,7 +74,7 @@ def usage_command(args: argparse.Namespace) -> int:
     try:
         group_by = parse_group(args.group_by)
         since, until = parse_time(args.since, "since"), parse_time(args.until, "until")
-        data = asyncio.run(_query(url, args))
+        data = asyncio.run(_query(url, group_by, since, until))
     except UsageQueryError as error:
         print(f"nomoat usage: {error}", file=sys.stderr)
         return 2
