@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 from test_ledger_live import NO_END, ledger_rows
 
 from tests.conftest import MODEL
@@ -62,6 +63,18 @@ def cut_chat_and_text(
     )
     cut_after(text, chunks[1], run_ahead)
     return [middle - before, decoded() - middle]
+
+
+def leave_a_json_request(impatient: openai.OpenAI) -> None:
+    """A chat request of a fresh prompt that ``impatient`` (with a short
+    timeout) leaves before its long answer ends."""
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {uuid.uuid4().hex}."}],
+            max_tokens=4000,
+            logit_bias=NO_END,
+        )
 
 
 def evaluated(row: dict[str, Any]) -> int:

@@ -9,14 +9,13 @@ the chunks the client saw nor a prompt of 0 can match llama.cpp's counters.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import openai
 import pytest
 from conftest import API_KEY, MODEL, running_server
-from cut_streams import cut_chat_and_text, evaluated, rows_once_written
-from test_ledger_live import NO_END, sdk, settled_decoded, warm_up
+from cut_streams import cut_chat_and_text, evaluated, leave_a_json_request, rows_once_written
+from test_ledger_live import sdk, settled_decoded, warm_up
 
 from gateway.accounting.prices import TokenPrices
 from gateway.auth import hash_api_key
@@ -86,13 +85,7 @@ def test_a_json_request_the_client_leaves_records_the_engines_exact_tokens(
         impatient = openai.OpenAI(
             base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=1.5
         )
-        with pytest.raises(openai.APITimeoutError):
-            impatient.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": f"Count to {uuid.uuid4().hex}."}],
-                max_tokens=4000,
-                logit_bias=NO_END,
-            )
+        leave_a_json_request(impatient)
         decoded = settled_decoded(server) - before
         [row] = rows_once_written(database, 2)[1:]
     assert row["status"] == 499

@@ -135,23 +135,18 @@ def teams_table(teams: list[TeamInfo]) -> str:
 
 
 def create_key(args: argparse.Namespace) -> int:
-    try:
-        form = _form(
-            KeyForm,
-            {
-                "name": args.name,
-                "team": args.team,
-                "models": args.model or None,
-                "budget_usd": args.budget_usd,
-                "budget_period": args.budget_period,
-                "rpm": args.rpm,
-                "tpm": args.tpm,
-                "expires_at": args.expires_at,
-            },
-        )
-        wanted = new_key(form)
-    except (ValueError, GatewayError) as error:
-        print(f"nomoat keys create: {_message(error)}", file=sys.stderr)
+    fields = {
+        "name": args.name,
+        "team": args.team,
+        "models": args.model or None,
+        "budget_usd": args.budget_usd,
+        "budget_period": args.budget_period,
+        "rpm": args.rpm,
+        "tpm": args.tpm,
+        "expires_at": args.expires_at,
+    }
+    wanted = _wanted(args, lambda: new_key(_form(KeyForm, fields)))
+    if wanted is None:
         return 2
     made, code = _with_store(args, lambda store: store.create_key(wanted))
     if made is None:
@@ -175,20 +170,15 @@ def revoke_key(args: argparse.Namespace) -> int:
 
 
 def create_team(args: argparse.Namespace) -> int:
-    try:
-        form = _form(
-            TeamForm,
-            {
-                "name": args.name,
-                "budget_usd": args.budget_usd,
-                "budget_period": args.budget_period,
-                "rpm": args.rpm,
-                "tpm": args.tpm,
-            },
-        )
-        wanted = new_team(form)
-    except (ValueError, GatewayError) as error:
-        print(f"nomoat teams create: {_message(error)}", file=sys.stderr)
+    fields = {
+        "name": args.name,
+        "budget_usd": args.budget_usd,
+        "budget_period": args.budget_period,
+        "rpm": args.rpm,
+        "tpm": args.tpm,
+    }
+    wanted = _wanted(args, lambda: new_team(_form(TeamForm, fields)))
+    if wanted is None:
         return 2
     team, code = _with_store(args, lambda store: store.create_team(wanted))
     if team is None:
@@ -206,6 +196,15 @@ def list_teams(args: argparse.Namespace) -> int:
 
 def delete_team(args: argparse.Namespace) -> int:
     return _removed(args, lambda store: store.delete_team(args.id), "deleted")
+
+
+def _wanted(args: argparse.Namespace, build: Callable[[], T]) -> T | None:
+    """What ``keys create`` or ``teams create`` asks for, or None (said why)."""
+    try:
+        return build()
+    except (ValueError, GatewayError) as error:
+        print(f"nomoat {args.command} {args.action}: {_message(error)}", file=sys.stderr)
+        return None
 
 
 def _listed(

@@ -567,3 +567,14 @@ def test_managed_keys_count_as_keys_for_a_network_listener(
     assert wrong.returncode == 2 and "rpm" in wrong.stderr
     missing = cli("keys", "revoke", "key_nope", "--config", str(config_file))
     assert missing.returncode == 1 and "No API key" in missing.stderr
+    # Teams as keys: made, listed (JSON and table), refused, removed.
+    conf = ("--config", str(config_file))
+    team = json.loads(cli("teams", "create", "--name", "eng", *conf, "--json").stdout)
+    assert cli("teams", "list", *conf).stdout.splitlines()[1].split()[:2] == [team["id"], "eng"]
+    wrong_team = cli("teams", "create", "--name", "x", "--rpm", "0", *conf)
+    assert wrong_team.returncode == 2 and wrong_team.stderr.startswith("nomoat teams create:")
+    ops = json.loads(listed.stdout)[0]["id"]
+    assert cli("keys", "list", *conf).stdout.splitlines()[1].split()[:2] == [ops, "ops"]
+    assert cli("keys", "revoke", ops, *conf).stdout == f"revoked {ops} (ops)\n"
+    assert cli("teams", "delete", team["id"], *conf).stdout == f"deleted {team['id']} (eng)\n"
+    assert json.loads(cli("teams", "list", *conf, "--json").stdout) == []
