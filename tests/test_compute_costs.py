@@ -204,7 +204,10 @@ def test_a_request_pays_for_its_share_of_the_steps(embedded: tuple[Server, Path]
     live, _ = embedded
     client = openai.OpenAI(base_url=live.base_url, api_key=live.api_key, max_retries=0)
     messages = [{"role": "user", "content": PROMPTS[2]}]
-    extra = {"logit_bias": {"2": -100}}  # no end of text: every token asked for
+    # No end of generation (<|endoftext|>, <|im_end|>, <reponame>): every
+    # token asked for. Sampled, with <|im_end|> alone forbidden, the model
+    # could still end early on <|endoftext|>.
+    extra = {"logit_bias": {"0": -100, "2": -100, "4": -100}}
 
     def ask(model: str, max_tokens: int) -> None:
         client.chat.completions.create(

