@@ -107,9 +107,10 @@ async def cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
     """Await ``work``; if the client hangs up first, cancel it (which stops
     the generation) instead of computing an answer nobody will read.
 
-    The work runs in this task; a watcher task cancels it when the client
-    goes away (one task per request, not two and an ``asyncio.wait``)."""
-    hang_up = HangUp(request.receive)
+    The work runs in this task; the connection cancels it when the client
+    goes away (:class:`gateway.responses.HangUp`: no task, no
+    ``asyncio.wait``)."""
+    hang_up = HangUp(request.receive, request.scope)
     try:
         return await work
     except asyncio.CancelledError:

@@ -67,7 +67,7 @@ class RelayedEvents:
             await send({"type": "http.response.body", "body": first, "more_body": True})
             # Watched from the first event on (before it, the handler's own
             # watch stopped the work of a client that left).
-            hang_up = HangUp(receive)
+            hang_up = HangUp(receive, scope)
             rest = stream.rest
             last = DONE
             try:
