@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import cast
 
 import pytest
-from litestar.types import Message, Scope
+from litestar.types import ReceiveMessage, Scope
 
 from gateway.decision_log import read_log
 from gateway.hang_up import HANG_UP, HangUpWatch
@@ -22,13 +23,13 @@ from .support import MODEL, chat_body, error_of, pool
 pytestmark = pytest.mark.anyio
 
 
-async def _never() -> Message:
+async def _never() -> ReceiveMessage:
     await asyncio.Event().wait()
     raise AssertionError("unreachable")
 
 
 def _scope(watch: HangUpWatch) -> Scope:
-    return {"type": "http", "extensions": {HANG_UP: {HANG_UP: watch}}}  # type: ignore[typeddict-item]
+    return cast(Scope, {"type": "http", "extensions": {HANG_UP: {HANG_UP: watch}}})
 
 
 async def test_a_hang_up_heard_from_the_connection_cancels_the_work_with_no_task() -> None:
