@@ -21,7 +21,7 @@ import logging
 
 from litestar.types import Receive, Scope, Send
 
-from gateway.backends.stream_client import RelayStream
+from gateway.backends.relay_stream import RelayStream
 from gateway.errors import GatewayError, InternalError
 from gateway.exchange import Exchange, error_type
 from gateway.observer import CLIENT_CLOSED, Observer
