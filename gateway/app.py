@@ -56,6 +56,7 @@ from gateway.handling import (
     as_gateway_error,
     cancel_on_disconnect,
     openai_post,
+    read_body,
 )
 from gateway.hooks import HookChain
 from gateway.lora.registry import AdapterRegistry
@@ -304,7 +305,7 @@ def _openai_endpoint(
         request, exchange, span = call.request, call.exchange, call.span
         observer = runtime.observer
         pipeline = runtime.serving()
-        raw = await request.body()
+        raw = await read_body(request, limits.max_body_bytes)
         body = endpoint.decode(raw, limits)
         call.told = body
         exchange.requested, exchange.stream = body.model, bool(body.stream)
@@ -312,7 +313,7 @@ def _openai_endpoint(
         call.ticket = await runtime.admit(call.principal, body, len(raw), exchange)
         if span is not None:
             span.set_model(body.model)
-        trace = RouteTrace(endpoint.name, len(raw), span, exchange)
+        trace = RouteTrace(endpoint.name, len(raw), span, exchange, keep_decision=route_header)
         if body.stream:
             # Watched from now: a client that leaves before the first chunk
             # stops the generation too.
@@ -348,7 +349,7 @@ def _embeddings_endpoint(
 
     async def work(call: Call) -> ASGIApp:
         pipeline = runtime.serving()
-        raw = await call.request.body()
+        raw = await read_body(call.request, limits.max_body_bytes)
         body = EMBEDDINGS.decode(raw, limits)
         exchange = call.exchange
         exchange.requested, exchange.user = body.model, body.user

@@ -22,11 +22,12 @@ from gateway.accounting.cli import add_commands as add_key_commands
 from gateway.accounting.commands import add_commands as add_accounting_commands
 from gateway.accounting.gating import config_refusal
 from gateway.accounting.keys import managed_keys_exist
-from gateway.app import Runtime, create_app, shed_recorder
+from gateway.app import Runtime, create_app, handle_exception, shed_recorder
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
 from gateway.connections import ConnectionGuard, HttpLimits, fit_file_limit, protocol_class
 from gateway.decision_log import LogFormatError, read_log
+from gateway.direct_routes import DirectRoutes
 from gateway.registry import PluginLoadError, Registry, discover
 from gateway.replay import replay
 from gateway.settings import (
@@ -224,7 +225,11 @@ def _serve(
     guard = ConnectionGuard(HttpLimits.from_settings(limits, max_connections))
     app = create_app(runtime)
     config = uvicorn.Config(
-        RequestShedder(app, limits.max_requests, shed_recorder(runtime, app)),
+        RequestShedder(
+            DirectRoutes(app, handle_exception),
+            limits.max_requests,
+            shed_recorder(runtime, app),
+        ),
         host=server.host,
         port=server.port,
         loop="uvloop",

@@ -49,6 +49,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway import wire
 from gateway.errors import ErrorBody, ErrorDetail
+from gateway.hang_up import HANG_UP, HangUpWatch
 from gateway.settings import LimitSettings
 
 _log = logging.getLogger(__name__)
@@ -218,6 +219,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._body_seen = now
         self._refusal: bytes | None = None
         self._lingering = False
+        # The hang-up watches of the requests whose responses are not
+        # complete, oldest first (more than one only when pipelined).
+        self._watches: list[HangUpWatch] = []
 
     # -------------------------------------------------------- connection
 
@@ -233,6 +237,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.leave(self)
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.lost()
         if self._lingering:
             self._lingering = False
             self.guard.lingering -= 1
@@ -323,6 +330,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_body = True
         self._body_seen = time.monotonic()
         self.guard.busy(self)
+        # The request hears of a lost connection from here (gateway.hang_up).
+        watch = HangUpWatch()
+        self._watches.append(watch)
+        self.scope["extensions"] = {HANG_UP: {HANG_UP: watch}}
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -332,9 +343,18 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_body = False
         super().on_message_complete()
+        # The whole body is in: read on, so a client that leaves is heard
+        # (uvicorn pauses reading past 64 KiB of body and resumes only in
+        # receive(), which no task awaits any more: gateway.hang_up). What
+        # can come now is a close or a pipelined request, which uvicorn
+        # queues and pauses for.
+        if self.flow is not None:
+            self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # then the next request starts now
+        if self._watches:
+            del self._watches[0]
         super().on_response_complete()
         if not pipelined:
             self.guard.idle(self)

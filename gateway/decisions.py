@@ -91,7 +91,7 @@ class Ranking:
 class RouteTrace:
     """Where the pipeline leaves the decision of one request for its caller."""
 
-    __slots__ = ("body_bytes", "decision", "endpoint", "exchange", "span")
+    __slots__ = ("body_bytes", "decision", "endpoint", "exchange", "keep_decision", "span")
 
     def __init__(
         self,
@@ -99,15 +99,42 @@ class RouteTrace:
         body_bytes: int,
         span: RequestSpan | None = None,
         exchange: Exchange | None = None,
+        keep_decision: bool = True,
     ) -> None:
         self.endpoint = endpoint
         self.body_bytes = body_bytes
         self.decision: RouteDecision | None = None
+        # False: nobody reads ``decision`` (no route header asked for), so
+        # the record is built only for the decision log, if there is one.
+        self.keep_decision = keep_decision
         # The request's span when tracing is on: the pipeline adds routing
         # and attempt spans below it.
         self.span = span
         # What the metrics and the access log hear of the request.
         self.exchange = exchange
+
+
+class Attempting:
+    """A request's decision while the pipeline makes it: what its
+    :class:`RouteDecision` is built from once it settles, and only if
+    someone reads that record (the decision log, the route header). Building
+    it for every request (the request's view, each candidate's) was about
+    4 % of a relayed stream's set-up (docs/benchmarks.md)."""
+
+    __slots__ = ("attempts", "chosen", "ctx", "rankings", "request", "started_at")
+
+    def __init__(self, request: AnyRequest, ctx: RequestContext, first: Ranking) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.rankings = [first]
+        # Deployments tried, in order, with what happened: "ok" or an error code.
+        self.attempts: list[tuple[str, str]] = []
+        self.chosen: str | None = None
+        self.started_at = time.time()
+
+    @property
+    def model(self) -> str:
+        return self.request.model
 
 
 class Decisions:
@@ -156,6 +183,35 @@ class Decisions:
             rankings=[ranking_record(ranking)],
             started_at=time.time(),
         )
+
+    def start(self, request: AnyRequest, ctx: RequestContext, ranking: Ranking) -> Attempting:
+        """The decision of a request that ``ranking`` has just ranked, its
+        record left for :meth:`finish` to build if it is read."""
+        return Attempting(request, ctx, ranking)
+
+    def finish(self, attempting: Attempting, trace: RouteTrace | None) -> None:
+        """:meth:`settle` for a decision made through :meth:`start`."""
+        kept = trace is not None and trace.keep_decision
+        if self.log is None and not kept:
+            return
+        latency = time.time() - attempting.started_at
+        request, ctx = attempting.request, attempting.ctx
+        attempts = attempting.attempts
+        decision = RouteDecision(
+            run=self.run,
+            request_id=ctx.request_id,
+            request=request_view(request, ctx, trace, self.record_prompts),
+            rankings=[ranking_record(ranking) for ranking in attempting.rankings],
+            attempts=attempts,
+            chosen=attempting.chosen,
+            outcome=attempts[-1][1] if attempts else "no_candidates",
+            started_at=attempting.started_at,
+            latency=latency,
+        )
+        if trace is not None and kept:
+            trace.decision = decision
+        if self.log is not None:
+            self.log.record(decision)
 
     def ranked_again(self, decision: RouteDecision, ranking: Ranking) -> None:
         """Another policy call for the same request (a retry round, a

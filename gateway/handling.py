@@ -25,6 +25,7 @@ from gateway.auth import PrincipalAuthenticator
 from gateway.contract import AnyRequest as HookRequest
 from gateway.contract import RequestContext
 from gateway.decisions import RouteTrace
+from gateway.direct_routes import DIRECT
 from gateway.edge_usage import USAGE_KEY_HEADER
 from gateway.errors import (
     AuthenticationError,
@@ -75,6 +76,8 @@ def as_gateway_error(exc: Exception, path: str) -> GatewayError:
     return InternalError("Internal server error.")
 
 
+# Litestar's words for a body past the limit, which clients got before.
+_TOO_LARGE = "Request Entity Too Large"
 _PRIVATE_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
 
 
@@ -84,16 +87,64 @@ def request_context(
     request: AnyRequest,
     principal: Principal | None = None,
     separator: str = "-",
+    exchange: Exchange | None = None,
 ) -> RequestContext:
     """The context of one request; its id (also the answer's) is
-    ``prefix``, ``separator`` and 128 random bits in hex."""
+    ``prefix``, ``separator`` and 128 random bits in hex. Backends report
+    their busy time and a cut stream's usage to ``exchange`` (set here, the
+    pipeline need not copy the context to say so)."""
     headers = {
         name.decode("latin-1"): value.decode("latin-1")
         for name, value in request.scope["headers"]
         if name not in _PRIVATE_HEADERS
     }
     request_id = f"{prefix}{separator}{new_request_id()}"
-    return RequestContext(request_id, int(time.time()), key_id, None, headers, principal=principal)
+    if exchange is None:
+        return RequestContext(
+            request_id, int(time.time()), key_id, None, headers, principal=principal
+        )
+    return RequestContext(
+        request_id,
+        int(time.time()),
+        key_id,
+        None,
+        headers,
+        principal=principal,
+        compute=exchange.compute,
+        usage_report=exchange.reported,
+    )
+
+
+async def read_body(request: AnyRequest, limit: int) -> bytes:
+    """The request's body, with what Litestar's ``Request.body()`` checks and
+    raises (a 413 past ``limit``, announced or received; a client gone
+    before the end is a 500), without the header parsing and the async
+    generator it costs on every request (docs/benchmarks.md, "Streaming at
+    scale")."""
+    for name, value in request.scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise InvalidRequestError(f"Invalid content-length: {value.decode('latin-1')!r}")
+            if int(value) > limit:
+                raise PayloadTooLargeError(_TOO_LARGE)
+            break
+    receive = request.receive
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InternalError("Internal server error.")
+        if message["type"] != "http.request":
+            continue
+        body = message["body"]
+        if body:
+            size += len(body)
+            if size > limit:
+                raise PayloadTooLargeError(_TOO_LARGE)
+            parts.append(body)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class ClientClosedRequestError(GatewayError):
@@ -107,9 +158,10 @@ async def cancel_on_disconnect(request: AnyRequest, work: Awaitable[T]) -> T:
     """Await ``work``; if the client hangs up first, cancel it (which stops
     the generation) instead of computing an answer nobody will read.
 
-    The work runs in this task; a watcher task cancels it when the client
-    goes away (one task per request, not two and an ``asyncio.wait``)."""
-    hang_up = HangUp(request.receive)
+    The work runs in this task; the connection cancels it when the client
+    goes away (:class:`gateway.responses.HangUp`: no task, no
+    ``asyncio.wait``)."""
+    hang_up = HangUp(request.receive, request.scope)
     try:
         return await work
     except asyncio.CancelledError:
@@ -176,7 +228,9 @@ def openai_post(
         try:
             principal = authenticate.principal(request)
             key_id = principal.key_id if principal is not None else None
-            ctx = request_context(route.id_prefix, key_id, request, principal, route.separator)
+            ctx = request_context(
+                route.id_prefix, key_id, request, principal, route.separator, exchange
+            )
             exchange.request_id, exchange.key_id = ctx.request_id, key_id
             if runtime.cut_usage is not None:
                 exchange.usage_key = ctx.headers.get(USAGE_KEY_HEADER)
@@ -213,4 +267,5 @@ def openai_post(
             return await serve(request, request_id, None)
         return await traced_request(tracing, route.path, request, request_id, serve)
 
-    return post(route.path, status_code=200, name=route.name)(handle)
+    # Served past Litestar's routing by gateway/direct_routes.py.
+    return post(route.path, status_code=200, name=route.name, opt={DIRECT: True})(handle)

@@ -71,17 +71,13 @@ AnyChunk = wire.ChatCompletionChunk | wire.Completion
 
 
 def _envelope(chunk_id: str, kind: bytes, created: int, model: str) -> bytes:
-    """A chunk's bytes up to its choices, as msgspec (and vLLM) write them."""
-    return (
-        b'{"id":'
-        + _encode(chunk_id)
-        + b',"object":"'
-        + kind
-        + b'","created":'
-        + str(created).encode()
-        + b',"model":'
-        + _encode(model)
-        + b',"choices":'
+    """A chunk's bytes up to its choices, as msgspec (and vLLM) write them
+    (one formatting, not nine concatenations: twice a stream)."""
+    return b'{"id":%b,"object":"%b","created":%d,"model":%b,"choices":' % (
+        _encode(chunk_id),
+        kind,
+        created,
+        _encode(model),
     )
 
 

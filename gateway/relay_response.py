@@ -21,7 +21,7 @@ import logging
 
 from litestar.types import Receive, Scope, Send
 
-from gateway.backends.stream_client import RelayStream
+from gateway.backends.relay_stream import RelayStream
 from gateway.errors import GatewayError, InternalError
 from gateway.exchange import Exchange, error_type
 from gateway.observer import CLIENT_CLOSED, Observer
@@ -67,7 +67,7 @@ class RelayedEvents:
             await send({"type": "http.response.body", "body": first, "more_body": True})
             # Watched from the first event on (before it, the handler's own
             # watch stopped the work of a client that left).
-            hang_up = HangUp(receive)
+            hang_up = HangUp(receive, scope)
             rest = stream.rest
             last = DONE
             try:

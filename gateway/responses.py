@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 
 from litestar.types import Receive, Scope, Send
 
+from gateway.hang_up import HANG_UP, HangUpWatch
+
 Headers = list[tuple[bytes, bytes]]
 _JSON = (b"content-type", b"application/json")
 SSE_HEADERS = [
@@ -28,36 +30,50 @@ SSE_HEADERS = [
 
 class HangUp:
     """While open, cancels the task that opened it as soon as the client
-    disconnects (a watcher task waits for ``http.disconnect``).
+    disconnects: told by the connection (:mod:`gateway.hang_up`) when the
+    server is the gateway's own, else by a watcher task that waits for
+    ``http.disconnect``.
 
     After a ``CancelledError``, :meth:`absorb` tells whether the hang-up caused
     it (and then takes the cancellation back), so other cancellations still
     propagate."""
 
-    __slots__ = ("_task", "_watcher", "hung_up")
+    __slots__ = ("_task", "_watch", "_watcher", "hung_up_seen")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, scope: Scope | None = None) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self.hung_up = False
-        self._watcher: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
-            self._watch(receive)
-        )
+        self.hung_up_seen = False
+        self._watcher: asyncio.Task[None] | None = None
+        extensions = scope.get("extensions") if scope is not None else None
+        ours = extensions.get(HANG_UP) if extensions else None
+        watch = ours.get(HANG_UP) if ours else None
+        self._watch: HangUpWatch | None = watch if isinstance(watch, HangUpWatch) else None
+        if self._watch is not None:
+            self._watch.listen(self)
+        else:
+            self._watcher = asyncio.get_running_loop().create_task(self._wait(receive))
 
-    async def _watch(self, receive: Receive) -> None:
+    async def _wait(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.hung_up = True
+        self.hung_up()
+
+    def hung_up(self) -> None:
+        self.hung_up_seen = True
         self._task.cancel()
 
     def absorb(self) -> bool:
-        if not self.hung_up:
+        if not self.hung_up_seen:
             return False
         self._task.uncancel()
         return True
 
     def close(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.forget(self)
         # Dropped, not only cancelled: the cancelled task keeps its
         # CancelledError, whose traceback holds the watcher's frame, which
         # holds this object; with this reference too, every request would
@@ -106,7 +122,7 @@ class EventStream:
                 if hang_up is None:
                     # Watched from the first event on (it was ready before the
                     # response started): the watcher is not in its way.
-                    hang_up = HangUp(receive)
+                    hang_up = HangUp(receive, scope)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if hang_up is None or not hang_up.absorb():

@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         help="leave accounting on (its key poll is counted per unit of time)",
     )
     parser.add_argument("--keep", type=Path, help="copy the long streams' dump here")
+    parser.add_argument(
+        "--keep-short", type=Path, help="copy the short streams' dump here (mostly set-up)"
+    )
     parser.add_argument("--config-extra", default="", help="TOML appended to the config")
     args = parser.parse_args(argv)
     python = sys.executable
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     command = [python, "-m", "gateway.cli", "serve", "--config", str(config)]
                     model = name
-                keep = args.keep if name == "long" else None
+                keep = args.keep if name == "long" else args.keep_short
                 run = _Run(command, port, model, args.streams, args.usage, Path(tmp), keep)
                 results.append(run.instructions_per_stream())
             short, long = results

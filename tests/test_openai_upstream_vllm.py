@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from gateway import wire
-from gateway.backends.stream_client import StreamConnection
+from gateway.backends.stream_client import RelayHandlers, StreamConnection
 from gateway.backends.upstream import Timeouts, Upstream
 from gateway.relay import ChunkRelay
 from tests.conftest import Server, config_with_key, running_server
@@ -219,8 +219,9 @@ def test_the_own_stream_client_reads_vllms_streams_and_keeps_its_connection(
                     fed.append(payload)
                     return b"x"
 
+                handlers = RelayHandlers(feed, lambda: b"end")
                 events = upstream.relay(
-                    "/chat/completions", msgspec.json.encode(body), None, feed, lambda: b"end"
+                    "/chat/completions", msgspec.json.encode(body), None, handlers
                 )
                 async with contextlib.aclosing(events):
                     received = b"".join([data async for data in events])

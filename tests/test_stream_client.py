@@ -17,7 +17,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.backends.stream_client import StaleConnectionError, StreamConnection
+from gateway.backends.stream_client import (
+    RelayHandlers,
+    StaleConnectionError,
+    StreamConnection,
+)
 from gateway.errors import (
     EngineOverloadedError,
     GatewayError,
@@ -259,7 +263,8 @@ async def relayed(
     made = backend(scripted, **options)  # type: ignore[arg-type]
     pool = wire(made, scripted, per_piece)
     upstream = made._upstream
-    return (lambda: upstream.relay("/chat/completions", b"{}", None, echo, lambda: b"<end>")), pool
+    handlers = RelayHandlers(echo, lambda: b"<end>")
+    return (lambda: upstream.relay("/chat/completions", b"{}", None, handlers)), pool
 
 
 async def read_all(stream: object) -> bytes:

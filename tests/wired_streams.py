@@ -16,7 +16,8 @@ from typing import Any
 from yarl import URL
 
 from gateway.backends.openai_compat import OpenAICompatibleBackend
-from gateway.backends.stream_client import RequestHead, StreamConnection, StreamPool
+from gateway.backends.stream_client import StreamConnection
+from gateway.backends.stream_pool import RequestHead, StreamPool
 from tests.scripted_transport import Reply, ScriptedTransport, Sent
 
 # How a reply's bytes are cut into reads.

@@ -45,6 +45,7 @@ from gateway.accounting.compute import (
 from gateway.auth import TENANT_HEADER
 from gateway.backends.control_text import ControlTextGuard, token_texts
 from gateway.backends.cut_usage import CutUsageAsker
+from gateway.backends.stream_client import RelayHandlers
 from gateway.backends.transport import AiohttpTransport, TransportFactory
 from gateway.backends.upstream import Timeouts, Upstream, api_key_from_env
 from gateway.contract import (
@@ -570,14 +571,14 @@ class OpenAICompatibleBackend:
         if self._reports_busy:
             comments = functools.partial(self._busy_reported, ctx)
         ticket = self._clock.enter()
+        closed = functools.partial(
+            self._relay_closed, ctx, request, target.engine_model, relay, ticket
+        )
         return self._upstream.relay(
             path,
             _stream_body(request, target.engine_model),
             self._headers(ctx),
-            relay.feed,
-            relay.finish,
-            comments,
-            functools.partial(self._relay_closed, ctx, request, target.engine_model, relay, ticket),
+            RelayHandlers(relay.feed, relay.finish, comments, closed),
         )
 
     async def _held_relay(
@@ -597,9 +598,7 @@ class OpenAICompatibleBackend:
                 path,
                 _stream_body(request, model),
                 self._headers(ctx),
-                relay.feed,
-                relay.finish,
-                comments,
+                RelayHandlers(relay.feed, relay.finish, comments),
             )
             ticket = self._clock.enter()
             try:

@@ -21,27 +21,46 @@ after them an ``UpstreamError`` the response turns into the client's last
 event; closing the stream early drops the connection (vLLM aborts the
 request); a stream that ended well gives its connection back to the pool
 once the upstream's message is complete.
+
+This module is the connection (:class:`StreamConnection`: the request, the
+HTTP/1.1 response parser, the SSE lines fed to the relay); the others are
+:mod:`gateway.backends.stream_pump` (its events sent from
+``data_received``), :mod:`gateway.backends.stream_pool` (kept-alive
+connections per upstream, the request's fixed head) and
+:mod:`gateway.backends.relay_stream` (a client's relayed stream on them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import socket
-import time
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
-from typing import Any, Final, cast
+from collections.abc import Callable
+from typing import Final, NamedTuple, cast
 
 import msgspec
 from litestar.types import Send
 
-from gateway.backends.upstream_errors import status_error
-from gateway.errors import GatewayError, UpstreamError
+from gateway.backends.stream_pump import Pump
+from gateway.errors import UpstreamError
 
 Feed = Callable[[bytes], bytes]
 Finish = Callable[[], bytes]
 Comments = Callable[[bytes], None]
+
+
+class RelayHandlers(NamedTuple):
+    """What the reader of a relayed stream does with it
+    (:meth:`gateway.backends.upstream.Upstream.relay`): ``feed`` turns each
+    ``data:`` payload into the client's bytes, ``finish`` gives what is still
+    owed at ``[DONE]``, ``comments`` hears each SSE comment line's text (an
+    edge node's busy seconds; never the client's), ``closed`` is called once
+    when the stream is closed, however it ended. A tuple: one is made per
+    stream, cheaply."""
+
+    feed: Feed
+    finish: Finish
+    comments: Comments | None = None
+    closed: Callable[[], None] | None = None
+
 
 # Bytes and byte sets the parser checks.
 _CRLF: Final = b"\r\n"
@@ -56,14 +75,9 @@ _MAX_SIZE_LINE: Final = 1024
 MAX_ERROR_BODY: Final = 64 * 1024
 # Events buffered for a slow client before the upstream is not read.
 _PAUSE_EVENTS: Final = 256
-# An idle kept-alive connection older than this is closed, not reused
-# (aiohttp's keepalive_timeout; uvicorn closes its side after 5 s).
-KEEPALIVE_SECONDS: Final = 15.0
 # After [DONE], how long the rest of the upstream's message (its last
 # chunk) may take before the connection is dropped instead of reused.
 _DRAIN_SECONDS: Final = 5.0
-# Resolved host names are kept this long (aiohttp's default DNS cache).
-_DNS_SECONDS: Final = 10.0
 
 # Parser phases.
 _IDLE: Final = 0
@@ -171,7 +185,7 @@ class StreamConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._waiter: asyncio.Future[bytes] | None = None
         # Pumping (see pump()): the events go to the ASGI send from here.
-        self._pump: _Pump | None = None
+        self._pump: Pump | None = None
         self._push: Callable[[bytes], None] | None = None
         self._failure: BaseException | None = None
         self._saw_done = False
@@ -681,10 +695,10 @@ class StreamConnection(asyncio.Protocol):
 
     def pump(self, send: Send) -> asyncio.Future[bytes]:
         """Send each read's events to the client from :meth:`data_received`
-        itself (no task wake-up per chunk; see :class:`_Pump`). The future:
+        itself (no task wake-up per chunk; see :class:`Pump`). The future:
         the events still owed at the end (to go with the response's last
         message), or the failure."""
-        pump = self._pump = _Pump(self, send, self._loop)
+        pump = self._pump = Pump(self, send, self._loop)
         self._waiter = None
         if self._out:
             pump.push(self.take_events())
@@ -802,400 +816,3 @@ class StreamConnection(asyncio.Protocol):
     @property
     def error_body(self) -> bytes:
         return bytes(self._error_body)
-
-
-class _Pump:
-    """The relay's events sent to the client from the upstream connection's
-    ``data_received``: the ASGI ``send`` coroutine is run there and, as
-    uvicorn's ``send`` of a body does unless the client's socket is full,
-    finishes without suspending. When it does suspend (flow control), the
-    upstream is not read, a task finishes that send and the events queued
-    meanwhile, and reading resumes. The end (the events still owed, or the
-    failure) is told through :attr:`done`, after any send in progress."""
-
-    __slots__ = ("_connection", "_drain", "_ended", "_loop", "_send", "blocked", "done")
-
-    def __init__(
-        self, connection: StreamConnection, send: Send, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self._connection = connection
-        self._send = send
-        self._loop = loop
-        self.done: asyncio.Future[bytes] = loop.create_future()
-        self.blocked = False
-        self._drain: asyncio.Task[None] | None = None
-        self._ended: tuple[BaseException | None] | None = None
-
-    def push(self, events: bytes) -> None:
-        sending = cast(
-            Coroutine[Any, Any, None],
-            self._send({"type": "http.response.body", "body": events, "more_body": True}),
-        )
-        try:
-            awaited = sending.send(None)
-        except StopIteration:
-            return
-        except BaseException as error:
-            self._failed(error)
-            return
-        # The client's socket is full: finish this send in a task.
-        self.blocked = True
-        connection = self._connection
-        connection.stop_pushing()
-        self._drain = self._loop.create_task(self._drained(sending, awaited))
-
-    async def _drained(self, sending: Coroutine[Any, Any, None], awaited: object) -> None:
-        connection = self._connection
-        try:
-            await _resumed(sending, awaited)
-            while connection.has_events():
-                await self._send(
-                    {
-                        "type": "http.response.body",
-                        "body": connection.take_events(),
-                        "more_body": True,
-                    }
-                )
-        except asyncio.CancelledError:
-            return
-        except BaseException as error:
-            self._failed(error)
-            return
-        self.blocked = False
-        connection.resume_pushing()
-        if self._ended is not None:
-            self.end(self._ended[0])
-
-    def end(self, failure: BaseException | None) -> None:
-        """The upstream's stream ended: tell the response (after a blocked send)."""
-        if self.blocked:
-            self._ended = (failure,)
-            return
-        if self.done.done():
-            return
-        connection = self._connection
-        if failure is not None:
-            self.done.set_exception(failure)
-            connection.consumer_done(failed=True)
-        else:
-            self.done.set_result(connection.take_events() if connection.has_events() else b"")
-            connection.consumer_done(failed=False)
-
-    def _failed(self, error: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(error)
-        self._connection.abandon()
-
-    def cancel(self) -> None:
-        drain, self._drain = self._drain, None
-        if drain is not None:
-            drain.cancel()
-
-
-@types.coroutine
-def _resumed(sending: Coroutine[Any, Any, None], awaited: object) -> Generator[Any, Any, None]:
-    """Finish a coroutine that was run by hand and suspended on ``awaited``
-    (a future): the task waits on it, then the coroutine goes on."""
-    yield awaited
-    yield from sending
-
-
-class _IdleWatch:
-    """Fails the connection once nothing arrived for ``seconds`` (its
-    ``last`` is set on each read): one timer per period, re-armed only when
-    it fires early, instead of one per read."""
-
-    __slots__ = ("_connection", "_handle", "_loop", "_name", "_seconds")
-
-    def __init__(self, connection: StreamConnection, seconds: float, name: str) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._connection = connection
-        self._seconds = seconds
-        self._name = name
-        self._handle = self._loop.call_at(connection.last + seconds, self._check)
-
-    def _check(self) -> None:
-        due = self._connection.last + self._seconds
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._check)
-            return
-        self._connection.fail(
-            UpstreamError(
-                f"backend {self._name} is unreachable or timed out "
-                f"(nothing for {self._seconds:g} s)"
-            )
-        )
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-
-
-class StreamPool:
-    """The kept-alive connections to one upstream (host and port), reused
-    last-in first-out; how many are in use at once is bounded by the
-    caller (:class:`~gateway.backends.upstream.Upstream`'s slots)."""
-
-    def __init__(self, name: str, host: str, port: int, connect_timeout: float) -> None:
-        self.name = name
-        self._host = host
-        self._port = port
-        self._connect_timeout = connect_timeout
-        self._idle: list[StreamConnection] = []
-        self._address: tuple[str, float] | None = None
-        self._closed = False
-
-    async def connection(self) -> StreamConnection:
-        """An idle kept-alive connection, or a new one."""
-        if self._closed:
-            raise UpstreamError(f"backend {self.name} is shut down")
-        idle = self._idle
-        while idle:
-            connection = idle.pop()
-            if not connection.usable:
-                continue
-            if connection.idle_for() > KEEPALIVE_SECONDS:
-                if connection.transport is not None:
-                    connection.transport.close()
-                continue
-            return connection
-        return await self.connect()
-
-    async def connect(self) -> StreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                host = await self._resolved(loop)
-                _, connection = await loop.create_connection(
-                    lambda: StreamConnection(self.name, loop), host, self._port
-                )
-        except (OSError, TimeoutError) as error:
-            raise UpstreamError(
-                f"backend {self.name} is unreachable or timed out ({type(error).__name__})"
-            ) from error
-        return connection
-
-    async def _resolved(self, loop: asyncio.AbstractEventLoop) -> str:
-        """The host's address, resolved at most every ``_DNS_SECONDS`` (an IP
-        address is used as it is)."""
-        known = self._address
-        now = time.monotonic()
-        if known is not None and now < known[1]:
-            return known[0]
-        try:
-            socket.inet_pton(socket.AF_INET6 if ":" in self._host else socket.AF_INET, self._host)
-        except OSError:
-            infos = await loop.getaddrinfo(
-                self._host, self._port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-            )
-            if not infos:
-                raise OSError(f"{self._host} has no address") from None
-            address = str(infos[0][4][0])
-            self._address = (address, now + _DNS_SECONDS)
-            return address
-        self._address = (self._host, float("inf"))
-        return self._host
-
-    def idle(self, connection: StreamConnection) -> None:
-        """A connection done with its request: kept if it can be reused."""
-        if self._closed or not connection.usable:
-            return
-        self._idle.append(connection)
-
-    def close(self) -> None:
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            if connection.transport is not None:
-                connection.transport.close()
-
-
-class RequestHead:
-    """The fixed part of an upstream's streamed requests, made once per path:
-    the request line, Host, and the client's own headers (content type, key)."""
-
-    def __init__(self, base_path: str, host: str, headers: Mapping[str, str]) -> None:
-        self._base_path = base_path
-        self._fixed = "".join(f"{name}: {value}\r\n" for name, value in _checked(headers).items())
-        self._host = host
-        self._heads: dict[str, bytes] = {}
-
-    def request(self, path: str, headers: Mapping[str, str] | None, body: bytes) -> bytes:
-        """A POST of ``body`` to ``path`` (below the base URL), in one buffer."""
-        head = self._heads.get(path)
-        if head is None:
-            head = self._heads[path] = (
-                f"POST {self._base_path}{path} HTTP/1.1\r\nHost: {self._host}\r\n{self._fixed}"
-            ).encode("latin-1")
-        extra = (
-            "".join(f"{name}: {value}\r\n" for name, value in _checked(headers).items())
-            if headers
-            else ""
-        )
-        return b"".join(
-            (head, f"{extra}Content-Length: {len(body)}\r\n\r\n".encode("latin-1"), body)
-        )
-
-
-def _checked(headers: Mapping[str, str]) -> Mapping[str, str]:
-    """Headers that cannot split the request (no CR, LF or colon in a name)."""
-    for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
-            raise ValueError(f"header {name!r} cannot be sent")
-    return headers
-
-
-OpenSlot = Callable[[], Awaitable[None]]
-
-
-class RelayStream:
-    """A client's relayed stream on the gateway's own client: an async
-    iterator of the client's events (as
-    :meth:`gateway.backends.upstream.Upstream.relay` yields them). The first
-    ``__anext__`` opens it: a slot, a connection, the request, the status;
-    each later one is the connection's next events (a future, no coroutine
-    per chunk)."""
-
-    __slots__ = (
-        "_body",
-        "_closed",
-        "_comments",
-        "_connection",
-        "_feed",
-        "_finish",
-        "_first_token",
-        "_on_closed",
-        "_open_slot",
-        "_pool",
-        "_release_slot",
-        "_request",
-        "_slot_held",
-        "_watch",
-        "name",
-    )
-
-    def __init__(
-        self,
-        name: str,
-        pool: StreamPool,
-        request: bytes,
-        first_token: float,
-        open_slot: OpenSlot,
-        release_slot: Callable[[], None],
-        feed: Feed,
-        finish: Finish,
-        comments: Comments | None,
-        closed: Callable[[], None] | None = None,
-    ) -> None:
-        self.name = name
-        self._on_closed = closed
-        self._pool = pool
-        self._request = request
-        self._first_token = first_token
-        self._open_slot = open_slot
-        self._release_slot = release_slot
-        self._feed, self._finish, self._comments = feed, finish, comments
-        self._connection: StreamConnection | None = None
-        self._slot_held = False
-        self._closed = False
-        self._watch: _IdleWatch | None = None
-
-    def __aiter__(self) -> RelayStream:
-        return self
-
-    def pump(self, send: Send) -> asyncio.Future[bytes] | None:
-        """Once open: the events sent to ``send`` as they come (see
-        :meth:`StreamConnection.pump`); None if the stream is over already."""
-        connection = self._connection
-        if connection is None or not inspect.iscoroutinefunction(send):
-            # (Run by hand, send must be a coroutine function: uvicorn's is.)
-            return None
-        return connection.pump(send)
-
-    def __anext__(self) -> Awaitable[bytes]:
-        connection = self._connection
-        if connection is None:
-            return self._open()
-        return connection.next_events()
-
-    async def _open(self) -> bytes:
-        if self._closed:
-            raise StopAsyncIteration
-        await self._open_slot()
-        self._slot_held = True
-        try:
-            connection = await self._answered()
-            connection.begin_relay()
-            return await connection.next_events()
-        except BaseException:
-            await self.aclose()
-            raise
-
-    async def _answered(self) -> StreamConnection:
-        """A connection whose 2xx status and headers are in; any other
-        status as the gateway's error. From the request on, the idle watch
-        bounds the wait for the answer's first byte and then each gap
-        (``first_token_timeout``; one timer for both, no asyncio.timeout)."""
-        for attempt in range(2):
-            connection = await (self._pool.connection() if attempt == 0 else self._pool.connect())
-            self._connection = connection
-            head = connection.start(
-                self._request, self._feed, self._finish, self._comments, self._ended
-            )
-            watch = self._watch = _IdleWatch(connection, self._first_token, self.name)
-            try:
-                await head
-            except StaleConnectionError:
-                # Dropped by the upstream while idle: once more, on a new one.
-                watch.cancel()
-                self._watch = self._connection = None
-                continue
-            status = connection.status
-            if 200 <= status < 300:
-                return connection
-            if 300 <= status < 400:
-                raise redirect_error(self.name, status, connection.headers)
-            raise status_error(
-                self.name, status, connection.error_body, connection.headers, reveal=False
-            )
-        raise UpstreamError(f"backend {self.name} is unreachable or timed out (closed)")
-
-    def _ended(self, connection: StreamConnection) -> None:
-        """The connection is idle again, or lost: the pool takes it back (and
-        the slot is free once the reader has heard the end)."""
-        if self._connection is connection and connection.owner_done:
-            self._finished()
-        self._pool.idle(connection)
-
-    def _finished(self) -> None:
-        self._connection = None
-        self._closed = True
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        if self._slot_held:
-            self._slot_held = False
-            self._release_slot()
-        closed, self._on_closed = self._on_closed, None
-        if closed is not None:
-            closed()
-
-    async def aclose(self) -> None:
-        """Done reading, early or not: an unfinished request's connection is
-        dropped (the upstream sees the close)."""
-        connection = self._connection
-        if connection is not None and not connection.owner_done:
-            connection.abandon()
-        self._finished()
-
-
-def redirect_error(name: str, status: int, headers: Mapping[str, str]) -> GatewayError:
-    """A 3xx: never followed (see :mod:`gateway.backends.upstream`)."""
-    import logging
-
-    logging.getLogger("gateway.upstream").warning(
-        "backend %s answered %d (redirect to %r): not followed; fix its base_url",
-        name,
-        status,
-        headers.get("location", ""),
-    )
-    return UpstreamError(f"backend {name} answered with a redirect ({status})")

@@ -38,7 +38,9 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from gateway.backends.stream_client import RelayStream, RequestHead, StreamPool
+from gateway.backends.relay_stream import RelayStream
+from gateway.backends.stream_client import RelayHandlers
+from gateway.backends.stream_pool import RequestHead, StreamPool
 from gateway.backends.transport import (
     AiohttpTransport,
     TransportClosedError,
@@ -381,18 +383,15 @@ class Upstream:
         path: str,
         body: bytes,
         headers: Mapping[str, str] | None,
-        feed: Callable[[bytes], bytes],
-        finish: Callable[[], bytes],
-        comments: Callable[[bytes], None] | None = None,
-        closed: Callable[[], None] | None = None,
+        handlers: RelayHandlers,
     ) -> AsyncGenerator[bytes, None] | RelayStream:
         """A client's streamed answer, each ``data:`` payload turned into the
-        client's bytes by ``feed`` (``finish`` adds what is owed at
-        ``[DONE]``), the output of one network read at once.
-        ``comments``: told each SSE comment line's text, as :meth:`stream`
-        (an edge node's busy seconds); comments never reach the client.
-        ``closed``: called once when the stream is closed, however it ended
-        (it must be closed, as :func:`contextlib.aclosing` does).
+        client's bytes by ``handlers.feed`` (``finish`` adds what is owed at
+        ``[DONE]``), the output of one network read at once. ``comments``:
+        told each SSE comment line's text, as :meth:`stream` (an edge node's
+        busy seconds); comments never reach the client. ``closed``: called
+        once when the stream is closed, however it ended (it must be closed,
+        as :func:`contextlib.aclosing` does).
 
         The same contract as :meth:`stream` (this is the cheap relay's hot
         loop): retryable errors before the first events, a payload ``feed``
@@ -403,7 +402,7 @@ class Upstream:
         """
         pool, head = self._streams, self._stream_head
         if pool is None or head is None:
-            return self._aiohttp_relay(path, body, headers, feed, finish, comments, closed)
+            return self._aiohttp_relay(path, body, headers, handlers)
         return RelayStream(
             self.name,
             pool,
@@ -411,10 +410,7 @@ class Upstream:
             self._first_token,
             self._take_slot,
             self._connections.release,
-            feed,
-            finish,
-            comments,
-            closed,
+            handlers,
         )
 
     async def _take_slot(self) -> None:
@@ -438,30 +434,26 @@ class Upstream:
         path: str,
         body: bytes,
         headers: Mapping[str, str] | None,
-        feed: Callable[[bytes], bytes],
-        finish: Callable[[], bytes],
-        comments: Callable[[bytes], None] | None = None,
-        closed: Callable[[], None] | None = None,
+        handlers: RelayHandlers,
     ) -> AsyncGenerator[bytes, None]:
         """:meth:`relay` on aiohttp (an https upstream, a test's transport)."""
-        events = self._aiohttp_events(path, body, headers, feed, finish, comments)
+        events = self._aiohttp_events(path, body, headers, handlers)
         try:
             async with contextlib.aclosing(events):
                 async for data in events:
                     yield data
         finally:
-            if closed is not None:
-                closed()
+            if handlers.closed is not None:
+                handlers.closed()
 
     async def _aiohttp_events(
         self,
         path: str,
         body: bytes,
         headers: Mapping[str, str] | None,
-        feed: Callable[[bytes], bytes],
-        finish: Callable[[], bytes],
-        comments: Callable[[bytes], None] | None,
+        handlers: RelayHandlers,
     ) -> AsyncGenerator[bytes, None]:
+        feed, finish, comments = handlers.feed, handlers.finish, handlers.comments
         async with self._connection():
             try:
                 # Until the status and headers: one timer for the stream.

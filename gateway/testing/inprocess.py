@@ -38,9 +38,10 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from pydantic import ValidationError
 
 from gateway.accounting.db import DATABASE_FILE, async_url, migrate
-from gateway.app import Runtime, create_app
+from gateway.app import Runtime, create_app, handle_exception
 from gateway.catalog import plan
 from gateway.contract import PluginManifest
+from gateway.direct_routes import DirectRoutes
 from gateway.registry import Registry, build_registry, discover
 from gateway.settings import ConfigError, Settings, validation_problems
 from gateway.telemetry.spans import Tracing
@@ -345,7 +346,8 @@ async def in_process_gateway(
         # The app froze everything it started with (fine for a server that
         # lives long, not for one test among hundreds): collectable again.
         stack.callback(gc.unfreeze)
-        transport = ASGIStreamTransport(app)
+        # As `nomoat serve` serves it (gateway/direct_routes.py).
+        transport = ASGIStreamTransport(DirectRoutes(app, handle_exception))
         headers = {"Authorization": f"Bearer {api_key}"}
         http = await stack.enter_async_context(
             httpx.AsyncClient(transport=transport, base_url=BASE_URL, headers=headers)
