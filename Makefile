@@ -10,7 +10,7 @@ serve:
 test:
 	scripts/bootstrap.sh test,dev
 	$(MAKE) lint
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	NOMOAT_HYPOTHESIS_PROFILE=ci .venv/bin/python -m pytest $(PYTEST_ARGS)
 
 lint:
 	@# ruff also keeps the core from importing plugins/ (TID251 in pyproject.toml).

@@ -42,7 +42,7 @@ from typing import Any
 import hypothesis.strategies as st
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
@@ -1160,6 +1160,16 @@ class Fuzzer:
     counts: Counter[tuple[str, str, int]] = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
     timeout_seconds: float = 120.0
+    # The first draw's seed: each draw of examples then takes the next one, so
+    # a run is the same every time (CI) yet rounds differ. None: fresh draws.
+    seed: int | None = None
+    draws: int = 0
+
+    def next_seed(self) -> int | None:
+        if self.seed is None:
+            return None
+        self.draws += 1
+        return self.seed + self.draws
 
     def out_of_time(self) -> bool:
         """Past the deadline, or nothing left to test: the gateway died."""
@@ -1407,13 +1417,17 @@ def _run(
         database=None,
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
+        # Derandomized, every round would draw the same examples; the
+        # Fuzzer's seeds make a run repeatable instead.
+        derandomize=False,
     )
     @given(strategy)
     def loop(value: Any) -> None:
         if not fuzzer.out_of_time():
             send(value)
 
-    loop()
+    chosen = fuzzer.next_seed()
+    (loop if chosen is None else seed(chosen)(loop))()
 
 
 @dataclass(frozen=True)
