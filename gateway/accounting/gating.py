@@ -252,9 +252,10 @@ class Admission:
         if self.prices is None:
             return 0
         if model in self.catalog.models and not self.hooks_may_reroute:
-            deployments = self.prices.reachable(model)
-        else:
-            deployments = tuple(d for m in self.catalog.models for d in self.prices.reachable(m))
+            return self.prices.model_worst_case_nano(
+                model, bounds.prompt_tokens, bounds.completion_tokens
+            )
+        deployments = tuple(d for m in self.catalog.models for d in self.prices.reachable(m))
         return self.prices.worst_case_nano(
             deployments, bounds.prompt_tokens, bounds.completion_tokens
         )

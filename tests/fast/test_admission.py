@@ -112,6 +112,24 @@ def test_a_reservation_never_settled_expires() -> None:
     assert isinstance(limiter.admit_now("b", (), (demand,), 10.0), Admitted)
 
 
+def test_reservations_settled_out_of_order_still_expire_on_time() -> None:
+    """What is reserved is a running sum, walked only once a reservation
+    may have expired: one settled early must not hide a later one's expiry,
+    nor a settled one be counted again."""
+    limiter = MemoryLimiter(reservation_seconds=10)
+    demand = budget(limit=10, amount=5)
+    assert isinstance(limiter.admit_now("early", (), (demand,), 0.0), Admitted)  # until 10
+    assert isinstance(limiter.admit_now("late", (), (demand,), 5.0), Admitted)  # until 15
+    limiter.settle_now(Settlement("early", charges=((demand, 0),)), 6.0)
+    limiter.settle_now(Settlement("early", charges=((demand, 0),)), 6.0)  # again: no-op
+    one = budget(limit=10, amount=5)
+    assert isinstance(limiter.admit_now("a", (), (one,), 12.0), Admitted)  # late + a = 10
+    assert isinstance(limiter.admit_now("b", (), (one,), 14.0), BudgetRefused)
+    refused = limiter.admit_now("c", (), (one,), 15.0)  # late expired: a alone
+    assert isinstance(refused, Admitted)
+    assert isinstance(limiter.admit_now("d", (), (one,), 15.0), BudgetRefused)
+
+
 def test_a_budget_starts_from_its_seed() -> None:
     limiter = MemoryLimiter(3600)
     verdict = limiter.admit_now("a", (), (budget(limit=30, amount=10, seed=25),), 0.0)
