@@ -159,12 +159,16 @@ class Ticket:
         if self._settled or self._gate is None:
             return
         self._settled = True
-        refunds = [
-            (d, d.amount - tokens) for d in self._rates if d.kind == "tokens" and d.amount != tokens
-        ]
-        charges = [(b, charged_nano) for b in self._charges]
+        # (Loops, not comprehensions: each of those is a call of its own.)
+        refunds: tuple[tuple[RateDemand, int], ...] = ()
+        for d in self._rates:
+            if d.kind == "tokens" and d.amount != tokens:
+                refunds += ((d, d.amount - tokens),)
+        charges: tuple[tuple[BudgetDemand, int], ...] = ()
+        for b in self._charges:
+            charges += ((b, charged_nano),)
         if refunds or charges:
-            self._gate.limiter.settle(Settlement(self._id, tuple(refunds), tuple(charges)))
+            self._gate.limiter.settle(Settlement(self._id, refunds, charges))
 
     def release(self) -> None:
         """The request never ran (refused after admission, failed before
@@ -446,22 +450,19 @@ def rate_headers(levels: Iterable[Level]) -> Headers:
         elif tokens is None or level.remaining < tokens.remaining:
             tokens = level
     headers: Headers = []
-    if requests is not None:
-        _add_level(headers, _REQUEST_HEADERS, requests)
-    if tokens is not None:
-        _add_level(headers, _TOKEN_HEADERS, tokens)
+    # (Inline, not a helper per kind: this runs on every limited request.)
+    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
+        if tightest is None:
+            continue
+        limit = tightest.demand.limit
+        remaining = tightest.remaining
+        missing = limit - remaining
+        headers.append((names[0], b"%d" % limit))
+        # (int() is floor for what is not negative)
+        headers.append((names[1], b"%d" % (int(remaining) if remaining > 0 else 0)))
+        reset = missing * SECONDS_PER_WINDOW / limit if missing > 0 else 0.0
+        headers.append((names[2], duration(reset).encode()))
     return headers
-
-
-def _add_level(headers: Headers, names: tuple[bytes, ...], level: Level) -> None:
-    limit = level.demand.limit
-    remaining = level.remaining
-    missing = limit - remaining
-    reset = missing * SECONDS_PER_WINDOW / limit if missing > 0 else 0.0
-    headers.append((names[0], b"%d" % limit))
-    # (int() is floor for what is not negative)
-    headers.append((names[1], b"%d" % (int(remaining) if remaining > 0 else 0)))
-    headers.append((names[2], duration(reset).encode()))
 
 
 def duration(seconds: float) -> str:

@@ -221,10 +221,14 @@ class MemoryLimiter:
         levels = []
         for demand in rates:
             bucket = buckets.get(demand.key)
+            limit = demand.limit
             if bucket is None:
-                remaining = float(demand.limit)
+                remaining = float(limit)
             else:
-                remaining = bucket.refilled(demand.limit, now)
+                # (_Bucket.refilled, inline: once per bucket per request)
+                remaining = bucket.level + (now - bucket.at) * limit / SECONDS_PER_WINDOW
+                if remaining > limit:
+                    remaining = float(limit)
             levels.append(Level(demand, remaining))
         for level in levels:
             demand = level.demand
@@ -237,7 +241,7 @@ class MemoryLimiter:
             self._sweep(now)
             buckets = self._buckets  # (a new dict)
         for budget in budgets:
-            state = self._budget(budget, now)
+            state = self._budgets.get(budget.key) or self._budget(budget, now)
             used = state.spent + state.reserved(now)
             if used + budget.amount > budget.limit:
                 return BudgetRefused(budget, used)
