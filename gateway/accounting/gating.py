@@ -243,7 +243,9 @@ class Admission:
         if not self.gate.limited(principal, model):
             return None
         bounds = request_bounds(request, body_bytes, self.ceiling)
-        return await self.gate.admit(principal, model, bounds, self._worst_case(model, bounds))
+        return await self.gate.admit_limited(
+            principal, model, bounds, self._worst_case(model, bounds)
+        )
 
     def _worst_case(self, model: str, bounds: Bounds) -> int:
         """At the prices of every deployment that may serve it: the model's

@@ -33,6 +33,7 @@ from gateway.accounting.limits import (
     RateDemand,
     RateRefused,
     Settlement,
+    Verdict,
 )
 from gateway.accounting.principal import Budget, Principal, RateLimits, Team
 from gateway.auth import hash_api_key, key_fingerprint
@@ -221,6 +222,24 @@ async def test_a_model_limit_counts_every_key() -> None:
     assert 'model "m"' in refused.value.message
     await g.admit(Principal("b"), "other", Bounds(1, 1), 0)
     await g.admit(None, "other", Bounds(1, 1), 0)
+
+
+async def test_ticket_ids_are_unique_within_and_across_gates() -> None:
+    """Replicas share a Redis budget's reservations, keyed by ticket id."""
+    seen: list[str] = []
+
+    class Recording(MemoryLimiter):
+        async def admit(
+            self, ticket: str, rates: tuple[RateDemand, ...], budgets: tuple[BudgetDemand, ...]
+        ) -> Verdict:
+            seen.append(ticket)
+            return await super().admit(ticket, rates, budgets)
+
+    for _ in range(2):  # two replicas
+        replica = Gate(Recording(3600), Seeds(NOW), clock=lambda: NOW)
+        for _ in range(50):
+            (await replica.admit(KEY, "m", Bounds(1, 1), 0)).release()
+    assert len(set(seen)) == 100
 
 
 async def test_unlimited_requests_skip_the_limiter() -> None:
