@@ -235,10 +235,11 @@ async def test_ticket_ids_are_unique_within_and_across_gates() -> None:
             seen.append(ticket)
             return await super().admit(ticket, rates, budgets)
 
+    key = Principal("key1", "ci", budget=Budget(1000, "total"))
     for _ in range(2):  # two replicas
         replica = Gate(Recording(3600), Seeds(NOW), clock=lambda: NOW)
         for _ in range(50):
-            (await replica.admit(KEY, "m", Bounds(1, 1), 0)).release()
+            (await replica.admit(key, "m", Bounds(1, 1), 0)).release()
     assert len(set(seen)) == 100
 
 
