@@ -193,14 +193,18 @@ def insert_ignoring_duplicates(engine: AsyncEngine) -> Insert:
 
 
 async def write_records(connection: AsyncConnection, records: Sequence[UsageRecord]) -> None:
-    if connection.engine.dialect.name == "sqlite":
-        # Plain tuples straight to the driver's executemany: SQLAlchemy's
-        # per-row parameter processing was about half the writer's CPU
-        # (22 against 12 us a row, batches of 500).
+    # Plain tuples straight to the driver's executemany: SQLAlchemy Core's
+    # per-row parameter processing was about half the writer's CPU (SQLite:
+    # 22 against 12 us a row; PostgreSQL: 17 against 6 us a row, batches of
+    # 500). Tests check that a row is stored as Core stores it.
+    dialect = connection.engine.dialect.name
+    if dialect == "sqlite":
         await connection.exec_driver_sql(SQLITE_INSERT, [sqlite_row(r) for r in records])
-        return
-    statement = insert_ignoring_duplicates(connection.engine)
-    await connection.execute(statement, [row(record) for record in records])
+    elif dialect == "postgresql":
+        await connection.exec_driver_sql(POSTGRES_INSERT, [postgres_row(r) for r in records])
+    else:
+        statement = insert_ignoring_duplicates(connection.engine)
+        await connection.execute(statement, [row(record) for record in records])
 
 
 # The same statement as insert_ignoring_duplicates() compiles for SQLite.
@@ -211,6 +215,48 @@ SQLITE_INSERT = (
     + ", ".join("?" for _ in COLUMNS)
     + ") ON CONFLICT (request_id) DO NOTHING"
 )
+
+
+# The same for PostgreSQL through asyncpg (its parameters are $1, $2, ...).
+POSTGRES_INSERT = (
+    "INSERT INTO usage ("
+    + ", ".join(f'"{name}"' for name in COLUMNS)
+    + ") VALUES ("
+    + ", ".join(f"${index}" for index in range(1, len(COLUMNS) + 1))
+    + ") ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+def postgres_row(r: UsageRecord) -> tuple[object, ...]:
+    """The record's columns in ``COLUMNS`` order for asyncpg: times and days
+    as they are (timestamptz, date), JSON as text (SQLAlchemy's codec for
+    asyncpg's json type takes text)."""
+    return (
+        r.request_id,
+        r.at,
+        r.day,
+        r.endpoint,
+        r.key_id,
+        r.team_id,
+        r.user,
+        r.model,
+        r.deployment,
+        r.backend,
+        r.adapter,
+        r.stream,
+        r.prompt_tokens,
+        r.cached_tokens,
+        r.completion_tokens,
+        r.cost_nano,
+        r.compute_cost_nano,
+        r.latency_seconds,
+        r.ttft_seconds,
+        r.status,
+        r.error_type,
+        r.finish_reason,
+        r.trace_id,
+        None if r.adapters is None else json.dumps(r.adapters),
+    )
 
 
 def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
