@@ -119,8 +119,8 @@ def _stat(pid: int | str) -> list[str] | None:
     return text[text.rfind(")") + 2 :].split()
 
 
-def _processes() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, utime+stime+cutime+cstime in ticks) for every process."""
+def _processes() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, utime+stime+cutime+cstime, stime+cstime in ticks) for every process."""
     table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -132,21 +132,25 @@ def _processes() -> dict[int, tuple[int, int]]:
         table[int(entry.name)] = (
             int(fields[1]),
             int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14]),
+            int(fields[12]) + int(fields[14]),
         )
     return table
 
 
-def tree_ticks(root: int, table: dict[int, tuple[int, int]] | None = None) -> int:
-    """CPU ticks of a process, its threads, and its children (live or reaped)."""
+def tree_ticks(
+    root: int, table: dict[int, tuple[int, int, int]] | None = None, system: bool = False
+) -> int:
+    """CPU ticks of a process, its threads, and its children (live or reaped);
+    ``system``: the kernel's share alone (stime)."""
     table = _processes() if table is None else table
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
+    for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     total, stack = 0, [root]
     while stack:
         pid = stack.pop()
         if pid in table:
-            total += table[pid][1]
+            total += table[pid][2 if system else 1]
         stack.extend(children.get(pid, ()))
     return total
 
@@ -646,6 +650,9 @@ class WrkResult:
     errors: int
     cpu_ms_per_request: float | None
     others_cores: float
+    # Of cpu_ms_per_request, in the kernel (stime): system calls, the network
+    # stack, file I/O (SQLite's ledger).
+    system_ms_per_request: float | None = None
 
     @property
     def rps(self) -> float:
@@ -692,9 +699,13 @@ def run_wrk(
         target.url,
     ]
     others = OthersMeter()
-    before = tree_ticks(target.proc.pid)
+    table = _processes()
+    before = tree_ticks(target.proc.pid, table)
+    before_system = tree_ticks(target.proc.pid, table, system=True)
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
-    after = tree_ticks(target.proc.pid)
+    table = _processes()
+    after = tree_ticks(target.proc.pid, table)
+    after_system = tree_ticks(target.proc.pid, table, system=True)
     others_cores = others.cores()
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRK-RESULT")), None)
     if out.returncode != 0 or line is None:
@@ -709,6 +720,9 @@ def run_wrk(
         mean_ms=float(mean) / 1000,
         errors=int(errors),
         cpu_ms_per_request=(after - before) / CLK_TCK * 1000 / count if count else None,
+        system_ms_per_request=(
+            (after_system - before_system) / CLK_TCK * 1000 / count if count else None
+        ),
         others_cores=others_cores,
     )
 
@@ -863,7 +877,8 @@ def measure(targets: Sequence[Target], args: argparse.Namespace, workdir: Path) 
             log(
                 f"  {name:8} c=1 p50 {c1.p50_ms:.3f} p99 {c1.p99_ms:.3f} ms | "
                 f"c={conc} {c32.rps:.0f}/s p99 {c32.p99_ms:.2f} ms "
-                f"cpu {c32.cpu_ms_per_request or 0:.3f} ms/req | ttfc {stream.p50_ms:.3f} ms"
+                f"cpu {c32.cpu_ms_per_request or 0:.3f} ms/req "
+                f"(system {c32.system_ms_per_request or 0:.3f}) | ttfc {stream.p50_ms:.3f} ms"
             )
         rounds.append(current)
     return rounds

@@ -4,6 +4,7 @@ ledger moved to it by ``nomoat ledger copy`` with nothing lost."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,14 @@ from test_ledger_live import (
 )
 
 from gateway.accounting.db import async_url, migrate_async, open_engine
-from gateway.accounting.ledger import Ledger, LedgerOptions, UsageRecord
+from gateway.accounting.ledger import (
+    Ledger,
+    LedgerOptions,
+    UsageRecord,
+    insert_ignoring_duplicates,
+    row,
+    write_records,
+)
 from gateway.accounting.tables import api_keys, node_costs, responses, teams, usage
 from gateway.exchange import Exchange
 
@@ -247,3 +255,37 @@ async def _counts(url: str) -> dict[str, int]:
             }
     finally:
         await engine.dispose()
+
+
+async def _written_both_ways(url: str) -> list[dict[str, Any]]:
+    await migrate_async(async_url(url))
+    engine = open_engine(async_url(url))
+    at = datetime(2026, 1, 2, 3, 4, 5, 123_456, tzinfo=UTC)
+    # Every column distinct, so that two swapped columns show.
+    fast = UsageRecord(
+        "fast", at, at.date(), "/v1/chat/completions", "k", "t", "u", "m", "d", "b", "stack",
+        True, 11, 3, 7, 13, 17, 0.5, 0.25, 429, "e", "f", "0" * 32,
+        [{"name": "x", "scale": 0.5}, {"name": "y", "scale": 1.0}],
+    )  # fmt: skip
+    core = copy.copy(fast)
+    core.request_id = "core"
+    try:
+        async with engine.begin() as connection:
+            await write_records(connection, [fast])
+            await connection.execute(insert_ignoring_duplicates(engine), [row(core)])
+            await write_records(connection, [fast])  # already there: skipped
+        async with engine.connect() as connection:
+            result = await connection.execute(select(usage).order_by(usage.c.id))
+            return [dict(found) for found in result.mappings()]
+    finally:
+        await engine.dispose()
+
+
+def test_rows_are_stored_as_sqlalchemy_core_would_store_them(postgres_url: str) -> None:
+    # The writer hands asyncpg plain tuples: what it stores must equal Core's
+    # own insert of the same record, column for column.
+    fast, core = rows_ = asyncio.run(_written_both_ways(postgres_url))
+    assert len(rows_) == 2 and (fast["request_id"], core["request_id"]) == ("fast", "core")
+    assert fast["at"] == datetime(2026, 1, 2, 3, 4, 5, 123_456, tzinfo=UTC)
+    assert fast["adapters"] == [{"name": "x", "scale": 0.5}, {"name": "y", "scale": 1.0}]
+    assert fast | {"id": 0, "request_id": ""} == core | {"id": 0, "request_id": ""}

@@ -159,12 +159,16 @@ class Ticket:
         if self._settled or self._gate is None:
             return
         self._settled = True
-        refunds = [
-            (d, d.amount - tokens) for d in self._rates if d.kind == "tokens" and d.amount != tokens
-        ]
-        charges = [(b, charged_nano) for b in self._charges]
+        # (Loops, not comprehensions: each of those is a call of its own.)
+        refunds: tuple[tuple[RateDemand, int], ...] = ()
+        for d in self._rates:
+            if d.kind == "tokens" and d.amount != tokens:
+                refunds += ((d, d.amount - tokens),)
+        charges: tuple[tuple[BudgetDemand, int], ...] = ()
+        for b in self._charges:
+            charges += ((b, charged_nano),)
         if refunds or charges:
-            self._gate.limiter.settle(Settlement(self._id, tuple(refunds), tuple(charges)))
+            self._gate.limiter.settle(Settlement(self._id, refunds, charges))
 
     def release(self) -> None:
         """The request never ran (refused after admission, failed before
@@ -284,6 +288,8 @@ class Gate:
         # What each (key, model) asks of the limiter, but the amounts: built
         # once per principal object (a changed key is a new object).
         self._plans: dict[tuple[str | None, str], _Plan] = {}
+        self._ticket_prefix = os.urandom(16).hex() + "-"
+        self._tickets = 0
 
     def limited(self, principal: Principal | None, model: str) -> bool:
         """Whether a request of ``principal`` for ``model`` has any limit or budget."""
@@ -303,8 +309,17 @@ class Gate:
     ) -> Ticket:
         if not self.limited(principal, model):
             return Ticket(None, "", bounds)
-        # The same 32 hex digits as uuid4().hex, at a seventh of its cost.
-        ticket_id = os.urandom(16).hex()
+        return await self.admit_limited(principal, model, bounds, worst_case_nano)
+
+    async def admit_limited(
+        self, principal: Principal | None, model: str, bounds: Bounds, worst_case_nano: int
+    ) -> Ticket:
+        """:meth:`admit` of a request known to be :meth:`limited`."""
+        # Unique across processes and replicas (a Redis budget holds every
+        # replica's tickets): this gate's random prefix and a count, with no
+        # system call per request (os.urandom was one).
+        self._tickets += 1
+        ticket_id = f"{self._ticket_prefix}{self._tickets:x}"
         if self.unenforceable is not None:
             raise LimitsUnavailableError(
                 "This request has rate limits or a budget that this gateway cannot enforce: "
@@ -446,22 +461,19 @@ def rate_headers(levels: Iterable[Level]) -> Headers:
         elif tokens is None or level.remaining < tokens.remaining:
             tokens = level
     headers: Headers = []
-    if requests is not None:
-        _add_level(headers, _REQUEST_HEADERS, requests)
-    if tokens is not None:
-        _add_level(headers, _TOKEN_HEADERS, tokens)
+    # (Inline, not a helper per kind: this runs on every limited request.)
+    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
+        if tightest is None:
+            continue
+        limit = tightest.demand.limit
+        remaining = tightest.remaining
+        missing = limit - remaining
+        headers.append((names[0], b"%d" % limit))
+        # (int() is floor for what is not negative)
+        headers.append((names[1], b"%d" % (int(remaining) if remaining > 0 else 0)))
+        reset = missing * SECONDS_PER_WINDOW / limit if missing > 0 else 0.0
+        headers.append((names[2], duration(reset).encode()))
     return headers
-
-
-def _add_level(headers: Headers, names: tuple[bytes, ...], level: Level) -> None:
-    limit = level.demand.limit
-    remaining = level.remaining
-    missing = limit - remaining
-    reset = missing * SECONDS_PER_WINDOW / limit if missing > 0 else 0.0
-    headers.append((names[0], b"%d" % limit))
-    # (int() is floor for what is not negative)
-    headers.append((names[1], b"%d" % (int(remaining) if remaining > 0 else 0)))
-    headers.append((names[2], duration(reset).encode()))
 
 
 def duration(seconds: float) -> str:

@@ -243,7 +243,9 @@ class Admission:
         if not self.gate.limited(principal, model):
             return None
         bounds = request_bounds(request, body_bytes, self.ceiling)
-        return await self.gate.admit(principal, model, bounds, self._worst_case(model, bounds))
+        return await self.gate.admit_limited(
+            principal, model, bounds, self._worst_case(model, bounds)
+        )
 
     def _worst_case(self, model: str, bounds: Bounds) -> int:
         """At the prices of every deployment that may serve it: the model's
@@ -252,9 +254,10 @@ class Admission:
         if self.prices is None:
             return 0
         if model in self.catalog.models and not self.hooks_may_reroute:
-            deployments = self.prices.reachable(model)
-        else:
-            deployments = tuple(d for m in self.catalog.models for d in self.prices.reachable(m))
+            return self.prices.model_worst_case_nano(
+                model, bounds.prompt_tokens, bounds.completion_tokens
+            )
+        deployments = tuple(d for m in self.catalog.models for d in self.prices.reachable(m))
         return self.prices.worst_case_nano(
             deployments, bounds.prompt_tokens, bounds.completion_tokens
         )

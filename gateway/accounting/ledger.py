@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -112,37 +113,51 @@ class UsageRecord:
     def of(
         cls, exchange: Exchange, status: int, error: str | None, now: float | None = None
     ) -> UsageRecord:
-        """The record of a closed exchange; ``now`` a ``time.monotonic()``."""
-        latency = exchange.seconds(now)
+        """The record of a closed exchange; ``now`` a ``time.monotonic()``.
+
+        (Once per request: positional, in the fields' order, with the
+        exchange's small getters inline: 13K instructions against 26K with
+        keywords and getters.)"""
+        arrived = exchange.arrived
+        latency = (time.monotonic() if now is None else now) - arrived
         at = datetime.fromtimestamp(time.time() - latency, UTC)
         usage_ = exchange.usage
-        prompt = usage_.prompt_tokens if usage_ is not None else 0
+        if usage_ is not None:
+            prompt = usage_.prompt_tokens
+            completion = usage_.completion_tokens
+            details = usage_.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details is not None else 0
+        else:
+            prompt = cached = 0
+            completion = exchange.estimated_output_tokens or 0
+        deployment = exchange.deployment
+        first = exchange.first_token_at
         return cls(
             # Refused before it had an id (401, 400 on an unreadable body).
-            request_id=exchange.request_id or f"req-{uuid.uuid4().hex}",
-            at=at,
-            day=at.date(),
-            endpoint=exchange.path or exchange.operation,
-            key_id=exchange.key_id,
-            team_id=exchange.team_id,
-            user=bounded_text(exchange.user, _USER_CHARS),
-            model=exchange.model or None,
-            deployment=exchange.deployment or None,
-            backend=exchange.backend or None,
-            adapter=exchange.adapter if exchange.deployment else None,
-            adapters=adapter_entries(exchange) if exchange.adapters else None,
-            stream=exchange.stream,
-            prompt_tokens=prompt,
-            cached_tokens=cached_tokens(usage_),
-            completion_tokens=exchange.output_tokens() or 0,
-            cost_nano=exchange.charged_nano,
-            compute_cost_nano=exchange.compute_nano,
-            latency_seconds=latency,
-            ttft_seconds=exchange.time_to_first_token(),
-            status=status,
-            error_type=error,
-            finish_reason=exchange.finish_reason,
-            trace_id=exchange.trace_id,
+            exchange.request_id or f"req-{uuid.uuid4().hex}",
+            at,
+            at.date(),
+            exchange.path or exchange.operation,
+            exchange.key_id,
+            exchange.team_id,
+            bounded_text(exchange.user, _USER_CHARS) if exchange.user else None,
+            exchange.model or None,
+            deployment or None,
+            exchange.backend or None,
+            exchange.adapter if deployment else None,
+            exchange.stream,
+            prompt,
+            cached,
+            completion,
+            exchange.charged_nano,
+            exchange.compute_nano,
+            latency,
+            None if first is None else first - arrived,
+            status,
+            error,
+            exchange.finish_reason,
+            exchange.trace_id,
+            adapter_entries(exchange) if exchange.adapters else None,
         )
 
 
@@ -178,14 +193,18 @@ def insert_ignoring_duplicates(engine: AsyncEngine) -> Insert:
 
 
 async def write_records(connection: AsyncConnection, records: Sequence[UsageRecord]) -> None:
-    if connection.engine.dialect.name == "sqlite":
-        # Plain tuples straight to the driver's executemany: SQLAlchemy's
-        # per-row parameter processing was about half the writer's CPU
-        # (22 against 12 us a row, batches of 500).
+    # Plain tuples straight to the driver's executemany: SQLAlchemy Core's
+    # per-row parameter processing was about half the writer's CPU (SQLite:
+    # 22 against 12 us a row; PostgreSQL: 17 against 6 us a row, batches of
+    # 500). Tests check that a row is stored as Core stores it.
+    dialect = connection.engine.dialect.name
+    if dialect == "sqlite":
         await connection.exec_driver_sql(SQLITE_INSERT, [sqlite_row(r) for r in records])
-        return
-    statement = insert_ignoring_duplicates(connection.engine)
-    await connection.execute(statement, [row(record) for record in records])
+    elif dialect == "postgresql":
+        await connection.exec_driver_sql(POSTGRES_INSERT, [postgres_row(r) for r in records])
+    else:
+        statement = insert_ignoring_duplicates(connection.engine)
+        await connection.execute(statement, [row(record) for record in records])
 
 
 # The same statement as insert_ignoring_duplicates() compiles for SQLite.
@@ -198,15 +217,60 @@ SQLITE_INSERT = (
 )
 
 
+# The same for PostgreSQL through asyncpg (its parameters are $1, $2, ...).
+POSTGRES_INSERT = (
+    "INSERT INTO usage ("
+    + ", ".join(f'"{name}"' for name in COLUMNS)
+    + ") VALUES ("
+    + ", ".join(f"${index}" for index in range(1, len(COLUMNS) + 1))
+    + ") ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+def postgres_row(r: UsageRecord) -> tuple[object, ...]:
+    """The record's columns in ``COLUMNS`` order for asyncpg: times and days
+    as they are (timestamptz, date), JSON as text (SQLAlchemy's codec for
+    asyncpg's json type takes text)."""
+    return (
+        r.request_id,
+        r.at,
+        r.day,
+        r.endpoint,
+        r.key_id,
+        r.team_id,
+        r.user,
+        r.model,
+        r.deployment,
+        r.backend,
+        r.adapter,
+        r.stream,
+        r.prompt_tokens,
+        r.cached_tokens,
+        r.completion_tokens,
+        r.cost_nano,
+        r.compute_cost_nano,
+        r.latency_seconds,
+        r.ttft_seconds,
+        r.status,
+        r.error_type,
+        r.finish_reason,
+        r.trace_id,
+        None if r.adapters is None else json.dumps(r.adapters),
+    )
+
+
 def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
     """The record's columns in ``COLUMNS`` order, as SQLAlchemy stores them
     in SQLite: times as ``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC, no offset),
     days as ``YYYY-MM-DD``, booleans as 0 or 1, JSON as text."""
+    at = r.at
     return (
         r.request_id,
-        # (isoformat, not strftime: a quarter of the instructions; the
-        # offset it appends is cut off)
-        r.at.isoformat(" ", "microseconds")[:26],
+        # The offset (UTC) left out, as isoformat(" ", "microseconds")[:26]
+        # gives it, for less (the row 13K instructions against 19K): the
+        # text of a second is the same for every row of that second.
+        f"{_second_text(at.year, at.month, at.day, at.hour, at.minute, at.second)}"
+        f".{at.microsecond:06d}",
         r.day.isoformat(),
         r.endpoint,
         r.key_id,
@@ -231,6 +295,11 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
         # As SQLAlchemy's JSON type writes it (json.dumps).
         None if r.adapters is None else json.dumps(r.adapters),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _second_text(year: int, month: int, day: int, hour: int, minute: int, second: int) -> str:
+    return f"{year:04d}-{month:02d}-{day:02d} {hour:02d}:{minute:02d}:{second:02d}"
 
 
 def row(record: UsageRecord) -> dict[str, object]:

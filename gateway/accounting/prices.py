@@ -92,6 +92,19 @@ class PriceBook:
     reachable_ids: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Per backend name: its price per hour in USD, for self-hosted nodes that set one.
     hourly_usd: Mapping[str, float] = field(default_factory=dict)
+    # Per model: the distinct prices of the deployments it may reach, the
+    # free ones left out (a free one adds nothing to a worst case), so a
+    # request's worst case walks only those: none at all without prices.
+    _priced: Mapping[str, tuple[TokenPrices, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        priced = {
+            model: _priced(self.deployments.get(d, FREE) for d in ids)
+            for model, ids in self.reachable_ids.items()
+        }
+        object.__setattr__(self, "_priced", priced)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PriceBook:
@@ -119,7 +132,9 @@ class PriceBook:
         """What a request that ended with ``usage`` on ``deployment`` is
         charged. Without a usage (a stream cut before it came) only the
         output tokens counted on the stream are known and charged."""
-        prices = self.prices(deployment)
+        prices = self.deployments.get(deployment, FREE)
+        if prices is FREE or prices.free:
+            return 0
         if usage is None:
             return prices.charge_nano(0, 0, estimated_output_tokens or 0)
         return prices.charge_nano(
@@ -138,6 +153,16 @@ class PriceBook:
             worst = max(worst, charge)
         return worst
 
+    def model_worst_case_nano(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
+        """:meth:`worst_case_nano` over the deployments ``model`` may reach
+        (:meth:`reachable`), from the prices gathered once per model."""
+        worst = 0
+        for prices in self._priced.get(model, ()):
+            charge = prices.worst_case_nano(prompt_tokens, completion_tokens)
+            if charge > worst:
+                worst = charge
+        return worst
+
     def reachable(self, model: str) -> tuple[str, ...]:
         """The deployment ids a request for ``model`` (a catalog name) may be
         served by: its own, then its fallbacks' (transitively)."""
@@ -145,6 +170,10 @@ class PriceBook:
 
     def usd_per_hour(self, backend: str) -> float | None:
         return self.hourly_usd.get(backend)
+
+
+def _priced(prices: Iterable[TokenPrices]) -> tuple[TokenPrices, ...]:
+    return tuple(dict.fromkeys(p for p in prices if not p.free))
 
 
 def _reachable(settings: Settings, model: str) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from gateway.accounting.limits import (
     RateDemand,
     RateRefused,
     Settlement,
+    Verdict,
 )
 from gateway.accounting.principal import Budget, Principal, RateLimits, Team
 from gateway.auth import hash_api_key, key_fingerprint
@@ -110,6 +111,24 @@ def test_a_reservation_never_settled_expires() -> None:
     assert isinstance(limiter.admit_now("dead", (), (demand,), 0.0), Admitted)
     assert isinstance(limiter.admit_now("a", (), (demand,), 9.0), BudgetRefused)
     assert isinstance(limiter.admit_now("b", (), (demand,), 10.0), Admitted)
+
+
+def test_reservations_settled_out_of_order_still_expire_on_time() -> None:
+    """What is reserved is a running sum, walked only once a reservation
+    may have expired: one settled early must not hide a later one's expiry,
+    nor a settled one be counted again."""
+    limiter = MemoryLimiter(reservation_seconds=10)
+    demand = budget(limit=10, amount=5)
+    assert isinstance(limiter.admit_now("early", (), (demand,), 0.0), Admitted)  # until 10
+    assert isinstance(limiter.admit_now("late", (), (demand,), 5.0), Admitted)  # until 15
+    limiter.settle_now(Settlement("early", charges=((demand, 0),)), 6.0)
+    limiter.settle_now(Settlement("early", charges=((demand, 0),)), 6.0)  # again: no-op
+    one = budget(limit=10, amount=5)
+    assert isinstance(limiter.admit_now("a", (), (one,), 12.0), Admitted)  # late + a = 10
+    assert isinstance(limiter.admit_now("b", (), (one,), 14.0), BudgetRefused)
+    refused = limiter.admit_now("c", (), (one,), 15.0)  # late expired: a alone
+    assert isinstance(refused, Admitted)
+    assert isinstance(limiter.admit_now("d", (), (one,), 15.0), BudgetRefused)
 
 
 def test_a_budget_starts_from_its_seed() -> None:
@@ -203,6 +222,25 @@ async def test_a_model_limit_counts_every_key() -> None:
     assert 'model "m"' in refused.value.message
     await g.admit(Principal("b"), "other", Bounds(1, 1), 0)
     await g.admit(None, "other", Bounds(1, 1), 0)
+
+
+async def test_ticket_ids_are_unique_within_and_across_gates() -> None:
+    """Replicas share a Redis budget's reservations, keyed by ticket id."""
+    seen: list[str] = []
+
+    class Recording(MemoryLimiter):
+        async def admit(
+            self, ticket: str, rates: tuple[RateDemand, ...], budgets: tuple[BudgetDemand, ...]
+        ) -> Verdict:
+            seen.append(ticket)
+            return await super().admit(ticket, rates, budgets)
+
+    key = Principal("key1", "ci", budget=Budget(1000, "total"))
+    for _ in range(2):  # two replicas
+        replica = Gate(Recording(3600), Seeds(NOW), clock=lambda: NOW)
+        for _ in range(50):
+            (await replica.admit(key, "m", Bounds(1, 1), 0)).release()
+    assert len(set(seen)) == 100
 
 
 async def test_unlimited_requests_skip_the_limiter() -> None:

@@ -27,6 +27,7 @@ from gateway.accounting.ledger import (
     encode_record,
     insert_ignoring_duplicates,
     row,
+    sqlite_row,
     write_records,
 )
 from gateway.accounting.tables import usage
@@ -320,6 +321,17 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_would_store_them(tmp_path: P
         ]
     finally:
         await engine.dispose()
+
+
+def test_a_sqlite_rows_time_is_sqlalchemys_text_to_the_microsecond() -> None:
+    # (The writer builds it from a cached text of its second.)
+    base = UsageRecord.of(Exchange("t", "chat", 0.0), 200, None, now=1.0)
+    start = datetime(2026, 12, 31, 23, 59, 58, 999_998, tzinfo=UTC)
+    for step in range(0, 4_000_000, 1_999):
+        at = start + timedelta(microseconds=step)
+        base.at, base.day = at, at.date()
+        text, day = sqlite_row(base)[1:3]
+        assert (text, day) == (at.isoformat(" ", "microseconds")[:26], at.date().isoformat())
 
 
 RAW_ROWS = (

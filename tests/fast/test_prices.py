@@ -94,6 +94,13 @@ def test_the_worst_case_is_the_dearest_reachable_deployment(tmp_path: Path) -> N
     assert worst == 1000 * 5000 + 500 * 15_000
     assert book.worst_case_nano(["small/0"], 1000, 500) == 1000 * 150 + 500 * 600
     assert book.worst_case_nano([], 1000, 500) == 0
+    # Per model, from the prices gathered once (the request path's way): the same.
+    for model in ("small", "big"):
+        for sizes in ((1000, 500), (1, 0), (0, 7)):
+            assert book.model_worst_case_nano(model, *sizes) == book.worst_case_nano(
+                book.reachable(model), *sizes
+            )
+    assert book.model_worst_case_nano("nowhere", 1000, 500) == 0
 
 
 def test_backends_carry_their_price_per_hour(tmp_path: Path) -> None:
