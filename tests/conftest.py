@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import settings
 
 from gateway.auth import hash_api_key
 from gateway.cli import main
@@ -32,6 +33,16 @@ API_KEY = "sk-nomoat-test-0123456789abcdef"
 STARTUP_SECONDS = 180
 ROOT = Path(__file__).resolve().parent.parent
 
+
+# Hypothesis under `make test` (and so CI): derandomized. A property test
+# that fails only for some draws failed CI by chance (test_grammar_engine.py
+# drew a text with \x1c, which Python's \s takes and ECMA's does not).
+# `make test` sets NOMOAT_HYPOTHESIS_PROFILE=ci: each test draws the same
+# examples every run, so a draw that fails, fails every time, before anything
+# lands. Plain `pytest` explores new draws, as the fuzz suite's long run does.
+# (Every Hypothesis test is under tests/; the plugins' tests have none.)
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("NOMOAT_HYPOTHESIS_PROFILE", "default"))
 
 # The live-server helpers plugin authors get from gateway.testing, used here too.
 Server = LiveGateway
