@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -192,6 +192,12 @@ def insert_ignoring_duplicates(engine: AsyncEngine) -> Insert:
     return sqlite.insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
 
 
+# Rows built between two turns of the event loop. A batch of 500 built at
+# once held the loop for about 6.5M instructions (2 ms): the stall behind
+# sqlite-mem's c=1 p99 of 3.0 ms against 0.8 ms with accounting off.
+ROWS_PER_TURN = 50
+
+
 async def write_records(connection: AsyncConnection, records: Sequence[UsageRecord]) -> None:
     # Plain tuples straight to the driver's executemany: SQLAlchemy Core's
     # per-row parameter processing was about half the writer's CPU (SQLite:
@@ -199,12 +205,25 @@ async def write_records(connection: AsyncConnection, records: Sequence[UsageReco
     # 500). Tests check that a row is stored as Core stores it.
     dialect = connection.engine.dialect.name
     if dialect == "sqlite":
-        await connection.exec_driver_sql(SQLITE_INSERT, [sqlite_row(r) for r in records])
+        await connection.exec_driver_sql(SQLITE_INSERT, await rows_of(records, sqlite_row))
     elif dialect == "postgresql":
-        await connection.exec_driver_sql(POSTGRES_INSERT, [postgres_row(r) for r in records])
+        await connection.exec_driver_sql(POSTGRES_INSERT, await rows_of(records, postgres_row))
     else:
         statement = insert_ignoring_duplicates(connection.engine)
         await connection.execute(statement, [row(record) for record in records])
+
+
+async def rows_of(
+    records: Sequence[UsageRecord], make: Callable[[UsageRecord], tuple[object, ...]]
+) -> list[tuple[object, ...]]:
+    """``make`` of each record, ``ROWS_PER_TURN`` at a time, the event loop
+    let go in between (the rows are built on the loop's thread)."""
+    rows: list[tuple[object, ...]] = []
+    for start in range(0, len(records), ROWS_PER_TURN):
+        if start:
+            await asyncio.sleep(0)
+        rows.extend(map(make, records[start : start + ROWS_PER_TURN]))
+    return rows
 
 
 # The same statement as insert_ignoring_duplicates() compiles for SQLite.
