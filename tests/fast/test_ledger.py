@@ -405,3 +405,27 @@ async def test_a_batchs_rows_are_built_a_few_at_a_time_between_turns_of_the_loop
     assert made == [sqlite_row(r) for r in records]
     turns = [*seen, len(built)]
     assert max(b - a for a, b in itertools.pairwise(turns)) <= ledger.ROWS_PER_TURN
+
+
+async def test_a_sqlite_batch_is_written_whole_and_duplicates_are_skipped(tmp_path: Path) -> None:
+    # A batch of 125 rows (more than one turn of rows_of) stored whole, in order;
+    # rows already written, and twice in the batch, are skipped.
+    url = async_url(f"sqlite:///{tmp_path / 'ledger.db'}")
+    await migrate_async(url)
+    engine = open_engine(url)
+    records = []
+    for index in range(123):
+        record = UsageRecord.of(Exchange(f"r{index}", "chat", 0.0), 200, None, now=1.0)
+        record.prompt_tokens, record.completion_tokens = index, 1000 + index
+        records.append(record)
+    columns = ", ".join(ledger.COLUMNS)
+    try:
+        async with engine.begin() as connection:
+            await write_records(connection, records[:7])
+        async with engine.begin() as connection:
+            await write_records(connection, [*records, *records[:2]])
+        async with engine.connect() as connection:
+            stored = await connection.exec_driver_sql(f"SELECT {columns} FROM usage ORDER BY id")
+            assert [tuple(r) for r in stored.all()] == [sqlite_row(r) for r in records]
+    finally:
+        await engine.dispose()
