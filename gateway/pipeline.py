@@ -131,11 +131,7 @@ class Pipeline:
             self._answered_early(request, trace, ctx, endpoint.name)
             return early
         asked = _expect(early, endpoint.request_type)
-        route = self.router.resolve(asked)
-        check_route(ctx.principal, self.catalog, route)
-        ctx = _with_deadline(ctx, route.entry)
-        exchange = _exchange(trace, ctx, endpoint.name)
-        ctx = _metered(ctx, exchange)
+        route, ctx, exchange = self._routed(asked, ctx, trace, endpoint.name)
         started = await self._attempts(
             route, asked, ctx, lambda b, t, c: endpoint.answer(b, asked, t, c), trace, exchange
         )
@@ -160,11 +156,7 @@ class Pipeline:
             chunks, asked = endpoint.as_chunks(early), request
         else:
             asked = _expect(early, endpoint.request_type)
-            route = self.router.resolve(asked)
-            check_route(ctx.principal, self.catalog, route)
-            ctx = _with_deadline(ctx, route.entry)
-            exchange = _exchange(trace, ctx, endpoint.name)
-            ctx = _metered(ctx, exchange)
+            route, ctx, exchange = self._routed(asked, ctx, trace, endpoint.name)
             started = await self._attempts(
                 route,
                 asked,
@@ -208,11 +200,7 @@ class Pipeline:
             self._answered_early(request, trace, ctx, endpoint.name)
             return shape_usage(endpoint.as_chunks(early), _wants_usage(request))
         asked = _expect(early, endpoint.request_type)
-        route = self.router.resolve(asked)
-        check_route(ctx.principal, self.catalog, route)
-        ctx = _with_deadline(ctx, route.entry)
-        exchange = _exchange(trace, ctx, endpoint.name)
-        ctx = _metered(ctx, exchange)
+        route, ctx, exchange = self._routed(asked, ctx, trace, endpoint.name)
         limit = route.entry.stream_timeout_seconds
         include_usage = _wants_usage(asked)
         chat = endpoint.name == "chat"
@@ -256,13 +244,9 @@ class Pipeline:
         asked_view = _expect(early, wire.CompletionRequest)
         asked = from_view(request, asked_view)
         inputs_of(asked)
-        route = self.router.resolve(asked_view, embeddings=True)
-        check_route(ctx.principal, self.catalog, route)
+        route, ctx, exchange = self._routed(asked_view, ctx, trace, "embeddings", embeddings=True)
         # Refused before any engine works, where the model cannot shorten.
         check_dimensions(route.entry.name, asked.dimensions, route.entry.matryoshka)
-        ctx = _with_deadline(ctx, route.entry)
-        exchange = _exchange(trace, ctx, "embeddings")
-        ctx = _metered(ctx, exchange)
 
         async def call(backend: Backend, target: Target, c: RequestContext) -> wire.EmbeddingList:
             if not isinstance(backend, SupportsEmbeddings):
@@ -296,6 +280,23 @@ class Pipeline:
             self._stream_ended(started, record, exchange)
 
         return ended
+
+    def _routed(
+        self,
+        asked: AnyRequest,
+        ctx: RequestContext,
+        trace: RouteTrace | None,
+        endpoint: str,
+        *,
+        embeddings: bool = False,
+    ) -> tuple[Route, RequestContext, Exchange]:
+        """The route of ``asked`` (refused if the principal may not use it),
+        and the context and exchange its attempts run with."""
+        route = self.router.resolve(asked, embeddings=embeddings)
+        check_route(ctx.principal, self.catalog, route)
+        ctx = _with_deadline(ctx, route.entry)
+        exchange = _exchange(trace, ctx, endpoint)
+        return route, _metered(ctx, exchange), exchange
 
     async def explain(self, request: AnyRequest, ctx: RequestContext) -> RouteDecision:
         """A dry run: how ``request`` would be routed now (rules, health,
