@@ -4,6 +4,7 @@ the engine, list plugins, explain and replay routing decisions."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import json
 import logging
@@ -25,6 +26,7 @@ from gateway.accounting.keys import managed_keys_exist
 from gateway.app import Runtime, create_app, handle_exception, shed_recorder
 from gateway.auth import hash_api_key, is_loopback
 from gateway.catalog import Plan, plan
+from gateway.collector import QuietCollector
 from gateway.connections import ConnectionGuard, HttpLimits, fit_file_limit, protocol_class
 from gateway.decision_log import LogFormatError, read_log
 from gateway.direct_routes import DirectRoutes
@@ -62,11 +64,26 @@ def _problems(error: ConfigError | PluginLoadError) -> list[str]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, telling the runtime when shutdown starts so /ready says so."""
+    """uvicorn, telling the runtime when shutdown starts so /ready says so, and
+    running full garbage collections when the gateway is quiet."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+    def __init__(
+        self, config: uvicorn.Config, runtime: Runtime, collector: QuietCollector | None
+    ) -> None:
         super().__init__(config)
         self._runtime = runtime
+        self._collector = collector
+        self._collecting: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._collector is not None:
+            self._collecting = asyncio.get_running_loop().create_task(self._collector.run())
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._collecting is not None:
+            self._collecting.cancel()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: object) -> None:
         self._runtime.draining = True
@@ -224,12 +241,11 @@ def _serve(
     max_connections = fit_file_limit(limits.max_connections)
     guard = ConnectionGuard(HttpLimits.from_settings(limits, max_connections))
     app = create_app(runtime)
+    shedder = RequestShedder(
+        DirectRoutes(app, handle_exception), limits.max_requests, shed_recorder(runtime, app)
+    )
     config = uvicorn.Config(
-        RequestShedder(
-            DirectRoutes(app, handle_exception),
-            limits.max_requests,
-            shed_recorder(runtime, app),
-        ),
+        shedder,
         host=server.host,
         port=server.port,
         loop="uvloop",
@@ -242,7 +258,12 @@ def _serve(
     # uvicorn re-raises the signal that stopped it once shutdown is complete;
     # by then SIGTERM has been handled (the server drained), so exit 0.
     signal.signal(signal.SIGTERM, _drained)
-    _Server(config, runtime).run(sockets=[sock] if sock is not None else None)
+    collector = (
+        QuietCollector(lambda: shedder.in_progress, server.full_collection_max_seconds)
+        if server.full_collection_max_seconds > 0
+        else None
+    )
+    _Server(config, runtime, collector).run(sockets=[sock] if sock is not None else None)
     return 0
 
 

@@ -63,6 +63,10 @@ class ServerSettings(_Strict):
     # Listening beyond loopback without keys is refused unless this is true.
     allow_unauthenticated_network: bool = False
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # Full garbage collections run while no request is in progress, or at most
+    # this many seconds apart under constant load, never in the middle of a
+    # burst (gateway/collector.py). 0: CPython's own schedule.
+    full_collection_max_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
     # Add an `x-nomoat-route` header (chosen deployment, score, policy) to responses.
     route_header: bool = False
     # Append every routing decision to this JSON-lines file (for `nomoat replay`).

@@ -1,0 +1,86 @@
+"""Full garbage collections only when the gateway is quiet (gateway/collector.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.collector import NEVER, QuietCollector
+
+
+@pytest.fixture
+def full_collections() -> Iterator[list[int]]:
+    """The generation of every collection CPython runs meanwhile."""
+    seen: list[int] = []
+
+    def told(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            seen.append(info["generation"])
+
+    gc.callbacks.append(told)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(told)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_full_collections_wait_for_quiet_or_the_interval(full_collections: list[int]) -> None:
+    in_progress = [3]
+    clock = Clock()
+    collector = QuietCollector(lambda: in_progress[0], max_interval=30.0, clock=clock)
+    before = gc.get_threshold()
+    collector.take_over()
+    try:
+        assert gc.get_threshold() == (before[0], before[1], NEVER)
+        gc.collect(1)  # something reaches the old generation
+        assert gc.get_count()[2] > 0
+        clock.now += 29.0
+        assert not collector.tick(), "busy and within the interval: no full collection"
+        in_progress[0] = 0
+        full_collections.clear()
+        assert collector.tick(), "quiet: collected"
+        assert 2 in full_collections
+        assert not collector.tick(), "nothing new in the old generation since"
+        in_progress[0] = 5
+        gc.collect(1)
+        clock.now += 29.9
+        assert not collector.tick()
+        clock.now += 0.2
+        assert collector.tick(), "busy past the interval: collected anyway"
+        assert collector.full_collections == 2
+    finally:
+        collector.give_back()
+    assert gc.get_threshold() == before
+
+
+def test_the_running_collector_gives_the_thresholds_back(full_collections: list[int]) -> None:
+    before = gc.get_threshold()
+
+    async def main() -> None:
+        collector = QuietCollector(lambda: 0, max_interval=30.0, check_interval=0.001)
+        task = asyncio.create_task(collector.run())
+        await asyncio.sleep(0)
+        assert gc.get_threshold()[2] == NEVER
+        gc.collect(1)
+        for _ in range(200):
+            if collector.full_collections:
+                break
+            await asyncio.sleep(0.001)
+        assert collector.full_collections >= 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert gc.get_threshold() == before
