@@ -68,7 +68,7 @@ class _Server(uvicorn.Server):
     running full garbage collections when the gateway is quiet."""
 
     def __init__(
-        self, config: uvicorn.Config, runtime: Runtime, collector: QuietCollector | None
+        self, config: uvicorn.Config, runtime: Runtime, collector: QuietCollector | None = None
     ) -> None:
         super().__init__(config)
         self._runtime = runtime
