@@ -7,6 +7,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+import uvicorn
 
 from gateway.collector import NEVER, QuietCollector
 
@@ -81,6 +82,32 @@ def test_the_running_collector_gives_the_thresholds_back(full_collections: list[
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    asyncio.run(main())
+    assert gc.get_threshold() == before
+
+
+@pytest.mark.e2e
+def test_the_server_runs_the_collector_while_it_serves() -> None:
+    from gateway.cli import _Server
+    from tests.test_lifecycle import _runtime
+
+    before = gc.get_threshold()
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        return None
+
+    async def main() -> None:
+        config = uvicorn.Config(app=app, host="127.0.0.1", port=0, lifespan="off")
+        collector = QuietCollector(lambda: 0, max_interval=30.0, check_interval=0.001)
+        server = _Server(config, _runtime(), collector)
+        config.load()  # what uvicorn's serve() does before its startup()
+        server.lifespan = config.lifespan_class(config)
+        await server.startup()
+        await asyncio.sleep(0.01)
+        assert gc.get_threshold()[2] == NEVER
+        await server.shutdown()
+        await asyncio.sleep(0)
 
     asyncio.run(main())
     assert gc.get_threshold() == before
