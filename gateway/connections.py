@@ -45,9 +45,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway import wire
+from gateway.chunk_write import CHUNK_WRITE
 from gateway.errors import ErrorBody, ErrorDetail
 from gateway.hang_up import HANG_UP, HangUpWatch
 from gateway.settings import LimitSettings
@@ -222,6 +223,9 @@ class GuardedProtocol(HttpToolsProtocol):
         # The hang-up watches of the requests whose responses are not
         # complete, oldest first (more than one only when pipelined).
         self._watches: list[HangUpWatch] = []
+        # Their chunk writers, in the same order (released with them: each
+        # holds its cycle, whose scope holds the writer).
+        self._writers: list[_CycleChunkWriter] = []
 
     # -------------------------------------------------------- connection
 
@@ -240,6 +244,9 @@ class GuardedProtocol(HttpToolsProtocol):
         watches, self._watches = self._watches, []
         for watch in watches:
             watch.lost()
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.release()
         if self._lingering:
             self._lingering = False
             self.guard.lingering -= 1
@@ -333,8 +340,16 @@ class GuardedProtocol(HttpToolsProtocol):
         # The request hears of a lost connection from here (gateway.hang_up).
         watch = HangUpWatch()
         self._watches.append(watch)
-        self.scope["extensions"] = {HANG_UP: {HANG_UP: watch}}
+        extensions: dict[str, dict[object, object]] = {HANG_UP: {HANG_UP: watch}}
+        scope = self.scope
+        scope["extensions"] = extensions
         super().on_headers_complete()
+        cycle = self.cycle
+        # (No new cycle for an upgrade: nothing to write to.)
+        if cycle is not None and cycle.scope is scope:
+            writer = _CycleChunkWriter(cycle)
+            self._writers.append(writer)
+            extensions[CHUNK_WRITE] = {CHUNK_WRITE: writer}
 
     def on_body(self, body: bytes) -> None:
         self._body_seen = time.monotonic()
@@ -355,6 +370,8 @@ class GuardedProtocol(HttpToolsProtocol):
         pipelined = bool(self.pipeline)  # then the next request starts now
         if self._watches:
             del self._watches[0]
+        if self._writers:
+            self._writers.pop(0).release()
         super().on_response_complete()
         if not pipelined:
             self.guard.idle(self)
@@ -371,6 +388,36 @@ class GuardedProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
             return
         self._refuse(self._refusal)
+
+
+class _CycleChunkWriter:
+    """A request's :class:`gateway.chunk_write.ChunkWriter`: one chunk of
+    its response framed and written as uvicorn's ``send`` would, with none of
+    the message's handling around it. It declines whenever ``send`` has more
+    to do than that: the client's socket is full (``send`` waits for it to
+    drain), the response has not started, is complete or not chunked, the
+    client has gone (``send`` writes nothing)."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle: RequestResponseCycle | None = cycle
+
+    def release(self) -> None:
+        """The response is complete or the connection gone: let the cycle go."""
+        self._cycle = None
+
+    def write(self, body: bytes) -> bool:
+        cycle = self._cycle
+        if cycle is None:
+            # Complete, or the client gone (released in connection_lost,
+            # before uvicorn marks the cycle disconnected): send knows.
+            return False
+        if cycle.flow.write_paused or not cycle.chunked_encoding or cycle.response_complete:
+            return False
+        if body:  # (an empty chunk would end the body)
+            cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
 
 
 def protocol_class(guard: ConnectionGuard) -> type[GuardedProtocol]:

@@ -22,6 +22,7 @@ import logging
 from litestar.types import Receive, Scope, Send
 
 from gateway.backends.relay_stream import RelayStream
+from gateway.chunk_write import chunk_writer
 from gateway.errors import GatewayError, InternalError
 from gateway.exchange import Exchange, error_type
 from gateway.observer import CLIENT_CLOSED, Observer
@@ -74,7 +75,9 @@ class RelayedEvents:
                 # The own client's stream sends each read's events itself,
                 # from the upstream connection's callback (no task wake-up
                 # per chunk); any other is awaited read by read.
-                pumped = rest.pump(send) if isinstance(rest, RelayStream) else None
+                pumped = (
+                    rest.pump(send, chunk_writer(scope)) if isinstance(rest, RelayStream) else None
+                )
                 if pumped is not None:
                     last = await pumped + DONE
                 else:

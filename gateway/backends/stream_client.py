@@ -40,6 +40,7 @@ import msgspec
 from litestar.types import Send
 
 from gateway.backends.stream_pump import Pump
+from gateway.chunk_write import ChunkWriter
 from gateway.errors import UpstreamError
 
 Feed = Callable[[bytes], bytes]
@@ -693,12 +694,12 @@ class StreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
         return events
 
-    def pump(self, send: Send) -> asyncio.Future[bytes]:
+    def pump(self, send: Send, writer: ChunkWriter | None = None) -> asyncio.Future[bytes]:
         """Send each read's events to the client from :meth:`data_received`
         itself (no task wake-up per chunk; see :class:`Pump`). The future:
         the events still owed at the end (to go with the response's last
         message), or the failure."""
-        pump = self._pump = Pump(self, send, self._loop)
+        pump = self._pump = Pump(self, send, self._loop, writer)
         self._waiter = None
         if self._out:
             pump.push(self.take_events())
