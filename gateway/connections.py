@@ -323,7 +323,11 @@ class GuardedProtocol(HttpToolsProtocol):
             self._too_large(414, f"The request's URL exceeds {limit} bytes.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
+        # uvicorn's on_header, inline (once a header of every request).
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
         limits = self.guard.limits
         self._header_count += 1
         self._header_size += len(name) + len(value) + 4

@@ -65,7 +65,11 @@ class RelayedEvents:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             first = stream.first or b""
             stream.first = None
-            await send({"type": "http.response.body", "body": first, "more_body": True})
+            # The connection's writer, if the server offers one (no ASGI
+            # message per read: gateway.chunk_write); send when it declines.
+            writer = chunk_writer(scope)
+            if writer is None or not writer.write(first):
+                await send({"type": "http.response.body", "body": first, "more_body": True})
             # Watched from the first event on (before it, the handler's own
             # watch stopped the work of a client that left).
             hang_up = HangUp(receive, scope)
@@ -75,9 +79,7 @@ class RelayedEvents:
                 # The own client's stream sends each read's events itself,
                 # from the upstream connection's callback (no task wake-up
                 # per chunk); any other is awaited read by read.
-                pumped = (
-                    rest.pump(send, chunk_writer(scope)) if isinstance(rest, RelayStream) else None
-                )
+                pumped = rest.pump(send, writer) if isinstance(rest, RelayStream) else None
                 if pumped is not None:
                     last = await pumped + DONE
                 else:
