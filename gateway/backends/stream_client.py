@@ -144,6 +144,7 @@ class StreamConnection(asyncio.Protocol):
         "_saw_done",
         "_time",
         "_waiter",
+        "_write",
         "headers",
         "idle_since",
         "last",
@@ -188,6 +189,9 @@ class StreamConnection(asyncio.Protocol):
         # Pumping (see pump()): the events go to the ASGI send from here.
         self._pump: Pump | None = None
         self._push: Callable[[bytes], None] | None = None
+        # While pushing: the client connection's chunk writer, tried first
+        # (gateway.chunk_write: False when it declines, then push).
+        self._write: Callable[[bytes], bool] | None = None
         self._failure: BaseException | None = None
         self._saw_done = False
         self._message_done = False
@@ -322,7 +326,7 @@ class StreamConnection(asyncio.Protocol):
         drop the connection, so the upstream sees it closed."""
         self.owner_done = True
         self._waiter = None
-        self._push = None
+        self._push = self._write = None
         pump, self._pump = self._pump, None
         if pump is not None:
             pump.cancel()
@@ -383,6 +387,9 @@ class StreamConnection(asyncio.Protocol):
                     self._unreadable(payload, error)
                     return
                 if events:
+                    write = self._write
+                    if write is not None and write(events):
+                        return
                     push = self._push
                     if push is not None:
                         push(events)
@@ -673,7 +680,7 @@ class StreamConnection(asyncio.Protocol):
 
     def stop_pushing(self) -> None:
         """A send is blocked: queue the events and read no more meanwhile."""
-        self._push = None
+        self._push = self._write = None
         if self.transport is not None and not self._paused:
             self._paused = True
             self.transport.pause_reading()
@@ -706,7 +713,7 @@ class StreamConnection(asyncio.Protocol):
         if self._failure is not None or self._saw_done:
             pump.end(self._failure)
         elif not pump.blocked:
-            self._push = pump.push
+            self._push, self._write = pump.push, pump.write
         return pump.done
 
     def pump_unblocked(self) -> None:
@@ -717,14 +724,14 @@ class StreamConnection(asyncio.Protocol):
         if self._failure is not None or self._saw_done:
             pump.end(self._failure)
             return
-        self._push = pump.push
+        self._push, self._write = pump.push, pump.write
 
     def _wake_end(self) -> None:
         """The stream ended (well or not): a waiting reader hears it now
         (after the events before the end)."""
         pump = self._pump
         if pump is not None:
-            self._push = None
+            self._push = self._write = None
             if not pump.blocked:
                 pump.end(self._failure)
             return

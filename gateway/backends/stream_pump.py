@@ -31,7 +31,7 @@ class Pump:
     the gateway's own server), each read's events are written with it and
     ``send`` runs only when it declines (the client's socket is full)."""
 
-    __slots__ = ("_connection", "_drain", "_ended", "_loop", "_send", "_write", "blocked", "done")
+    __slots__ = ("_connection", "_drain", "_ended", "_loop", "_send", "blocked", "done", "write")
 
     def __init__(
         self,
@@ -42,7 +42,8 @@ class Pump:
     ) -> None:
         self._connection = connection
         self._send = send
-        self._write = writer.write if writer is not None else None
+        # The writer's write, which the connection calls before push.
+        self.write = writer.write if writer is not None else None
         self._loop = loop
         self.done: asyncio.Future[bytes] = loop.create_future()
         self.blocked = False
@@ -50,7 +51,7 @@ class Pump:
         self._ended: tuple[BaseException | None] | None = None
 
     def push(self, events: bytes) -> None:
-        write = self._write
+        write = self.write
         if write is not None and write(events):
             return
         sending = cast(
