@@ -18,6 +18,7 @@ another server the extension is absent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, cast
 
 from litestar.types import Scope
@@ -27,6 +28,12 @@ CHUNK_WRITE = "nomoat.chunk_write"
 
 
 class ChunkWriter(Protocol):
+    def start(self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Start a chunked response: its status line, ``headers`` and
+        ``body`` as its first chunk, in one write; False if nothing was
+        written and the start must go through ``send`` instead."""
+        ...
+
     def write(self, body: bytes) -> bool:
         """Write ``body`` as one chunk of the response; False if it was
         not written and must go through ``send`` instead."""

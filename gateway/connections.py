@@ -42,10 +42,17 @@ import resource
 import socket
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from gateway import wire
 from gateway.chunk_write import CHUNK_WRITE
@@ -394,6 +401,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refuse(self._refusal)
 
 
+# Headers whose handling uvicorn's send decides (the body's framing, the
+# connection's reuse): a response with one is started by send.
+_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+
+
 class _CycleChunkWriter:
     """A request's :class:`gateway.chunk_write.ChunkWriter`: one chunk of
     its response framed and written as uvicorn's ``send`` would, with none of
@@ -410,6 +422,42 @@ class _CycleChunkWriter:
     def release(self) -> None:
         """The response is complete or the connection gone: let the cycle go."""
         self._cycle = None
+
+    def start(self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bool:
+        """The status line, ``headers`` and the first chunk in one write, as
+        uvicorn's two sends would write them (its checks of each header
+        kept). Declines, having changed nothing, for anything its send
+        does otherwise: a started response, a full socket, a HEAD, an
+        access log, a header that sets the framing or the connection, or a
+        malformed one (send then raises as it would)."""
+        cycle = self._cycle
+        if (
+            cycle is None
+            or cycle.response_started
+            or cycle.flow.write_paused
+            or cycle.access_log
+            or cycle.scope["method"] == "HEAD"
+            or status in (204, 304)
+        ):
+            return False
+        content = [STATUS_LINE[status]]
+        for name, value in (*cycle.default_headers, *headers):
+            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                return False
+            name = name.lower()
+            if name in _FRAMING_HEADERS:
+                return False
+            content += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            content.append(b"connection: close\r\n")
+        content.append(b"transfer-encoding: chunked\r\n\r\n")
+        if body:
+            content.append(b"%x\r\n%b\r\n" % (len(body), body))
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        cycle.chunked_encoding = True
+        cycle.transport.write(b"".join(content))
+        return True
 
     def write(self, body: bytes) -> bool:
         cycle = self._cycle

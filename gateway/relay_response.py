@@ -62,13 +62,13 @@ class RelayedEvents:
         status, error = 200, None
         failure: Exception | None = None
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             first = stream.first or b""
             stream.first = None
             # The connection's writer, if the server offers one (no ASGI
             # message per read: gateway.chunk_write); send when it declines.
             writer = chunk_writer(scope)
-            if writer is None or not writer.write(first):
+            if writer is None or not writer.start(200, self._headers, first):
+                await send({"type": "http.response.start", "status": 200, "headers": self._headers})
                 await send({"type": "http.response.body", "body": first, "more_body": True})
             # Watched from the first event on (before it, the handler's own
             # watch stopped the work of a client that left).

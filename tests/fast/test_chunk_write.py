@@ -62,9 +62,10 @@ App = Callable[[Any, Any, Any], Awaitable[None]]
 
 async def _serve(app: App) -> tuple[GuardedProtocol, Transport, asyncio.Task[None]]:
     """The protocol with ``app`` behind it, fed one request; the app's task."""
-    config = uvicorn.Config(app, lifespan="off", proxy_headers=False)
+    config = uvicorn.Config(app, lifespan="off", proxy_headers=False, access_log=False)
     limits = HttpLimits(100, 100, 8192, 8192, 10.0, 10.0)
     state = ServerState()
+    state.default_headers = [(b"date", b"Mon, 30 Nov 2026 15:00:00 GMT"), (b"server", b"uvicorn")]
     protocol = protocol_class(ConnectionGuard(limits))(
         config=config, server_state=state, app_state={}
     )
@@ -73,10 +74,6 @@ async def _serve(app: App) -> tuple[GuardedProtocol, Transport, asyncio.Task[Non
     protocol.data_received(REQUEST)
     (task,) = state.tasks
     return protocol, transport, task
-
-
-def _body(transport: Transport) -> bytes:
-    return bytes(transport.written).split(b"\r\n\r\n", 1)[1]
 
 
 async def test_the_writer_writes_the_bytes_send_would_and_declines_what_send_must_decide() -> None:
@@ -95,13 +92,19 @@ async def test_the_writer_writes_the_bytes_send_would_and_declines_what_send_mus
 
     async def by_writer(scope: Any, receive: Any, send: Any) -> None:
         writer: ChunkWriter | None = chunk_writer(scope)
-        assert writer is not None
+        assert writer is not None and protocol is not None
         seen.append(writer.write(EVENTS[0]))  # before the status line: send's
-        await send(START)
-        seen.append(writer.write(EVENTS[0]))
-        seen.append(writer.write(b""))  # nothing, not the body's end
-        assert protocol is not None
+        # Headers whose handling is send's, or that it refuses: nothing written.
+        seen.append(writer.start(200, [*SSE, (b"Content-Length", b"9")], EVENTS[0]))
+        seen.append(writer.start(200, [*SSE, (b"x-bad", b"a\r\nb: c")], EVENTS[0]))
         protocol.pause_writing()  # the client's socket is full
+        seen.append(writer.start(200, SSE, EVENTS[0]))
+        protocol.resume_writing()
+        assert not protocol.transport.written  # type: ignore[attr-defined]
+        seen.append(writer.start(200, SSE, EVENTS[0]))
+        seen.append(writer.start(200, SSE, EVENTS[0]))  # started already
+        seen.append(writer.write(b""))  # nothing, not the body's end
+        protocol.pause_writing()
         seen.append(writer.write(EVENTS[1]))
         protocol.resume_writing()
         seen.append(writer.write(EVENTS[1]))
@@ -111,9 +114,12 @@ async def test_the_writer_writes_the_bytes_send_would_and_declines_what_send_mus
 
     protocol, written, task = await _serve(by_writer)
     await task
-    assert seen == [False, True, True, False, True, True, False]
-    assert _body(written) == _body(sent)
-    assert _body(written).endswith(b"\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+    assert seen == [False, False, False, False, True, False, True, False, True, True, False]
+    # Byte for byte what send wrote: the head (date and server included),
+    # each chunk's framing, the end.
+    assert written.written == sent.written
+    assert written.written.startswith(b"HTTP/1.1 200 OK\r\ndate: Mon, 30 Nov 2026 15:00:00 GMT")
+    assert written.written.endswith(b"\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
 
 
 async def test_a_client_gone_mid_stream_gets_nothing_more_from_the_writer() -> None:
