@@ -209,7 +209,9 @@ _BODY_TIMEOUT = error_response(408, "The request's body stopped arriving.", "req
 
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol with the limits above; bind a guard with
-    :func:`protocol_class`."""
+    :func:`protocol_class`. Each request's scope also carries what the
+    protocol knows for it: its hang-up watch (:mod:`gateway.hang_up`) and a
+    chunk writer for its response (:mod:`gateway.chunk_write`)."""
 
     guard: ClassVar[ConnectionGuard]
 
