@@ -254,6 +254,11 @@ def _serve(
         timeout_graceful_shutdown=int(server.shutdown_grace_seconds),
         log_level=server.log_level,
         access_log=False,
+        # uvicorn's X-Forwarded-For/-Proto middleware would only rewrite the
+        # scope's client address and scheme, which nomoat reads nowhere (the
+        # headers stay in the request for any hook); it walked every
+        # request's headers (docs/benchmarks.md, "Streaming at scale").
+        proxy_headers=False,
     )
     # uvicorn re-raises the signal that stopped it once shutdown is complete;
     # by then SIGTERM has been handled (the server drained), so exit 0.

@@ -42,12 +42,20 @@ import resource
 import socket
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from gateway import wire
+from gateway.chunk_write import CHUNK_WRITE
 from gateway.errors import ErrorBody, ErrorDetail
 from gateway.hang_up import HANG_UP, HangUpWatch
 from gateway.settings import LimitSettings
@@ -201,7 +209,9 @@ _BODY_TIMEOUT = error_response(408, "The request's body stopped arriving.", "req
 
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol with the limits above; bind a guard with
-    :func:`protocol_class`."""
+    :func:`protocol_class`. Each request's scope also carries what the
+    protocol knows for it: its hang-up watch (:mod:`gateway.hang_up`) and a
+    chunk writer for its response (:mod:`gateway.chunk_write`)."""
 
     guard: ClassVar[ConnectionGuard]
 
@@ -222,6 +232,9 @@ class GuardedProtocol(HttpToolsProtocol):
         # The hang-up watches of the requests whose responses are not
         # complete, oldest first (more than one only when pipelined).
         self._watches: list[HangUpWatch] = []
+        # Their chunk writers, in the same order (released with them: each
+        # holds its cycle, whose scope holds the writer).
+        self._writers: list[_CycleChunkWriter] = []
 
     # -------------------------------------------------------- connection
 
@@ -240,6 +253,9 @@ class GuardedProtocol(HttpToolsProtocol):
         watches, self._watches = self._watches, []
         for watch in watches:
             watch.lost()
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.release()
         if self._lingering:
             self._lingering = False
             self.guard.lingering -= 1
@@ -316,7 +332,11 @@ class GuardedProtocol(HttpToolsProtocol):
             self._too_large(414, f"The request's URL exceeds {limit} bytes.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
+        # uvicorn's on_header, inline (once a header of every request).
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
         limits = self.guard.limits
         self._header_count += 1
         self._header_size += len(name) + len(value) + 4
@@ -333,8 +353,16 @@ class GuardedProtocol(HttpToolsProtocol):
         # The request hears of a lost connection from here (gateway.hang_up).
         watch = HangUpWatch()
         self._watches.append(watch)
-        self.scope["extensions"] = {HANG_UP: {HANG_UP: watch}}
+        extensions: dict[str, dict[object, object]] = {HANG_UP: {HANG_UP: watch}}
+        scope = self.scope
+        scope["extensions"] = extensions
         super().on_headers_complete()
+        cycle = self.cycle
+        # (No new cycle for an upgrade: nothing to write to.)
+        if cycle is not None and cycle.scope is scope:
+            writer = _CycleChunkWriter(cycle)
+            self._writers.append(writer)
+            extensions[CHUNK_WRITE] = {CHUNK_WRITE: writer}
 
     def on_body(self, body: bytes) -> None:
         self._body_seen = time.monotonic()
@@ -355,6 +383,8 @@ class GuardedProtocol(HttpToolsProtocol):
         pipelined = bool(self.pipeline)  # then the next request starts now
         if self._watches:
             del self._watches[0]
+        if self._writers:
+            self._writers.pop(0).release()
         super().on_response_complete()
         if not pipelined:
             self.guard.idle(self)
@@ -371,6 +401,77 @@ class GuardedProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
             return
         self._refuse(self._refusal)
+
+
+# Headers whose handling uvicorn's send decides (the body's framing, the
+# connection's reuse): a response with one is started by send.
+_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+
+
+class _CycleChunkWriter:
+    """A request's :class:`gateway.chunk_write.ChunkWriter`: one chunk of
+    its response framed and written as uvicorn's ``send`` would, with none of
+    the message's handling around it. It declines whenever ``send`` has more
+    to do than that: the client's socket is full (``send`` waits for it to
+    drain), the response has not started, is complete or not chunked, the
+    client has gone (``send`` writes nothing)."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle: RequestResponseCycle | None = cycle
+
+    def release(self) -> None:
+        """The response is complete or the connection gone: let the cycle go."""
+        self._cycle = None
+
+    def start(self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bool:
+        """The status line, ``headers`` and the first chunk in one write, as
+        uvicorn's two sends would write them (its checks of each header
+        kept). Declines, having changed nothing, for anything its send
+        does otherwise: a started response, a full socket, a HEAD, an
+        access log, a header that sets the framing or the connection, or a
+        malformed one (send then raises as it would)."""
+        cycle = self._cycle
+        if (
+            cycle is None
+            or cycle.response_started
+            or cycle.flow.write_paused
+            or cycle.access_log
+            or cycle.scope["method"] == "HEAD"
+            or status in (204, 304)
+        ):
+            return False
+        content = [STATUS_LINE[status]]
+        for name, value in (*cycle.default_headers, *headers):
+            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                return False
+            name = name.lower()
+            if name in _FRAMING_HEADERS:
+                return False
+            content += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            content.append(b"connection: close\r\n")
+        content.append(b"transfer-encoding: chunked\r\n\r\n")
+        if body:
+            content.append(b"%x\r\n%b\r\n" % (len(body), body))
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        cycle.chunked_encoding = True
+        cycle.transport.write(b"".join(content))
+        return True
+
+    def write(self, body: bytes) -> bool:
+        cycle = self._cycle
+        if cycle is None:
+            # Complete, or the client gone (released in connection_lost,
+            # before uvicorn marks the cycle disconnected): send knows.
+            return False
+        if cycle.flow.write_paused or not cycle.chunked_encoding or cycle.response_complete:
+            return False
+        if body:  # (an empty chunk would end the body)
+            cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
 
 
 def protocol_class(guard: ConnectionGuard) -> type[GuardedProtocol]:

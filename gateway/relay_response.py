@@ -22,6 +22,7 @@ import logging
 from litestar.types import Receive, Scope, Send
 
 from gateway.backends.relay_stream import RelayStream
+from gateway.chunk_write import chunk_writer
 from gateway.errors import GatewayError, InternalError
 from gateway.exchange import Exchange, error_type
 from gateway.observer import CLIENT_CLOSED, Observer
@@ -61,10 +62,14 @@ class RelayedEvents:
         status, error = 200, None
         failure: Exception | None = None
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             first = stream.first or b""
             stream.first = None
-            await send({"type": "http.response.body", "body": first, "more_body": True})
+            # The connection's writer, if the server offers one (no ASGI
+            # message per read: gateway.chunk_write); send when it declines.
+            writer = chunk_writer(scope)
+            if writer is None or not writer.start(200, self._headers, first):
+                await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+                await send({"type": "http.response.body", "body": first, "more_body": True})
             # Watched from the first event on (before it, the handler's own
             # watch stopped the work of a client that left).
             hang_up = HangUp(receive, scope)
@@ -74,7 +79,7 @@ class RelayedEvents:
                 # The own client's stream sends each read's events itself,
                 # from the upstream connection's callback (no task wake-up
                 # per chunk); any other is awaited read by read.
-                pumped = rest.pump(send) if isinstance(rest, RelayStream) else None
+                pumped = rest.pump(send, writer) if isinstance(rest, RelayStream) else None
                 if pumped is not None:
                     last = await pumped + DONE
                 else:

@@ -415,3 +415,44 @@ async def test_a_pumped_stream_fails_as_a_read_one_does() -> None:
     with pytest.raises(RuntimeError):
         await done
     assert fed.socket.closed  # the upstream sees the close
+
+
+class Writer:
+    """The connection's chunk writer (gateway/chunk_write.py): it declines
+    while the client's socket is full, and the pump then goes through send."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.full = False
+
+    def write(self, body: bytes) -> bool:
+        if self.full:
+            return False
+        self.written.append(body)
+        return True
+
+
+async def test_the_pump_writes_through_the_connections_writer_and_sends_when_it_declines() -> None:
+    fed = Fed()
+    fed.read(HEAD, event_chunk(b"one"))
+    fed.events()
+    client, writer = Client(), Writer()
+    done = fed.connection.pump(client.send, writer)  # type: ignore[arg-type]
+    fed.read(event_chunk(b"two"))
+    assert writer.written == [b"two|"] and client.bodies == []
+    # Full: send takes the read and waits for the socket to drain, the
+    # upstream is not read meanwhile; what came then leaves in one send.
+    writer.full = True
+    client.gate = asyncio.get_running_loop().create_future()
+    fed.read(event_chunk(b"three"))
+    assert fed.socket.paused
+    fed.read(event_chunk(b"four"))
+    writer.full = False
+    client.gate.set_result(None)
+    for _ in range(5):  # the task that finishes the blocked send
+        await asyncio.sleep(0)
+    assert not fed.socket.paused
+    assert client.bodies == [b"three|", b"four|"]
+    fed.read(event_chunk(b"five"), event_chunk(b"[DONE]") + b"0\r\n\r\n")
+    last = await done  # (what goes with the response's last message)
+    assert writer.written == [b"two|", b"five|"] and last == b"<end>"

@@ -18,6 +18,7 @@ from gateway.backends.stream_client import (
 )
 from gateway.backends.stream_pool import StreamPool
 from gateway.backends.upstream_errors import status_error
+from gateway.chunk_write import ChunkWriter
 from gateway.errors import GatewayError, UpstreamError
 
 
@@ -107,14 +108,14 @@ class RelayStream:
     def __aiter__(self) -> RelayStream:
         return self
 
-    def pump(self, send: Send) -> asyncio.Future[bytes] | None:
+    def pump(self, send: Send, writer: ChunkWriter | None = None) -> asyncio.Future[bytes] | None:
         """Once open: the events sent to ``send`` as they come (see
         :meth:`StreamConnection.pump`); None if the stream is over already."""
         connection = self._connection
         if connection is None or not inspect.iscoroutinefunction(send):
             # (Run by hand, send must be a coroutine function: uvicorn's is.)
             return None
-        return connection.pump(send)
+        return connection.pump(send, writer)
 
     def __anext__(self) -> Awaitable[bytes]:
         connection = self._connection

@@ -40,6 +40,7 @@ import msgspec
 from litestar.types import Send
 
 from gateway.backends.stream_pump import Pump
+from gateway.chunk_write import ChunkWriter
 from gateway.errors import UpstreamError
 
 Feed = Callable[[bytes], bytes]
@@ -143,6 +144,7 @@ class StreamConnection(asyncio.Protocol):
         "_saw_done",
         "_time",
         "_waiter",
+        "_write",
         "headers",
         "idle_since",
         "last",
@@ -187,6 +189,9 @@ class StreamConnection(asyncio.Protocol):
         # Pumping (see pump()): the events go to the ASGI send from here.
         self._pump: Pump | None = None
         self._push: Callable[[bytes], None] | None = None
+        # While pushing: the client connection's chunk writer, tried first
+        # (gateway.chunk_write: False when it declines, then push).
+        self._write: Callable[[bytes], bool] | None = None
         self._failure: BaseException | None = None
         self._saw_done = False
         self._message_done = False
@@ -321,7 +326,7 @@ class StreamConnection(asyncio.Protocol):
         drop the connection, so the upstream sees it closed."""
         self.owner_done = True
         self._waiter = None
-        self._push = None
+        self._push = self._write = None
         pump, self._pump = self._pump, None
         if pump is not None:
             pump.cancel()
@@ -382,6 +387,9 @@ class StreamConnection(asyncio.Protocol):
                     self._unreadable(payload, error)
                     return
                 if events:
+                    write = self._write
+                    if write is not None and write(events):
+                        return
                     push = self._push
                     if push is not None:
                         push(events)
@@ -672,7 +680,7 @@ class StreamConnection(asyncio.Protocol):
 
     def stop_pushing(self) -> None:
         """A send is blocked: queue the events and read no more meanwhile."""
-        self._push = None
+        self._push = self._write = None
         if self.transport is not None and not self._paused:
             self._paused = True
             self.transport.pause_reading()
@@ -693,19 +701,19 @@ class StreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
         return events
 
-    def pump(self, send: Send) -> asyncio.Future[bytes]:
+    def pump(self, send: Send, writer: ChunkWriter | None = None) -> asyncio.Future[bytes]:
         """Send each read's events to the client from :meth:`data_received`
         itself (no task wake-up per chunk; see :class:`Pump`). The future:
         the events still owed at the end (to go with the response's last
         message), or the failure."""
-        pump = self._pump = Pump(self, send, self._loop)
+        pump = self._pump = Pump(self, send, self._loop, writer)
         self._waiter = None
         if self._out:
             pump.push(self.take_events())
         if self._failure is not None or self._saw_done:
             pump.end(self._failure)
         elif not pump.blocked:
-            self._push = pump.push
+            self._push, self._write = pump.push, pump.write
         return pump.done
 
     def pump_unblocked(self) -> None:
@@ -716,14 +724,14 @@ class StreamConnection(asyncio.Protocol):
         if self._failure is not None or self._saw_done:
             pump.end(self._failure)
             return
-        self._push = pump.push
+        self._push, self._write = pump.push, pump.write
 
     def _wake_end(self) -> None:
         """The stream ended (well or not): a waiting reader hears it now
         (after the events before the end)."""
         pump = self._pump
         if pump is not None:
-            self._push = None
+            self._push = self._write = None
             if not pump.blocked:
                 pump.end(self._failure)
             return

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from litestar.types import Send
 
+from gateway.chunk_write import ChunkWriter
+
 if TYPE_CHECKING:
     from gateway.backends.stream_client import StreamConnection
 
@@ -23,15 +25,25 @@ class Pump:
     finishes without suspending. When it does suspend (flow control), the
     upstream is not read, a task finishes that send and the events queued
     meanwhile, and reading resumes. The end (the events still owed, or the
-    failure) is told through :attr:`done`, after any send in progress."""
+    failure) is told through :attr:`done`, after any send in progress.
 
-    __slots__ = ("_connection", "_drain", "_ended", "_loop", "_send", "blocked", "done")
+    With the connection's :class:`~gateway.chunk_write.ChunkWriter` (under
+    the gateway's own server), each read's events are written with it and
+    ``send`` runs only when it declines (the client's socket is full)."""
+
+    __slots__ = ("_connection", "_drain", "_ended", "_loop", "_send", "blocked", "done", "write")
 
     def __init__(
-        self, connection: StreamConnection, send: Send, loop: asyncio.AbstractEventLoop
+        self,
+        connection: StreamConnection,
+        send: Send,
+        loop: asyncio.AbstractEventLoop,
+        writer: ChunkWriter | None = None,
     ) -> None:
         self._connection = connection
         self._send = send
+        # The writer's write, which the connection calls before push.
+        self.write = writer.write if writer is not None else None
         self._loop = loop
         self.done: asyncio.Future[bytes] = loop.create_future()
         self.blocked = False
@@ -39,6 +51,9 @@ class Pump:
         self._ended: tuple[BaseException | None] | None = None
 
     def push(self, events: bytes) -> None:
+        write = self.write
+        if write is not None and write(events):
+            return
         sending = cast(
             Coroutine[Any, Any, None],
             self._send({"type": "http.response.body", "body": events, "more_body": True}),
