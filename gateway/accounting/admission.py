@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -50,6 +50,7 @@ from gateway.accounting.limits import (
     Level,
     Limiter,
     LimiterUnavailableError,
+    MemoryLimiter,
     RateDemand,
     RateKind,
     RateRefused,
@@ -92,9 +93,11 @@ class WorstCase(Protocol):
     ) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bounds:
-    """The most a request can use: prompt and completion tokens."""
+    """The most a request can use: prompt and completion tokens. (Not
+    frozen, as the limiter's objects: one is made per request; nothing
+    changes it.)"""
 
     prompt_tokens: int
     completion_tokens: int
@@ -129,7 +132,16 @@ def _prompt_count(request: wire.ChatCompletionRequest | wire.CompletionRequest) 
 class Ticket:
     """One admitted request's reservations."""
 
-    __slots__ = ("_charges", "_gate", "_id", "_rates", "_settled", "bounds", "headers")
+    __slots__ = (
+        "_charges",
+        "_gate",
+        "_id",
+        "_memory",
+        "_rates",
+        "_settled",
+        "bounds",
+        "headers",
+    )
 
     def __init__(
         self,
@@ -139,6 +151,7 @@ class Ticket:
         rates: tuple[RateDemand, ...] = (),
         charges: tuple[BudgetDemand, ...] = (),
         headers: Headers | None = None,
+        memory: MemoryLimiter | None = None,
     ) -> None:
         self._gate = gate
         self._id = ticket_id
@@ -148,6 +161,10 @@ class Ticket:
         self._settled = gate is None
         # OpenAI's x-ratelimit-* headers (empty without rate limits).
         self.headers: Headers = headers or []
+        # The memory limiter that took it in one call (Gate.admit_at_once):
+        # its rates are then a plan's, each token demand's amount being the
+        # bounds' tokens.
+        self._memory = memory
 
     @property
     def settled(self) -> bool:
@@ -159,6 +176,12 @@ class Ticket:
         if self._settled or self._gate is None:
             return
         self._settled = True
+        memory = self._memory
+        if memory is not None:
+            memory.give_back(
+                self._id, self._rates, self.bounds.tokens - tokens, self._charges, charged_nano
+            )
+            return
         # (Loops, not comprehensions: each of those is a call of its own.)
         refunds: tuple[tuple[RateDemand, int], ...] = ()
         for d in self._rates:
@@ -290,6 +313,9 @@ class Gate:
         self._plans: dict[tuple[str | None, str], _Plan] = {}
         self._ticket_prefix = os.urandom(16).hex() + "-"
         self._tickets = 0
+        # The memory limiter itself (not a subclass), whose admissions take
+        # one call (admit_at_once); None for any other limiter.
+        self._memory = limiter if type(limiter) is MemoryLimiter else None
 
     def limited(self, principal: Principal | None, model: str) -> bool:
         """Whether a request of ``principal`` for ``model`` has any limit or budget."""
@@ -309,7 +335,37 @@ class Gate:
     ) -> Ticket:
         if not self.limited(principal, model):
             return Ticket(None, "", bounds)
+        ticket = self.admit_at_once(principal, model, bounds, worst_case_nano)
+        if ticket is not None:
+            return ticket
         return await self.admit_limited(principal, model, bounds, worst_case_nano)
+
+    def admit_at_once(
+        self, principal: Principal | None, model: str, bounds: Bounds, worst_case_nano: int
+    ) -> Ticket | None:
+        """:meth:`admit_limited` of a request the memory limiter admits, in
+        one call (no coroutine, no verdict, the plan's demands as they are:
+        about a third of the instructions); None when :meth:`admit_limited`
+        must decide (another limiter, a refusal, a budget not yet held,
+        limits that cannot be enforced, ...), nothing taken."""
+        memory = self._memory
+        if memory is None or self.unenforceable is not None:
+            return None
+        plan = self._plan(principal, model)
+        budgets: tuple[BudgetDemand, ...] = ()
+        if plan.budgets:
+            if self.seeds is None:
+                return None
+            budgets = self._budget_demands(plan, worst_case_nano)
+        self._tickets += 1
+        ticket_id = f"{self._ticket_prefix}{self._tickets:x}"
+        rates = plan._rates
+        left = memory.take(
+            ticket_id, rates, bounds.prompt_tokens + bounds.completion_tokens, budgets
+        )
+        if left is None:
+            return None
+        return Ticket(self, ticket_id, bounds, rates, budgets, headers_of(rates, left), memory)
 
     async def admit_limited(
         self, principal: Principal | None, model: str, bounds: Bounds, worst_case_nano: int
@@ -452,27 +508,35 @@ _TOKEN_HEADERS = tuple(
 def rate_headers(levels: Iterable[Level]) -> Headers:
     """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``:
     of the tightest bucket of each kind (the one with the least left)."""
-    requests: Level | None = None
-    tokens: Level | None = None
-    for level in levels:
-        if level.demand.kind == "requests":
-            if requests is None or level.remaining < requests.remaining:
-                requests = level
-        elif tokens is None or level.remaining < tokens.remaining:
-            tokens = level
+    levels = tuple(levels)
+    return headers_of([level.demand for level in levels], [level.remaining for level in levels])
+
+
+def headers_of(demands: Sequence[RateDemand], left: Sequence[float]) -> Headers:
+    """:func:`rate_headers` of buckets ``demands`` holding ``left``."""
+    requests = tokens = -1
+    for index, demand in enumerate(demands):
+        if demand.kind == "requests":
+            if requests < 0 or left[index] < left[requests]:
+                requests = index
+        elif tokens < 0 or left[index] < left[tokens]:
+            tokens = index
     headers: Headers = []
     # (Inline, not a helper per kind: this runs on every limited request.)
     for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
-        if tightest is None:
+        if tightest < 0:
             continue
-        limit = tightest.demand.limit
-        remaining = tightest.remaining
+        limit = demands[tightest].limit
+        remaining = left[tightest]
         missing = limit - remaining
         headers.append((names[0], b"%d" % limit))
         # (int() is floor for what is not negative)
         headers.append((names[1], b"%d" % (int(remaining) if remaining > 0 else 0)))
         reset = missing * SECONDS_PER_WINDOW / limit if missing > 0 else 0.0
-        headers.append((names[2], duration(reset).encode()))
+        if reset < 1:  # duration()'s first case, without its call and str
+            headers.append((names[2], b"%dms" % math.ceil(reset * 1000)))
+        else:
+            headers.append((names[2], duration(reset).encode()))
     return headers
 
 
