@@ -43,6 +43,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import wire
+from gateway.accounting.sqlite_file import SqliteFile
 from gateway.accounting.tables import usage
 from gateway.exchange import Exchange
 
@@ -330,9 +331,17 @@ def row(record: UsageRecord) -> dict[str, object]:
 class Ledger:
     """The queue and its writer task (see the module's description)."""
 
-    def __init__(self, engine: AsyncEngine, options: LedgerOptions = LedgerOptions()) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        options: LedgerOptions = LedgerOptions(),
+        file: SqliteFile | None = None,
+    ) -> None:
         self.engine = engine
         self.options = options
+        # A SQLite file's batches go through its plain connection (see
+        # gateway/accounting/sqlite_file.py); None: through the engine.
+        self.file = file
         self._pending: deque[UsageRecord] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -416,8 +425,7 @@ class Ledger:
                 batch = [self._pending[i] for i in range(min(self.options.batch_size, left))]
                 left -= len(batch)
                 try:
-                    async with self.engine.begin() as connection:
-                        await write_records(connection, batch)
+                    await self._write(batch)
                 except Exception:
                     # A row the database refuses (the database answers, but
                     # not to this batch) must not hold up the rows behind it.
@@ -433,6 +441,14 @@ class Ledger:
                     )
                     self._failing_since = None
 
+    async def _write(self, batch: Sequence[UsageRecord]) -> None:
+        """``batch`` in one transaction (rows already there skipped)."""
+        if self.file is not None:
+            await self.file.write(SQLITE_INSERT, await rows_of(batch, sqlite_row))
+            return
+        async with self.engine.begin() as connection:
+            await write_records(connection, batch)
+
     async def _reachable(self) -> bool:
         try:
             async with self.engine.connect() as connection:
@@ -447,8 +463,7 @@ class Ledger:
         refused = []
         for record in batch:
             try:
-                async with self.engine.begin() as connection:
-                    await write_records(connection, [record])
+                await self._write([record])
             except Exception as error:
                 if not await self._reachable():
                     raise  # an outage after all: the batch stays queued
