@@ -258,7 +258,16 @@ class _Plan:
     but the amounts, built once: the gate's per-request work is then the
     amounts and the limiter's."""
 
-    __slots__ = ("_rates", "budgets", "periodic", "principal", "token_free")
+    __slots__ = (
+        "_rates",
+        "budgets",
+        "header_kinds",
+        "held",
+        "held_seeds",
+        "periodic",
+        "principal",
+        "token_free",
+    )
 
     def __init__(
         self,
@@ -272,6 +281,12 @@ class _Plan:
         self.token_free = all(d.kind == "requests" for d in rates)
         self.budgets = budgets
         self.periodic = any(o.budget.period != "total" for o in budgets)
+        # Budgets that never end: their demands (amounts aside) as the memory
+        # limiter's one-call admission holds them, built once per spend read.
+        self.held: tuple[BudgetDemand, ...] = ()
+        self.held_seeds: Seeds | None = None
+        # For headers_of: each kind's names and demands, found once.
+        self.header_kinds = header_kinds(rates)
 
     def rates(self, tokens: int) -> tuple[RateDemand, ...]:
         """The rate demands of a request of ``tokens``, in the plan's order
@@ -354,18 +369,31 @@ class Gate:
         plan = self._plan(principal, model)
         budgets: tuple[BudgetDemand, ...] = ()
         if plan.budgets:
-            if self.seeds is None:
+            seeds = self.seeds
+            if seeds is None:
                 return None
-            budgets = self._budget_demands(plan, worst_case_nano)
+            if plan.periodic:
+                budgets = self._budget_demands(plan, worst_case_nano)
+            else:
+                # (take reserves worst_case_nano of each: their amounts are
+                # not read, and a settlement reads only key, seed and keep.)
+                if plan.held_seeds is not seeds:
+                    plan.held, plan.held_seeds = self._budget_demands(plan, 0), seeds
+                budgets = plan.held
         self._tickets += 1
         ticket_id = f"{self._ticket_prefix}{self._tickets:x}"
         rates = plan._rates
         left = memory.take(
-            ticket_id, rates, bounds.prompt_tokens + bounds.completion_tokens, budgets
+            ticket_id,
+            rates,
+            bounds.prompt_tokens + bounds.completion_tokens,
+            budgets,
+            worst_case_nano,
         )
         if left is None:
             return None
-        return Ticket(self, ticket_id, bounds, rates, budgets, headers_of(rates, left), memory)
+        headers = headers_of(rates, left, plan.header_kinds)
+        return Ticket(self, ticket_id, bounds, rates, budgets, headers, memory)
 
     async def admit_limited(
         self, principal: Principal | None, model: str, bounds: Bounds, worst_case_nano: int
@@ -512,20 +540,32 @@ def rate_headers(levels: Iterable[Level]) -> Headers:
     return headers_of([level.demand for level in levels], [level.remaining for level in levels])
 
 
-def headers_of(demands: Sequence[RateDemand], left: Sequence[float]) -> Headers:
-    """:func:`rate_headers` of buckets ``demands`` holding ``left``."""
-    requests = tokens = -1
-    for index, demand in enumerate(demands):
-        if demand.kind == "requests":
-            if requests < 0 or left[index] < left[requests]:
-                requests = index
-        elif tokens < 0 or left[index] < left[tokens]:
-            tokens = index
+# Per kind of bucket: its three header names and the indexes of its demands.
+HeaderKinds = tuple[tuple[tuple[bytes, ...], tuple[int, ...]], ...]
+
+
+def header_kinds(demands: Sequence[RateDemand]) -> HeaderKinds:
+    requests = tuple(i for i, d in enumerate(demands) if d.kind == "requests")
+    tokens = tuple(i for i, d in enumerate(demands) if d.kind != "requests")
+    return tuple(
+        (names, indexes)
+        for names, indexes in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens))
+        if indexes
+    )
+
+
+def headers_of(
+    demands: Sequence[RateDemand], left: Sequence[float], kinds: HeaderKinds | None = None
+) -> Headers:
+    """:func:`rate_headers` of buckets ``demands`` holding ``left``
+    (``kinds``: :func:`header_kinds` of ``demands``, if known)."""
     headers: Headers = []
     # (Inline, not a helper per kind: this runs on every limited request.)
-    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
-        if tightest < 0:
-            continue
+    for names, indexes in header_kinds(demands) if kinds is None else kinds:
+        tightest = indexes[0]
+        for index in indexes:
+            if left[index] < left[tightest]:
+                tightest = index
         limit = demands[tightest].limit
         remaining = left[tightest]
         missing = limit - remaining

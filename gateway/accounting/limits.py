@@ -267,14 +267,15 @@ class MemoryLimiter:
         rates: tuple[RateDemand, ...],
         tokens: int,
         budgets: tuple[BudgetDemand, ...],
+        reserve: int,
     ) -> list[float] | None:
         """:meth:`admit_now` for the gate's every request, in one call and
         without a verdict's objects: ``rates`` a plan's demands (a token
-        demand takes ``tokens``, whatever its amount), ``budgets`` as for
-        :meth:`admit_now`. What each bucket holds after it (in ``rates``'
-        order), or None when :meth:`admit_now` must decide: something is
-        refused, a budget has no state yet, or the sweep is due. Nothing is
-        taken then."""
+        demand takes ``tokens``, whatever its amount), each budget of
+        ``budgets`` reserving ``reserve`` (whatever its amount). What each
+        bucket holds after it (in ``rates``' order), or None when
+        :meth:`admit_now` must decide: something is refused, a budget has no
+        state yet, or the sweep is due. Nothing is taken then."""
         now = self._now()
         if now >= self._next_sweep:
             return None
@@ -296,7 +297,7 @@ class MemoryLimiter:
         states = self._budgets
         for budget in budgets:
             state = states.get(budget.key)
-            if state is None or state.spent + state.reserved(now) + budget.amount > budget.limit:
+            if state is None or state.spent + state.reserved(now) + reserve > budget.limit:
                 return None
         for demand, remaining in zip(rates, left, strict=True):
             bucket = buckets.get(demand.key)
@@ -308,7 +309,7 @@ class MemoryLimiter:
         if budgets:
             until = now + self._reservation_seconds
             for budget in budgets:
-                states[budget.key].reserve(ticket, budget.amount, until)
+                states[budget.key].reserve(ticket, reserve, until)
         return left
 
     def give_back(

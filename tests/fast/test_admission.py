@@ -231,6 +231,8 @@ async def test_the_memory_limiters_one_call_admission_decides_as_the_general_pat
         g.limiter._now = lambda: clock[0]  # type: ignore[attr-defined]
     team = Team("t2", "lab", Budget(5000, "day"), RateLimits(rpm=30, tpm=3000))
     key = Principal("k", "ci", team=team, budget=Budget(4000, "total"), limits=RateLimits(20, 2000))
+    # (one whose budget never ends: its demands are held by the plan)
+    solo = Principal("s", "solo", budget=Budget(3000, "total"), limits=RateLimits(25, 1500))
     tickets: list[list[object]] = [[], []]
     admitted = fast = 0
     chance = random.Random(13)
@@ -242,6 +244,7 @@ async def test_the_memory_limiters_one_call_admission_decides_as_the_general_pat
             for held in tickets:
                 held.pop(index).settle(used, charged)  # type: ignore[attr-defined]
             continue
+        asking = chance.choice((key, solo))
         bounds, worst = (
             Bounds(chance.randrange(1, 60), chance.randrange(0, 90)),
             chance.randrange(0, 40),
@@ -249,7 +252,7 @@ async def test_the_memory_limiters_one_call_admission_decides_as_the_general_pat
         outcomes = []
         for g, held in zip(gates, tickets, strict=True):
             try:
-                ticket = await g.admit(key, "m", bounds, worst)
+                ticket = await g.admit(asking, "m", bounds, worst)
             except RateLimitError as error:
                 outcomes.append((type(error), error.message, error.headers))
             else:
