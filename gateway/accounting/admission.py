@@ -200,7 +200,11 @@ class Ticket:
 
     def finish(self, exchange: Exchange) -> None:
         """Settle from what the closed exchange says was used and charged."""
-        self.settle(used_tokens(exchange, self.bounds), exchange.charged_nano)
+        usage = exchange.usage  # (used_tokens' first case, inline)
+        if usage is not None:
+            self.settle(usage.prompt_tokens + usage.completion_tokens, exchange.charged_nano)
+        else:
+            self.settle(used_tokens(exchange, self.bounds), exchange.charged_nano)
 
     def header_map(self) -> dict[str, str]:
         return {name.decode(): value.decode() for name, value in self.headers}

@@ -332,14 +332,23 @@ class MemoryLimiter:
                     continue
                 limit = float(demand.limit)
                 bucket = buckets.get(demand.key)
-                level = limit if bucket is None else bucket.refilled(demand.limit, now)
-                level = min(limit, level + correction)
+                if bucket is None:
+                    level = limit
+                else:
+                    # (_Bucket.refilled and settle_now's min(), inline)
+                    level = bucket.level + (now - bucket.at) * demand.limit / SECONDS_PER_WINDOW
+                    if level >= limit:
+                        level = limit
+                level += correction
+                if level >= limit:
+                    level = limit
                 if bucket is None:
                     buckets[demand.key] = _Bucket(level, now)
                 else:
                     bucket.level, bucket.at = level, now
+        states = self._budgets
         for budget in charges:
-            state = self._budget(budget, now)
+            state = states.get(budget.key) or self._budget(budget, now)
             state.release(ticket)
             state.spent += charged
 
