@@ -8,9 +8,9 @@ an idle gateway two queries twice a second (about a million instructions a
 poll through SQLAlchemy). A signal here answers "may a refresh find
 anything?" for almost nothing, and the cache reads the tables only then:
 
-- SQLite: ``PRAGMA data_version`` on a connection of its own, which changes
-  when any other connection (another worker, the admin API, the CLI, the
-  ledger's writer) commits to the file. A few microseconds, no lock taken in
+- SQLite: ``PRAGMA data_version``, which changes when any other connection
+  (another worker, the admin API, the CLI, a hand-made write) commits to
+  the file. A few microseconds, no lock taken in
   WAL mode, so it runs on the event loop. It is read on the ledger's own
   connection (:mod:`gateway.accounting.sqlite_file`), so the ledger's
   batches do not move it: before, a busy gateway read the keys again after

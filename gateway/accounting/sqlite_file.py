@@ -59,6 +59,9 @@ class SqliteFile:
     def _connected(self) -> sqlite3.Connection:
         if self._connection is None:
             # isolation_level=None: the transactions are this module's own.
+            # timeout=0: the signal never waits on a lock on the event loop
+            # (the writer sets one while it writes, in its thread). mode=rw:
+            # never create the file (that is the migration's).
             connection = sqlite3.connect(
                 f"file:{quote(self.path)}?mode=rw",
                 uri=True,
