@@ -112,10 +112,12 @@ def request_bounds(
 ) -> Bounds:
     """See the module's docstring: body bytes, and the completion asked for
     (or the ceiling) times the choices."""
-    asked = request.max_tokens
     if isinstance(request, wire.ChatCompletionRequest):
-        asked = request.max_completion_tokens or asked
-    choices = (request.n or 1) * _prompt_count(request)
+        asked = request.max_completion_tokens or request.max_tokens
+        choices = request.n or 1  # (one prompt)
+    else:
+        asked = request.max_tokens
+        choices = (request.n or 1) * _prompt_count(request)
     # max_tokens 0 (a completion that only echoes; an embeddings request's
     # view, gateway/embeddings/inputs.py) bounds the output at nothing.
     return Bounds(body_bytes, (ceiling if asked is None else asked) * choices)
@@ -178,9 +180,9 @@ class Ticket:
         self._settled = True
         memory = self._memory
         if memory is not None:
-            memory.give_back(
-                self._id, self._rates, self.bounds.tokens - tokens, self._charges, charged_nano
-            )
+            bounds = self.bounds
+            reserved = bounds.prompt_tokens + bounds.completion_tokens
+            memory.give_back(self._id, self._rates, reserved - tokens, self._charges, charged_nano)
             return
         # (Loops, not comprehensions: each of those is a call of its own.)
         refunds: tuple[tuple[RateDemand, int], ...] = ()
