@@ -347,6 +347,8 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()
         self._failing_since: float | None = None
+        # Records at the head of the queue being written now.
+        self._in_flight = 0
         self.written = 0
         self.dropped = 0
         # Rows the database refused (spilled, not retried).
@@ -369,7 +371,10 @@ class Ledger:
                 )
             return
         self._pending.append(record)
-        if len(self._pending) >= self.options.batch_size:
+        # (The batch being written is still queued: records that arrive
+        # meanwhile wait for a batch of their own rather than wake the
+        # writer into a small transaction right after it.)
+        if len(self._pending) - self._in_flight >= self.options.batch_size:
             self._wake.set()
 
     async def start(self) -> None:
@@ -424,6 +429,7 @@ class Ledger:
             while left > 0 and self._pending:
                 batch = [self._pending[i] for i in range(min(self.options.batch_size, left))]
                 left -= len(batch)
+                self._in_flight = len(batch)
                 try:
                     await self._write(batch)
                 except Exception:
@@ -432,6 +438,8 @@ class Ledger:
                     if not await self._reachable():
                         raise
                     await self._one_by_one(batch)
+                finally:
+                    self._in_flight = 0
                 for _ in batch:
                     self._pending.popleft()
                 self.written += len(batch)
