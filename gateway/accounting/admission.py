@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -50,6 +50,7 @@ from gateway.accounting.limits import (
     Level,
     Limiter,
     LimiterUnavailableError,
+    MemoryLimiter,
     RateDemand,
     RateKind,
     RateRefused,
@@ -92,9 +93,11 @@ class WorstCase(Protocol):
     ) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bounds:
-    """The most a request can use: prompt and completion tokens."""
+    """The most a request can use: prompt and completion tokens. (Not
+    frozen, as the limiter's objects: one is made per request; nothing
+    changes it.)"""
 
     prompt_tokens: int
     completion_tokens: int
@@ -109,10 +112,12 @@ def request_bounds(
 ) -> Bounds:
     """See the module's docstring: body bytes, and the completion asked for
     (or the ceiling) times the choices."""
-    asked = request.max_tokens
     if isinstance(request, wire.ChatCompletionRequest):
-        asked = request.max_completion_tokens or asked
-    choices = (request.n or 1) * _prompt_count(request)
+        asked = request.max_completion_tokens or request.max_tokens
+        choices = request.n or 1  # (one prompt)
+    else:
+        asked = request.max_tokens
+        choices = (request.n or 1) * _prompt_count(request)
     # max_tokens 0 (a completion that only echoes; an embeddings request's
     # view, gateway/embeddings/inputs.py) bounds the output at nothing.
     return Bounds(body_bytes, (ceiling if asked is None else asked) * choices)
@@ -129,7 +134,16 @@ def _prompt_count(request: wire.ChatCompletionRequest | wire.CompletionRequest) 
 class Ticket:
     """One admitted request's reservations."""
 
-    __slots__ = ("_charges", "_gate", "_id", "_rates", "_settled", "bounds", "headers")
+    __slots__ = (
+        "_charges",
+        "_gate",
+        "_id",
+        "_memory",
+        "_rates",
+        "_settled",
+        "bounds",
+        "headers",
+    )
 
     def __init__(
         self,
@@ -139,6 +153,7 @@ class Ticket:
         rates: tuple[RateDemand, ...] = (),
         charges: tuple[BudgetDemand, ...] = (),
         headers: Headers | None = None,
+        memory: MemoryLimiter | None = None,
     ) -> None:
         self._gate = gate
         self._id = ticket_id
@@ -148,6 +163,10 @@ class Ticket:
         self._settled = gate is None
         # OpenAI's x-ratelimit-* headers (empty without rate limits).
         self.headers: Headers = headers or []
+        # The memory limiter that took it in one call (Gate.admit_at_once):
+        # its rates are then a plan's, each token demand's amount being the
+        # bounds' tokens.
+        self._memory = memory
 
     @property
     def settled(self) -> bool:
@@ -159,6 +178,12 @@ class Ticket:
         if self._settled or self._gate is None:
             return
         self._settled = True
+        memory = self._memory
+        if memory is not None:
+            bounds = self.bounds
+            reserved = bounds.prompt_tokens + bounds.completion_tokens
+            memory.give_back(self._id, self._rates, reserved - tokens, self._charges, charged_nano)
+            return
         # (Loops, not comprehensions: each of those is a call of its own.)
         refunds: tuple[tuple[RateDemand, int], ...] = ()
         for d in self._rates:
@@ -177,7 +202,11 @@ class Ticket:
 
     def finish(self, exchange: Exchange) -> None:
         """Settle from what the closed exchange says was used and charged."""
-        self.settle(used_tokens(exchange, self.bounds), exchange.charged_nano)
+        usage = exchange.usage  # (used_tokens' first case, inline)
+        if usage is not None:
+            self.settle(usage.prompt_tokens + usage.completion_tokens, exchange.charged_nano)
+        else:
+            self.settle(used_tokens(exchange, self.bounds), exchange.charged_nano)
 
     def header_map(self) -> dict[str, str]:
         return {name.decode(): value.decode() for name, value in self.headers}
@@ -235,7 +264,16 @@ class _Plan:
     but the amounts, built once: the gate's per-request work is then the
     amounts and the limiter's."""
 
-    __slots__ = ("_rates", "budgets", "periodic", "principal", "token_free")
+    __slots__ = (
+        "_rates",
+        "budgets",
+        "header_kinds",
+        "held",
+        "held_seeds",
+        "periodic",
+        "principal",
+        "token_free",
+    )
 
     def __init__(
         self,
@@ -249,6 +287,12 @@ class _Plan:
         self.token_free = all(d.kind == "requests" for d in rates)
         self.budgets = budgets
         self.periodic = any(o.budget.period != "total" for o in budgets)
+        # Budgets that never end: their demands (amounts aside) as the memory
+        # limiter's one-call admission holds them, built once per spend read.
+        self.held: tuple[BudgetDemand, ...] = ()
+        self.held_seeds: Seeds | None = None
+        # For headers_of: each kind's names and demands, found once.
+        self.header_kinds = header_kinds(rates)
 
     def rates(self, tokens: int) -> tuple[RateDemand, ...]:
         """The rate demands of a request of ``tokens``, in the plan's order
@@ -290,6 +334,9 @@ class Gate:
         self._plans: dict[tuple[str | None, str], _Plan] = {}
         self._ticket_prefix = os.urandom(16).hex() + "-"
         self._tickets = 0
+        # The memory limiter itself (not a subclass), whose admissions take
+        # one call (admit_at_once); None for any other limiter.
+        self._memory = limiter if type(limiter) is MemoryLimiter else None
 
     def limited(self, principal: Principal | None, model: str) -> bool:
         """Whether a request of ``principal`` for ``model`` has any limit or budget."""
@@ -309,7 +356,50 @@ class Gate:
     ) -> Ticket:
         if not self.limited(principal, model):
             return Ticket(None, "", bounds)
+        ticket = self.admit_at_once(principal, model, bounds, worst_case_nano)
+        if ticket is not None:
+            return ticket
         return await self.admit_limited(principal, model, bounds, worst_case_nano)
+
+    def admit_at_once(
+        self, principal: Principal | None, model: str, bounds: Bounds, worst_case_nano: int
+    ) -> Ticket | None:
+        """:meth:`admit_limited` of a request the memory limiter admits, in
+        one call (no coroutine, no verdict, the plan's demands as they are:
+        about a third of the instructions); None when :meth:`admit_limited`
+        must decide (another limiter, a refusal, a budget not yet held,
+        limits that cannot be enforced, ...), nothing taken."""
+        memory = self._memory
+        if memory is None or self.unenforceable is not None:
+            return None
+        plan = self._plan(principal, model)
+        budgets: tuple[BudgetDemand, ...] = ()
+        if plan.budgets:
+            seeds = self.seeds
+            if seeds is None:
+                return None
+            if plan.periodic:
+                budgets = self._budget_demands(plan, worst_case_nano)
+            else:
+                # (take reserves worst_case_nano of each: their amounts are
+                # not read, and a settlement reads only key, seed and keep.)
+                if plan.held_seeds is not seeds:
+                    plan.held, plan.held_seeds = self._budget_demands(plan, 0), seeds
+                budgets = plan.held
+        self._tickets += 1
+        ticket_id = f"{self._ticket_prefix}{self._tickets:x}"
+        rates = plan._rates
+        left = memory.take(
+            ticket_id,
+            rates,
+            bounds.prompt_tokens + bounds.completion_tokens,
+            budgets,
+            worst_case_nano,
+        )
+        if left is None:
+            return None
+        headers = headers_of(rates, left, plan.header_kinds)
+        return Ticket(self, ticket_id, bounds, rates, budgets, headers, memory)
 
     async def admit_limited(
         self, principal: Principal | None, model: str, bounds: Bounds, worst_case_nano: int
@@ -452,27 +542,47 @@ _TOKEN_HEADERS = tuple(
 def rate_headers(levels: Iterable[Level]) -> Headers:
     """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``:
     of the tightest bucket of each kind (the one with the least left)."""
-    requests: Level | None = None
-    tokens: Level | None = None
-    for level in levels:
-        if level.demand.kind == "requests":
-            if requests is None or level.remaining < requests.remaining:
-                requests = level
-        elif tokens is None or level.remaining < tokens.remaining:
-            tokens = level
+    levels = tuple(levels)
+    return headers_of([level.demand for level in levels], [level.remaining for level in levels])
+
+
+# Per kind of bucket: its three header names and the indexes of its demands.
+HeaderKinds = tuple[tuple[tuple[bytes, ...], tuple[int, ...]], ...]
+
+
+def header_kinds(demands: Sequence[RateDemand]) -> HeaderKinds:
+    requests = tuple(i for i, d in enumerate(demands) if d.kind == "requests")
+    tokens = tuple(i for i, d in enumerate(demands) if d.kind != "requests")
+    return tuple(
+        (names, indexes)
+        for names, indexes in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens))
+        if indexes
+    )
+
+
+def headers_of(
+    demands: Sequence[RateDemand], left: Sequence[float], kinds: HeaderKinds | None = None
+) -> Headers:
+    """:func:`rate_headers` of buckets ``demands`` holding ``left``
+    (``kinds``: :func:`header_kinds` of ``demands``, if known)."""
     headers: Headers = []
     # (Inline, not a helper per kind: this runs on every limited request.)
-    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
-        if tightest is None:
-            continue
-        limit = tightest.demand.limit
-        remaining = tightest.remaining
+    for names, indexes in header_kinds(demands) if kinds is None else kinds:
+        tightest = indexes[0]
+        for index in indexes:
+            if left[index] < left[tightest]:
+                tightest = index
+        limit = demands[tightest].limit
+        remaining = left[tightest]
         missing = limit - remaining
         headers.append((names[0], b"%d" % limit))
         # (int() is floor for what is not negative)
         headers.append((names[1], b"%d" % (int(remaining) if remaining > 0 else 0)))
         reset = missing * SECONDS_PER_WINDOW / limit if missing > 0 else 0.0
-        headers.append((names[2], duration(reset).encode()))
+        if reset < 1:  # duration()'s first case, without its call and str
+            headers.append((names[2], b"%dms" % math.ceil(reset * 1000)))
+        else:
+            headers.append((names[2], duration(reset).encode()))
     return headers
 
 

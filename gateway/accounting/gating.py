@@ -238,14 +238,24 @@ class Admission:
         body_bytes: int,
     ) -> Ticket | None:
         """The request's ticket, None when it has no limit and no budget."""
-        known = self.catalog.knows(request.model)
-        model = self.catalog.canonical(request.model) if known else request.model
-        if not self.gate.limited(principal, model):
+        # (A name the catalog does not know is its own canonical name.)
+        model = self.catalog.canonical(request.model)
+        gate = self.gate
+        if not gate.limited(principal, model):
             return None
         bounds = request_bounds(request, body_bytes, self.ceiling)
-        return await self.gate.admit_limited(
-            principal, model, bounds, self._worst_case(model, bounds)
-        )
+        prices = self.prices
+        if prices is not None and model in self.catalog.models and not self.hooks_may_reroute:
+            # (_worst_case's usual case, inline)
+            worst_case = prices.model_worst_case_nano(
+                model, bounds.prompt_tokens, bounds.completion_tokens
+            )
+        else:
+            worst_case = self._worst_case(model, bounds)
+        ticket = gate.admit_at_once(principal, model, bounds, worst_case)
+        if ticket is not None:
+            return ticket
+        return await gate.admit_limited(principal, model, bounds, worst_case)
 
     def _worst_case(self, model: str, bounds: Bounds) -> int:
         """At the prices of every deployment that may serve it: the model's

@@ -8,12 +8,13 @@ an idle gateway two queries twice a second (about a million instructions a
 poll through SQLAlchemy). A signal here answers "may a refresh find
 anything?" for almost nothing, and the cache reads the tables only then:
 
-- SQLite: ``PRAGMA data_version`` on a connection of its own, which changes
-  when any other connection (another worker, the admin API, the CLI, the
-  ledger's writer) commits to the file. A few microseconds, no lock taken in
-  WAL mode, so it runs on the event loop. The ledger's commits move it too:
-  a busy gateway still reads the keys after each ledger batch, which it
-  then amortises over the batch's requests.
+- SQLite: ``PRAGMA data_version``, which changes when any other connection
+  (another worker, the admin API, the CLI, a hand-made write) commits to
+  the file. A few microseconds, no lock taken in
+  WAL mode, so it runs on the event loop. It is read on the ledger's own
+  connection (:mod:`gateway.accounting.sqlite_file`), so the ledger's
+  batches do not move it: before, a busy gateway read the keys again after
+  each of them.
 - PostgreSQL: ``LISTEN`` on a connection of its own; every write of the key
   store sends a ``NOTIFY`` in its transaction (delivered at commit). While
   that connection is down (or before it is up), every poll reads the tables,
@@ -32,12 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from typing import Protocol
-from urllib.parse import quote
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from gateway.accounting.sqlite_file import SqliteFile, sqlite_path
 
 _log = logging.getLogger(__name__)
 POSTGRES_SAFETY_SECONDS = 10.0
@@ -76,51 +77,35 @@ class AlwaysChanged:
 
 
 class SqliteDataVersion:
-    """``PRAGMA data_version`` of a connection of its own to the file."""
+    """``PRAGMA data_version`` of a connection to the file: the ledger's own
+    (:class:`~gateway.accounting.sqlite_file.SqliteFile`), whose batches then
+    do not count as changes."""
 
     safety_seconds = SQLITE_SAFETY_SECONDS
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._connection: sqlite3.Connection | None = None
-        self._version: int | None = None
+    def __init__(self, file: SqliteFile, owned: bool = False) -> None:
+        self.file = file
+        # Whether closing the signal closes the file (not the ledger's).
+        self.owned = owned
+        self._version: tuple[int, int] | None = None
 
     async def start(self) -> None:
-        self._changed_now()
+        self.changed()
 
     def changed(self) -> bool:
-        return self._changed_now()
-
-    def _changed_now(self) -> bool:
-        try:
-            if self._connection is None:
-                # timeout=0: never wait on a lock on the event loop (a busy
-                # file says "changed", and the refresh waits in its thread).
-                # mode=rw: never create the file (that is the migration's).
-                self._connection = sqlite3.connect(
-                    f"file:{quote(self.path)}?mode=rw",
-                    uri=True,
-                    timeout=0,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
-            row = self._connection.execute("PRAGMA data_version").fetchone()
-        except sqlite3.Error:
-            self._close()
+        version = self.file.data_version()
+        if version is None:
+            # Being written (or unreadable): may have changed; the value
+            # read next is compared with the last one read.
             return True
-        version = int(row[0])
         changed = version != self._version
         self._version = version
         return changed
 
-    def _close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-        self._connection = None
-        self._version = None
-
     async def aclose(self) -> None:
-        self._close()
+        # (The ledger's file is closed after its last flush.)
+        if self.owned:
+            self.file.close()
 
 
 class PostgresNotifications:
@@ -204,13 +189,17 @@ async def _close_quietly(connection: AsyncConnection) -> None:
         _log.debug("managed keys: closing the listening connection: %s", error)
 
 
-def change_signal(engine: AsyncEngine) -> ChangeSignal:
-    """The cheapest signal the engine's database offers."""
+def change_signal(engine: AsyncEngine, file: SqliteFile | None = None) -> ChangeSignal:
+    """The cheapest signal the engine's database offers (for a SQLite file,
+    through ``file``, the ledger's connection, else one of its own)."""
     url: URL = engine.url
     backend = url.get_backend_name()
     if backend == "sqlite":
-        if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-            return SqliteDataVersion(url.database)
+        if file is not None:
+            return SqliteDataVersion(file)
+        path = sqlite_path(url)
+        if path is not None:
+            return SqliteDataVersion(SqliteFile(path), owned=True)
         return AlwaysChanged()
     if backend == "postgresql" and url.get_driver_name() == "asyncpg":
         return PostgresNotifications(engine)

@@ -43,6 +43,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway import wire
+from gateway.accounting.sqlite_file import SqliteFile
 from gateway.accounting.tables import usage
 from gateway.exchange import Exchange
 
@@ -330,14 +331,24 @@ def row(record: UsageRecord) -> dict[str, object]:
 class Ledger:
     """The queue and its writer task (see the module's description)."""
 
-    def __init__(self, engine: AsyncEngine, options: LedgerOptions = LedgerOptions()) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        options: LedgerOptions = LedgerOptions(),
+        file: SqliteFile | None = None,
+    ) -> None:
         self.engine = engine
         self.options = options
+        # A SQLite file's batches go through its plain connection (see
+        # gateway/accounting/sqlite_file.py); None: through the engine.
+        self.file = file
         self._pending: deque[UsageRecord] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()
         self._failing_since: float | None = None
+        # Records at the head of the queue being written now.
+        self._in_flight = 0
         self.written = 0
         self.dropped = 0
         # Rows the database refused (spilled, not retried).
@@ -360,7 +371,10 @@ class Ledger:
                 )
             return
         self._pending.append(record)
-        if len(self._pending) >= self.options.batch_size:
+        # (The batch being written is still queued: records that arrive
+        # meanwhile wait for a batch of their own rather than wake the
+        # writer into a small transaction right after it.)
+        if len(self._pending) - self._in_flight >= self.options.batch_size:
             self._wake.set()
 
     async def start(self) -> None:
@@ -415,15 +429,17 @@ class Ledger:
             while left > 0 and self._pending:
                 batch = [self._pending[i] for i in range(min(self.options.batch_size, left))]
                 left -= len(batch)
+                self._in_flight = len(batch)
                 try:
-                    async with self.engine.begin() as connection:
-                        await write_records(connection, batch)
+                    await self._write(batch)
                 except Exception:
                     # A row the database refuses (the database answers, but
                     # not to this batch) must not hold up the rows behind it.
                     if not await self._reachable():
                         raise
                     await self._one_by_one(batch)
+                finally:
+                    self._in_flight = 0
                 for _ in batch:
                     self._pending.popleft()
                 self.written += len(batch)
@@ -432,6 +448,14 @@ class Ledger:
                         "ledger: writing again after %.1f s", time.monotonic() - self._failing_since
                     )
                     self._failing_since = None
+
+    async def _write(self, batch: Sequence[UsageRecord]) -> None:
+        """``batch`` in one transaction (rows already there skipped)."""
+        if self.file is not None:
+            await self.file.write(SQLITE_INSERT, await rows_of(batch, sqlite_row))
+            return
+        async with self.engine.begin() as connection:
+            await write_records(connection, batch)
 
     async def _reachable(self) -> bool:
         try:
@@ -447,8 +471,7 @@ class Ledger:
         refused = []
         for record in batch:
             try:
-                async with self.engine.begin() as connection:
-                    await write_records(connection, [record])
+                await self._write([record])
             except Exception as error:
                 if not await self._reachable():
                     raise  # an outage after all: the batch stays queued

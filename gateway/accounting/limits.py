@@ -261,6 +261,97 @@ class MemoryLimiter:
                 self._budgets[budget.key].reserve(ticket, budget.amount, until)
         return Admitted(tuple(levels))
 
+    def take(
+        self,
+        ticket: str,
+        rates: tuple[RateDemand, ...],
+        tokens: int,
+        budgets: tuple[BudgetDemand, ...],
+        reserve: int,
+    ) -> list[float] | None:
+        """:meth:`admit_now` for the gate's every request, in one call and
+        without a verdict's objects: ``rates`` a plan's demands (a token
+        demand takes ``tokens``, whatever its amount), each budget of
+        ``budgets`` reserving ``reserve`` (whatever its amount). What each
+        bucket holds after it (in ``rates``' order), or None when
+        :meth:`admit_now` must decide: something is refused, a budget has no
+        state yet, or the sweep is due. Nothing is taken then."""
+        now = self._now()
+        if now >= self._next_sweep:
+            return None
+        buckets = self._buckets
+        left = []
+        for demand in rates:
+            bucket = buckets.get(demand.key)
+            limit = demand.limit
+            if bucket is None:
+                remaining = float(limit)
+            else:
+                remaining = bucket.level + (now - bucket.at) * limit / SECONDS_PER_WINDOW
+                if remaining > limit:
+                    remaining = float(limit)
+            remaining -= tokens if demand.kind == "tokens" else 1
+            if remaining < 0:
+                return None
+            left.append(remaining)
+        states = self._budgets
+        for budget in budgets:
+            state = states.get(budget.key)
+            if state is None or state.spent + state.reserved(now) + reserve > budget.limit:
+                return None
+        for demand, remaining in zip(rates, left, strict=True):
+            bucket = buckets.get(demand.key)
+            if bucket is None:
+                buckets[demand.key] = _Bucket(remaining, now)
+            else:
+                bucket.level = remaining
+                bucket.at = now
+        if budgets:
+            until = now + self._reservation_seconds
+            for budget in budgets:
+                states[budget.key].reserve(ticket, reserve, until)
+        return left
+
+    def give_back(
+        self,
+        ticket: str,
+        rates: tuple[RateDemand, ...],
+        correction: int,
+        charges: tuple[BudgetDemand, ...],
+        charged: int,
+    ) -> None:
+        """:meth:`settle` of a ticket :meth:`take` admitted, without a
+        :class:`Settlement`: ``correction`` (tokens reserved minus used)
+        back to each token bucket of ``rates``, ``charged`` to each budget
+        of ``charges`` in place of its reservation."""
+        now = self._now()
+        if correction:
+            buckets = self._buckets
+            for demand in rates:
+                if demand.kind != "tokens":
+                    continue
+                limit = float(demand.limit)
+                bucket = buckets.get(demand.key)
+                if bucket is None:
+                    level = limit
+                else:
+                    # (_Bucket.refilled and settle_now's min(), inline)
+                    level = bucket.level + (now - bucket.at) * demand.limit / SECONDS_PER_WINDOW
+                    if level >= limit:
+                        level = limit
+                level += correction
+                if level >= limit:
+                    level = limit
+                if bucket is None:
+                    buckets[demand.key] = _Bucket(level, now)
+                else:
+                    bucket.level, bucket.at = level, now
+        states = self._budgets
+        for budget in charges:
+            state = states.get(budget.key) or self._budget(budget, now)
+            state.release(ticket)
+            state.spent += charged
+
     def settle(self, settlement: Settlement) -> None:
         self.settle_now(settlement, self._now())
 

@@ -19,9 +19,17 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.accounting.db import async_url, default_database_path, migrate_async, open_engine
+from gateway.accounting.db import (
+    async_url,
+    default_database_path,
+    is_sqlite,
+    migrate_async,
+    open_engine,
+)
+from gateway.accounting.key_changes import change_signal
 from gateway.accounting.keys import ManagedKeys
 from gateway.accounting.ledger import Ledger, LedgerOptions, UsageRecord
+from gateway.accounting.sqlite_file import SqliteFile, sqlite_path
 from gateway.accounting.store import KeyStore
 from gateway.exchange import Exchange
 from gateway.settings import AccountingSettings
@@ -63,10 +71,18 @@ class Accounting:
                 raise
         engine = open_engine(url)
         stack.push_async_callback(engine.dispose)
-        ledger = Ledger(engine, ledger_options(settings, url))
+        # A SQLite file: the ledger's batches and the key cache's change
+        # signal share one plain connection (closed after the last flush).
+        path = sqlite_path(url) if is_sqlite(url) else None
+        file = SqliteFile(path) if path is not None else None
+        if file is not None:
+            stack.callback(file.close)
+        ledger = Ledger(engine, ledger_options(settings, url), file)
         await ledger.start()
         stack.push_async_callback(ledger.aclose)
-        keys = ManagedKeys(KeyStore(engine), settings.key_refresh_seconds)
+        keys = ManagedKeys(
+            KeyStore(engine), settings.key_refresh_seconds, change_signal(engine, file)
+        )
         await keys.start()
         stack.push_async_callback(keys.aclose)
         _log.info("accounting: ledger in %s", url.render_as_string(hide_password=True))

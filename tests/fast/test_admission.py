@@ -214,6 +214,67 @@ async def test_a_hundred_concurrent_admissions_against_a_budget_of_three() -> No
     assert all(isinstance(o, QuotaExceededError) for o in outcomes if o not in admitted)
 
 
+async def test_the_memory_limiters_one_call_admission_decides_as_the_general_path() -> None:
+    """Gate.admit_at_once (MemoryLimiter.take, give_back) against the general
+    path (a subclass never takes it), step for step on one clock: the same
+    tickets, headers, refusals, buckets and spend."""
+    import random
+
+    class General(MemoryLimiter):
+        pass
+
+    clock = [1000.0]
+    gates = [gate(model_limits={"m": RateLimits(rpm=40, tpm=2500)}) for _ in range(2)]
+    gates[1].limiter = General(3600)
+    gates[1]._memory = None
+    for g in gates:
+        g.limiter._now = lambda: clock[0]  # type: ignore[attr-defined]
+    team = Team("t2", "lab", Budget(5000, "day"), RateLimits(rpm=30, tpm=3000))
+    key = Principal("k", "ci", team=team, budget=Budget(4000, "total"), limits=RateLimits(20, 2000))
+    # (one whose budget never ends: its demands are held by the plan)
+    solo = Principal("s", "solo", budget=Budget(3000, "total"), limits=RateLimits(25, 1500))
+    tickets: list[list[object]] = [[], []]
+    admitted = fast = 0
+    chance = random.Random(13)
+    for _ in range(400):
+        clock[0] += chance.choice((0.0, 0.0, 0.5, 3.0, 61.0))
+        if tickets[0] and chance.random() < 0.5:
+            index = chance.randrange(len(tickets[0]))
+            used, charged = chance.randrange(0, 80), chance.randrange(0, 30)
+            for held in tickets:
+                held.pop(index).settle(used, charged)  # type: ignore[attr-defined]
+            continue
+        asking = chance.choice((key, solo))
+        bounds, worst = (
+            Bounds(chance.randrange(1, 60), chance.randrange(0, 90)),
+            chance.randrange(0, 40),
+        )
+        outcomes = []
+        for g, held in zip(gates, tickets, strict=True):
+            try:
+                ticket = await g.admit(asking, "m", bounds, worst)
+            except RateLimitError as error:
+                outcomes.append((type(error), error.message, error.headers))
+            else:
+                held.append(ticket)
+                outcomes.append((None, ticket.headers, None))
+                fast += g is gates[0] and ticket._memory is not None  # type: ignore[attr-defined]
+        assert outcomes[0] == outcomes[1]
+        admitted += outcomes[0][0] is None
+    # Refusals seen; most admissions in one call (not: a budget's first,
+    # those after a minute of the clock, when the sweep is due).
+    assert 100 < admitted < 400 - 100 and fast > admitted / 2
+    one, other = (g.limiter for g in gates)
+    assert {k: (b.level, b.at) for k, b in one._buckets.items()} == {  # type: ignore[attr-defined]
+        k: (b.level, b.at)
+        for k, b in other._buckets.items()  # type: ignore[attr-defined]
+    }
+    assert {k: (b.spent, sorted(b.reservations.values())) for k, b in one._budgets.items()} == {  # type: ignore[attr-defined]
+        k: (b.spent, sorted(b.reservations.values()))
+        for k, b in other._budgets.items()  # type: ignore[attr-defined]
+    }
+
+
 async def test_a_model_limit_counts_every_key() -> None:
     g = gate(model_limits={"m": RateLimits(rpm=1)})
     await g.admit(Principal("a"), "m", Bounds(1, 1), 0)

@@ -11,6 +11,7 @@ import copy
 import itertools
 import json
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,47 @@ async def test_a_batch_is_written_as_soon_as_it_is_full(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.01)
         assert ledger.written == 3 and ledger.pending == 0
+    finally:
+        await ledger.aclose()
+        await engine.dispose()
+
+
+async def test_records_that_arrive_while_a_batch_is_written_wait_for_a_full_batch(
+    tmp_path: Path,
+) -> None:
+    # Under load records keep arriving while a batch is written: they must
+    # not wake the writer into a small transaction right after it (before,
+    # the batch still queued counted towards the next one: every full batch
+    # was followed by one of the few that came during its write).
+    url = async_url(f"sqlite:///{tmp_path / 'ledger.db'}")
+    await migrate_async(url)
+    engine = open_engine(url)
+    arrivals = iter(range(2))
+
+    class Busy(Ledger):
+        async def _write(self, batch: Sequence[UsageRecord]) -> None:
+            for index in arrivals:  # two arrive during the first write only
+                self.record(record(f"late{index}"))
+            await super()._write(batch)
+
+    ledger = Busy(engine, LedgerOptions(batch_size=3, flush_seconds=60))
+    await ledger.start()
+    try:
+        for index in range(3):
+            ledger.record(record(f"r{index}"))
+        for _ in range(200):
+            if ledger.written == 3:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(5):  # a few turns of the loop: no small batch follows
+            await asyncio.sleep(0.01)
+        assert (ledger.written, ledger.pending) == (3, 2)
+        ledger.record(record("third"))  # a full batch: written at once
+        for _ in range(200):
+            if ledger.written == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert (ledger.written, ledger.pending) == (6, 0)
     finally:
         await ledger.aclose()
         await engine.dispose()

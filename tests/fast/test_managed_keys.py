@@ -21,8 +21,11 @@ from sqlalchemy import update
 from gateway.accounting.access import check_name, check_route
 from gateway.accounting.db import async_url, migrate, open_engine
 from gateway.accounting.forms import KeyForm, TeamForm, expiry, new_key, new_team
+from gateway.accounting.key_changes import change_signal
 from gateway.accounting.keys import ManagedKeys, managed_keys_exist
+from gateway.accounting.ledger import COLUMNS, Ledger, LedgerOptions, UsageRecord, sqlite_row
 from gateway.accounting.principal import Budget, Principal, RateLimits
+from gateway.accounting.sqlite_file import SqliteFile
 from gateway.accounting.store import Changes, KeyStore, NewKey, NewTeam
 from gateway.accounting.tables import api_keys, teams
 from gateway.auth import PrincipalAuthenticator, hash_api_key
@@ -182,6 +185,53 @@ async def test_an_idle_poll_reads_nothing_and_a_write_is_still_seen(store: KeySt
         assert replica_store.reads == reads
     finally:
         await replica.aclose()
+
+
+async def test_the_ledgers_own_batches_make_the_poll_read_nothing(store: KeyStore) -> None:
+    """The ledger writes its batches on the connection the poll reads SQLite's
+    data_version on (gateway/accounting/sqlite_file.py): its commits are not
+    changes of the keys (before, each batch cost a read of both tables); a
+    key revoked meanwhile through another connection is still seen, and the
+    rows are stored as the engine's writer stores them."""
+    path = store.engine.url.database
+    assert path is not None
+    record, secret = await store.create_key(NewKey("busy"))
+    file = SqliteFile(path)
+    ledger = Ledger(store.engine, LedgerOptions(batch_size=1000, flush_seconds=60), file)
+    replica_store = _CountingStore(store.engine)
+    replica = ManagedKeys(replica_store, 0.005, change_signal(store.engine, file))
+    await replica.start()
+    records = [
+        UsageRecord.of(Exchange(f"r{index}", "chat", 0.0), 200, None, now=1.0)
+        for index in range(60)
+    ]
+    try:
+        for batch in (records[:20], records[20:], records[:5]):  # the last: written already
+            for item in batch:
+                ledger.record(item)
+            await ledger.flush()
+            await asyncio.sleep(0.02)  # four polls
+        assert ledger.written == 65 and replica_store.reads == 1  # the start's
+        async with store.engine.connect() as connection:
+            stored = await connection.exec_driver_sql(
+                f"SELECT {', '.join(COLUMNS)} FROM usage ORDER BY id"
+            )
+            assert [tuple(r) for r in stored.all()] == [sqlite_row(r) for r in records]
+        # While a batch holds the connection, the poll does not wait for it.
+        with file._lock:
+            assert replica.signal.changed()
+        await store.revoke_key(record.id)
+        for _ in range(200):
+            try:
+                replica.lookup(hash_api_key(secret))
+            except AuthenticationError:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            pytest.fail("the revocation did not reach the polling cache within 1 s")
+    finally:
+        await replica.aclose()
+        file.close()
 
 
 async def test_a_write_stamped_before_the_newest_seen_is_still_read(store: KeyStore) -> None:
