@@ -251,32 +251,7 @@ def postgres_row(r: UsageRecord) -> tuple[object, ...]:
     """The record's columns in ``COLUMNS`` order for asyncpg: times and days
     as they are (timestamptz, date), JSON as text (SQLAlchemy's codec for
     asyncpg's json type takes text)."""
-    return (
-        r.request_id,
-        r.at,
-        r.day,
-        r.endpoint,
-        r.key_id,
-        r.team_id,
-        r.user,
-        r.model,
-        r.deployment,
-        r.backend,
-        r.adapter,
-        r.stream,
-        r.prompt_tokens,
-        r.cached_tokens,
-        r.completion_tokens,
-        r.cost_nano,
-        r.compute_cost_nano,
-        r.latency_seconds,
-        r.ttft_seconds,
-        r.status,
-        r.error_type,
-        r.finish_reason,
-        r.trace_id,
-        None if r.adapters is None else json.dumps(r.adapters),
-    )
+    return _columns(r, r.at, r.day, r.stream)
 
 
 def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
@@ -284,14 +259,24 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
     in SQLite: times as ``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC, no offset),
     days as ``YYYY-MM-DD``, booleans as 0 or 1, JSON as text."""
     at = r.at
+    # The offset (UTC) left out, as isoformat(" ", "microseconds")[:26]
+    # gives it, for less (the row 13K instructions against 19K): the text of
+    # a second is the same for every row of that second.
+    at_text = (
+        f"{_second_text(at.year, at.month, at.day, at.hour, at.minute, at.second)}"
+        f".{at.microsecond:06d}"
+    )
+    return _columns(r, at_text, r.day.isoformat(), 1 if r.stream else 0)
+
+
+def _columns(r: UsageRecord, at: object, day: object, stream: object) -> tuple[object, ...]:
+    """``r``'s columns in ``COLUMNS`` order, with its time, day and stream
+    flag as the database's driver takes them; JSON as text (json.dumps, as
+    SQLAlchemy's JSON type writes it)."""
     return (
         r.request_id,
-        # The offset (UTC) left out, as isoformat(" ", "microseconds")[:26]
-        # gives it, for less (the row 13K instructions against 19K): the
-        # text of a second is the same for every row of that second.
-        f"{_second_text(at.year, at.month, at.day, at.hour, at.minute, at.second)}"
-        f".{at.microsecond:06d}",
-        r.day.isoformat(),
+        at,
+        day,
         r.endpoint,
         r.key_id,
         r.team_id,
@@ -300,7 +285,7 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
         r.deployment,
         r.backend,
         r.adapter,
-        1 if r.stream else 0,
+        stream,
         r.prompt_tokens,
         r.cached_tokens,
         r.completion_tokens,
@@ -312,7 +297,6 @@ def sqlite_row(r: UsageRecord) -> tuple[object, ...]:
         r.error_type,
         r.finish_reason,
         r.trace_id,
-        # As SQLAlchemy's JSON type writes it (json.dumps).
         None if r.adapters is None else json.dumps(r.adapters),
     )
 

@@ -144,8 +144,25 @@ class _Bucket:
     level: float
     at: float
 
-    def refilled(self, limit: int, now: float) -> float:
-        return min(float(limit), self.level + (now - self.at) * limit / SECONDS_PER_WINDOW)
+
+def _level(buckets: dict[str, _Bucket], key: str, limit: int, now: float) -> float:
+    """What the bucket ``key`` holds at ``now``: refilled since it was last
+    taken from, at most ``limit``; full if it has never been taken from (or
+    was swept)."""
+    bucket = buckets.get(key)
+    if bucket is None:
+        return float(limit)
+    level = bucket.level + (now - bucket.at) * limit / SECONDS_PER_WINDOW
+    return float(limit) if level > limit else level
+
+
+def _store(buckets: dict[str, _Bucket], key: str, level: float, now: float) -> None:
+    """The bucket ``key`` holds ``level`` from ``now``."""
+    bucket = buckets.get(key)
+    if bucket is None:
+        buckets[key] = _Bucket(level, now)
+    else:
+        bucket.level, bucket.at = level, now
 
 
 class _Budget:
@@ -220,16 +237,7 @@ class MemoryLimiter:
         buckets = self._buckets
         levels = []
         for demand in rates:
-            bucket = buckets.get(demand.key)
-            limit = demand.limit
-            if bucket is None:
-                remaining = float(limit)
-            else:
-                # (_Bucket.refilled, inline: once per bucket per request)
-                remaining = bucket.level + (now - bucket.at) * limit / SECONDS_PER_WINDOW
-                if remaining > limit:
-                    remaining = float(limit)
-            levels.append(Level(demand, remaining))
+            levels.append(Level(demand, _level(buckets, demand.key, demand.limit, now)))
         for level in levels:
             demand = level.demand
             if level.remaining < demand.amount:
@@ -250,11 +258,7 @@ class MemoryLimiter:
         for level in levels:
             demand = level.demand
             level.remaining -= demand.amount
-            bucket = buckets.get(demand.key)
-            if bucket is None:
-                buckets[demand.key] = _Bucket(level.remaining, now)
-            else:
-                bucket.level, bucket.at = level.remaining, now
+            _store(buckets, demand.key, level.remaining, now)
         if budgets:
             until = now + self._reservation_seconds
             for budget in budgets:
@@ -282,14 +286,7 @@ class MemoryLimiter:
         buckets = self._buckets
         left = []
         for demand in rates:
-            bucket = buckets.get(demand.key)
-            limit = demand.limit
-            if bucket is None:
-                remaining = float(limit)
-            else:
-                remaining = bucket.level + (now - bucket.at) * limit / SECONDS_PER_WINDOW
-                if remaining > limit:
-                    remaining = float(limit)
+            remaining = _level(buckets, demand.key, demand.limit, now)
             remaining -= tokens if demand.kind == "tokens" else 1
             if remaining < 0:
                 return None
@@ -300,12 +297,7 @@ class MemoryLimiter:
             if state is None or state.spent + state.reserved(now) + reserve > budget.limit:
                 return None
         for demand, remaining in zip(rates, left, strict=True):
-            bucket = buckets.get(demand.key)
-            if bucket is None:
-                buckets[demand.key] = _Bucket(remaining, now)
-            else:
-                bucket.level = remaining
-                bucket.at = now
+            _store(buckets, demand.key, remaining, now)
         if budgets:
             until = now + self._reservation_seconds
             for budget in budgets:
@@ -330,22 +322,9 @@ class MemoryLimiter:
             for demand in rates:
                 if demand.kind != "tokens":
                     continue
-                limit = float(demand.limit)
-                bucket = buckets.get(demand.key)
-                if bucket is None:
-                    level = limit
-                else:
-                    # (_Bucket.refilled and settle_now's min(), inline)
-                    level = bucket.level + (now - bucket.at) * demand.limit / SECONDS_PER_WINDOW
-                    if level >= limit:
-                        level = limit
-                level += correction
-                if level >= limit:
-                    level = limit
-                if bucket is None:
-                    buckets[demand.key] = _Bucket(level, now)
-                else:
-                    bucket.level, bucket.at = level, now
+                limit = demand.limit
+                level = min(float(limit), _level(buckets, demand.key, limit, now) + correction)
+                _store(buckets, demand.key, level, now)
         states = self._budgets
         for budget in charges:
             state = states.get(budget.key) or self._budget(budget, now)
@@ -361,13 +340,9 @@ class MemoryLimiter:
     def settle_now(self, settlement: Settlement, now: float) -> None:
         buckets = self._buckets
         for demand, correction in settlement.refunds:
-            bucket = buckets.get(demand.key)
-            level = float(demand.limit) if bucket is None else bucket.refilled(demand.limit, now)
-            level = min(float(demand.limit), level + correction)
-            if bucket is None:
-                buckets[demand.key] = _Bucket(level, now)
-            else:
-                bucket.level, bucket.at = level, now
+            limit = demand.limit
+            level = min(float(limit), _level(buckets, demand.key, limit, now) + correction)
+            _store(buckets, demand.key, level, now)
         for budget, charge in settlement.charges:
             state = self._budget(budget, now)
             state.release(settlement.ticket)
