@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gateway.auth import hash_api_key
-from gateway.testing import LiveGateway, running_gateway
+from gateway.testing import LiveGateway
+from tests.loop_gateway import gateway_beside, served, vllm_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -95,38 +95,11 @@ async def _served(tmp_path: Path) -> AsyncIterator[tuple[Upstream, LiveGateway]]
     app.router.add_get("/health", state.health)
     app.router.add_get("/metrics", state.metrics)
     app.router.add_get("/v1/models", state.models)
-    runner = web.AppRunner(app, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    config = f"""
-[server]
-api_key_hashes = ["{hash_api_key(KEY)}"]
-
-[limits]
-socket_send_buffer_bytes = 16384
-
-[plugins]
-disabled = ["llamacpp"]
-
-[backends.up]
-type = "vllm"
-base_url = "{state.url}"
-models = ["m"]
-probe_interval = 0.5
-
-[models.m]
-deployments = [{{ backend = "up" }}]
-retries = 0
-"""
-    context = running_gateway(tmp_path, config, api_key=KEY)
-    live = await asyncio.to_thread(context.__enter__)
-    try:
-        yield state, live
-    finally:
-        await asyncio.to_thread(context.__exit__, None, None, None)
-        await runner.cleanup()
+    async with served(app) as url:
+        state.url = url
+        extra = "\n[limits]\nsocket_send_buffer_bytes = 16384\n"
+        async with gateway_beside(tmp_path, vllm_config(url, KEY, 0.5, extra), KEY) as live:
+            yield state, live
 
 
 async def _open(live: LiveGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

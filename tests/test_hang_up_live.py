@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import hash_api_key
-from gateway.testing import LiveGateway, running_gateway
+from gateway.testing import LiveGateway
+from tests.loop_gateway import gateway_beside, vllm_config
 from tests.test_upstream_faults import CHAT, Upstream, upstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -33,37 +33,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _config(url: str) -> str:
-    return f"""
-[server]
-api_key_hashes = ["{hash_api_key(KEY)}"]
-
-[plugins]
-disabled = ["llamacpp"]
-
-[backends.up]
-type = "vllm"
-base_url = "{url}"
-models = ["m"]
-probe_interval = 0.05
-
-[models.m]
-deployments = [{{ backend = "up" }}]
-retries = 0
-"""
-
-
 @asynccontextmanager
 async def _served(tmp_path: Path) -> AsyncIterator[tuple[Upstream, LiveGateway]]:
     """The upstream on this loop; the gateway started from a thread, so the
     loop answers its probes meanwhile."""
-    async with upstream() as up:
-        context = running_gateway(tmp_path, _config(up.url), api_key=KEY)
-        live = await asyncio.to_thread(context.__enter__)
-        try:
-            yield up, live
-        finally:
-            await asyncio.to_thread(context.__exit__, None, None, None)
+    async with (
+        upstream() as up,
+        gateway_beside(tmp_path, vllm_config(up.url, KEY, 0.05), KEY) as live,
+    ):
+        yield up, live
 
 
 async def _open_stream(live: LiveGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
