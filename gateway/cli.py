@@ -30,6 +30,7 @@ from gateway.collector import QuietCollector
 from gateway.connections import ConnectionGuard, HttpLimits, fit_file_limit, protocol_class
 from gateway.decision_log import LogFormatError, read_log
 from gateway.direct_routes import DirectRoutes
+from gateway.listener import Listener
 from gateway.registry import PluginLoadError, Registry, discover
 from gateway.replay import replay
 from gateway.settings import (
@@ -59,6 +60,9 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
     return settings, []
 
 
+_log = logging.getLogger("gateway.cli")
+
+
 def _problems(error: ConfigError | PluginLoadError) -> list[str]:
     return error.problems if isinstance(error, ConfigError) else [str(error)]
 
@@ -76,9 +80,26 @@ class _Server(uvicorn.Server):
         self._collecting: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        """uvicorn's start-up (the lifespan) with no server of its own: the
+        gateway's :class:`Listener` accepts on ``sockets`` instead."""
+        if sockets is None:
+            raise ValueError("the gateway's server is given its listening sockets")
+        await super().startup(sockets=[])
+        loop = asyncio.get_running_loop()
+        self.servers = [Listener(loop, sock, self._protocol) for sock in sockets]  # type: ignore[misc]
+        for sock in sockets:
+            host, port = sock.getsockname()[:2]
+            _log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)
         if self._collector is not None:
             self._collecting = asyncio.get_running_loop().create_task(self._collector.run())
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A connection's protocol, made as uvicorn's own server makes it."""
+        config = self.config
+        protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+            config=config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+        return protocol
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._collecting is not None:
@@ -241,8 +262,22 @@ def _serve(
     max_connections = fit_file_limit(limits.max_connections)
     guard = ConnectionGuard(HttpLimits.from_settings(limits, max_connections))
     app = create_app(runtime)
+    # The collector reads the shedder's count, the shedder tells the collector
+    # when it crosses its marks: the lambda reads ``shedder`` once it exists.
+    collector = (
+        QuietCollector(
+            lambda: shedder.in_progress,
+            server.full_collection_max_seconds,
+            suspend_at=server.collection_suspend_requests,
+        )
+        if server.full_collection_max_seconds > 0
+        else None
+    )
     shedder = RequestShedder(
-        DirectRoutes(app, handle_exception), limits.max_requests, shed_recorder(runtime, app)
+        DirectRoutes(app, handle_exception),
+        limits.max_requests,
+        shed_recorder(runtime, app),
+        collector,
     )
     config = uvicorn.Config(
         shedder,
@@ -263,12 +298,9 @@ def _serve(
     # uvicorn re-raises the signal that stopped it once shutdown is complete;
     # by then SIGTERM has been handled (the server drained), so exit 0.
     signal.signal(signal.SIGTERM, _drained)
-    collector = (
-        QuietCollector(lambda: shedder.in_progress, server.full_collection_max_seconds)
-        if server.full_collection_max_seconds > 0
-        else None
-    )
-    _Server(config, runtime, collector).run(sockets=[sock] if sock is not None else None)
+    if sock is None:
+        sock = listening_socket(server.host, server.port)
+    _Server(config, runtime, collector).run(sockets=[sock])
     return 0
 
 

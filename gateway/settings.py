@@ -67,6 +67,11 @@ class ServerSettings(_Strict):
     # this many seconds apart under constant load, never in the middle of a
     # burst (gateway/collector.py). 0: CPython's own schedule.
     full_collection_max_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # With this many requests in progress or more, automatic garbage collection
+    # is off until they fall to a quarter of it: in a burst the young
+    # collections scan every stream's live objects and free nothing
+    # (gateway/collector.py). 0: never off. Needs full_collection_max_seconds.
+    collection_suspend_requests: Annotated[int, Field(ge=0, le=1_000_000)] = 64
     # Add an `x-nomoat-route` header (chosen deployment, score, policy) to responses.
     route_header: bool = False
     # Append every routing decision to this JSON-lines file (for `nomoat replay`).

@@ -10,6 +10,7 @@ alive, and a liveness probe that failed under load would get it restarted
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -21,6 +22,30 @@ ALWAYS_ANSWERED = frozenset({"/health", "/ready"})
 RETRY_AFTER_SECONDS = 1
 
 
+class LoadWatch(Protocol):
+    """Told when the requests in progress rise to ``busy_at`` and when they
+    fall to ``quiet_at`` (the garbage collector: gateway/collector.py). Both
+    may be told more than once in a row."""
+
+    busy_at: int
+    quiet_at: int
+
+    def busy(self) -> None: ...
+
+    def quiet(self) -> None: ...
+
+
+class _Unwatched:
+    busy_at = -1
+    quiet_at = -1
+
+    def busy(self) -> None:
+        return None
+
+    def quiet(self) -> None:
+        return None
+
+
 class RequestShedder:
     """ASGI middleware around the whole application."""
 
@@ -29,12 +54,17 @@ class RequestShedder:
         app: ASGIApp,
         max_requests: int,
         on_shed: Callable[[Scope], None] | None = None,
+        load: LoadWatch | None = None,
     ) -> None:
         """``on_shed``: told of each request shed (its ledger row:
-        gateway/accounting/shed.py), on the refusal path only."""
+        gateway/accounting/shed.py), on the refusal path only. ``load``: told
+        as the count crosses its marks (two comparisons a request)."""
         self.app = app
         self.max_requests = max_requests
         self.on_shed = on_shed
+        self._load: LoadWatch = load if load is not None else _Unwatched()
+        self._busy_at = self._load.busy_at
+        self._quiet_at = self._load.quiet_at
         self.in_progress = 0
         self.shed = 0
         detail = ErrorDetail(
@@ -56,10 +86,14 @@ class RequestShedder:
             await self._refuse(send)
             return
         self.in_progress += 1
+        if self.in_progress == self._busy_at:
+            self._load.busy()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1
+            if self.in_progress == self._quiet_at:
+                self._load.quiet()
 
     async def _refuse(self, send: Send) -> None:
         headers = [

@@ -53,7 +53,9 @@ def embedded_refusal(backend_types: dict[str, str], workers: int) -> str | None:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    return socket.create_server((host, port), backlog=BACKLOG)
+    """Bound to ``host`` (an IPv6 address when it has a colon) and listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=BACKLOG)
 
 
 def run_workers(workers: int, sock: socket.socket, worker: Callable[[int], int]) -> int:

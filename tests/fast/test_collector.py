@@ -90,6 +90,7 @@ def test_the_running_collector_gives_the_thresholds_back(full_collections: list[
 @pytest.mark.e2e
 def test_the_server_runs_the_collector_while_it_serves() -> None:
     from gateway.cli import _Server
+    from gateway.workers import listening_socket
     from tests.test_lifecycle import _runtime
 
     before = gc.get_threshold()
@@ -98,16 +99,68 @@ def test_the_server_runs_the_collector_while_it_serves() -> None:
         return None
 
     async def main() -> None:
-        config = uvicorn.Config(app=app, host="127.0.0.1", port=0, lifespan="off")
+        config = uvicorn.Config(app=app, lifespan="off")
         collector = QuietCollector(lambda: 0, max_interval=30.0, check_interval=0.001)
         server = _Server(config, _runtime(), collector)
         config.load()  # what uvicorn's serve() does before its startup()
         server.lifespan = config.lifespan_class(config)
-        await server.startup()
+        sockets = [listening_socket("127.0.0.1", 0)]
+        await server.startup(sockets)
         await asyncio.sleep(0.01)
         assert gc.get_threshold()[2] == NEVER
-        await server.shutdown()
+        await server.shutdown(sockets)
         await asyncio.sleep(0)
 
     asyncio.run(main())
     assert gc.get_threshold() == before
+
+
+def test_collection_is_suspended_while_busy_and_back_when_quiet() -> None:
+    collector = QuietCollector(lambda: 0, max_interval=30.0, suspend_at=64)
+    assert (collector.busy_at, collector.quiet_at) == (64, 16)
+    assert gc.isenabled()
+    collector.busy()
+    assert gc.isenabled(), "not before the collector has taken over"
+    collector.take_over()
+    try:
+        collector.busy()
+        collector.busy()  # told again: still one suspension
+        assert not gc.isenabled()
+        assert collector.suspended and collector.suspensions == 1
+        collector.quiet()
+        collector.quiet()
+        assert gc.isenabled() and not collector.suspended
+        collector.busy()
+    finally:
+        collector.give_back()
+    assert gc.isenabled(), "given back enabled, even from suspended"
+    assert not collector.suspended
+
+
+def test_never_suspended_when_suspend_at_is_0() -> None:
+    collector = QuietCollector(lambda: 0, max_interval=30.0)
+    assert collector.busy_at == -1 and collector.quiet_at == -1
+
+
+def test_the_tick_collects_the_young_generations_while_suspended(
+    full_collections: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.collector.YOUNG_LIMIT", 5_000)
+    collector = QuietCollector(lambda: 10, max_interval=30.0, suspend_at=8)
+    collector.take_over()
+    kept: list[list[int]] = []
+    try:
+        collector.busy()
+        gc.collect(1)
+        full_collections.clear()
+        kept.extend([i] for i in range(1_000))
+        collector.tick()
+        assert collector.young_collections == 0, "below the limit: nothing collected"
+        assert full_collections == [], "and CPython collected nothing either: suspended"
+        kept.extend([i] for i in range(6_000))
+        collector.tick()
+        assert collector.young_collections == 1
+        assert full_collections == [1], "the young generations, not a full collection"
+        assert gc.get_count()[0] < 5_000
+    finally:
+        collector.give_back()
