@@ -40,6 +40,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from gateway.listener import Listener
+from gateway.workers import listening_socket
+
 MODELS = ("fake-model", "fake-slow-model")
 CONTENT = ("Hello", " from", " the", " fake", " upstream", ".")
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"]*)"')
@@ -380,19 +383,16 @@ def _dechunk(buffer: bytes, position: int) -> tuple[bytes, int] | None:
         position = start + size + 2
 
 
-async def serve(
-    ports: Sequence[int], options: Options, host: str = "127.0.0.1"
-) -> list[asyncio.Server]:
-    """Listen on every port (0: a free one); the servers are returned."""
+async def serve(ports: Sequence[int], options: Options, host: str = "127.0.0.1") -> list[Listener]:
+    """Listen on every port (0: a free one); the listeners are returned. The
+    gateway's listener, not the loop's server: libuv's accepts one connection
+    a turn of the loop, which made a burst's connections wait in this fake's
+    queue, through the gateway and direct alike (gateway/listener.py)."""
     canned = Canned(options)
     loop = asyncio.get_running_loop()
-    servers = []
-    for port in ports:
-        server = await loop.create_server(
-            lambda: FakeUpstream(canned), host, port, backlog=1024, reuse_address=True
-        )
-        servers.append(server)
-    return servers
+    return [
+        Listener(loop, listening_socket(host, port), lambda: FakeUpstream(canned)) for port in ports
+    ]
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
