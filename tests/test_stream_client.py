@@ -455,4 +455,20 @@ async def test_the_pump_writes_through_the_connections_writer_and_sends_when_it_
     assert client.bodies == [b"three|", b"four|"]
     fed.read(event_chunk(b"five"), event_chunk(b"[DONE]") + b"0\r\n\r\n")
     last = await done  # (what goes with the response's last message)
-    assert writer.written == [b"two|", b"five|"] and last == b"<end>"
+    # The events owed at the end ([DONE]) are written at once, like a chunk:
+    # only the response's end is left to the relay's task.
+    assert writer.written == [b"two|", b"five|", b"<end>"] and last == b""
+
+
+async def test_the_end_goes_with_the_last_message_when_the_writer_declines() -> None:
+    fed = Fed()
+    fed.read(HEAD, event_chunk(b"one"))
+    fed.events()
+    client, writer = Client(), Writer()
+    done = fed.connection.pump(client.send, writer)  # type: ignore[arg-type]
+    fed.read(event_chunk(b"two"))
+    writer.full = True  # the client's socket is full when the end comes
+    fed.read(event_chunk(b"[DONE]") + b"0\r\n\r\n")
+    last = await done
+    assert writer.written == [b"two|"] and client.bodies == []
+    assert last == b"<end>", "declined: the end goes with the response's last message"

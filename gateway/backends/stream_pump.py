@@ -25,7 +25,9 @@ class Pump:
     finishes without suspending. When it does suspend (flow control), the
     upstream is not read, a task finishes that send and the events queued
     meanwhile, and reading resumes. The end (the events still owed, or the
-    failure) is told through :attr:`done`, after any send in progress.
+    failure) is told through :attr:`done`, after any send in progress; the
+    events still owed at the end are written at once when the writer takes
+    them, and only the response's end is left to the task.
 
     With the connection's :class:`~gateway.chunk_write.ChunkWriter` (under
     the gateway's own server), each read's events are written with it and
@@ -105,7 +107,15 @@ class Pump:
             self.done.set_exception(failure)
             connection.consumer_done(failed=True)
         else:
-            self.done.set_result(connection.take_events() if connection.has_events() else b"")
+            owed = connection.take_events() if connection.has_events() else b""
+            write = self.write
+            if owed and write is not None and write(owed):
+                # The last events ([DONE]) leave now, as every chunk did, not
+                # once the relay's task runs: when a burst's streams end
+                # together, each waited there behind the others' endings
+                # (docs/benchmarks.md, "Streaming at scale", session 8).
+                owed = b""
+            self.done.set_result(owed)
             connection.consumer_done(failed=False)
 
     def _failed(self, error: BaseException) -> None:
