@@ -8,9 +8,9 @@ waited in the kernel's accept queue for 300 ms while the core was busy with
 the others (docs/benchmarks.md, "Streaming at scale", session 8).
 :class:`Listener` takes that job from uvicorn's server: when the socket is
 readable it accepts up to ``MAX_ACCEPTS`` connections and gives each to the
-event loop (``connect_accepted_socket``), so a connection waits for at most
-one turn, as with asyncio's own loop (which accepts up to its backlog a
-turn).
+event loop (``connect_accepted_socket``) there and then, so a connection
+waits for at most one turn, as with asyncio's own loop (which accepts up to
+its backlog a turn).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 _log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ class Listener:
         self._sock = sock
         self._protocol = protocol
         self._fd = sock.fileno()
-        self._opening: set[asyncio.Task[object]] = set()
         self._closed = False
         self.accepted = 0
         sock.setblocking(False)
@@ -75,21 +74,29 @@ class Listener:
             self._open(connection)
 
     def _open(self, connection: socket.socket) -> None:
-        # connect_accepted_socket makes the transport and the protocol at once;
-        # its coroutine then only waits for connection_made, so a task per
-        # connection is what it costs beyond uvicorn's own server.
         connection.setblocking(False)
-        task = self._loop.create_task(self._opened(connection))
-        self._opening.add(task)
-        task.add_done_callback(self._opening.discard)
+        self._step(self._loop.connect_accepted_socket(self._protocol, connection), connection)
 
-    async def _opened(self, connection: socket.socket) -> object:
+    def _step(self, opening: Coroutine[object, None, object], connection: socket.socket) -> None:
+        """Runs ``connect_accepted_socket`` here, as a task's step would.
+
+        Its coroutine makes the transport and the protocol at once (their
+        ``connection_made`` comes later in this turn of the loop) and then
+        only waits for that. A task would start it on the next turn: a turn
+        more for every new connection, tens of milliseconds when the loop is
+        busy (docs/benchmarks.md, "Streaming at scale", session 8)."""
         try:
-            return await self._loop.connect_accepted_socket(self._protocol, connection)
-        except OSError as error:
+            waiting = opening.send(None)
+        except StopIteration:
+            return
+        except Exception as error:  # the coroutine closed the transport
             _log.debug("an accepted connection failed to open: %s", error)
             connection.close()
-            return None
+            return
+        if isinstance(waiting, asyncio.Future):
+            waiting.add_done_callback(lambda _: self._step(opening, connection))
+        else:  # a bare yield: go on in the next turn
+            self._loop.call_soon(self._step, opening, connection)
 
     def _pause(self, error: OSError) -> None:
         _log.error(
@@ -111,7 +118,4 @@ class Listener:
         self._sock.close()
 
     async def wait_closed(self) -> None:
-        """Once closed, the connections it was still opening are open (or
-        failed): the connections themselves are uvicorn's to wait for."""
-        if self._opening:
-            await asyncio.gather(*self._opening, return_exceptions=True)
+        """Nothing of its own to wait for: the connections are uvicorn's."""

@@ -125,3 +125,18 @@ def test_closed_it_accepts_nothing_more() -> None:
     uvloop.run(main())
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_a_connection_that_cannot_be_opened_is_closed() -> None:
+    Opened.made = []
+    sock = listening_socket("127.0.0.1", 0)
+    datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    async def main() -> None:
+        served = Listener(asyncio.get_running_loop(), sock, Opened)
+        served._open(datagram)  # not a stream: the loop refuses it
+        served.close()
+
+    uvloop.run(main())
+    assert datagram.fileno() == -1, "closed"
+    assert Opened.made == []
