@@ -91,7 +91,7 @@ class _Server(uvicorn.Server):
             host, port = sock.getsockname()[:2]
             _log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)
         if self._collector is not None:
-            self._collecting = asyncio.get_running_loop().create_task(self._collector.run())
+            self._collecting = loop.create_task(self._collector.run())
 
     def _protocol(self) -> asyncio.Protocol:
         """A connection's protocol, made as uvicorn's own server makes it."""

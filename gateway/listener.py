@@ -55,6 +55,7 @@ class Listener:
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening socket (its address: the port bound, when 0 was asked)."""
         return (self._sock,)
 
     def _accept(self) -> None:

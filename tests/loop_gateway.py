@@ -6,6 +6,7 @@ probes) meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -60,3 +61,27 @@ async def gateway_beside(tmp_path: Path, config: str, key: str) -> AsyncIterator
         yield live
     finally:
         await asyncio.to_thread(context.__exit__, None, None, None)
+
+
+async def open_raw_stream(
+    live: LiveGateway, key: str, payload: bytes, receive_buffer: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A chat completion POSTed by hand on a socket of the test's own (with
+    ``receive_buffer``: SO_RCVBUF, so that it fills quickly), the response
+    left unread."""
+    host, port = live.root_url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        + payload
+    )
+    await writer.drain()
+    return reader, writer

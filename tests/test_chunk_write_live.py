@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from gateway.testing import LiveGateway
-from tests.loop_gateway import gateway_beside, served, vllm_config
+from tests.loop_gateway import gateway_beside, open_raw_stream, served, vllm_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -106,21 +105,7 @@ async def _open(live: LiveGateway) -> tuple[asyncio.StreamReader, asyncio.Stream
     payload = json.dumps(
         {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     ).encode()
-    host, port = live.root_url.removeprefix("http://").rsplit(":", 1)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # fills quickly
-    sock.connect((host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(
-        (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n"
-        ).encode()
-        + payload
-    )
-    await writer.drain()
-    return reader, writer
+    return await open_raw_stream(live, KEY, payload, receive_buffer=8192)  # fills quickly
 
 
 async def _events(reader: asyncio.StreamReader) -> list[bytes]:

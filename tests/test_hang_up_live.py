@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.testing import LiveGateway
-from tests.loop_gateway import gateway_beside, vllm_config
+from tests.loop_gateway import gateway_beside, open_raw_stream, vllm_config
 from tests.test_upstream_faults import CHAT, Upstream, upstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -46,19 +46,7 @@ async def _served(tmp_path: Path) -> AsyncIterator[tuple[Upstream, LiveGateway]]
 
 async def _open_stream(live: LiveGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     body = {**CHAT, "messages": [{"role": "user", "content": BIG_PROMPT}], "stream": True}
-    payload = json.dumps(body).encode()
-    host, port = live.root_url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n"
-        ).encode()
-        + payload
-    )
-    await writer.drain()
-    return reader, writer
+    return await open_raw_stream(live, KEY, json.dumps(body).encode())
 
 
 async def test_leaving_a_relayed_stream_drops_the_upstreams_connection(tmp_path: Path) -> None:

@@ -189,10 +189,7 @@ async def test_a_batch_is_written_as_soon_as_it_is_full(tmp_path: Path) -> None:
     try:
         for index in range(3):
             ledger.record(record(f"r{index}"))
-        for _ in range(200):
-            if ledger.written == 3:
-                break
-            await asyncio.sleep(0.01)
+        await _until_written(ledger, 3)
         assert ledger.written == 3 and ledger.pending == 0
     finally:
         await ledger.aclose()
@@ -222,18 +219,12 @@ async def test_records_that_arrive_while_a_batch_is_written_wait_for_a_full_batc
     try:
         for index in range(3):
             ledger.record(record(f"r{index}"))
-        for _ in range(200):
-            if ledger.written == 3:
-                break
-            await asyncio.sleep(0.01)
+        await _until_written(ledger, 3)
         for _ in range(5):  # a few turns of the loop: no small batch follows
             await asyncio.sleep(0.01)
         assert (ledger.written, ledger.pending) == (3, 2)
         ledger.record(record("third"))  # a full batch: written at once
-        for _ in range(200):
-            if ledger.written == 6:
-                break
-            await asyncio.sleep(0.01)
+        await _until_written(ledger, 6)
         assert (ledger.written, ledger.pending) == (6, 0)
     finally:
         await ledger.aclose()
@@ -471,3 +462,11 @@ async def test_a_sqlite_batch_is_written_whole_and_duplicates_are_skipped(tmp_pa
             assert [tuple(r) for r in stored.all()] == [sqlite_row(r) for r in records]
     finally:
         await engine.dispose()
+
+
+async def _until_written(ledger: Ledger, count: int) -> None:
+    """Waits (at most 2 s) until ``ledger`` has written ``count`` rows."""
+    for _ in range(200):
+        if ledger.written == count:
+            return
+        await asyncio.sleep(0.01)

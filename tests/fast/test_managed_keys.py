@@ -171,14 +171,7 @@ async def test_an_idle_poll_reads_nothing_and_a_write_is_still_seen(store: KeySt
         await asyncio.sleep(0.05)  # ten polls
         assert replica_store.reads == 1  # the start's
         await store.revoke_key(record.id)
-        for _ in range(200):
-            try:
-                replica.lookup(hash_api_key(secret))
-            except AuthenticationError:
-                break
-            await asyncio.sleep(0.005)
-        else:
-            pytest.fail("the revocation did not reach the polling cache within 1 s")
+        await _until_refused(replica, secret)
         reads = replica_store.reads
         assert reads >= 2
         await asyncio.sleep(0.05)
@@ -221,14 +214,7 @@ async def test_the_ledgers_own_batches_make_the_poll_read_nothing(store: KeyStor
         with file._lock:
             assert replica.signal.changed()
         await store.revoke_key(record.id)
-        for _ in range(200):
-            try:
-                replica.lookup(hash_api_key(secret))
-            except AuthenticationError:
-                break
-            await asyncio.sleep(0.005)
-        else:
-            pytest.fail("the revocation did not reach the polling cache within 1 s")
+        await _until_refused(replica, secret)
     finally:
         await replica.aclose()
         file.close()
@@ -628,3 +614,14 @@ def test_managed_keys_count_as_keys_for_a_network_listener(
     assert cli("keys", "revoke", ops, *conf).stdout == f"revoked {ops} (ops)\n"
     assert cli("teams", "delete", team["id"], *conf).stdout == f"deleted {team['id']} (eng)\n"
     assert json.loads(cli("teams", "list", *conf, "--json").stdout) == []
+
+
+async def _until_refused(replica: ManagedKeys, secret: str) -> None:
+    """Polls until ``replica`` refuses ``secret`` (revoked elsewhere), at most 1 s."""
+    for _ in range(200):
+        try:
+            replica.lookup(hash_api_key(secret))
+        except AuthenticationError:
+            return
+        await asyncio.sleep(0.005)
+    pytest.fail("the revocation did not reach the polling cache within 1 s")
